@@ -1,0 +1,147 @@
+"""Host functions a cell calls: sub-calls become `subcalls` updates.
+
+Runs in the sandbox thread. Each batch is one update with a fixed id
+(`<cell>:<seq>`): a cell re-run after a crash sends the same ids, and the
+server and the workflow answer them from what already completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from activities.runtime import WorkerRuntime
+from workflows.names import UPDATE_SUBCALLS
+from workflows.refs import INLINE_LIMIT_BYTES, ContextRef
+from workflows.steps import SubcallBatch, SubcallItem, SubcallReply
+
+# One update payload stays far below the server's 2 MiB limit.
+BATCH_INLINE_BUDGET = 512 * 1024
+# A child run's question travels inline: it is a question, not a document.
+MAX_QUESTION_CHARS = 64 * 1024
+
+
+class CellHost:
+    """The host side of one cell: sub-calls, FINAL, counters."""
+
+    def __init__(self, runtime: WorkerRuntime, workflow_id: str, cell_id: str, parent_context: ContextRef) -> None:
+        self._rt = runtime
+        self._workflow_id = workflow_id
+        self._cell_id = cell_id
+        self._parent_context = parent_context
+        self._seq = 0
+        self.subcalls = 0
+        self.final: str | None = None
+
+    def functions(self) -> dict[str, Any]:
+        return {
+            "llm_query": self.llm_query,
+            "llm_query_batched": self.llm_query_batched,
+            "rlm_query": self.rlm_query,
+            "rlm_query_batched": self.rlm_query_batched,
+            "FINAL": self.final_answer,
+            "FINAL_VAR": self.final_var,
+        }
+
+    # -- guest-facing --------------------------------------------------------
+    def llm_query(self, prompt: Any, model: str | None = None) -> str:
+        return self._batch("llm", [_text("prompt", prompt)], [None], model)[0]
+
+    def llm_query_batched(self, prompts: Any, model: str | None = None) -> list[str]:
+        texts = [_text("prompts[%d]" % i, p) for i, p in enumerate(_sequence("prompts", prompts))]
+        return self._batch("llm", texts, [None] * len(texts), model) if texts else []
+
+    def rlm_query(self, question: Any, context: Any = None, model: str | None = None) -> str:
+        return self._batch("rlm", [_text("question", question)], [context], model)[0]
+
+    def rlm_query_batched(self, questions: Any, contexts: Any = None, model: str | None = None) -> list[str]:
+        texts = [_text("questions[%d]" % i, q) for i, q in enumerate(_sequence("questions", questions))]
+        ctxs = [None] * len(texts) if contexts is None else list(_sequence("contexts", contexts))
+        if len(ctxs) != len(texts):
+            raise ValueError(f"rlm_query_batched got {len(texts)} questions but {len(ctxs)} contexts")
+        return self._batch("rlm", texts, ctxs, model) if texts else []
+
+    def final_answer(self, answer: Any) -> None:
+        self.final = str(answer)
+
+    def final_var(self, name: str, value: Any) -> None:
+        self.final = str(value)
+
+    # -- one update ------------------------------------------------------------
+    def _batch(self, kind: str, texts: list[str], contexts: list[Any], model: str | None) -> list[str]:
+        if model is not None and not isinstance(model, str):
+            raise TypeError("model= must be a model name (str) or None")
+        items = self._items(kind, texts, contexts)
+        self._seq += 1
+        digest = hashlib.sha256(repr((kind, model, [i.model_dump(mode="json") for i in items])).encode()).hexdigest()
+        batch = SubcallBatch(cell_id=self._cell_id, seq=self._seq, kind=kind, model=model, items=items, digest=digest)
+        handle = self._rt.client.get_workflow_handle(self._workflow_id)
+        future = asyncio.run_coroutine_threadsafe(
+            handle.execute_update(
+                UPDATE_SUBCALLS, batch, id=f"{self._cell_id}:{self._seq}", result_type=SubcallReply
+            ),
+            self._rt.loop,
+        )
+        try:
+            reply: SubcallReply = future.result()
+        except Exception as exc:
+            raise RuntimeError(f"sub-call refused: {_cause(exc)}") from None
+        self.subcalls += len(items)
+        out = []
+        for answer in reply.answers:
+            if answer.text_ref is not None:
+                out.append(self._rt.store.get_blob(answer.text_ref).decode())
+            else:
+                out.append(answer.text if answer.text is not None else (answer.error or ""))
+        return out
+
+    def _items(self, kind: str, texts: list[str], contexts: list[Any]) -> list[SubcallItem]:
+        items, inline_total = [], 0
+        for text, context in zip(texts, contexts):
+            size = len(text.encode())
+            if kind == "rlm" and len(text) > MAX_QUESTION_CHARS:
+                raise ValueError(
+                    f"an rlm_query question has {len(text):,} characters (at most {MAX_QUESTION_CHARS:,}); "
+                    "pass long text as context="
+                )
+            inline = kind == "rlm" or (size <= INLINE_LIMIT_BYTES and inline_total + size <= BATCH_INLINE_BUDGET)
+            ctx_ref = None
+            if context is not None:
+                ctx_ref = self._rt.contexts.put_value(_context_value(context))
+            if inline:
+                inline_total += size
+                items.append(SubcallItem(text=text, text_chars=len(text), context=ctx_ref))
+            else:
+                ref = self._rt.store.put_blob(text.encode())
+                items.append(SubcallItem(text_ref=ref, text_chars=len(text), context=ctx_ref))
+        return items
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+
+
+def _sequence(name: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, got {type(value).__name__}")
+    return list(value)
+
+
+def _context_value(value: Any) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError("context= must be a str or a list of str")
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc
+    while getattr(inner, "cause", None) is not None:
+        inner = inner.cause  # type: ignore[assignment]
+    return str(inner) or type(inner).__name__

@@ -1,0 +1,94 @@
+"""The manifest of a stored context: which chunks hold its bytes and where
+each document starts. Stored as canonical JSON under its own sha256, so the
+same content always yields the same manifest and the same ContextRef."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from workflows.refs import ContextRef
+
+__all__ = [
+    "CHUNK_PREFIX",
+    "MANIFEST_FORMAT",
+    "MANIFEST_PREFIX",
+    "Manifest",
+    "ManifestChunk",
+    "ManifestDocument",
+]
+
+MANIFEST_FORMAT = "durable-rlm/context-manifest/v1"
+CHUNK_PREFIX = "contexts/chunks"
+MANIFEST_PREFIX = "contexts/manifests"
+_DOC_CHARS_HEAD = 100
+
+
+class ManifestDocument(BaseModel):
+    """One document: a slice of the concatenated UTF-8 byte stream."""
+
+    model_config = ConfigDict(frozen=True)
+
+    offset: int
+    """Byte offset in the concatenated stream."""
+    bytes: int
+    chars: int
+    encoding: str
+    """Encoding of the input: `utf-8`, or `utf-8-sig` if a BOM was dropped."""
+
+
+class ManifestChunk(BaseModel):
+    """A fixed-size slice of the concatenated stream, stored under its hash."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    sha256: str
+    offset: int
+    bytes: int
+
+
+class Manifest(BaseModel):
+    """Everything needed to read a context back and verify it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: str = MANIFEST_FORMAT
+    kind: Literal["str", "list"]
+    chunk_bytes: int
+    total_bytes: int
+    total_chars: int
+    documents: list[ManifestDocument]
+    chunks: list[ManifestChunk]
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical JSON: sorted keys, no spaces, so equal content hashes equal."""
+        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":")).encode()
+
+    def to_ref(self) -> tuple[ContextRef, bytes]:
+        """The reference and the manifest bytes to store under its key."""
+        data = self.to_json_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        ref = ContextRef(
+            sha256=digest,
+            manifest_key=f"{MANIFEST_PREFIX}/{digest}.json",
+            kind=self.kind,
+            total_chars=self.total_chars,
+            total_bytes=self.total_bytes,
+            doc_count=len(self.documents),
+            doc_chars_head=[d.chars for d in self.documents[:_DOC_CHARS_HEAD]],
+        )
+        return ref, data
+
+    def chunks_for(self, start: int, end: int) -> list[ManifestChunk]:
+        """Chunks overlapping the byte range [start, end)."""
+        if start >= end:
+            return []
+        offsets = [c.offset for c in self.chunks]
+        first = bisect.bisect_right(offsets, start) - 1
+        last = bisect.bisect_left(offsets, end)
+        return self.chunks[max(first, 0) : last]

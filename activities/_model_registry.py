@@ -1,0 +1,247 @@
+"""Which models a worker can call, how, and at what price.
+
+The worker's configuration (`ModelSpec`: litellm model, api_base, the NAME of
+the env var holding the key, price and window overrides) stays on the worker.
+Workflows only ever see `ModelInfo` (window, prices, prompt profile), which
+goes into Temporal history and therefore holds no secrets.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from activities._litellm_setup import litellm
+from activities._llm_errors import MissingApiKeyError, ModelConfigError, UnknownModelError
+from workflows.steps import ModelInfo  # the workflow's view of a model, defined once
+
+__all__ = ["ModelInfo", "ModelRegistry", "ModelSpec", "api_key_for", "check_credentials", "model_info"]
+
+DEFAULT_CONTEXT_WINDOW = 128_000
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+MODELS_FILE_ENV = "RLM_MODELS_FILE"
+MODELS_JSON_ENV = "RLM_MODELS_JSON"
+# OpenAI-compatible local servers ignore the key, but the openai client refuses
+# to send a request without one.
+_LOCAL_PLACEHOLDER_KEY = "not-needed"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOW_TO_ADD = (
+    f'add it to the JSON in {MODELS_FILE_ENV} (a file) or {MODELS_JSON_ENV} (inline), e.g. '
+    '{"models": [{"name": "my-model", "litellm_model": "openai/my-model", '
+    '"api_base": "http://127.0.0.1:8080/v1"}]}, or use a model name litellm knows such as "gpt-4o-mini"'
+)
+
+
+class ModelSpec(BaseModel):
+    """How the worker calls one model. Holds no secret: only the NAME of the key's env var."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    """The name used in RunRequest and in guest code (`llm_query(..., model=name)`)."""
+    litellm_model: str = Field(min_length=1)
+    """litellm model string, e.g. "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5", "openai/qwen-local"."""
+    api_base: str | None = None
+    """Base URL of an OpenAI-compatible or self-hosted server; None: the provider's default."""
+    api_key_env: str | None = None
+    """Env var on the worker holding the API key; None: litellm's default for the provider
+    (e.g. OPENAI_API_KEY); a model whose api_base is on loopback then needs no key."""
+    usd_per_input_token: float | None = Field(default=None, ge=0)
+    """Price override; None: litellm's cost map; unknown there too: 0 (tokens still counted)."""
+    usd_per_output_token: float | None = Field(default=None, ge=0)
+    """Price override for output tokens, same rules as `usd_per_input_token`."""
+    context_window: int | None = Field(default=None, gt=0)
+    """Input window in tokens; None: litellm's model info, else 128,000."""
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    """Largest reply in tokens (sent as max_tokens); None: litellm's model info, else 4096."""
+    prompt_profile: Literal["full", "compact"] = "full"
+    """System prompt style: "full" for capable models, "compact" (few-shot, short) for small local ones."""
+    stop: list[str] = []
+    """Stop sequences sent with every call (e.g. "\\nUser:" for small models that role-play)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for field in ("api_key", "key", "secret", "token"):
+                if field in data:
+                    raise ValueError(
+                        f"model '{data.get('name', '?')}': '{field}' is not allowed in model configuration; "
+                        "put the key in an environment variable of the worker and name it in 'api_key_env'"
+                    )
+        return data
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"api_key_env must be an environment variable NAME such as OPENAI_API_KEY, got {value!r}")
+        return value
+
+
+def _litellm_info(litellm_model: str) -> dict[str, Any]:
+    return dict(_cached_litellm_info(litellm_model))
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_litellm_info(litellm_model: str) -> dict[str, Any]:
+    # A miss scans litellm's whole price map (~0.2 ms); it runs once per call otherwise.
+    try:
+        return dict(litellm.get_model_info(litellm_model))
+    except Exception:  # noqa: BLE001 - litellm raises several types for "not mapped"
+        return {}
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    """Window and prices of a model: the spec's overrides, then litellm's map, then defaults."""
+    known = _litellm_info(spec.litellm_model)
+    window = spec.context_window or known.get("max_input_tokens") or known.get("max_tokens")
+    output = spec.max_output_tokens or known.get("max_output_tokens") or known.get("max_tokens")
+    in_price = spec.usd_per_input_token
+    out_price = spec.usd_per_output_token
+    return ModelInfo(
+        name=spec.name,
+        context_window=int(window or DEFAULT_CONTEXT_WINDOW),
+        max_output_tokens=int(output or DEFAULT_MAX_OUTPUT_TOKENS),
+        usd_per_input_token=float(in_price if in_price is not None else known.get("input_cost_per_token") or 0.0),
+        usd_per_output_token=float(out_price if out_price is not None else known.get("output_cost_per_token") or 0.0),
+        prompt_profile=spec.prompt_profile,
+        stop=list(spec.stop),
+    )
+
+
+def is_loopback(api_base: str | None) -> bool:
+    """True for an api_base on this machine (a local server that needs no key)."""
+    if not api_base:
+        return False
+    host = urlparse(api_base).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_credentials(spec: ModelSpec) -> None:
+    """Raise MissingApiKeyError naming the env var to set, if the worker lacks the model's key."""
+    if spec.api_key_env is not None:
+        if not os.environ.get(spec.api_key_env):
+            raise MissingApiKeyError(
+                f"model '{spec.name}': environment variable {spec.api_key_env} is not set on the worker; "
+                f"export {spec.api_key_env}=<your key> before starting the worker",
+                model=spec.name,
+            )
+        return
+    if is_loopback(spec.api_base):
+        return
+    try:
+        env = litellm.validate_environment(model=spec.litellm_model, api_base=spec.api_base)
+    except Exception:  # noqa: BLE001 - providers litellm cannot check: let the call decide
+        return
+    missing = [k for k in env.get("missing_keys") or [] if "API_BASE" not in k or not spec.api_base]
+    if not env.get("keys_in_environment") and missing:
+        names = " or ".join(missing)
+        raise MissingApiKeyError(
+            f"model '{spec.name}' ({spec.litellm_model}): no API key; set {names} in the worker's environment "
+            "(or name another variable in the model's api_key_env)",
+            model=spec.name,
+        )
+
+
+def api_key_for(spec: ModelSpec) -> str | None:
+    """The key to send: from the named env var; a placeholder for a local server with no
+    api_key_env; else None, so litellm reads the provider's default env var."""
+    if spec.api_key_env is not None:
+        return os.environ.get(spec.api_key_env) or None
+    if is_loopback(spec.api_base):
+        # Never hand a provider's real key (OPENAI_API_KEY) to a local server.
+        return _LOCAL_PLACEHOLDER_KEY
+    return None
+
+
+def _litellm_knows(name: str) -> bool:
+    if name in litellm.model_cost:
+        return True
+    try:
+        litellm.get_llm_provider(name)
+    except Exception:  # noqa: BLE001 - "LLM Provider NOT provided" and friends
+        return False
+    return True
+
+
+def _parse_models(text: str, source: str) -> list[ModelSpec]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{source}: not valid JSON ({exc}); expected {{\"models\": [...]}}") from exc
+    items = data.get("models") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise ModelConfigError(f'{source}: expected {{"models": [{{"name": ..., "litellm_model": ...}}, ...]}}')
+    specs = []
+    for index, item in enumerate(items):
+        try:
+            specs.append(ModelSpec.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors())
+            raise ModelConfigError(f"{source}: model #{index}: {problems}") from exc
+    return specs
+
+
+class ModelRegistry:
+    """The models a worker can call, by configured name; litellm names work without configuration."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._specs[spec.name] = spec  # later sources override earlier ones
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ModelRegistry:
+        """Models from the file named by RLM_MODELS_FILE, then RLM_MODELS_JSON (inline, wins on clashes)."""
+        env = os.environ if environ is None else environ
+        specs: list[ModelSpec] = []
+        if path := env.get(MODELS_FILE_ENV):
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ModelConfigError(f"{MODELS_FILE_ENV}={path}: cannot read it ({exc.strerror})") from exc
+            specs += _parse_models(text, f"{MODELS_FILE_ENV}={path}")
+        if inline := env.get(MODELS_JSON_ENV):
+            specs += _parse_models(inline, MODELS_JSON_ENV)
+        return cls(specs)
+
+    @property
+    def names(self) -> list[str]:
+        """Configured model names, sorted."""
+        return sorted(self._specs)
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec for a configured name, or an implicit one for a name litellm knows."""
+        if spec := self._specs.get(name):
+            return spec
+        if name and _litellm_knows(name):
+            return ModelSpec(name=name, litellm_model=name)
+        configured = ", ".join(self.names) or "none"
+        raise UnknownModelError(
+            f"unknown model '{name}': not configured on this worker (configured: {configured}) "
+            f"and not a model litellm knows; {_HOW_TO_ADD}",
+            model=name,
+        )
+
+    def info(self, name: str) -> ModelInfo:
+        """What the workflow may know about a model (window, prices, prompt style)."""
+        return model_info(self.resolve(name))
+
+    def check_credentials(self, spec: ModelSpec) -> None:
+        """Raise MissingApiKeyError naming the env var to set when the key is missing."""
+        check_credentials(spec)

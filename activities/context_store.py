@@ -1,0 +1,360 @@
+"""Contexts in object storage: sha256-addressed chunks plus a manifest.
+
+All documents of a context form one UTF-8 byte stream, cut into fixed-size
+chunks; each chunk is stored under its sha256 (so identical content is stored
+once, across contexts) and verified on every read. The manifest records where
+each document starts; its own sha256 is the context's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from activities._context_input import (
+    ContextInputError,
+    DocumentStats,
+    expand_paths,
+    file_blocks,
+    text_blocks,
+)
+from activities._context_manifest import (
+    CHUNK_PREFIX,
+    MANIFEST_PREFIX,
+    Manifest,
+    ManifestChunk,
+    ManifestDocument,
+)
+from activities.object_store import IntegrityError, ObjectMissingError, ObjectStore, StorageError
+from workflows.refs import ContextRef
+
+__all__ = [
+    "ContextInputError",
+    "ContextIntegrityError",
+    "ContextMissingError",
+    "ContextStore",
+    "DEFAULT_CHUNK_BYTES",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+# Chunks in flight at once: bounds memory (x chunk size) and keeps the
+# endpoint busy while the next chunk is read and hashed.
+_PARALLEL = 8
+
+Progress = Callable[[int], None]
+"""Called with the number of input bytes consumed so far."""
+
+
+class ContextIntegrityError(IntegrityError):
+    """A stored chunk or manifest does not match its sha256."""
+
+
+class ContextMissingError(StorageError):
+    """No context with this reference exists in the bucket."""
+
+
+class ContextStore:
+    """Put contexts into object storage and read them back, verified."""
+
+    def __init__(self, store: ObjectStore, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self._manifests: dict[str, Manifest] = {}
+
+    # ---- writing -------------------------------------------------------
+
+    def put_text(self, text: str) -> ContextRef:
+        """One document, read back as a `str`."""
+        if not isinstance(text, str):
+            raise ContextInputError(f"context text must be str, got {type(text).__name__}")
+        stats = DocumentStats()
+        ref = self._put("str", [(stats, text_blocks(text, stats, label="context text"))])
+        return ref
+
+    def put_documents(self, docs: list[str]) -> ContextRef:
+        """Several documents, read back as a `list[str]`."""
+        if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+            raise ContextInputError("documents must be a list of str")
+        if not docs:
+            raise ContextInputError("the document list is empty: give at least one document")
+        sources = []
+        for i, doc in enumerate(docs):
+            stats = DocumentStats()
+            sources.append((stats, text_blocks(doc, stats, label=f"document {i}")))
+        return self._put("list", sources)
+
+    def put_value(self, value: str | list[str]) -> ContextRef:
+        """`put_text` for a str, `put_documents` for a list."""
+        if isinstance(value, str):
+            return self.put_text(value)
+        return self.put_documents(value)
+
+    def put_paths(self, paths: list[Path], *, progress: Progress | None = None) -> ContextRef:
+        """One file: a `str` context. Several files or a directory: a
+        `list[str]`, one document per file in sorted order."""
+        paths = [Path(p) for p in paths]
+        files = expand_paths(paths)
+        kind = "str" if len(paths) == 1 and len(files) == 1 and paths[0].is_file() else "list"
+        sources = []
+        for path in files:
+            stats = DocumentStats()
+            sources.append((stats, file_blocks(path, stats)))
+        if kind == "str" and files[0].stat().st_size == 0:
+            raise ContextInputError(f"file {files[0]} is empty: a context needs some text")
+        return self._put(kind, sources, progress=progress, label=", ".join(map(str, paths)))
+
+    def _put(
+        self,
+        kind: str,
+        sources: Iterable[tuple[DocumentStats, Iterator[bytes]]],
+        *,
+        progress: Progress | None = None,
+        label: str = "context",
+    ) -> ContextRef:
+        documents: list[ManifestDocument] = []
+        chunks: list[ManifestChunk] = []
+        pending: deque[Future[ManifestChunk]] = deque()
+        buffer = bytearray()
+        offset = 0  # bytes of the stream handed to chunks so far
+        uploaded_new = [0]
+
+        def flush(executor: ThreadPoolExecutor, data: bytes) -> None:
+            nonlocal offset
+            pending.append(executor.submit(self._store_chunk, data, offset, uploaded_new))
+            offset += len(data)
+            while len(pending) >= _PARALLEL:
+                chunks.append(pending.popleft().result())
+
+        with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="ctx-put") as executor:
+            try:
+                stream_bytes = 0
+                for stats, blocks in sources:
+                    start = stream_bytes
+                    for block in blocks:
+                        buffer += block
+                        stream_bytes += len(block)
+                        while len(buffer) >= self.chunk_bytes:
+                            flush(executor, bytes(buffer[: self.chunk_bytes]))
+                            del buffer[: self.chunk_bytes]
+                        if progress is not None:
+                            progress(stream_bytes)
+                    documents.append(
+                        ManifestDocument(
+                            offset=start, bytes=stats.bytes, chars=stats.chars, encoding=stats.encoding
+                        )
+                    )
+                if stream_bytes == 0:
+                    raise ContextInputError(f"{label} is empty: a context needs some text")
+                if buffer:
+                    flush(executor, bytes(buffer))
+                    buffer.clear()
+                while pending:
+                    chunks.append(pending.popleft().result())
+            finally:
+                for future in pending:
+                    future.cancel()
+
+        manifest = Manifest(
+            kind=kind,  # type: ignore[arg-type]
+            chunk_bytes=self.chunk_bytes,
+            total_bytes=offset,
+            total_chars=sum(d.chars for d in documents),
+            documents=documents,
+            chunks=chunks,
+        )
+        ref, data = manifest.to_ref()
+        if not self.store.exists(ref.manifest_key):
+            self.store.put_bytes(ref.manifest_key, data)
+            uploaded_new[0] += 1
+        self._manifests[ref.sha256] = manifest
+        log.info(
+            "context stored",
+            sha256=ref.sha256[:16],
+            kind=kind,
+            bytes=ref.total_bytes,
+            docs=ref.doc_count,
+            chunks=len(chunks),
+            new_objects=uploaded_new[0],
+        )
+        return ref
+
+    def _store_chunk(self, data: bytes, offset: int, uploaded_new: list[int]) -> ManifestChunk:
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"{CHUNK_PREFIX}/{digest}"
+        if not self.store.exists(key):
+            self.store.put_bytes(key, data)
+            uploaded_new[0] += 1  # a race only skews a log figure
+        return ManifestChunk(key=key, sha256=digest, offset=offset, bytes=len(data))
+
+    # ---- reading -------------------------------------------------------
+
+    def manifest(self, ref: ContextRef) -> Manifest:
+        """The verified manifest of `ref` (cached: manifests never change)."""
+        cached = self._manifests.get(ref.sha256)
+        if cached is not None:
+            return cached
+        try:
+            data = self.store.get_bytes(ref.manifest_key)
+        except ObjectMissingError:
+            raise ContextMissingError(
+                f"context {ref.sha256[:16]} not found: no manifest {ref.manifest_key!r} in bucket "
+                f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != ref.sha256:
+            raise ContextIntegrityError(
+                f"manifest {ref.manifest_key!r} is corrupt: sha256 {digest} != {ref.sha256}"
+            )
+        manifest = Manifest.model_validate_json(data)
+        self._manifests[ref.sha256] = manifest
+        return manifest
+
+    def ref_for(self, sha256: str) -> ContextRef:
+        """Rebuild the reference of a stored context from its sha256."""
+        probe = ContextRef(
+            sha256=sha256,
+            manifest_key=f"{MANIFEST_PREFIX}/{sha256}.json",
+            kind="str",
+            total_chars=0,
+            total_bytes=0,
+            doc_count=0,
+            doc_chars_head=[],
+        )
+        ref, _ = self.manifest(probe).to_ref()
+        return ref
+
+    def _fetch_chunk(self, ref: ContextRef, chunk: ManifestChunk) -> bytes:
+        try:
+            data = self.store.get_bytes(chunk.key)
+        except ObjectMissingError:
+            raise ContextIntegrityError(
+                f"chunk {chunk.key!r} of context {ref.sha256[:16]} is missing from bucket "
+                f"{self.store.bucket!r}; upload the context again"
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != chunk.sha256 or len(data) != chunk.bytes:
+            raise ContextIntegrityError(
+                f"chunk {chunk.key!r} of context {ref.sha256[:16]} is corrupt: expected sha256 "
+                f"{chunk.sha256} ({chunk.bytes} bytes), got {digest} ({len(data)} bytes); "
+                "upload the context again"
+            )
+        return data
+
+    def _iter_chunks(self, ref: ContextRef, chunks: list[ManifestChunk]) -> Iterator[bytes]:
+        """Verified chunk bytes in order, fetched ahead in parallel."""
+        if len(chunks) == 1:
+            yield self._fetch_chunk(ref, chunks[0])
+            return
+        with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="ctx-get") as executor:
+            ahead: deque[Future[bytes]] = deque()
+            todo = iter(chunks)
+            try:
+                for chunk in todo:
+                    ahead.append(executor.submit(self._fetch_chunk, ref, chunk))
+                    if len(ahead) >= _PARALLEL:
+                        yield ahead.popleft().result()
+                while ahead:
+                    yield ahead.popleft().result()
+            finally:
+                for future in ahead:
+                    future.cancel()
+
+    def read_range(self, ref: ContextRef, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the concatenated UTF-8 stream of all documents."""
+        manifest = self.manifest(ref)
+        if not 0 <= start <= end <= manifest.total_bytes:
+            raise ContextInputError(
+                f"byte range [{start}, {end}) is outside context {ref.sha256[:16]} "
+                f"of {manifest.total_bytes} bytes"
+            )
+        chunks = manifest.chunks_for(start, end)
+        out = bytearray()
+        for chunk, data in zip(chunks, self._iter_chunks(ref, chunks), strict=True):
+            lo = max(start - chunk.offset, 0)
+            hi = min(end - chunk.offset, chunk.bytes)
+            out += data[lo:hi]
+        return bytes(out)
+
+    def read_document(self, ref: ContextRef, index: int) -> str:
+        """Document `index` (0 for a `str` context)."""
+        manifest = self.manifest(ref)
+        if not 0 <= index < len(manifest.documents):
+            raise ContextInputError(
+                f"document {index} does not exist: context {ref.sha256[:16]} has "
+                f"{len(manifest.documents)} document(s)"
+            )
+        doc = manifest.documents[index]
+        return self.read_range(ref, doc.offset, doc.offset + doc.bytes).decode("utf-8")
+
+    def read_all(self, ref: ContextRef) -> str | list[str]:
+        """The whole context: a `str` or a `list[str]`, as it was put."""
+        manifest = self.manifest(ref)
+        stream = bytearray()
+        for data in self._iter_chunks(ref, manifest.chunks):
+            stream += data
+        view = memoryview(stream)
+        docs = [str(view[d.offset : d.offset + d.bytes], "utf-8") for d in manifest.documents]
+        return docs[0] if manifest.kind == "str" else docs
+
+    def materialize(self, ref: ContextRef, dest_root: Path) -> list[Path]:
+        """Write each document as a UTF-8 file under dest_root/<sha256>/
+        (once, atomically; reused when present) and return the paths in
+        document order. This is how the sandbox gets the context."""
+        manifest = self.manifest(ref)
+        dest = Path(dest_root) / ref.sha256
+        names = [f"{i:06d}.txt" for i in range(len(manifest.documents))]
+        if dest.is_dir() and sorted(os.listdir(dest)) == names:
+            return [dest / name for name in names]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=dest.parent))
+        try:
+            self._write_documents(ref, manifest, [tmp / name for name in names])
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                # Another process won the race (dest exists, complete): use theirs.
+                if not (dest.is_dir() and sorted(os.listdir(dest)) == names):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return [dest / name for name in names]
+
+    def _write_documents(self, ref: ContextRef, manifest: Manifest, paths: list[Path]) -> None:
+        docs = iter(zip(manifest.documents, paths, strict=True))
+        position = 0  # stream offset of the next byte to write
+        current = next(docs, None)
+        handle = open(current[1], "wb") if current else None  # noqa: SIM115
+        try:
+            for chunk, data in zip(manifest.chunks, self._iter_chunks(ref, manifest.chunks), strict=True):
+                view = memoryview(data)
+                while current is not None:
+                    doc = current[0]
+                    doc_end = doc.offset + doc.bytes
+                    take_end = min(doc_end, chunk.offset + chunk.bytes)
+                    handle.write(view[position - chunk.offset : take_end - chunk.offset])
+                    position = take_end
+                    if position < doc_end:
+                        break  # the document continues in the next chunk
+                    handle.close()
+                    current = next(docs, None)
+                    handle = open(current[1], "wb") if current else None  # noqa: SIM115
+            # Empty trailing documents get their (empty) files too.
+            while current is not None:
+                handle.close()
+                current = next(docs, None)
+                handle = open(current[1], "wb") if current else None  # noqa: SIM115
+        finally:
+            if handle is not None:
+                handle.close()

@@ -1,0 +1,215 @@
+"""Model calls: one litellm completion, priced and classified.
+
+Everything the engine needs from a model call lives behind this module:
+
+- `ModelRegistry` resolves a configured name (or any name litellm knows) to a
+  worker-side `ModelSpec`, and gives workflows a secret-free `ModelInfo`.
+- `complete()` makes one call (litellm `acompletion`, no retries of its own:
+  Temporal owns retries) and returns text, tokens and USD. A reply without
+  `usage` gets estimated token counts (flagged); `content: null` is "".
+- `estimate_tokens()` sizes a prompt for budget reservations.
+- `to_application_error()` maps any failure to a Temporal ApplicationError:
+  configuration and request mistakes are non-retryable, transient failures
+  retryable with the provider's Retry-After.
+
+API keys come only from the worker's environment (named by
+`ModelSpec.api_key_env`) and are never logged or returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+
+import structlog
+from pydantic import BaseModel
+
+from activities._litellm_setup import litellm
+from activities._llm_errors import (
+    LLMError,
+    MalformedReplyError,
+    MissingApiKeyError,
+    ModelCallError,
+    ModelConfigError,
+    UnknownModelError,
+    classify,
+    to_application_error,
+)
+from activities._model_registry import (
+    ModelInfo,
+    ModelRegistry,
+    ModelSpec,
+    api_key_for,
+    check_credentials,
+    model_info,
+)
+
+__all__ = [
+    "Completion",
+    "LLMError",
+    "MalformedReplyError",
+    "MissingApiKeyError",
+    "ModelCallError",
+    "ModelConfigError",
+    "ModelInfo",
+    "ModelRegistry",
+    "ModelSpec",
+    "UnknownModelError",
+    "check_credentials",
+    "complete",
+    "estimate_tokens",
+    "model_info",
+    "to_application_error",
+]
+
+log = structlog.get_logger(__name__)
+
+# Above this many characters, tokenising costs more than it is worth for an
+# estimate (about 10 ms per 100K chars): count characters instead.
+_EXACT_COUNT_MAX_CHARS = 200_000
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4  # role and framing tokens per chat message
+# Beyond the HTTP timeout litellm enforces, a hard stop in case a provider
+# SDK ignores it (a hung call would otherwise hold an activity slot forever).
+_HARD_TIMEOUT_MARGIN_S = 5.0
+
+
+class Completion(BaseModel):
+    """The result of one model call."""
+
+    text: str
+    """Reply content; "" when the provider sent `content: null`."""
+    prompt_tokens: int
+    completion_tokens: int
+    usd: float
+    """Cost: the spec's price overrides, else litellm's pricing, else 0.0 (unknown price)."""
+    model: str
+    """The configured model name (ModelSpec.name)."""
+    finish_reason: str | None
+    """"stop", "length" (cut at max_tokens), ... as the provider reported it."""
+    usage_estimated: bool
+    """True when the provider sent no usage and the token counts are our estimate."""
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def estimate_tokens(spec: ModelSpec | None, messages_or_text: str | Sequence[dict]) -> int:
+    """Tokens in a prompt (chat messages) or a text, for budget reservations.
+
+    Uses litellm's tokenizer (tiktoken, offline) up to 200K characters and
+    characters / 4 beyond, so even a 40 MB text is sized in microseconds.
+    """
+    if isinstance(messages_or_text, str):
+        text, messages = messages_or_text, None
+        chars, framing = len(text), 0
+    else:
+        messages = list(messages_or_text)
+        chars = sum(len(_message_text(m)) for m in messages)
+        framing = _TOKENS_PER_MESSAGE * len(messages) + 3
+    if chars > _EXACT_COUNT_MAX_CHARS:
+        return math.ceil(chars / _CHARS_PER_TOKEN) + framing
+    model = spec.litellm_model if spec is not None else ""
+    try:
+        if messages is None:
+            return int(litellm.token_counter(model=model, text=text))
+        return int(litellm.token_counter(model=model, messages=messages))
+    except Exception:  # noqa: BLE001 - an estimate must never fail a call
+        return math.ceil(chars / _CHARS_PER_TOKEN) + framing
+
+
+def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, output: int, estimated: bool) -> float:
+    overridden = spec.usd_per_input_token is not None or spec.usd_per_output_token is not None
+    if not overridden and not estimated:
+        # litellm's own pricing knows cached-token discounts and tiered prices.
+        try:
+            return float(litellm.completion_cost(completion_response=response, model=spec.litellm_model))
+        except Exception:  # noqa: BLE001 - ModelNotMappedError for local/scripted models
+            pass
+    return prompt * info.usd_per_input_token + output * info.usd_per_output_token
+
+
+async def complete(
+    spec: ModelSpec,
+    messages: list[dict],
+    *,
+    max_tokens: int | None = None,
+    stop: list[str] | None = None,
+    timeout_s: float = 120.0,
+) -> Completion:
+    """One chat completion. Raises an LLMError subclass (already classified) on failure.
+
+    `max_tokens` defaults to the model's max output tokens (what a budget
+    reserves); `stop` defaults to the spec's stop sequences.
+    """
+    check_credentials(spec)
+    info = model_info(spec)
+    key = api_key_for(spec)
+    kwargs: dict = {
+        "model": spec.litellm_model,
+        "messages": messages,
+        "max_tokens": max_tokens or info.max_output_tokens,
+        "timeout": timeout_s,
+        "num_retries": 0,  # Temporal retries the activity
+        "max_retries": 0,  # ... and the provider SDK must not retry either
+        "drop_params": True,  # e.g. `stop` on models that reject it
+    }
+    if spec.api_base:
+        kwargs["api_base"] = spec.api_base
+    if key:
+        kwargs["api_key"] = key
+    stops = spec.stop if stop is None else stop
+    if stops:
+        kwargs["stop"] = list(stops)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s + _HARD_TIMEOUT_MARGIN_S):
+            response = await litellm.acompletion(**kwargs)
+    except Exception as exc:
+        error = classify(exc, model=spec.name, secrets=(key or "",))
+        log.warning("llm.call_failed", model=spec.name, error_type=error.error_type, retryable=not error.non_retryable)
+        raise error from None  # the provider's raw exception may quote request details
+    choices = getattr(response, "choices", None) or []
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise MalformedReplyError(
+            f"model '{spec.name}': MalformedReply: the reply has no choices/message -- will retry",
+            model=spec.name,
+        )
+    choice = choices[0]
+    content = choice.message.content
+    text = content if isinstance(content, str) else ("" if content is None else str(content))
+    usage = getattr(response, "usage", None)
+    prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    estimated = prompt_tokens == 0 and completion_tokens == 0
+    if estimated:
+        # No usage reported (some local servers): price our own count, never 0.
+        prompt_tokens = estimate_tokens(spec, messages)
+        completion_tokens = estimate_tokens(spec, text) if text else 0
+    usd = _price(spec, info, response, prompt_tokens, completion_tokens, estimated)
+    log.debug(
+        "llm.call",
+        model=spec.name,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        usd=usd,
+        usage_estimated=estimated,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return Completion(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        usd=usd,
+        model=spec.name,
+        finish_reason=getattr(choice, "finish_reason", None),
+        usage_estimated=estimated,
+    )

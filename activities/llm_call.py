@@ -1,0 +1,85 @@
+"""The `llm_call` activity (one `llm_query` item) and `resolve_models`.
+
+Large prompts and replies travel as object-storage references. A completed
+call is recorded under its call id, so a retry never pays for it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.llm import complete, estimate_tokens, to_application_error
+from activities.runtime import WorkerRuntime, heartbeating, run_key
+from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_RESOLVE_MODELS
+from workflows.steps import LlmCallInput, LlmCallOutput, ResolveModelsInput, ResolveModelsOutput
+
+log = structlog.get_logger(__name__)
+
+
+class LlmCallActivity:
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._rt = runtime
+
+    @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
+    async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
+        """Check every model of a run before its first call: known, key present."""
+        models = {}
+        for name in inp.names:
+            try:
+                spec = self._rt.models.resolve(name)
+                self._rt.models.check_credentials(spec)
+            except Exception as exc:
+                raise to_application_error(exc) from exc
+            models[name] = self._rt.models.info(name)
+        return ResolveModelsOutput(models=models)
+
+    @activity.defn(name=ACTIVITY_LLM_CALL)
+    async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:
+        key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
+        done = await asyncio.to_thread(self._rt.get_json, key)
+        if done is not None:
+            return LlmCallOutput.model_validate(done)
+        prompt = await asyncio.to_thread(self._prompt, inp)
+        try:
+            spec = self._rt.models.resolve(inp.model)
+            window = self._rt.models.info(inp.model).context_window
+            tokens = estimate_tokens(spec, prompt)
+            if tokens + inp.max_tokens > window:
+                raise ApplicationError(
+                    f"the prompt is {tokens:,} tokens; model {inp.model!r} takes {window:,} "
+                    f"including {inp.max_tokens:,} for the reply: split it into smaller chunks",
+                    type="PromptTooLarge",
+                    non_retryable=True,
+                )
+            reply = await heartbeating(complete(spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens))
+        except ApplicationError:
+            raise
+        except Exception as exc:
+            raise to_application_error(exc) from exc
+        text, ref = reply.text, None
+        if len(text.encode()) > inp.inline_limit:
+            ref = await asyncio.to_thread(self._rt.store.put_blob, text.encode())
+            text = None
+        out = LlmCallOutput(
+            text=text,
+            text_ref=ref,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            usd=reply.usd,
+        )
+        await asyncio.to_thread(self._rt.put_json, key, out.model_dump(mode="json"))
+        return out
+
+    def _prompt(self, inp: LlmCallInput) -> str:
+        prompt = inp.prompt or ""
+        if inp.prompt_ref is not None:
+            prompt = self._rt.store.get_blob(inp.prompt_ref).decode()
+        if inp.context is not None:
+            value = self._rt.contexts.read_all(inp.context)
+            text = value if isinstance(value, str) else "\n\n".join(value)
+            prompt = f"{prompt}\n\n{text}"
+        return prompt

@@ -1,0 +1,244 @@
+"""Object storage behind the S3 API (MinIO, SeaweedFS, AWS) via `minio`.
+
+Every failure surfaces as a `StorageError` subclass whose message names the
+cause and the fix, because the usual causes (server not started, wrong keys,
+no bucket) are configuration mistakes a user must be able to act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from activities.settings import Settings
+from workflows.refs import BlobRef
+
+__all__ = [
+    "IntegrityError",
+    "ObjectMissingError",
+    "ObjectStore",
+    "S3AuthError",
+    "S3BucketMissingError",
+    "S3UnreachableError",
+    "StorageError",
+]
+
+log = structlog.get_logger(__name__)
+
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+}
+# Fail fast on a dead endpoint: a few seconds, not urllib3's minutes.
+_CONNECT_TIMEOUT_S = 3.0
+_READ_TIMEOUT_S = 120.0
+_POOL_SIZE = 32
+
+
+class StorageError(Exception):
+    """Object storage failed; the message says why and what to do."""
+
+
+class S3UnreachableError(StorageError):
+    """Nothing answers at the S3 endpoint."""
+
+
+class S3AuthError(StorageError):
+    """The S3 endpoint rejected the credentials, or none are configured."""
+
+
+class S3BucketMissingError(StorageError):
+    """The configured bucket does not exist."""
+
+
+class ObjectMissingError(StorageError):
+    """A key that should exist does not."""
+
+
+class IntegrityError(StorageError):
+    """Stored bytes do not match their recorded sha256."""
+
+
+def _http_client() -> urllib3.PoolManager:
+    retry = urllib3.Retry(
+        total=3,
+        connect=2,
+        backoff_factor=0.2,
+        status_forcelist=(500, 502, 503, 504),
+        allowed_methods=None,  # S3 PUTs of content-addressed keys are idempotent
+    )
+    timeout = urllib3.Timeout(connect=_CONNECT_TIMEOUT_S, read=_READ_TIMEOUT_S)
+    return urllib3.PoolManager(timeout=timeout, retries=retry, maxsize=_POOL_SIZE)
+
+
+class ObjectStore:
+    """A bucket on an S3 endpoint, with sha256-addressed blobs on top."""
+
+    def __init__(
+        self,
+        client: Minio,
+        bucket: str,
+        *,
+        endpoint: str,
+        credentials_hint: str = "RLM_S3_ACCESS_KEY / RLM_S3_SECRET_KEY",
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self._credentials_hint = credentials_hint
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ObjectStore:
+        credentials = settings.s3_credentials()
+        if credentials is None:
+            raise S3AuthError(
+                f"no S3 credentials for {settings.s3_endpoint}: run `rlm up` (it writes "
+                f"them to {settings.credentials_file}) or set RLM_S3_ACCESS_KEY and "
+                "RLM_S3_SECRET_KEY"
+            )
+        client = Minio(
+            settings.s3_endpoint,
+            access_key=credentials[0],
+            secret_key=credentials[1],
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=_http_client(),
+        )
+        hint = "RLM_S3_ACCESS_KEY / RLM_S3_SECRET_KEY"
+        if not settings.s3_access_key:
+            hint += f" (the embedded server's keys are in {settings.credentials_file})"
+        return cls(client, settings.s3_bucket, endpoint=settings.s3_endpoint, credentials_hint=hint)
+
+    @contextmanager
+    def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
+        """Translate client failures into StorageErrors that say what to do."""
+        where = f"{action} {key!r}" if key else action
+        try:
+            yield
+        except S3Error as exc:
+            if exc.code in ("NoSuchBucket",):
+                raise S3BucketMissingError(
+                    f"bucket {self.bucket!r} does not exist on {self.endpoint} ({where}): "
+                    "run `rlm up`, create the bucket, or set RLM_S3_BUCKET"
+                ) from None
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectMissingError(
+                    f"object {key!r} not found in bucket {self.bucket!r} on {self.endpoint}"
+                ) from None
+            if exc.code in _AUTH_CODES:
+                raise S3AuthError(
+                    f"S3 endpoint {self.endpoint} rejected the credentials ({exc.code}) "
+                    f"for bucket {self.bucket!r}: check {self._credentials_hint}"
+                ) from None
+            raise StorageError(f"S3 {where} failed on {self.endpoint}: {exc.code}: {exc.message}") from exc
+        except (InvalidResponseError, ServerError) as exc:
+            raise StorageError(
+                f"{self.endpoint} did not answer as an S3 server during {where} "
+                f"({str(exc)[:200]}): check RLM_S3_ENDPOINT and RLM_S3_SECURE"
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, urllib3.exceptions.ResponseError):
+                raise StorageError(
+                    f"S3 endpoint {self.endpoint} keeps answering {where} with server errors "
+                    f"({reason}): check the server (`rlm status` and its log)"
+                ) from None
+            raise S3UnreachableError(
+                f"S3 endpoint {self.endpoint} is unreachable ({type(reason).__name__}): "
+                "start it with `rlm up` or set RLM_S3_ENDPOINT"
+            ) from None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        with self._errors("creating bucket"):
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+                log.info("bucket created", bucket=self.bucket, endpoint=self.endpoint)
+
+    def check(self) -> None:
+        """Raise a StorageError unless the endpoint answers, accepts the
+        credentials and has the bucket."""
+        with self._errors("checking bucket"):
+            exists = self.client.bucket_exists(self.bucket)
+        if not exists:
+            raise S3BucketMissingError(
+                f"bucket {self.bucket!r} does not exist on {self.endpoint}: "
+                "run `rlm up`, create the bucket, or set RLM_S3_BUCKET"
+            )
+
+    def probe_write(self) -> None:
+        """Write, read back and delete a tiny object: the endpoint serves
+        data, not only bucket metadata (a fresh server may not yet)."""
+        key = "_health/probe"
+        self.put_bytes(key, b"ok")
+        if self.get_bytes(key) != b"ok":
+            raise StorageError(f"S3 endpoint {self.endpoint} returned wrong bytes for {key!r}")
+        with self._errors("delete of", key):
+            self.client.remove_object(self.bucket, key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("upload of", key):
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._errors("download of", key):
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of `key` starting at `offset` (fewer at the end)."""
+        if length <= 0:
+            return b""
+        with self._errors("ranged download of", key):
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._errors("existence check of", key):
+                self.client.stat_object(self.bucket, key)
+        except ObjectMissingError:
+            return False
+        return True
+
+    def count(self, prefix: str = "") -> int:
+        """Number of objects under `prefix` (for tests and diagnostics)."""
+        with self._errors("listing of", prefix):
+            return sum(1 for _ in self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
+
+    def put_blob(self, data: bytes, prefix: str = "blobs") -> BlobRef:
+        """Store `data` under its sha256 (once) and return a reference."""
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"{prefix}/{digest}"
+        if not self.exists(key):
+            self.put_bytes(key, data)
+        return BlobRef(key=key, size=len(data), sha256=digest)
+
+    def get_blob(self, ref: BlobRef) -> bytes:
+        """The blob's bytes, checked against its sha256."""
+        data = self.get_bytes(ref.key)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != ref.sha256 or len(data) != ref.size:
+            raise IntegrityError(
+                f"blob {ref.key!r} is corrupt: expected sha256 {ref.sha256} ({ref.size} bytes), "
+                f"got {digest} ({len(data)} bytes)"
+            )
+        return data

@@ -1,0 +1,63 @@
+"""The `root_turn` activity: one call of the root model.
+
+The transcript lives in object storage, one record per turn; the activity
+returns only the reply and its usage. A retry finds the record of a call that
+already completed and returns it instead of calling the model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from temporalio import activity
+
+from activities.llm import complete, to_application_error
+from activities.runtime import WorkerRuntime, heartbeating, run_key
+from workflows.names import ACTIVITY_ROOT_TURN
+from workflows.prompts import merge_consecutive
+from workflows.steps import RootTurnInput, RootTurnOutput
+
+log = structlog.get_logger(__name__)
+
+
+class RootTurnActivity:
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._rt = runtime
+
+    @activity.defn(name=ACTIVITY_ROOT_TURN)
+    async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
+        key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
+        done = await asyncio.to_thread(self._rt.get_json, key)
+        if done is not None:
+            log.info("root_turn.replayed", workflow_id=inp.workflow_id, turn=inp.turn)
+            return RootTurnOutput.model_validate({**done["result"], "transcript_key": key})
+        messages: list[dict[str, str]] = []
+        if inp.transcript_prev_key:
+            prev = await asyncio.to_thread(self._rt.get_json, inp.transcript_prev_key)
+            messages = list(prev["messages"]) if prev else []
+        messages = merge_consecutive(messages + list(inp.append))
+        try:
+            spec = self._rt.models.resolve(inp.model)
+            self._rt.models.check_credentials(spec)
+            reply = await heartbeating(complete(spec, messages, max_tokens=inp.max_tokens, stop=inp.stop or None))
+        except Exception as exc:  # mapped in one place: activities/llm.py
+            raise to_application_error(exc) from exc
+        result = {
+            "reply": reply.text,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "usd": reply.usd,
+            "usage_estimated": reply.usage_estimated,
+        }
+        record = {"messages": messages + [{"role": "assistant", "content": reply.text}], "result": result}
+        await asyncio.to_thread(self._rt.put_json, key, record)
+        log.info(
+            "root_turn.done",
+            workflow_id=inp.workflow_id,
+            turn=inp.turn,
+            model=inp.model,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
+        return RootTurnOutput(transcript_key=key, **result)

@@ -1,0 +1,121 @@
+"""The `run_cell` activity: one ```repl``` block in the WASM REPL.
+
+Synchronous on purpose: it runs on the worker's thread pool (wasm releases the
+GIL), so guest CPU time never blocks the worker's event loop. A ticker thread
+heartbeats while the cell runs, so a dead worker is noticed in seconds and the
+cell is retried elsewhere from the last snapshot.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import structlog
+from temporalio import activity
+
+from activities._cell_host import CellHost
+from activities._repl_pool import LiveRepl, ReplPool
+from activities.runtime import WorkerRuntime, run_key
+from sandbox_wasm import CellResult, SandboxLimits
+from workflows.names import ACTIVITY_RUN_CELL
+from workflows.steps import CellInput, CellOutput
+
+log = structlog.get_logger(__name__)
+
+HEARTBEAT_EVERY_S = 1.0
+FINAL_INLINE_CHARS = 64 * 1024
+
+
+class RunCellActivity:
+    def __init__(self, runtime: WorkerRuntime, pool: ReplPool) -> None:
+        self._rt = runtime
+        self._pool = pool
+
+    @activity.defn(name=ACTIVITY_RUN_CELL)
+    def run_cell(self, inp: CellInput) -> CellOutput:
+        limits = SandboxLimits(
+            cell_timeout_s=inp.timeout_s,
+            memory_bytes=inp.memory_mb * 1024 * 1024,
+            output_chars=inp.output_chars,
+        )
+        stop = threading.Event()
+        ticker = threading.Thread(target=_heartbeat, args=(contextvars.copy_context(), stop), daemon=True)
+        ticker.start()
+        try:
+            live, warm = self._pool.checkout(inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp))
+            host = CellHost(self._rt, inp.workflow_id, inp.cell_id, inp.context)
+            live.host.clear()
+            live.host.update(host.functions())
+            try:
+                result = live.session.run_cell(inp.code)
+                out = self._finish(inp, live, host, result)
+            except BaseException:
+                self._pool.discard(live)
+                raise
+            self._pool.checkin(inp.workflow_id, live)
+        finally:
+            stop.set()
+        log.info(
+            "run_cell.done",
+            workflow_id=inp.workflow_id,
+            cell_id=inp.cell_id,
+            warm=warm,
+            duration_s=round(result.duration_s, 4),
+            subcalls=host.subcalls,
+            error=result.error,
+        )
+        return out
+
+    def _start(self, live: LiveRepl, inp: CellInput) -> None:
+        paths = self._rt.contexts.materialize(inp.context, self._rt.context_cache_dir)
+        live.session.start()
+        live.session.load_context(paths, inp.context.kind)
+        if inp.snapshot_key is not None:
+            live.session.restore(self._rt.store.get_bytes(inp.snapshot_key))
+        live.snapshot_key = inp.snapshot_key
+
+    def _finish(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult) -> CellOutput:
+        snapshot = live.session.snapshot()
+        snapshot_key = run_key(inp.workflow_id, "snapshots", f"{inp.cell_id}.bin")
+        self._rt.store.put_bytes(snapshot_key, snapshot.data)
+        live.snapshot_key = snapshot_key
+        output = result.output
+        output_key = None
+        if len(result.full_output) > len(result.output):
+            output_key = run_key(inp.workflow_id, "outputs", f"{inp.cell_id}.txt")
+            self._rt.store.put_bytes(output_key, result.full_output.encode())
+        if snapshot.unsaved:
+            output += (
+                "\n[note: these variables cannot be saved and will be lost if the REPL restarts: "
+                + ", ".join(snapshot.unsaved)
+                + "]"
+            )
+        final, final_ref = host.final, None
+        if final is not None and len(final) > FINAL_INLINE_CHARS:
+            final_ref = self._rt.store.put_blob(final.encode())
+            final = final[:FINAL_INLINE_CHARS]
+        error = result.error
+        if result.traceback and error:
+            error = result.traceback.strip()[-4000:]
+        return CellOutput(
+            output=output,
+            output_key=output_key,
+            error=error,
+            limit=result.limit.message if result.limit else None,
+            restored_names=list(result.restored_names),
+            final=final,
+            final_ref=final_ref,
+            snapshot_key=snapshot_key,
+            unsaved=list(snapshot.unsaved),
+            duration_s=result.duration_s,
+            subcalls=host.subcalls,
+        )
+
+
+def _heartbeat(ctx: contextvars.Context, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_EVERY_S):
+        try:
+            ctx.run(activity.heartbeat)
+        except Exception:  # the activity is ending; nothing to report to
+            return

@@ -1,0 +1,64 @@
+"""What every activity of a worker shares, built once when the worker starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, TypeVar
+
+from temporalio import activity
+from temporalio.client import Client
+
+from activities.context_store import ContextStore
+from activities.llm import ModelRegistry
+from activities.object_store import ObjectStore
+from activities.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerRuntime:
+    """Connections and caches owned by one worker process."""
+
+    settings: Settings
+    """Addresses, bucket and data dir."""
+    client: Client
+    """The worker's Temporal client: cells send their sub-call updates with it."""
+    loop: asyncio.AbstractEventLoop
+    """The worker's event loop; threads of sync activities submit coroutines to it."""
+    store: ObjectStore
+    contexts: ContextStore
+    models: ModelRegistry
+    context_cache_dir: Path
+    """Where contexts are written as files for the sandbox to read."""
+
+    def get_json(self, key: str) -> Any | None:
+        if not self.store.exists(key):
+            return None
+        return json.loads(self.store.get_bytes(key))
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.store.put_bytes(key, json.dumps(value, ensure_ascii=False).encode())
+
+
+def run_key(workflow_id: str, *parts: str) -> str:
+    """Object key of a run's artifact: `runs/<workflow id>/<parts...>`."""
+    return "/".join(["runs", workflow_id.replace("/", "~"), *parts])
+
+
+# Model calls heartbeat so a worker that dies mid-call is noticed in seconds
+# (the heartbeat timeout), not after the whole start-to-close timeout.
+MODEL_CALL_HEARTBEAT_S = 2.0
+
+
+async def heartbeating(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` while heartbeating the current activity."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=MODEL_CALL_HEARTBEAT_S)
+        if done:
+            return task.result()
+        activity.heartbeat()

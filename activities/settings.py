@@ -1,0 +1,183 @@
+"""One settings object for every process: CLI, worker, tests.
+
+Values come from `RLM_*` environment variables; the defaults point at the
+embedded services that `rlm up` starts on 127.0.0.1, so the same code talks to
+a production Temporal cluster and MinIO by changing environment only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workflows.names import TASK_QUEUE_DEFAULT
+
+__all__ = [
+    "CREDENTIALS_FILENAME",
+    "Settings",
+    "load_settings",
+    "split_host_port",
+]
+
+ENV_PREFIX = "RLM_"
+# Written by `rlm up` (mode 0600) into the data dir: the embedded S3 server's keys.
+CREDENTIALS_FILENAME = "s3-credentials.json"
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("durable-rlm", appauthor=False))
+
+
+def split_host_port(address: str, *, what: str, env: str) -> tuple[str, int]:
+    """Split `host:port`; a malformed value is reported with its env var."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{what} {address!r} is not host:port (e.g. 127.0.0.1:7233); fix {env}"
+        )
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    """Where Temporal and object storage live, and where local state goes."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Directory for the embedded services' databases, logs, pid files and
+    S3 credentials, and for contexts materialized for the sandbox."""
+
+    temporal_address: str = "127.0.0.1:7233"
+    """Temporal frontend gRPC address, host:port."""
+
+    temporal_namespace: str = "default"
+    """Temporal namespace for runs (the embedded server creates it)."""
+
+    task_queue: str = TASK_QUEUE_DEFAULT
+    """Task queue the workers poll and runs are started on."""
+
+    temporal_ui_port: int = 8233
+    """Port of the embedded Temporal Web UI (loopback)."""
+
+    temporal_http_port: int = 7243
+    """Port of the embedded Temporal HTTP API, used to check readiness."""
+
+    temporal_ui_url: str | None = None
+    """Link to the Temporal Web UI shown to users; defaults to
+    http://<temporal host>:<temporal_ui_port>."""
+
+    s3_endpoint: str = "127.0.0.1:9000"
+    """S3 endpoint as host:port (no scheme): MinIO, SeaweedFS or AWS."""
+
+    s3_secure: bool = False
+    """Use HTTPS for the S3 endpoint."""
+
+    s3_access_key: str | None = None
+    """S3 access key; when unset, read from the credentials file that
+    `rlm up` writes into data_dir."""
+
+    s3_secret_key: SecretStr | None = None
+    """S3 secret key; when unset, read like s3_access_key."""
+
+    s3_bucket: str = "rlm"
+    """Bucket holding contexts, transcripts, snapshots and large values."""
+
+    s3_region: str = "us-east-1"
+    """S3 region; a fixed value saves a bucket-location request per client."""
+
+    log_level: str = "info"
+    """Log level of the CLI and the worker: debug, info, warning, error."""
+
+    seaweed_port_base: int = 17330
+    """First of nine consecutive loopback ports used internally by the
+    embedded S3 server (master, volume, filer, admin and their gRPC ports)."""
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _check_temporal_address(cls, value: str) -> str:
+        split_host_port(value, what="Temporal address", env="RLM_TEMPORAL_ADDRESS")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(
+                f"S3 endpoint {value!r} must be host:port without a scheme; "
+                "set RLM_S3_ENDPOINT=host:port and RLM_S3_SECURE=true for HTTPS"
+            )
+        split_host_port(value, what="S3 endpoint", env="RLM_S3_ENDPOINT")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_ui_url(self) -> Settings:
+        if self.temporal_ui_url is None:
+            host = self.temporal_host
+            self.temporal_ui_url = f"http://{host}:{self.temporal_ui_port}"
+        return self
+
+    @property
+    def temporal_host(self) -> str:
+        return split_host_port(self.temporal_address, what="", env="")[0]
+
+    @property
+    def temporal_port(self) -> int:
+        return split_host_port(self.temporal_address, what="", env="")[1]
+
+    @property
+    def s3_host(self) -> str:
+        return split_host_port(self.s3_endpoint, what="", env="")[0]
+
+    @property
+    def s3_port(self) -> int:
+        return split_host_port(self.s3_endpoint, what="", env="")[1]
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.data_dir / CREDENTIALS_FILENAME
+
+    def s3_credentials(self) -> tuple[str, str] | None:
+        """Access and secret key: explicit settings first, then the file
+        written by `rlm up`; None when neither exists (yet)."""
+        secret = self.s3_secret_key
+        if self.s3_access_key and secret:
+            # A str can arrive through model_copy(update=...), which skips validation.
+            plain = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
+            return self.s3_access_key, plain
+        try:
+            raw = json.loads(self.credentials_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"cannot read S3 credentials file {self.credentials_file}: {exc}; "
+                "delete it and run `rlm up` again"
+            ) from exc
+        return str(raw["access_key"]), str(raw["secret_key"])
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as `RLM_*` variables, for a subprocess (a worker)
+        that must see exactly the same configuration."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        credentials = self.s3_credentials()
+        if credentials is not None:
+            env["RLM_S3_ACCESS_KEY"], env["RLM_S3_SECRET_KEY"] = credentials
+        return env
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with keyword overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""Context store throughput against the embedded S3 server (SeaweedFS).
+
+Starts a private pair of embedded services in a temp dir, then measures for
+a 40 MB and a 400 MB context: upload from a file (streamed), upload again
+(dedup: nothing new is stored), materialize to files (what a worker does for
+the sandbox) and read back whole. Prints MB/s and writes
+bench/results/context_store.json.
+
+    python bench/bench_context_store.py [--sizes 40,400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from activities.context_store import ContextStore  # noqa: E402
+from activities.object_store import ObjectStore  # noqa: E402
+from cli import services  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "context_store.json"
+MB = 1_000_000
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _write_text_file(path: Path, size: int) -> None:
+    """`size` bytes of word-like text; every 1 MB block differs (no dedup)."""
+    rng = random.Random(7)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    base = " ".join(rng.choice(words) for _ in range(200_000)).encode()[: MB - 32]
+    with path.open("wb") as handle:
+        written = 0
+        block = 0
+        while written < size:
+            data = (f"\nblock {block:09d}\n".encode() + base)[: size - written]
+            handle.write(data)
+            written += len(data)
+            block += 1
+
+
+def _timed(label: str, size_mb: float, fn, results: list[dict]):
+    start = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - start
+    row = {
+        "case": label,
+        "mb": round(size_mb, 1),
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(size_mb / seconds, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    results.append(row)
+    print(f"{label:<34} {size_mb:>7.1f} MB {seconds:>8.2f} s {row['mb_per_s']:>8.1f} MB/s  peak RSS {row['peak_rss_mb']:.0f} MB")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="40,400", help="context sizes in MB, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rlm-bench-") as tmp:
+        tmp_path = Path(tmp)
+        settings = services.private_settings(tmp_path / "data")
+        started = time.perf_counter()
+        services.up(settings)
+        startup = time.perf_counter() - started
+        print(f"embedded services ready in {startup:.2f} s")
+        try:
+            store = ObjectStore.from_settings(settings)
+            for size in sizes:
+                path = tmp_path / f"context-{size}mb.txt"
+                _write_text_file(path, size * MB)
+                actual = path.stat().st_size / MB
+                contexts = ContextStore(store)
+                ref = _timed(f"put_paths {size} MB (new)", actual, lambda: contexts.put_paths([path]), results)
+                _timed(f"put_paths {size} MB (again, dedup)", actual, lambda: ContextStore(store).put_paths([path]), results)
+                dest = tmp_path / "materialized"
+                _timed(f"materialize {size} MB", actual, lambda: ContextStore(store).materialize(ref, dest), results)
+                _timed(f"read_all {size} MB", actual, lambda: ContextStore(store).read_all(ref), results)
+                path.unlink()
+        finally:
+            services.down(settings)
+    report = {
+        "benchmark": "context_store",
+        "backend": "SeaweedFS weed mini (embedded, loopback)",
+        "chunk_bytes": ContextStore.__init__.__kwdefaults__["chunk_bytes"],
+        "services_startup_s": round(startup, 2),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "results": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

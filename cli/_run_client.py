@@ -1,0 +1,188 @@
+"""Client side of a run: upload the context, make sure a worker polls, start
+the workflow, follow its progress, fetch its result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+from activities.context_store import ContextStore
+from activities.llm import ModelRegistry
+from activities.object_store import ObjectStore
+from activities.settings import Settings
+from cli._progress import ProgressPrinter
+from workflows.budget import Caps, Ledger, worst_case
+from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
+from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
+
+log = structlog.get_logger(__name__)
+
+# A first root call sends the system prompt, the metadata and the question.
+FIRST_CALL_PROMPT_TOKENS = 2_500
+
+
+class RunError(Exception):
+    """An expected failure, shown to the user as one line."""
+
+
+@dataclass
+class RunOptions:
+    question: str
+    context_paths: list[Path]
+    model: str | None
+    sub_model: str | None
+    caps: dict[str, Any] = field(default_factory=dict)
+    cell_timeout_s: float = 120.0
+    workflow_id: str = ""
+
+
+class RunClient:
+    def __init__(self, settings: Settings, client: Client, progress: ProgressPrinter | None) -> None:
+        self.settings = settings
+        self.client = client
+        self.progress = progress
+
+    @classmethod
+    async def open(cls, settings: Settings, *, progress: ProgressPrinter | None, start_services: bool = True) -> RunClient:
+        if start_services:
+            from cli import services
+
+            await asyncio.to_thread(services.ensure_up, settings)
+        from worker import connect
+
+        try:
+            client = await connect(settings)
+        except Exception as exc:
+            raise RunError(
+                f"cannot reach Temporal at {settings.temporal_address}: {exc}; start it with `rlm up` "
+                "or set RLM_TEMPORAL_ADDRESS"
+            ) from None
+        return cls(settings, client, progress)
+
+    def ui_link(self, workflow_id: str) -> str:
+        return f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}/workflows/{workflow_id}"
+
+    # -- starting --------------------------------------------------------------
+    def build_request(self, opts: RunOptions) -> RunRequest:
+        if not opts.model:
+            raise RunError("no model chosen: pass --model (e.g. openai/gpt-4o-mini) or set RLM_MODEL")
+        registry = ModelRegistry.from_env()
+        caps = Caps(**{k: v for k, v in opts.caps.items() if v is not None})
+        for name in dict.fromkeys([opts.model, opts.sub_model or opts.model]):
+            try:
+                spec = registry.resolve(name)
+                registry.check_credentials(spec)
+            except Exception as exc:
+                raise RunError(str(exc)) from None
+        info = registry.info(opts.model)
+        first = worst_case(FIRST_CALL_PROMPT_TOKENS, min(info.max_output_tokens, 8192), info.usd_per_input_token, info.usd_per_output_token)
+        refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
+        if refusal is not None:
+            raise RunError(f"budget too small to start: {refusal.message}")
+        store = ObjectStore.from_settings(self.settings)
+        store.ensure_bucket()
+        if self.progress:
+            self.progress.note(f"uploading context ({_size(opts.context_paths)})")
+        try:
+            ref = ContextStore(store).put_paths(opts.context_paths)
+        except Exception as exc:
+            raise RunError(str(exc)) from None
+        return RunRequest(
+            question=opts.question,
+            context=ref,
+            models=ModelChoice(root=opts.model, sub=opts.sub_model),
+            caps=caps,
+            limits=RunLimits(cell_timeout_s=opts.cell_timeout_s),
+        )
+
+    async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:
+        return await self.client.start_workflow(
+            WORKFLOW_RLM_RUN,
+            request,
+            id=workflow_id,
+            task_queue=self.settings.task_queue,
+            result_type=RunResult,
+        )
+
+    async def submit(self, opts: RunOptions) -> str:
+        request = await asyncio.to_thread(self.build_request, opts)
+        if not await self.worker_polling() and self.progress:
+            self.progress.note("no worker is polling the task queue yet: start one with `rlm worker`")
+        await self.start(request, opts.workflow_id)
+        return opts.workflow_id
+
+    async def run(self, opts: RunOptions) -> RunResult:
+        request = await asyncio.to_thread(self.build_request, opts)
+        async with contextlib.AsyncExitStack() as stack:
+            if not await self.worker_polling():
+                if self.progress:
+                    self.progress.note("no worker polling: starting one in this process")
+                from worker import build_worker
+
+                worker, pool = build_worker(self.client, self.settings)
+                stack.callback(pool.close)
+                await stack.enter_async_context(worker)
+            handle = await self.start(request, opts.workflow_id)
+            if self.progress:
+                self.progress.note(f"run {opts.workflow_id}: {self.ui_link(opts.workflow_id)}")
+            return await self._follow(handle)
+
+    # -- following -------------------------------------------------------------
+    async def result(self, workflow_id: str) -> RunResult:
+        return await self._follow(self.client.get_workflow_handle(workflow_id, result_type=RunResult))
+
+    async def _follow(self, handle: WorkflowHandle) -> RunResult:
+        watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
+        try:
+            return await handle.result()
+        except WorkflowFailureError as exc:
+            raise RunError(f"run {handle.id} failed: {exc.cause or exc}") from None
+        finally:
+            if watcher:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if self.progress:
+                self.progress.done()
+
+    async def _watch(self, handle: WorkflowHandle) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                state = await handle.query(QUERY_PROGRESS)
+                self.progress.update(state)  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)
+
+    async def cancel(self, workflow_id: str, reason: str | None) -> None:
+        await self.client.get_workflow_handle(workflow_id).signal(SIGNAL_CANCEL, reason)
+
+    async def worker_polling(self) -> bool:
+        """True when some worker polled the task queue in the last minute."""
+        resp = await self.client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=self.settings.temporal_namespace,
+                task_queue=TaskQueue(name=self.settings.task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        recent = datetime.now(timezone.utc) - timedelta(seconds=70)
+        return any(p.last_access_time.ToDatetime(tzinfo=timezone.utc) > recent for p in resp.pollers)
+
+
+def _size(paths: list[Path]) -> str:
+    total = 0
+    for p in paths:
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            total += p.stat().st_size
+    return f"{total / 1e6:.1f} MB"

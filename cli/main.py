@@ -1,0 +1,75 @@
+"""The `rlm` command: embedded services, contexts, and (from
+`cli.run_commands`, when present) running RLM jobs and workers.
+
+A command module contributes subcommands through `register(subparsers)`;
+each subcommand sets `handler(args, settings) -> int`. Expected failures
+raise `UserError` (or a storage / launcher error) and are reported as one
+line `error: ...` with exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from activities.settings import load_settings
+from cli import _context_commands, _service_commands
+from cli._errors import EXPECTED_ERRORS, UserError, describe
+from cli._logging import configure_logging
+
+__all__ = ["UserError", "build_parser", "main"]
+
+# Optional command modules, registered when importable.
+_EXTENSIONS = ("cli.run_commands",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlm",
+        description="Recursive Language Models as durable Temporal workflows. "
+        "Settings come from RLM_* environment variables (see README).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _service_commands.register(subparsers)
+    _context_commands.register(subparsers)
+    for name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # the module exists but one of its imports is missing
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        return int(args.handler(args, settings) or 0)
+    except EXPECTED_ERRORS as exc:
+        sys.stderr.write(f"error: {describe(exc)}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rlm` console command (argv None) and of tests."""
+    code = _run(argv)
+    if argv is None and "temporalio.client" in sys.modules:
+        # A process that used a Temporal client can abort at interpreter
+        # exit (PyGILState_Release, rc 134; sdk-python#300): flush and leave.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""`rlm run`, `rlm submit`, `rlm result`, `rlm cancel`, `rlm worker`.
+
+Thin glue: the work happens in the worker and the `RLMRun` workflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from cli._run_client import RunClient, RunOptions
+from cli._progress import ProgressPrinter
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run an RLM job and print its answer")
+    _run_arguments(run)
+    run.add_argument("--json", action="store_true", help="print the RunResult as JSON")
+    run.set_defaults(handler=_cmd_run)
+
+    submit = sub.add_parser("submit", help="start an RLM job and print its run id")
+    _run_arguments(submit)
+    submit.set_defaults(handler=_cmd_submit)
+
+    result = sub.add_parser("result", help="wait for a run and print its result")
+    result.add_argument("run_id")
+    result.add_argument("--json", action="store_true")
+    result.set_defaults(handler=_cmd_result)
+
+    cancel = sub.add_parser("cancel", help="cancel a run (and its child runs)")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default=None)
+    cancel.set_defaults(handler=_cmd_cancel)
+
+    worker = sub.add_parser("worker", help="run a worker (workflow + activities) until Ctrl-C")
+    worker.set_defaults(handler=_cmd_worker)
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question")
+    p.add_argument("--context", nargs="+", type=Path, required=True, metavar="PATH",
+                   help="a file, several files, or a directory of text files")
+    p.add_argument("--model", default=os.environ.get("RLM_MODEL"), help="root model (env RLM_MODEL)")
+    p.add_argument("--sub-model", default=os.environ.get("RLM_SUB_MODEL"), help="sub-call model (default: --model)")
+    p.add_argument("--max-turns", type=int, default=20)
+    p.add_argument("--max-usd", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-calls", type=int, default=None)
+    p.add_argument("--max-wall", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--max-depth", type=int, default=1)
+    p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
+    p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        question=args.question,
+        context_paths=list(args.context),
+        model=args.model,
+        sub_model=args.sub_model,
+        caps={
+            "max_turns": args.max_turns,
+            "max_usd": args.max_usd,
+            "max_tokens": args.max_tokens,
+            "max_calls": args.max_calls,
+            "max_wall_s": args.max_wall,
+            "max_depth": args.max_depth,
+            "max_concurrency": args.max_concurrency,
+        },
+        cell_timeout_s=args.cell_timeout,
+        workflow_id=args.workflow_id or f"rlm-{uuid.uuid4().hex[:12]}",
+    )
+
+
+def _cmd_run(args: argparse.Namespace, settings) -> int:
+    async def go() -> int:
+        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
+        result = await client.run(_options(args))
+        _print_result(result, client, as_json=args.json)
+        return 0 if result.status == "completed" else 3
+
+    return asyncio.run(go())
+
+
+def _cmd_submit(args: argparse.Namespace, settings) -> int:
+    async def go() -> int:
+        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
+        workflow_id = await client.submit(_options(args))
+        print(workflow_id)
+        print(f"watch: {client.ui_link(workflow_id)}", file=sys.stderr)
+        return 0
+
+    return asyncio.run(go())
+
+
+def _cmd_result(args: argparse.Namespace, settings) -> int:
+    async def go() -> int:
+        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), start_services=False)
+        result = await client.result(args.run_id)
+        _print_result(result, client, as_json=args.json)
+        return 0 if result.status == "completed" else 3
+
+    return asyncio.run(go())
+
+
+def _cmd_cancel(args: argparse.Namespace, settings) -> int:
+    async def go() -> int:
+        client = await RunClient.open(settings, progress=None, start_services=False)
+        await client.cancel(args.run_id, args.reason)
+        print(f"cancel requested for {args.run_id}")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _cmd_worker(args: argparse.Namespace, settings) -> int:
+    from worker import run_worker
+
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+def _print_result(result, client: RunClient, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**result.model_dump(mode="json"), "ui": client.ui_link(result.workflow_id)}, indent=2))
+        return
+    print(result.answer if result.answer is not None else "(no answer)")
+    spend = result.spend
+    print(
+        f"\nstatus: {result.status}" + (f" ({result.reason})" if result.reason else "")
+        + f" | turns: {result.turns} | calls: {spend.calls} | tokens: {spend.tokens:,} | cost: ${spend.usd:.4f}",
+        file=sys.stderr,
+    )
+    for name, u in result.usage.by_model.items():
+        print(f"  {name}: {u.calls} calls, {u.prompt_tokens:,} in / {u.completion_tokens:,} out, ${u.usd:.4f}", file=sys.stderr)
+    for depth, u in sorted(result.usage.by_depth.items()):
+        print(f"  depth {depth}: {u.calls} calls, ${u.usd:.4f}", file=sys.stderr)
+    if result.children:
+        print(f"  child runs: {len(result.children)}", file=sys.stderr)
+    print(f"run: {client.ui_link(result.workflow_id)}", file=sys.stderr)

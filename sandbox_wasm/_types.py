@@ -1,0 +1,100 @@
+"""Public value types of the sandbox: limits, cell results, snapshots, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (bad runtime file, boot failure, bad input).
+
+    Errors raised by the model's code never surface as this: they come back in
+    `CellResult.error`.
+    """
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-session limits; every cell runs under all of them."""
+
+    cell_timeout_s: float = 60.0
+    """Wall-clock seconds a cell may run, not counting time spent waiting on host
+    functions. Exceeding it kills the instance; the session restores the last
+    snapshot by itself and reports `LimitHit(kind="timeout")`."""
+    memory_bytes: int = 2 * 1024**3
+    """Cap on the guest's linear memory (max 4 GiB). An allocation past it raises
+    `MemoryError` inside the guest and the REPL goes on."""
+    output_chars: int = 20_000
+    """Characters of printed output kept in `CellResult.output`; the rest is cut
+    and a marker says how much."""
+    full_output_chars: int = 16 * 1024**2
+    """Hard ceiling of `CellResult.full_output`, which protects the host's memory."""
+    admin_timeout_s: float = 120.0
+    """Wall-clock seconds allowed for load_context, snapshot and restore."""
+    hang_grace_s: float = 5.0
+    """Extra seconds the host waits past a deadline before it abandons an instance
+    stuck in a blocking system call that the deadline cannot interrupt."""
+
+    def __post_init__(self) -> None:
+        if not self.cell_timeout_s > 0:
+            raise ValueError(f"cell_timeout_s must be > 0, got {self.cell_timeout_s}")
+        if not 16 * 1024**2 <= self.memory_bytes <= 4 * 1024**3:
+            raise ValueError(
+                f"memory_bytes must be between 16 MiB and 4 GiB (wasm32), got {self.memory_bytes}")
+        if self.output_chars < 0 or self.full_output_chars < self.output_chars:
+            raise ValueError("need 0 <= output_chars <= full_output_chars")
+        if not self.admin_timeout_s > 0 or self.hang_grace_s < 0:
+            raise ValueError("admin_timeout_s must be > 0 and hang_grace_s >= 0")
+
+
+@dataclass(frozen=True)
+class LimitHit:
+    """A limit that stopped or shortened a cell."""
+
+    kind: Literal["timeout", "memory", "output", "trap"]
+    """Which limit: `timeout` (cell_timeout_s), `memory` (memory_bytes, MemoryError
+    in the guest), `output` (output_chars, output was cut) or `trap` (the instance
+    died for another reason, e.g. stack exhaustion or os._exit)."""
+    limit: float | int
+    """The configured value of that limit (0 for `trap`)."""
+    message: str
+    """Human-readable explanation, suitable for showing to the model."""
+
+
+@dataclass
+class CellResult:
+    """What one cell did."""
+
+    output: str
+    """stdout and stderr as printed, capped at `output_chars` with a marker."""
+    full_output: str
+    """The uncapped output (up to `full_output_chars`), for storage."""
+    error: str | None
+    """`"ExcType: message"` if the cell raised, else None."""
+    traceback: str | None
+    """Formatted traceback of that exception, starting in the cell's code."""
+    value_repr: str | None
+    """repr() of the cell's last expression if it is not None (capped)."""
+    duration_s: float
+    """Wall-clock duration of the cell as seen by the host."""
+    limit: LimitHit | None = None
+    """The limit that was hit, if any."""
+    restored_names: list[str] = field(default_factory=list)
+    """Protected names the cell overwrote or deleted, now restored."""
+    restarted: bool = False
+    """The instance died (trap) and the session restored the last snapshot."""
+
+
+@dataclass
+class Snapshot:
+    """Serialized user state of a REPL (pickled in the guest)."""
+
+    data: bytes
+    """Opaque bytes for `ReplSession.restore`; `context` is not inside."""
+    saved: list[str]
+    """Names of the variables stored."""
+    unsaved: list[str]
+    """Names that could not be pickled (not stored, never silently)."""
+    unsaved_reasons: dict[str, str] = field(default_factory=dict)
+    """For each unsaved name, why it could not be pickled."""

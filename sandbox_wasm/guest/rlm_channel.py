@@ -1,0 +1,71 @@
+"""Guest side of the host-call channel: framed messages over fd 0.
+
+The host shadows the WASI `fd_write` / `fd_read` imports for fd 0, so a write
+here is delivered to the host synchronously and the host's reply is waiting
+to be read right after. Nothing here blocks on the host except the write.
+"""
+
+import os
+
+from rlm_codec import FRAME_HEADER, decode, encode_frame
+
+_FD = 0
+# wasi-libc accepts at most 1024 iovecs per call; stay well below.
+_IOV_BATCH = 256
+_FIRST_READ = 64 * 1024
+
+
+class Channel:
+    """Request/reply over the shadowed fd 0."""
+
+    def __init__(self):
+        self._buf = bytearray(_FIRST_READ)
+
+    def send(self, message):
+        segments, _total = encode_frame(message)
+        views = [memoryview(s).cast("B") for s in segments if len(s)]
+        while views:
+            written = os.writev(_FD, views[:_IOV_BATCH])
+            if written <= 0:
+                raise OSError("host channel refused a write")
+            while written and views:
+                if written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][written:]
+                    written = 0
+
+    def recv(self):
+        view = memoryview(self._buf)
+        got = 0
+        while got < FRAME_HEADER.size:
+            got += self._read_some(view[got:])
+        (size,) = FRAME_HEADER.unpack_from(self._buf)
+        total = FRAME_HEADER.size + size
+        if total <= len(self._buf):
+            if got < total:
+                self.read_exact(view[got:total])
+            return decode(view[FRAME_HEADER.size:total])
+        # A large reply: one buffer of the exact size, filled in place.
+        big = bytearray(size)
+        first = got - FRAME_HEADER.size
+        big[:first] = self._buf[FRAME_HEADER.size:got]
+        self.read_exact(memoryview(big)[first:])
+        return decode(big)
+
+    def request(self, message):
+        self.send(message)
+        return self.recv()
+
+    def read_exact(self, view):
+        """Fill `view` completely from the channel (raw bytes, no framing)."""
+        while len(view):
+            view = view[self._read_some(view):]
+
+    @staticmethod
+    def _read_some(view):
+        count = os.readv(_FD, [view])
+        if count <= 0:
+            raise EOFError("host channel closed")
+        return count

@@ -1,0 +1,195 @@
+"""Guest REPL driver: runs inside the WASI CPython, executes the host's commands.
+
+Control flow: the guest reports the result of the previous command with a
+["done", result] message and receives the next command as the reply, so the
+guest is always the one calling out and the host never needs to call in.
+"""
+
+import _ast  # the builtin, not `ast`: importing ast (and re, enum) costs ~60 ms of boot
+import io
+import sys
+import time
+import types
+
+import rlm_api
+from rlm_channel import Channel
+
+_REPR_MARKER = "... [repr truncated: %s more chars]"
+_GUEST_DIR = "/rlm/guest/"
+
+
+class Repl:
+    """The REPL's state: user globals, protected names and the context."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.clock = rlm_api.CellClock()
+        rlm_api.install_safe_sleep(self.clock)
+        module = types.ModuleType("__main__")
+        sys.modules["__main__"] = module
+        self.globals = module.__dict__
+        self.globals["__builtins__"] = __builtins__
+        self.protected = {}
+        self.context = None
+        self.context_loaded = False
+        self.context_docs = ()
+        self.cell_count = 0
+        self.sources = {}
+        self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                       encoding="utf-8", errors="backslashreplace")
+        self._reset_streams()
+
+    def _reset_streams(self):
+        if self.stdout.closed:
+            self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                           encoding="utf-8", errors="backslashreplace")
+        # One stream for both: stdout and stderr stay interleaved as printed.
+        sys.stdout = sys.stderr = self.stdout
+
+    # -- commands -----------------------------------------------------------
+    def setup(self, registered):
+        api = rlm_api.build_api(self.channel, self.globals, set(registered), self.clock)
+        self.protected.update(api)
+        self.globals.update(api)
+        return {"names": sorted(api)}
+
+    def load_context(self, kind, sizes):
+        docs = []
+        for size in sizes:
+            raw = bytearray(size)
+            self.channel.read_exact(memoryview(raw))
+            try:
+                docs.append(str(raw, "utf-8"))
+            except UnicodeDecodeError as exc:
+                return {"error": "context document %d is not valid UTF-8 (%s)" % (len(docs), exc)}
+            del raw
+        self.context = docs[0] if kind == "str" else docs
+        self.context_docs = tuple(docs)
+        self.context_loaded = True
+        self.protected["context"] = self.context
+        self.globals["context"] = self.context
+        return {"chars": sum(len(d) for d in docs)}
+
+    def exec_cell(self, code, timeout, repr_cap):
+        self.cell_count += 1
+        filename = "<cell %d>" % self.cell_count
+        result = {"error": None, "error_type": None, "traceback": None, "value_repr": None}
+        self.clock.start(timeout)
+        try:
+            self.sources[filename] = code
+            _register_source(filename, code)
+            tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST)
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], _ast.Expr) else None
+            exec(compile(tree, filename, "exec"), self.globals)
+            if last is not None:
+                value = eval(compile(_ast.Expression(last.value), filename, "eval"), self.globals)
+                if value is not None:
+                    result["value_repr"] = _capped_repr(value, repr_cap)
+        except BaseException as exc:  # SystemExit too: the REPL must go on
+            result.update(_describe(exc, self.sources))
+            del exc
+        finally:
+            try:
+                self.stdout.flush()
+            except Exception:
+                pass
+            self._reset_streams()
+        result["restored"] = self._restore_protected()
+        return result
+
+    def snapshot(self):
+        import rlm_snapshot
+
+        names = [n for n in self.globals if not n.startswith("__") and n not in self.protected]
+        return rlm_snapshot.take(self._refs(), names)
+
+    def restore(self, data):
+        import rlm_snapshot
+
+        state = rlm_snapshot.load(self._refs(), data)
+        for name in [n for n in self.globals if not n.startswith("__")]:
+            if name not in self.protected:
+                del self.globals[name]
+        self.globals.update(state)
+        self._restore_protected()
+        return {"names": sorted(state)}
+
+    # -- helpers ------------------------------------------------------------
+    def _refs(self):
+        import rlm_snapshot
+
+        return rlm_snapshot.References(self.globals, self.protected, self.context,
+                                       self.context_loaded)
+
+    def _restore_protected(self):
+        restored = []
+        for name, obj in self.protected.items():
+            if self.globals.get(name) is not obj:
+                self.globals[name] = obj
+                restored.append(name)
+        if isinstance(self.context, list) and (
+                len(self.context) != len(self.context_docs)
+                or any(a is not b for a, b in zip(self.context, self.context_docs))):
+            self.context[:] = self.context_docs
+            if "context" not in restored:
+                restored.append("context")
+        return restored
+
+
+def _capped_repr(value, cap):
+    try:
+        text = repr(value)
+    except Exception as exc:
+        return "<repr failed: %s: %s>" % (type(exc).__name__, exc)
+    if len(text) > cap:
+        text = text[:cap] + _REPR_MARKER % format(len(text) - cap, ",")
+    return text
+
+
+def _register_source(filename, code):
+    """Make a cell's source visible to tracebacks and inspect, if loaded."""
+    linecache = sys.modules.get("linecache")
+    if linecache is not None:
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+
+
+def _describe(exc, sources):
+    try:
+        import traceback  # lazily: it pulls in linecache, tokenize and re
+
+        cache = sys.modules["linecache"].cache
+        for filename, code in sources.items():
+            if filename not in cache:
+                _register_source(filename, code)
+        summary = traceback.extract_tb(exc.__traceback__)
+        # Show only the model's frames: the driver and API stubs are noise.
+        frames = [f for f in summary if not f.filename.startswith(_GUEST_DIR)]
+        lines = ["Traceback (most recent call last):\n"] if frames else []
+        lines += traceback.format_list(frames)
+        lines += traceback.format_exception_only(type(exc), exc)
+        text = "".join(lines)
+    except BaseException:  # e.g. MemoryError while formatting
+        text = None
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<unprintable>"
+    error = type(exc).__name__ + (": " + message if message else "")
+    return {"error": error, "error_type": type(exc).__name__, "traceback": text}
+
+
+def main():
+    channel = Channel()
+    repl = Repl(channel)
+    handlers = {"setup": repl.setup, "load_context": repl.load_context,
+                "exec": repl.exec_cell, "snapshot": repl.snapshot, "restore": repl.restore}
+    result = {"python": sys.version, "boot_s": time.perf_counter()}
+    while True:
+        command = channel.request(["done", result])
+        if command[0] == "exit":
+            return
+        try:
+            result = handlers[command[0]](*command[1:])
+        except BaseException as exc:
+            result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            del exc

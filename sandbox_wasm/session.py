@@ -1,0 +1,273 @@
+"""ReplSession: the public face of the sandbox (one WASM Python REPL)."""
+
+from __future__ import annotations
+
+import keyword
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from ._hostcall import FileSource
+from ._instance import Event, GuestInstance, HungGuest
+from ._output import OutputCollector, cap_output
+from ._runtime import get_runtime
+from ._types import CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
+from .guest.rlm_codec import CodecError
+
+log = structlog.get_logger(__name__)
+
+HostFunction = Callable[..., Any]
+
+
+class ReplSession:
+    """A persistent Python REPL in a WASI CPython instance.
+
+    Not thread-safe: use a session from one thread at a time (run several
+    sessions in several threads). Host functions run in the thread that calls
+    `run_cell`. After a trap (timeout, crash) the session boots a new instance,
+    reloads the context and restores the state of the last `snapshot()` or
+    `restore()`, so take a snapshot after each cell you want to keep.
+    """
+
+    def __init__(self, limits: SandboxLimits | None = None,
+                 host_functions: Mapping[str, HostFunction] | None = None,
+                 cache_dir: str | Path | None = None):
+        self.limits = limits or SandboxLimits()
+        self._host_functions = dict(host_functions or {})
+        for name, fn in self._host_functions.items():
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) \
+                    or name.startswith("_"):
+                raise ValueError(f"host function name {name!r} must be a public Python identifier")
+            if name == "SHOW_VARS":
+                raise ValueError("SHOW_VARS is provided by the guest; do not register it")
+            if not callable(fn):
+                raise TypeError(f"host function {name!r} is not callable: {fn!r}")
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._instance: GuestInstance | None = None
+        self._context: tuple[list[Path], list[int], str] | None = None
+        self._last_snapshot: bytes | None = None
+        self._needs_restart = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> ReplSession:
+        """Load the compiled module (disk cache) and boot the guest REPL."""
+        if self._instance is not None:
+            raise SandboxError("session already started")
+        self._runtime = get_runtime(self._cache_dir)
+        self._instance = self._boot()
+        return self
+
+    def close(self) -> None:
+        if self._instance is not None:
+            self._instance.close()
+            self._instance = None
+
+    def __enter__(self) -> ReplSession:
+        if self._instance is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- context and state --------------------------------------------------------
+    def load_context(self, paths: Sequence[Path | str], kind: Literal["str", "list"]) -> None:
+        """Load UTF-8 files as `context`: one `str` (kind "str", one path) or a
+        `list[str]` in path order (kind "list"). Each file is copied once,
+        straight from the file into guest memory."""
+        files = [Path(p) for p in paths]
+        if kind not in ("str", "list"):
+            raise ValueError(f"kind must be 'str' or 'list', got {kind!r}")
+        if kind == "str" and len(files) != 1:
+            raise ValueError(f"kind 'str' needs exactly one path, got {len(files)}")
+        if len({f.resolve().parent for f in files}) > 1:
+            raise ValueError("all context files must be in one directory")
+        sizes = []
+        for file in files:
+            if not file.is_file():
+                raise ValueError(f"context file {file} does not exist or is not a regular file")
+            sizes.append(file.stat().st_size)
+        self._load_context(files, sizes, kind)
+        self._context = (files, sizes, kind)
+
+    def snapshot(self) -> Snapshot:
+        """Pickle the user globals (context by reference); also kept as the
+        state to fall back to after a trap."""
+        result = self._admin(["snapshot"])
+        snap = Snapshot(data=bytes(result["data"]), saved=list(result["saved"]),
+                        unsaved=sorted(result["unsaved"]), unsaved_reasons=dict(result["unsaved"]))
+        self._last_snapshot = snap.data
+        return snap
+
+    def restore(self, data: bytes) -> None:
+        """Replace the user globals with a snapshot's (load_context first if
+        the snapshot refers to `context`)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"restore() needs the snapshot bytes, got {type(data).__name__}")
+        self._admin(["restore", bytes(data)])
+        self._last_snapshot = bytes(data)
+
+    # -- cells -----------------------------------------------------------------------
+    def run_cell(self, code: str) -> CellResult:
+        """Run one cell against the persistent globals; never raises for the
+        cell's own errors or limits (those are in the result)."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be str, got {type(code).__name__}")
+        instance = self._require()
+        notes: list[str] = []
+        restarted = False
+        if self._needs_restart:
+            restarted = True
+            reason = "the previous cell was interrupted on the host side"
+            notes += [reason, self._restart(reason)]
+            instance = self._require()
+        limits = self.limits
+        began = time.perf_counter()
+        instance.output.reset()
+        instance.send(["exec", code, limits.cell_timeout_s, limits.output_chars],
+                      limits.cell_timeout_s)
+        event = self._pump(instance, limits.cell_timeout_s)
+        duration = time.perf_counter() - began
+        text, dropped = instance.output.take()
+        full_output = text
+        if dropped:
+            full_output += f"\n... [full output truncated: {dropped:,} more chars]"
+        output, cut = cap_output(text, dropped, limits.output_chars)
+        result = CellResult(output=output, full_output=full_output, error=None, traceback=None,
+                            value_repr=None, duration_s=duration, restarted=restarted)
+        if cut:
+            result.limit = LimitHit("output", limits.output_chars,
+                                    f"output cut to {limits.output_chars:,} chars "
+                                    f"({cut:,} more chars not shown)")
+        if event.kind == "done":
+            payload = event.payload
+            result.error = payload.get("error")
+            result.traceback = payload.get("traceback")
+            result.value_repr = payload.get("value_repr")
+            result.restored_names = list(payload.get("restored") or [])
+            if payload.get("error_type") == "MemoryError":
+                result.limit = LimitHit("memory", limits.memory_bytes,
+                                        f"the cell ran out of memory (cap {limits.memory_bytes:,} "
+                                        "bytes); free large variables or process in chunks")
+            if result.restored_names:
+                notes.append("the cell overwrote protected name(s) "
+                             f"{', '.join(result.restored_names)}; they were restored")
+        else:
+            if event.timed_out:
+                message = (f"the cell ran longer than {limits.cell_timeout_s:g} s and was stopped")
+                result.limit = LimitHit("timeout", limits.cell_timeout_s, message)
+                result.error = f"TimeoutError: {message}"
+            else:
+                message = str(event.payload)
+                result.limit = LimitHit("trap", 0, message)
+                result.error = f"SandboxCrash: {message}"
+            result.restarted = True
+            notes.append(message)
+            notes.append(self._restart(message))
+        if notes:
+            suffix = "".join(f"\n[sandbox: {note}]" for note in notes)
+            result.output += suffix
+            result.full_output += suffix
+        log.debug("sandbox_cell", seconds=round(duration, 4), error=result.error,
+                  limit=result.limit.kind if result.limit else None)
+        return result
+
+    # -- internals -------------------------------------------------------------------
+    def _require(self) -> GuestInstance:
+        if self._instance is None:
+            raise SandboxError("session not started: call start() first (or use `with`)")
+        return self._instance
+
+    def _boot(self) -> GuestInstance:
+        output = OutputCollector(self.limits.full_output_chars)
+        try:
+            instance = GuestInstance(self._runtime, self.limits.memory_bytes, output)
+        except Exception as exc:
+            raise SandboxError(f"the sandbox failed to instantiate: {exc}") from exc
+        try:
+            instance.boot(self.limits.admin_timeout_s, self.limits.hang_grace_s)
+        except Exception as exc:
+            instance.close()
+            raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
+        self._instance = instance
+        self._admin(["setup", sorted(self._host_functions)])
+        return instance
+
+    def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
+        sources = [FileSource(f, s) for f, s in zip(files, sizes)]
+        result = self._admin(["load_context", kind, sizes], sources)
+        if result.get("error"):
+            raise SandboxError(f"loading the context failed: {result['error']}")
+
+    def _restart(self, reason: str) -> str:
+        """Boot a fresh instance and bring back context and the last snapshot."""
+        log.warning("sandbox_restart", reason=reason)
+        old, self._instance = self._instance, None
+        if old is not None:
+            old.close()
+        self._needs_restart = False
+        self._boot()
+        if self._context is not None:
+            self._load_context(*self._context)
+        if self._last_snapshot is not None:
+            self._admin(["restore", self._last_snapshot])
+            return "the REPL was restarted and its state restored from the last snapshot"
+        return "the REPL was restarted; no snapshot existed, so earlier variables are gone"
+
+    def _admin(self, message: list[Any], sources: list[Any] | None = None) -> dict[str, Any]:
+        instance = self._require()
+        if self._needs_restart:
+            self._restart("the previous cell was interrupted on the host side")
+            instance = self._require()
+        instance.send(message, self.limits.admin_timeout_s, sources)
+        event = self._pump(instance, self.limits.admin_timeout_s)
+        if event.kind != "done":
+            reason = "deadline" if event.timed_out else event.payload
+            self._needs_restart = True
+            raise SandboxError(f"the sandbox died during {message[0]}: {reason}")
+        payload = event.payload
+        if isinstance(payload, dict) and payload.get("error") and message[0] != "load_context":
+            raise SandboxError(f"{message[0]} failed in the guest: {payload['error']}")
+        return payload
+
+    def _pump(self, instance: GuestInstance, timeout_s: float) -> Event:
+        """Serve host-function calls until the command finishes or the guest dies."""
+        hard_deadline = time.monotonic() + timeout_s + self.limits.hang_grace_s
+        while True:
+            try:
+                event = instance.wait(max(hard_deadline - time.monotonic(), 0.0))
+            except HungGuest:
+                instance.abort()
+                return Event("dead", "hung", timed_out=True)
+            if event.kind == "done" and not isinstance(event.payload, dict):
+                instance.abort()
+                return Event("dead", "the guest broke the host-call protocol (bad result)")
+            if event.kind != "call":
+                return event
+            called = time.monotonic()
+            try:
+                answer = self._call_host(*event.payload)
+            except BaseException:
+                # Cancellation or similar: the guest is mid-cell; drop it.
+                instance.abort()
+                self._needs_restart = True
+                raise
+            try:
+                instance.reply(answer)
+            except CodecError as exc:
+                instance.reply(["err", f"host function {event.payload[0]!r} returned a value "
+                                       f"that cannot be sent to the sandbox: {exc}"])
+            hard_deadline += time.monotonic() - called
+
+    def _call_host(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+        fn = self._host_functions.get(name)
+        if fn is None:
+            return ["err", f"{name}() is not available: the host registered no such function"]
+        try:
+            return ["ok", fn(*args, **kwargs)]
+        except Exception as exc:
+            log.info("sandbox_host_function_failed", name=name, error=repr(exc))
+            return ["err", f"{name}() failed on the host: {type(exc).__name__}: {exc}"]

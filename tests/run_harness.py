@@ -1,0 +1,83 @@
+"""Helpers for tests that drive real runs: a real worker in this process (or
+in a subprocess), the real Temporal dev server and S3 server from the session
+fixtures, and the scripted model server reached through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from activities.context_store import ContextStore
+from activities.llm import ModelRegistry
+from activities.settings import Settings
+from worker import build_worker, connect
+from workflows.budget import Caps
+from workflows.names import WORKFLOW_RLM_RUN
+from workflows.refs import ContextRef
+from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
+
+ROOT = "fake-root"
+SUB = "fake-sub"
+
+
+def isolated(settings: Settings) -> Settings:
+    """The session's settings with a task queue of this test's own."""
+    return settings.model_copy(update={"task_queue": f"test-{uuid.uuid4().hex[:10]}"})
+
+
+def request(
+    question: str,
+    context: ContextRef,
+    *,
+    caps: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    models: ModelChoice | None = None,
+) -> RunRequest:
+    return RunRequest(
+        question=question,
+        context=context,
+        models=models or ModelChoice(root=ROOT, sub=SUB),
+        caps=Caps(**(caps or {})),
+        limits=RunLimits(**({"cell_timeout_s": 20.0} | (limits or {}))),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIterator[Client]:
+    """A real worker (workflow + activities) on `settings.task_queue`."""
+    client = await connect(settings)
+    worker, pool = build_worker(client, settings, models=models)
+    try:
+        async with worker:
+            yield client
+    finally:
+        pool.close()
+
+
+async def start(client: Client, settings: Settings, req: RunRequest, workflow_id: str | None = None) -> WorkflowHandle:
+    return await client.start_workflow(
+        WORKFLOW_RLM_RUN,
+        req,
+        id=workflow_id or f"test-run-{uuid.uuid4().hex[:10]}",
+        task_queue=settings.task_queue,
+        result_type=RunResult,
+    )
+
+
+async def run(client: Client, settings: Settings, req: RunRequest, timeout_s: float = 120.0) -> RunResult:
+    handle = await start(client, settings, req)
+    return await asyncio.wait_for(handle.result(), timeout_s)
+
+
+def put_context(contexts: ContextStore, value: str | list[str]) -> ContextRef:
+    return contexts.put_value(value)
+
+
+def repl(code: str) -> str:
+    """A root-model reply made of one ```repl``` block."""
+    return f"Let me look.\n```repl\n{code.strip()}\n```\n"

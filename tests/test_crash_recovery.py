@@ -1,0 +1,114 @@
+"""Kill -9 the worker in the middle of a cell that waits on sub-calls: a new
+worker finishes the run with the same answer, and no model call that had
+completed is made again (counted at the model server)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from temporalio.api.enums.v1 import EventType
+
+from tests.fixtures_llm import models_json
+from tests.run_harness import ROOT, SUB, isolated, repl, request
+from worker import connect
+from workflows.names import WORKFLOW_RLM_RUN
+from workflows.request import RunResult
+
+REPO = Path(__file__).resolve().parent.parent
+ITEMS = 40
+HELD_FROM = 20  # items >= this wait at the model server until after the kill
+
+
+def _start_worker(settings, fake_url: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_LOG_JSON": "1"}
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+
+
+async def _completed_llm_calls(handle) -> int:
+    history = await handle.fetch_history()
+    scheduled = {
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_call"
+    }
+    return sum(
+        1
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+    )
+
+
+def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, context_store, llm, tmp_path):
+    ctx = context_store.put_value("item list")
+    expected = sum(range(ITEMS))
+    held = threading.Event()
+    llm.add_rule(
+        "Turn 1 of",
+        repl(f"r = llm_query_batched([f'item {{i}}' for i in range({ITEMS})])\nprint('total', sum(int(x) for x in r))"),
+        model=ROOT,
+        name="turn1",
+    )
+    llm.add_rule(lambda r: f"total {expected}" in r.last_user_text, f"FINAL({expected})", model=ROOT, name="final")
+    llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, name="fast")
+    llm.add_rule(
+        lambda r: int(r.last_user_text.split()[-1]) >= HELD_FROM,
+        lambda r: r.last_user_text.split()[-1],
+        model=SUB,
+        name="held",
+        hold=held,
+    )
+    s = isolated(settings)
+    log_path = tmp_path / "workers.log"
+    first = _start_worker(s, llm.url, log_path)
+    second = None
+    try:
+
+        async def until_killed():
+            client = await connect(s)
+            handle = await client.start_workflow(
+                WORKFLOW_RLM_RUN, request("total?", ctx), id=f"crash-{os.getpid()}-{id(s)}",
+                task_queue=s.task_queue, result_type=RunResult,
+            )
+            await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 90.0)
+            while await _completed_llm_calls(handle) < HELD_FROM:
+                await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+            return handle.id
+
+        workflow_id = asyncio.run(until_killed())
+        completed_before = {r.last_user_text for r in llm.requests(SUB) if r.matched_rule.name == "fast"}
+        assert len(completed_before) == HELD_FROM
+        held.set()
+        second = _start_worker(s, llm.url, log_path)
+
+        async def finish() -> RunResult:
+            client = await connect(s)
+            return await asyncio.wait_for(client.get_workflow_handle(workflow_id, result_type=RunResult).result(), 120)
+
+        result = asyncio.run(finish())
+    finally:
+        held.set()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+    assert result.status == "completed", (result.reason, log_path.read_text()[-3000:])
+    assert result.answer == str(expected)
+    prompts = [r.last_user_text for r in llm.requests(SUB)]
+    for prompt in completed_before:
+        assert prompts.count(prompt) == 1, f"completed call {prompt!r} was made again"
+    assert all(prompts.count(f"item {i}") in (1, 2) for i in range(ITEMS))
+    assert llm.count("turn1") == 1
+    assert llm.count("final") == 1

@@ -1,0 +1,341 @@
+"""Model calls through real litellm against the scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from activities._litellm_setup import litellm
+from activities.llm import (
+    Completion,
+    MissingApiKeyError,
+    ModelConfigError,
+    ModelRegistry,
+    ModelSpec,
+    UnknownModelError,
+    complete,
+    estimate_tokens,
+    to_application_error,
+)
+from tests.fake_llm import FakeLLM
+from tests.fixtures_llm import (
+    FAKE_API_KEY_ENV,
+    FAKE_USD_PER_INPUT_TOKEN,
+    FAKE_USD_PER_OUTPUT_TOKEN,
+    fake_registry,
+    models_json,
+)
+
+
+def ask(spec: ModelSpec, prompt: str, **kwargs) -> Completion:
+    return asyncio.run(complete(spec, [{"role": "user", "content": prompt}], **kwargs))
+
+
+def failure(spec: ModelSpec, prompt: str, **kwargs) -> ApplicationError:
+    with pytest.raises(Exception) as caught:
+        ask(spec, prompt, **kwargs)
+    return to_application_error(caught.value)
+
+
+@pytest.fixture
+def root(llm: FakeLLM) -> ModelSpec:
+    return fake_registry(llm).resolve("fake-root")
+
+
+def test_completion_returns_text_usage_and_cost_from_overrides(llm: FakeLLM, root: ModelSpec) -> None:
+    llm.add_rule("capital of France", "The capital of France is Paris.", name="paris")
+
+    reply = ask(root, "What is the capital of France?")
+
+    assert reply.text == "The capital of France is Paris."
+    assert reply.model == "fake-root"
+    assert reply.finish_reason == "stop"
+    assert not reply.usage_estimated
+    sent = llm.requests()[0]
+    assert reply.prompt_tokens == max(1, len(sent.all_text) // 4) + 3  # as the server reported
+    assert reply.completion_tokens == len(reply.text) // 4
+    expected = reply.prompt_tokens * FAKE_USD_PER_INPUT_TOKEN + reply.completion_tokens * FAKE_USD_PER_OUTPUT_TOKEN
+    assert reply.usd == pytest.approx(expected)
+    assert llm.count("paris") == 1
+    assert sent.model == "fake-root"
+    assert sent.headers["Authorization"] == "Bearer test-key"
+    assert sent.body["max_tokens"] == 1024  # the spec's max output: what a budget reserves
+
+
+def test_stop_sequences_and_max_tokens_reach_the_server(llm: FakeLLM) -> None:
+    spec = fake_registry(llm, stop=["\nUser:"]).resolve("fake-sub")
+    llm.add_rule(None, "```repl\nprint(1)\n```\nUser: REPL output: 1\nAssistant: FINAL(1)")
+
+    reply = ask(spec, "go")
+    assert reply.text == "```repl\nprint(1)\n```"
+    assert llm.requests()[-1].body["stop"] == ["\nUser:"]
+
+    cut = ask(spec, "go", max_tokens=2, stop=[])
+    assert "stop" not in llm.requests()[-1].body
+    assert cut.finish_reason == "length" and len(cut.text) == 8
+
+
+def test_content_null_is_an_empty_reply(llm: FakeLLM, root: ModelSpec) -> None:
+    llm.add_rule(None, None)
+    reply = ask(root, "say nothing")
+    assert reply.text == ""
+    assert reply.completion_tokens == 0
+    assert reply.prompt_tokens > 0 and not reply.usage_estimated
+
+
+def test_missing_usage_is_estimated_and_still_priced(llm: FakeLLM, root: ModelSpec) -> None:
+    llm.add_rule(None, "word " * 200, usage=False)
+    reply = ask(root, "count " * 400)
+    assert reply.usage_estimated
+    assert 350 <= reply.prompt_tokens <= 450
+    assert 150 <= reply.completion_tokens <= 250
+    assert reply.usd == pytest.approx(
+        reply.prompt_tokens * FAKE_USD_PER_INPUT_TOKEN + reply.completion_tokens * FAKE_USD_PER_OUTPUT_TOKEN
+    )
+
+
+CONTEXT_MESSAGE = "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens."
+
+
+def _error_body(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
+@pytest.mark.parametrize(
+    ("status", "reply", "headers", "error_type", "non_retryable", "delay_s"),
+    [
+        (401, "Incorrect API key provided.", None, "ModelAuthError", True, None),
+        (403, "You may not use this model.", None, "ModelAuthError", True, None),
+        (404, "The model `fake-root` does not exist.", None, "ModelNotFound", True, None),
+        (400, CONTEXT_MESSAGE, None, "ContextWindowExceeded", True, None),
+        (400, _error_body("prompt too long", "context_length_exceeded"), None, "ContextWindowExceeded", True, None),
+        (400, _error_body("rejected by our safety system", "content_policy_violation"), None,
+         "ContentPolicyViolation", True, None),
+        (400, "Unrecognized request argument supplied: foo", None, "ModelBadRequest", True, None),
+        (429, "Rate limit reached, slow down.", {"Retry-After": "7"}, "ModelRateLimited", False, 7.0),
+        (429, "You exceeded your current quota, please check your plan.", None, "ModelQuotaExceeded", True, None),
+        (500, "The server had an error.", None, "ModelServerError", False, None),
+        (503, "Overloaded.", {"retry-after-ms": "1500"}, "ModelServerError", False, 1.5),
+    ],
+)
+def test_provider_errors_map_to_temporal_errors(
+    llm: FakeLLM, root: ModelSpec, status, reply, headers, error_type, non_retryable, delay_s
+) -> None:
+    llm.add_rule(None, reply, status=status, headers=headers)
+
+    error = failure(root, "hello")
+
+    assert error.type == error_type
+    assert error.non_retryable is non_retryable
+    expected_delay = None if delay_s is None else timedelta(seconds=delay_s)
+    assert error.next_retry_delay == expected_delay
+    assert "model 'fake-root'" in error.message and "\n" not in error.message
+    assert llm.count() == 1, "litellm / the OpenAI SDK must not retry on their own"
+
+
+def test_wrong_key_is_an_auth_error_that_never_shows_the_key(
+    llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLM_TEST_WRONG_KEY", "sk-wrong-secret-0123456789")
+    spec = fake_registry(llm, api_key_env="RLM_TEST_WRONG_KEY").resolve("fake-root")
+    error = failure(spec, "hello")
+    assert error.type == "ModelAuthError" and error.non_retryable
+    assert "sk-wrong-secret" not in error.message and "sk-wrong-secret" not in json.dumps(error.details, default=str)
+
+
+def test_slow_model_times_out_retryably(llm: FakeLLM, root: ModelSpec) -> None:
+    release = threading.Event()
+    llm.add_rule(None, "late", hold=release)
+    try:
+        error = failure(root, "hello", timeout_s=0.3)
+    finally:
+        release.set()
+    assert error.type == "ModelTimeout" and not error.non_retryable
+
+
+def test_unreachable_server_is_a_retryable_connection_error(llm: FakeLLM) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    spec = fake_registry(f"http://127.0.0.1:{closed_port}/v1").resolve("fake-root")
+    error = failure(spec, "hello")
+    assert error.type == "ModelConnectionError" and not error.non_retryable
+
+
+def test_unmatched_prompt_fails_loudly_naming_the_prompt(llm: FakeLLM, root: ModelSpec) -> None:
+    error = failure(root, "a prompt nobody scripted")
+    assert error.type == "ModelServerError"
+    assert "no rule matches" in error.message and "a prompt nobody scripted" in error.message
+
+
+def test_unknown_model_name_is_non_retryable_and_says_how_to_add_one(llm: FakeLLM) -> None:
+    registry = fake_registry(llm)
+    with pytest.raises(UnknownModelError) as caught:
+        registry.resolve("no-such-model")
+    error = to_application_error(caught.value)
+    assert error.type == "UnknownModel" and error.non_retryable
+    assert "'no-such-model'" in error.message
+    assert "fake-root, fake-sub" in error.message and "RLM_MODELS_JSON" in error.message
+
+
+def test_litellm_model_names_resolve_without_configuration() -> None:
+    spec = ModelRegistry().resolve("gpt-4o-mini")
+    assert spec.litellm_model == "gpt-4o-mini"
+    assert ModelRegistry().resolve("openai/any-deployment").litellm_model == "openai/any-deployment"
+
+
+def test_missing_key_env_var_fails_before_any_request(llm: FakeLLM) -> None:
+    spec = fake_registry(llm, api_key_env="RLM_TEST_UNSET_KEY").resolve("fake-root")
+    llm.add_rule(None, "never sent")
+    with pytest.raises(MissingApiKeyError) as caught:
+        ask(spec, "hello")
+    error = to_application_error(caught.value)
+    assert error.type == "MissingApiKey" and error.non_retryable
+    assert "RLM_TEST_UNSET_KEY" in error.message
+    assert llm.count() == 0
+
+
+def test_provider_default_key_is_checked_by_litellm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    registry = ModelRegistry()
+    with pytest.raises(MissingApiKeyError, match="OPENAI_API_KEY"):
+        registry.check_credentials(registry.resolve("gpt-4o-mini"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    registry.check_credentials(registry.resolve("gpt-4o-mini"))
+
+
+def test_local_server_without_key_needs_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeLLM() as local:  # a keyless local server, like llama.cpp
+        local.add_rule(None, "hi from local")
+        spec = ModelSpec(name="qwen", litellm_model="openai/qwen-local", api_base=local.url)
+        ModelRegistry([spec]).check_credentials(spec)
+        reply = ask(spec, "hello")
+    assert reply.text == "hi from local"
+    assert reply.usd == 0.0 and reply.prompt_tokens > 0  # unknown price: free, tokens still counted
+
+
+def test_two_hundred_concurrent_requests_are_in_flight_at_once(llm: FakeLLM, root: ModelSpec) -> None:
+    release = threading.Event()
+    rule = llm.add_rule(re.compile(r"item \d+"), lambda r: "echo " + r.last_user_text, hold=release)
+
+    def release_when_all_arrived() -> None:
+        llm.wait_for_count(200, rule, timeout_s=60)
+        release.set()
+
+    releaser = threading.Thread(target=release_when_all_arrived)
+    releaser.start()
+
+    async def fan_out() -> list[Completion]:
+        calls = [complete(root, [{"role": "user", "content": f"item {i}"}]) for i in range(200)]
+        return await asyncio.gather(*calls)
+
+    started = time.monotonic()
+    try:
+        replies = asyncio.run(fan_out())
+    finally:
+        release.set()
+        releaser.join()
+    elapsed = time.monotonic() - started
+    assert [r.text for r in replies] == [f"echo item {i}" for i in range(200)]
+    assert llm.count(rule) == 200
+    print(f"\n200 concurrent calls through litellm: {elapsed:.2f} s")
+
+
+def test_known_model_is_priced_from_the_litellm_cost_map(llm: FakeLLM) -> None:
+    prices = litellm.model_cost["gpt-4o-mini"]
+    info = ModelRegistry().info("gpt-4o-mini")
+    assert info.usd_per_input_token == prices["input_cost_per_token"] > 0
+    assert info.usd_per_output_token == prices["output_cost_per_token"] > 0
+    assert info.context_window == prices["max_input_tokens"]
+    assert info.max_output_tokens == prices["max_output_tokens"]
+
+    # The real price list applied to a real reply; the scripted server stands in for OpenAI.
+    llm.add_rule(None, "priced " * 50)
+    spec = ModelSpec(name="mini", litellm_model="openai/gpt-4o-mini", api_base=llm.url, api_key_env=FAKE_API_KEY_ENV)
+    reply = ask(spec, "price me " * 100)
+    expected = reply.prompt_tokens * info.usd_per_input_token + reply.completion_tokens * info.usd_per_output_token
+    assert reply.usd == pytest.approx(expected) and reply.usd > 0
+
+
+def test_unknown_models_get_default_window_and_zero_price() -> None:
+    info = ModelRegistry([ModelSpec(name="x", litellm_model="openai/x-local")]).info("x")
+    assert (info.context_window, info.max_output_tokens) == (128_000, 4096)
+    assert (info.usd_per_input_token, info.usd_per_output_token) == (0.0, 0.0)
+    overridden = ModelSpec(name="y", litellm_model="gpt-4o-mini", usd_per_input_token=0.5, context_window=1000)
+    info = ModelRegistry([overridden]).info("y")
+    assert info.usd_per_input_token == 0.5 and info.context_window == 1000
+    assert info.usd_per_output_token == litellm.model_cost["gpt-4o-mini"]["output_cost_per_token"]
+
+
+def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
+    models_file = tmp_path / "models.json"
+    old = [{"name": "fake-root", "litellm_model": "openai/old"}, {"name": "a", "litellm_model": "b/c"}]
+    models_file.write_text(json.dumps({"models": old}))
+    registry = ModelRegistry.from_env({"RLM_MODELS_FILE": str(models_file), "RLM_MODELS_JSON": models_json(llm.url)})
+    assert registry.names == ["a", "fake-root", "fake-sub"]
+    assert registry.resolve("fake-root").litellm_model == "openai/fake-root"  # inline wins
+    assert registry.info("fake-sub").usd_per_output_token == FAKE_USD_PER_OUTPUT_TOKEN
+    assert ModelRegistry.from_env({}).names == []
+
+
+@pytest.mark.parametrize(
+    ("inline", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"models": {"name": "x"}}', "expected"),
+        ('{"models": [{"name": "x"}]}', "model #0: litellm_model: Field required"),
+        ('{"models": [{"name": "x", "litellm_model": "y", "api_key": "sk-1"}]}', "api_key_env"),
+        ('{"models": [{"name": "x", "litellm_model": "y", "api_key_env": "sk-123"}]}', "variable NAME"),
+    ],
+)
+def test_bad_model_configuration_names_the_problem(inline: str, expected: str) -> None:
+    with pytest.raises(ModelConfigError, match="RLM_MODELS_JSON") as caught:
+        ModelRegistry.from_env({"RLM_MODELS_JSON": inline})
+    assert expected in str(caught.value)
+
+
+def test_models_file_that_cannot_be_read_is_named(tmp_path) -> None:
+    with pytest.raises(ModelConfigError, match="RLM_MODELS_FILE=.*missing.json"):
+        ModelRegistry.from_env({"RLM_MODELS_FILE": str(tmp_path / "missing.json")})
+
+
+def test_estimate_tokens_counts_text_and_messages_fast_for_huge_text() -> None:
+    spec = ModelSpec(name="m", litellm_model="gpt-4o-mini")
+    assert 90 <= estimate_tokens(spec, "hello world " * 50) <= 110
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world " * 50}]
+    assert estimate_tokens(spec, messages) > estimate_tokens(spec, "hello world " * 50)
+    huge = "x" * 4_000_000
+    assert estimate_tokens(spec, huge) == 1_000_000
+    assert estimate_tokens(spec, [{"role": "user", "content": huge}]) >= 1_000_000
+
+
+def test_other_failures_are_retryable_and_application_errors_pass_through() -> None:
+    error = to_application_error(RuntimeError("socket exploded\nsecond line"))
+    assert error.type == "ModelCallFailed" and not error.non_retryable and "\n" not in error.message
+    original = ApplicationError("already mapped", type="X", non_retryable=True)
+    assert to_application_error(original) is original
+
+
+def test_fake_server_scripting_rules(llm: FakeLLM, root: ModelSpec) -> None:
+    llm.add_rule(None, "fallback", name="any")
+    llm.add_rule(lambda r: r.model == "fake-root" and "twice" in r.last_user_text, "first two", times=2, name="t")
+    llm.add_rule(re.compile(r"SECRET-\d+"), lambda r: {"choices": [], "object": "chat.completion"}, name="raw")
+
+    assert [ask(root, "say it twice").text for _ in range(3)] == ["first two", "first two", "fallback"]
+    assert (llm.count("t"), llm.count("any"), llm.count()) == (2, 1, 3)
+    error = failure(root, "the SECRET-42 code")  # a full-body override with no choices
+    assert error.type == "MalformedReply" and not error.non_retryable
+    assert llm.requests()[-1].matched_rule.name == "raw"
+    assert [r.model for r in llm.requests(model="fake-root")] == ["fake-root"] * 4
+    with urllib.request.urlopen(llm.url + "/models", timeout=5) as listing:
+        assert [m["id"] for m in json.load(listing)["data"]] == ["fake-root", "fake-sub"]

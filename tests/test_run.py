@@ -1,0 +1,215 @@
+"""End-to-end runs: real worker, Temporal dev server, S3 server and WASM REPL;
+the models are the scripted server reached through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, repl, request, run, running_worker, start
+from workflows.run import RLMRun
+
+NEEDLE = "ORCHID-8528"
+
+
+def haystack(chars: int, needle_at: float, seed: int = 7) -> str:
+    rng = random.Random(seed)
+    words = ["alpha", "ledger", "invoice", "river", "copper", "audit", "stone", "vendor", "quarter"]
+    lines, size = [], 0
+    while size < chars:
+        line = " ".join(rng.choice(words) for _ in range(12))
+        lines.append(line)
+        size += len(line) + 1
+    lines.insert(int(len(lines) * needle_at), f"The secret code is {NEEDLE}.")
+    return "\n".join(lines)
+
+
+def test_needle_in_multi_mb_context_with_batched_subcalls(settings, context_store, llm):
+    text = haystack(3_000_000, needle_at=0.71)
+    ctx = context_store.put_value(text)
+    chunk = 400_000
+    n_chunks = -(-len(text) // chunk)
+    llm.add_rule(
+        "Turn 1 of",
+        repl(
+            f"""
+chunks = [context[i:i + {chunk}] for i in range(0, len(context), {chunk})]
+answers = llm_query_batched([f"Find the secret code. Reply NONE if absent.\\n{{c}}" for c in chunks])
+found = [a for a in answers if a != "NONE"]
+print(len(chunks), found)
+"""
+        ),
+        model=ROOT,
+        name="turn1",
+    )
+    llm.add_rule(lambda r: NEEDLE in r.last_user_text, f"The code is found.\nFINAL({NEEDLE})", model=ROOT, name="final")
+    llm.add_rule(None, lambda r: NEEDLE if NEEDLE in r.last_user_text else "NONE", model=SUB, name="sub")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm, context_window=1_000_000)) as client:
+            handle = await start(client, s, request("What is the secret code?", ctx))
+            result = await asyncio.wait_for(handle.result(), 120)
+            history = await handle.fetch_history()
+            return result, history
+
+    result, history = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == NEEDLE
+    assert result.turns == 2
+    assert llm.count("sub") == n_chunks
+    assert result.usage.by_model[SUB].calls == n_chunks
+    assert result.usage.by_model[ROOT].calls == 2
+    assert result.spend.calls == n_chunks + 2
+    assert result.spend.usd > 0
+    # The REPL output that reached the root model holds exactly one hit.
+    second = [r for r in llm.requests(ROOT) if r.matched_rule and r.matched_rule.name == "final"][0]
+    assert f"{n_chunks} ['{NEEDLE}']" in second.last_user_text
+    # The context itself never reached the root model.
+    assert all("alpha ledger" not in r.all_text and len(r.all_text) < 50_000 for r in llm.requests(ROOT))
+    # Replaying the recorded history with today's code raises no non-determinism.
+    asyncio.run(_replay(history))
+
+
+async def _replay(history: WorkflowHistory) -> None:
+    replayer = Replayer(workflows=[RLMRun], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+
+
+@pytest.mark.parametrize("where", ["code", "text"])
+def test_final_var(settings, context_store, llm, where):
+    ctx = context_store.put_value("numbers: 3 4 5")
+    if where == "code":
+        llm.add_rule("Turn 1 of", repl('total = sum(int(x) for x in context.split()[1:])\nFINAL_VAR("total")'), model=ROOT)
+    else:
+        llm.add_rule("Turn 1 of", repl("total = sum(int(x) for x in context.split()[1:])\nprint('computed')"), model=ROOT)
+        llm.add_rule("computed", "The variable holds it.\nFINAL_VAR(total)", model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("sum?", ctx))
+
+    result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == "12"
+
+
+def test_final_in_code_ends_after_cell_and_final_in_plan_is_ignored(settings, context_store, llm):
+    ctx = context_store.put_value("the answer is blue")
+    llm.add_rule(
+        "Turn 1 of",
+        "I will call FINAL(answer) once I know.\n" + repl("word = context.split()[-1]\nprint(word)\nFINAL(word.upper())"),
+        model=ROOT,
+    )
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("colour?", ctx))
+
+    result = asyncio.run(go())
+    assert result.answer == "BLUE"
+    assert result.turns == 1
+
+
+def test_malformed_replies_get_a_nudge(settings, context_store, llm):
+    ctx = context_store.put_value("some text")
+    llm.add_rule("Turn 1 of", None, model=ROOT, name="null")  # content: null
+    llm.add_rule(lambda r: "no ```repl```" in r.last_user_text and "Turn 2 of" in r.last_user_text,
+                 "I am thinking about it.", model=ROOT, name="prose")
+    llm.add_rule("Turn 3 of", "FINAL(done)", model=ROOT, name="final")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q?", ctx))
+
+    result = asyncio.run(go())
+    assert result.status == "completed"
+    assert result.answer == "done"
+    assert [llm.count(n) for n in ("null", "prose", "final")] == [1, 1, 1]
+
+
+def test_max_turns_asks_once_for_a_final_answer(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    llm.add_rule(None, repl("print(len(context))"), model=ROOT, name="loop")
+    llm.add_rule(re.compile(r"turn limit"), "FINAL(best guess)", model=ROOT, name="last")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q?", ctx, caps={"max_turns": 2}))
+
+    result = asyncio.run(go())
+    assert result.status == "max_turns"
+    assert result.answer == "best guess"
+    assert llm.count("loop") == 2 and llm.count("last") == 1
+    # The final request is a user message, never an assistant one.
+    last = [r for r in llm.requests(ROOT)][-1]
+    assert last.messages[-1]["role"] == "user"
+
+
+def test_cell_timeout_is_reported_and_repl_goes_on(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    # Two cells: the state of the first survives the second being stopped.
+    llm.add_rule("Turn 1 of", repl("kept = 41") + repl("while True:\n    pass"), model=ROOT)
+    llm.add_rule("Turn 2 of", repl("print(kept + 1)"), model=ROOT)
+    llm.add_rule(lambda r: "42" in r.last_user_text and "Turn 3 of" in r.last_user_text, "FINAL(42)", model=ROOT, name="ok")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q?", ctx, limits={"cell_timeout_s": 1.0}))
+
+    result = asyncio.run(go())
+    assert result.answer == "42", result
+    turn2 = [r for r in llm.requests(ROOT) if "Turn 2 of" in r.last_user_text][0]
+    assert "time" in turn2.last_user_text.lower()
+
+
+def test_model_errors(settings, context_store, llm):
+    """A sub-call error is a string for that item; a root-model auth error ends the run clearly."""
+    ctx = context_store.put_value("abc")
+    llm.add_rule("Turn 1 of", repl('print(llm_query_batched(["good", "bad"]))'), model=ROOT)
+    llm.add_rule(lambda r: "Error" in r.last_user_text, "FINAL(saw error)", model=ROOT, name="final")
+    llm.add_rule("good", "fine", model=SUB)
+    llm.add_rule("bad", "this request is malformed", status=400, model=SUB)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            first = await run(client, s, request("q?", ctx))
+            shown = [r.last_user_text for r in llm.requests(ROOT)][-1]
+            llm.reset()
+            llm.add_rule(None, "key revoked", status=401, model=ROOT)
+            second = await run(client, s, request("q?", ctx))
+            return first, second, shown
+
+    first, second, shown = asyncio.run(go())
+    assert first.answer == "saw error"
+    assert "'fine'" in shown and "Error" in shown and "malformed" in shown
+    assert second.status == "failed"
+    assert "fake-root" in (second.reason or "")
+
+
+def test_unknown_model_fails_before_any_call(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    s = isolated(settings)
+    from workflows.request import ModelChoice
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q?", ctx, models=ModelChoice(root="no-such-model-xyz")))
+
+    result = asyncio.run(go())
+    assert result.status == "failed"
+    assert "no-such-model-xyz" in (result.reason or "")
+    assert llm.count() == 0

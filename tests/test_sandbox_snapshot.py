@@ -1,0 +1,137 @@
+"""Snapshots, restore, the compiled-module cache and the runtime pin (real wasmtime)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import _runtime
+
+LIMITS = SandboxLimits(cell_timeout_s=2.0, memory_bytes=512 * 1024**2)
+
+
+@pytest.fixture()
+def context_files(tmp_path):
+    docs = [tmp_path / "d0.txt", tmp_path / "d1.txt"]
+    docs[0].write_text("alpha " * 200_000, encoding="utf-8")  # 1.2 MB
+    docs[1].write_text("beta", encoding="utf-8")
+    return docs
+
+
+def fresh(context_files, **kwargs):
+    session = ReplSession(limits=LIMITS, **kwargs).start()
+    session.load_context(context_files, "list")
+    return session
+
+
+def test_round_trip_keeps_values_functions_classes_and_live_globals(context_files):
+    with fresh(context_files) as first:
+        first.run_cell(
+            "import re, collections\n"
+            "rate = 2\n"
+            "def scaled(x):\n    return x * rate\n"
+            "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+            "    def twice(self):\n        return scaled(self.v)\n"
+            "box = Box(5)\n"
+            "shared = [1, 2]\nalias = shared\n"
+            "counts = collections.Counter('abca')\n"
+            "pattern = re.compile('a+')\n"
+            "first_doc = context[0]\n"
+            "whole = context\n"
+            "times = lambda y: y * rate\n"
+        )
+        snap = first.snapshot()
+    assert snap.unsaved == [] and "scaled" in snap.saved and "context" not in snap.saved
+    # The 1.2 MB document is referenced, not copied into the snapshot.
+    assert len(snap.data) < 20_000
+    with fresh(context_files) as second:
+        second.restore(snap.data)
+        result = second.run_cell(
+            "rate = 10\n"  # a global rebound after restore must be seen by the functions
+            "(scaled(3), box.twice(), times(2), alias is shared, counts['a'],\n"
+            " pattern.match('aaab').group(), first_doc is context[0], whole is context)")
+        assert result.error is None, result.traceback
+        assert result.value_repr == "(30, 50, 20, True, 2, 'aaa', True, True)"
+
+
+def test_unsaved_names_are_listed_with_reasons(context_files):
+    with fresh(context_files) as session:
+        session.run_cell("gen = (i for i in range(3))\nkept = {'a': 1}\n"
+                         "def uses_gen():\n    return next(gen)\n")
+        snap = session.snapshot()
+        assert snap.unsaved == ["gen", "uses_gen"]
+        assert "generator" in snap.unsaved_reasons["gen"]
+        assert snap.saved == ["kept"]
+    with fresh(context_files) as other:
+        other.restore(snap.data)
+        assert other.run_cell("kept").value_repr == "{'a': 1}"
+        assert other.run_cell("gen").error.startswith("NameError")
+
+
+def test_restore_replaces_existing_user_state(context_files):
+    with fresh(context_files) as session:
+        session.run_cell("keep = 1")
+        snap = session.snapshot()
+        session.run_cell("keep = 2\nextra = 3")
+        session.restore(snap.data)
+        assert session.run_cell("keep").value_repr == "1"
+        assert session.run_cell("extra").error.startswith("NameError")
+        assert session.run_cell("callable(llm_query) and len(context)").value_repr == "2"
+
+
+def test_restore_needs_the_context_loaded_first(context_files):
+    with fresh(context_files) as session:
+        session.run_cell("doc = context[1]")
+        snap = session.snapshot()
+    with ReplSession(limits=LIMITS) as bare:
+        with pytest.raises(SandboxError, match="load the context"):
+            bare.restore(snap.data)
+
+
+def test_restore_rejects_foreign_bytes(context_files):
+    with fresh(context_files) as session:
+        with pytest.raises(SandboxError, match="not a REPL snapshot"):
+            session.restore(b"definitely not a snapshot")
+        assert session.run_cell("1 + 1").value_repr == "2"
+
+
+def test_trap_restores_last_snapshot_automatically(context_files):
+    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("def f():\n    return total\ntotal = 1")
+        session.snapshot()
+        session.run_cell("total = 2  # not in any snapshot")
+        dead = session.run_cell("import os\nos._exit(7)")
+        assert dead.restarted and dead.limit.kind == "trap" and "exit" in dead.limit.message
+        assert "restored from the last snapshot" in dead.output
+        assert session.run_cell("f(), len(context)").value_repr == "(1, 2)"
+
+
+def test_compiled_module_is_cached_on_disk(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(_runtime.CACHE_DIR_ENV, str(cache))
+    assert _runtime.default_cache_dir() == cache
+    first = _runtime.get_runtime()
+    assert first.compiled_now and first.module_path.parent == cache
+    assert first.module_path.name.endswith(f"{_runtime.cache_key()}.cwasm")
+    assert first.bytecode_dir is not None and first.bytecode_dir.parent == cache
+    assert (first.bytecode_dir / "rlm_driver.pyc").is_file()
+    # Both published by rename; no temporary files are left behind.
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [first.module_path.name, first.bytecode_dir.name])
+    _runtime.clear_memory_cache()
+    second = _runtime.get_runtime(cache)
+    assert not second.compiled_now
+    with ReplSession(limits=LIMITS, cache_dir=cache) as session:
+        assert session.run_cell("6 * 7").value_repr == "42"
+        # The guest runs the precompiled driver from the read-only bytecode dir.
+        assert session.run_cell("import rlm_driver\nrlm_driver.__file__").value_repr == \
+            "'/rlm/pyc/rlm_driver.pyc'"
+
+
+def test_runtime_file_with_wrong_hash_is_refused(monkeypatch):
+    monkeypatch.setattr(_runtime, "PINNED_WASM_SHA256", "0" * 64)
+    monkeypatch.setattr(_runtime, "_verified_wasm", set())
+    with pytest.raises(SandboxError, match="refusing to run"):
+        _runtime.verified_wasm_path()

@@ -1,0 +1,151 @@
+"""The embedded-service launcher against the real binaries, each test with
+its own data dir and ports (independent of the session's servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from activities.object_store import ObjectStore
+from activities.settings import Settings
+from cli import services
+from cli._ports import port_is_free
+from cli._process import PidRecord, write_pid_file
+from cli.main import main
+from tests.fixtures_services import isolated_settings
+from workflows.names import SEARCH_ATTRIBUTES
+
+
+def _all_ports(settings: Settings) -> list[int]:
+    ports = [settings.temporal_port, settings.temporal_ui_port, settings.temporal_http_port, settings.s3_port]
+    return ports + [settings.seaweed_port_base + i for i in range(9)]
+
+
+def _outside_ip() -> str | None:
+    """This machine's non-loopback address, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
+            ip = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.fixture
+def private(tmp_path: Path):
+    """Settings for a private pair; whatever a test starts is stopped after it."""
+    settings = isolated_settings(tmp_path / "data")
+    yield settings
+    services.down(settings, timeout=5)
+
+
+def test_up_status_down_restart_keeps_data(private: Settings) -> None:
+    first = services.up(private)
+    assert first.healthy, first
+    assert first.temporal.pid and first.s3.pid
+    assert first.ui_url == f"http://127.0.0.1:{private.temporal_ui_port}"
+    with urllib.request.urlopen(first.ui_url, timeout=5) as response:
+        assert response.status == 200
+
+    creds = private.data_dir / "s3-credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    store = ObjectStore.from_settings(private)
+    store.check()  # the bucket exists
+    store.put_bytes("survives/restart", b"kept")
+
+    # The search attributes are registered on the namespace.
+    url = f"http://127.0.0.1:{private.temporal_http_port}/api/v1/namespaces/default/search-attributes"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        custom = json.load(response)["customAttributes"]
+    assert set(SEARCH_ATTRIBUTES) <= set(custom)
+
+    # Every port is bound to loopback only.
+    outside = _outside_ip()
+    if outside is not None:
+        for port in (private.temporal_port, private.s3_port, private.temporal_ui_port):
+            with pytest.raises(OSError), socket.create_connection((outside, port), timeout=1):
+                pass
+
+    again = services.up(private)
+    assert (again.temporal.pid, again.s3.pid) == (first.temporal.pid, first.s3.pid)
+
+    assert sorted(services.down(private)) == ["s3", "temporal"]
+    after = services.status(private)
+    assert not after.temporal.running and not after.s3.running and not after.healthy
+    assert all(port_is_free("127.0.0.1", p) for p in _all_ports(private))
+    assert not list((private.data_dir / "run").glob("*.pid"))
+    assert services.down(private) == []
+
+    restarted = services.up(private)
+    assert restarted.healthy
+    assert ObjectStore.from_settings(private).get_bytes("survives/restart") == b"kept"
+
+
+def test_temporal_port_taken_names_port_and_setting(private: Settings) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", private.temporal_port))
+        blocker.listen()
+        with pytest.raises(services.LauncherError) as caught:
+            services.up(private)
+    message = str(caught.value)
+    assert str(private.temporal_port) in message and "RLM_TEMPORAL_ADDRESS" in message
+    assert not services.status(private).s3.running
+
+
+def test_s3_port_taken_stops_what_was_started(private: Settings) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", private.s3_port))
+        blocker.listen()
+        with pytest.raises(services.LauncherError, match="RLM_S3_ENDPOINT"):
+            services.up(private)
+    status = services.status(private)
+    assert not status.temporal.running and not status.s3.running
+    assert port_is_free("127.0.0.1", private.temporal_port)
+
+
+def test_stale_pid_files_are_replaced(private: Settings) -> None:
+    run_dir = private.data_dir / "run"
+    run_dir.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # One pid is gone; the other is alive but is not our server (pid reuse).
+    write_pid_file(run_dir / "temporal.pid", PidRecord(pid=dead.pid, argv=["temporal"], ports={}, log_file=""))
+    write_pid_file(run_dir / "s3.pid", PidRecord(pid=os.getpid(), argv=["weed"], ports={}, log_file=""))
+
+    before = services.status(private)
+    assert "stale pid file" in before.temporal.detail and not before.s3.running
+
+    status = services.up(private)
+    assert status.healthy
+    assert status.s3.pid != os.getpid() and status.temporal.pid != dead.pid
+
+
+def test_up_refuses_remote_addresses(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path, temporal_address="10.1.2.3:7233")
+    with pytest.raises(services.LauncherError, match="127.0.0.1 only"):
+        services.up(settings)
+
+
+def test_cli_status_reports_session_services(settings: Settings, monkeypatch, capsys) -> None:
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert main(["status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["healthy"] and report["data_dir"] == str(settings.data_dir)
+    assert report["temporal"]["address"] == settings.temporal_address
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RLM_S3_ENDPOINT", "http://127.0.0.1:9000")
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid settings: RLM_S3_ENDPOINT") and "Traceback" not in err

@@ -1,0 +1,28 @@
+"""Stable names: other services start runs and find them by these strings.
+
+Changing one breaks running workflows and external callers; add, never rename.
+"""
+
+WORKFLOW_RLM_RUN = "RLMRun"
+TASK_QUEUE_DEFAULT = "rlm"
+
+ACTIVITY_RESOLVE_MODELS = "resolve_models"
+ACTIVITY_ROOT_TURN = "root_turn"
+ACTIVITY_RUN_CELL = "run_cell"
+ACTIVITY_LLM_CALL = "llm_call"
+ACTIVITY_PUT_VALUE = "put_value"
+
+UPDATE_SUBCALLS = "subcalls"
+UPDATE_SET_CAPS = "set_caps"
+UPDATE_CANCEL = "cancel"
+SIGNAL_CANCEL = "cancel"
+QUERY_PROGRESS = "progress"
+
+# Search attributes registered on the embedded server (`rlm up`) and set by
+# RLMRun; production clusters register them once with
+# `temporal operator search-attribute create`.
+SEARCH_ATTRIBUTES = {
+    "RlmDepth": "Int",
+    "RlmRootRunId": "Keyword",
+    "RlmStatus": "Keyword",
+}

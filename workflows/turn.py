@@ -1,0 +1,265 @@
+"""The turn loop of a run: ask the root model, run its cells, feed back.
+
+Kept apart from workflows/run.py (handlers, result) so each reads on its own.
+Ends by returning `(status, reason, answer)` or raising `RunEnded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.budget import Refusal, actual, worst_case
+    from workflows.parsing import parse_reply
+    from workflows.prompts import (
+        CellReport,
+        ContextMeta,
+        final_request_message,
+        first_user_message,
+        nudge_message,
+        stop_sequences,
+        system_prompt,
+        turn_message,
+    )
+    from workflows.refs import BlobRef
+    from workflows.request import ModelUsage, RunRequest, RunStatus
+    from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
+    from workflows.subcalls import MODEL_CALL_HEARTBEAT_TIMEOUT, MODEL_CALL_RETRY, error_text, estimate_tokens
+
+if TYPE_CHECKING:
+    from workflows.run import RLMRun
+
+# run_cell heartbeats every second; a dead worker is noticed after this.
+CELL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+CELL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=4)
+# Sub-calls inside a cell may take long (children are whole runs).
+CELL_START_TO_CLOSE = timedelta(hours=6)
+
+Outcome = tuple[RunStatus, "str | None", "str | None"]
+
+
+class RunEnded(Exception):
+    """Raised inside the loop to end the run at once with a given status."""
+
+    def __init__(self, status: RunStatus, reason: str | None, answer: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.answer = answer
+
+
+class TurnDriver:
+    def __init__(self, run: RLMRun, request: RunRequest) -> None:
+        self._run = run
+        self._req = request
+        self._root_model = request.models.root_at(request.depth)
+        self._info = run._models[self._root_model]
+        self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
+        self._cancel_requested = False
+        self._cell_task: asyncio.Task | None = None
+        resume = request.resume
+        self.snapshot_key: str | None = resume.snapshot_key if resume else None
+        self.transcript_key: str | None = None
+        self.answer_ref: BlobRef | None = None
+        self._pending: list[dict[str, str]] = (
+            [{"role": "user", "content": resume.pending_user_message}] if resume else self._opening()
+        )
+        # Tokens the next root call will send: last prompt + reply + new text.
+        self._prompt_tokens = estimate_tokens(sum(len(m["content"]) for m in self._pending))
+
+    def _opening(self) -> list[dict[str, str]]:
+        req = self._req
+        meta = ContextMeta.from_ref(req.context)
+        system = system_prompt(
+            self._info.prompt_profile,
+            can_recurse=True,  # rlm_query exists at every depth; at the cap it falls back
+            sub_models=req.models.allowed(),
+            max_depth_reached=req.caps.max_depth < 1,
+        )
+        first = first_user_message(req.question, meta, turn=1, max_turns=req.caps.max_turns)
+        return [{"role": "system", "content": system}, {"role": "user", "content": first}]
+
+    def check_start(self) -> Refusal | None:
+        """Refuse a run whose budget cannot pay for its first root call."""
+        if self._req.resume is not None:
+            return None
+        first = worst_case(
+            self._prompt_tokens, self._max_out, self._info.usd_per_input_token, self._info.usd_per_output_token
+        )
+        return self._run._ledger.check_start(est_first_call=first, now=workflow.now())
+
+    def cancel(self) -> None:
+        self._cancel_requested = True
+        if self._cell_task is not None:
+            self._cell_task.cancel()
+
+    # -- the loop ------------------------------------------------------------
+    async def loop(self) -> Outcome:
+        run = self._run
+        while True:
+            if self._cancel_requested:
+                return "cancelled", run._cancel_reason, None
+            refusal = run._ledger.reserve_turn(workflow.now())
+            if refusal is not None:
+                return await self._last_word(refusal)
+            run._turn += 1
+            run._phase = "thinking"
+            reply = await self._root_call(self._pending)
+            if reply is None:
+                return "budget_exhausted", "the budget cannot pay for another root turn", None
+            parsed = parse_reply(reply)
+            reports: list[CellReport] = []
+            final: str | None = None
+            failed = False
+            for index, code in enumerate(parsed.code_blocks):
+                cell = await self._run_cell(f"t{run._turn}c{index + 1}", code)
+                reports.append(_report(code, cell))
+                failed = failed or cell.error is not None or cell.limit is not None
+                if cell.final is not None:
+                    final = cell.final
+                    break
+                if self._cancel_requested:
+                    return "cancelled", run._cancel_reason, None
+            if final is None and parsed.final is not None and not (parsed.code_blocks and failed):
+                final = await self._resolve_final(parsed.final.kind, parsed.final.value, reports)
+            if final is not None:
+                return "completed", None, final
+            max_turns = max(run._ledger.caps.max_turns, 1)
+            # After the last turn this output goes with the request for a final answer.
+            turn = min(run._turn + 1, max_turns)
+            if reports:
+                self._pending = [{"role": "user", "content": turn_message(reports, turn=turn, max_turns=max_turns, question=self._req.question)}]
+            else:
+                reason = "your reply had no ```repl``` code block and no FINAL(...) answer"
+                self._pending = [{"role": "user", "content": nudge_message(turn=turn, max_turns=max_turns, reason=reason)}]
+
+    async def _last_word(self, refusal: Refusal) -> Outcome:
+        """Ask once for a final answer when turns or budget run out."""
+        run = self._run
+        status: RunStatus = "max_turns" if refusal.cap == "turns" else "budget_exhausted"
+        reason = "max_turns" if refusal.cap == "turns" else "budget"
+        self._pending = self._pending + [{"role": "user", "content": final_request_message(reason=reason)}]
+        run._phase = "final answer"
+        reply = await self._root_call(self._pending, count_turn=False)
+        if reply is None:
+            return status, refusal.message, None
+        parsed = parse_reply(reply)
+        if parsed.final is not None and parsed.final.kind == "answer":
+            return status, refusal.message, parsed.final.value
+        if parsed.final is not None:
+            value = await self._resolve_final("var", parsed.final.value, [])
+            return status, refusal.message, value
+        return status, refusal.message, parsed.text.strip() or None
+
+    async def _resolve_final(self, kind: str, value: str, reports: list[CellReport]) -> str | None:
+        if kind == "answer":
+            return value
+        # FINAL_VAR outside code: the variable lives in the REPL, read it there.
+        cell = await self._run_cell(f"t{self._run._turn}v", f"FINAL_VAR({value!r})")
+        if cell.final is None:
+            reports.append(_report(f"FINAL_VAR({value!r})", cell))
+        return cell.final
+
+    # -- steps ---------------------------------------------------------------
+    async def _root_call(self, append: list[dict[str, str]], count_turn: bool = True) -> str | None:
+        run = self._run
+        info = self._info
+        self._prompt_tokens += estimate_tokens(sum(len(m["content"]) for m in append))
+        call_id = f"root:{run._turn}" if count_turn else f"root:{run._turn}:final"
+        refusal = run._ledger.reserve(
+            call_id,
+            worst_case(self._prompt_tokens, self._max_out, info.usd_per_input_token, info.usd_per_output_token),
+            workflow.now(),
+        )
+        if refusal is not None:
+            return None
+        turn = run._turn if count_turn else run._turn + 1
+        try:
+            out: RootTurnOutput = await workflow.execute_activity(
+                names.ACTIVITY_ROOT_TURN,
+                RootTurnInput(
+                    workflow_id=workflow.info().workflow_id,
+                    turn=turn,
+                    model=self._root_model,
+                    append=append,
+                    max_tokens=self._max_out,
+                    stop=info.stop or stop_sequences(info.prompt_profile),
+                    transcript_prev_key=self.transcript_key,
+                ),
+                result_type=RootTurnOutput,
+                start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
+                retry_policy=MODEL_CALL_RETRY,
+                heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
+            )
+        except ActivityError as exc:
+            run._ledger.release(call_id)
+            raise RunEnded("failed", f"root model call failed: {error_text(exc)}") from exc
+        run._ledger.settle(call_id, actual(out.prompt_tokens, out.completion_tokens, out.usd))
+        run._usage.record(
+            self._root_model,
+            self._req.depth,
+            ModelUsage(calls=1, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens, usd=out.usd),
+        )
+        self.transcript_key = out.transcript_key
+        self._prompt_tokens = out.prompt_tokens + out.completion_tokens
+        return out.reply
+
+    async def _run_cell(self, cell_id: str, code: str) -> CellOutput:
+        run = self._run
+        run._phase = f"cell {cell_id}"
+        run._cells += 1
+        limits = self._req.limits
+        self._cell_task = asyncio.ensure_future(
+            workflow.execute_activity(
+                names.ACTIVITY_RUN_CELL,
+                CellInput(
+                    workflow_id=workflow.info().workflow_id,
+                    cell_id=cell_id,
+                    code=code,
+                    context=self._req.context,
+                    snapshot_key=self.snapshot_key,
+                    timeout_s=limits.cell_timeout_s,
+                    memory_mb=limits.cell_memory_mb,
+                    output_chars=limits.output_chars,
+                ),
+                result_type=CellOutput,
+                start_to_close_timeout=CELL_START_TO_CLOSE,
+                heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
+                retry_policy=CELL_RETRY,
+                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
+            )
+        )
+        try:
+            cell: CellOutput = await self._cell_task
+        except ActivityError as exc:
+            cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
+        except asyncio.CancelledError:
+            if self._cancel_requested:
+                return CellOutput(output="", error="cancelled")
+            raise
+        finally:
+            self._cell_task = None
+        if cell.snapshot_key:
+            self.snapshot_key = cell.snapshot_key
+        if cell.final_ref is not None:
+            self.answer_ref = cell.final_ref
+        return cell
+
+
+def _report(code: str, cell: CellOutput) -> CellReport:
+    preview = code if len(code) <= 400 else code[:400] + " ..."
+    return CellReport(
+        code_preview=preview,
+        output=cell.output,
+        error=cell.error,
+        limit=cell.limit,
+        restored_names=list(cell.restored_names),
+    )
+
