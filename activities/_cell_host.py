@@ -8,8 +8,11 @@ server and the workflow answer them from what already completed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 from typing import Any
+
+from temporalio import activity
 
 from activities.runtime import WorkerRuntime
 from workflows.names import UPDATE_SUBCALLS
@@ -20,6 +23,7 @@ from workflows.steps import SubcallBatch, SubcallItem, SubcallReply
 BATCH_INLINE_BUDGET = 512 * 1024
 # A child run's question travels inline: it is a question, not a document.
 MAX_QUESTION_CHARS = 64 * 1024
+WAIT_POLL_S = 0.5
 
 
 class CellHost:
@@ -83,10 +87,7 @@ class CellHost:
             ),
             self._rt.loop,
         )
-        try:
-            reply: SubcallReply = future.result()
-        except Exception as exc:
-            raise RuntimeError(f"sub-call refused: {_cause(exc)}") from None
+        reply = self._wait(future)
         self.subcalls += len(items)
         out = []
         for answer in reply.answers:
@@ -95,6 +96,19 @@ class CellHost:
             else:
                 out.append(answer.text if answer.text is not None else (answer.error or ""))
         return out
+
+    def _wait(self, future: concurrent.futures.Future) -> SubcallReply:
+        # Poll so a cancelled cell or a stopping worker never leaves this thread
+        # blocked on an update that will not be answered.
+        while True:
+            try:
+                return future.result(timeout=WAIT_POLL_S)
+            except concurrent.futures.TimeoutError:
+                if activity.is_cancelled() or activity.is_worker_shutdown():
+                    future.cancel()
+                    raise RuntimeError("the cell was cancelled") from None
+            except Exception as exc:
+                raise RuntimeError(f"sub-call refused: {_cause(exc)}") from None
 
     def _items(self, kind: str, texts: list[str], contexts: list[Any]) -> list[SubcallItem]:
         items, inline_total = [], 0

@@ -318,6 +318,10 @@ class ContextStore:
         if dest.is_dir() and sorted(os.listdir(dest)) == names:
             return [dest / name for name in names]
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            # Not what we write (changed by hand?): replace it rather than trust it.
+            log.warning("replacing unexpected materialized context", path=str(dest))
+            shutil.rmtree(dest, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=dest.parent))
         try:
             self._write_documents(ref, manifest, [tmp / name for name in names])

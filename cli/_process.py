@@ -7,6 +7,7 @@ something else" (a stale pid file) without trusting the number alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,10 +47,8 @@ def write_pid_file(path: Path, record: PidRecord) -> None:
 
 def _reap(pid: int) -> None:
     """Collect the exit status if `pid` is our child, so it is not a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def is_alive(record: PidRecord) -> bool:
@@ -60,7 +59,15 @@ def is_alive(record: PidRecord) -> bool:
     proc = Path(f"/proc/{record.pid}")
     if proc.parent.is_dir():  # Linux: check the command line, not only the pid
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[:-1]
+            raw = (proc / "cmdline").read_bytes()
+            # Just after exec the command line reads empty for a moment
+            # (kernel threads keep it empty): give a new process time.
+            for _ in range(40):
+                if raw:
+                    break
+                time.sleep(0.025)
+                raw = (proc / "cmdline").read_bytes()
+            cmdline = raw.split(b"\0")[:-1]
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False

@@ -70,7 +70,6 @@ def seaweed_spec(settings: Settings) -> ServiceSpec:
         f"-s3.port={port}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
-        f"-bucket={settings.s3_bucket}",
     ]
     argv += [f"-{flag}={p}" for flag, p in internal.items()]
 
@@ -82,8 +81,17 @@ def seaweed_spec(settings: Settings) -> ServiceSpec:
 
     def probe() -> str | None:
         try:
+            ObjectStore.from_settings(settings).check()
+        except StorageError as exc:
+            return str(exc)
+        return None
+
+    def ready() -> str | None:
+        # Bucket metadata answers before data can be written: a fresh
+        # server is ready once a small object goes in and comes back.
+        try:
             store = ObjectStore.from_settings(settings)
-            store.check()
+            store.ensure_bucket()
             store.probe_write()
         except StorageError as exc:
             return str(exc)
@@ -100,6 +108,7 @@ def seaweed_spec(settings: Settings) -> ServiceSpec:
         port_settings=port_settings,
         address=settings.s3_endpoint,
         probe=probe,
+        ready=ready,
         data_dir=state_dir,
         log_file=settings.data_dir / "logs" / "s3.log",
         pid_file=settings.data_dir / "run" / "s3.pid",

@@ -34,7 +34,9 @@ class ServiceSpec:
     address: str
     """What clients connect to, for `rlm status`."""
     probe: Callable[[], str | None]
-    """None when ready, else a short reason it is not (yet)."""
+    """None when the service answers, else a short reason; read-only."""
+    ready: Callable[[], str | None]
+    """Like probe, but may finish setup (create the bucket); used by `up`."""
     data_dir: Path
     """The service's own state directory (created before start)."""
     log_file: Path

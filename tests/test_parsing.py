@@ -178,6 +178,13 @@ def test_final_var_without_an_identifier_is_refused_with_a_note(reply):
     assert any("FINAL_VAR needs a variable name" in n for n in parsed.notes)
 
 
+def test_final_var_given_a_value_suggests_final():
+    # Seen from the 1.5B model after its regex printed the code.
+    parsed = parse_reply("FINAL_VAR(LOTUS-2962)")
+    assert parsed.final is None
+    assert any("reply FINAL(LOTUS-2962)" in n for n in parsed.notes)
+
+
 @pytest.mark.parametrize("reply", ["FINAL()", "FINAL(  )", 'FINAL("")'])
 def test_empty_final_is_refused(reply):
     parsed = parse_reply(reply)

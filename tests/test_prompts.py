@@ -206,6 +206,19 @@ def test_several_cells_with_error_limit_and_restored_names():
     assert text.count("printed nothing") == 1
 
 
+def test_per_turn_messages_do_not_offer_final_var():
+    # Measured with the 1.5B model: when turn messages offered FINAL_VAR it replied
+    # FINAL_VAR(LOTUS-2962) with the value and never finished (1/10 solved, 10/10 without).
+    texts = [
+        turn_message([], turn=2, max_turns=5, question="Q"),
+        turn_message([], turn=5, max_turns=5, question="Q"),
+        nudge_message(turn=2, max_turns=5, reason=REASON_NO_ACTION),
+        final_request_message(reason="max_turns"),
+        first_user_message("Q", ContextMeta("str", 1, 1, [1]), turn=1, max_turns=5),
+    ]
+    assert not any("FINAL_VAR" in t for t in texts)
+
+
 def test_last_turn_asks_for_the_answer():
     text = turn_message([], turn=5, max_turns=5, question="Q")
     assert "this is the last turn" in text and "REPL output" not in text

@@ -39,12 +39,25 @@ def _outside_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
+def _processes_using(data_dir: Path) -> list[int]:
+    """Pids of processes whose command line mentions `data_dir`."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(data_dir).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 @pytest.fixture
 def private(tmp_path: Path):
     """Settings for a private pair; whatever a test starts is stopped after it."""
     settings = isolated_settings(tmp_path / "data")
     yield settings
     services.down(settings, timeout=5)
+    assert _processes_using(settings.data_dir) == [], "a server outlived `rlm down`"
 
 
 def test_up_status_down_restart_keeps_data(private: Settings) -> None:
@@ -76,6 +89,14 @@ def test_up_status_down_restart_keeps_data(private: Settings) -> None:
 
     again = services.up(private)
     assert (again.temporal.pid, again.s3.pid) == (first.temporal.pid, first.s3.pid)
+    # Another bucket needs no restart: `up` reuses the servers and creates it.
+    other_bucket = private.model_copy(update={"s3_bucket": "second-bucket"})
+    assert services.up(other_bucket).s3.pid == first.s3.pid
+    ObjectStore.from_settings(other_bucket).check()
+    # Other ports while running: refused with the way out.
+    moved = private.model_copy(update={"temporal_ui_port": private.temporal_ui_port + 1})
+    with pytest.raises(services.LauncherError, match=f"--ui-port {moved.temporal_ui_port}.*rlm down"):
+        services.up(moved)
 
     assert sorted(services.down(private)) == ["s3", "temporal"]
     after = services.status(private)
@@ -108,7 +129,7 @@ def test_s3_port_taken_stops_what_was_started(private: Settings) -> None:
             services.up(private)
     status = services.status(private)
     assert not status.temporal.running and not status.s3.running
-    assert port_is_free("127.0.0.1", private.temporal_port)
+    assert _processes_using(private.data_dir) == []  # the Temporal it had started is gone
 
 
 def test_stale_pid_files_are_replaced(private: Settings) -> None:

@@ -267,7 +267,8 @@ def _find_final(chunk: str, notes: list[str]) -> FinalAnswer | None:
                 return FinalAnswer(kind="var", value=value)
             notes.append(
                 f"FINAL_VAR({inner.strip()}) was not taken: FINAL_VAR needs a variable name, "
-                "e.g. FINAL_VAR(result)."
+                f"e.g. FINAL_VAR(result). If {value or '...'} is the answer itself, reply "
+                f"FINAL({value or '...'})."
             )
             continue
         if not value:

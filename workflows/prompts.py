@@ -134,6 +134,7 @@ print(re.findall(r"secret code is:? *(\\S+)", context, re.I)[:10])
 ```
 User: REPL output:
 ['KX-4471']
+If the output answers the question, reply with FINAL(answer); otherwise write a new ```repl block.
 Assistant: FINAL(KX-4471)
 
 Tips: search with re (re.I ignores case) and print only short results; if nothing is found, \
@@ -145,12 +146,11 @@ Turn {turn} of {max_turns}. You have not looked at the context yet, so do not an
 start with a ```repl block that examines `context`."""
 
 _TURN_CONTINUE = """\
-Turn {turn} of {max_turns}. Continue with a ```repl block, or, if the output shows the answer, \
-reply with FINAL(answer) or FINAL_VAR(variable_name) on its own line."""
+Turn {turn} of {max_turns}. If the output above answers the question, reply with FINAL(answer) \
+on its own line; otherwise continue with a ```repl block."""
 
 _TURN_LAST = """\
-Turn {turn} of {max_turns}: this is the last turn. Answer now with FINAL(answer) or \
-FINAL_VAR(variable_name) on its own line."""
+Turn {turn} of {max_turns}: this is the last turn. Answer now with FINAL(answer) on its own line."""
 
 _NOTHING_PRINTED = "(the cell printed nothing: a bare expression shows nothing; use print(...))"
 
@@ -178,10 +178,11 @@ _FINAL_REQUEST = {
     "max_turns": "You have reached the turn limit, so no more code will run.",
     "budget": "The budget for this run is used up, so no more code or sub-calls will run.",
 }
+# FINAL_VAR is left out of per-turn messages on purpose: a 1.5B model that sees
+# it keeps answering FINAL_VAR(<the value>); the full system prompt explains it.
 _FINAL_REQUEST_TAIL = """\
- Reply now with your best final answer on its own line: FINAL(answer), or FINAL_VAR(variable_name) \
-for a variable you already built. If you are not sure, give your best answer and say what is \
-uncertain."""
+ Reply now with your best final answer on its own line: FINAL(answer). If you are not sure, \
+give your best answer and say what is uncertain."""
 
 
 @dataclass(frozen=True)

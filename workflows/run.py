@@ -47,6 +47,7 @@ class RLMRun:
         self._cells = 0
         self._cancel_reason: str | None = None
         self._driver: TurnDriver | None = None
+        self._loop_task: asyncio.Task | None = None
 
     # -- the run -------------------------------------------------------------
     @workflow.run
@@ -64,9 +65,14 @@ class RLMRun:
         refusal = self._driver.check_start()
         if refusal is not None:
             return self._result("budget_exhausted", f"budget too small to start: {refusal.message}", None)
+        if self._cancel_reason is not None:
+            return self._result("cancelled", self._cancel_reason, None)
+        # The loop runs as a task so a cancel signal can stop it at any await.
+        self._loop_task = asyncio.ensure_future(self._driver.loop())
         try:
-            status, reason, answer = await self._driver.loop()
+            status, reason, answer = await self._loop_task
         except asyncio.CancelledError:
+            # Cancelled by signal or by Temporal: end cleanly with a partial result.
             status, reason, answer = "cancelled", self._cancel_reason or "cancelled by request", None
         except RunEnded as ended:
             status, reason, answer = ended.status, ended.reason, ended.answer
@@ -147,5 +153,5 @@ class RLMRun:
     @workflow.signal(name=names.SIGNAL_CANCEL)
     def cancel(self, reason: str | None = None) -> None:
         self._cancel_reason = reason or "cancelled by request"
-        if self._driver:
-            self._driver.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()

@@ -16,7 +16,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
@@ -50,6 +50,14 @@ MODEL_CALL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 def estimate_tokens(chars: int) -> int:
     return chars // CHARS_PER_TOKEN + 16
+
+
+def raise_if_cancelled(exc: ActivityError | ChildWorkflowError) -> None:
+    """A step that failed because this run is being cancelled ends the run,
+    it is not an error to report to the model (the SDK turns the cancel of an
+    awaited activity or child into an ActivityError / ChildWorkflowError)."""
+    if isinstance(exc.cause, CancelledError):
+        raise asyncio.CancelledError() from exc
 
 
 def error_text(exc: BaseException) -> str:
@@ -143,10 +151,10 @@ class SubcallRouter:
                 self.open_calls -= 1
                 self.done_calls += 1
 
-    def _pick_model(self, batch: SubcallBatch) -> str | SubcallAnswer:
+    def _pick_model(self, batch: SubcallBatch, kind: str) -> str | SubcallAnswer:
         allowed = self._req.models.allowed()
         if batch.model is None:
-            if batch.kind == "rlm":
+            if kind == "rlm":
                 return self._req.models.root_at(self._req.depth + 1)
             return self._req.models.sub_model()
         if batch.model not in allowed:
@@ -159,7 +167,7 @@ class SubcallRouter:
     async def _llm_call(
         self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int
     ) -> SubcallAnswer:
-        model = self._pick_model(batch)
+        model = self._pick_model(batch, "llm")
         if isinstance(model, SubcallAnswer):
             return model
         info = self._models[model]
@@ -203,6 +211,7 @@ class SubcallRouter:
             )
         except ActivityError as exc:
             self._ledger.release(call_id)
+            raise_if_cancelled(exc)
             return SubcallAnswer(error=f"Error: {error_text(exc)}")
         self._ledger.settle(call_id, actual(out.prompt_tokens, out.completion_tokens, out.usd))
         self._usage.record(
@@ -213,7 +222,7 @@ class SubcallRouter:
         return SubcallAnswer(text=out.text, text_ref=out.text_ref)
 
     async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str) -> SubcallAnswer:
-        model = self._pick_model(batch)
+        model = self._pick_model(batch, "rlm")
         if isinstance(model, SubcallAnswer):
             return model
         info = workflow.info()
@@ -251,6 +260,7 @@ class SubcallRouter:
         except ChildWorkflowError as exc:
             # It reported nothing: count its whole slice, the most it could spend.
             self._ledger.child_settle(child_id, None)
+            raise_if_cancelled(exc)
             self.children.append(
                 ChildSummary(workflow_id=child_id, question=request.question[:200], status="failed", spend=Spend())
             )

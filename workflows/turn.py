@@ -6,7 +6,6 @@ Ends by returning `(status, reason, answer)` or raising `RunEnded`.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows.refs import BlobRef
     from workflows.request import ModelUsage, RunRequest, RunStatus
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
-    from workflows.subcalls import MODEL_CALL_HEARTBEAT_TIMEOUT, MODEL_CALL_RETRY, error_text, estimate_tokens
+    from workflows.subcalls import (
+        MODEL_CALL_HEARTBEAT_TIMEOUT,
+        MODEL_CALL_RETRY,
+        error_text,
+        estimate_tokens,
+        raise_if_cancelled,
+    )
 
 if TYPE_CHECKING:
     from workflows.run import RLMRun
@@ -62,8 +67,6 @@ class TurnDriver:
         self._root_model = request.models.root_at(request.depth)
         self._info = run._models[self._root_model]
         self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
-        self._cancel_requested = False
-        self._cell_task: asyncio.Task | None = None
         resume = request.resume
         self.snapshot_key: str | None = resume.snapshot_key if resume else None
         self.transcript_key: str | None = None
@@ -95,25 +98,18 @@ class TurnDriver:
         )
         return self._run._ledger.check_start(est_first_call=first, now=workflow.now())
 
-    def cancel(self) -> None:
-        self._cancel_requested = True
-        if self._cell_task is not None:
-            self._cell_task.cancel()
-
     # -- the loop ------------------------------------------------------------
     async def loop(self) -> Outcome:
         run = self._run
         while True:
-            if self._cancel_requested:
-                return "cancelled", run._cancel_reason, None
             refusal = run._ledger.reserve_turn(workflow.now())
             if refusal is not None:
                 return await self._last_word(refusal)
             run._turn += 1
             run._phase = "thinking"
             reply = await self._root_call(self._pending)
-            if reply is None:
-                return "budget_exhausted", "the budget cannot pay for another root turn", None
+            if isinstance(reply, Refusal):
+                return "budget_exhausted", reply.message, None
             parsed = parse_reply(reply)
             reports: list[CellReport] = []
             final: str | None = None
@@ -125,8 +121,6 @@ class TurnDriver:
                 if cell.final is not None:
                     final = cell.final
                     break
-                if self._cancel_requested:
-                    return "cancelled", run._cancel_reason, None
             if final is None and parsed.final is not None and not (parsed.code_blocks and failed):
                 final = await self._resolve_final(parsed.final.kind, parsed.final.value, reports)
             if final is not None:
@@ -148,7 +142,7 @@ class TurnDriver:
         self._pending = self._pending + [{"role": "user", "content": final_request_message(reason=reason)}]
         run._phase = "final answer"
         reply = await self._root_call(self._pending, count_turn=False)
-        if reply is None:
+        if isinstance(reply, Refusal):
             return status, refusal.message, None
         parsed = parse_reply(reply)
         if parsed.final is not None and parsed.final.kind == "answer":
@@ -168,7 +162,7 @@ class TurnDriver:
         return cell.final
 
     # -- steps ---------------------------------------------------------------
-    async def _root_call(self, append: list[dict[str, str]], count_turn: bool = True) -> str | None:
+    async def _root_call(self, append: list[dict[str, str]], count_turn: bool = True) -> str | Refusal:
         run = self._run
         info = self._info
         self._prompt_tokens += estimate_tokens(sum(len(m["content"]) for m in append))
@@ -179,7 +173,7 @@ class TurnDriver:
             workflow.now(),
         )
         if refusal is not None:
-            return None
+            return refusal
         turn = run._turn if count_turn else run._turn + 1
         try:
             out: RootTurnOutput = await workflow.execute_activity(
@@ -200,6 +194,7 @@ class TurnDriver:
             )
         except ActivityError as exc:
             run._ledger.release(call_id)
+            raise_if_cancelled(exc)
             raise RunEnded("failed", f"root model call failed: {error_text(exc)}") from exc
         run._ledger.settle(call_id, actual(out.prompt_tokens, out.completion_tokens, out.usd))
         run._usage.record(
@@ -216,8 +211,8 @@ class TurnDriver:
         run._phase = f"cell {cell_id}"
         run._cells += 1
         limits = self._req.limits
-        self._cell_task = asyncio.ensure_future(
-            workflow.execute_activity(
+        try:
+            cell: CellOutput = await workflow.execute_activity(
                 names.ACTIVITY_RUN_CELL,
                 CellInput(
                     workflow_id=workflow.info().workflow_id,
@@ -235,17 +230,9 @@ class TurnDriver:
                 retry_policy=CELL_RETRY,
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
             )
-        )
-        try:
-            cell: CellOutput = await self._cell_task
         except ActivityError as exc:
+            raise_if_cancelled(exc)
             cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
-        except asyncio.CancelledError:
-            if self._cancel_requested:
-                return CellOutput(output="", error="cancelled")
-            raise
-        finally:
-            self._cell_task = None
         if cell.snapshot_key:
             self.snapshot_key = cell.snapshot_key
         if cell.final_ref is not None:

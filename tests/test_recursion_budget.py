@@ -1,0 +1,255 @@
+"""Child runs at any depth, tiered models, and budget caps over the whole tree:
+real worker, Temporal, S3 and WASM; models scripted through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, repl, request, run, running_worker, start
+from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
+
+
+def _question(r) -> str:
+    m = re.search(r"Question: (\S+)", r.all_text)
+    return m.group(1) if m else ""
+
+
+def _script_levels(llm, deepest: int) -> None:
+    """Level k asks level k+1 with rlm_query and wraps its answer; the deepest
+    level answers from its own context."""
+    for k in range(deepest):
+        llm.add_rule(
+            lambda r, k=k: _question(r) == f"L{k}" and "Turn 1 of" in r.last_user_text,
+            repl(f'print("got", rlm_query("L{k + 1}", context="ctx-{k + 1}"))'),
+            model=ROOT,
+            name=f"ask{k}",
+        )
+        llm.add_rule(
+            lambda r, k=k: _question(r) == f"L{k}" and "got " in r.last_user_text,
+            lambda r, k=k: "FINAL(L%d(%s))" % (k, r.last_user_text.split("got ", 1)[1].split()[0]),
+            model=ROOT,
+            name=f"wrap{k}",
+        )
+    llm.add_rule(lambda r: _question(r) == f"L{deepest}", repl("FINAL(context.upper())"), model=ROOT, name="leaf")
+
+
+def _depths(children, depth=1):
+    out = []
+    for c in children:
+        out.append(depth)
+        out.extend(_depths(c.children, depth + 1))
+    return out
+
+
+def test_depth_three_tree(settings, context_store, llm):
+    ctx = context_store.put_value("root context")
+    _script_levels(llm, deepest=3)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("L0", ctx, caps={"max_depth": 3}))
+
+    result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == "L0(L1(L2(CTX-3)))"
+    assert _depths(result.children) == [1, 2, 3]
+    child = result.children[0]
+    assert child.workflow_id.startswith(f"{result.workflow_id}/d1-")
+    assert child.children[0].workflow_id.startswith(f"{child.workflow_id}/d2-")
+    assert sorted(result.usage.by_depth) == [0, 1, 2, 3]
+    # Each level's spend is inside its parent's; the root reports the tree.
+    assert result.spend.calls == llm.count() == 7
+
+
+def test_depth_cap_falls_back_to_llm_query(settings, context_store, llm):
+    ctx = context_store.put_value("root context")
+    llm.add_rule("Turn 1 of", repl('print("got", rlm_query("What colour?", context="the sky is teal"))'), model=ROOT)
+    llm.add_rule("got ", "FINAL(done)", model=ROOT)
+    llm.add_rule(None, "teal", model=SUB, name="sub")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx, caps={"max_depth": 0}))
+
+    result = asyncio.run(go())
+    assert result.status == "completed"
+    assert result.children == []
+    [sub] = llm.requests(SUB)
+    assert "What colour?" in sub.last_user_text and "the sky is teal" in sub.last_user_text
+
+
+def test_batch_of_children_runs_in_parallel_and_keeps_order(settings, context_store, llm):
+    ctx = context_store.put_value("root context")
+    release = threading.Event()
+    llm.add_rule(
+        "Turn 1 of",
+        repl('print("got", rlm_query_batched(["Ca", "Cb", "Cc"], contexts=["x", "yy", "zzz"]))'),
+        model=ROOT,
+    )
+    llm.add_rule(lambda r: "got " in r.last_user_text, lambda r: "FINAL(%s)" % r.last_user_text.split("got ", 1)[1].split("\n")[0], model=ROOT)
+    # Children answer only once all three are waiting: a serial batch would hang here.
+    llm.add_rule(lambda r: _question(r).startswith("C"), repl("FINAL(len(context))"), model=ROOT, name="child", hold=release)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("q", ctx, caps={"max_depth": 1}))
+            await asyncio.to_thread(llm.wait_for_count, 3, "child", 60)
+            release.set()
+            return await asyncio.wait_for(handle.result(), 60)
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        release.set()
+    assert result.answer == "['1', '2', '3']"
+    assert len(result.children) == 3
+
+
+def test_unknown_model_name_in_guest_is_an_error_string(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    llm.add_rule("Turn 1 of", repl('print(llm_query("hi", model="gpt-imaginary"))'), model=ROOT)
+    llm.add_rule("not configured", "FINAL(refused)", model=ROOT, name="saw")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx))
+
+    result = asyncio.run(go())
+    assert result.answer == "refused" and llm.count("saw") == 1
+    assert llm.requests(SUB) == []
+
+
+def _spend_script(llm, prompts: int) -> None:
+    llm.add_rule(None, repl(f"print(llm_query_batched(['p%d' % i for i in range({prompts})]))"), model=ROOT, name="root")
+    llm.add_rule(None, "ok", model=SUB, name="sub")
+
+
+def test_calls_cap_holds_for_the_tree(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    _spend_script(llm, prompts=5)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
+
+    result = asyncio.run(go())
+    assert result.status == "budget_exhausted"
+    assert "calls" in (result.reason or "")
+    assert result.spend.calls <= 4
+    assert llm.count() == result.spend.calls
+    # Refused items reached the model as explanations, not as a crash.
+    assert any("Budget:" in r.last_user_text for r in llm.requests(ROOT)) or result.spend.calls == 4
+
+
+def test_usd_and_token_caps_hold(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    _spend_script(llm, prompts=20)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            usd = await run(client, s, request("q", ctx, caps={"max_usd": 0.02}))
+            tokens = await run(client, s, request("q", ctx, caps={"max_tokens": 12_000}))
+            return usd, tokens
+
+    usd, tokens = asyncio.run(go())
+    assert usd.status == "budget_exhausted" and usd.spend.usd <= 0.02
+    assert "usd" in (usd.reason or "").lower() or "$" in (usd.reason or "")
+    assert tokens.status == "budget_exhausted" and tokens.spend.tokens <= 12_000
+    assert "token" in (tokens.reason or "").lower()
+
+
+def test_wall_time_cap(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    llm.add_rule(None, repl("print(llm_query('slow'))"), model=ROOT, name="root")
+    llm.add_rule(None, "late", model=SUB, delay_s=2.5)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx, caps={"max_wall_s": 2.0}))
+
+    result = asyncio.run(go())
+    assert result.status == "budget_exhausted"
+    assert "wall" in (result.reason or "").lower() or "time" in (result.reason or "").lower()
+    assert llm.count("root") == 1
+
+
+def test_budget_too_small_to_start(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx, caps={"max_tokens": 50}))
+
+    result = asyncio.run(go())
+    assert result.status == "budget_exhausted"
+    assert "too small to start" in (result.reason or "")
+    assert llm.count() == 0
+
+
+def test_raise_cap_mid_run_lets_it_finish_and_progress_is_visible(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    release = threading.Event()
+    llm.add_rule("Turn 1 of", repl("print(llm_query('wait'))"), model=ROOT)
+    llm.add_rule("Turn 2 of", repl("print(2)"), model=ROOT)
+    llm.add_rule("Turn 3 of", "FINAL(finished)", model=ROOT)
+    llm.add_rule(None, "ok", model=SUB, name="held", hold=release)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("q", ctx, caps={"max_calls": 3}))
+            await asyncio.to_thread(llm.wait_for_count, 1, "held", 60)
+            progress = await handle.query(QUERY_PROGRESS)
+            caps = await handle.execute_update(UPDATE_SET_CAPS, {"max_calls": 10})
+            release.set()
+            return progress, caps, await asyncio.wait_for(handle.result(), 60)
+
+    try:
+        progress, caps, result = asyncio.run(go())
+    finally:
+        release.set()
+    assert progress["turn"] == 1 and progress["open_subcalls"] == 1
+    assert progress["caps"]["max_calls"] == 3 and caps["max_calls"] == 10
+    assert result.status == "completed" and result.answer == "finished"
+    assert result.spend.calls == 4
+
+
+def test_cancel_mid_run_cancels_the_subtree(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    release = threading.Event()
+    llm.add_rule(lambda r: _question(r) == "top", repl('print(rlm_query("deep", context="x"))'), model=ROOT)
+    llm.add_rule(lambda r: _question(r) == "deep", repl("print(llm_query('wait'))"), model=ROOT)
+    llm.add_rule(None, "ok", model=SUB, name="held", hold=release)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("top", ctx, caps={"max_depth": 1}))
+            await asyncio.to_thread(llm.wait_for_count, 1, "held", 60)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            result = await asyncio.wait_for(handle.result(), 60)
+            child_id = next(
+                e.start_child_workflow_execution_initiated_event_attributes.workflow_id
+                for e in (await handle.fetch_history()).events
+                if e.HasField("start_child_workflow_execution_initiated_event_attributes")
+            )
+            child = await asyncio.wait_for(client.get_workflow_handle(child_id).result(), 60)
+            return result, child
+
+    try:
+        result, child = asyncio.run(go())
+    finally:
+        release.set()
+    assert result.status == "cancelled" and result.reason == "user stop"
+    assert child["status"] == "cancelled"
