@@ -15,6 +15,7 @@ from temporalio import activity
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, heartbeating, run_key
 from workflows.names import ACTIVITY_ROOT_TURN
+from workflows.parsing import parse_reply
 from workflows.prompts import merge_consecutive
 from workflows.steps import RootTurnInput, RootTurnOutput
 
@@ -50,7 +51,10 @@ class RootTurnActivity:
             "usd": reply.usd,
             "usage_estimated": reply.usage_estimated,
         }
-        record = {"messages": messages + [{"role": "assistant", "content": reply.text}], "result": result}
+        # The transcript keeps the reply as parsed: an invented "User:" turn
+        # that the parser cut must never be shown back to the model.
+        kept = parse_reply(reply.text).text
+        record = {"messages": messages + [{"role": "assistant", "content": kept}], "result": result}
         await asyncio.to_thread(self._rt.put_json, key, record)
         log.info(
             "root_turn.done",

@@ -123,9 +123,10 @@ def test_final_in_code_ends_after_cell_and_final_in_plan_is_ignored(settings, co
 def test_malformed_replies_get_a_nudge(settings, context_store, llm):
     ctx = context_store.put_value("some text")
     llm.add_rule("Turn 1 of", None, model=ROOT, name="null")  # content: null
-    llm.add_rule(lambda r: "no ```repl```" in r.last_user_text and "Turn 2 of" in r.last_user_text,
+    llm.add_rule(lambda r: "reply was empty" in r.last_user_text and "Turn 2 of" in r.last_user_text,
                  "I am thinking about it.", model=ROOT, name="prose")
-    llm.add_rule("Turn 3 of", "FINAL(done)", model=ROOT, name="final")
+    # An answer before any code ran is questioned once, then taken.
+    llm.add_rule(re.compile(r"Turn [34] of"), "FINAL(done)", model=ROOT, name="final")
     s = isolated(settings)
 
     async def go():
@@ -135,7 +136,8 @@ def test_malformed_replies_get_a_nudge(settings, context_store, llm):
     result = asyncio.run(go())
     assert result.status == "completed"
     assert result.answer == "done"
-    assert [llm.count(n) for n in ("null", "prose", "final")] == [1, 1, 1]
+    assert [llm.count(n) for n in ("null", "prose", "final")] == [1, 1, 2]
+    assert result.turns == 4
 
 
 def test_max_turns_asks_once_for_a_final_answer(settings, context_store, llm):

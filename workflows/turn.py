@@ -18,10 +18,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows.budget import Refusal, actual, worst_case
     from workflows.parsing import parse_reply
     from workflows.prompts import (
+        REASON_FINAL_BEFORE_LOOKING,
+        REASON_NO_ACTION,
         CellReport,
         ContextMeta,
         final_request_message,
         first_user_message,
+        missing_variable_reason,
         nudge_message,
         stop_sequences,
         system_prompt,
@@ -71,6 +74,7 @@ class TurnDriver:
         self.snapshot_key: str | None = resume.snapshot_key if resume else None
         self.transcript_key: str | None = None
         self.answer_ref: BlobRef | None = None
+        self._warned_unseen = False
         self._pending: list[dict[str, str]] = (
             [{"role": "user", "content": resume.pending_user_message}] if resume else self._opening()
         )
@@ -121,18 +125,29 @@ class TurnDriver:
                 if cell.final is not None:
                     final = cell.final
                     break
-            if final is None and parsed.final is not None and not (parsed.code_blocks and failed):
-                final = await self._resolve_final(parsed.final.kind, parsed.final.value, reports)
+            notes = list(parsed.notes)
+            if final is None and parsed.final is not None:
+                if parsed.code_blocks and failed:
+                    notes.append("Your FINAL was not taken because a cell of the same reply failed.")
+                elif run._cells == 0 and not self._warned_unseen:
+                    # Answering before looking is how small models guess; ask once.
+                    self._warned_unseen = True
+                    notes.append(REASON_FINAL_BEFORE_LOOKING)
+                else:
+                    final = await self._resolve_final(parsed.final.kind, parsed.final.value, reports, notes)
             if final is not None:
                 return "completed", None, final
-            max_turns = max(run._ledger.caps.max_turns, 1)
-            # After the last turn this output goes with the request for a final answer.
-            turn = min(run._turn + 1, max_turns)
-            if reports:
-                self._pending = [{"role": "user", "content": turn_message(reports, turn=turn, max_turns=max_turns, question=self._req.question)}]
-            else:
-                reason = "your reply had no ```repl``` code block and no FINAL(...) answer"
-                self._pending = [{"role": "user", "content": nudge_message(turn=turn, max_turns=max_turns, reason=reason)}]
+            self._pending = [{"role": "user", "content": self._next_message(reports, notes)}]
+
+    def _next_message(self, reports: list[CellReport], notes: list[str]) -> str:
+        run = self._run
+        max_turns = max(run._ledger.caps.max_turns, 1)
+        # After the last turn this output goes with the request for a final answer.
+        turn = min(run._turn + 1, max_turns)
+        if reports:
+            note = " ".join(notes) or None
+            return turn_message(reports, turn=turn, max_turns=max_turns, question=self._req.question, note=note)
+        return nudge_message(turn=turn, max_turns=max_turns, reason=" ".join(notes) or REASON_NO_ACTION)
 
     async def _last_word(self, refusal: Refusal) -> Outcome:
         """Ask once for a final answer when turns or budget run out."""
@@ -148,17 +163,19 @@ class TurnDriver:
         if parsed.final is not None and parsed.final.kind == "answer":
             return status, refusal.message, parsed.final.value
         if parsed.final is not None:
-            value = await self._resolve_final("var", parsed.final.value, [])
+            value = await self._resolve_final("var", parsed.final.value, [], [])
             return status, refusal.message, value
         return status, refusal.message, parsed.text.strip() or None
 
-    async def _resolve_final(self, kind: str, value: str, reports: list[CellReport]) -> str | None:
+    async def _resolve_final(
+        self, kind: str, value: str, reports: list[CellReport], notes: list[str]
+    ) -> str | None:
         if kind == "answer":
             return value
         # FINAL_VAR outside code: the variable lives in the REPL, read it there.
         cell = await self._run_cell(f"t{self._run._turn}v", f"FINAL_VAR({value!r})")
         if cell.final is None:
-            reports.append(_report(f"FINAL_VAR({value!r})", cell))
+            notes.append(missing_variable_reason(value))
         return cell.final
 
     # -- steps ---------------------------------------------------------------
