@@ -6,8 +6,6 @@ call is recorded under its call id, so a retry never pays for it twice.
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -40,10 +38,10 @@ class LlmCallActivity:
     @activity.defn(name=ACTIVITY_LLM_CALL)
     async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:
         key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
-        done = await asyncio.to_thread(self._rt.get_json, key)
+        done = await self._rt.recorded(key)
         if done is not None:
             return LlmCallOutput.model_validate(done)
-        prompt = await asyncio.to_thread(self._prompt, inp)
+        prompt = await self._rt.io(self._prompt, inp)
         try:
             spec = self._rt.models.resolve(inp.model)
             window = self._rt.models.info(inp.model).context_window
@@ -62,7 +60,7 @@ class LlmCallActivity:
             raise to_application_error(exc) from exc
         text, ref = reply.text, None
         if len(text.encode()) > inp.inline_limit:
-            ref = await asyncio.to_thread(self._rt.store.put_blob, text.encode())
+            ref = await self._rt.io(self._rt.store.put_blob, text.encode())
             text = None
         out = LlmCallOutput(
             text=text,
@@ -71,7 +69,7 @@ class LlmCallActivity:
             completion_tokens=reply.completion_tokens,
             usd=reply.usd,
         )
-        await asyncio.to_thread(self._rt.put_json, key, out.model_dump(mode="json"))
+        await self._rt.io(self._rt.put_json, key, out.model_dump(mode="json"))
         return out
 
     def _prompt(self, inp: LlmCallInput) -> str:

@@ -7,8 +7,6 @@ already completed and returns it instead of calling the model again.
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from temporalio import activity
 
@@ -29,13 +27,13 @@ class RootTurnActivity:
     @activity.defn(name=ACTIVITY_ROOT_TURN)
     async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
         key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
-        done = await asyncio.to_thread(self._rt.get_json, key)
+        done = await self._rt.recorded(key)
         if done is not None:
             log.info("root_turn.replayed", workflow_id=inp.workflow_id, turn=inp.turn)
             return RootTurnOutput.model_validate({**done["result"], "transcript_key": key})
         messages: list[dict[str, str]] = []
         if inp.transcript_prev_key:
-            prev = await asyncio.to_thread(self._rt.get_json, inp.transcript_prev_key)
+            prev = await self._rt.io(self._rt.get_json, inp.transcript_prev_key)
             messages = list(prev["messages"]) if prev else []
         messages = merge_consecutive(messages + list(inp.append))
         try:
@@ -55,7 +53,7 @@ class RootTurnActivity:
         # that the parser cut must never be shown back to the model.
         kept = parse_reply(reply.text).text
         record = {"messages": messages + [{"role": "assistant", "content": kept}], "result": result}
-        await asyncio.to_thread(self._rt.put_json, key, record)
+        await self._rt.io(self._rt.put_json, key, record)
         log.info(
             "root_turn.done",
             workflow_id=inp.workflow_id,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+import concurrent.futures
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client
@@ -34,6 +35,24 @@ class WorkerRuntime:
     models: ModelRegistry
     context_cache_dir: Path
     """Where contexts are written as files for the sandbox to read."""
+    io_pool: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rlm-io")
+    )
+    """Threads for blocking object-storage calls of async activities: sized for
+    a full batch of parallel sub-calls (asyncio's default pool has cores + 4)."""
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking storage call off the event loop."""
+        return await self.loop.run_in_executor(self.io_pool, fn, *args)
+
+    async def recorded(self, key: str) -> Any | None:
+        """The record a previous attempt of this activity left under `key`.
+
+        Only a retry can find one, so a first attempt skips the request.
+        """
+        if activity.info().attempt == 1:
+            return None
+        return await self.io(self.get_json, key)
 
     def get_json(self, key: str) -> Any | None:
         if not self.store.exists(key):

@@ -20,6 +20,7 @@ from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.object_store import ObjectStore
 from activities.settings import Settings
+from cli._errors import UserError
 from cli._progress import ProgressPrinter
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
@@ -31,7 +32,7 @@ log = structlog.get_logger(__name__)
 FIRST_CALL_PROMPT_TOKENS = 2_500
 
 
-class RunError(Exception):
+class RunError(UserError):
     """An expected failure, shown to the user as one line."""
 
 
@@ -54,7 +55,7 @@ class RunClient:
 
     @classmethod
     async def open(cls, settings: Settings, *, progress: ProgressPrinter | None, start_services: bool = True) -> RunClient:
-        if start_services:
+        if start_services and _embedded(settings):
             from cli import services
 
             await asyncio.to_thread(services.ensure_up, settings)
@@ -186,3 +187,10 @@ def _size(paths: list[Path]) -> str:
         elif p.exists():
             total += p.stat().st_size
     return f"{total / 1e6:.1f} MB"
+
+
+def _embedded(settings: Settings) -> bool:
+    """Both services on this machine: `rlm run` may start them itself."""
+    return all(
+        host in ("127.0.0.1", "localhost", "::1") for host in (settings.temporal_host, settings.s3_host)
+    )

@@ -13,8 +13,12 @@ import sys
 import uuid
 from pathlib import Path
 
-from cli._run_client import RunClient, RunOptions
+from typing import TYPE_CHECKING
+
 from cli._progress import ProgressPrinter
+
+if TYPE_CHECKING:  # the run client pulls in litellm and temporalio: import it when a run starts
+    from cli._run_client import RunClient, RunOptions
 
 __all__ = ["register"]
 
@@ -61,6 +65,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
+    from cli._run_client import RunOptions
+
     return RunOptions(
         question=args.question,
         context_paths=list(args.context),
@@ -81,6 +87,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def _cmd_run(args: argparse.Namespace, settings) -> int:
+    from cli._run_client import RunClient
+
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         result = await client.run(_options(args))
@@ -91,6 +99,8 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace, settings) -> int:
+    from cli._run_client import RunClient
+
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         workflow_id = await client.submit(_options(args))
@@ -102,6 +112,8 @@ def _cmd_submit(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_result(args: argparse.Namespace, settings) -> int:
+    from cli._run_client import RunClient
+
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), start_services=False)
         result = await client.result(args.run_id)
@@ -112,6 +124,8 @@ def _cmd_result(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace, settings) -> int:
+    from cli._run_client import RunClient
+
     async def go() -> int:
         client = await RunClient.open(settings, progress=None, start_services=False)
         await client.cancel(args.run_id, args.reason)

@@ -1,0 +1,103 @@
+"""`rlm run` / `rlm submit` / `rlm result` as a user runs them: a subprocess
+with RLM_* settings pointing at the session's servers, the scripted model
+server configured through RLM_MODELS_JSON, and a worker started in-process
+by `rlm run` because none polls the test's task queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.fixtures_llm import models_json
+from tests.run_harness import ROOT, SUB, isolated, repl
+
+
+def _rlm(settings, fake_url: str, *args: str, timeout: float = 120, extra_env: dict | None = None):
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), **(extra_env or {})}
+    for name in ("RLM_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_rlm_run_prints_answer_status_spend_and_ui_link(settings, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma\n" * 1000)
+    llm.add_rule("Turn 1 of", repl("print(len(context.split()))"), model=ROOT)
+    llm.add_rule("3000", "FINAL(3000 words)", model=ROOT)
+    s = isolated(settings)
+    proc = _rlm(s, llm.url, "run", "How many words?", "--context", str(doc), "--model", ROOT, "--sub-model", SUB)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[0] == "3000 words"
+    assert "status: completed" in proc.stderr
+    assert "fake-root: 2 calls" in proc.stderr
+    assert f"{s.temporal_ui_url}/namespaces/{s.temporal_namespace}/workflows/rlm-" in proc.stderr
+    assert "starting one in this process" in proc.stderr
+
+
+def test_rlm_run_json_and_caps(settings, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("x")
+    llm.add_rule(None, repl("print(1)"), model=ROOT)
+    s = isolated(settings)
+    proc = _rlm(s, llm.url, "run", "q", "--context", str(doc), "--model", ROOT, "--max-calls", "2", "--json")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "budget_exhausted" and result["spend"]["calls"] <= 2
+
+
+def test_rlm_run_bad_inputs_give_one_line_errors(settings, llm, tmp_path):
+    s = isolated(settings)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\xff\xfe" * 100)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    cases = [
+        (["--context", str(doc), "--model", "no-such-model-xyz"], "no-such-model-xyz"),
+        (["--context", str(doc)], "--model"),
+        (["--context", str(empty), "--model", ROOT], "empty"),
+        (["--context", str(binary), "--model", ROOT], "blob.bin"),
+        (["--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
+        (["--context", str(doc), "--model", ROOT, "--max-tokens", "10"], "too small to start"),
+    ]
+    for args, expected in cases:
+        proc = _rlm(s, llm.url, "run", "q", *args, timeout=60)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0], (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    proc = _rlm(
+        s, llm.url, "run", "q", "--context", str(doc), "--model", "openai/gpt-4o-mini",
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "OPENAI_API_KEY" in proc.stderr
+    assert llm.count() == 0
+
+
+def test_submit_then_result(settings, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("abc")
+    llm.add_rule("Turn 1 of", repl("print(context)"), model=ROOT)
+    llm.add_rule("abc", "FINAL(abc)", model=ROOT)
+    s = isolated(settings)
+    submitted = _rlm(s, llm.url, "submit", "q", "--context", str(doc), "--model", ROOT, "--id", "cli-submit-1")
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert submitted.stdout.strip() == "cli-submit-1"
+    assert "rlm worker" in submitted.stderr  # nobody polls the queue yet: the user is told
+    worker = subprocess.Popen(
+        [sys.executable, "worker.py"],
+        env={**os.environ, **s.to_env(), "RLM_MODELS_JSON": models_json(llm.url)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        result = _rlm(s, llm.url, "result", "cli-submit-1", "--json")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["answer"] == "abc"
