@@ -253,3 +253,34 @@ def test_cancel_mid_run_cancels_the_subtree(settings, context_store, llm):
         release.set()
     assert result.status == "cancelled" and result.reason == "user stop"
     assert child["status"] == "cancelled"
+
+
+def test_tree_spend_stays_under_cap_and_per_depth_models(settings, context_store, llm):
+    """Four children, each spending in a loop: the whole tree stays under the
+    calls cap, and children use the model configured for depth 1."""
+    from workflows.request import ModelChoice
+
+    ctx = context_store.put_value("abc")
+    llm.add_rule(
+        lambda r: _question(r) == "top" and "Turn 1 of" in r.last_user_text,
+        repl('print(rlm_query_batched(["w0", "w1", "w2", "w3"], contexts=["a", "b", "c", "d"]))'),
+        model=ROOT,
+    )
+    llm.add_rule(lambda r: _question(r) == "top" and "Turn 2 of" in r.last_user_text, "FINAL(tree done)", model=ROOT)
+    # Children (on fake-sub, the depth-1 model) keep calling the sub model.
+    llm.add_rule(lambda r: _question(r).startswith("w"), repl("print(llm_query_batched(['x'] * 3))"), model=SUB, name="child-root")
+    llm.add_rule(lambda r: "x" == r.last_user_text, "y", model=SUB, name="leaf")
+    s = isolated(settings)
+    cap = 14
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            models = ModelChoice(root=ROOT, sub=SUB, per_depth={1: SUB})
+            return await run(client, s, request("top", ctx, caps={"max_depth": 1, "max_calls": cap}, models=models))
+
+    result = asyncio.run(go())
+    assert len(result.children) == 4, [r.last_user_text[-600:] for r in llm.requests(ROOT)]
+    assert result.spend.calls <= cap
+    assert llm.count() == result.spend.calls  # every call the server saw was accounted for
+    assert llm.count("child-root") >= 4 and all(r.model == SUB for r in llm.requests() if _question(r).startswith("w"))
+    assert result.usage.by_depth[1].calls >= 4

@@ -215,3 +215,27 @@ def test_unknown_model_fails_before_any_call(settings, context_store, llm):
     assert result.status == "failed"
     assert "no-such-model-xyz" in (result.reason or "")
     assert llm.count() == 0
+
+
+def test_continue_as_new_keeps_repl_state_transcript_and_spend(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    llm.add_rule("Turn 1 of", repl("kept = llm_query('one')\nprint('first', kept)"), model=ROOT, name="t1")
+    llm.add_rule("Turn 2 of", repl("print('second', kept + llm_query('two'))"), model=ROOT, name="t2")
+    llm.add_rule("Turn 3 of", "FINAL(chained)", model=ROOT, name="t3")
+    llm.add_rule(None, lambda r: r.last_user_text.upper(), model=SUB)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("q", ctx, limits={"continue_after_updates": 1}))
+            return handle.first_execution_run_id, await asyncio.wait_for(handle.result(), 120)
+
+    first_run_id, result = asyncio.run(go())
+    assert result.status == "completed" and result.answer == "chained"
+    assert result.run_id != first_run_id  # the chain went on in new runs
+    assert result.turns == 3 and result.spend.calls == 5
+    assert result.usage.by_model[ROOT].calls == 3 and result.usage.by_model[SUB].calls == 2
+    third = [r for r in llm.requests(ROOT) if r.matched_rule.name == "t3"][0]
+    assert "second ONETWO" in third.last_user_text
+    # The transcript carried over: the third turn's prompt holds the first turn's output.
+    assert "first ONE" in third.all_text

@@ -55,6 +55,10 @@ class RunLimits(BaseModel):
     """Cap on one sub-call reply; None = the model's own maximum (at most 4096)."""
     model_call_timeout_s: float = 300.0
     """Start-to-close timeout of one model call activity."""
+    continue_after_updates: int = 1_000
+    """Start a fresh run of the chain (continue-as-new) at the next turn
+    boundary once this many sub-call updates were made (the server keeps at
+    most 2,000 per run); also done when Temporal suggests it (history size)."""
 
 
 class ParentLink(BaseModel):
@@ -130,15 +134,20 @@ class Usage(BaseModel):
 
 
 class ResumeState(BaseModel):
-    """State carried across continue-as-new at a turn boundary."""
+    """State carried across continue-as-new at a turn boundary (a cell never
+    spans two runs of the chain, so no sub-call is in flight)."""
 
     turn: int
+    cells: int
     snapshot_key: str | None
-    pending_user_message: str
+    transcript_key: str | None
+    pending: list[dict[str, str]]
+    """Messages the next root turn appends to the transcript."""
+    prompt_tokens: int
     usage: Usage
     ledger: dict
     children: list[ChildSummary]
-    best_answer: str | None
+    warned_unseen: bool = False
 
 
 class RunResult(BaseModel):

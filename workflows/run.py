@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.request import RunRequest, RunResult, RunStatus, Usage
     from workflows.steps import ModelInfo, ResolveModelsInput, ResolveModelsOutput, SubcallBatch, SubcallReply
     from workflows.subcalls import SubcallRouter, error_text
-    from workflows.turn import RunEnded, TurnDriver
+    from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
 ANSWER_INLINE_CHARS = 64 * 1024
 
@@ -43,8 +43,8 @@ class RLMRun:
         self._models: dict[str, ModelInfo] = {}
         self._router: SubcallRouter | None = None
         self._turn = request.resume.turn if request.resume else 0
+        self._cells = request.resume.cells if request.resume else 0
         self._phase = "starting"
-        self._cells = 0
         self._cancel_reason: str | None = None
         self._driver: TurnDriver | None = None
         self._loop_task: asyncio.Task | None = None
@@ -76,6 +76,9 @@ class RLMRun:
             status, reason, answer = "cancelled", self._cancel_reason or "cancelled by request", None
         except RunEnded as ended:
             status, reason, answer = ended.status, ended.reason, ended.answer
+        except ContinueAsNew as chain:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(chain.request)
         self._router.cancel_all()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._result(status, reason, answer)

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import ModelUsage, RunRequest, RunStatus
+    from workflows.request import ModelUsage, ResumeState, RunRequest, RunStatus
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
     from workflows.subcalls import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -53,6 +53,14 @@ CELL_START_TO_CLOSE = timedelta(hours=6)
 Outcome = tuple[RunStatus, "str | None", "str | None"]
 
 
+class ContinueAsNew(Exception):
+    """Raised inside the loop: the run goes on as a new run of the chain."""
+
+    def __init__(self, request: RunRequest) -> None:
+        super().__init__("continue as new")
+        self.request = request
+
+
 class RunEnded(Exception):
     """Raised inside the loop to end the run at once with a given status."""
 
@@ -72,14 +80,14 @@ class TurnDriver:
         self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
         resume = request.resume
         self.snapshot_key: str | None = resume.snapshot_key if resume else None
-        self.transcript_key: str | None = None
+        self.transcript_key: str | None = resume.transcript_key if resume else None
         self.answer_ref: BlobRef | None = None
-        self._warned_unseen = False
-        self._pending: list[dict[str, str]] = (
-            [{"role": "user", "content": resume.pending_user_message}] if resume else self._opening()
-        )
+        self._warned_unseen = resume.warned_unseen if resume else False
+        self._pending: list[dict[str, str]] = list(resume.pending) if resume else self._opening()
         # Tokens the next root call will send: last prompt + reply + new text.
-        self._prompt_tokens = estimate_tokens(sum(len(m["content"]) for m in self._pending))
+        self._prompt_tokens = (
+            resume.prompt_tokens if resume else estimate_tokens(sum(len(m["content"]) for m in self._pending))
+        )
 
     def _opening(self) -> list[dict[str, str]]:
         req = self._req
@@ -138,6 +146,30 @@ class TurnDriver:
             if final is not None:
                 return "completed", None, final
             self._pending = [{"role": "user", "content": self._next_message(reports, notes)}]
+            if self._history_full():
+                self._continue_as_new()
+
+    def _history_full(self) -> bool:
+        info = workflow.info()
+        updates = self._run._router.updates if self._run._router else 0
+        return updates >= self._req.limits.continue_after_updates or info.is_continue_as_new_suggested()
+
+    def _continue_as_new(self) -> None:
+        """Go on in a fresh run of the same workflow id, at a turn boundary."""
+        run = self._run
+        resume = ResumeState(
+            turn=run._turn,
+            cells=run._cells,
+            snapshot_key=self.snapshot_key,
+            transcript_key=self.transcript_key,
+            pending=self._pending,
+            prompt_tokens=self._prompt_tokens,
+            usage=run._usage,
+            ledger=run._ledger.compacted().model_dump(mode="json"),
+            children=run._router.children if run._router else [],
+            warned_unseen=self._warned_unseen,
+        )
+        raise ContinueAsNew(self._req.model_copy(update={"resume": resume}))
 
     def _next_message(self, reports: list[CellReport], notes: list[str]) -> str:
         run = self._run
