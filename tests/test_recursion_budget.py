@@ -51,9 +51,18 @@ def test_depth_three_tree(settings, context_store, llm):
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("L0", ctx, caps={"max_depth": 3}))
+            result = await run(client, s, request("L0", ctx, caps={"max_depth": 3}))
+            # The whole tree is listed by its root id (search attributes), as in the UI.
+            query = f"RlmRootRunId = '{result.workflow_id}' AND RlmStatus = 'completed'"
+            for _ in range(100):  # visibility is eventually consistent: poll for the observed state
+                tree = [w.id async for w in client.list_workflows(query)]
+                if len(tree) == 4:
+                    break
+                await asyncio.sleep(0.1)
+            return result, tree
 
-    result = asyncio.run(go())
+    result, tree = asyncio.run(go())
+    assert len(tree) == 4
     assert result.status == "completed", result.reason
     assert result.answer == "L0(L1(L2(CTX-3)))"
     assert _depths(result.children) == [1, 2, 3]

@@ -14,7 +14,6 @@ ACTIVITY_PUT_VALUE = "put_value"
 
 UPDATE_SUBCALLS = "subcalls"
 UPDATE_SET_CAPS = "set_caps"
-UPDATE_CANCEL = "cancel"
 SIGNAL_CANCEL = "cancel"
 QUERY_PROGRESS = "progress"
 

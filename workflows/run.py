@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -25,6 +25,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
 ANSWER_INLINE_CHARS = 64 * 1024
+DEPTH_KEY = SearchAttributeKey.for_int("RlmDepth")
+ROOT_KEY = SearchAttributeKey.for_keyword("RlmRootRunId")
+STATUS_KEY = SearchAttributeKey.for_keyword("RlmStatus")
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN)
@@ -52,6 +55,14 @@ class RLMRun:
     # -- the run -------------------------------------------------------------
     @workflow.run
     async def run(self, request: RunRequest) -> RunResult:
+        # Lets the Temporal UI list a whole tree (RlmRootRunId) or a depth.
+        workflow.upsert_search_attributes(
+            [
+                DEPTH_KEY.value_set(request.depth),
+                ROOT_KEY.value_set(self._root_id),
+                STATUS_KEY.value_set("running"),
+            ]
+        )
         try:
             self._models = await self._resolve_models()
         except ActivityError as exc:
@@ -95,6 +106,7 @@ class RLMRun:
 
     def _result(self, status: RunStatus, reason: str | None, answer: str | None) -> RunResult:
         info = workflow.info()
+        workflow.upsert_search_attributes([STATUS_KEY.value_set(status)])
         return RunResult(
             answer=answer[:ANSWER_INLINE_CHARS] if answer is not None else None,
             answer_ref=self._driver.answer_ref if self._driver else None,
