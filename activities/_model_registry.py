@@ -22,7 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from activities._litellm_setup import litellm
 from activities._llm_errors import MissingApiKeyError, ModelConfigError, UnknownModelError
+from activities.local_model import LOCAL_MODEL_NAME, local_model_spec
 from workflows.steps import ModelInfo  # the workflow's view of a model, defined once
+
+LOCAL_MODEL_PORT_ENV = "RLM_LOCAL_MODEL_PORT"
+DEFAULT_LOCAL_MODEL_PORT = 8090
 
 __all__ = ["ModelInfo", "ModelRegistry", "ModelSpec", "api_key_for", "check_credentials", "model_info"]
 
@@ -67,6 +71,8 @@ class ModelSpec(BaseModel):
     """System prompt style: "full" for capable models, "compact" (few-shot, short) for small local ones."""
     stop: list[str] = []
     """Stop sequences sent with every call (e.g. "\\nUser:" for small models that role-play)."""
+    temperature: float | None = None
+    """Sampling temperature sent with every call; None = the provider's default."""
 
     @model_validator(mode="before")
     @classmethod
@@ -218,6 +224,10 @@ class ModelRegistry:
             specs += _parse_models(text, f"{MODELS_FILE_ENV}={path}")
         if inline := env.get(MODELS_JSON_ENV):
             specs += _parse_models(inline, MODELS_JSON_ENV)
+        if not any(spec.name == LOCAL_MODEL_NAME for spec in specs):
+            # The embedded local model (`rlm up` with the `local` extra) is always known.
+            port = int(env.get(LOCAL_MODEL_PORT_ENV) or DEFAULT_LOCAL_MODEL_PORT)
+            specs.append(ModelSpec(**local_model_spec(port)))
         return cls(specs)
 
     @property

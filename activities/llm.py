@@ -166,6 +166,8 @@ async def complete(
         kwargs["api_base"] = spec.api_base
     if key:
         kwargs["api_key"] = key
+    if spec.temperature is not None:
+        kwargs["temperature"] = spec.temperature
     stops = spec.stop if stop is None else stop
     if stops:
         kwargs["stop"] = list(stops)

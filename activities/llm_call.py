@@ -11,7 +11,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.llm import complete, estimate_tokens, to_application_error
-from activities.runtime import WorkerRuntime, heartbeating, run_key
+from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_RESOLVE_MODELS
 from workflows.steps import LlmCallInput, LlmCallOutput, ResolveModelsInput, ResolveModelsOutput
 
@@ -53,7 +53,9 @@ class LlmCallActivity:
                     type="PromptTooLarge",
                     non_retryable=True,
                 )
-            reply = await heartbeating(complete(spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens))
+            reply = await heartbeating(complete(
+                    spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens, timeout_s=call_timeout_s()
+                ))
         except ApplicationError:
             raise
         except Exception as exc:

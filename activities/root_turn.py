@@ -11,7 +11,7 @@ import structlog
 from temporalio import activity
 
 from activities.llm import complete, to_application_error
-from activities.runtime import WorkerRuntime, heartbeating, run_key
+from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_ROOT_TURN
 from workflows.parsing import parse_reply
 from workflows.prompts import merge_consecutive
@@ -39,7 +39,7 @@ class RootTurnActivity:
         try:
             spec = self._rt.models.resolve(inp.model)
             self._rt.models.check_credentials(spec)
-            reply = await heartbeating(complete(spec, messages, max_tokens=inp.max_tokens, stop=inp.stop or None))
+            reply = await heartbeating(complete(spec, messages, max_tokens=inp.max_tokens, stop=inp.stop or None, timeout_s=call_timeout_s()))
         except Exception as exc:  # mapped in one place: activities/llm.py
             raise to_application_error(exc) from exc
         result = {

@@ -81,3 +81,9 @@ async def heartbeating(awaitable: Awaitable[T]) -> T:
         if done:
             return task.result()
         activity.heartbeat()
+
+
+def call_timeout_s() -> float:
+    """HTTP timeout of a model call: what the activity's own timeout leaves."""
+    timeout = activity.info().start_to_close_timeout
+    return max(10.0, timeout.total_seconds() - 5.0) if timeout else 120.0

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Log level of the CLI and the worker: debug, info, warning, error."""
 
+    local_model: bool = True
+    """Start the local model server with `rlm up` when the `local` extra is
+    installed (Qwen2.5-Coder-1.5B, offline, 0 USD)."""
+
+    local_model_port: int = 8090
+    """Loopback port of the local model's OpenAI-compatible server; the
+    model is reached as the registry entry `local`."""
+
     seaweed_port_base: int = 17330
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""

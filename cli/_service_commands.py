@@ -18,6 +18,10 @@ def _render(status: services.ServicesStatus, settings: Settings) -> str:
         pid = f"pid {svc.pid}" if svc.pid else "no pid"
         lines.append(f"{label:<10} {svc.address:<21} {pid:<10} {svc.detail}")
         lines.append(f"{'':<10} log {svc.log_file}")
+    if status.local_model is not None:
+        lm = status.local_model
+        pid = f"pid {lm['pid']}" if lm.get("pid") else "no pid"
+        lines.append(f"{'local LLM':<10} {lm['url']!s:<21} {pid:<10} {lm['detail']}")
     lines.append(f"web UI     {status.ui_url}")
     lines.append(f"bucket     {settings.s3_bucket}  (credentials: {settings.credentials_file})")
     lines.append(f"namespace  {settings.temporal_namespace}  task queue {settings.task_queue}")
@@ -48,7 +52,7 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
-        "up", help="start the embedded Temporal and S3 servers (reuses running ones)"
+        "up", help="start the embedded Temporal and S3 servers, and the local model if installed (reuses running ones)"
     )
     up.add_argument("--timeout", type=float, default=services.READY_TIMEOUT_S, help="seconds to wait for readiness")
     up.add_argument("--json", action="store_true", help="print the status as JSON")

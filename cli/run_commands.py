@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from cli._demo import register as register_demo
 from cli._progress import ProgressPrinter
 
 if TYPE_CHECKING:  # the run client pulls in litellm and temporalio: import it when a run starts
@@ -46,20 +46,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run a worker (workflow + activities) until Ctrl-C")
     worker.set_defaults(handler=_cmd_worker)
 
+    register_demo(sub)
+
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     p.add_argument("--context", nargs="+", type=Path, required=True, metavar="PATH",
                    help="a file, several files, or a directory of text files")
-    p.add_argument("--model", default=os.environ.get("RLM_MODEL"), help="root model (env RLM_MODEL)")
-    p.add_argument("--sub-model", default=os.environ.get("RLM_SUB_MODEL"), help="sub-call model (default: --model)")
+    p.add_argument("--model", default=None, help="root model (default: RLM_MODEL, else a hosted model whose key is set, else the local model)")
+    p.add_argument("--sub-model", default=None, help="sub-call model (default: RLM_SUB_MODEL, else as --model)")
     p.add_argument("--max-turns", type=int, default=20)
     p.add_argument("--max-usd", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--max-calls", type=int, default=None)
     p.add_argument("--max-wall", type=float, default=None, metavar="SECONDS")
     p.add_argument("--max-depth", type=int, default=1)
-    p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--max-concurrency", type=int, default=None, help="parallel sub-calls (default 32; 1 for the local model)")
     p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
     p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
 

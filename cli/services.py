@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from activities.settings import Settings
+from cli import _local_model
 from cli._ports import find_free_port, find_free_port_block, port_is_free
 from cli._process import PidRecord, is_alive, read_pid_file, spawn_detached, stop_processes, write_pid_file
 from cli._seaweed_server import SEAWEED_PORT_COUNT, seaweed_spec
@@ -64,6 +65,9 @@ class ServicesStatus:
     ui_url: str
     temporal: ServiceStatus
     s3: ServiceStatus
+    local_model: dict[str, object] | None = None
+    """The local model server (`local` extra installed), else None; optional,
+    so it does not count toward `healthy`."""
 
     @property
     def healthy(self) -> bool:
@@ -96,6 +100,8 @@ def private_settings(data_dir: Path, **overrides: object) -> Settings:
         "s3_endpoint": f"127.0.0.1:{fresh()}",
     }
     values["seaweed_port_base"] = find_free_port_block(SEAWEED_PORT_COUNT, avoid=taken)
+    values["local_model_port"] = fresh()
+    values["local_model"] = False  # a 1 GB model server only where asked for
     return Settings(**values | overrides)  # type: ignore[arg-type]
 
 
@@ -222,13 +228,16 @@ def up(settings: Settings, *, timeout: float = READY_TIMEOUT_S) -> ServicesStatu
                 if record is not None:
                     spec.pid_file.unlink(missing_ok=True)
             raise
+    if settings.local_model and _local_model.installed():
+        _local_model.start(settings.data_dir, settings.local_model_port)
     return status(settings)
 
 
 def ensure_up(settings: Settings) -> ServicesStatus:
     """Start the services unless they already run healthy."""
     current = status(settings)
-    return current if current.healthy else up(settings)
+    local_missing = settings.local_model and current.local_model is not None and not current.local_model["healthy"]
+    return current if current.healthy and not local_missing else up(settings)
 
 
 def _service_status(spec: ServiceSpec) -> ServiceStatus:
@@ -262,6 +271,9 @@ def status(settings: Settings) -> ServicesStatus:
         ui_url=str(settings.temporal_ui_url),
         temporal=_service_status(temporal),
         s3=_service_status(s3),
+        local_model=_local_model.status(settings.data_dir, settings.local_model_port)
+        if _local_model.installed()
+        else None,
     )
 
 
@@ -278,5 +290,7 @@ def down(settings: Settings, *, timeout: float = STOP_TIMEOUT_S) -> list[str]:
     for pid in killed:
         log.warning("did not stop in time, killed", pid=pid)
     stopped = [name for name, (_, record) in records.items() if record is not None]
+    if _local_model.stop(settings.data_dir):
+        stopped.append("local-model")
     log.info("stopped", services=stopped or "nothing was running")
     return stopped

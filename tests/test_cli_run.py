@@ -59,7 +59,6 @@ def test_rlm_run_bad_inputs_give_one_line_errors(settings, llm, tmp_path):
     doc.write_text("text")
     cases = [
         (["--context", str(doc), "--model", "no-such-model-xyz"], "no-such-model-xyz"),
-        (["--context", str(doc)], "--model"),
         (["--context", str(empty), "--model", ROOT], "empty"),
         (["--context", str(binary), "--model", ROOT], "blob.bin"),
         (["--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
@@ -101,3 +100,27 @@ def test_submit_then_result(settings, llm, tmp_path):
         worker.wait(30)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["answer"] == "abc"
+
+
+def test_default_model_choice(monkeypatch):
+    """--model, else RLM_MODEL, else a hosted model whose key is set, else the local model."""
+    from cli import _local_model
+    from cli._run_client import RunError, choose_models
+
+    for key in ("RLM_MODEL", "RLM_SUB_MODEL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(_local_model, "installed", lambda: False)
+    try:
+        choose_models(None, None, None)
+        raise AssertionError("no model and nothing installed must be an error")
+    except RunError as exc:
+        assert "--model" in str(exc) and "[local]" in str(exc)
+    monkeypatch.setattr(_local_model, "installed", lambda: True)
+    assert choose_models(None, None, None) == ("local", None)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    assert choose_models(None, None, None) == ("claude-sonnet-4-5", "claude-haiku-4-5")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert choose_models(None, "cheap", None) == ("gpt-4.1", "cheap")
+    monkeypatch.setenv("RLM_MODEL", "mine")
+    assert choose_models(None, None, None) == ("mine", None)
+    assert choose_models("explicit", None, None) == ("explicit", None)

@@ -282,10 +282,13 @@ def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
     old = [{"name": "fake-root", "litellm_model": "openai/old"}, {"name": "a", "litellm_model": "b/c"}]
     models_file.write_text(json.dumps({"models": old}))
     registry = ModelRegistry.from_env({"RLM_MODELS_FILE": str(models_file), "RLM_MODELS_JSON": models_json(llm.url)})
-    assert registry.names == ["a", "fake-root", "fake-sub"]
+    assert registry.names == ["a", "fake-root", "fake-sub", "local"]
     assert registry.resolve("fake-root").litellm_model == "openai/fake-root"  # inline wins
     assert registry.info("fake-sub").usd_per_output_token == FAKE_USD_PER_OUTPUT_TOKEN
-    assert ModelRegistry.from_env({}).names == []
+    # The embedded local model is always known, on its configured port.
+    assert ModelRegistry.from_env({}).names == ["local"]
+    local = ModelRegistry.from_env({"RLM_LOCAL_MODEL_PORT": "9123"}).resolve("local")
+    assert local.api_base == "http://127.0.0.1:9123/v1" and local.temperature == 0.0
 
 
 @pytest.mark.parametrize(
