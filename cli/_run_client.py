@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,7 +48,7 @@ class RunOptions:
     sub_model: str | None
     caps: dict[str, Any] = field(default_factory=dict)
     cell_timeout_s: float = 120.0
-    workflow_id: str = ""
+    workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
 
 
 class RunClient:

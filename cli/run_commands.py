@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import sys
-import uuid
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -84,7 +83,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
             "max_concurrency": args.max_concurrency,
         },
         cell_timeout_s=args.cell_timeout,
-        workflow_id=args.workflow_id or f"rlm-{uuid.uuid4().hex[:12]}",
+        **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
     )
 
 

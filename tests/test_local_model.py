@@ -185,6 +185,42 @@ def test_real_server_answers_through_litellm(server: Server) -> None:
 
 
 @needs_extra
+@pytest.mark.timeout(1500)
+def test_rlm_run_with_local_model_finds_needle_beyond_its_window(server: Server, settings, context_store) -> None:
+    """A real RLM run, model included: the document (~40K tokens) is far
+    larger than the model's 16K window, so only the REPL can find the code."""
+    import asyncio
+
+    from activities.llm import ModelRegistry, ModelSpec
+    from cli._demo import make_task
+    from tests.run_harness import isolated, request, run, running_worker
+    from workflows.request import ModelChoice
+
+    _, port, _ = server
+    text, question, expected = make_task("needle", seed=11, n_chars=160_000)
+    ctx = context_store.put_value(text)
+    registry = ModelRegistry([ModelSpec(**local_model.local_model_spec(port))])
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, registry) as client:
+            req = request(
+                question,
+                ctx,
+                models=ModelChoice(root="local"),
+                caps={"max_turns": 6, "max_concurrency": 1},
+                limits={"model_call_timeout_s": 900.0, "cell_timeout_s": 60.0},
+            )
+            return await run(client, s, req, timeout_s=1400)
+
+    result = asyncio.run(go())
+    assert ctx.total_chars // 4 > local_model.CONTEXT_WINDOW
+    assert result.status == "completed", result
+    assert expected in (result.answer or ""), result
+    assert result.spend.usd == 0 and result.spend.tokens > 0
+
+
+@needs_extra
 def test_start_again_reuses_and_busy_port_is_refused(server: Server, tmp_path: Path) -> None:
     data_dir, port, info = server
     again = local_model.start(data_dir, port)
