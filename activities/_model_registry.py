@@ -18,10 +18,21 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from activities._litellm_setup import litellm
-from activities._llm_errors import MissingApiKeyError, ModelConfigError, UnknownModelError
+from activities._llm_errors import (
+    MissingApiKeyError,
+    ModelConfigError,
+    UnknownModelError,
+)
 from activities.local_model import LOCAL_MODEL_NAME, local_model_spec
 from workflows.steps import ModelInfo  # the workflow's view of a model, defined once
 

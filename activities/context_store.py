@@ -33,7 +33,12 @@ from activities._context_manifest import (
     ManifestChunk,
     ManifestDocument,
 )
-from activities.object_store import IntegrityError, ObjectMissingError, ObjectStore, StorageError
+from activities.object_store import (
+    IntegrityError,
+    ObjectMissingError,
+    ObjectStore,
+    StorageError,
+)
 from workflows.refs import ContextRef
 
 __all__ = [

@@ -13,7 +13,12 @@ from temporalio.exceptions import ApplicationError
 from activities.llm import complete, estimate_tokens, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_RESOLVE_MODELS
-from workflows.steps import LlmCallInput, LlmCallOutput, ResolveModelsInput, ResolveModelsOutput
+from workflows.steps import (
+    LlmCallInput,
+    LlmCallOutput,
+    ResolveModelsInput,
+    ResolveModelsOutput,
+)
 
 log = structlog.get_logger(__name__)
 

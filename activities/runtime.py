@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import concurrent.futures
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar

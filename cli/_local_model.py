@@ -27,9 +27,21 @@ from pathlib import Path
 
 import structlog
 
-from activities.local_model import CONTEXT_WINDOW, LOCAL_MODEL_NAME, SERVED_MODEL_ID, local_model_spec
+from activities.local_model import (
+    CONTEXT_WINDOW,
+    LOCAL_MODEL_NAME,
+    SERVED_MODEL_ID,
+    local_model_spec,
+)
 from cli._ports import port_is_free
-from cli._process import PidRecord, is_alive, read_pid_file, spawn_detached, stop_processes, write_pid_file
+from cli._process import (
+    PidRecord,
+    is_alive,
+    read_pid_file,
+    spawn_detached,
+    stop_processes,
+    write_pid_file,
+)
 from cli._service_spec import LauncherError
 
 __all__ = [

@@ -10,7 +10,6 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from cli._demo import register as register_demo

@@ -21,7 +21,14 @@ import structlog
 from activities.settings import Settings
 from cli import _local_model
 from cli._ports import find_free_port, find_free_port_block, port_is_free
-from cli._process import PidRecord, is_alive, read_pid_file, spawn_detached, stop_processes, write_pid_file
+from cli._process import (
+    PidRecord,
+    is_alive,
+    read_pid_file,
+    spawn_detached,
+    stop_processes,
+    write_pid_file,
+)
 from cli._seaweed_server import SEAWEED_PORT_COUNT, seaweed_spec
 from cli._service_spec import LauncherError, ServiceSpec
 from cli._temporal_server import temporal_spec

@@ -20,8 +20,15 @@ with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Caps, Ledger
     from workflows.request import RunRequest, RunResult, RunStatus, Usage
-    from workflows.steps import ModelInfo, ResolveModelsInput, ResolveModelsOutput, SubcallBatch, SubcallReply
-    from workflows.subcalls import SubcallRouter, error_text
+    from workflows.step_common import error_text
+    from workflows.steps import (
+        ModelInfo,
+        ResolveModelsInput,
+        ResolveModelsOutput,
+        SubcallBatch,
+        SubcallReply,
+    )
+    from workflows.subcalls import SubcallRouter
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
 ANSWER_INLINE_CHARS = 64 * 1024

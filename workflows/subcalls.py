@@ -15,13 +15,20 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Ledger, Spend, actual, equal_share, worst_case
-    from workflows.request import ChildSummary, ModelUsage, ParentLink, RunRequest, RunResult, Usage
+    from workflows.budget import Ledger, Spend, equal_share, worst_case
+    from workflows.request import ChildSummary, ParentLink, RunRequest, RunResult, Usage
+    from workflows.step_common import (
+        MODEL_CALL_HEARTBEAT_TIMEOUT,
+        MODEL_CALL_RETRY,
+        error_text,
+        estimate_tokens,
+        raise_if_cancelled,
+        settle_model_call,
+    )
     from workflows.steps import (
         LlmCallInput,
         LlmCallOutput,
@@ -34,38 +41,13 @@ with workflow.unsafe.imports_passed_through():
 
 # The server keeps at most 2,000 updates per run; leave room for control updates.
 MAX_SUBCALL_UPDATES = 1_800
-# Rough token count of text, erring high so a reservation covers the real call.
-CHARS_PER_TOKEN = 3
+
 # Sum of inline replies in one update reply stays far below the 2 MiB limit.
 REPLY_INLINE_BUDGET = 512 * 1024
-MODEL_CALL_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=60),
-    maximum_attempts=5,
-)
-# Model-call activities heartbeat every 2 s; a dead worker is noticed after this.
-MODEL_CALL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 
-def estimate_tokens(chars: int) -> int:
-    return chars // CHARS_PER_TOKEN + 16
 
 
-def raise_if_cancelled(exc: ActivityError | ChildWorkflowError) -> None:
-    """A step that failed because this run is being cancelled ends the run,
-    it is not an error to report to the model (the SDK turns the cancel of an
-    awaited activity or child into an ActivityError / ChildWorkflowError)."""
-    if isinstance(exc.cause, CancelledError):
-        raise asyncio.CancelledError() from exc
-
-
-def error_text(exc: BaseException) -> str:
-    """The most specific message in a Temporal error chain."""
-    inner: BaseException | None = exc
-    while isinstance(inner, (ActivityError, ChildWorkflowError)) and inner.cause is not None:
-        inner = inner.cause
-    return str(inner or exc)
 
 
 class SubcallRouter:
@@ -213,12 +195,10 @@ class SubcallRouter:
             self._ledger.release(call_id)
             raise_if_cancelled(exc)
             return SubcallAnswer(error=f"Error: {error_text(exc)}")
-        self._ledger.settle(call_id, actual(out.prompt_tokens, out.completion_tokens, out.usd))
-        self._usage.record(
-            model,
-            self._req.depth + 1,
-            ModelUsage(calls=1, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens, usd=out.usd),
-        )
+        settle_model_call(
+            self._ledger, self._usage, call_id, model, self._req.depth + 1,
+            out.prompt_tokens, out.completion_tokens, out.usd,
+        )  # fmt: skip
         return SubcallAnswer(text=out.text, text_ref=out.text_ref)
 
     async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str) -> SubcallAnswer:

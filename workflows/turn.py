@@ -15,7 +15,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Refusal, actual, worst_case
+    from workflows.budget import Refusal, worst_case
     from workflows.parsing import parse_reply
     from workflows.prompts import (
         REASON_FINAL_BEFORE_LOOKING,
@@ -31,15 +31,16 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import ModelUsage, ResumeState, RunRequest, RunStatus
-    from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
-    from workflows.subcalls import (
+    from workflows.request import ResumeState, RunRequest, RunStatus
+    from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         MODEL_CALL_RETRY,
         error_text,
         estimate_tokens,
         raise_if_cancelled,
+        settle_model_call,
     )
+    from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
 
 if TYPE_CHECKING:
     from workflows.run import RLMRun
@@ -245,12 +246,10 @@ class TurnDriver:
             run._ledger.release(call_id)
             raise_if_cancelled(exc)
             raise RunEnded("failed", f"root model call failed: {error_text(exc)}") from exc
-        run._ledger.settle(call_id, actual(out.prompt_tokens, out.completion_tokens, out.usd))
-        run._usage.record(
-            self._root_model,
-            self._req.depth,
-            ModelUsage(calls=1, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens, usd=out.usd),
-        )
+        settle_model_call(
+            run._ledger, run._usage, call_id, self._root_model, self._req.depth,
+            out.prompt_tokens, out.completion_tokens, out.usd,
+        )  # fmt: skip
         self.transcript_key = out.transcript_key
         self._prompt_tokens = out.prompt_tokens + out.completion_tokens
         return out.reply
