@@ -152,10 +152,25 @@ def test_calls_cap_holds_for_the_tree(settings, context_store, llm):
     result = asyncio.run(go())
     assert result.status == "budget_exhausted"
     assert "calls" in (result.reason or "")
-    assert result.spend.calls <= 4
-    assert llm.count() == result.spend.calls
-    # Refused items reached the model as explanations, not as a crash.
-    assert any("Budget:" in r.last_user_text for r in llm.requests(ROOT)) or result.spend.calls == 4
+    # Root turn 1 and three sub-calls fit; two items and root turn 2 were refused.
+    assert result.spend.calls == 4 == llm.count()
+    assert llm.count("sub") == 3
+
+
+def test_refused_subcall_is_an_explanation_for_the_code(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    llm.add_rule(None, repl("r = llm_query_batched(['p%d' % i for i in range(5)])\nFINAL(r[-1])"), model=ROOT)
+    llm.add_rule(None, "ok", model=SUB, name="sub")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await run(client, s, request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
+
+    result = asyncio.run(go())
+    assert result.status == "completed"
+    assert result.answer.startswith("Budget:") and "calls" in result.answer
+    assert llm.count("sub") == 3 and result.spend.calls == 4
 
 
 def test_usd_and_token_caps_hold(settings, context_store, llm):
