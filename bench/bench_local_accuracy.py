@@ -19,7 +19,9 @@ Tasks are the generated needle and counting documents of `rlm demo`
   wrong and marked `analytic`; a call is made only if the answer lies inside.
 
 The local model server is started from a temp data dir on a free port (the
-weights are joined there once, or `--data-dir` reuses a dir that has them).
+weights are joined there once, or `--data-dir` reuses a dir that has them),
+with `--logits_all false` added unless `--server-as-deployed` (see
+`_without_all_logits`: as deployed, a full-window prompt ran it out of memory).
 Every finished row is printed and written at once to
 bench/results/local_accuracy.json and the table local_accuracy.md, so a
 partial run leaves a table; `--resume` keeps earlier rows and skips them.
@@ -151,7 +153,7 @@ async def ask_rlm(client, settings, store: ObjectStore, args, text: str, questio
     handle = await start(client, settings, req, workflow_id=f"bench-local-{uuid.uuid4().hex[:10]}")
     try:
         result = await asyncio.wait_for(handle.result(), args.run_wall_s + 900)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await handle.terminate("benchmark time limit")
         return {"status": "terminated", "correct": False, "answer": None, "wall_s": round(time.perf_counter() - begun, 1)}
     acts, _tasks, _total = h.history_timeline(await handle.fetch_history())
@@ -203,6 +205,8 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
         "Each cell: right/runs, median wall time, median tokens (prompt + output, all calls of the run).",
         "Direct = one call with the document cut to the window (~15K tokens of it); "
         "'analytic' = not called because the answer lies outside the cut, scored wrong.",
+        "The server as deployed keeps all logits (llama_cpp.server's logits_all=True): a ~15K-token "
+        "direct call got it OOM-killed at 22 GB, so rows marked `--logits_all false` ran without them.",
         "",
         "| task | size (tokens) | RLM | direct |",
         "|---|---|---|---|",
@@ -221,6 +225,7 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
             notes.append(f"cut {r.get('cut_fraction', 0):.1%} of doc, answer in window: {r.get('answer_in_window')}")
             if r.get("analytic"):
                 notes.append("analytic")
+        notes.append("server as deployed (logits_all)" if r.get("server_logits_all") else "server --logits_all false")
         lines.append(
             f"| {r['mode']} | {r['kind']} | {r['size']} | {r['seed']} | {r['expected']} | {answer} | "
             f"{'yes' if r['correct'] else 'no'} | {r.get('wall_s') if r.get('wall_s') is not None else '-'} | "
@@ -233,11 +238,14 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
 
 
 def plan(args) -> list[tuple[str, str, str, int]]:
+    """All RLM runs first (minutes each), then the direct calls (a full window
+    takes ~5-10 min here), so a run cut short by --budget-min still has a
+    complete RLM table."""
     jobs = []
-    for size in args.sizes:
-        for kind in args.kinds:
-            jobs += [("rlm", kind, size, seed) for seed in range(1, args.rlm_seeds + 1)]
-            jobs += [("direct", kind, size, seed) for seed in range(1, args.direct_seeds + 1)]
+    for mode, seeds in (("rlm", args.rlm_seeds), ("direct", args.direct_seeds)):
+        for size in args.sizes:
+            for kind in args.kinds:
+                jobs += [(mode, kind, size, seed) for seed in range(1, seeds + 1)]
     return jobs
 
 
@@ -262,7 +270,8 @@ async def run_all(args, svc: h.Services, url: str, port: int) -> None:
                 print(f"time budget of {args.budget_min} min used up: skipping {mode} {kind} {size} seed {seed}", flush=True)
                 continue
             text, question, expected = make_task(kind, seed, SIZES[size] * CHARS_PER_TOKEN)
-            base = {"mode": mode, "kind": kind, "size": size, "seed": seed, "expected": expected, "doc_chars": len(text)}
+            base = {"mode": mode, "kind": kind, "size": size, "seed": seed, "expected": expected, "doc_chars": len(text),
+                    "server_logits_all": args.server_as_deployed}
             if mode == "rlm":
                 row = base | await ask_rlm(client, settings, store, args, text, question, kind, expected)
             else:
@@ -282,7 +291,10 @@ async def run_all(args, svc: h.Services, url: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    listed = lambda allowed: lambda s: [x for x in s.split(",") if x and _check(x, allowed)]  # noqa: E731
+
+    def listed(allowed):
+        return lambda text: [x for x in text.split(",") if x and _check(x, allowed)]
+
     parser.add_argument("--sizes", type=listed(SIZES), default=list(SIZES), help="of 8k,64k,1m,10m")
     parser.add_argument("--kinds", type=listed(("needle", "count")), default=["needle", "count"])
     parser.add_argument("--rlm-seeds", type=int, default=2, help="RLM runs per (task, size): seeds 1..N")
@@ -294,8 +306,12 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=60.0, help="start no new run after this many minutes")
     parser.add_argument("--resume", action="store_true", help="keep rows of the last results file, skip those runs")
     parser.add_argument("--data-dir", type=Path, default=None, help="local model data dir (weights joined there once)")
+    parser.add_argument("--server-as-deployed", action="store_true",
+                        help="run the server exactly as `rlm up` does, keeping all logits (~10 GB at n_ctx 16K; OOM on long prompts)")
     args = parser.parse_args()
     configure_logging()
+    if not args.server_as_deployed:
+        _without_all_logits()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     with tempfile.TemporaryDirectory(prefix="rlm-local-acc-") as tmp:
         data_dir = args.data_dir or Path(tmp) / "local"
@@ -307,6 +323,22 @@ def main() -> None:
                 asyncio.run(run_all(args, svc, info.url, port))
         finally:
             _local_model.stop(data_dir)
+
+
+def _without_all_logits() -> None:
+    """llama_cpp.server defaults to logits_all=True: it keeps n_ctx x vocab
+    float32 logits (16,384 x 151,936 x 4 B = 10 GB) and copies the filled rows
+    into every prompt-cache entry, uncounted by --cache_size. A ~15K-token
+    direct call got the server OOM-killed at 22 GB RSS on this 24 GB machine.
+    Nothing here needs per-token logits, so the flag is added from outside
+    (the engine's command line is not edited by a benchmark)."""
+    as_deployed = _local_model.server_argv
+
+    def server_argv(*args, **kwargs) -> list[str]:
+        argv = as_deployed(*args, **kwargs)
+        return argv if "--logits_all" in argv else [*argv, "--logits_all", "false"]
+
+    _local_model.server_argv = server_argv
 
 
 def _check(value: str, allowed) -> bool:

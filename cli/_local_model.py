@@ -281,6 +281,10 @@ def server_argv(model_path: Path, port: int, *, threads: int | None = None) -> l
         "--host", _HOST,
         "--port", str(port),
         "--n_ctx", str(CONTEXT_WINDOW),
+        # The server's default keeps logits for every position (n_ctx x vocab
+        # floats, ~10 GB) and copies them into the prompt cache: a 16K-token
+        # prompt got it OOM-killed at 22 GB. Chat completion needs the last only.
+        "--logits_all", "false",
         # With 2 threads on a busy 2-core machine one of them keeps waiting
         # for a core at every step's barrier: generation varied 2-14 tokens/s
         # here, while 1 thread held 14-16 and prompt speed was no worse.

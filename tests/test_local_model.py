@@ -120,7 +120,7 @@ def test_spec_is_a_valid_registry_entry() -> None:
     assert model.litellm_model == f"openai/{local_model.SERVED_MODEL_ID}"
     assert model.api_base == "http://127.0.0.1:18123/v1"
     assert (model.usd_per_input_token, model.usd_per_output_token) == (0.0, 0.0)
-    assert model.prompt_profile == "compact" and model.stop == ["\nUser:"]
+    assert model.prompt_profile == "compact" and model.stop == ["\nUser:", "\nQuestion:"]
 
 
 # ------------------------------------------------------------ real server

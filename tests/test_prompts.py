@@ -94,12 +94,12 @@ def test_compact_prompt_is_short_and_has_a_regex_then_final_example():
 
 
 def test_compact_stop_fires_right_after_the_example_code():
-    assert COMPACT_STOP == ["\nUser:"]
+    assert COMPACT_STOP == ["\nUser:", "\nQuestion:"]
     text = system_prompt("compact", can_recurse=False, sub_models=[], max_depth_reached=False)
     assert "```\nUser: REPL output:" in text
     stops = stop_sequences("compact")
     stops.append("x")
-    assert COMPACT_STOP == ["\nUser:"], "stop_sequences must return a copy"
+    assert COMPACT_STOP == ["\nUser:", "\nQuestion:"], "stop_sequences must return a copy"
     assert stop_sequences("full") == []
 
 
