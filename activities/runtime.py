@@ -14,7 +14,7 @@ from temporalio.client import Client
 
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
-from activities.object_store import ObjectStore
+from activities.object_store import ObjectMissingError, ObjectStore
 from activities.settings import Settings
 
 T = TypeVar("T")
@@ -55,9 +55,10 @@ class WorkerRuntime:
         return await self.io(self.get_json, key)
 
     def get_json(self, key: str) -> Any | None:
-        if not self.store.exists(key):
+        try:
+            return json.loads(self.store.get_bytes(key))
+        except ObjectMissingError:
             return None
-        return json.loads(self.store.get_bytes(key))
 
     def put_json(self, key: str, value: Any) -> None:
         self.store.put_bytes(key, json.dumps(value, ensure_ascii=False).encode())

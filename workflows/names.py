@@ -10,7 +10,6 @@ ACTIVITY_RESOLVE_MODELS = "resolve_models"
 ACTIVITY_ROOT_TURN = "root_turn"
 ACTIVITY_RUN_CELL = "run_cell"
 ACTIVITY_LLM_CALL = "llm_call"
-ACTIVITY_PUT_VALUE = "put_value"
 
 UPDATE_SUBCALLS = "subcalls"
 UPDATE_SET_CAPS = "set_caps"

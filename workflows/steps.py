@@ -88,7 +88,6 @@ class CellOutput(BaseModel):
     final: str | None = None
     """Answer given by FINAL / FINAL_VAR inside the cell (cut to 64 KB)."""
     final_ref: BlobRef | None = None
-    final_missing_var: str | None = None
     snapshot_key: str | None = None
     unsaved: list[str] = Field(default_factory=list)
     duration_s: float = 0.0

@@ -143,7 +143,7 @@ class TurnDriver:
                     self._warned_unseen = True
                     notes.append(REASON_FINAL_BEFORE_LOOKING)
                 else:
-                    final = await self._resolve_final(parsed.final.kind, parsed.final.value, reports, notes)
+                    final = await self._resolve_final(parsed.final.kind, parsed.final.value, notes)
             if final is not None:
                 return "completed", None, final
             self._pending = [{"role": "user", "content": self._next_message(reports, notes)}]
@@ -196,13 +196,11 @@ class TurnDriver:
         if parsed.final is not None and parsed.final.kind == "answer":
             return status, refusal.message, parsed.final.value
         if parsed.final is not None:
-            value = await self._resolve_final("var", parsed.final.value, [], [])
+            value = await self._resolve_final("var", parsed.final.value, [])
             return status, refusal.message, value
         return status, refusal.message, parsed.text.strip() or None
 
-    async def _resolve_final(
-        self, kind: str, value: str, reports: list[CellReport], notes: list[str]
-    ) -> str | None:
+    async def _resolve_final(self, kind: str, value: str, notes: list[str]) -> str | None:
         if kind == "answer":
             return value
         # FINAL_VAR outside code: the variable lives in the REPL, read it there.
