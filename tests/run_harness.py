@@ -74,6 +74,16 @@ async def run(client: Client, settings: Settings, req: RunRequest, timeout_s: fl
     return await asyncio.wait_for(handle.result(), timeout_s)
 
 
+def run_once(settings: Settings, models: ModelRegistry, req: RunRequest, timeout_s: float = 120.0) -> RunResult:
+    """Start a worker, run `req` to its result, stop the worker."""
+
+    async def go() -> RunResult:
+        async with running_worker(settings, models) as client:
+            return await run(client, settings, req, timeout_s)
+
+    return asyncio.run(go())
+
+
 def put_context(contexts: ContextStore, value: str | list[str]) -> ContextRef:
     return contexts.put_value(value)
 

@@ -8,7 +8,7 @@ import re
 import threading
 
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, SUB, isolated, repl, request, run, running_worker, start
+from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
 
 
@@ -81,11 +81,7 @@ def test_depth_cap_falls_back_to_llm_query(settings, context_store, llm):
     llm.add_rule(None, "teal", model=SUB, name="sub")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx, caps={"max_depth": 0}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_depth": 0}))
     assert result.status == "completed"
     assert result.children == []
     [sub] = llm.requests(SUB)
@@ -126,11 +122,7 @@ def test_unknown_model_name_in_guest_is_an_error_string(settings, context_store,
     llm.add_rule("not configured", "FINAL(refused)", model=ROOT, name="saw")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx))
     assert result.answer == "refused" and llm.count("saw") == 1
     assert llm.requests(SUB) == []
 
@@ -145,11 +137,7 @@ def test_calls_cap_holds_for_the_tree(settings, context_store, llm):
     _spend_script(llm, prompts=5)
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
     assert result.status == "budget_exhausted"
     assert "calls" in (result.reason or "")
     # Root turn 1 and three sub-calls fit; two items and root turn 2 were refused.
@@ -163,11 +151,7 @@ def test_refused_subcall_is_an_explanation_for_the_code(settings, context_store,
     llm.add_rule(None, "ok", model=SUB, name="sub")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_calls": 4, "max_concurrency": 1}))
     assert result.status == "completed"
     assert result.answer.startswith("Budget:") and "calls" in result.answer
     assert llm.count("sub") == 3 and result.spend.calls == 4
@@ -197,11 +181,7 @@ def test_wall_time_cap(settings, context_store, llm):
     llm.add_rule(None, "late", model=SUB, delay_s=2.5)
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx, caps={"max_wall_s": 2.0}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_wall_s": 2.0}))
     assert result.status == "budget_exhausted"
     assert "wall" in (result.reason or "").lower() or "time" in (result.reason or "").lower()
     assert llm.count("root") == 1
@@ -211,11 +191,7 @@ def test_budget_too_small_to_start(settings, context_store, llm):
     ctx = context_store.put_value("abc")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q", ctx, caps={"max_tokens": 50}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_tokens": 50}))
     assert result.status == "budget_exhausted"
     assert "too small to start" in (result.reason or "")
     assert llm.count() == 0

@@ -13,7 +13,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, SUB, isolated, repl, request, run, running_worker, start
+from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start
 from workflows.run import RLMRun
 
 NEEDLE = "ORCHID-8528"
@@ -93,11 +93,7 @@ def test_final_var(settings, context_store, llm, where):
         llm.add_rule("computed", "The variable holds it.\nFINAL_VAR(total)", model=ROOT)
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("sum?", ctx))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("sum?", ctx))
     assert result.status == "completed", result.reason
     assert result.answer == "12"
 
@@ -111,11 +107,7 @@ def test_final_in_code_ends_after_cell_and_final_in_plan_is_ignored(settings, co
     )
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("colour?", ctx))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("colour?", ctx))
     assert result.answer == "BLUE"
     assert result.turns == 1
 
@@ -129,11 +121,7 @@ def test_malformed_replies_get_a_nudge(settings, context_store, llm):
     llm.add_rule(re.compile(r"Turn [34] of"), "FINAL(done)", model=ROOT, name="final")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q?", ctx))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q?", ctx))
     assert result.status == "completed"
     assert result.answer == "done"
     assert [llm.count(n) for n in ("null", "prose", "final")] == [1, 1, 2]
@@ -146,11 +134,7 @@ def test_max_turns_asks_once_for_a_final_answer(settings, context_store, llm):
     llm.add_rule(re.compile(r"turn limit"), "FINAL(best guess)", model=ROOT, name="last")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q?", ctx, caps={"max_turns": 2}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q?", ctx, caps={"max_turns": 2}))
     assert result.status == "max_turns"
     assert result.answer == "best guess"
     assert llm.count("loop") == 2 and llm.count("last") == 1
@@ -167,11 +151,7 @@ def test_cell_timeout_is_reported_and_repl_goes_on(settings, context_store, llm)
     llm.add_rule(lambda r: "42" in r.last_user_text and "Turn 3 of" in r.last_user_text, "FINAL(42)", model=ROOT, name="ok")
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q?", ctx, limits={"cell_timeout_s": 1.0}))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q?", ctx, limits={"cell_timeout_s": 1.0}))
     assert result.answer == "42", result
     turn2 = [r for r in llm.requests(ROOT) if "Turn 2 of" in r.last_user_text][0]
     assert "time" in turn2.last_user_text.lower()
@@ -207,11 +187,7 @@ def test_unknown_model_fails_before_any_call(settings, context_store, llm):
     s = isolated(settings)
     from workflows.request import ModelChoice
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await run(client, s, request("q?", ctx, models=ModelChoice(root="no-such-model-xyz")))
-
-    result = asyncio.run(go())
+    result = run_once(s, fake_registry(llm), request("q?", ctx, models=ModelChoice(root="no-such-model-xyz")))
     assert result.status == "failed"
     assert "no-such-model-xyz" in (result.reason or "")
     assert llm.count() == 0

@@ -46,10 +46,6 @@ MAX_SUBCALL_UPDATES = 1_800
 REPLY_INLINE_BUDGET = 512 * 1024
 
 
-
-
-
-
 class SubcallRouter:
     """Runs and remembers the sub-calls of one run."""
 
