@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workflows.parsing import _PLACEHOLDERS, FinalAnswer, parse_reply
+from workflows.parsing import (
+    _PLACEHOLDERS,
+    MAX_CODE_BLOCKS,
+    MAX_NOTES,
+    MAX_REPLY_CHARS,
+    FinalAnswer,
+    parse_reply,
+)
 
 # --- replies seen from the local 1.5B model (DESIGN.md section 6) -------------------------
 
@@ -382,3 +389,64 @@ def test_reply_made_of_tricky_fragments_parses_consistently(reply):
     assert reply.replace("\r\n", "\n").startswith(parsed.text)
     if parsed.final is not None and parsed.final.kind == "var":
         assert parsed.final.value.isidentifier()
+
+
+# --- the parser never raises, and its work is bounded ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "```repl\n" + "-" * 8000,  # MemoryError from CPython's parser on 3.11
+        "```repl\n" + "-" * 8000 + "\n```",
+        "```repl\n" + "(" * 8000,
+        "```" + "a" * 200_000 + "`",  # quadratic backtracking of the old fence regex
+        "FINAL_VAR((\n" * 100_000,
+        "FINAL(" + "(" * 500_000,
+        "```text\nx\n```\n" * 50_000,
+        "```repl\nx = 1\n```\n" * 1000,
+    ],
+    ids=["unclosed_dashes", "closed_dashes", "unclosed_parens", "long_info_string", "many_final_vars",
+         "deep_final", "many_fences", "many_code_blocks"],
+)
+def test_hostile_reply_shapes_parse_within_bounds(reply):
+    parsed = parse_reply(reply)
+    assert len(parsed.code_blocks) <= MAX_CODE_BLOCKS
+    assert len(parsed.notes) <= MAX_NOTES + 1
+    assert len(parsed.text) <= len(reply)
+
+
+def test_a_reply_past_the_size_bound_is_cut_with_a_note():
+    parsed = parse_reply("```repl\nprint(1)\n```\n" + "x" * (MAX_REPLY_CHARS + 10))
+    assert parsed.code_blocks == ["print(1)"]
+    assert len(parsed.text) <= MAX_REPLY_CHARS
+    assert any("only the first" in n for n in parsed.notes)
+
+
+def test_extra_code_blocks_are_reported_not_run():
+    parsed = parse_reply("```repl\nx = 1\n```\n" * (MAX_CODE_BLOCKS + 3))
+    assert len(parsed.code_blocks) == MAX_CODE_BLOCKS
+    assert any(f"first {MAX_CODE_BLOCKS}" in n for n in parsed.notes)
+
+
+_HOSTILE_PIECES = st.sampled_from(
+    ["```", "```repl", "```python\n", "~~~", "`", "-", "(", ")", "FINAL(", "FINAL_VAR(", '"', "'", "\u201c",
+     "User:", "<|im_start|>", "**", "#", " ", "\t", "\n", "x", "\x00", "\\"]
+)
+
+
+@given(st.lists(st.tuples(_HOSTILE_PIECES, st.integers(1, 20_000)), max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_long_runs_of_hostile_pieces_never_raise(runs):
+    # Up to 12 runs of up to 20,000 repeats: replies up to ~2.6 MB; a parser
+    # whose work grows faster than linearly would make this test crawl.
+    reply = "".join(piece * count for piece, count in runs)
+    parsed = parse_reply(reply)
+    assert len(parsed.code_blocks) <= MAX_CODE_BLOCKS and len(parsed.notes) <= MAX_NOTES + 1
+
+
+@given(st.text(max_size=5000))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_text_never_raises(reply):
+    parsed = parse_reply(reply)
+    assert len(parsed.code_blocks) <= MAX_CODE_BLOCKS and len(parsed.notes) <= MAX_NOTES + 1

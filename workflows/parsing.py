@@ -50,8 +50,20 @@ CODE_FENCE_TAGS = frozenset({"repl", "python", "python3", "py", "py3", "ipython"
 
 _OUTPUT_FENCE_TAGS = frozenset({"output", "stdout", "console", "repl-output", "repl_output"})
 
-_FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[^\s`]*)[^`]*$")
+MAX_REPLY_CHARS = 1_000_000
+"""A reply is parsed up to this many characters; the rest is ignored (with a note)."""
+MAX_CODE_BLOCKS = 20
+"""Runnable blocks taken from one reply; further ones are reported, not run."""
+MAX_FINAL_CANDIDATES = 10
+"""FINAL / FINAL_VAR candidates examined in one reply (each may scan to its end)."""
+MAX_NOTES = 12
+"""Distinct notes kept for one reply; a flood of refused blocks gives one summary."""
+MAX_FINAL_CHARS = 100_000
+"""How far a FINAL's value is searched for its closing parenthesis."""
+MAX_UNCLOSED_CODE_CHARS = 200_000
+"""An unclosed block longer than this is not test-parsed (dropped with a note)."""
 
+_PAREN = re.compile(r"[()]")
 _TEMPLATE_TOKEN = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|start_header_id)\|>")
 
 _LINE_LEAD = r"^[ \t>*_#`~-]*"
@@ -124,6 +136,12 @@ def parse_reply(reply: str | None) -> ParsedReply:
         return ParsedReply([], None, False, False, "", ["Your reply was empty."])
 
     notes: list[str] = []
+    if len(reply) > MAX_REPLY_CHARS:
+        notes.append(
+            f"Your reply had {len(reply):,} characters; only the first {MAX_REPLY_CHARS:,} were read. "
+            "Keep replies short: put long data in REPL variables, not in the reply."
+        )
+        reply = reply[:MAX_REPLY_CHARS]
     text = reply.replace("\r\n", "\n").replace("\r", "\n")
     text, truncated = _cut_template_tokens(text)
     segments, kept_lines, cut_at_line = _split(text.split("\n"))
@@ -151,6 +169,11 @@ def parse_reply(reply: str | None) -> ParsedReply:
                 )
         elif not code.strip():
             notes.append("An empty ```repl block was skipped.")
+        elif len(code_blocks) >= MAX_CODE_BLOCKS:
+            notes.append(
+                f"Only the first {MAX_CODE_BLOCKS} ```repl blocks of a reply run; later ones were "
+                "skipped. Put more work into each block."
+            )
         elif seg.closed or _is_complete_python(code):
             code_blocks.append(code)
         else:
@@ -160,9 +183,10 @@ def parse_reply(reply: str | None) -> ParsedReply:
             )
 
     final = None
+    candidates = [MAX_FINAL_CANDIDATES]
     for chunk in prose:
-        final = _find_final(chunk, notes)
-        if final is not None:
+        final = _find_final(chunk, notes, candidates)
+        if final is not None or candidates[0] <= 0:
             break
 
     kept = "\n".join(kept_lines).rstrip()
@@ -172,8 +196,16 @@ def parse_reply(reply: str | None) -> ParsedReply:
         final_after_code=final is not None and bool(code_blocks),
         truncated_at_fake_output=truncated,
         text=kept,
-        notes=notes,
+        notes=_bounded_notes(notes),
     )
+
+
+def _bounded_notes(notes: list[str]) -> list[str]:
+    """Each distinct note once, in order, at most MAX_NOTES of them."""
+    unique = list(dict.fromkeys(notes))
+    if len(unique) <= MAX_NOTES:
+        return unique
+    return unique[:MAX_NOTES] + [f"({len(unique) - MAX_NOTES} more notes like these were left out.)"]
 
 
 def _cut_template_tokens(text: str) -> tuple[str, bool]:
@@ -204,15 +236,16 @@ def _split(lines: list[str]) -> tuple[list[str | _Fence], list[str], bool]:
             else:
                 fence.lines.append(line)
             continue
-        opened = _FENCE_OPEN.match(line)
+        opened = _fence_open(line)
         if opened is not None:
-            tag = _fence_tag(opened.group("tag"))
+            marker, info = opened
+            tag = _fence_tag(info)
             if seen_code and tag in _OUTPUT_FENCE_TAGS:
                 return _flush(segments, prose), lines[:i], True
             if prose:
                 segments.append("\n".join(prose))
                 prose = []
-            fence = _Fence(tag=tag, marker=opened.group("fence"), lines=[])
+            fence = _Fence(tag=tag, marker=marker, lines=[])
             seen_code = seen_code or tag in CODE_FENCE_TAGS
             continue
         if _ROLE_TURN.match(line) or (seen_code and _FAKE_OUTPUT.match(line)):
@@ -221,6 +254,26 @@ def _split(lines: list[str]) -> tuple[list[str | _Fence], list[str], bool]:
     if fence is not None:
         segments.append(fence)
     return _flush(segments, prose), lines, False
+
+
+def _fence_open(line: str) -> tuple[str, str] | None:
+    """(marker, tag word) if `line` opens a fence: optional indent, three or
+    more backticks or tildes, an info string without backticks.
+
+    Plain string work instead of a regex: the regex this replaces
+    backtracked quadratically on a long info string ending in a backtick.
+    """
+    body = line.lstrip(" \t")
+    if body[:3] not in ("```", "~~~"):
+        return None
+    char = body[0]
+    run = len(body) - len(body.lstrip(char))
+    rest = body[run:]
+    if "`" in rest:
+        return None
+    rest = rest.lstrip(" \t")
+    word_end = next((i for i, ch in enumerate(rest) if ch.isspace()), len(rest))
+    return body[:run], rest[:word_end]
 
 
 def _fence_tag(info: str) -> str:
@@ -245,20 +298,36 @@ def _closes(line: str, marker: str) -> bool:
 
 
 def _is_complete_python(code: str) -> bool:
+    if len(code) > MAX_UNCLOSED_CODE_CHARS:
+        return False
     # Warnings (invalid escapes) are irrelevant here and must not reach stderr
     # from inside a workflow.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             ast.parse(code)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            # Deep nesting (e.g. 8,000 `-` in a row) makes CPython's parser raise
+            # MemoryError ("parser stack overflow") or RecursionError: not complete code.
             return False
     return True
 
 
-def _find_final(chunk: str, notes: list[str]) -> FinalAnswer | None:
-    """The first acceptable FINAL / FINAL_VAR at the start of a line of `chunk`."""
+def _find_final(chunk: str, notes: list[str], candidates: list[int]) -> FinalAnswer | None:
+    """The first acceptable FINAL / FINAL_VAR at the start of a line of `chunk`.
+
+    `candidates[0]` is how many more candidates may be examined (shared by
+    all chunks of a reply): each may scan to the end of the chunk, so an
+    unbounded number would make the work quadratic in the reply's length.
+    """
     for m in _FINAL_START.finditer(chunk):
+        if candidates[0] <= 0:
+            notes.append(
+                f"Only the first {MAX_FINAL_CANDIDATES} FINAL(...) lines of a reply are considered; "
+                "give one FINAL."
+            )
+            return None
+        candidates[0] -= 1
         inner = _balanced_content(chunk, m.end())
         kw = m.group("kw").upper()
         value = _strip_quotes(inner.strip())
@@ -295,14 +364,10 @@ def _balanced_content(text: str, start: int) -> str:
     if quoted is not None:
         return quoted
     depth = 1
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
+    for m in _PAREN.finditer(text, start, start + MAX_FINAL_CHARS):
+        depth += 1 if m.group() == "(" else -1
+        if depth == 0:
+            return text[start : m.start()]
     line_end = text.find("\n", start)
     line = text[start:] if line_end < 0 else text[start:line_end]
     line = line.rstrip().rstrip("*`_ ")
@@ -316,7 +381,7 @@ def _quoted_content(text: str, start: int) -> str | None:
     opener = m.group(1)
     closer = _QUOTE_PAIRS.get(opener, opener)
     close_re = re.compile(re.escape(closer) + r"[ \t]*\)")
-    end = close_re.search(text, m.end())
+    end = close_re.search(text, m.end(), start + MAX_FINAL_CHARS)
     if end is None:
         return None
     return text[start : end.start() + len(closer)]
