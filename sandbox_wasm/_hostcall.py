@@ -9,7 +9,10 @@
   epoch deadline.
 
 Every pointer and length comes from untrusted guest code: each range is
-checked against the memory size before the host touches it.
+checked against the memory size before the host touches it, every count
+(iovecs, subscriptions) is bounded, a frame's announced size is checked
+against the instance's limit before anything is allocated for it, and its
+body is buffered only as its bytes actually arrive.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ from .guest.rlm_codec import FRAME_HEADER, decode, encode_frame
 _WASI = "wasi_snapshot_preview1"
 _ERRNO_SUCCESS = 0
 _ERRNO_FAULT = 21
+_ERRNO_INVAL = 28
+_ERRNO_MSGSIZE = 35
+# POSIX IOV_MAX; wasi-libc never passes more in one call.
+_MAX_IOVECS = 1024
+# poll_oneoff subscriptions in one call: CPython's select() on no sockets needs a handful.
+_MAX_SUBSCRIPTIONS = 4096
 _IOVEC = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _SUBSCRIPTION_SIZE = 48
-_MAX_FRAME = 3 * 1024**3
 _SLEEP_SLACK_NS = 20_000_000
 
 
@@ -43,6 +51,13 @@ class ProtocolViolation(Exception):
 
 class _Fault(Exception):
     pass
+
+
+class _Refused(Exception):
+    """A request the host turns down with a WASI errno; the guest goes on."""
+
+    def __init__(self, errno: int):
+        self.errno = errno
 
 
 class _BytesSource:
@@ -101,14 +116,18 @@ class WasiShim:
     """The shadowed imports of one guest instance (used only on its wasm thread)."""
 
     def __init__(self, on_message: Callable[[Any, Any], list[Any]],
-                 on_output: Callable[[bytes], None], deadline: Callable[[], float | None]):
+                 on_output: Callable[[memoryview], None], deadline: Callable[[], float | None],
+                 max_frame: int):
         self._on_message = on_message
         self._on_output = on_output
         self._deadline = deadline
+        self._max_frame = max_frame
         self._pending: collections.deque[Any] = collections.deque()
         self._header = bytearray()
         self._body: bytearray | None = None
-        self._filled = 0
+        self._size = 0
+        self.refused_frames = 0
+        """Frames turned down for their announced size (the guest got EMSGSIZE)."""
         self._memory: wasmtime.Memory | None = None
         self._real_funcs: dict[str, Any] = {}  # WASI functions bound to the store
         self._real: dict[str, Any] = {}  # the same, called through the trampoline
@@ -151,6 +170,8 @@ class WasiShim:
         return memoryview((ctypes.c_ubyte * length).from_address(base + ptr)).cast("B")
 
     def _iovecs(self, caller: Any, ptr: int, count: int) -> list[tuple[int, int]]:
+        if not 0 <= count <= _MAX_IOVECS:
+            raise _Refused(_ERRNO_INVAL)
         raw = bytes(self._view(caller, ptr, _IOVEC.size * count))
         return list(_IOVEC.iter_unpack(raw))
 
@@ -168,11 +189,14 @@ class WasiShim:
                 if fd == 0:
                     self._feed(chunk, caller)
                 else:
-                    self._on_output(bytes(chunk))
+                    # A view of guest memory: the collector copies only what it keeps.
+                    self._on_output(chunk)
                 total += length
             self._put_u32(caller, out, total)
         except _Fault:
             return _ERRNO_FAULT
+        except _Refused as refused:
+            return refused.errno
         return _ERRNO_SUCCESS
 
     def _fd_read(self, caller: Any, fd: int, iovs: int, count: int, out: int) -> int:
@@ -193,9 +217,13 @@ class WasiShim:
             self._put_u32(caller, out, total)
         except _Fault:
             return _ERRNO_FAULT
+        except _Refused as refused:
+            return refused.errno
         return _ERRNO_SUCCESS
 
     def _poll_oneoff(self, caller: Any, subs: int, events: int, count: int, out: int) -> int:
+        if not 0 < count <= _MAX_SUBSCRIPTIONS:
+            return _ERRNO_INVAL
         deadline = self._deadline()
         if deadline is not None:
             try:
@@ -235,17 +263,23 @@ class WasiShim:
                 if len(self._header) < FRAME_HEADER.size:
                     return
                 (size,) = FRAME_HEADER.unpack(self._header)
-                if size > _MAX_FRAME:
-                    raise ProtocolViolation(f"frame of {size} bytes announced")
-                self._body = bytearray(size)
-                self._filled = 0
-            count = min(len(chunk), len(self._body) - self._filled)
-            self._body[self._filled:self._filled + count] = chunk[:count]
-            self._filled += count
-            chunk = chunk[count:]
-            if self._filled == len(self._body):
-                body, self._body = self._body, None
                 self._header = bytearray()
+                if size > self._max_frame:
+                    # Refused before anything is allocated; the rest of this
+                    # write is dropped with it, and the guest's channel turns
+                    # the errno into a clear exception.
+                    self.refused_frames += 1
+                    raise _Refused(_ERRNO_MSGSIZE)
+                # Grown as bytes arrive (not bytearray(size)): a header alone
+                # costs nothing, and the body can only be as large as what the
+                # guest really wrote.
+                self._body = bytearray()
+                self._size = size
+            count = min(len(chunk), self._size - len(self._body))
+            self._body += chunk[:count]
+            chunk = chunk[count:]
+            if len(self._body) == self._size:
+                body, self._body = self._body, None
                 try:
                     message = decode(body)
                 except ValueError as exc:

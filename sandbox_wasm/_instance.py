@@ -6,10 +6,17 @@ command or a host-function result; those callbacks hand messages to the
 session's thread through two queues, so host functions run in the thread that
 called `run_cell` (where, e.g., a Temporal activity context is available).
 Deadlines are set from the wasm thread, the only thread that may touch the store.
+
+Time is enforced by epoch interruption: every few ticks the store calls back
+into `_on_epoch` (on the wasm thread), which traps the guest once its deadline
+has passed or once another thread asked for an interrupt (`interrupt()`,
+used to cancel a cell). A trap is not a Python exception inside the guest, so
+guest code cannot catch it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import queue
 import threading
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
+from wasmtime import _bindings as wasmtime_bindings
 from wasmtime import _ffi as wasmtime_ffi
 
 from ._hostcall import WasiShim, frame_source
@@ -26,7 +34,14 @@ from ._runtime import CLOUDPICKLE_DIR, GUEST_DIR, TICK_S, Runtime
 
 _BOOT = ("import sys; sys.path[:0] = ['/rlm/pyc', '/rlm/guest']; "
          "import rlm_driver; rlm_driver.main()")
-_NO_DEADLINE_TICKS = 2**62
+# Ticks between two epoch callbacks: how soon an interrupt from another
+# thread stops running guest code (CHECK_TICKS x TICK_S = 50 ms).
+CHECK_TICKS = 5
+_EPOCH_CALLBACK = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
+# wasmtime calls a finalizer for the callback's data pointer, which we leave NULL.
+_NO_FINALIZER = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtypes[3](
+    lambda _data: None)
+_UPDATE_CONTINUE = 0
 
 
 class Aborted(Exception):
@@ -45,6 +60,8 @@ class Event:
     payload: Any = None
     timed_out: bool = False
     """For `dead`: the deadline trap (the cell ran out of time)."""
+    interrupted: bool = False
+    """For `dead`: stopped by `interrupt()` (e.g. the cell was cancelled)."""
 
 
 class HungGuest(Exception):
@@ -54,16 +71,23 @@ class HungGuest(Exception):
 class GuestInstance:
     """A booted REPL guest. Methods are called from the session thread only."""
 
-    def __init__(self, runtime: Runtime, memory_bytes: int, output: OutputCollector):
+    def __init__(self, runtime: Runtime, memory_bytes: int, output: OutputCollector,
+                 max_frame: int):
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._deadline: float | None = None
         self._fault: str | None = None
+        self._interrupt: str | None = None
+        self._busy = False
         self.output = output
         self.alive = True
         store = wasmtime.Store(runtime.engine)
         store.set_limits(memory_size=memory_bytes)
-        store.set_epoch_deadline(_NO_DEADLINE_TICKS)
+        store.set_epoch_deadline(CHECK_TICKS)
+        # Kept on self: wasmtime holds only the C pointer.
+        self._epoch_callback = _EPOCH_CALLBACK(self._on_epoch)
+        wasmtime_ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), self._epoch_callback, None, _NO_FINALIZER)
         wasi = wasmtime.WasiConfig()
         wasi.argv = ["python", "-I", "-S", "-B", "-c", _BOOT]
         # Our own guest code and cloudpickle, read-only; nothing else of the host.
@@ -74,7 +98,7 @@ class GuestInstance:
         store.set_wasi(wasi)
         linker = wasmtime.Linker(runtime.engine)
         linker.define_wasi()
-        self._shim = WasiShim(self._on_message, output.feed, lambda: self._deadline)
+        self._shim = WasiShim(self._on_message, output.feed, lambda: self._deadline, max_frame)
         self._shim.install(linker, store)
         instance = linker.instantiate(store, runtime.module)
         self._shim.bind(store, instance, runtime.trampoline)
@@ -86,6 +110,7 @@ class GuestInstance:
     def boot(self, timeout_s: float, grace_s: float) -> Any:
         """Start the wasm thread and wait until the driver reports ready."""
         self._deadline = time.monotonic() + timeout_s
+        self._busy = True
         self._thread.start()
         event = self.wait(timeout_s + grace_s)
         if event.kind != "done":
@@ -96,7 +121,9 @@ class GuestInstance:
         """Hand the next command to the guest (it is waiting for one)."""
         # Encoded here, not on the wasm thread: an encoding error stays a
         # Python exception in the caller instead of killing the instance.
-        self._commands.put((frame_source(message), timeout_s, sources or []))
+        source = frame_source(message)
+        self._busy = True
+        self._commands.put((source, timeout_s, sources or []))
 
     def reply(self, message: Any) -> None:
         """Answer a pending host-function call (raises CodecError if unencodable)."""
@@ -106,27 +133,41 @@ class GuestInstance:
         try:
             event = self._events.get(timeout=timeout_s)
         except queue.Empty:
-            self.alive = False
             raise HungGuest from None
         if event.kind == "dead":
             self.alive = False
+        elif event.kind == "done":
+            self._busy = False
         return event
+
+    @property
+    def refused_frames(self) -> int:
+        shim = self._shim
+        return shim.refused_frames if shim is not None else 0
 
     def abort(self) -> None:
         """Kill the guest at its next host callback (used when the session gives up)."""
         self.alive = False
         self._commands.put(_ABORT)
 
+    def interrupt(self, reason: str) -> None:
+        """Stop the guest from any thread: running wasm traps within CHECK_TICKS
+        ticks; a guest waiting in a host callback is aborted there."""
+        if self._interrupt is None:
+            self._interrupt = reason
+        self.abort()
+
     def close(self) -> None:
         """Stop the guest and free the store (its memory) once the thread is done."""
-        was_alive = self.alive
-        if was_alive and self._thread.is_alive():
+        idle = self.alive and not self._busy
+        if idle and self._thread.is_alive():
             self.send(["exit"], 5.0)
         elif self._thread.is_alive():
-            self.abort()
+            # Mid-command: an exit command would wait for the command to end.
+            self.interrupt("the session was closed")
         # A hung guest (blocked in a WASI call) is not waited for: it is left
         # to finish on its daemon thread and is freed by the garbage collector.
-        self._thread.join(timeout=5.0 if was_alive else 1.0)
+        self._thread.join(timeout=5.0 if idle else 1.0)
         self.alive = False
         if not self._thread.is_alive() and self._store is not None:
             # Callbacks registered with wasmtime keep this object (and so the
@@ -135,6 +176,7 @@ class GuestInstance:
             self._start_fn = None
             self._store.close()
             self._store = None
+            self._epoch_callback = None
 
     # -- wasm thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -150,6 +192,8 @@ class GuestInstance:
         self._events.put(event)
 
     def _classify(self, exc: BaseException) -> Event:
+        if self._interrupt is not None:
+            return Event("dead", self._interrupt, interrupted=True)
         if self._fault is not None:
             return Event("dead", self._fault)
         code = getattr(exc, "trap_code", None)
@@ -192,6 +236,33 @@ class GuestInstance:
             return
         seconds = max(seconds, 0.0)
         self._deadline = time.monotonic() + seconds
-        # +1: the next tick may come at once, so n ticks can be as short as n-1.
-        ticks = min(math.ceil(seconds / TICK_S) + 1, _NO_DEADLINE_TICKS)
-        wasmtime_ffi.wasmtime_context_set_epoch_deadline(caller._context(), ticks)
+        wasmtime_ffi.wasmtime_context_set_epoch_deadline(caller._context(), _ticks_until(seconds))
+
+    def _on_epoch(self, _context: Any, _data: Any, delta: Any, update_kind: Any) -> int:
+        """Epoch callback (wasm thread, between guest instructions): trap or go on.
+
+        Must not raise: an exception cannot cross the C boundary."""
+        try:
+            if self._interrupt is not None:
+                return _trap(f"interrupted: {self._interrupt}")
+            deadline = self._deadline
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return _trap("the deadline passed")
+            delta[0] = _ticks_until(left)
+            update_kind[0] = _UPDATE_CONTINUE
+            return 0
+        except BaseException:  # noqa: BLE001 - stop the guest rather than lose control
+            return _trap("epoch check failed")
+
+
+def _ticks_until(seconds: float | None) -> int:
+    if seconds is None:
+        return CHECK_TICKS
+    # +1: the next tick may come at once, so n ticks can be as short as n-1.
+    return max(1, min(math.ceil(seconds / TICK_S) + 1, CHECK_TICKS))
+
+
+def _trap(message: str) -> int:
+    error = wasmtime_ffi.wasmtime_error_new(ctypes.create_string_buffer(message.encode()))
+    return ctypes.cast(error, ctypes.c_void_p).value or 0

@@ -9,8 +9,10 @@ import threading
 class OutputCollector:
     """UTF-8 bytes from the guest's fd 1/2, decoded incrementally.
 
-    Keeps at most `ceiling` characters; counts the rest so the cut can be
-    reported. Written by the wasm thread, read by the session thread.
+    Keeps at most `ceiling` characters and counts the rest so the cut can be
+    reported. A write is cut BEFORE it is copied out of guest memory and
+    decoded: a guest printing 1 GB in one write costs the host at most
+    4 x ceiling bytes. Written by the wasm thread, read by the session thread.
     """
 
     def __init__(self, ceiling: int):
@@ -25,10 +27,20 @@ class OutputCollector:
             self._kept = 0
             self._dropped = 0
 
-    def feed(self, data: bytes) -> None:
-        text = self._decoder.decode(data)
+    def feed(self, data: bytes | memoryview) -> None:
+        """Take one write; `data` may be a view of guest memory, valid only
+        during this call, so nothing keeps a reference to it."""
         with self._lock:
-            self._add(text)
+            room = self._ceiling - self._kept
+            if room <= 0:
+                self._dropped += len(data)
+                return
+            # UTF-8 has at most 4 bytes per character, so this many bytes give
+            # more characters than there is room for: nothing kept is lost.
+            take = min(len(data), 4 * room + 4)
+            self._add(self._decoder.decode(bytes(data[:take])))
+            # Past the ceiling, bytes are counted, not decoded (= characters for ASCII).
+            self._dropped += len(data) - take
 
     def _add(self, text: str) -> None:
         room = self._ceiling - self._kept

@@ -14,6 +14,12 @@ class SandboxError(RuntimeError):
     """
 
 
+class CellInterrupted(SandboxError):
+    """`ReplSession.interrupt()` stopped the running command (e.g. the cell was
+    cancelled). The instance is gone; the session boots a new one, from the
+    last snapshot, when it is used again."""
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-session limits; every cell runs under all of them."""
@@ -35,6 +41,15 @@ class SandboxLimits:
     hang_grace_s: float = 5.0
     """Extra seconds the host waits past a deadline before it abandons an instance
     stuck in a blocking system call that the deadline cannot interrupt."""
+    max_host_call_bytes: int = 512 * 1024**2
+    """Largest message the guest may send to the host in one call (arguments of
+    a host function, a snapshot). A frame announcing more than this, or more
+    than `memory_bytes`, is refused before the host allocates anything; the
+    guest gets a clear exception and the REPL goes on."""
+    max_host_calls: int = 2_000
+    """Host-function calls one cell may make. Time spent in host calls does not
+    count against `cell_timeout_s`, so this ends a cell that floods the host
+    with calls (the instance is stopped and the last snapshot restored)."""
 
     def __post_init__(self) -> None:
         if not self.cell_timeout_s > 0:
@@ -46,16 +61,24 @@ class SandboxLimits:
             raise ValueError("need 0 <= output_chars <= full_output_chars")
         if not self.admin_timeout_s > 0 or self.hang_grace_s < 0:
             raise ValueError("admin_timeout_s must be > 0 and hang_grace_s >= 0")
+        if self.max_host_call_bytes < 1024**2 or self.max_host_calls < 1:
+            raise ValueError("need max_host_call_bytes >= 1 MiB and max_host_calls >= 1")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest host-call frame accepted: no more than the guest could hold."""
+        return min(self.max_host_call_bytes, self.memory_bytes)
 
 
 @dataclass(frozen=True)
 class LimitHit:
     """A limit that stopped or shortened a cell."""
 
-    kind: Literal["timeout", "memory", "output", "trap"]
+    kind: Literal["timeout", "memory", "output", "host_calls", "trap"]
     """Which limit: `timeout` (cell_timeout_s), `memory` (memory_bytes, MemoryError
-    in the guest), `output` (output_chars, output was cut) or `trap` (the instance
-    died for another reason, e.g. stack exhaustion or os._exit)."""
+    in the guest), `output` (output_chars, output was cut), `host_calls`
+    (max_host_calls) or `trap` (the instance died for another reason, e.g.
+    stack exhaustion or os._exit)."""
     limit: float | int
     """The configured value of that limit (0 for `trap`)."""
     message: str

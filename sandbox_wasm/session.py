@@ -14,12 +14,19 @@ from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest
 from ._output import OutputCollector, cap_output
 from ._runtime import get_runtime
-from ._types import CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
+from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
 
 HostFunction = Callable[..., Any]
+
+# The session thread waits for the guest in slices this long, so an exception
+# raised into it from another thread (an activity's cancellation) lands promptly.
+_WAIT_SLICE_S = 0.2
+# Guest-reported texts (error, traceback) are cut to this before they are kept.
+_MAX_REPORT_CHARS = 20_000
+_MAX_RESTORED_NAMES = 100
 
 
 class ReplSession:
@@ -50,6 +57,7 @@ class ReplSession:
         self._context: tuple[list[Path], list[int], str] | None = None
         self._last_snapshot: bytes | None = None
         self._needs_restart = False
+        self._interrupted: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> ReplSession:
@@ -64,6 +72,18 @@ class ReplSession:
         if self._instance is not None:
             self._instance.close()
             self._instance = None
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the command running now, from any thread (e.g. a cancelled cell).
+
+        The guest is trapped by the host (an epoch check), not sent an
+        exception, so its code cannot catch it; `run_cell` then raises
+        `CellInterrupted`. The next use of the session starts a new instance
+        from the last snapshot."""
+        self._interrupted = reason
+        instance = self._instance
+        if instance is not None:
+            instance.interrupt(reason)
 
     def __enter__(self) -> ReplSession:
         if self._instance is None:
@@ -97,8 +117,14 @@ class ReplSession:
         """Pickle the user globals (context by reference); also kept as the
         state to fall back to after a trap."""
         result = self._admin(["snapshot"])
-        snap = Snapshot(data=bytes(result["data"]), saved=list(result["saved"]),
-                        unsaved=sorted(result["unsaved"]), unsaved_reasons=dict(result["unsaved"]))
+        data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
+        # Guest-made values: check their types (bytes(n) of an int would allocate n bytes).
+        if not (isinstance(data, bytes) and isinstance(saved, list) and isinstance(unsaved, dict)
+                and all(isinstance(n, str) for n in saved)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in unsaved.items())):
+            self._needs_restart = True
+            raise SandboxError("snapshot failed: the guest sent a malformed snapshot")
+        snap = Snapshot(data=data, saved=saved, unsaved=sorted(unsaved), unsaved_reasons=unsaved)
         self._last_snapshot = snap.data
         return snap
 
@@ -119,6 +145,7 @@ class ReplSession:
         instance = self._require()
         notes: list[str] = []
         restarted = False
+        self._interrupted = None
         if self._needs_restart:
             restarted = True
             reason = "the previous cell was interrupted on the host side"
@@ -129,8 +156,11 @@ class ReplSession:
         instance.output.reset()
         instance.send(["exec", code, limits.cell_timeout_s, limits.output_chars],
                       limits.cell_timeout_s)
-        event = self._pump(instance, limits.cell_timeout_s)
+        event = self._pump(instance, limits.cell_timeout_s, max_calls=limits.max_host_calls)
         duration = time.perf_counter() - began
+        if event.interrupted:
+            self._needs_restart = True
+            raise CellInterrupted(f"the cell was interrupted: {event.payload}")
         text, dropped = instance.output.take()
         full_output = text
         if dropped:
@@ -144,10 +174,12 @@ class ReplSession:
                                     f"({cut:,} more chars not shown)")
         if event.kind == "done":
             payload = event.payload
-            result.error = payload.get("error")
-            result.traceback = payload.get("traceback")
-            result.value_repr = payload.get("value_repr")
-            result.restored_names = list(payload.get("restored") or [])
+            result.error = _report_text(payload.get("error"))
+            result.traceback = _report_text(payload.get("traceback"))
+            result.value_repr = _report_text(payload.get("value_repr"), limits.output_chars + 100)
+            restored = payload.get("restored")
+            result.restored_names = ([str(n)[:100] for n in restored[:_MAX_RESTORED_NAMES]]
+                                     if isinstance(restored, list) else [])
             if payload.get("error_type") == "MemoryError":
                 result.limit = LimitHit("memory", limits.memory_bytes,
                                         f"the cell ran out of memory (cap {limits.memory_bytes:,} "
@@ -160,6 +192,12 @@ class ReplSession:
                 message = (f"the cell ran longer than {limits.cell_timeout_s:g} s and was stopped")
                 result.limit = LimitHit("timeout", limits.cell_timeout_s, message)
                 result.error = f"TimeoutError: {message}"
+            elif event.payload == _TOO_MANY_CALLS:
+                message = (f"the cell made more than {limits.max_host_calls:,} host-function calls "
+                           "and was stopped; batch the work (e.g. llm_query_batched) instead of "
+                           "calling in a loop")
+                result.limit = LimitHit("host_calls", limits.max_host_calls, message)
+                result.error = f"HostCallLimit: {message}"
             else:
                 message = str(event.payload)
                 result.limit = LimitHit("trap", 0, message)
@@ -184,7 +222,8 @@ class ReplSession:
     def _boot(self) -> GuestInstance:
         output = OutputCollector(self.limits.full_output_chars)
         try:
-            instance = GuestInstance(self._runtime, self.limits.memory_bytes, output)
+            instance = GuestInstance(self._runtime, self.limits.memory_bytes, output,
+                                     self.limits.max_frame_bytes)
         except Exception as exc:
             raise SandboxError(f"the sandbox failed to instantiate: {exc}") from exc
         try:
@@ -193,7 +232,7 @@ class ReplSession:
             instance.close()
             raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
         self._instance = instance
-        self._admin(["setup", sorted(self._host_functions)])
+        self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes])
         return instance
 
     def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
@@ -209,6 +248,7 @@ class ReplSession:
         if old is not None:
             old.close()
         self._needs_restart = False
+        self._interrupted = None
         self._boot()
         if self._context is not None:
             self._load_context(*self._context)
@@ -227,19 +267,38 @@ class ReplSession:
         if event.kind != "done":
             reason = "deadline" if event.timed_out else event.payload
             self._needs_restart = True
+            if event.interrupted:
+                raise CellInterrupted(f"{message[0]} was interrupted: {reason}")
             raise SandboxError(f"the sandbox died during {message[0]}: {reason}")
         payload = event.payload
         if isinstance(payload, dict) and payload.get("error") and message[0] != "load_context":
             raise SandboxError(f"{message[0]} failed in the guest: {payload['error']}")
         return payload
 
-    def _pump(self, instance: GuestInstance, timeout_s: float) -> Event:
+    def _pump(self, instance: GuestInstance, timeout_s: float,
+              max_calls: int | None = None) -> Event:
         """Serve host-function calls until the command finishes or the guest dies."""
+        try:
+            return self._serve(instance, timeout_s, max_calls)
+        except BaseException:
+            # Cancellation raised into this thread, or a host function's
+            # BaseException: the guest is mid-command; stop it now.
+            instance.interrupt("the host stopped waiting for it")
+            self._needs_restart = True
+            raise
+
+    def _serve(self, instance: GuestInstance, timeout_s: float, max_calls: int | None) -> Event:
         hard_deadline = time.monotonic() + timeout_s + self.limits.hang_grace_s
+        calls = 0
         while True:
+            if self._interrupted is not None:
+                instance.interrupt(self._interrupted)
+            left = hard_deadline - time.monotonic()
             try:
-                event = instance.wait(max(hard_deadline - time.monotonic(), 0.0))
+                event = instance.wait(min(max(left, 0.0), _WAIT_SLICE_S))
             except HungGuest:
+                if left > _WAIT_SLICE_S:
+                    continue  # only this slice ran out
                 instance.abort()
                 return Event("dead", "hung", timed_out=True)
             if event.kind == "done" and not isinstance(event.payload, dict):
@@ -247,14 +306,12 @@ class ReplSession:
                 return Event("dead", "the guest broke the host-call protocol (bad result)")
             if event.kind != "call":
                 return event
-            called = time.monotonic()
-            try:
-                answer = self._call_host(*event.payload)
-            except BaseException:
-                # Cancellation or similar: the guest is mid-cell; drop it.
+            calls += 1
+            if max_calls is not None and calls > max_calls:
                 instance.abort()
-                self._needs_restart = True
-                raise
+                return Event("dead", _TOO_MANY_CALLS)
+            called = time.monotonic()
+            answer = self._call_host(*event.payload)
             try:
                 instance.reply(answer)
             except CodecError as exc:
@@ -262,12 +319,32 @@ class ReplSession:
                                        f"that cannot be sent to the sandbox: {exc}"])
             hard_deadline += time.monotonic() - called
 
-    def _call_host(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    def _call_host(self, name: Any, args: Any, kwargs: Any) -> list[Any]:
+        # The call's shape comes from guest code: check it before using it.
+        if not (isinstance(name, str) and isinstance(args, list) and isinstance(kwargs, dict)
+                and all(isinstance(k, str) for k in kwargs)):
+            return ["err", "malformed host-function call (name must be a str, arguments a "
+                           "list, keyword arguments a dict with str keys)"]
         fn = self._host_functions.get(name)
         if fn is None:
-            return ["err", f"{name}() is not available: the host registered no such function"]
+            return ["err", f"{name[:100]}() is not available: the host registered no such function"]
         try:
             return ["ok", fn(*args, **kwargs)]
         except Exception as exc:
-            log.info("sandbox_host_function_failed", name=name, error=repr(exc))
+            log.info("sandbox_host_function_failed", name=name, error=repr(exc)[:500])
             return ["err", f"{name}() failed on the host: {type(exc).__name__}: {exc}"]
+
+
+_TOO_MANY_CALLS = "too many host calls"
+
+
+def _report_text(value: Any, limit: int = _MAX_REPORT_CHARS) -> str | None:
+    """A text the guest reported (error, traceback, repr), as str and bounded."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)[:limit]
+    if len(text) > limit:
+        # Keep both ends: a traceback's last lines say what happened.
+        half = limit // 2
+        text = f"{text[:half]}\n... [{len(text) - limit:,} chars cut] ...\n{text[-half:]}"
+    return text

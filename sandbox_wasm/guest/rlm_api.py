@@ -9,6 +9,7 @@ import builtins
 import time
 import types
 
+from rlm_channel import FrameTooLarge
 from rlm_codec import CodecError
 
 STANDARD_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
@@ -74,6 +75,8 @@ def build_api(channel, user_globals, registered, clock):
             reply = channel.request(["call", name, list(args), kwargs])
         except CodecError as exc:
             raise TypeError("%s(): %s" % (name, exc)) from None
+        except FrameTooLarge as exc:
+            raise ValueError("%s(): %s" % (name, exc)) from None
         finally:
             clock.paused += time.monotonic() - began
         if reply[0] == "ok":

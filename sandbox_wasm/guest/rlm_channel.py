@@ -5,6 +5,7 @@ here is delivered to the host synchronously and the host's reply is waiting
 to be read right after. Nothing here blocks on the host except the write.
 """
 
+import errno
 import os
 
 from rlm_codec import FRAME_HEADER, decode, encode_frame
@@ -15,17 +16,39 @@ _IOV_BATCH = 256
 _FIRST_READ = 64 * 1024
 
 
+class FrameTooLarge(ValueError):
+    """A message larger than the host accepts in one call."""
+
+
+def _size(count):
+    return "%.1f MB" % (count / 1e6) if count >= 10**6 else "%s bytes" % format(count, ",")
+
+
 class Channel:
     """Request/reply over the shadowed fd 0."""
 
     def __init__(self):
         self._buf = bytearray(_FIRST_READ)
+        self.max_frame = None
+        """Largest frame the host accepts (told at setup); the host enforces it too."""
 
     def send(self, message):
-        segments, _total = encode_frame(message)
+        segments, total = encode_frame(message)
+        if self.max_frame is not None and total - FRAME_HEADER.size > self.max_frame:
+            raise FrameTooLarge(
+                "the data is %s; at most %s can go to the host in one call: send less at a "
+                "time (split it, or store it in a variable and pass pieces)"
+                % (_size(total - FRAME_HEADER.size), _size(self.max_frame)))
         views = [memoryview(s).cast("B") for s in segments if len(s)]
         while views:
-            written = os.writev(_FD, views[:_IOV_BATCH])
+            try:
+                written = os.writev(_FD, views[:_IOV_BATCH])
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    raise FrameTooLarge(
+                        "the host refused a message of %s: it is larger than this sandbox "
+                        "may send in one call" % _size(total - FRAME_HEADER.size)) from None
+                raise
             if written <= 0:
                 raise OSError("host channel refused a write")
             while written and views:

@@ -12,9 +12,11 @@ import time
 import types
 
 import rlm_api
-from rlm_channel import Channel
+from rlm_channel import Channel, FrameTooLarge
 
 _REPR_MARKER = "... [repr truncated: %s more chars]"
+# Error texts sent back after a cell; the host cuts them too.
+_MAX_ERROR_CHARS = 20_000
 _GUEST_DIR = "/rlm/guest/"
 
 
@@ -47,7 +49,8 @@ class Repl:
         sys.stdout = sys.stderr = self.stdout
 
     # -- commands -----------------------------------------------------------
-    def setup(self, registered):
+    def setup(self, registered, max_frame=None):
+        self.channel.max_frame = max_frame
         api = rlm_api.build_api(self.channel, self.globals, set(registered), self.clock)
         self.protected.update(api)
         self.globals.update(api)
@@ -175,7 +178,16 @@ def _describe(exc, sources):
     except BaseException:
         message = "<unprintable>"
     error = type(exc).__name__ + (": " + message if message else "")
-    return {"error": error, "error_type": type(exc).__name__, "traceback": text}
+    return {"error": _cut(error), "error_type": type(exc).__name__,
+            "traceback": None if text is None else _cut(text)}
+
+
+def _cut(text):
+    if len(text) <= _MAX_ERROR_CHARS:
+        return text
+    half = _MAX_ERROR_CHARS // 2
+    return "%s\n... [%s chars cut] ...\n%s" % (text[:half], format(len(text) - _MAX_ERROR_CHARS, ","),
+                                             text[-half:])
 
 
 def main():
@@ -185,7 +197,12 @@ def main():
                 "exec": repl.exec_cell, "snapshot": repl.snapshot, "restore": repl.restore}
     result = {"python": sys.version, "boot_s": time.perf_counter()}
     while True:
-        command = channel.request(["done", result])
+        try:
+            command = channel.request(["done", result])
+        except FrameTooLarge as exc:  # e.g. a snapshot larger than the host accepts
+            result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            del exc
+            continue
         if command[0] == "exit":
             return
         try:
