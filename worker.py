@@ -1,20 +1,26 @@
 """The durable-rlm worker: the `RLMRun` workflow and every activity.
 
 Run it with `python worker.py` or `rlm worker`; start as many as you like on
-as many machines, all polling the same task queue.
+as many machines, all polling the same task queue. `rlm up` runs one as an
+embedded service (`python -m worker --ready-file F --identity D`, see
+cli/_worker_service.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
+import contextlib
+import json
+import os
 import signal
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities._repl_pool import ReplPool
@@ -27,6 +33,7 @@ from activities.root_turn import RootTurnActivity
 from activities.run_cell import RunCellActivity
 from activities.runtime import WorkerRuntime
 from activities.settings import Settings, load_settings
+from activities.temporal_client import connect
 from workflows.run import RLMRun
 
 __all__ = ["connect", "build_worker", "run_worker", "main"]
@@ -38,16 +45,11 @@ log = structlog.get_logger(__name__)
 MAX_ACTIVITIES = 256
 
 
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
-    )
-
-
-def build_worker(client: Client, settings: Settings, models: ModelRegistry | None = None) -> tuple[Worker, ReplPool]:
-    """A worker with the workflow and all activities; the caller runs it."""
+def build_worker(
+    client: Client, settings: Settings, models: ModelRegistry | None = None, *, identity: str | None = None
+) -> tuple[Worker, ReplPool]:
+    """A worker with the workflow and all activities; the caller runs it.
+    `identity` (a code digest) is shown in Temporal's poller list."""
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket()
     runtime = WorkerRuntime(
@@ -76,14 +78,22 @@ def build_worker(client: Client, settings: Settings, models: ModelRegistry | Non
         # A restarted worker takes over a run's workflow tasks in ~1 s, not 10 s.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=1),
         graceful_shutdown_timeout=timedelta(seconds=5),
+        **({"identity": f"{os.getpid()}@{socket.gethostname()} code {identity}"} if identity else {}),
     )
     return worker, pool
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run a worker until `stop` is set (or SIGINT/SIGTERM)."""
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    ready_file: Path | None = None,
+    identity: str | None = None,
+) -> None:
+    """Run a worker until `stop` is set (or SIGINT/SIGTERM). Once it polls,
+    write `ready_file` ({"pid": ...}) so a launcher knows it is serving."""
     client = await connect(settings)
-    worker, pool = build_worker(client, settings)
+    worker, pool = build_worker(client, settings, identity=identity)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,15 +104,38 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     log.info("worker.started", task_queue=settings.task_queue, temporal=settings.temporal_address)
     try:
         async with worker:
+            while not worker.is_running:  # connected and the namespace checked
+                await asyncio.sleep(0.01)
+            if ready_file is not None:
+                _write_ready(ready_file)
             await stop.wait()
     finally:
         pool.close()
+        if ready_file is not None:
+            _remove_ready(ready_file)
         log.info("worker.stopped")
 
 
-def main() -> None:
+def _write_ready(path: Path) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def _remove_ready(path: Path) -> None:
+    """Remove the readiness file if it is still ours (a successor may own it)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="worker", description="durable-rlm worker (settings from RLM_* variables)")
+    parser.add_argument("--ready-file", type=Path, default=None, help="write {\"pid\": ...} here once polling")
+    parser.add_argument("--identity", default=None, help="code and settings digest, shown in the poller list")
+    args = parser.parse_args(argv)
     configure_logging()
-    asyncio.run(run_worker(load_settings()))
+    asyncio.run(run_worker(load_settings(), ready_file=args.ready_file, identity=args.identity))
 
 
 if __name__ == "__main__":

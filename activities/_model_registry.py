@@ -39,7 +39,16 @@ from workflows.steps import ModelInfo  # the workflow's view of a model, defined
 LOCAL_MODEL_PORT_ENV = "RLM_LOCAL_MODEL_PORT"
 DEFAULT_LOCAL_MODEL_PORT = 8090
 
-__all__ = ["ModelInfo", "ModelRegistry", "ModelSpec", "api_key_for", "check_credentials", "model_info"]
+__all__ = [
+    "ModelInfo",
+    "ModelRegistry",
+    "ModelSpec",
+    "api_key_for",
+    "check_credentials",
+    "fully_configured",
+    "is_loopback",
+    "model_info",
+]
 
 DEFAULT_CONTEXT_WINDOW = 128_000
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
@@ -118,9 +127,16 @@ def _cached_litellm_info(litellm_model: str) -> dict[str, Any]:
         return {}
 
 
+def fully_configured(spec: ModelSpec) -> bool:
+    """True when the spec itself gives window, output size and both prices, so
+    `model_info` needs no lookup in litellm's map (clients check such models
+    without importing litellm)."""
+    return None not in (spec.context_window, spec.max_output_tokens, spec.usd_per_input_token, spec.usd_per_output_token)
+
+
 def model_info(spec: ModelSpec) -> ModelInfo:
     """Window and prices of a model: the spec's overrides, then litellm's map, then defaults."""
-    known = _litellm_info(spec.litellm_model)
+    known = {} if fully_configured(spec) else _litellm_info(spec.litellm_model)
     window = spec.context_window or known.get("max_input_tokens") or known.get("max_tokens")
     output = spec.max_output_tokens or known.get("max_output_tokens") or known.get("max_tokens")
     in_price = spec.usd_per_input_token
@@ -149,8 +165,10 @@ def is_loopback(api_base: str | None) -> bool:
         return False
 
 
-def check_credentials(spec: ModelSpec) -> None:
-    """Raise MissingApiKeyError naming the env var to set, if the worker lacks the model's key."""
+def check_credentials(spec: ModelSpec, *, offline: bool = False) -> None:
+    """Raise MissingApiKeyError naming the env var to set, if the worker lacks the model's key.
+    `offline`: decide only what the configuration alone decides (no litellm
+    import); a provider's default key is then left to the worker to check."""
     if spec.api_key_env is not None:
         if not os.environ.get(spec.api_key_env):
             raise MissingApiKeyError(
@@ -159,7 +177,7 @@ def check_credentials(spec: ModelSpec) -> None:
                 model=spec.name,
             )
         return
-    if is_loopback(spec.api_base):
+    if is_loopback(spec.api_base) or offline:
         return
     try:
         env = litellm.validate_environment(model=spec.litellm_model, api_base=spec.api_base)

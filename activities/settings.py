@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     """Loopback port of the local model's OpenAI-compatible server; the
     model is reached as the registry entry `local`."""
 
+    embedded_worker: bool = True
+    """`rlm up`, `rlm run`, `rlm submit` and `rlm demo` keep a worker running
+    for the embedded services (restarted when the code or settings change);
+    false: run `rlm worker` yourself."""
+
+    no_worker_warning_s: float = Field(default=30.0, gt=0)
+    """Seconds a started run may wait for a worker to pick it up before
+    `rlm run` and `rlm result` say what to start."""
+
     seaweed_port_base: int = 17330
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""

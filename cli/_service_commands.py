@@ -18,6 +18,11 @@ def _render(status: services.ServicesStatus, settings: Settings) -> str:
         pid = f"pid {svc.pid}" if svc.pid else "no pid"
         lines.append(f"{label:<10} {svc.address:<21} {pid:<10} {svc.detail}")
         lines.append(f"{'':<10} log {svc.log_file}")
+    if status.worker is not None:
+        w = status.worker
+        pid = f"pid {w.pid}" if w.pid else "no pid"
+        lines.append(f"{'worker':<10} {w.address:<21} {pid:<10} {w.detail}")
+        lines.append(f"{'':<10} log {w.log_file}")
     if status.local_model is not None:
         lm = status.local_model
         pid = f"pid {lm['pid']}" if lm.get("pid") else "no pid"
@@ -52,7 +57,8 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
-        "up", help="start the embedded Temporal and S3 servers, and the local model if installed (reuses running ones)"
+        "up", help="start the embedded Temporal and S3 servers, a worker, and the local model if installed "
+        "(reuses running ones; restarts the worker when the code or settings changed)"
     )
     up.add_argument("--timeout", type=float, default=services.READY_TIMEOUT_S, help="seconds to wait for readiness")
     up.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -64,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=_status)
 
-    down = subparsers.add_parser("down", help="stop the embedded servers")
+    down = subparsers.add_parser("down", help="stop the embedded servers and workers")
     down.add_argument(
         "--timeout", type=float, default=services.STOP_TIMEOUT_S, help="seconds before SIGKILL"
     )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from cli._demo import register as register_demo
 from cli._progress import ProgressPrinter
 
-if TYPE_CHECKING:  # the run client pulls in litellm and temporalio: import it when a run starts
+if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
     from cli._run_client import RunClient, RunOptions
 
 __all__ = ["register"]
@@ -102,7 +102,8 @@ def _cmd_submit(args: argparse.Namespace, settings) -> int:
     from cli._run_client import RunClient
 
     async def go() -> int:
-        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
+        # A missing worker is started, not waited for: submit returns at once.
+        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), wait_for_worker=False)
         workflow_id = await client.submit(_options(args))
         print(workflow_id)
         print(f"watch: {client.ui_link(workflow_id)}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Temporal (dev server on SQLite) and S3 (SeaweedFS) run detached, bound to
 127.0.0.1, with all state under `settings.data_dir`, so they outlive the CLI
 and later commands (and test sessions with their own data dir and ports)
-find them through pid files.
+find them through pid files. A worker runs next to them (cli/_worker_service.py)
+so that every run started on this machine has one serving it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from activities.settings import Settings
-from cli import _local_model
+from cli import _local_model, _worker_service
 from cli._ports import find_free_port, find_free_port_block, port_is_free
 from cli._process import (
     PidRecord,
@@ -39,6 +40,8 @@ __all__ = [
     "ServicesStatus",
     "down",
     "ensure_up",
+    "ensure_worker",
+    "stop_worker",
     "private_settings",
     "status",
     "up",
@@ -73,12 +76,18 @@ class ServicesStatus:
     temporal: ServiceStatus
     s3: ServiceStatus
     local_model: dict[str, object] | None = None
-    """The local model server (`local` extra installed), else None; optional,
-    so it does not count toward `healthy`."""
+    """The local model server (`local` extra installed), else None; optional:
+    it counts toward `healthy` only when it crashed."""
+    worker: ServiceStatus | None = None
+    """The embedded worker of this task queue; None when `embedded_worker` is off."""
 
     @property
     def healthy(self) -> bool:
-        return self.temporal.healthy and self.s3.healthy
+        local_crashed = self.local_model is not None and self.local_model.get("state") == "crashed"
+        return (
+            self.temporal.healthy and self.s3.healthy and (self.worker is None or self.worker.healthy)
+            and not local_crashed
+        )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"healthy": self.healthy}
@@ -109,6 +118,7 @@ def private_settings(data_dir: Path, **overrides: object) -> Settings:
     values["seaweed_port_base"] = find_free_port_block(SEAWEED_PORT_COUNT, avoid=taken)
     values["local_model_port"] = fresh()
     values["local_model"] = False  # a 1 GB model server only where asked for
+    values["embedded_worker"] = False  # callers run workers with their own model configuration
     return Settings(**values | overrides)  # type: ignore[arg-type]
 
 
@@ -237,14 +247,91 @@ def up(settings: Settings, *, timeout: float = READY_TIMEOUT_S) -> ServicesStatu
             raise
     if settings.local_model and _local_model.installed():
         _local_model.start(settings.data_dir, settings.local_model_port)
+    if settings.embedded_worker:
+        ensure_worker(settings, timeout=timeout)
     return status(settings)
 
 
-def ensure_up(settings: Settings) -> ServicesStatus:
-    """Start the services unless they already run healthy."""
-    current = status(settings)
+def ensure_up(settings: Settings, *, wait_for_worker: bool = True) -> None:
+    """Start whatever is not running healthy: services, local model, worker.
+    `wait_for_worker=False` (`rlm submit`) starts a missing worker without
+    waiting for it to poll."""
+    current = status(settings, with_worker=False)
     local_missing = settings.local_model and current.local_model is not None and not current.local_model["healthy"]
-    return current if current.healthy and not local_missing else up(settings)
+    if not current.healthy or local_missing:
+        # The worker comes below, with the caller's choice of waiting.
+        up(settings.model_copy(update={"embedded_worker": False}))
+    if settings.embedded_worker:
+        ensure_worker(settings, wait=wait_for_worker)
+
+
+def ensure_worker(settings: Settings, *, wait: bool = True, timeout: float = READY_TIMEOUT_S) -> PidRecord:
+    """Make sure the worker for `settings.task_queue` runs with the current
+    code and settings: start it if none runs, restart it if its identity is
+    outdated. Safe when several commands call it at once (one starts it, the
+    others find it). With `wait`, return once it polls the task queue."""
+    command = _worker_service.argv(settings, _worker_service.identity(settings))
+    record = _worker_service.live_record(settings, remove_stale=False)
+    if record is None or record.argv != command:
+        with _lock(settings):
+            record = _worker_service.live_record(settings, remove_stale=True)
+            if record is not None and record.argv != command:
+                log.info("restarting the worker: code or settings changed", pid=record.pid)
+                stop_processes([record], timeout=STOP_TIMEOUT_S)
+                record = None
+            if record is None:
+                record = _worker_service.start(settings, command)
+                log.info("started", service="worker", pid=record.pid, task_queue=settings.task_queue)
+    if wait:
+        _wait_worker_ready(settings, record, timeout)
+    return record
+
+
+def stop_worker(settings: Settings, *, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the worker of `settings.task_queue` (graceful); True if one ran."""
+    with _lock(settings):
+        record = _worker_service.live_record(settings, remove_stale=True)
+        if record is not None:
+            stop_processes([record], timeout=timeout)
+        _worker_service.WorkerFiles(settings).pid_file.unlink(missing_ok=True)
+    return record is not None
+
+
+def _wait_worker_ready(settings: Settings, record: PidRecord, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _worker_service.is_ready(settings, record):
+        if not is_alive(record):
+            raise LauncherError(
+                f"the worker exited during startup; see {record.log_file}:\n  {_log_tail(Path(record.log_file))}"
+            )
+        if time.monotonic() > deadline:
+            raise LauncherError(f"the worker did not poll Temporal within {timeout:.0f} s; see {record.log_file}")
+        time.sleep(0.05)
+
+
+def _worker_status(settings: Settings) -> ServiceStatus:
+    files = _worker_service.WorkerFiles(settings)
+    record = _worker_service.live_record(settings, remove_stale=False)
+    address = f"task queue {settings.task_queue}"
+    if record is None:
+        running = healthy = False
+        detail = "not running; `rlm up` or `rlm run` starts it"
+    else:
+        running = True
+        healthy = _worker_service.is_ready(settings, record)
+        current = record.argv == _worker_service.argv(settings, _worker_service.identity(settings))
+        detail = "ready" if healthy else "starting"
+        if not current:
+            detail += " (older code or other settings: the next `rlm up` or `rlm run` restarts it)"
+    return ServiceStatus(
+        name="worker",
+        address=address,
+        pid=record.pid if record else None,
+        running=running,
+        healthy=healthy,
+        detail=detail,
+        log_file=str(files.log_file),
+    )
 
 
 def _service_status(spec: ServiceSpec) -> ServiceStatus:
@@ -270,7 +357,7 @@ def _service_status(spec: ServiceSpec) -> ServiceStatus:
     )
 
 
-def status(settings: Settings) -> ServicesStatus:
+def status(settings: Settings, *, with_worker: bool = True) -> ServicesStatus:
     """What runs where, and whether it answers."""
     temporal, s3 = _specs(settings)
     return ServicesStatus(
@@ -281,6 +368,7 @@ def status(settings: Settings) -> ServicesStatus:
         local_model=_local_model.status(settings.data_dir, settings.local_model_port)
         if _local_model.installed()
         else None,
+        worker=_worker_status(settings) if with_worker and settings.embedded_worker else None,
     )
 
 
@@ -289,14 +377,19 @@ def down(settings: Settings, *, timeout: float = STOP_TIMEOUT_S) -> list[str]:
     the names of the services that were running."""
     specs = _specs(settings)
     with _lock(settings):
+        # Workers first, while Temporal still runs: they shut down gracefully.
+        workers = [r for f in _worker_service.all_pid_files(settings) if (r := read_pid_file(f)) and is_alive(r)]
+        killed = stop_processes(workers, timeout=timeout)
+        for pid_file in _worker_service.all_pid_files(settings):
+            pid_file.unlink(missing_ok=True)
         records = {spec.name: (spec, _running_record(spec)) for spec in specs}
         live = [record for _, record in records.values() if record is not None]
-        killed = stop_processes(live, timeout=timeout)
+        killed += stop_processes(live, timeout=timeout)
         for spec, _ in records.values():
             spec.pid_file.unlink(missing_ok=True)
     for pid in killed:
         log.warning("did not stop in time, killed", pid=pid)
-    stopped = [name for name, (_, record) in records.items() if record is not None]
+    stopped = ["worker"] * bool(workers) + [name for name, (_, record) in records.items() if record is not None]
     if _local_model.stop(settings.data_dir):
         stopped.append("local-model")
     log.info("stopped", services=stopped or "nothing was running")

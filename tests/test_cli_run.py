@@ -1,7 +1,7 @@
 """`rlm run` / `rlm submit` / `rlm result` as a user runs them: a subprocess
 with RLM_* settings pointing at the session's servers, the scripted model
-server configured through RLM_MODELS_JSON, and a worker started in-process
-by `rlm run` because none polls the test's task queue."""
+server configured through RLM_MODELS_JSON, and the embedded worker that
+`rlm run` starts for the test's own task queue (stopped after each test)."""
 
 from __future__ import annotations
 
@@ -10,47 +10,62 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from cli import services
 from tests.fixtures_llm import models_json
 from tests.run_harness import ROOT, SUB, isolated, repl
 
 
-def _rlm(settings, fake_url: str, *args: str, timeout: float = 120, extra_env: dict | None = None):
-    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), **(extra_env or {})}
+def rlm_env(settings, fake_url: str, extra_env: dict | None = None) -> dict[str, str]:
+    """A user's environment: these settings, the scripted models, the embedded worker on."""
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_EMBEDDED_WORKER": "true"}
+    env |= extra_env or {}
     for name in ("RLM_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
         env.pop(name, None)
+    return env
+
+
+def _rlm(settings, fake_url: str, *args: str, timeout: float = 120, extra_env: dict | None = None):
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cli.main", *args],
+        env=rlm_env(settings, fake_url, extra_env), capture_output=True, text=True, timeout=timeout,
     )
 
 
-def test_rlm_run_prints_answer_status_spend_and_ui_link(settings, llm, tmp_path):
+@pytest.fixture
+def s(settings):
+    """The session's services with a task queue of this test's own; its worker is stopped after."""
+    own = isolated(settings).model_copy(update={"embedded_worker": True})
+    yield own
+    services.stop_worker(own)
+
+
+def test_rlm_run_prints_answer_status_spend_and_ui_link(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("alpha beta gamma\n" * 1000)
     llm.add_rule("Turn 1 of", repl("print(len(context.split()))"), model=ROOT)
     llm.add_rule("3000", "FINAL(3000 words)", model=ROOT)
-    s = isolated(settings)
     proc = _rlm(s, llm.url, "run", "How many words?", "--context", str(doc), "--model", ROOT, "--sub-model", SUB)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[0] == "3000 words"
     assert "status: completed" in proc.stderr
     assert "fake-root: 2 calls" in proc.stderr
     assert f"{s.temporal_ui_url}/namespaces/{s.temporal_namespace}/workflows/rlm-" in proc.stderr
-    assert "starting one in this process" in proc.stderr
+    assert "no worker" not in proc.stderr
 
 
-def test_rlm_run_json_and_caps(settings, llm, tmp_path):
+def test_rlm_run_json_and_caps(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("x")
     llm.add_rule(None, repl("print(1)"), model=ROOT)
-    s = isolated(settings)
     proc = _rlm(s, llm.url, "run", "q", "--context", str(doc), "--model", ROOT, "--max-calls", "2", "--json")
     assert proc.returncode == 3, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["status"] == "budget_exhausted" and result["spend"]["calls"] <= 2
 
 
-def test_rlm_run_bad_inputs_give_one_line_errors(settings, llm, tmp_path):
-    s = isolated(settings)
+def test_rlm_run_bad_inputs_give_one_line_errors(s, llm, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     binary = tmp_path / "blob.bin"
@@ -78,26 +93,16 @@ def test_rlm_run_bad_inputs_give_one_line_errors(settings, llm, tmp_path):
     assert llm.count() == 0
 
 
-def test_submit_then_result(settings, llm, tmp_path):
+def test_submit_then_result(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")
     llm.add_rule("Turn 1 of", repl("print(context)"), model=ROOT)
     llm.add_rule("abc", "FINAL(abc)", model=ROOT)
-    s = isolated(settings)
     submitted = _rlm(s, llm.url, "submit", "q", "--context", str(doc), "--model", ROOT, "--id", "cli-submit-1")
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     assert submitted.stdout.strip() == "cli-submit-1"
-    assert "rlm worker" in submitted.stderr  # nobody polls the queue yet: the user is told
-    worker = subprocess.Popen(
-        [sys.executable, "worker.py"],
-        env={**os.environ, **s.to_env(), "RLM_MODELS_JSON": models_json(llm.url)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        result = _rlm(s, llm.url, "result", "cli-submit-1", "--json")
-    finally:
-        worker.terminate()
-        worker.wait(30)
+    # submit started the embedded worker without waiting for it; result waits for the answer.
+    result = _rlm(s, llm.url, "result", "cli-submit-1", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["answer"] == "abc"
 
