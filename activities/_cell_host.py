@@ -1,15 +1,18 @@
 """Host functions a cell calls: sub-calls become `subcalls` updates.
 
-Runs in the sandbox thread. Each batch is one update with a fixed id
-(`<cell>:<seq>`): a cell re-run after a crash sends the same ids, and the
-server and the workflow answer them from what already completed.
+Runs in the sandbox thread. Each batch is one update (or several, for a
+batch too large for one payload) whose id names the cell, the batch's number
+and a digest of what it asks: a cell re-run after a crash that asks the same
+thing sends the same ids and is answered from what already completed; one
+that asks something else (a `set` iterated in another order) sends new ids,
+and the workflow answers each item it has seen by what the item asks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
+from collections import Counter
 from typing import Any
 
 from temporalio import activity
@@ -17,12 +20,13 @@ from temporalio import activity
 from activities.runtime import WorkerRuntime
 from workflows.names import UPDATE_SUBCALLS
 from workflows.refs import INLINE_LIMIT_BYTES, ContextRef
-from workflows.steps import SubcallBatch, SubcallItem, SubcallReply
+from workflows.request import MAX_QUESTION_CHARS, RunResult
+from workflows.steps import MAX_BATCH_ITEMS, SubcallAnswer, SubcallBatch, SubcallItem, SubcallReply, batch_digest
 
-# One update payload stays far below the server's 2 MiB limit.
+# One update payload stays far below the server's 2 MiB limit: inline text,
+# and everything else an item carries (refs, context refs), per update.
 BATCH_INLINE_BUDGET = 512 * 1024
-# A child run's question travels inline: it is a question, not a document.
-MAX_QUESTION_CHARS = 64 * 1024
+BATCH_PAYLOAD_BUDGET = 1024 * 1024
 WAIT_POLL_S = 0.5
 
 
@@ -35,6 +39,7 @@ class CellHost:
         self._cell_id = cell_id
         self._parent_context = parent_context
         self._seq = 0
+        self._asked: Counter[tuple] = Counter()
         self.subcalls = 0
         self.final: str | None = None
 
@@ -76,28 +81,41 @@ class CellHost:
     def _batch(self, kind: str, texts: list[str], contexts: list[Any], model: str | None) -> list[str]:
         if model is not None and not isinstance(model, str):
             raise TypeError("model= must be a model name (str) or None")
-        items = self._items(kind, texts, contexts)
-        self._seq += 1
-        digest = hashlib.sha256(repr((kind, model, [i.model_dump(mode="json") for i in items])).encode()).hexdigest()
-        batch = SubcallBatch(cell_id=self._cell_id, seq=self._seq, kind=kind, model=model, items=items, digest=digest)
-        handle = self._rt.client.get_workflow_handle(self._workflow_id)
-        future = asyncio.run_coroutine_threadsafe(
-            handle.execute_update(
-                UPDATE_SUBCALLS, batch, id=f"{self._cell_id}:{self._seq}", result_type=SubcallReply
-            ),
-            self._rt.loop,
-        )
-        reply = self._wait(future)
-        self.subcalls += len(items)
-        out = []
-        for answer in reply.answers:
-            if answer.text_ref is not None:
-                out.append(self._rt.store.get_blob(answer.text_ref).decode())
-            else:
-                out.append(answer.text if answer.text is not None else (answer.error or ""))
+        out: list[str] = []
+        for items in _chunks(self._items(kind, texts, contexts)):
+            self._seq += 1
+            batch = SubcallBatch(
+                cell_id=self._cell_id,
+                seq=self._seq,
+                kind=kind,
+                model=model,
+                items=items,
+                digest=batch_digest(kind, model, items),
+            )
+            handle = self._rt.client.get_workflow_handle(self._workflow_id)
+            reply: SubcallReply = self._wait(
+                handle.execute_update(UPDATE_SUBCALLS, batch, id=batch.update_id(), result_type=SubcallReply)
+            )
+            self.subcalls += len(items)
+            out.extend(self._text(answer) for answer in reply.answers)
         return out
 
-    def _wait(self, future: concurrent.futures.Future) -> SubcallReply:
+    def _text(self, answer: SubcallAnswer) -> str:
+        if answer.text_ref is not None:
+            return self._rt.store.get_blob(answer.text_ref).decode()
+        if answer.text is not None:
+            return answer.text
+        if answer.child_workflow_id is not None:
+            # A child's answer too long for the update reply: its own result has it.
+            handle = self._rt.client.get_workflow_handle(answer.child_workflow_id, result_type=RunResult)
+            result: RunResult = self._wait(handle.result())
+            if result.answer_ref is not None:
+                return self._rt.store.get_blob(result.answer_ref).decode()
+            return result.answer or ""
+        return answer.error or ""
+
+    def _wait(self, coro: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._rt.loop)
         # Poll so a cancelled cell or a stopping worker never leaves this thread
         # blocked on an update that will not be answered.
         while True:
@@ -114,22 +132,44 @@ class CellHost:
         items, inline_total = [], 0
         for text, context in zip(texts, contexts):
             size = len(text.encode())
-            if kind == "rlm" and len(text) > MAX_QUESTION_CHARS:
-                raise ValueError(
-                    f"an rlm_query question has {len(text):,} characters (at most {MAX_QUESTION_CHARS:,}); "
-                    "pass long text as context="
-                )
-            inline = kind == "rlm" or (size <= INLINE_LIMIT_BYTES and inline_total + size <= BATCH_INLINE_BUDGET)
+            # A child's question must travel inline (it starts the child); one
+            # that is too long goes by ref and comes back as an error string.
+            if kind == "rlm":
+                inline = len(text) <= MAX_QUESTION_CHARS
+            else:
+                inline = size <= INLINE_LIMIT_BYTES and inline_total + size <= BATCH_INLINE_BUDGET
             ctx_ref = None
             if context is not None:
                 ctx_ref = self._rt.contexts.put_value(_context_value(context))
             if inline:
                 inline_total += size
-                items.append(SubcallItem(text=text, text_chars=len(text), context=ctx_ref))
+                item = SubcallItem(text=text, text_chars=len(text), context=ctx_ref)
             else:
                 ref = self._rt.store.put_blob(text.encode())
-                items.append(SubcallItem(text_ref=ref, text_chars=len(text), context=ctx_ref))
+                item = SubcallItem(text_ref=ref, text_chars=len(text), context=ctx_ref)
+            # The n-th time this cell asks the same thing is its own call.
+            what = (kind, item.text_sha256(), ctx_ref.sha256 if ctx_ref else None)
+            items.append(item.model_copy(update={"occurrence": self._asked[what]}))
+            self._asked[what] += 1
         return items
+
+
+def _chunks(items: list[SubcallItem]) -> list[list[SubcallItem]]:
+    """Items split into updates that each stay under the payload budgets."""
+    chunks: list[list[SubcallItem]] = [[]]
+    inline = payload = 0
+    for item in items:
+        size = len(item.model_dump_json())
+        text = len(item.text.encode()) if item.text is not None else 0
+        current = chunks[-1]
+        full = len(current) >= MAX_BATCH_ITEMS or inline + text > BATCH_INLINE_BUDGET or payload + size > BATCH_PAYLOAD_BUDGET
+        if current and full:
+            chunks.append([])
+            inline = payload = 0
+        chunks[-1].append(item)
+        inline += text
+        payload += size
+    return chunks
 
 
 def _text(name: str, value: Any) -> str:

@@ -6,6 +6,12 @@ classified exactly once, here: a mistake in configuration or request
 non-retryable with a message naming the fix; anything that may pass on its
 own (rate limit, timeout, 5xx, connection) is retryable, honouring the
 provider's Retry-After.
+
+Each failure also says whether the provider may have billed it (`billable`):
+a request refused before any work (429, 401, 400, 404, a connection that was
+never made, a check before sending) costs nothing; a timeout, a connection
+dropped after sending, a 5xx or a malformed reply may have cost its full
+price. The workflow charges the budget by that (workflows/model_attempts.py).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from time import time as _now
 
 from temporalio.exceptions import ApplicationError
 
-from activities._litellm_setup import litellm
+from activities._litellm_setup import litellm_exceptions as _E
 
 __all__ = [
     "LLMError",
@@ -40,11 +46,24 @@ class LLMError(Exception):
 
     error_type = "ModelCallFailed"
     non_retryable = False
+    billable = False
+    """May the provider have billed the attempt? Errors raised before a request
+    is sent are not; provider failures set it per instance."""
 
-    def __init__(self, message: str, *, model: str | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        retry_after_s: float | None = None,
+        usage: dict | None = None,
+    ) -> None:
         super().__init__(message)
         self.model = model
         self.retry_after_s = retry_after_s
+        self.usage = usage
+        """Usage the provider reported with the failed reply, if any
+        (prompt_tokens, completion_tokens, usd)."""
 
 
 class UnknownModelError(LLMError, KeyError):
@@ -75,6 +94,7 @@ class MalformedReplyError(LLMError):
     """The provider answered 200 but with no usable choice (retryable: often transient)."""
 
     error_type = "MalformedReply"
+    billable = True  # it answered: the work was done
 
 
 class ModelCallError(LLMError):
@@ -89,14 +109,15 @@ class ModelCallError(LLMError):
         model: str | None = None,
         retry_after_s: float | None = None,
         status_code: int | None = None,
+        billable: bool = True,
     ) -> None:
         super().__init__(message, model=model, retry_after_s=retry_after_s)
         self.error_type = error_type
         self.non_retryable = non_retryable
         self.status_code = status_code
+        self.billable = billable
 
 
-_E = litellm.exceptions
 _CONTEXT_HINTS = re.compile(
     r"context[_ ]length|context window|maximum context|prompt is too long|too many tokens|"
     r"input is too long|exceeds the context",
@@ -122,6 +143,34 @@ _KINDS: dict[str, tuple[str, bool, str]] = {
     "malformed": ("MalformedReply", False, "will retry; the provider's reply had no usable content"),
     "other": ("ModelCallFailed", False, "will retry"),
 }
+
+
+# Kinds of failure where the provider refused the request before doing any
+# work: it bills nothing for them.
+_REFUSED_BEFORE_WORK = frozenset(
+    {"auth", "not_found", "context", "policy", "quota", "bad_request", "unknown_model", "rate_limit"}
+)
+# Exceptions (by class name, anywhere in the chain) that mean no connection
+# was made, so the request never left: httpx / aiohttp / the OS.
+_NOT_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "ClientConnectorError", "ConnectionRefusedError"})
+
+
+def _never_connected(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    inner: BaseException | None = exc
+    while inner is not None and id(inner) not in seen:
+        if type(inner).__name__ in _NOT_CONNECTED:
+            return True
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__ or getattr(inner, "original_exception", None)
+    return False
+
+
+def _billable(kind: str, exc: BaseException) -> bool:
+    """May the provider have billed this failed request? When in doubt, yes."""
+    if kind in _REFUSED_BEFORE_WORK:
+        return False
+    return not (kind == "connection" and _never_connected(exc))
 
 
 def _status(exc: BaseException) -> int | None:
@@ -193,6 +242,9 @@ def _one_line(text: str, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
+    # A provider's message may be megabytes: cut it before any regex (the
+    # prefix pattern below backtracks on long runs of word characters).
+    text = text[: _MAX_MESSAGE_CHARS * 4]
     # litellm prefixes messages with its exception class names; they say nothing here.
     text = re.sub(r"(litellm\.\w+:\s*|\w+Error:\s*|OpenAIException\s*-\s*)", "", text)
     text = " ".join(text.split())
@@ -222,13 +274,15 @@ def classify(exc: BaseException, *, model: str | None = None, secrets: tuple[str
         model=model,
         retry_after_s=retry_after,
         status_code=status,
+        billable=_billable(kind, exc),
     )
 
 
-def to_application_error(exc: BaseException, *, model: str | None = None) -> ApplicationError:
+def to_application_error(exc: BaseException, *, model: str | None = None, sent: bool = True) -> ApplicationError:
     """The Temporal error for a failed model call (see the module docstring).
 
-    Raise it from an activity: `raise to_application_error(e) from e`.
+    Raise it from an activity: `raise to_application_error(e) from e`. Pass
+    `sent=False` for a failure before the request was sent (it cost nothing).
     """
     if isinstance(exc, ApplicationError):
         return exc
@@ -236,9 +290,16 @@ def to_application_error(exc: BaseException, *, model: str | None = None) -> App
     delay = None
     if error.retry_after_s is not None and not error.non_retryable:
         delay = timedelta(seconds=error.retry_after_s)
+    details = {
+        "model": error.model,
+        "status_code": getattr(error, "status_code", None),
+        # Read by the workflow to charge the attempt (workflows/model_attempts.py).
+        "billable": sent and error.billable,
+        "usage": error.usage,
+    }
     return ApplicationError(
         str(error),
-        {"model": error.model, "status_code": getattr(error, "status_code", None)},
+        details,
         type=error.error_type,
         non_retryable=error.non_retryable,
         next_retry_delay=delay,

@@ -5,9 +5,9 @@ Everything the engine needs from a model call lives behind this module:
 - `ModelRegistry` resolves a configured name (or any name litellm knows) to a
   worker-side `ModelSpec`, and gives workflows a secret-free `ModelInfo`.
 - `complete()` makes one call (litellm `acompletion`, no retries of its own:
-  Temporal owns retries) and returns text, tokens and USD. A reply without
-  `usage` gets estimated token counts (flagged); `content: null` is "".
-- `estimate_tokens()` sizes a prompt for budget reservations.
+  the workflow retries, attempt by attempt) and returns text, tokens and USD.
+  A reply without `usage` is counted at the budget's upper bound
+  (`workflows.budget.token_bound`, flagged); `content: null` is "".
 - `to_application_error()` maps any failure to a Temporal ApplicationError:
   configuration and request mistakes are non-retryable, transient failures
   retryable with the provider's Retry-After.
@@ -19,9 +19,7 @@ API keys come only from the worker's environment (named by
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections.abc import Sequence
 
 import structlog
 from pydantic import BaseModel
@@ -45,6 +43,8 @@ from activities._model_registry import (
     check_credentials,
     model_info,
 )
+from activities.local_model import embedded_server_down
+from workflows.budget import messages_token_bound, token_bound
 
 __all__ = [
     "Completion",
@@ -59,18 +59,12 @@ __all__ = [
     "UnknownModelError",
     "check_credentials",
     "complete",
-    "estimate_tokens",
     "model_info",
     "to_application_error",
 ]
 
 log = structlog.get_logger(__name__)
 
-# Above this many characters, tokenising costs more than it is worth for an
-# estimate (about 10 ms per 100K chars): count characters instead.
-_EXACT_COUNT_MAX_CHARS = 200_000
-_CHARS_PER_TOKEN = 4
-_TOKENS_PER_MESSAGE = 4  # role and framing tokens per chat message
 # Beyond the HTTP timeout litellm enforces, a hard stop in case a provider
 # SDK ignores it (a hung call would otherwise hold an activity slot forever).
 _HARD_TIMEOUT_MARGIN_S = 5.0
@@ -90,40 +84,7 @@ class Completion(BaseModel):
     finish_reason: str | None
     """"stop", "length" (cut at max_tokens), ... as the provider reported it."""
     usage_estimated: bool
-    """True when the provider sent no usage and the token counts are our estimate."""
-
-
-def _message_text(message: dict) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def estimate_tokens(spec: ModelSpec | None, messages_or_text: str | Sequence[dict]) -> int:
-    """Tokens in a prompt (chat messages) or a text, for budget reservations.
-
-    Uses litellm's tokenizer (tiktoken, offline) up to 200K characters and
-    characters / 4 beyond, so even a 40 MB text is sized in microseconds.
-    """
-    if isinstance(messages_or_text, str):
-        text, messages = messages_or_text, None
-        chars, framing = len(text), 0
-    else:
-        messages = list(messages_or_text)
-        chars = sum(len(_message_text(m)) for m in messages)
-        framing = _TOKENS_PER_MESSAGE * len(messages) + 3
-    if chars > _EXACT_COUNT_MAX_CHARS:
-        return math.ceil(chars / _CHARS_PER_TOKEN) + framing
-    model = spec.litellm_model if spec is not None else ""
-    try:
-        if messages is None:
-            return int(litellm.token_counter(model=model, text=text))
-        return int(litellm.token_counter(model=model, messages=messages))
-    except Exception:  # noqa: BLE001 - an estimate must never fail a call
-        return math.ceil(chars / _CHARS_PER_TOKEN) + framing
+    """True when the provider sent no usage and the token counts are our upper bound."""
 
 
 def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, output: int, estimated: bool) -> float:
@@ -135,6 +96,17 @@ def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, outp
         except Exception:  # noqa: BLE001 - ModelNotMappedError for local/scripted models
             pass
     return prompt * info.usd_per_input_token + output * info.usd_per_output_token
+
+
+def _reported_usage(spec: ModelSpec, info: ModelInfo, response: object) -> dict | None:
+    """Usage sent with a reply we cannot use (a malformed one), priced; None if none."""
+    usage = getattr(response, "usage", None)
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    output = int(getattr(usage, "completion_tokens", 0) or 0)
+    if prompt == 0 and output == 0:
+        return None
+    usd = _price(spec, info, response, prompt, output, estimated=True)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "usd": usd}
 
 
 async def complete(
@@ -177,6 +149,12 @@ async def complete(
             response = await litellm.acompletion(**kwargs)
     except Exception as exc:
         error = classify(exc, model=spec.name, secrets=(key or "",))
+        if error.error_type == "ModelConnectionError" and (down := embedded_server_down(spec.api_base)):
+            # Our embedded server died: retrying cannot help until `rlm up` restarts it.
+            error = ModelCallError(
+                f"model '{spec.name}': LocalModelDown: {down}", error_type="LocalModelDown", non_retryable=True,
+                model=spec.name,
+            )
         log.warning("llm.call_failed", model=spec.name, error_type=error.error_type, retryable=not error.non_retryable)
         raise error from None  # the provider's raw exception may quote request details
     choices = getattr(response, "choices", None) or []
@@ -184,6 +162,7 @@ async def complete(
         raise MalformedReplyError(
             f"model '{spec.name}': MalformedReply: the reply has no choices/message -- will retry",
             model=spec.name,
+            usage=_reported_usage(spec, info, response),
         )
     choice = choices[0]
     content = choice.message.content
@@ -193,9 +172,9 @@ async def complete(
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
     estimated = prompt_tokens == 0 and completion_tokens == 0
     if estimated:
-        # No usage reported (some local servers): price our own count, never 0.
-        prompt_tokens = estimate_tokens(spec, messages)
-        completion_tokens = estimate_tokens(spec, text) if text else 0
+        # No usage reported (some local servers): count the most it can be, never 0.
+        prompt_tokens = messages_token_bound(messages)
+        completion_tokens = token_bound(len(text.encode()))
     usd = _price(spec, info, response, prompt_tokens, completion_tokens, estimated)
     log.debug(
         "llm.call",

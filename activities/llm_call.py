@@ -1,16 +1,16 @@
 """The `llm_call` activity (one `llm_query` item) and `resolve_models`.
 
 Large prompts and replies travel as object-storage references. A completed
-call is recorded under its call id, so a retry never pays for it twice.
+call is recorded under its call id, so a later attempt (the workflow retries,
+attempt by attempt) never pays for it twice.
 """
 
 from __future__ import annotations
 
 import structlog
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.llm import complete, estimate_tokens, to_application_error
+from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_RESOLVE_MODELS
 from workflows.steps import (
@@ -43,26 +43,23 @@ class LlmCallActivity:
     @activity.defn(name=ACTIVITY_LLM_CALL)
     async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:
         key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
-        done = await self._rt.recorded(key)
-        if done is not None:
-            return LlmCallOutput.model_validate(done)
-        prompt = await self._rt.io(self._prompt, inp)
+        if inp.attempt > 1 or activity.info().attempt > 1:
+            # An earlier attempt may have finished unseen (timed out, worker died).
+            done = await self._rt.io(self._rt.get_json, key)
+            if done is not None:
+                return LlmCallOutput.model_validate({**done, "replayed": True})
         try:
+            prompt = await self._rt.io(self._prompt, inp)
             spec = self._rt.models.resolve(inp.model)
-            window = self._rt.models.info(inp.model).context_window
-            tokens = estimate_tokens(spec, prompt)
-            if tokens + inp.max_tokens > window:
-                raise ApplicationError(
-                    f"the prompt is {tokens:,} tokens; model {inp.model!r} takes {window:,} "
-                    f"including {inp.max_tokens:,} for the reply: split it into smaller chunks",
-                    type="PromptTooLarge",
-                    non_retryable=True,
-                )
-            reply = await heartbeating(complete(
+        except Exception as exc:
+            # Nothing was sent: the attempt cost nothing.
+            raise to_application_error(exc, sent=False) from exc
+        try:
+            reply = await heartbeating(
+                complete(
                     spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens, timeout_s=call_timeout_s()
-                ))
-        except ApplicationError:
-            raise
+                )
+            )
         except Exception as exc:
             raise to_application_error(exc) from exc
         text, ref = reply.text, None

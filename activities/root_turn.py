@@ -1,8 +1,8 @@
 """The `root_turn` activity: one call of the root model.
 
 The transcript lives in object storage, one record per turn; the activity
-returns only the reply and its usage. A retry finds the record of a call that
-already completed and returns it instead of calling the model again.
+returns only the reply and its usage. A later attempt finds the record of a
+call that already completed and returns it instead of calling the model again.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ class RootTurnActivity:
     @activity.defn(name=ACTIVITY_ROOT_TURN)
     async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
         key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
-        done = await self._rt.recorded(key)
+        done = None
+        if inp.attempt > 1 or activity.info().attempt > 1:
+            done = await self._rt.io(self._rt.get_json, key)
         if done is not None:
             log.info("root_turn.replayed", workflow_id=inp.workflow_id, turn=inp.turn)
-            return RootTurnOutput.model_validate({**done["result"], "transcript_key": key})
+            return RootTurnOutput.model_validate({**done["result"], "transcript_key": key, "replayed": True})
         messages: list[dict[str, str]] = []
         if inp.transcript_prev_key:
             prev = await self._rt.io(self._rt.get_json, inp.transcript_prev_key)

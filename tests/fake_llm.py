@@ -14,6 +14,13 @@ requests in parallel cost no threads.
         fake.add_rule(re.compile(r"secret"), "FINAL(42)", name="final")
         ...                       # point litellm at fake.url ("openai/<any-name>")
         assert fake.count("final") == 1
+
+It bills like a provider: every request it does work for (a reply, a 5xx, a
+reply that is late or whose connection it drops) adds its usage to
+`billed()`, whether or not the client is still there to read it; a request
+it refuses (401, 429, any 4xx) bills nothing. Tokens are counted as about
+one per 4 ASCII characters and one per other character (CJK text is about a
+token a character), so the count is realistic for any script.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeLLM", "FakeRequest", "Rule", "message_text"]
+__all__ = ["Billed", "FakeLLM", "FakeRequest", "Rule", "message_text"]
 
 Match = Callable[["FakeRequest"], bool] | str | re.Pattern[str] | None
 Reply = str | dict | None | Callable[["FakeRequest"], "str | dict | None"]
@@ -57,7 +64,34 @@ def message_text(message: dict) -> str:
 
 
 def _rough_tokens(text: str) -> int:
-    return len(text) // 4
+    """About one token per 4 ASCII characters, one per other character."""
+    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    return ascii_chars // 4 + (len(text) - ascii_chars)
+
+
+def _cut_to_tokens(text: str, max_tokens: int) -> str:
+    """The longest prefix of `text` with at most `max_tokens` (`_rough_tokens`)."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _rough_tokens(text[:mid]) <= max_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low]
+
+
+@dataclass
+class Billed:
+    """What the server billed: requests it did work for and their tokens."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass
@@ -109,6 +143,8 @@ class Rule:
     """Answer at most this many requests, then stop matching (None: forever)."""
     hold: threading.Event | None = None
     """When given, requests wait (without blocking the server) until it is set."""
+    drop: bool = False
+    """Do the work (and bill it), then close the connection without answering."""
     hits: int = field(default=0, init=False)
 
     def matches(self, request: FakeRequest) -> bool:
@@ -143,6 +179,8 @@ class FakeLLM:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._ids = itertools.count(1)
+        self._billed = Billed()
+        self._working = 0  # requests matched and not yet answered (or dropped)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -162,6 +200,7 @@ class FakeLLM:
         model: str | None = None,
         times: int | None = None,
         hold: threading.Event | None = None,
+        drop: bool = False,
     ) -> Rule:
         """Add a rule; the newest matching rule answers.
 
@@ -170,9 +209,10 @@ class FakeLLM:
         (every request). `reply`: content text; None (content null); a dict
         (the whole response body, or the error body when status != 200); or a
         callable(FakeRequest) returning one of those. `status` != 200 answers
-        with an OpenAI-style error whose message is the reply text.
+        with an OpenAI-style error whose message is the reply text. `drop`:
+        bill the request, then close the connection without a response.
         """
-        rule = Rule(match, reply, delay_s, status, dict(headers or {}), usage, name, model, times, hold)
+        rule = Rule(match, reply, delay_s, status, dict(headers or {}), usage, name, model, times, hold, drop)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -197,11 +237,24 @@ class FakeLLM:
                 )
             return self._count_locked(rule_or_name)
 
+    def billed(self) -> Billed:
+        """What the server billed so far (see the module docstring)."""
+        with self._lock:
+            return Billed(self._billed.requests, self._billed.prompt_tokens, self._billed.completion_tokens)
+
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Block until no request is being worked on (late replies included),
+        so `billed()` is final for the requests received so far."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._working == 0, timeout_s):
+                raise TimeoutError(f"fake LLM: {self._working} request(s) still in progress after {timeout_s}s")
+
     def reset(self) -> None:
-        """Forget all rules and the request log."""
+        """Forget all rules, the request log and the bill."""
         with self._lock:
             self._rules.clear()
             self._log.clear()
+            self._billed = Billed()
 
     def _count_locked(self, rule_or_name: Rule | str | None) -> int:
         if rule_or_name is None:
@@ -294,12 +347,18 @@ class FakeLLM:
             rule = next((r for r in reversed(self._rules) if r.matches(request)), None)
             if rule is not None:
                 rule.hits += 1
+                self._working += 1
             request.matched_rule = rule
             self._log.append(request)
             self._changed.notify_all()
         if rule is None:
             return _error(500, f"fake LLM: no rule matches the prompt ending {request.last_text[-300:]!r}")
-        return await self._answer(rule, request)
+        try:
+            return await self._answer(rule, request, http_request)
+        finally:
+            with self._lock:
+                self._working -= 1
+                self._changed.notify_all()
 
     def _record(self, request: FakeRequest, rule: Rule | None) -> None:
         with self._lock:
@@ -307,7 +366,13 @@ class FakeLLM:
             self._log.append(request)
             self._changed.notify_all()
 
-    async def _answer(self, rule: Rule, request: FakeRequest) -> web.Response:
+    def _bill(self, request: FakeRequest, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            self._billed.requests += 1
+            self._billed.prompt_tokens += prompt_tokens
+            self._billed.completion_tokens += completion_tokens
+
+    async def _answer(self, rule: Rule, request: FakeRequest, http_request: web.Request) -> web.Response:
         if rule.delay_s > 0:
             await asyncio.sleep(rule.delay_s)
         while rule.hold is not None and not rule.hold.is_set():
@@ -318,14 +383,28 @@ class FakeLLM:
         except Exception as exc:  # noqa: BLE001 - a broken test callback must be visible
             return _error(500, f"fake LLM: reply callback of {rule!r} raised {exc!r}")
         if rule.status != 200:
+            if rule.status >= 500:
+                self._bill(request, _prompt_tokens(request), 0)  # it read the prompt, then failed
             if isinstance(reply, dict):
                 return web.json_response(reply, status=rule.status, headers=rule.headers)
             return _error(rule.status, reply or f"scripted error {rule.status}", rule.headers)
         if isinstance(reply, dict):
-            return web.json_response(reply, headers=rule.headers)
-        return web.json_response(self._completion(request, reply, rule.usage), headers=rule.headers)
+            usage = reply.get("usage") or {}
+            self._bill(request, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+            response = web.json_response(reply, headers=rule.headers)
+        else:
+            body = self._completion(request, reply)
+            self._bill(request, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+            if not rule.usage:
+                del body["usage"]
+            response = web.json_response(body, headers=rule.headers)
+        if rule.drop:
+            # The work is done and billed; the client never gets the answer.
+            if http_request.transport is not None:
+                http_request.transport.close()
+        return response
 
-    def _completion(self, request: FakeRequest, text: str | None, with_usage: bool) -> dict:
+    def _completion(self, request: FakeRequest, text: str | None) -> dict:
         finish_reason = "stop"
         if text is not None:
             # Behave like a real server: cut at a stop sequence, honour max_tokens.
@@ -335,8 +414,8 @@ class FakeLLM:
                     text = text[: text.index(stop)]
             max_tokens = request.body.get("max_tokens") or request.body.get("max_completion_tokens")
             if isinstance(max_tokens, int) and _rough_tokens(text) > max_tokens:
-                text, finish_reason = text[: max_tokens * 4], "length"
-        prompt_tokens = max(1, _rough_tokens(request.all_text)) + 3 * len(request.messages)
+                text, finish_reason = _cut_to_tokens(text, max_tokens), "length"
+        prompt_tokens = _prompt_tokens(request)
         completion_tokens = _rough_tokens(text or "")
         body: dict[str, Any] = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
@@ -351,13 +430,16 @@ class FakeLLM:
                 }
             ],
         }
-        if with_usage:
-            body["usage"] = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
+        body["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return body
+
+
+def _prompt_tokens(request: FakeRequest) -> int:
+    return max(1, _rough_tokens(request.all_text)) + 3 * len(request.messages)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

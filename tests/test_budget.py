@@ -29,8 +29,11 @@ from workflows.budget import (
     Spend,
     actual,
     equal_share,
+    messages_token_bound,
+    token_bound,
     worst_case,
 )
+from workflows._budget_pricing import TOKENS_PER_MESSAGE
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 USD_TOLERANCE = 1e-6  # float rounding over a few levels of the tree
@@ -66,6 +69,18 @@ def test_negative_amounts_are_rejected_with_the_field_named() -> None:
         Caps(max_tokens=-1)
     with pytest.raises(ValidationError, match="nope"):
         Caps(nope=1)  # type: ignore[call-arg]
+
+
+def test_token_bound_counts_bytes_so_cjk_and_emoji_are_not_underestimated() -> None:
+    cjk = "預算不足" * 250  # 1,000 characters, about 1,000 tokens, 3,000 bytes
+    assert token_bound(len(cjk.encode())) == 3_000
+    assert token_bound(len("🙂".encode())) == 4  # one character, up to 4 tokens
+    messages = [{"role": "system", "content": "abc"}, {"role": "user", "content": cjk}]
+    assert messages_token_bound(messages) == 3 + 3_000 + 2 * TOKENS_PER_MESSAGE
+    parts = [{"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "image_url"}]}]
+    assert messages_token_bound(parts) == 2 + TOKENS_PER_MESSAGE
+    with pytest.raises(LedgerError, match="utf8_bytes >= 0"):
+        token_bound(-1)
 
 
 def test_spend_adds_per_dimension() -> None:
@@ -118,6 +133,38 @@ def test_settle_above_the_reservation_is_counted_and_recorded_as_overrun() -> No
     ledger.settle("c", Spend(usd=0.02, tokens=1300, calls=1))
     assert ledger.spent() == Spend(usd=0.02, tokens=1300, calls=1)
     assert ledger.overrun == Spend(usd=0.01, tokens=300, calls=0)
+
+
+def test_a_failed_attempt_that_may_have_been_billed_is_charged_its_reservation() -> None:
+    ledger = Ledger.root(Caps(max_tokens=10_000), T0)
+    assert ledger.reserve("c", call(tokens=4000), T0) is None
+    # Timed out after sending: no usage known, so the most it could have cost.
+    assert ledger.charge("c") == call(tokens=4000)
+    assert ledger.charge("c") == Spend()  # idempotent
+    assert ledger.spent() == call(tokens=4000) and ledger.reserved() == Spend()
+    # The retry is a new attempt with its own reservation, checked first.
+    assert ledger.reserve("c@2", call(tokens=4000), T0) is None
+    assert ledger.reserve("c@3", call(tokens=4000), T0).cap == "tokens"
+    assert ledger.closed_calls["c"] == "charged"
+    assert ledger.reserve("c", call(tokens=4000), T0) is None  # a charged call stays closed
+    assert ledger.reserved() == call(tokens=4000)
+
+
+def test_a_failed_attempt_with_reported_usage_is_charged_that_usage() -> None:
+    ledger = Ledger.root(Caps(max_tokens=10_000), T0)
+    ledger.reserve("c", call(tokens=4000), T0)
+    assert ledger.charge("c", actual(700, 0, 0.001)) == Spend(usd=0.001, tokens=700, calls=1)
+    assert ledger.spent().tokens == 700
+
+
+def test_an_attempt_refused_before_any_work_costs_nothing() -> None:
+    ledger = Ledger.root(Caps(max_tokens=10_000, max_calls=3), T0)
+    for attempt in range(1, 6):  # a 429 storm: every attempt released
+        assert ledger.reserve(f"c@{attempt}", call(tokens=4000), T0) is None
+        ledger.release(f"c@{attempt}")
+    assert ledger.spent() == Spend() and ledger.reserved() == Spend()
+    with pytest.raises(LedgerError, match=r"charge\('c@1'\).*released"):
+        ledger.charge("c@1")
 
 
 def test_settle_without_a_reservation_is_a_caller_error() -> None:
@@ -303,6 +350,17 @@ def test_child_gets_a_slice_of_what_remains_after_reservations() -> None:
     assert root.reserved() == call(tokens=2000, usd=0.2)
 
 
+def test_children_of_a_batch_share_the_concurrency_cap() -> None:
+    root = Ledger.root(Caps(max_concurrency=32), T0)
+    caps = [root.child_grant(f"k{i}", T0, share=equal_share(i, 3), parallel=3) for i in range(3)]
+    assert [c.max_concurrency for c in caps] == [10, 10, 10]  # 30 <= 32 for the tree
+    many = Ledger.root(Caps(max_concurrency=4), T0)
+    assert many.child_grant("k", T0, parallel=4).max_concurrency == 1  # never below 1
+    assert many.child_grant("alone", T0).max_concurrency == 4
+    with pytest.raises(LedgerError, match="parallel must be >= 1"):
+        many.child_grant("bad", T0, parallel=0)
+
+
 def test_unlimited_dimensions_stay_unlimited_for_children() -> None:
     root = Ledger.root(Caps(max_calls=10, max_turns=7, max_concurrency=4), T0)
     caps = root.child_grant("k", T0)
@@ -426,9 +484,10 @@ fraction = st.floats(0, 1, allow_nan=False)
 
 
 class TreeBudget(RuleBasedStateMachine):
-    """Random interleavings of reserve / settle / release / child_grant /
+    """Random interleavings of reserve / settle / charge / release / child_grant /
     child_settle / cap raises across a tree of ledgers. Children spend only
-    through their own ledgers and settles never exceed reservations."""
+    through their own ledgers, settles never exceed reservations, and a
+    charged attempt (billed but failed) is billed at most its reservation."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -479,6 +538,23 @@ class TreeBudget(RuleBasedStateMachine):
         )
         node.ledger.settle(call_id, use)
         self.real += use
+
+    @precondition(lambda self: any(n.live and n.open for n in self.nodes))
+    @rule(data=st.data(), billed=fraction, reported=st.booleans())
+    def charge(self, data: st.DataObject, billed: float, reported: bool) -> None:
+        # An attempt failed after its request was sent: the provider billed up
+        # to its worst case; we learn the amount only if it was reported.
+        node = data.draw(st.sampled_from([n for n in self.nodes if n.live and n.open]))
+        call_id = data.draw(st.sampled_from(sorted(node.open)))
+        worst = node.open.pop(call_id)
+        bill = Spend(usd=worst.usd * billed, tokens=int(worst.tokens * billed), calls=worst.calls)
+        counted = node.ledger.charge(call_id, bill if reported else None)
+        assert_covers(counted, bill, Caps(max_usd=1, max_tokens=1, max_calls=1))
+        self.real += bill
+        # Its retry is a new attempt, reserved again before it starts.
+        retry = call_id + "@2"
+        if node.ledger.reserve(retry, worst, T0) is None:
+            node.open[retry] = worst
 
     @precondition(lambda self: any(n.live and n.open for n in self.nodes))
     @rule(data=st.data())

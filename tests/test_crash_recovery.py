@@ -1,6 +1,8 @@
 """Kill -9 the worker in the middle of a cell that waits on sub-calls: a new
-worker finishes the run with the same answer, and no model call that had
-completed is made again (counted at the model server)."""
+worker finishes the run with the same answer, every reply belongs to its
+prompt, and no model call that had completed is made again (counted at the
+model server). The cell builds its prompts by iterating a `set`, whose order
+may differ in the re-run cell (string hashing differs between interpreters)."""
 
 from __future__ import annotations
 
@@ -55,11 +57,17 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     held = threading.Event()
     llm.add_rule(
         "Turn 1 of",
-        repl(f"r = llm_query_batched([f'item {{i}}' for i in range({ITEMS})])\nprint('total', sum(int(x) for x in r))"),
+        repl(
+            f"prompts = list({{f'item {{i}}' for i in range({ITEMS})}})\n"
+            "r = llm_query_batched(prompts)\n"
+            "print('total', sum(int(x) for x in r), 'matched', sum(a == p.split()[-1] for p, a in zip(prompts, r)))"
+        ),
         model=ROOT,
         name="turn1",
     )
-    llm.add_rule(lambda r: f"total {expected}" in r.last_user_text, f"FINAL({expected})", model=ROOT, name="final")
+    llm.add_rule(
+        lambda r: f"total {expected} matched {ITEMS}" in r.last_user_text, f"FINAL({expected})", model=ROOT, name="final"
+    )
     llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, name="fast")
     llm.add_rule(
         lambda r: int(r.last_user_text.split()[-1]) >= HELD_FROM,

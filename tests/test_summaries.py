@@ -90,7 +90,7 @@ def test_every_summary_is_bounded_and_one_line(text):
         clip(text, 50),
     ):
         assert len(s) <= MAX_SUMMARY_CHARS and "\n" not in s
-    req = _request(text or "q")
+    req = _request(text if text.strip() else "q")
     assert len(run_static_summary(req)) <= MAX_SUMMARY_CHARS
     assert len(run_static_details(req)) <= MAX_DETAILS_CHARS
     assert len(progress_details(turn=1, max_turns=2, phase=text, spent={}, caps={})) <= MAX_DETAILS_CHARS

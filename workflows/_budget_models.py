@@ -84,7 +84,8 @@ class Caps(BaseModel):
     """Levels of recursion allowed below this run (the root is depth 0). A child
     gets its parent's value minus one; at 0, rlm_query falls back to llm_query."""
     max_concurrency: int = Field(32, ge=1)
-    """Sub-calls of one batch that run in parallel."""
+    """Sub-calls that run at once in this run and the child runs below it: a
+    batch of child runs shares it (see `Ledger.child_grant`)."""
 
     @field_validator("deadline")
     @classmethod

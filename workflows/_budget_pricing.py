@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from workflows._budget_models import LedgerError, Spend
+
+# Tokens a chat template may add around one message: special tokens, the role
+# name and newlines (under 16 in the templates we know), plus a default system
+# prompt that some templates insert once per request (Qwen2.5's, Llama 3.1's
+# date header: under 48). Counting it per message keeps the bound additive.
+TOKENS_PER_MESSAGE = 64
+
+
+def token_bound(utf8_bytes: int, messages: int = 0) -> int:
+    """The most tokens `utf8_bytes` of text in `messages` chat messages can be.
+
+    Why bytes bound tokens for any text: byte-level BPE (GPT, Llama 3, Qwen)
+    and SentencePiece with byte fallback (Llama 2, Mistral) make every token
+    out of at least one byte of the text, so a text never has more tokens than
+    UTF-8 bytes; only the template's own tokens come on top. Characters do not
+    bound tokens (CJK text is about one token per character, three bytes each,
+    and an emoji may be several tokens). This is the one token estimate of the
+    code base: reservations use it, and so does a reply without usage.
+    """
+    if utf8_bytes < 0 or messages < 0:
+        raise LedgerError(f"token_bound: need utf8_bytes >= 0 and messages >= 0, got {utf8_bytes}, {messages}")
+    return utf8_bytes + messages * TOKENS_PER_MESSAGE
+
+
+def messages_token_bound(messages: Iterable[dict]) -> int:
+    """`token_bound` of chat messages ({"role", "content"} with string content)."""
+    count, size = 0, 0
+    for message in messages:
+        count += 1
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text parts carry text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        size += len(content.encode("utf-8")) if isinstance(content, str) else 0
+    return token_bound(size, count)
 
 
 def worst_case(
@@ -10,7 +46,8 @@ def worst_case(
 ) -> Spend:
     """The most one model call can use: all of its max output tokens.
 
-    `usd_in` / `usd_out` are prices per token (litellm's `input_cost_per_token`,
+    `prompt_tokens` is an upper bound (`token_bound`). `usd_in` / `usd_out` are
+    prices per token (litellm's `input_cost_per_token`,
     `output_cost_per_token`); 0 for an unknown price (tokens and the call still count).
     """
     for name, value in (

@@ -6,7 +6,12 @@ randomness; the current time is always passed in (`workflow.now()`).
 How the tree stays under its caps. Each run has one `Ledger`. Before a model
 call the run reserves the call's worst case (prompt tokens + max output
 tokens, priced); the reservation is refused unless spent + reserved + worst
-case fits every cap. After the call it settles to the actual use. A child run
+case fits every cap. After the call it settles to the actual use. Each
+attempt of a call is reserved on its own, before it starts; an attempt that
+failed after its request may have reached the provider (a timeout, a dropped
+connection, a 5xx, a malformed reply) is charged: what the provider reported,
+or else its whole reservation (`charge`); one refused before any work (429,
+401, 400) is released and costs nothing. A child run
 gets a slice of what remains; the slice stays reserved in the parent until
 the child reports what it used (`child_settle`), and the child's own ledger
 enforces the slice as its caps. So at every moment, for each cap,
@@ -39,7 +44,13 @@ from workflows._budget_models import (
     Spend,
     require_aware,
 )
-from workflows._budget_pricing import actual, equal_share, worst_case
+from workflows._budget_pricing import (
+    actual,
+    equal_share,
+    messages_token_bound,
+    token_bound,
+    worst_case,
+)
 
 __all__ = [
     "Caps",
@@ -52,6 +63,8 @@ __all__ = [
     "worst_case",
     "actual",
     "equal_share",
+    "token_bound",
+    "messages_token_bound",
 ]
 
 
@@ -77,10 +90,12 @@ class Ledger(BaseModel):
     already counted in `settled`, kept here to be reported."""
     open_calls: dict[str, Spend] = Field(default_factory=dict)
     """Reservations of calls in flight, by call id."""
-    closed_calls: dict[str, Literal["settled", "released"]] = Field(
+    closed_calls: dict[str, Literal["settled", "charged", "released"]] = Field(
         default_factory=dict
     )
-    """Calls that finished, by call id (makes reserve/settle idempotent)."""
+    """Calls that finished, by call id (makes reserve/settle idempotent):
+    settled with their use, charged after a failure that may have been billed,
+    or released after one that cost nothing."""
     children: dict[str, ChildSlice] = Field(default_factory=dict)
     """Slices granted to child runs, by child id."""
 
@@ -180,7 +195,7 @@ class Ledger(BaseModel):
         counted; answer it from the remembered result, do not call the model).
         A released call may be reserved again (a new attempt).
         """
-        if call_id in self.open_calls or self.closed_calls.get(call_id) == "settled":
+        if call_id in self.open_calls or self.closed_calls.get(call_id) in ("settled", "charged"):
             return None
         if refusal := self._wall_refusal(now):
             return refusal
@@ -196,21 +211,25 @@ class Ledger(BaseModel):
         Use above the reservation (a model over-reporting) is counted in full
         and recorded in `overrun`.
         """
-        if self.closed_calls.get(call_id) == "settled":
-            return
-        held = self.open_calls.pop(call_id, None)
-        if held is None:
-            state = self.closed_calls.get(call_id, "never reserved")
-            raise LedgerError(
-                f"settle({call_id!r}): this call has no open reservation ({state}); "
-                f"reserve() a call before calling the model and settle it once"
-            )
-        self.settled += actual
-        self.overrun += _excess(actual, held.usd, held.tokens, held.calls)
-        self.closed_calls[call_id] = "settled"
+        self._close(call_id, actual, "settled")
+
+    def charge(self, call_id: str, reported: Spend | None = None) -> Spend:
+        """Count an attempt that failed but may have been billed (idempotent).
+
+        A timeout, a connection dropped after the request was sent, a 5xx or a
+        malformed reply: the provider may have done (and billed) the work. It
+        costs `reported` (the usage the provider sent, if any), else its whole
+        reservation, the most it could have cost. Returns what was counted.
+        """
+        if self.closed_calls.get(call_id) in ("settled", "charged"):
+            return Spend()
+        use = reported if reported is not None else self.open_calls.get(call_id, Spend())
+        self._close(call_id, use, "charged")
+        return use
 
     def release(self, call_id: str) -> None:
-        """Drop the reservation of a call that failed before any use.
+        """Drop the reservation of a call that failed before any use (refused
+        before the provider did any work: 429, 401, 400, a bad request).
 
         A no-op for a call that is not open (already released or settled, or
         whose reservation was refused), so cleanup paths may always call it.
@@ -235,20 +254,25 @@ class Ledger(BaseModel):
     # -- child runs --------------------------------------------------------
 
     def child_grant(
-        self, child_id: str, now: datetime, *, share: float | None = None
+        self, child_id: str, now: datetime, *, share: float | None = None, parallel: int = 1
     ) -> Caps | Refusal:
         """Give a child run `share` (default: all) of what remains, as its caps.
 
         The slice stays reserved here until `child_settle`. For a batch of n
         children granted one after another, pass `share=equal_share(i, n)` to
         give each the same slice. Unlimited dimensions stay unlimited. The
-        child's caps carry the absolute deadline and `max_depth - 1`; turns and
-        concurrency caps are copied. Idempotent per child_id.
+        child's caps carry the absolute deadline and `max_depth - 1`; the turns
+        cap is copied. `parallel` children run at once (a batch of n under this
+        run's concurrency cap c: min(n, c)); each gets c // parallel (at least
+        1) as its concurrency cap, so the tree as a whole keeps this run's cap
+        instead of every child getting all of it. Idempotent per child_id.
         """
         if child_id in self.children:
             return self.children[child_id].caps
         if share is not None and not 0 < share <= 1:
             raise LedgerError(f"child_grant share must be in (0, 1], got {share!r}")
+        if parallel < 1:
+            raise LedgerError(f"child_grant parallel must be >= 1, got {parallel!r}")
         fraction = 1.0 if share is None else share
         if refusal := self.check_depth():
             return refusal
@@ -277,6 +301,7 @@ class Ledger(BaseModel):
                 "max_wall_s": None,
                 "deadline": self.deadline,
                 "max_depth": self.caps.max_depth - 1,
+                "max_concurrency": max(1, self.caps.max_concurrency // parallel),
             }
         )
         self.children[child_id] = ChildSlice(held=held, caps=caps)
@@ -336,6 +361,21 @@ class Ledger(BaseModel):
         )
 
     # -- internals -------------------------------------------------------------
+
+    def _close(self, call_id: str, use: Spend, state: Literal["settled", "charged"]) -> None:
+        if self.closed_calls.get(call_id) in ("settled", "charged"):
+            return
+        held = self.open_calls.pop(call_id, None)
+        if held is None:
+            was = self.closed_calls.get(call_id, "never reserved")
+            verb = "settle" if state == "settled" else "charge"
+            raise LedgerError(
+                f"{verb}({call_id!r}): this call has no open reservation ({was}); "
+                f"reserve() a call before calling the model and settle or charge it once"
+            )
+        self.settled += use
+        self.overrun += _excess(use, held.usd, held.tokens, held.calls)
+        self.closed_calls[call_id] = state
 
     def _turns_refusal(self) -> Refusal:
         return Refusal(cap="turns", message=msg.turns(limit=self.caps.max_turns, used=self.turns))

@@ -8,14 +8,21 @@ text.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
 from workflows.refs import BlobRef, ContextRef
 
 RunStatus = Literal["completed", "budget_exhausted", "max_turns", "cancelled", "failed"]
+
+MAX_QUESTION_CHARS = 64 * 1024
+"""A question travels inline in every turn's prompt and in the request of a
+child run; long text belongs in the context."""
+MAX_OUTPUT_CHARS = 200_000
+"""Largest `limits.output_chars`: the cells of one turn travel inline in the
+root turn's activity input (Temporal refuses payloads over 2 MiB)."""
 
 
 class ModelChoice(BaseModel):
@@ -43,22 +50,26 @@ class ModelChoice(BaseModel):
 class RunLimits(BaseModel):
     """Per-step limits: how long and how large one step may be."""
 
-    cell_timeout_s: float = 120.0
+    cell_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
     """Guest CPU/wall time for one cell; time waiting on sub-calls does not count."""
-    cell_memory_mb: int = 2048
+    cell_memory_mb: int = Field(2048, ge=1)
     """Linear-memory cap of the WASM REPL."""
-    output_chars: int = 20_000
+    output_chars: int = Field(20_000, ge=100, le=MAX_OUTPUT_CHARS)
     """Printed output of one cell kept in the transcript (the rest is stored)."""
-    root_max_output_tokens: int | None = None
+    root_max_output_tokens: int | None = Field(None, ge=1)
     """Cap on one root reply; None = the model's own maximum (at most 8192)."""
-    sub_max_output_tokens: int | None = None
+    sub_max_output_tokens: int | None = Field(None, ge=1)
     """Cap on one sub-call reply; None = the model's own maximum (at most 4096)."""
-    model_call_timeout_s: float = 300.0
+    model_call_timeout_s: float = Field(300.0, gt=0, allow_inf_nan=False)
     """Start-to-close timeout of one model call activity."""
-    continue_after_updates: int = 1_000
+    continue_after_updates: int = Field(1_000, ge=1)
     """Start a fresh run of the chain (continue-as-new) at the next turn
     boundary once this many sub-call updates were made (the server keeps at
     most 2,000 per run); also done when Temporal suggests it (history size)."""
+    history_events: int = Field(40_000, ge=200, le=50_000)
+    """Events one run's history may reach before sub-calls are refused until
+    the turn ends (the server ends a run at 51,200); past half of it the run
+    continues as new at the next turn boundary."""
 
 
 class ParentLink(BaseModel):
@@ -72,16 +83,51 @@ class ParentLink(BaseModel):
 class RunRequest(BaseModel):
     """Input of the `RLMRun` workflow."""
 
-    question: str
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     context: ContextRef
     models: ModelChoice
     caps: Caps = Field(default_factory=Caps)
     limits: RunLimits = Field(default_factory=RunLimits)
-    depth: int = 0
+    depth: int = Field(0, ge=0)
     """0 for a run started by a caller; children are parent depth + 1."""
     parent: ParentLink | None = None
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
+
+    @field_validator("question")
+    @classmethod
+    def _question_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the question is blank: ask something")
+        return value
+
+    @field_validator("caps")
+    @classmethod
+    def _caps_allow_a_turn(cls, value: Caps) -> Caps:
+        # A run with no turn could never answer; the ledger allows 0 mid-run
+        # (set_caps lowers it to stop a run), a request may not start with it.
+        if value.max_turns < 1:
+            raise ValueError("caps.max_turns must be at least 1 (a run needs a turn to answer)")
+        return value
+
+
+def parse_request(value: Any) -> RunRequest | str:
+    """The request, or why it is not one: every invalid field with its message."""
+    if isinstance(value, RunRequest):
+        return value
+    try:
+        return RunRequest.model_validate(value)
+    except ValidationError as exc:
+        return "invalid RunRequest: " + validation_errors(exc)
+
+
+def validation_errors(exc: ValidationError, limit: int = 20) -> str:
+    """`field.path: message` for each error of a pydantic validation, joined by '; '."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in errors[:limit]]
+    if len(errors) > limit:
+        parts.append(f"... and {len(errors) - limit} more")
+    return "; ".join(parts)
 
 
 class ModelUsage(BaseModel):
@@ -108,6 +154,9 @@ class ChildSummary(BaseModel):
     status: RunStatus
     spend: Spend
     children: list[ChildSummary] = Field(default_factory=list)
+    """Runs below it, as far as the result's tree summary goes (see `bounded_tree`)."""
+    runs_below: int = 0
+    """Every run in its subtree (itself excluded), listed in `children` or not."""
 
 
 class Usage(BaseModel):
@@ -147,6 +196,7 @@ class ResumeState(BaseModel):
     usage: Usage
     ledger: dict
     children: list[ChildSummary]
+    runs_below: int = 0
     warned_unseen: bool = False
 
 
@@ -170,6 +220,46 @@ class RunResult(BaseModel):
     transcript_key: str | None = None
     """Object key of the root model's transcript (the trajectory)."""
     children: list[ChildSummary] = Field(default_factory=list)
+    """The tree of child runs, breadth first, cut to `MAX_TREE_NODES_INLINE`
+    runs; each child's own result holds its subtree."""
+    runs_below: int = 0
+    """Every run in the tree below this one, listed in `children` or not."""
+
+
+MAX_TREE_NODES_INLINE = 200
+"""Child runs listed in a result (a tree of thousands would pass the payload limit)."""
+
+
+def bounded_tree(children: list[ChildSummary], max_nodes: int = MAX_TREE_NODES_INLINE) -> list[ChildSummary]:
+    """A copy of the tree with at most `max_nodes` runs, breadth first, so the
+    levels nearest the run are the ones kept; `runs_below` keeps the counts."""
+    keep: set[int] = set()
+    level, left = list(children), max_nodes
+    while level and left > 0:
+        taken = level[:left]
+        keep.update(id(node) for node in taken)
+        left -= len(taken)
+        level = [child for node in taken for child in node.children]
+
+    def copy(node: ChildSummary) -> ChildSummary:
+        return node.model_copy(update={"children": [copy(c) for c in node.children if id(c) in keep]})
+
+    return [copy(node) for node in children if id(node) in keep]
+
+
+def clip(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars` characters, saying how long it was."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars] + f" ... [cut: {len(text):,} characters in all]"
+
+
+def clip_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding fits `max_bytes`."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes].decode("utf-8", errors="ignore")
 
 
 RunRequest.model_rebuild()

@@ -13,14 +13,26 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError
+from temporalio.common import RawValue, RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from workflows import names
     from workflows.budget import Caps, Ledger
-    from workflows.request import RunRequest, RunResult, RunStatus, Usage
-    from workflows.step_common import error_text
+    from workflows.request import (
+        RunRequest,
+        RunResult,
+        RunStatus,
+        Usage,
+        bounded_tree,
+        clip,
+        clip_utf8,
+        parse_request,
+        validation_errors,
+    )
+    from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import (
         ModelInfo,
         ResolveModelsInput,
@@ -31,24 +43,49 @@ with workflow.unsafe.imports_passed_through():
     from workflows.subcalls import SubcallRouter
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
-ANSWER_INLINE_CHARS = 64 * 1024
+# UTF-8 bytes of the answer inline in a result; the whole answer is at answer_ref.
+ANSWER_INLINE_BYTES = 64 * 1024
+# Errors of our own code or data fail the run (or the update) with a reason
+# instead of failing the workflow task, which the SDK retries forever
+# (DESIGN.md section 9). Non-determinism is left out on purpose: that is a
+# deployment bug, and a suspended run resumes once a fixed worker is deployed.
+FAILURE_TYPES = (
+    ValueError,  # includes pydantic's ValidationError and the ledger's errors
+    TypeError,
+    LookupError,
+    AttributeError,
+    AssertionError,
+    ArithmeticError,
+    RuntimeError,
+    NameError,
+)
 DEPTH_KEY = SearchAttributeKey.for_int("RlmDepth")
 ROOT_KEY = SearchAttributeKey.for_keyword("RlmRootRunId")
 STATUS_KEY = SearchAttributeKey.for_keyword("RlmStatus")
 
 
-@workflow.defn(name=names.WORKFLOW_RLM_RUN)
+@workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
 class RLMRun:
+    # The input is taken raw and validated here: a request the data converter
+    # could not decode would fail every workflow task ("Failed decoding
+    # arguments") and the run would hang; this way it fails with the reason.
     @workflow.init
-    def __init__(self, request: RunRequest) -> None:
+    def __init__(self, raw: RawValue) -> None:
+        request = _decode_request(raw)
+        self._invalid: str | None = None
+        try:
+            ledger = self._start_ledger(request) if isinstance(request, RunRequest) else None
+        except ValueError as exc:  # a resumed ledger that does not validate
+            request = f"invalid RunRequest: resume.ledger: {exc}"
+        if isinstance(request, str):
+            # A stand-in so queries and handlers work until run() fails the run.
+            self._invalid = request
+            request = RunRequest.model_construct(depth=0, parent=None, resume=None, caps=Caps())
+            ledger = Ledger.root(request.caps, workflow.now())
         self._req = request
+        self._ledger = ledger
         info = workflow.info()
         self._root_id = request.parent.root_workflow_id if request.parent else info.workflow_id
-        self._ledger = (
-            Ledger.model_validate(request.resume.ledger)
-            if request.resume
-            else Ledger.root(request.caps, workflow.now(), depth=request.depth)
-        )
         self._usage = request.resume.usage if request.resume else Usage()
         self._models: dict[str, ModelInfo] = {}
         self._router: SubcallRouter | None = None
@@ -61,7 +98,20 @@ class RLMRun:
 
     # -- the run -------------------------------------------------------------
     @workflow.run
-    async def run(self, request: RunRequest) -> RunResult:
+    async def run(self, raw: RawValue) -> RunResult:
+        if self._invalid is not None:
+            raise ApplicationError(self._invalid, type="InvalidRunRequest", non_retryable=True)
+        try:
+            return await self._run(self._req)
+        except FAILURE_TYPES as exc:
+            # A bug or a value no validator caught: end with a reason, never hang.
+            workflow.logger.exception("run failed inside workflow code")
+            self._phase = "failed"
+            if self._router is not None:
+                self._router.cancel_all()
+            return self._result("failed", f"internal error: {type(exc).__name__}: {exc}", None)
+
+    async def _run(self, request: RunRequest) -> RunResult:
         # Lets the Temporal UI list a whole tree (RlmRootRunId) or a depth.
         workflow.upsert_search_attributes(
             [
@@ -79,6 +129,7 @@ class RLMRun:
         )
         if request.resume:
             self._router.children = list(request.resume.children)
+            self._router.runs_below = request.resume.runs_below
         self._driver = TurnDriver(self, request)
         refusal = self._driver.check_start()
         if refusal is not None:
@@ -101,6 +152,12 @@ class RLMRun:
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._result(status, reason, answer)
 
+    @staticmethod
+    def _start_ledger(request: RunRequest) -> Ledger:
+        if request.resume:
+            return Ledger.model_validate(request.resume.ledger)
+        return Ledger.root(request.caps, workflow.now(), depth=request.depth)
+
     async def _resolve_models(self) -> dict[str, ModelInfo]:
         out: ResolveModelsOutput = await workflow.execute_activity(
             names.ACTIVITY_RESOLVE_MODELS,
@@ -115,10 +172,10 @@ class RLMRun:
         info = workflow.info()
         workflow.upsert_search_attributes([STATUS_KEY.value_set(status)])
         return RunResult(
-            answer=answer[:ANSWER_INLINE_CHARS] if answer is not None else None,
+            answer=clip_utf8(answer, ANSWER_INLINE_BYTES) if answer is not None else None,
             answer_ref=self._driver.answer_ref if self._driver else None,
             status=status,
-            reason=reason,
+            reason=clip(reason, ERROR_CHARS) if reason is not None else None,
             turns=self._turn,
             spend=self._ledger.spent(),
             usage=self._usage,
@@ -127,7 +184,8 @@ class RLMRun:
             root_workflow_id=self._root_id,
             depth=self._req.depth,
             transcript_key=self._driver.transcript_key if self._driver else None,
-            children=self._router.children if self._router else [],
+            children=bounded_tree(self._router.children) if self._router else [],
+            runs_below=self._router.runs_below if self._router else 0,
         )
 
     # -- sub-calls from cells ----------------------------------------------
@@ -141,7 +199,7 @@ class RLMRun:
     def _validate_subcalls(self, batch: SubcallBatch) -> None:
         if self._router is None:
             raise ValueError("the run has not started its REPL yet")
-        self._router.validate(batch)
+        self._router.validate(batch, workflow.current_update_info().id)
 
     # -- watching and steering -------------------------------------------
     @workflow.query(name=names.QUERY_PROGRESS)
@@ -171,9 +229,22 @@ class RLMRun:
         unknown = set(changes) - set(Caps.model_fields)
         if unknown:
             raise ValueError(f"unknown caps {sorted(unknown)}; known: {sorted(Caps.model_fields)}")
+        # The handler must not fail after the update is accepted: try it here.
+        try:
+            Caps.model_validate({**self._ledger.caps.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ValueError(f"caps refused: {validation_errors(exc)}") from None
 
     @workflow.signal(name=names.SIGNAL_CANCEL)
     def cancel(self, reason: str | None = None) -> None:
         self._cancel_reason = reason or "cancelled by request"
         if self._loop_task is not None:
             self._loop_task.cancel()
+
+
+def _decode_request(raw: RawValue) -> RunRequest | str:
+    try:
+        value = workflow.payload_converter().from_payload(raw.payload)
+    except Exception as exc:  # any encoding a JSON caller could not mean
+        return f"invalid RunRequest: the input is not JSON ({type(exc).__name__}: {exc})"
+    return parse_request(value)

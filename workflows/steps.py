@@ -4,6 +4,8 @@ design (large text travels as a `BlobRef`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +54,9 @@ class RootTurnInput(BaseModel):
     stop: list[str] = Field(default_factory=list)
     transcript_prev_key: str | None = None
     """Transcript the turn builds on: None on the first turn of a run chain."""
+    attempt: int = 1
+    """1 for the first attempt; a later one first looks for the record of an
+    earlier attempt that finished unseen (workflows/model_attempts.py)."""
 
 
 class RootTurnOutput(BaseModel):
@@ -61,6 +66,8 @@ class RootTurnOutput(BaseModel):
     usd: float
     transcript_key: str
     usage_estimated: bool = False
+    replayed: bool = False
+    """Read from an earlier attempt's record: no model call was made now."""
 
 
 class CellInput(BaseModel):
@@ -99,28 +106,64 @@ class SubcallItem(BaseModel):
 
     text: str | None = None
     text_ref: BlobRef | None = None
-    text_chars: int
+    text_chars: int = Field(ge=0)
     context: ContextRef | None = None
     """rlm_query only: the child's context (None = the parent's)."""
+    occurrence: int = Field(0, ge=0)
+    """How many times the cell asked this same item before (same kind, model,
+    text and context): two equal questions of one cell are two calls."""
+
+    def text_sha256(self) -> str:
+        """Hash of the text, the same whether it travels inline or by ref."""
+        if self.text_ref is not None:
+            return self.text_ref.sha256
+        return hashlib.sha256((self.text or "").encode()).hexdigest()
+
+
+MAX_BATCH_ITEMS = 1_000
+"""Items in one `subcalls` update; a cell's host splits larger batches (each
+item costs a few hundred bytes of update payload and reply)."""
+
+
+def item_digest(kind: str, model: str | None, item: SubcallItem) -> str:
+    """What one sub-call asks: an item asked again (a cell re-run after a
+    crash, in any order) has the same digest and gets the recorded answer."""
+    what = [kind, model, item.text_sha256(), item.context.sha256 if item.context else None, item.occurrence]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 class SubcallBatch(BaseModel):
     """Sent by a cell to its workflow as the `subcalls` update."""
 
-    cell_id: str
-    seq: int
+    cell_id: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=1)
     kind: Literal["llm", "rlm"]
     model: str | None = None
     items: list[SubcallItem]
     digest: str
-    """Hash of the batch's content: a retried cell sending different prompts
-    under the same ids is detected and not answered from memory."""
+    """`batch_digest` of the items: part of the update id, because Temporal
+    answers an update id it has seen with the first result whatever the
+    payload (DESIGN.md section 9)."""
+
+    def item_digests(self) -> list[str]:
+        return [item_digest(self.kind, self.model, item) for item in self.items]
+
+    def update_id(self) -> str:
+        """The update id that names exactly this batch of this cell."""
+        return f"{self.cell_id}:{self.seq}:{self.digest[:32]}"
+
+
+def batch_digest(kind: str, model: str | None, items: list[SubcallItem]) -> str:
+    return hashlib.sha256("".join(item_digest(kind, model, i) for i in items).encode()).hexdigest()
 
 
 class SubcallAnswer(BaseModel):
     text: str | None = None
     text_ref: BlobRef | None = None
     error: str | None = None
+    child_workflow_id: str | None = None
+    """Set instead of `text` when a child run's answer is too long to travel
+    inline in this reply: read it from the child's result."""
 
 
 class SubcallReply(BaseModel):
@@ -138,6 +181,8 @@ class LlmCallInput(BaseModel):
     max_tokens: int
     inline_limit: int
     """Replies longer than this come back as a BlobRef."""
+    attempt: int = 1
+    """As in `RootTurnInput.attempt`."""
 
 
 class LlmCallOutput(BaseModel):
@@ -146,3 +191,5 @@ class LlmCallOutput(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     usd: float
+    replayed: bool = False
+    """As in `RootTurnOutput.replayed`."""

@@ -19,17 +19,25 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Ledger, Spend, equal_share, worst_case
-    from workflows.request import ChildSummary, ParentLink, RunRequest, RunResult, Usage
+    from workflows.budget import Ledger, Refusal, Spend, equal_share, token_bound
+    from workflows.request import (
+        MAX_QUESTION_CHARS,
+        ChildSummary,
+        ParentLink,
+        RunRequest,
+        RunResult,
+        Usage,
+        bounded_tree,
+        clip_utf8,
+    )
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
-        MODEL_CALL_RETRY,
         error_text,
-        estimate_tokens,
         raise_if_cancelled,
-        settle_model_call,
     )
+    from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.steps import (
+        MAX_BATCH_ITEMS,
         LlmCallInput,
         LlmCallOutput,
         ModelInfo,
@@ -37,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         SubcallBatch,
         SubcallItem,
         SubcallReply,
+        batch_digest,
     )
 
 # The server keeps at most 2,000 updates per run; leave room for control updates.
@@ -44,6 +53,22 @@ MAX_SUBCALL_UPDATES = 1_800
 
 # Sum of inline replies in one update reply stays far below the 2 MiB limit.
 REPLY_INLINE_BUDGET = 512 * 1024
+# English text averages about 4 bytes per token: a prompt whose bytes / 4
+# pass the model's window cannot fit, so it is refused before anything is read
+# or sent. A typical size, not a bound (budgets reserve `token_bound`); the
+# provider has the last word, and its refusal costs nothing.
+TYPICAL_BYTES_PER_TOKEN = 4
+# A run's history must stay under the server's limits (51,200 events and
+# 50 MB by default; events: `limits.history_events`) until the turn boundary,
+# where it continues as new.
+# Measured: a one-item update costs 11 events, each further item ~4; an inline
+# prompt is stored twice (update, activity input).
+HISTORY_BYTES_BUDGET = 40 * 1024 * 1024
+EVENTS_PER_UPDATE, EVENTS_PER_ITEM, BYTES_PER_ITEM = 11, 6, 2_048
+# A parent waits for a child at most this long (the parent's cell gives up then).
+CHILD_MAX_WAIT = timedelta(hours=6)
+# Time a child gets past the tree's deadline to ask for its last answer and report.
+CHILD_DEADLINE_GRACE = timedelta(minutes=5)
 
 
 class SubcallRouter:
@@ -67,13 +92,15 @@ class SubcallRouter:
         self._inflight: dict[str, asyncio.Task[SubcallAnswer]] = {}
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
         self.children: list[ChildSummary] = []
+        self.runs_below = 0
+        """Runs in the tree below this one (`children` is the summary of it)."""
         self.updates = 0
         self.open_calls = 0
         self.done_calls = 0
         self.closed = False
 
     # -- entry point (the update handler) ---------------------------------
-    def validate(self, batch: SubcallBatch) -> None:
+    def validate(self, batch: SubcallBatch, update_id: str) -> None:
         if self.closed:
             raise ValueError("the run is finishing; no new sub-calls are accepted")
         if self.updates >= MAX_SUBCALL_UPDATES:
@@ -83,26 +110,53 @@ class SubcallRouter:
             )
         if not batch.items:
             raise ValueError("empty batch")
+        if len(batch.items) > MAX_BATCH_ITEMS:
+            raise ValueError(
+                f"a sub-call request holds {len(batch.items):,} prompts, at most {MAX_BATCH_ITEMS:,} "
+                "travel in one; send them in several batches"
+            )
+        # The update id must name what is asked: the server answers a repeated
+        # id with its first result without looking at the payload.
+        if batch.digest != batch_digest(batch.kind, batch.model, batch.items) or update_id != batch.update_id():
+            raise ValueError(
+                f"sub-call request {update_id!r} does not match its content: the update id must be "
+                "SubcallBatch.update_id() and the digest batch_digest() of the items"
+            )
+        self._check_history(batch)
+
+    def _check_history(self, batch: SubcallBatch) -> None:
+        """Refuse a batch that would push this run's history past the server's
+        limits before the turn ends (a cell must finish inside one run)."""
+        info = workflow.info()
+        events = info.get_current_history_length() + EVENTS_PER_UPDATE + EVENTS_PER_ITEM * len(batch.items)
+        inline = sum(len(item.text or "") * 2 + BYTES_PER_ITEM for item in batch.items)
+        if events > self._req.limits.history_events or info.get_current_history_size() + inline > HISTORY_BYTES_BUDGET:
+            raise ValueError(
+                f"this turn has filled the run's history ({info.get_current_history_length():,} events, "
+                f"{info.get_current_history_size():,} bytes); {len(batch.items):,} more sub-calls do not fit. "
+                "Save what you have in variables and end this cell: the next turn starts with a fresh history. "
+                "Put more text into fewer, larger prompts"
+            )
 
     async def handle(self, batch: SubcallBatch) -> SubcallReply:
         self.updates += 1
         inline_limit = max(256, REPLY_INLINE_BUDGET // len(batch.items))
         waits = []
-        for index, item in enumerate(batch.items):
-            call_id = f"{batch.cell_id}:{batch.seq}:{index}"
-            # A retried cell that asks something else under an old id is a new call.
-            key = f"{call_id}#{batch.digest[:16]}"
+        for index, (item, digest) in enumerate(zip(batch.items, batch.item_digests())):
+            # Named by what it asks, not by its place: a cell re-run after a
+            # crash that asks in another order gets each answer it asks for.
+            key = f"{batch.cell_id}:{digest[:24]}"
             if key in self._memo:
                 waits.append(_done(self._memo[key]))
                 continue
             task = self._inflight.get(key)
             if task is None:
-                task = asyncio.ensure_future(self._run_item(batch, item, key, inline_limit))
+                task = asyncio.ensure_future(self._run_item(batch, item, key, inline_limit, index))
                 self._inflight[key] = task
                 task.add_done_callback(lambda t, k=key: self._remember(k, t))
             waits.append(task)
         answers = await asyncio.gather(*waits)
-        return SubcallReply(answers=list(answers))
+        return SubcallReply(answers=[_bounded(a, inline_limit) for a in answers])
 
     def _remember(self, key: str, task: asyncio.Task[SubcallAnswer]) -> None:
         self._inflight.pop(key, None)
@@ -116,14 +170,16 @@ class SubcallRouter:
 
     # -- one item ------------------------------------------------------------
     async def _run_item(
-        self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int
+        self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
     ) -> SubcallAnswer:
+        if refused := _refuse_text(batch.kind, item):
+            return refused
         async with self._sem:
             self.open_calls += 1
             try:
                 # caps.max_depth counts down: what is left below this run.
                 if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
-                    return await self._child_run(batch, item, call_id)
+                    return await self._child_run(batch, item, call_id, index)
                 return await self._llm_call(batch, item, call_id, inline_limit)
             finally:
                 self.open_calls -= 1
@@ -150,27 +206,19 @@ class SubcallRouter:
             return model
         info = self._models[model]
         max_out = min(info.max_output_tokens, self._req.limits.sub_max_output_tokens or 4096)
-        chars = item.text_chars + (item.context.total_chars if item.context else 0)
         if batch.kind == "rlm" and item.context is None:
             # At the depth cap a child falls back to a plain call over the same context.
             item = item.model_copy(update={"context": self._req.context})
-            chars += self._req.context.total_chars
-        prompt_tokens = estimate_tokens(chars)
-        if prompt_tokens + max_out > info.context_window:
+        prompt_bytes = _prompt_bytes(item)
+        if prompt_bytes // TYPICAL_BYTES_PER_TOKEN + max_out > info.context_window:
             return SubcallAnswer(
-                error=f"Error: this prompt is about {prompt_tokens:,} tokens, more than model "
-                f"{model!r} takes ({info.context_window:,} tokens with {max_out:,} for the "
-                "reply); split it into smaller chunks"
+                error=f"Error: this prompt is {prompt_bytes:,} bytes, about {prompt_bytes // TYPICAL_BYTES_PER_TOKEN:,} "
+                f"tokens, more than model {model!r} takes ({info.context_window:,} tokens with {max_out:,} for "
+                "the reply); split it into smaller chunks"
             )
-        refusal = self._ledger.reserve(
-            call_id,
-            worst_case(prompt_tokens, max_out, info.usd_per_input_token, info.usd_per_output_token),
-            workflow.now(),
-        )
-        if refusal is not None:
-            return SubcallAnswer(error=f"Budget: {refusal.message}")
-        try:
-            out: LlmCallOutput = await workflow.execute_activity(
+
+        async def attempt(number: int) -> LlmCallOutput:
+            return await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALL,
                 LlmCallInput(
                     workflow_id=workflow.info().workflow_id,
@@ -181,33 +229,41 @@ class SubcallRouter:
                     context=item.context,
                     max_tokens=max_out,
                     inline_limit=inline_limit,
+                    attempt=number,
                 ),
                 result_type=LlmCallOutput,
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
-                retry_policy=MODEL_CALL_RETRY,
+                retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
             )
+
+        try:
+            out = await paid_model_call(
+                self._ledger, self._usage, call_id=call_id, model=info, depth=self._req.depth + 1,
+                prompt_tokens=token_bound(prompt_bytes, 1), max_output_tokens=max_out, run_attempt=attempt,
+            )  # fmt: skip
         except ActivityError as exc:
-            self._ledger.release(call_id)
             raise_if_cancelled(exc)
             return SubcallAnswer(error=f"Error: {error_text(exc)}")
-        settle_model_call(
-            self._ledger, self._usage, call_id, model, self._req.depth + 1,
-            out.prompt_tokens, out.completion_tokens, out.usd,
-        )  # fmt: skip
+        if isinstance(out, Refusal):
+            return SubcallAnswer(error=f"Budget: {out.message}")
         return SubcallAnswer(text=out.text, text_ref=out.text_ref)
 
-    async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str) -> SubcallAnswer:
+    async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str, index: int) -> SubcallAnswer:
         model = self._pick_model(batch, "rlm")
         if isinstance(model, SubcallAnswer):
             return model
         info = workflow.info()
         depth = self._req.depth + 1
-        # Readable and deterministic: parent id, depth, cell, batch and index.
-        child_id = f"{info.workflow_id}/d{depth}-{call_id.split('#')[0].replace(':', '-')}"
+        # Readable and deterministic: parent id, depth, cell and what it asks.
+        child_id = f"{info.workflow_id}/d{depth}-{call_id.replace(':', '-')}"
         # Siblings of one batch share what remains equally (they run in parallel).
-        index, count = int(call_id.split("#")[0].rsplit(":", 1)[1]), len(batch.items)
-        grant = self._ledger.child_grant(child_id, workflow.now(), share=equal_share(index, count))
+        count = len(batch.items)
+        grant = self._ledger.child_grant(
+            child_id, workflow.now(), share=equal_share(index, count),
+            # The batch's children run at once and share this run's concurrency.
+            parallel=min(count, self._ledger.caps.max_concurrency),
+        )  # fmt: skip
         if not hasattr(grant, "max_turns"):
             return SubcallAnswer(error=f"Budget: {grant.message}")  # type: ignore[union-attr]
         models = self._req.models
@@ -232,6 +288,8 @@ class SubcallRouter:
                 result_type=RunResult,
                 task_queue=info.task_queue,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                # Never wait past the tree's deadline (plus time to report).
+                execution_timeout=self._child_wait(grant.deadline),  # type: ignore[union-attr]
             )
         except ChildWorkflowError as exc:
             # It reported nothing: count its whole slice, the most it could spend.
@@ -240,6 +298,7 @@ class SubcallRouter:
             self.children.append(
                 ChildSummary(workflow_id=child_id, question=request.question[:200], status="failed", spend=Spend())
             )
+            self.runs_below += 1
             return SubcallAnswer(error=f"Error: child run failed: {error_text(exc)}")
         self._ledger.child_settle(child_id, result.spend)
         self._usage.merge(result.usage)
@@ -249,16 +308,60 @@ class SubcallRouter:
                 question=request.question[:200],
                 status=result.status,
                 spend=result.spend,
-                children=result.children,
+                children=bounded_tree(result.children),
+                runs_below=result.runs_below,
             )
         )
+        self.runs_below += 1 + result.runs_below
         if result.answer is None and result.answer_ref is None:
             return SubcallAnswer(error=f"Error: child run ended {result.status}: {result.reason}")
-        return SubcallAnswer(text=result.answer if result.answer_ref is None else None, text_ref=result.answer_ref)
+        if result.answer_ref is not None:
+            return SubcallAnswer(text_ref=result.answer_ref)
+        # Too long for this reply: the cell reads it from the child's result.
+        return SubcallAnswer(text=result.answer, child_workflow_id=child_id)
+
+    def _child_wait(self, deadline: Any) -> timedelta:
+        if deadline is None:
+            return CHILD_MAX_WAIT
+        left = deadline - workflow.now() + CHILD_DEADLINE_GRACE
+        return max(timedelta(seconds=1), min(left, CHILD_MAX_WAIT))
 
     def progress(self) -> dict[str, Any]:
         return {"open_subcalls": self.open_calls, "done_subcalls": self.done_calls, "children": len(self.children)}
 
 
 async def _done(answer: SubcallAnswer) -> SubcallAnswer:
+    return answer
+
+
+def _prompt_bytes(item: SubcallItem) -> int:
+    """UTF-8 bytes of the prompt the llm_call activity will send for `item`."""
+    size = item.text_ref.size if item.text_ref is not None else len((item.text or "").encode())
+    if item.context is not None:
+        # The activity appends the context after "\n\n", documents joined by "\n\n".
+        size += item.context.total_bytes + 2 * item.context.doc_count
+    return size
+
+
+def _refuse_text(kind: str, item: SubcallItem) -> SubcallAnswer | None:
+    """An error string for a question no call should be made for."""
+    what = "rlm_query question" if kind == "rlm" else "llm_query prompt"
+    if item.text_chars == 0 or (item.text is not None and not item.text.strip()):
+        return SubcallAnswer(error=f"Error: the {what} is empty; ask something")
+    if kind == "rlm" and (item.text is None or item.text_chars > MAX_QUESTION_CHARS):
+        return SubcallAnswer(
+            error=f"Error: the {what} has {item.text_chars:,} characters, at most {MAX_QUESTION_CHARS:,}; "
+            "pass long text as context= and ask a short question about it"
+        )
+    return None
+
+
+def _bounded(answer: SubcallAnswer, inline_limit: int) -> SubcallAnswer:
+    """The answer as it may travel in the update reply: errors cut, a child's
+    long answer left for the cell to read from the child's result."""
+    if answer.error is not None:
+        return answer.model_copy(update={"error": clip_utf8(answer.error, max(inline_limit, 300))})
+    if answer.child_workflow_id is not None:
+        fits = answer.text is not None and len(answer.text.encode()) <= inline_limit
+        return SubcallAnswer(text=answer.text) if fits else SubcallAnswer(child_workflow_id=answer.child_workflow_id)
     return answer

@@ -15,7 +15,8 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Refusal, worst_case
+    from workflows.budget import Refusal, messages_token_bound, token_bound, worst_case
+    from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.parsing import parse_reply
     from workflows.prompts import (
         REASON_FINAL_BEFORE_LOOKING,
@@ -31,14 +32,12 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import ResumeState, RunRequest, RunStatus
+    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, RunStatus, bounded_tree, clip
     from workflows.step_common import (
+        ERROR_CHARS,
         MODEL_CALL_HEARTBEAT_TIMEOUT,
-        MODEL_CALL_RETRY,
         error_text,
-        estimate_tokens,
         raise_if_cancelled,
-        settle_model_call,
     )
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
 
@@ -48,8 +47,13 @@ if TYPE_CHECKING:
 # run_cell heartbeats every second; a dead worker is noticed after this.
 CELL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 CELL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=4)
-# Sub-calls inside a cell may take long (children are whole runs).
+# Sub-calls inside a cell may take long (children are whole runs), but never
+# past the tree's deadline: guest time plus this much to finish and report.
 CELL_START_TO_CLOSE = timedelta(hours=6)
+CELL_DEADLINE_GRACE = timedelta(minutes=5)
+# Printed output of all cells of one turn together: it travels inline in the
+# next root turn's activity input (payloads fail above 2 MiB, 4 bytes a char).
+TURN_OUTPUT_CHARS = MAX_OUTPUT_CHARS
 
 Outcome = tuple[RunStatus, "str | None", "str | None"]
 
@@ -85,10 +89,9 @@ class TurnDriver:
         self.answer_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False
         self._pending: list[dict[str, str]] = list(resume.pending) if resume else self._opening()
-        # Tokens the next root call will send: last prompt + reply + new text.
-        self._prompt_tokens = (
-            resume.prompt_tokens if resume else estimate_tokens(sum(len(m["content"]) for m in self._pending))
-        )
+        # At most the tokens the next root call sends (`token_bound`): the
+        # transcript so far plus the messages it appends.
+        self._prompt_tokens = resume.prompt_tokens if resume else 0
 
     def _opening(self) -> list[dict[str, str]]:
         req = self._req
@@ -107,7 +110,10 @@ class TurnDriver:
         if self._req.resume is not None:
             return None
         first = worst_case(
-            self._prompt_tokens, self._max_out, self._info.usd_per_input_token, self._info.usd_per_output_token
+            self._prompt_tokens + messages_token_bound(self._pending),
+            self._max_out,
+            self._info.usd_per_input_token,
+            self._info.usd_per_output_token,
         )
         return self._run._ledger.check_start(est_first_call=first, now=workflow.now())
 
@@ -127,9 +133,11 @@ class TurnDriver:
             reports: list[CellReport] = []
             final: str | None = None
             failed = False
+            shown = 0
             for index, code in enumerate(parsed.code_blocks):
                 cell = await self._run_cell(f"t{run._turn}c{index + 1}", code)
-                reports.append(_report(code, cell))
+                reports.append(_report(code, cell, TURN_OUTPUT_CHARS - shown))
+                shown += len(reports[-1].output)
                 failed = failed or cell.error is not None or cell.limit is not None
                 if cell.final is not None:
                     final = cell.final
@@ -153,7 +161,12 @@ class TurnDriver:
     def _history_full(self) -> bool:
         info = workflow.info()
         updates = self._run._router.updates if self._run._router else 0
-        return updates >= self._req.limits.continue_after_updates or info.is_continue_as_new_suggested()
+        limits = self._req.limits
+        return (
+            updates >= limits.continue_after_updates
+            or info.get_current_history_length() >= limits.history_events // 2
+            or info.is_continue_as_new_suggested()
+        )
 
     def _continue_as_new(self) -> None:
         """Go on in a fresh run of the same workflow id, at a turn boundary."""
@@ -167,7 +180,8 @@ class TurnDriver:
             prompt_tokens=self._prompt_tokens,
             usage=run._usage,
             ledger=run._ledger.compacted().model_dump(mode="json"),
-            children=run._router.children if run._router else [],
+            children=bounded_tree(run._router.children) if run._router else [],
+            runs_below=run._router.runs_below if run._router else 0,
             warned_unseen=self._warned_unseen,
         )
         raise ContinueAsNew(self._req.model_copy(update={"resume": resume}))
@@ -213,18 +227,12 @@ class TurnDriver:
     async def _root_call(self, append: list[dict[str, str]], count_turn: bool = True) -> str | Refusal:
         run = self._run
         info = self._info
-        self._prompt_tokens += estimate_tokens(sum(len(m["content"]) for m in append))
+        self._prompt_tokens += messages_token_bound(append)
         call_id = f"root:{run._turn}" if count_turn else f"root:{run._turn}:final"
-        refusal = run._ledger.reserve(
-            call_id,
-            worst_case(self._prompt_tokens, self._max_out, info.usd_per_input_token, info.usd_per_output_token),
-            workflow.now(),
-        )
-        if refusal is not None:
-            return refusal
         turn = run._turn if count_turn else run._turn + 1
-        try:
-            out: RootTurnOutput = await workflow.execute_activity(
+
+        async def attempt(number: int) -> RootTurnOutput:
+            return await workflow.execute_activity(
                 names.ACTIVITY_ROOT_TURN,
                 RootTurnInput(
                     workflow_id=workflow.info().workflow_id,
@@ -234,22 +242,27 @@ class TurnDriver:
                     max_tokens=self._max_out,
                     stop=info.stop or stop_sequences(info.prompt_profile),
                     transcript_prev_key=self.transcript_key,
+                    attempt=number,
                 ),
                 result_type=RootTurnOutput,
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
-                retry_policy=MODEL_CALL_RETRY,
+                retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
             )
+
+        try:
+            out = await paid_model_call(
+                run._ledger, run._usage, call_id=call_id, model=info, depth=self._req.depth,
+                prompt_tokens=self._prompt_tokens, max_output_tokens=self._max_out, run_attempt=attempt,
+            )  # fmt: skip
         except ActivityError as exc:
-            run._ledger.release(call_id)
             raise_if_cancelled(exc)
             raise RunEnded("failed", f"root model call failed: {error_text(exc)}") from exc
-        settle_model_call(
-            run._ledger, run._usage, call_id, self._root_model, self._req.depth,
-            out.prompt_tokens, out.completion_tokens, out.usd,
-        )  # fmt: skip
+        if isinstance(out, Refusal):
+            return out
         self.transcript_key = out.transcript_key
-        self._prompt_tokens = out.prompt_tokens + out.completion_tokens
+        # The transcript keeps (at most) the reply as the next prompt's last message.
+        self._prompt_tokens += token_bound(len(out.reply.encode()), 1)
         return out.reply
 
     async def _run_cell(self, cell_id: str, code: str) -> CellOutput:
@@ -271,7 +284,7 @@ class TurnDriver:
                     output_chars=limits.output_chars,
                 ),
                 result_type=CellOutput,
-                start_to_close_timeout=CELL_START_TO_CLOSE,
+                start_to_close_timeout=self._cell_time(),
                 heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
                 retry_policy=CELL_RETRY,
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
@@ -279,6 +292,8 @@ class TurnDriver:
         except ActivityError as exc:
             raise_if_cancelled(exc)
             cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
+        if cell.error is not None:
+            cell.error = clip(cell.error, ERROR_CHARS)
         if cell.snapshot_key:
             self.snapshot_key = cell.snapshot_key
         if cell.final_ref is not None:
@@ -286,13 +301,27 @@ class TurnDriver:
         return cell
 
 
-def _report(code: str, cell: CellOutput) -> CellReport:
+    def _cell_time(self) -> timedelta:
+        deadline = self._run._ledger.deadline
+        if deadline is None:
+            return CELL_START_TO_CLOSE
+        left = deadline - workflow.now() + timedelta(seconds=self._req.limits.cell_timeout_s) + CELL_DEADLINE_GRACE
+        return max(timedelta(seconds=1), min(left, CELL_START_TO_CLOSE))
+
+
+def _report(code: str, cell: CellOutput, room: int) -> CellReport:
+    """What the model sees of a cell; `room` is what is left of the turn's output."""
     preview = code if len(code) <= 400 else code[:400] + " ..."
+    output, limit = cell.output, cell.limit
+    if len(output) > max(room, 0):
+        output = output[: max(room, 0)]
+        cut = f"the cells of one turn show at most {TURN_OUTPUT_CHARS:,} characters of output together"
+        limit = f"{limit}; {cut}" if limit else cut
     return CellReport(
         code_preview=preview,
-        output=cell.output,
+        output=output,
         error=cell.error,
-        limit=cell.limit,
+        limit=limit,
         restored_names=list(cell.restored_names),
     )
 
