@@ -23,7 +23,7 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities._repl_pool import ReplPool
+from activities._repl_pool import ReplPool, guest_memory_budget
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.llm_call import LlmCallActivity
@@ -61,7 +61,7 @@ def build_worker(
         models=models or ModelRegistry.from_env(),
         context_cache_dir=Path(settings.data_dir) / "cache" / "contexts",
     )
-    pool = ReplPool()
+    pool = ReplPool(memory_budget=guest_memory_budget(settings.guest_memory_share))
     llm = LlmCallActivity(runtime)
     worker = Worker(
         client,

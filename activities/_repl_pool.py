@@ -3,13 +3,22 @@
 A run's next cell is warm when this worker still holds the session whose state
 is the snapshot the cell starts from; otherwise a fresh session loads the
 context and restores that snapshot from object storage (any worker can).
+
+The pool also keeps the worker alive whatever guests do: every session may
+grow its linear memory up to its cap, so the caps of all live sessions (idle
+and checked out) together stay within a memory budget. A new session first
+makes room by closing idle ones; when busy ones hold the budget it waits a
+bounded time, then refuses (the cell is retried, maybe on another worker).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import structlog
@@ -17,6 +26,17 @@ import structlog
 from sandbox_wasm import ReplSession, SandboxLimits
 
 log = structlog.get_logger(__name__)
+
+MIB = 1024 * 1024
+BUSY_WAIT_S = 30.0
+
+
+class GuestMemoryBusy(RuntimeError):
+    """The sessions busy on this worker hold its memory budget: retry later."""
+
+
+class GuestMemoryTooLarge(ValueError):
+    """One session's memory cap exceeds this worker's whole budget."""
 
 
 @dataclass
@@ -27,15 +47,34 @@ class LiveRepl:
     """The snapshot this session's state equals (None: fresh, no cell run)."""
     host: dict[str, Any] = field(default_factory=dict)
     """Host functions of the cell being run; swapped per cell."""
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+    """Called once when the pool closes the session (e.g. unpin its files)."""
 
 
 class ReplPool:
-    """At most `size` live sessions, least recently used closed first."""
+    """At most `size` live sessions whose caps sum to at most `memory_budget`
+    bytes; least recently used idle sessions are closed first."""
 
-    def __init__(self, size: int = 8) -> None:
+    def __init__(self, size: int = 8, *, memory_budget: int | None = None,
+                 busy_wait_s: float = BUSY_WAIT_S) -> None:
         self._size = size
+        self._budget = memory_budget if memory_budget is not None else machine_memory_bytes() // 2
+        self._busy_wait_s = busy_wait_s
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._idle: OrderedDict[str, LiveRepl] = OrderedDict()
+        self._caps: dict[int, int] = {}  # id(live) -> its cap, for every live session
+        self._held = 0
+
+    @property
+    def memory_budget(self) -> int:
+        return self._budget
+
+    @property
+    def held_bytes(self) -> int:
+        """Sum of the memory caps of all live sessions, idle and checked out."""
+        with self._lock:
+            return self._held
 
     def checkout(
         self,
@@ -44,18 +83,38 @@ class ReplPool:
         limits: SandboxLimits,
         start: Callable[[LiveRepl], None],
     ) -> tuple[LiveRepl, bool]:
-        """A session in the state `snapshot_key`; True when it was warm."""
+        """A session in the state `snapshot_key`; True when it was warm.
+        Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit."""
+        cap = limits.memory_bytes
+        if cap > self._budget:
+            raise GuestMemoryTooLarge(
+                f"the REPL memory cap of {cap // MIB} MiB exceeds this worker's whole guest memory "
+                f"budget of {self._budget // MIB} MiB; lower the run's memory limit or raise "
+                "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
+            )
         with self._lock:
             live = self._idle.pop(workflow_id, None)
         if live is not None and live.snapshot_key == snapshot_key and live.limits == limits:
             return live, True
         if live is not None:
-            live.session.close()
+            self._close([live])
+        self._reserve(cap)
         host: dict[str, Any] = {}
         # The session calls whichever host functions the current cell installed.
         functions = {name: _forward(host, name) for name in _HOST_NAMES}
-        live = LiveRepl(session=ReplSession(limits=limits, host_functions=functions), limits=limits, snapshot_key=None, host=host)
-        start(live)
+        try:
+            session = ReplSession(limits=limits, host_functions=functions)
+        except BaseException:
+            self._release_cap(cap)
+            raise
+        live = LiveRepl(session=session, limits=limits, snapshot_key=None, host=host)
+        with self._lock:
+            self._caps[id(live)] = cap  # the reservation now belongs to this session
+        try:
+            start(live)
+        except BaseException:
+            self._close([live])  # a half-started session is freed, never kept
+            raise
         return live, False
 
     def checkin(self, workflow_id: str, live: LiveRepl) -> None:
@@ -67,17 +126,99 @@ class ReplPool:
             self._idle[workflow_id] = live
             while len(self._idle) > self._size:
                 evicted.append(self._idle.popitem(last=False)[1])
-        for e in evicted:
-            e.session.close()
+            # A checked-in session is idle: a waiting checkout may close it.
+            self._released.notify_all()
+        self._close(evicted)
 
     def discard(self, live: LiveRepl) -> None:
-        live.session.close()
+        self._close([live])
 
     def close(self) -> None:
         with self._lock:
             lives, self._idle = list(self._idle.values()), OrderedDict()
+        self._close(lives)
+
+    # -- memory accounting ---------------------------------------------------------
+    def _reserve(self, cap: int) -> None:
+        """Count `cap` as held, closing idle sessions or waiting for busy ones."""
+        deadline = time.monotonic() + self._busy_wait_s
+        evicted: list[LiveRepl] = []
+        try:
+            with self._lock:
+                while self._held + cap > self._budget:
+                    if self._idle:
+                        live = self._idle.popitem(last=False)[1]
+                        self._held -= self._caps.pop(id(live), 0)
+                        evicted.append(live)
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise GuestMemoryBusy(
+                            f"this worker's guests already hold {self._held // MIB} MiB of its "
+                            f"{self._budget // MIB} MiB guest memory budget and a new REPL needs "
+                            f"{cap // MIB} MiB more; the cell is retried"
+                        )
+                    self._released.wait(left)
+                self._held += cap
+                held = self._held
+        finally:
+            # Closed outside the lock; their caps were already given back above.
+            for live in evicted:
+                self._finish(live)
+        if evicted:
+            log.info("repl_pool.evicted_for_memory", sessions=len(evicted), held_mib=held // MIB,
+                     budget_mib=self._budget // MIB)
+
+    def _release_cap(self, cap: int) -> None:
+        with self._lock:
+            self._held -= cap
+            self._released.notify_all()
+
+    def _close(self, lives: list[LiveRepl]) -> None:
+        with self._lock:
+            for live in lives:
+                self._held -= self._caps.pop(id(live), 0)
+            if lives:
+                self._released.notify_all()
         for live in lives:
+            self._finish(live)
+
+    @staticmethod
+    def _finish(live: LiveRepl) -> None:
+        try:
             live.session.close()
+        finally:
+            callbacks, live.on_close = live.on_close, []
+            for callback in callbacks:
+                callback()
+
+
+def machine_memory_bytes() -> int:
+    """Memory this process may use: MemTotal, or a smaller cgroup limit."""
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if not total:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < total:
+            total = int(raw)
+        break
+    return total
+
+
+def guest_memory_budget(share: float) -> int:
+    """Bytes the guests of one worker may hold: `share` of the machine."""
+    return int(machine_memory_bytes() * share)
 
 
 _HOST_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR")

@@ -12,7 +12,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # Chunks in flight at once: bounds memory (x chunk size) and keeps the
 # endpoint busy while the next chunk is read and hashed.
 _PARALLEL = 8
+# Manifests kept in memory (least recently used dropped): by count, and by
+# documents + chunks, since one manifest may list millions of documents.
+MANIFEST_CACHE_ENTRIES = 256
+MANIFEST_CACHE_ITEMS = 1_000_000
 
 Progress = Callable[[int], None]
 """Called with the number of input bytes consumed so far."""
@@ -76,7 +81,9 @@ class ContextStore:
             raise ValueError("chunk_bytes must be positive")
         self.store = store
         self.chunk_bytes = chunk_bytes
-        self._manifests: dict[str, Manifest] = {}
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._manifest_items = 0
+        self._manifests_lock = threading.Lock()
 
     # ---- writing -------------------------------------------------------
 
@@ -183,7 +190,7 @@ class ContextStore:
         if not self.store.exists(ref.manifest_key):
             self.store.put_bytes(ref.manifest_key, data)
             uploaded_new[0] += 1
-        self._manifests[ref.sha256] = manifest
+        self._remember(ref.sha256, manifest)
         log.info(
             "context stored",
             sha256=ref.sha256[:16],
@@ -207,9 +214,11 @@ class ContextStore:
 
     def manifest(self, ref: ContextRef) -> Manifest:
         """The verified manifest of `ref` (cached: manifests never change)."""
-        cached = self._manifests.get(ref.sha256)
-        if cached is not None:
-            return cached
+        with self._manifests_lock:
+            cached = self._manifests.get(ref.sha256)
+            if cached is not None:
+                self._manifests.move_to_end(ref.sha256)
+                return cached
         try:
             data = self.store.get_bytes(ref.manifest_key)
         except ObjectMissingError:
@@ -223,8 +232,27 @@ class ContextStore:
                 f"manifest {ref.manifest_key!r} is corrupt: sha256 {digest} != {ref.sha256}"
             )
         manifest = Manifest.model_validate_json(data)
-        self._manifests[ref.sha256] = manifest
+        self._remember(ref.sha256, manifest)
         return manifest
+
+    @property
+    def cached_manifests(self) -> int:
+        """How many manifests are cached in memory now."""
+        return len(self._manifests)
+
+    def _remember(self, sha256: str, manifest: Manifest) -> None:
+        items = len(manifest.documents) + len(manifest.chunks)
+        with self._manifests_lock:
+            old = self._manifests.pop(sha256, None)
+            if old is not None:
+                self._manifest_items -= len(old.documents) + len(old.chunks)
+            self._manifests[sha256] = manifest
+            self._manifest_items += items
+            while len(self._manifests) > 1 and (
+                len(self._manifests) > MANIFEST_CACHE_ENTRIES or self._manifest_items > MANIFEST_CACHE_ITEMS
+            ):
+                _, dropped = self._manifests.popitem(last=False)
+                self._manifest_items -= len(dropped.documents) + len(dropped.chunks)
 
     def ref_for(self, sha256: str) -> ContextRef:
         """Rebuild the reference of a stored context from its sha256."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from datetime import timedelta
 
 import structlog
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities._cell_host import CellHost
-from activities._repl_pool import LiveRepl, ReplPool
+from activities._context_cache import ContextFileCache
+from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
 from activities.runtime import WorkerRuntime, run_key
 from sandbox_wasm import CellResult, SandboxLimits
 from workflows.names import ACTIVITY_RUN_CELL
@@ -25,12 +28,16 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
 FINAL_INLINE_CHARS = 64 * 1024
+BUSY_RETRY_DELAY = timedelta(seconds=5)
 
 
 class RunCellActivity:
     def __init__(self, runtime: WorkerRuntime, pool: ReplPool) -> None:
         self._rt = runtime
         self._pool = pool
+        self._files = ContextFileCache(
+            runtime.context_cache_dir, runtime.settings.context_cache_max_bytes, runtime.contexts
+        )
 
     @activity.defn(name=ACTIVITY_RUN_CELL)
     def run_cell(self, inp: CellInput) -> CellOutput:
@@ -43,7 +50,7 @@ class RunCellActivity:
         ticker = threading.Thread(target=_heartbeat, args=(contextvars.copy_context(), stop), daemon=True)
         ticker.start()
         try:
-            live, warm = self._pool.checkout(inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp))
+            live, warm = self._checkout(inp, limits)
             host = CellHost(self._rt, inp.workflow_id, inp.cell_id, inp.context)
             live.host.clear()
             live.host.update(host.functions())
@@ -67,8 +74,18 @@ class RunCellActivity:
         )
         return out
 
+    def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
+        try:
+            return self._pool.checkout(inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp))
+        except GuestMemoryBusy as exc:
+            # Busy guests free memory soon (or another worker has room): retried.
+            raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
+        except GuestMemoryTooLarge as exc:
+            raise ApplicationError(str(exc), type="GuestMemoryTooLarge", non_retryable=True) from None
+
     def _start(self, live: LiveRepl, inp: CellInput) -> None:
-        paths = self._rt.contexts.materialize(inp.context, self._rt.context_cache_dir)
+        paths, release = self._files.acquire(inp.context)
+        live.on_close.append(release)  # the files stay while the session may reload them
         live.session.start()
         live.session.load_context(paths, inp.context.kind)
         if inp.snapshot_key is not None:

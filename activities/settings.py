@@ -109,6 +109,16 @@ class Settings(BaseSettings):
     """Seconds a started run may wait for a worker to pick it up before
     `rlm run` and `rlm result` say what to start."""
 
+    guest_memory_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of the machine's memory (MemTotal, or a smaller cgroup limit)
+    that the REPL guests of one worker may hold together, counted by their
+    memory caps; a cell that does not fit waits, then is retried."""
+
+    context_cache_max_bytes: int = Field(default=8 << 30, ge=0)
+    """Most bytes of contexts kept as files for the sandbox under
+    data_dir/cache/contexts; least recently used ones not in use are deleted
+    above it."""
+
     seaweed_port_base: int = 17330
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""

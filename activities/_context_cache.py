@@ -1,0 +1,127 @@
+"""Contexts as files for the sandbox, under a size bound.
+
+A session reads its context from files under `root/<sha256>/`, and reads them
+again whenever it restarts after a trap, so a directory is in use as long as
+a live session loaded from it. Each user holds a shared `flock` on the
+context's lock file for that long; eviction takes the lock exclusively
+without waiting, so it only deletes directories no process (this worker or
+another sharing the data dir) is using, least recently used first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from activities.context_store import ContextStore
+from workflows.refs import ContextRef
+
+log = structlog.get_logger(__name__)
+
+_CONTEXT_DIR = re.compile(r"[0-9a-f]{64}")
+_LOCKS = ".locks"
+
+
+class ContextFileCache:
+    """Materialised contexts, at most `max_bytes` of those not in use."""
+
+    def __init__(self, root: Path, max_bytes: int, contexts: ContextStore) -> None:
+        self._root = Path(root)
+        self._max_bytes = max_bytes
+        self._contexts = contexts
+
+    def acquire(self, ref: ContextRef) -> tuple[list[Path], Callable[[], None]]:
+        """The context's files, kept on disk until the returned release is called."""
+        if not _CONTEXT_DIR.fullmatch(ref.sha256):  # it names a file: never a path
+            raise ValueError(f"context sha256 {ref.sha256[:80]!r} is not 64 lowercase hex digits")
+        locks = self._root / _LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = _lock(locks / ref.sha256, fcntl.LOCK_SH)
+        assert fd is not None  # a blocking lock always ends held
+        try:
+            paths = self._contexts.materialize(ref, self._root)
+            os.utime(self._root / ref.sha256)  # recency, for eviction
+        except BaseException:
+            os.close(fd)
+            raise
+        release = _once(lambda: os.close(fd))
+        try:
+            self.evict()
+        except OSError as exc:  # a full cache must not fail the cell
+            log.warning("context_cache.evict_failed", error=str(exc))
+        return paths, release
+
+    def evict(self) -> int:
+        """Delete unused contexts, least recently used first, until the total
+        fits `max_bytes`; returns the bytes on disk afterwards."""
+        entries = []
+        for entry in os.scandir(self._root):
+            if entry.is_dir(follow_symlinks=False) and _CONTEXT_DIR.fullmatch(entry.name):
+                entries.append((entry.stat().st_mtime, entry.name, _dir_bytes(entry.path)))
+        total = sum(size for _, _, size in entries)
+        for _, name, size in sorted(entries):
+            if total <= self._max_bytes:
+                break
+            lock_path = self._root / _LOCKS / name
+            fd = _lock(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                continue  # in use (here or in another process)
+            try:
+                shutil.rmtree(self._root / name, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+            total -= size
+            log.info("context_cache.evicted", sha256=name[:16], bytes=size)
+        return total
+
+
+def _lock(path: Path, operation: int) -> int | None:
+    """An fd holding `operation` on the lock file now at `path`; None when a
+    non-blocking lock is taken by someone else."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        # An evictor unlinked this file while we waited: lock the new one.
+        os.close(fd)
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for entry in os.scandir(path):
+        try:
+            total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    lock = threading.Lock()
+    done = [False]
+
+    def call() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        fn()
+
+    return call

@@ -1,0 +1,187 @@
+"""A worker's memory stays bounded whatever guests and runs do: the REPL pool
+keeps the memory caps of its live sessions within a budget (real sessions),
+and the manifest cache is bounded (real S3 server)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+import activities.context_store as context_store_module
+from activities._context_cache import ContextFileCache
+from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
+from activities.context_store import ContextStore
+from activities.object_store import ObjectStore
+from sandbox_wasm import SandboxError, SandboxLimits
+
+MIB = 1024 * 1024
+CAP = SandboxLimits(cell_timeout_s=5.0, memory_bytes=128 * MIB)
+
+
+def _start(live: LiveRepl) -> None:
+    live.session.start()
+
+
+@pytest.fixture
+def pool():
+    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=0.2)
+    yield pool
+    pool.close()
+
+
+def test_third_session_closes_the_least_recently_used_idle_one(pool: ReplPool) -> None:
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    b, _ = pool.checkout("run-b", None, CAP, _start)
+    pool.checkin("run-a", a)
+    pool.checkin("run-b", b)
+    assert pool.held_bytes == 256 * MIB
+    c, warm = pool.checkout("run-c", None, CAP, _start)
+    assert not warm and pool.held_bytes == 256 * MIB
+    # run-a was idle longest: closed; run-b is still warm.
+    with pytest.raises(SandboxError, match="not started"):
+        a.session.run_cell("1")
+    again, warm = pool.checkout("run-b", None, CAP, _start)
+    assert warm and again is b
+    assert b.session.run_cell("print(6 * 7)").output.strip() == "42"
+    pool.discard(c)
+    pool.checkin("run-b", b)
+    assert pool.held_bytes == 128 * MIB
+
+
+def test_busy_sessions_holding_the_budget_refuse_a_new_one_after_a_bounded_wait(pool: ReplPool) -> None:
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    b, _ = pool.checkout("run-b", None, CAP, _start)
+    with pytest.raises(GuestMemoryBusy, match=r"already hold 256 MiB of its 300 MiB .* retried"):
+        pool.checkout("run-c", None, CAP, _start)
+    assert pool.held_bytes == 256 * MIB
+    pool.discard(a)
+    pool.discard(b)
+    assert pool.held_bytes == 0
+
+
+def test_a_waiting_checkout_proceeds_when_a_busy_session_is_checked_in() -> None:
+    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
+    try:
+        a, _ = pool.checkout("run-a", None, CAP, _start)
+        b, _ = pool.checkout("run-b", None, CAP, _start)
+        waiting = threading.Event()
+        got: list[LiveRepl] = []
+
+        def start_c(live: LiveRepl) -> None:
+            got.append(live)
+            live.session.start()
+
+        def checkout_c() -> None:
+            waiting.set()
+            pool.checkout("run-c", None, CAP, start_c)
+
+        thread = threading.Thread(target=checkout_c)
+        thread.start()
+        waiting.wait()
+        pool.checkin("run-a", a)  # idle now: the waiting checkout closes it
+        thread.join()
+        assert len(got) == 1 and pool.held_bytes == 256 * MIB
+        with pytest.raises(SandboxError, match="not started"):
+            a.session.run_cell("1")
+        pool.discard(b)
+        pool.discard(got[0])
+        assert pool.held_bytes == 0
+    finally:
+        pool.close()
+
+
+def test_a_cap_over_the_whole_budget_is_refused_at_once(pool: ReplPool) -> None:
+    big = SandboxLimits(memory_bytes=512 * MIB)
+    with pytest.raises(GuestMemoryTooLarge, match=r"512 MiB exceeds .* 300 MiB.*RLM_GUEST_MEMORY_SHARE"):
+        pool.checkout("run-a", None, big, _start)
+    assert pool.held_bytes == 0
+
+
+def test_a_session_whose_start_fails_is_closed_and_its_memory_released(pool: ReplPool) -> None:
+    started: list[LiveRepl] = []
+
+    def failing(live: LiveRepl) -> None:
+        live.session.start()
+        started.append(live)
+        raise RuntimeError("context download failed")
+
+    with pytest.raises(RuntimeError, match="context download failed"):
+        pool.checkout("run-a", None, CAP, failing)
+    assert pool.held_bytes == 0
+    with pytest.raises(SandboxError, match="not started"):
+        started[0].session.run_cell("1")
+    # The budget is whole again: two sessions fit.
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    b, _ = pool.checkout("run-b", None, CAP, _start)
+    pool.discard(a)
+    pool.discard(b)
+
+
+def test_close_callbacks_run_once_when_a_session_is_closed(pool: ReplPool) -> None:
+    closed: list[str] = []
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    a.on_close.append(lambda: closed.append("a"))
+    pool.checkin("run-a", a)
+    pool.close()
+    pool.discard(a)  # a second close neither calls back nor releases twice
+    assert closed == ["a"] and pool.held_bytes == 0
+
+
+def test_manifest_cache_is_bounded(object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context_store_module, "MANIFEST_CACHE_ENTRIES", 3)
+    store = ContextStore(object_store)
+    texts = [f"[{uuid.uuid4().hex}] document {i}" for i in range(5)]
+    refs = [store.put_text(t) for t in texts]
+    assert store.cached_manifests == 3
+    # Evicted manifests are fetched again (and verified) when needed.
+    assert [store.read_all(r) for r in refs] == texts
+    assert store.cached_manifests == 3
+
+
+def test_manifest_cache_is_bounded_by_items(object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context_store_module, "MANIFEST_CACHE_ITEMS", 5)
+    store = ContextStore(object_store)
+    refs = [store.put_documents([f"[{uuid.uuid4().hex}]", "b", "c"]) for _ in range(3)]
+    # Each manifest lists 3 documents + 1 chunk: only one fits in 5 items.
+    assert store.cached_manifests == 1
+    assert store.read_all(refs[0])[1:] == ["b", "c"]
+
+
+def test_context_files_are_evicted_by_size_but_never_while_in_use(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    contexts = ContextStore(object_store)
+    a, b, c = (contexts.put_text(f"[{uuid.uuid4().hex}] {name} " + "x" * 30) for name in "abc")
+    cache = ContextFileCache(tmp_path, 100, contexts)  # room for one ~70-byte context
+    a_paths, release_a = cache.acquire(a)
+    b_paths, release_b = cache.acquire(b)
+    release_b()
+    c_paths, release_c = cache.acquire(c)
+    # b was the only one not in use: gone; a and c stay although over the bound.
+    assert not b_paths[0].exists()
+    assert a_paths[0].read_text().startswith("[") and c_paths[0].exists()
+    # Another user of the same directory (e.g. a second worker) sees them in use too.
+    other = ContextFileCache(tmp_path, 0, contexts)
+    assert other.evict() > 0 and a_paths[0].exists() and c_paths[0].exists()
+    release_a()
+    release_a()  # releasing twice is harmless
+    cache.evict()
+    assert not a_paths[0].exists() and c_paths[0].exists()
+    # An evicted context is written again when needed.
+    again, release_again = cache.acquire(a)
+    assert again == a_paths and again[0].exists()
+    release_again()
+    release_c()
+    assert other.evict() == 0
+
+
+def test_context_sha256_never_names_a_path(object_store: ObjectStore, tmp_path: Path) -> None:
+    contexts = ContextStore(object_store)
+    ref = contexts.put_text(f"[{uuid.uuid4().hex}]")
+    cache = ContextFileCache(tmp_path / "cache", 100, contexts)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        cache.acquire(ref.model_copy(update={"sha256": "../escape"}))
+    assert not (tmp_path / "escape").exists()
