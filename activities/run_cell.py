@@ -14,13 +14,13 @@ from datetime import timedelta
 
 import structlog
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities._cell_host import CellHost
 from activities._context_cache import ContextFileCache
 from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
 from activities.runtime import WorkerRuntime, run_key
-from sandbox_wasm import CellResult, SandboxLimits
+from sandbox_wasm import CellInterrupted, CellResult, SandboxLimits
 from workflows.names import ACTIVITY_RUN_CELL
 from workflows.steps import CellInput, CellOutput
 
@@ -47,18 +47,25 @@ class RunCellActivity:
             output_chars=inp.output_chars,
         )
         stop = threading.Event()
-        ticker = threading.Thread(target=_heartbeat, args=(contextvars.copy_context(), stop), daemon=True)
+        running: list[LiveRepl] = []  # the session to interrupt if the run is cancelled
+        ticker = threading.Thread(
+            target=_heartbeat, args=(contextvars.copy_context(), stop, running), daemon=True
+        )
         ticker.start()
         try:
             live, warm = self._checkout(inp, limits)
             host = CellHost(self._rt, inp.workflow_id, inp.cell_id, inp.context)
             live.host.clear()
             live.host.update(host.functions())
+            running.append(live)
             try:
                 result = live.session.run_cell(inp.code)
                 out = self._finish(inp, live, host, result)
-            except BaseException:
+            except BaseException as exc:
                 self._pool.discard(live)
+                if isinstance(exc, CellInterrupted) and activity.is_cancelled():
+                    # Reported as a cancellation, which the run waits for.
+                    raise CancelledError("the run was cancelled: the cell was stopped") from None
                 raise
             self._pool.checkin(inp.workflow_id, live)
         finally:
@@ -130,9 +137,16 @@ class RunCellActivity:
         )
 
 
-def _heartbeat(ctx: contextvars.Context, stop: threading.Event) -> None:
+def _heartbeat(ctx: contextvars.Context, stop: threading.Event, running: list[LiveRepl]) -> None:
+    """Heartbeat every second; when the server answers that the activity was
+    cancelled (its run was), trap the guest: interrupt() cannot be caught by
+    guest code, and the cell's thread is free at once."""
     while not stop.wait(HEARTBEAT_EVERY_S):
         try:
             ctx.run(activity.heartbeat)
+            cancelled = ctx.run(activity.is_cancelled)
         except Exception:  # the activity is ending; nothing to report to
+            return
+        if cancelled and running:
+            running[0].session.interrupt("the run was cancelled")
             return

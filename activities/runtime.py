@@ -77,11 +77,18 @@ MODEL_CALL_HEARTBEAT_S = 2.0
 async def heartbeating(awaitable: Awaitable[T]) -> T:
     """Await `awaitable` while heartbeating the current activity."""
     task = asyncio.ensure_future(awaitable)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=MODEL_CALL_HEARTBEAT_S)
-        if done:
-            return task.result()
-        activity.heartbeat()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=MODEL_CALL_HEARTBEAT_S)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    except asyncio.CancelledError:
+        # The activity was cancelled (its run was): asyncio.wait leaves the
+        # awaited task running, so cancel it too, closing the provider request
+        # instead of leaving it to run (and bill) for minutes.
+        task.cancel()
+        raise
 
 
 def call_timeout_s() -> float:

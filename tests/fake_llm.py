@@ -181,6 +181,7 @@ class FakeLLM:
         self._ids = itertools.count(1)
         self._billed = Billed()
         self._working = 0  # requests matched and not yet answered (or dropped)
+        self._abandoned = 0  # held requests whose client closed the connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -242,6 +243,12 @@ class FakeLLM:
         with self._lock:
             return Billed(self._billed.requests, self._billed.prompt_tokens, self._billed.completion_tokens)
 
+    def wait_abandoned(self, count: int, timeout_s: float = 30.0) -> None:
+        """Block until `count` held requests were abandoned by their client."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._abandoned >= count, timeout_s):
+                raise TimeoutError(f"fake LLM: {self._abandoned} of {count} held request(s) abandoned after {timeout_s}s")
+
     def wait_idle(self, timeout_s: float = 30.0) -> None:
         """Block until no request is being worked on (late replies included),
         so `billed()` is final for the requests received so far."""
@@ -255,6 +262,7 @@ class FakeLLM:
             self._rules.clear()
             self._log.clear()
             self._billed = Billed()
+            self._abandoned = 0
 
     def _count_locked(self, rule_or_name: Rule | str | None) -> int:
         if rule_or_name is None:
@@ -376,6 +384,12 @@ class FakeLLM:
         if rule.delay_s > 0:
             await asyncio.sleep(rule.delay_s)
         while rule.hold is not None and not rule.hold.is_set():
+            if http_request.transport is None or http_request.transport.is_closing():
+                # The client gave up (a cancelled call): a provider stops here.
+                with self._lock:
+                    self._abandoned += 1
+                    self._changed.notify_all()
+                return web.Response(status=499)
             # Polling keeps the server's loop free; 5 ms is far below model latency.
             await asyncio.sleep(0.005)
         try:

@@ -13,6 +13,7 @@ import re
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker
 from workflows.budget import Spend
+from workflows.model_attempts import MODEL_CALL_ATTEMPTS
 from workflows.request import ChildSummary, RunResult, bounded_tree, clip_utf8, parse_request
 
 MIB = 1024 * 1024
@@ -86,9 +87,10 @@ print("errors", len(errors), max(len(e) for e in errors), all(e.startswith("Erro
     longest, all_errors = result.answer.split()
     assert all_errors == "True" and 300 <= int(longest) <= 20_000
     # litellm scans a provider's error text several times (secret redaction,
-    # ~0.4 s per 100 KB failure here), blocking the worker's event loop; on 2
-    # cores a few attempts miss their heartbeat and are tried once more.
-    assert 30 <= llm.count("refused") <= 60
+    # ~0.4 s per 100 KB failure here), blocking the worker's event loop; on a
+    # loaded 2-core machine some attempts miss their heartbeat and are tried
+    # again, never more than the attempt cap of a model call.
+    assert 30 <= llm.count("refused") <= 30 * MODEL_CALL_ATTEMPTS
 
 
 def test_cell_output_of_one_turn_past_2_mib_is_cut(settings, context_store, llm):

@@ -1,0 +1,71 @@
+"""Cancelling a run stops what it has in flight: the provider requests of its
+sub-calls are closed (not left running and billing for minutes), and a cell
+whose guest code catches every exception is stopped (the run ends only once
+it has). Real worker, Temporal, S3 and WASM; models scripted through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
+from workflows.names import SIGNAL_CANCEL
+
+
+def test_cancel_closes_the_provider_requests_of_sub_calls_in_flight(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    release = threading.Event()
+    llm.add_rule("Turn 1 of", repl("print(llm_query_batched(['a', 'b', 'c']))"), model=ROOT)
+    llm.add_rule(None, "late", model=SUB, name="held", hold=release)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("q", ctx))
+            await asyncio.to_thread(llm.wait_for_count, 3, "held", 60)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            result = await asyncio.wait_for(handle.result(), 60)
+            # Each held request is closed by its client, not answered later.
+            await asyncio.to_thread(llm.wait_abandoned, 3, 60)
+            return result
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        release.set()
+    assert result.status == "cancelled" and result.reason == "user stop"
+    assert llm.billed().requests == 1  # the root turn; no sub-call was answered or billed
+
+
+def test_cancel_stops_a_cell_that_catches_everything(settings, context_store, llm):
+    ctx = context_store.put_value("abc")
+    code = "while True:\n    try:\n        sum(range(10_000))\n    except BaseException:\n        pass"
+    llm.add_rule("Turn 1 of", repl(code), model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            # The cell's own limit is far away: only the cancellation can stop it.
+            handle = await start(client, s, request("q", ctx, limits={"cell_timeout_s": 600}))
+            await _until_cell_runs(handle)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            # The run waits for its cell to acknowledge the cancellation.
+            return await asyncio.wait_for(handle.result(), 60)
+
+    result = asyncio.run(go())
+    assert result.status == "cancelled" and result.reason == "user stop"
+
+
+async def _until_cell_runs(handle) -> None:
+    """Wait (on the run's own state, no sleeps as a guess) until its cell runs on a worker."""
+    from temporalio.api.enums.v1 import PendingActivityState
+
+    while True:
+        pending = (await handle.describe()).raw_description.pending_activities
+        if any(
+            a.activity_type.name == "run_cell" and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            for a in pending
+        ):
+            return
+        await asyncio.sleep(0.1)
