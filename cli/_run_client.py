@@ -35,6 +35,7 @@ from cli._progress import ProgressPrinter
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
+from workflows.summaries import run_static_details, run_static_summary
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +126,9 @@ class RunClient:
             id=workflow_id,
             task_queue=self.settings.task_queue,
             result_type=RunResult,
+            # What the Temporal UI shows for the run: question, context, models, caps.
+            static_summary=run_static_summary(request),
+            static_details=run_static_details(request),
         )
 
     async def submit(self, opts: RunOptions) -> str:

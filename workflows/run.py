@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         SubcallReply,
     )
     from workflows.subcalls import SubcallRouter
+    from workflows.summaries import progress_details
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
 # UTF-8 bytes of the answer inline in a result; the whole answer is at answer_ref.
@@ -106,7 +107,7 @@ class RLMRun:
         except FAILURE_TYPES as exc:
             # A bug or a value no validator caught: end with a reason, never hang.
             workflow.logger.exception("run failed inside workflow code")
-            self._phase = "failed"
+            self.set_phase("failed")
             if self._router is not None:
                 self._router.cancel_all()
             return self._result("failed", f"internal error: {type(exc).__name__}: {exc}", None)
@@ -163,6 +164,7 @@ class RLMRun:
             names.ACTIVITY_RESOLVE_MODELS,
             ResolveModelsInput(names=self._req.models.allowed()),
             result_type=ResolveModelsOutput,
+            summary="resolve models · " + ", ".join(self._req.models.allowed())[:160],
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
@@ -202,6 +204,24 @@ class RLMRun:
         self._router.validate(batch, workflow.current_update_info().id)
 
     # -- watching and steering -------------------------------------------
+    def set_phase(self, phase: str) -> None:
+        """What the run does now; shown as the workflow's current details
+        (Markdown in the Temporal UI: turn, phase, spend against caps)."""
+        self._phase = phase
+        progress = self._router.progress() if self._router else {}
+        workflow.set_current_details(
+            progress_details(
+                turn=self._turn,
+                max_turns=self._ledger.caps.max_turns,
+                phase=phase,
+                spent=self._ledger.spent().model_dump(),
+                caps=self._ledger.caps.model_dump(mode="json"),
+                open_subcalls=progress.get("open_subcalls", 0),
+                done_subcalls=progress.get("done_subcalls", 0),
+                children=progress.get("children", 0),
+            )
+        )
+
     @workflow.query(name=names.QUERY_PROGRESS)
     def progress(self) -> dict[str, Any]:
         spent = self._ledger.spent()
@@ -234,6 +254,11 @@ class RLMRun:
             Caps.model_validate({**self._ledger.caps.model_dump(), **changes})
         except ValidationError as exc:
             raise ValueError(f"caps refused: {validation_errors(exc)}") from None
+
+    @property
+    def cancel_requested(self) -> bool:
+        """A cancel signal arrived; steps that outlive it (a cell stopping) end the loop."""
+        return self._cancel_reason is not None
 
     @workflow.signal(name=names.SIGNAL_CANCEL)
     def cancel(self, reason: str | None = None) -> None:

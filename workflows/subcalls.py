@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         SubcallReply,
         batch_digest,
     )
+    from workflows.summaries import child_run_summary, llm_call_summary, run_static_details
 
 # The server keeps at most 2,000 updates per run; leave room for control updates.
 MAX_SUBCALL_UPDATES = 1_800
@@ -180,7 +181,7 @@ class SubcallRouter:
                 # caps.max_depth counts down: what is left below this run.
                 if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
                     return await self._child_run(batch, item, call_id, index)
-                return await self._llm_call(batch, item, call_id, inline_limit)
+                return await self._llm_call(batch, item, call_id, inline_limit, index)
             finally:
                 self.open_calls -= 1
                 self.done_calls += 1
@@ -199,7 +200,7 @@ class SubcallRouter:
         return batch.model
 
     async def _llm_call(
-        self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int
+        self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
     ) -> SubcallAnswer:
         model = self._pick_model(batch, "llm")
         if isinstance(model, SubcallAnswer):
@@ -232,6 +233,7 @@ class SubcallRouter:
                     attempt=number,
                 ),
                 result_type=LlmCallOutput,
+                summary=llm_call_summary(index + 1, len(batch.items), model),
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -288,6 +290,8 @@ class SubcallRouter:
                 result_type=RunResult,
                 task_queue=info.task_queue,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                static_summary=child_run_summary(request.question, depth, index + 1, count),
+                static_details=run_static_details(request),
                 # Never wait past the tree's deadline (plus time to report).
                 execution_timeout=self._child_wait(grant.deadline),  # type: ignore[union-attr]
             )

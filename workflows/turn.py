@@ -6,6 +6,8 @@ Ends by returning `(status, reason, answer)` or raising `RunEnded`.
 
 from __future__ import annotations
 
+import asyncio
+
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         raise_if_cancelled,
     )
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
+    from workflows.summaries import cell_summary, root_turn_summary
 
 if TYPE_CHECKING:
     from workflows.run import RLMRun
@@ -125,7 +128,7 @@ class TurnDriver:
             if refusal is not None:
                 return await self._last_word(refusal)
             run._turn += 1
-            run._phase = "thinking"
+            run.set_phase("thinking")
             reply = await self._root_call(self._pending)
             if isinstance(reply, Refusal):
                 return "budget_exhausted", reply.message, None
@@ -202,7 +205,7 @@ class TurnDriver:
         status: RunStatus = "max_turns" if refusal.cap == "turns" else "budget_exhausted"
         reason = "max_turns" if refusal.cap == "turns" else "budget"
         self._pending = self._pending + [{"role": "user", "content": final_request_message(reason=reason)}]
-        run._phase = "final answer"
+        run.set_phase("final answer")
         reply = await self._root_call(self._pending, count_turn=False)
         if isinstance(reply, Refusal):
             return status, refusal.message, None
@@ -248,6 +251,7 @@ class TurnDriver:
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
+                summary=root_turn_summary(turn, self._root_model, self._prompt_tokens),
             )
 
         try:
@@ -267,7 +271,7 @@ class TurnDriver:
 
     async def _run_cell(self, cell_id: str, code: str) -> CellOutput:
         run = self._run
-        run._phase = f"cell {cell_id}"
+        run.set_phase(f"cell {cell_id}")
         run._cells += 1
         limits = self._req.limits
         try:
@@ -284,14 +288,21 @@ class TurnDriver:
                     output_chars=limits.output_chars,
                 ),
                 result_type=CellOutput,
+                summary=cell_summary(cell_id, code),
                 start_to_close_timeout=self._cell_time(),
                 heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
                 retry_policy=CELL_RETRY,
-                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
+                # A cancelled run ends once its cell has really stopped (the
+                # worker traps the guest on the heartbeat that brings the
+                # cancellation; a dead worker is noticed by the heartbeat timeout).
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
         except ActivityError as exc:
             raise_if_cancelled(exc)
             cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
+        if run.cancel_requested:
+            # The cell finished (or stopped) after the run was cancelled.
+            raise asyncio.CancelledError()
         if cell.error is not None:
             cell.error = clip(cell.error, ERROR_CHARS)
         if cell.snapshot_key:
