@@ -1,7 +1,7 @@
 """`rlm ui` renders a real run (three turns, a failing cell, two child runs;
 real worker, Temporal, S3, WASM; scripted models) in headless Chromium: the
 DOM after the page's JavaScript ran is checked, and screenshots of the viewer
-and of the same run in the Temporal UI are kept under docs/ for the README.
+and of the same run in the Temporal UI are kept under docs/ for the README (refreshed with RLM_UPDATE_DOCS=1).
 
 The viewer runs as a user runs it (`rlm ui` in a subprocess with RLM_*
 settings); Chromium is Debian's, driven by its command line (no browser
@@ -206,13 +206,15 @@ def test_sub_call_texts_load_on_demand(finished_run, viewer):
 def test_screenshots_for_the_readme(finished_run, viewer, tmp_path):
     s, result = finished_run
     wid = quote(result.workflow_id, safe="")
-    DOCS.mkdir(exist_ok=True)
-    shot = DOCS / "trace-viewer.png"
+    # The pictures go to tmp_path; RLM_UPDATE_DOCS=1 refreshes the README's copies.
+    out = DOCS if os.environ.get("RLM_UPDATE_DOCS") == "1" else tmp_path
+    out.mkdir(exist_ok=True)
+    shot = out / "trace-viewer.png"
     _chromium(tmp_path, f"--screenshot={shot}", f"{viewer}#run={wid}", size="1400,1650")
     assert shot.stat().st_size > 20_000
     # The same run in the Temporal UI of the session's dev server: best effort
     # (the UI is not ours), only that a real picture was taken.
-    temporal = DOCS / "temporal-ui-summaries.png"
+    temporal = out / "temporal-ui-summaries.png"
     _chromium(tmp_path, f"--screenshot={temporal}", f"{s.temporal_ui_url}/namespaces/default/workflows/{wid}", size="1400,1300")
     assert temporal.stat().st_size > 20_000
 
