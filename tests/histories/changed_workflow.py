@@ -1,0 +1,46 @@
+"""One change to RLMRun made two ways, for tests/test_replay.py: a new step
+before the models are resolved, added carelessly (runs in flight break on
+replay) and behind `workflow.patched` (they replay). Its own module: the
+replayer's sandbox re-imports the module that defines a workflow, and this
+one does no file-system work at import."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RawValue
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.run import FAILURE_TYPES, RLMRun
+    from workflows.steps import ModelInfo
+
+NEW_STEP = "ingest_context"  # an activity today's workers do not have; replay never runs it
+
+
+async def _new_step() -> None:
+    await workflow.execute_activity(NEW_STEP, start_to_close_timeout=timedelta(seconds=30))
+
+
+@workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
+class RLMRunChangedCarelessly(RLMRun):
+    @workflow.run
+    async def run(self, raw: RawValue):
+        return await super().run(raw)
+
+    async def _resolve_models(self) -> dict[str, ModelInfo]:
+        await _new_step()
+        return await super()._resolve_models()
+
+
+@workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
+class RLMRunChangedBehindPatch(RLMRun):
+    @workflow.run
+    async def run(self, raw: RawValue):
+        return await super().run(raw)
+
+    async def _resolve_models(self) -> dict[str, ModelInfo]:
+        if workflow.patched("ingest-before-models"):
+            await _new_step()  # runs started by a worker with this code
+        return await super()._resolve_models()  # runs in flight carry on as before

@@ -1,0 +1,274 @@
+"""The runs whose histories are checked in: one real run of every shape the
+workflow takes (see record.py). Each shape drives a run against a real worker
+and returns the histories to keep, as (file stem, WorkflowHistory) pairs.
+
+Models are scripted (tests/fake_llm.py) so the same code paths run every
+time; contexts are tiny and answers short so each history stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+
+from activities.context_store import ContextStore
+from activities.settings import Settings
+from tests.fake_llm import FakeLLM
+from tests.fixtures_llm import fake_registry, models_json
+from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
+from worker import connect
+from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 120.0
+
+Recorded = list[tuple[str, WorkflowHistory]]
+
+
+@dataclass
+class Lab:
+    """What every shape uses: the services, the scripted model server, contexts."""
+
+    settings: Settings
+    llm: FakeLLM
+    contexts: ContextStore
+    logs: Path
+
+
+def _question(r) -> str:
+    m = re.search(r"Question: (\S+)", r.all_text)
+    return m.group(1) if m else ""
+
+
+def _child_ids(history: WorkflowHistory) -> list[str]:
+    return [
+        e.start_child_workflow_execution_initiated_event_attributes.workflow_id
+        for e in history.events
+        if e.HasField("start_child_workflow_execution_initiated_event_attributes")
+    ]
+
+
+async def _in_process(lab: Lab, body: Callable[[Client, Settings], Awaitable[Recorded]]) -> Recorded:
+    s = isolated(lab.settings)
+    async with running_worker(s, fake_registry(lab.llm)) as client:
+        return await body(client, s)
+
+
+async def plain(lab: Lab) -> Recorded:
+    """One cell, then FINAL in the next turn's text."""
+    ctx = lab.contexts.put_value("numbers: 3 4 5")
+    lab.llm.add_rule("Turn 1 of", repl("total = sum(int(x) for x in context.split()[1:])\nprint('total', total)"), model=ROOT)
+    lab.llm.add_rule("total 12", "FINAL(12)", model=ROOT)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("sum?", ctx), workflow_id="replay-plain")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("plain", await handle.fetch_history())]
+
+    return await _in_process(lab, body)
+
+
+async def batched_subcalls(lab: Lab) -> Recorded:
+    """A cell that sends three llm_query calls in one batch, then FINAL."""
+    ctx = lab.contexts.put_value("abc")
+    lab.llm.add_rule("Turn 1 of", repl("print('got', llm_query_batched(['a', 'b', 'c']))"), model=ROOT)
+    lab.llm.add_rule("got ", "FINAL(ABC)", model=ROOT)
+    lab.llm.add_rule(None, lambda r: r.last_user_text.upper(), model=SUB)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("q", ctx), workflow_id="replay-batched-subcalls")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("batched_subcalls", await handle.fetch_history())]
+
+    return await _in_process(lab, body)
+
+
+async def children(lab: Lab) -> Recorded:
+    """rlm_query_batched starts two child runs at depth 1; parent and one child kept."""
+    ctx = lab.contexts.put_value("root context")
+    lab.llm.add_rule(
+        lambda r: _question(r) == "top" and "Turn 1 of" in r.last_user_text,
+        repl('print("got", rlm_query_batched(["Ca", "Cb"], contexts=["x", "yy"]))'),
+        model=ROOT,
+    )
+    lab.llm.add_rule(lambda r: _question(r) == "top" and "got " in r.last_user_text, "FINAL(done)", model=ROOT)
+    lab.llm.add_rule(lambda r: _question(r).startswith("C"), repl("FINAL(len(context))"), model=ROOT)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("top", ctx, caps={"max_depth": 1}), workflow_id="replay-children")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        parent = await handle.fetch_history()
+        child = await client.get_workflow_handle(sorted(_child_ids(parent))[0]).fetch_history()
+        return [("children_parent", parent), ("children_child", child)]
+
+    return await _in_process(lab, body)
+
+
+async def continue_as_new(lab: Lab) -> Recorded:
+    """Continue-as-new after every sub-call update: three runs in the chain."""
+    ctx = lab.contexts.put_value("abc")
+    lab.llm.add_rule("Turn 1 of", repl("kept = llm_query('one')\nprint('first', kept)"), model=ROOT)
+    lab.llm.add_rule("Turn 2 of", repl("print('second', kept + llm_query('two'))"), model=ROOT)
+    lab.llm.add_rule("Turn 3 of", "FINAL(chained)", model=ROOT)
+    lab.llm.add_rule(None, lambda r: r.last_user_text.upper(), model=SUB)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        req = request("q", ctx, limits={"continue_after_updates": 1})
+        handle = await start(client, s, req, workflow_id="replay-continue-as-new")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        out: Recorded = []
+        run_id: str | None = handle.first_execution_run_id
+        while run_id:
+            history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
+            out.append((f"continue_as_new_{len(out) + 1}", history))
+            last = history.events[-1]
+            run_id = (
+                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                else None
+            )
+        return out
+
+    return await _in_process(lab, body)
+
+
+async def cancel(lab: Lab) -> Recorded:
+    """The cancel signal arrives while a child waits on a sub-call; both runs kept."""
+    ctx = lab.contexts.put_value("abc")
+    release = threading.Event()
+    lab.llm.add_rule(lambda r: _question(r) == "top", repl('print(rlm_query("deep", context="x"))'), model=ROOT)
+    lab.llm.add_rule(lambda r: _question(r) == "deep", repl("print(llm_query('wait'))"), model=ROOT)
+    lab.llm.add_rule(None, "ok", model=SUB, name="held", hold=release)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("top", ctx, caps={"max_depth": 1}), workflow_id="replay-cancel")
+        await asyncio.to_thread(lab.llm.wait_for_count, 1, "held", TIMEOUT_S)
+        await handle.signal(SIGNAL_CANCEL, "user stop")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        parent = await handle.fetch_history()
+        child_handle = client.get_workflow_handle(_child_ids(parent)[0])
+        await asyncio.wait_for(child_handle.result(), TIMEOUT_S)
+        return [("cancel_parent", parent), ("cancel_child", await child_handle.fetch_history())]
+
+    try:
+        return await _in_process(lab, body)
+    finally:
+        release.set()
+
+
+async def set_caps(lab: Lab) -> Recorded:
+    """A calls cap raised by the set_caps update while a sub-call is in flight."""
+    ctx = lab.contexts.put_value("abc")
+    release = threading.Event()
+    lab.llm.add_rule("Turn 1 of", repl("print(llm_query('wait'))"), model=ROOT)
+    lab.llm.add_rule("Turn 2 of", repl("print(2)"), model=ROOT)
+    lab.llm.add_rule("Turn 3 of", "FINAL(finished)", model=ROOT)
+    lab.llm.add_rule(None, "ok", model=SUB, name="held", hold=release)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("q", ctx, caps={"max_calls": 3}), workflow_id="replay-set-caps")
+        await asyncio.to_thread(lab.llm.wait_for_count, 1, "held", TIMEOUT_S)
+        await handle.query(QUERY_PROGRESS)
+        await handle.execute_update(UPDATE_SET_CAPS, {"max_calls": 10})
+        release.set()
+        result = await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        if result.status != "completed":
+            raise RuntimeError(f"set_caps run ended {result.status}: {result.reason}")
+        return [("set_caps", await handle.fetch_history())]
+
+    try:
+        return await _in_process(lab, body)
+    finally:
+        release.set()
+
+
+CRASH_ITEMS = 6
+CRASH_HELD_FROM = 3  # items >= this wait at the model server until after the kill
+
+
+def _worker_process(lab: Lab, s: Settings) -> subprocess.Popen:
+    env = {**os.environ, **s.to_env(), "RLM_MODELS_JSON": models_json(lab.llm.url), "RLM_LOG_JSON": "1"}
+    log = open(lab.logs, "ab")  # noqa: SIM115 - the child process owns it
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+
+
+async def _completed_llm_calls(history: WorkflowHistory) -> int:
+    scheduled = {
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_call"
+    }
+    return sum(
+        1
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+    )
+
+
+async def crash_recovery(lab: Lab) -> Recorded:
+    """kill -9 of the worker while a cell waits on half of its sub-calls; a new worker finishes."""
+    ctx = lab.contexts.put_value("item list")
+    expected = sum(range(CRASH_ITEMS))
+    held = threading.Event()
+    lab.llm.add_rule(
+        "Turn 1 of",
+        repl(f"r = llm_query_batched([f'item {{i}}' for i in range({CRASH_ITEMS})])\nprint('total', sum(int(x) for x in r))"),
+        model=ROOT,
+    )
+    lab.llm.add_rule(f"total {expected}", f"FINAL({expected})", model=ROOT)
+    lab.llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB)
+    lab.llm.add_rule(
+        lambda r: int(r.last_user_text.split()[-1]) >= CRASH_HELD_FROM,
+        lambda r: r.last_user_text.split()[-1],
+        model=SUB,
+        name="held",
+        hold=held,
+    )
+    s = isolated(lab.settings)
+    workers = [_worker_process(lab, s)]
+    try:
+        client = await connect(s)
+        handle = await start(client, s, request("total?", ctx), workflow_id="replay-crash-recovery")
+        await asyncio.to_thread(lab.llm.wait_for_count, CRASH_ITEMS - CRASH_HELD_FROM, "held", TIMEOUT_S)
+        while await _completed_llm_calls(await handle.fetch_history()) < CRASH_HELD_FROM:
+            await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
+        os.killpg(workers[0].pid, signal.SIGKILL)
+        workers[0].wait(10)
+        held.set()
+        workers.append(_worker_process(lab, s))
+        result = await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        if result.answer != str(expected):
+            raise RuntimeError(f"crash run answered {result.answer!r} ({result.status}: {result.reason})")
+        return [("crash_recovery", await handle.fetch_history())]
+    finally:
+        held.set()
+        for proc in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+
+
+SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
+    "plain": plain,
+    "batched_subcalls": batched_subcalls,
+    "children": children,
+    "continue_as_new": continue_as_new,
+    "cancel": cancel,
+    "set_caps": set_caps,
+    "crash_recovery": crash_recovery,
+}

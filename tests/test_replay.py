@@ -1,0 +1,57 @@
+"""Replay safety: histories of real runs of every shape (tests/histories/*.json,
+written by `python -m tests.histories.record`) replay against today's RLMRun
+without a non-determinism error, so a change that would break runs in flight
+fails here. No servers: the SDK's Replayer runs the workflow code alone.
+
+A change that must alter workflow logic ships behind `workflow.patched` or
+Worker Versioning (README: "Changing workflow code safely")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from tests.histories.changed_workflow import RLMRunChangedBehindPatch, RLMRunChangedCarelessly
+from workflows.run import RLMRun
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+FILES = sorted(HISTORIES.glob("*.json"))
+# One file at least for each shape record.py knows (a file lost is a shape unguarded).
+SHAPES = ("plain", "batched_subcalls", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery")
+
+
+def load(path: Path) -> WorkflowHistory:
+    record = json.loads(path.read_text())
+    return WorkflowHistory.from_json(record["workflow_id"], record["history"])
+
+
+def replay(history: WorkflowHistory, workflow_class: type = RLMRun) -> None:
+    replayer = Replayer(workflows=[workflow_class], data_converter=pydantic_data_converter)
+    asyncio.run(replayer.replay_workflow(history))
+
+
+def test_every_shape_has_a_history():
+    stems = [p.stem for p in FILES]
+    assert all(any(s.startswith(shape) for s in stems) for shape in SHAPES), stems
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_history_replays_against_current_code(path):
+    replay(load(path))
+
+
+def test_a_changed_workflow_fails_replay():
+    with pytest.raises(workflow.NondeterminismError):
+        replay(load(HISTORIES / "plain.json"), RLMRunChangedCarelessly)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_the_same_change_behind_workflow_patched_replays(path):
+    replay(load(path), RLMRunChangedBehindPatch)
