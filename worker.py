@@ -25,6 +25,7 @@ from temporalio.worker import Worker
 
 from activities._repl_pool import ReplPool, guest_memory_budget
 from activities.context_store import ContextStore
+from activities.ingest_context import IngestContextActivity
 from activities.llm import ModelRegistry
 from activities.llm_call import LlmCallActivity
 from activities.logging import configure_logging
@@ -70,6 +71,7 @@ def build_worker(
         activities=[
             llm.resolve_models,
             llm.llm_call,
+            IngestContextActivity(runtime).ingest_context,
             RootTurnActivity(runtime).root_turn,
             RunCellActivity(runtime, pool).run_cell,
         ],

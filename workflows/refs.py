@@ -6,13 +6,16 @@ of 40 MB travels through the run as a `ContextRef` of a few hundred bytes.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Inline values up to this size travel in Temporal payloads; larger ones are
 # stored and passed as a BlobRef (Temporal warns at 512 KiB, fails at 2 MiB).
 INLINE_LIMIT_BYTES = 4096
+# S3 bucket naming rules (3-63 lowercase letters, digits, dots, hyphens), then a key or prefix.
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/")
 
 
 class ContextRef(BaseModel):
@@ -41,3 +44,40 @@ class BlobRef(BaseModel):
     key: str
     size: int
     sha256: str
+
+
+class ContextURI(BaseModel):
+    """Plain UTF-8 files in object storage, ingested into a context by the
+    run's first step: `{"uri": "s3://bucket/key"}` is one document (a `str`
+    context); `{"uri": "s3://bucket/prefix/"}` (ending in `/`) is every
+    object under the prefix, sorted by key, one document each (a `list`);
+    `{"uri": "s3://bucket/"}` is the whole bucket. Read with the worker's S3
+    endpoint and credentials; keys with a part starting with `.` are skipped
+    under a prefix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(max_length=2048, json_schema_extra={"pattern": _S3_URI.pattern})
+
+    @field_validator("uri")
+    @classmethod
+    def _is_s3_uri(cls, value: str) -> str:
+        if not _S3_URI.match(value):
+            raise ValueError(
+                f"{value[:200]!r} is not an S3 URI: give s3://bucket/key for one file, "
+                "s3://bucket/prefix/ (ending in /) for every file under a prefix"
+            )
+        return value
+
+    @property
+    def bucket(self) -> str:
+        return self.uri[len("s3://") :].split("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """The object key, or the prefix when it ends in `/` ('' = whole bucket)."""
+        return self.uri[len("s3://") :].split("/", 1)[1]
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.key == "" or self.key.endswith("/")

@@ -8,12 +8,13 @@ text.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
-from workflows.refs import BlobRef, ContextRef
+from workflows.refs import BlobRef, ContextRef, ContextURI
 
 RunStatus = Literal["completed", "budget_exhausted", "max_turns", "cancelled", "failed"]
 
@@ -72,6 +73,91 @@ class RunLimits(BaseModel):
     continues as new at the next turn boundary."""
 
 
+MAX_INLINE_CONTEXT_BYTES = 1 << 20
+"""Largest inline context, measured as the workflow sends it on to the ingest
+step: JSON with non-ASCII characters escaped (`\\u00e9`: 6 bytes each), as
+Temporal's Python SDK encodes payloads (Temporal refuses payloads over 2 MiB
+by default). Larger contexts go through object storage."""
+_TOO_LARGE = (
+    "store it in object storage and pass {\"uri\": \"s3://bucket/key\"} (or a prefix ending in /), "
+    "or a ContextRef from `rlm context put`"
+)
+
+
+def _json_bytes(value: str | list[str]) -> int:
+    """Size of `value` as JSON with non-ASCII characters escaped."""
+    return len(json.dumps(value))
+
+
+def _check_inline_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("the inline text is blank: a context needs some text")
+    size = _json_bytes(text)
+    if size > MAX_INLINE_CONTEXT_BYTES:
+        raise ValueError(
+            f"inline text of {size:,} bytes as JSON (non-ASCII escaped) is over the "
+            f"{MAX_INLINE_CONTEXT_BYTES:,}-byte inline limit: " + _TOO_LARGE
+        )
+    return text
+
+
+def _check_inline_texts(texts: list[str]) -> list[str]:
+    if not texts:
+        raise ValueError("the list of texts is empty: give at least one text")
+    if not any(t.strip() for t in texts):
+        raise ValueError("every text of the list is blank: a context needs some text")
+    size = _json_bytes(texts)
+    if size > MAX_INLINE_CONTEXT_BYTES:
+        raise ValueError(
+            f"{len(texts):,} inline texts of {size:,} bytes as JSON (non-ASCII escaped) are over the "
+            f"{MAX_INLINE_CONTEXT_BYTES:,}-byte inline limit: " + _TOO_LARGE
+        )
+    return texts
+
+
+def _context_kind(value: Any) -> str | None:
+    if isinstance(value, (ContextRef, ContextURI)):
+        return "uri" if isinstance(value, ContextURI) else "ref"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "texts"
+    if isinstance(value, dict):
+        return "uri" if "uri" in value else "ref"
+    return None
+
+
+InlineText = Annotated[
+    str,
+    AfterValidator(_check_inline_text),
+    Field(description=f"Inline text, one document (at most {MAX_INLINE_CONTEXT_BYTES:,} bytes as ASCII-escaped JSON)."),
+]
+InlineTexts = Annotated[
+    list[str],
+    AfterValidator(_check_inline_texts),
+    Field(
+        description=f"Inline texts, one document each (at most {MAX_INLINE_CONTEXT_BYTES:,} bytes as ASCII-escaped JSON)."
+    ),
+]
+ContextInput = Annotated[
+    Union[
+        Annotated[ContextRef, Tag("ref")],
+        Annotated[InlineText, Tag("text")],
+        Annotated[InlineTexts, Tag("texts")],
+        Annotated[ContextURI, Tag("uri")],
+    ],
+    Discriminator(
+        _context_kind,
+        custom_error_type="context_kind",
+        custom_error_message=(
+            "context must be a text, a list of texts, {\"uri\": \"s3://bucket/key\"} or a ContextRef object"
+        ),
+    ),
+]
+"""What a caller may give as `RunRequest.context`; every form but a
+ContextRef is turned into one by the run's first step (`ingest_context`)."""
+
+
 class ParentLink(BaseModel):
     """Set on child runs: where they sit in the tree."""
 
@@ -84,7 +170,12 @@ class RunRequest(BaseModel):
     """Input of the `RLMRun` workflow."""
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    context: ContextRef
+    context: ContextInput
+    """A ContextRef (stored with `rlm context put`); or, ingested by the run's
+    first step into the same chunked store: inline text (a JSON string), a
+    list of texts (at most `MAX_INLINE_CONTEXT_BYTES` inline in all), or
+    `{"uri": "s3://bucket/key"}` / `{"uri": "s3://bucket/prefix/"}` for plain
+    UTF-8 files. Inside the run it is always a ContextRef."""
     models: ModelChoice
     caps: Caps = Field(default_factory=Caps)
     limits: RunLimits = Field(default_factory=RunLimits)
@@ -158,6 +249,8 @@ class ChildSummary(BaseModel):
     runs_below: int = 0
     """Every run in its subtree (itself excluded), listed in `children` or not."""
 
+    _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
+
 
 class Usage(BaseModel):
     """Spend of a run and its subtree, broken down."""
@@ -224,6 +317,14 @@ class RunResult(BaseModel):
     runs; each child's own result holds its subtree."""
     runs_below: int = 0
     """Every run in the tree below this one, listed in `children` or not."""
+
+    _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
+
+
+def _null_is_empty(value: Any) -> Any:
+    # The Temporal CLI and the server's HTTP API render an empty JSON list of
+    # a payload as null: a result read back through them must still validate.
+    return [] if value is None else value
 
 
 MAX_TREE_NODES_INLINE = 200

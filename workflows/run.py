@@ -32,8 +32,10 @@ with workflow.unsafe.imports_passed_through():
         parse_request,
         validation_errors,
     )
+    from workflows.refs import ContextRef, ContextURI
     from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import (
+        IngestContextInput,
         ModelInfo,
         ResolveModelsInput,
         ResolveModelsOutput,
@@ -125,6 +127,16 @@ class RLMRun:
             self._models = await self._resolve_models()
         except ActivityError as exc:
             return self._result("failed", error_text(exc), None)
+        if not isinstance(request.context, ContextRef):
+            try:
+                ref = await self._ingest_context()
+            except ActivityError as exc:
+                cause = exc.cause
+                # The activity's message names the field (`context.uri: ...`): keep it first.
+                reason = cause.message if isinstance(cause, ApplicationError) else error_text(exc)
+                return self._result("failed", reason, None)
+            # From here on (turns, sub-calls, continue-as-new) the context is a ref.
+            request = self._req = request.model_copy(update={"context": ref})
         self._router = SubcallRouter(
             request=request, models=self._models, ledger=self._ledger, usage=self._usage, root_workflow_id=self._root_id
         )
@@ -169,6 +181,26 @@ class RLMRun:
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
         return out.models
+
+    async def _ingest_context(self) -> ContextRef:
+        """Store a context given as JSON (text, texts, S3 URI) in the chunked store."""
+        context = self._req.context
+        if isinstance(context, ContextURI):
+            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, uri=context), context.uri
+        elif isinstance(context, str):
+            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, text=context), "inline text"
+        else:
+            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, texts=list(context)), "inline texts"
+        return await workflow.execute_activity(
+            names.ACTIVITY_INGEST_CONTEXT,
+            inp,
+            result_type=ContextRef,
+            summary=f"ingest context · {what}"[:200],
+            start_to_close_timeout=timedelta(hours=1),
+            heartbeat_timeout=timedelta(seconds=30),
+            # The activity marks a caller's mistake non-retryable; an S3 hiccup is retried.
+            retry_policy=RetryPolicy(maximum_attempts=3),
+        )
 
     def _result(self, status: RunStatus, reason: str | None, answer: str | None) -> RunResult:
         info = workflow.info()

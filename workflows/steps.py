@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workflows.refs import BlobRef, ContextRef
+from workflows.refs import BlobRef, ContextRef, ContextURI
 
 
 class ModelInfo(BaseModel):
@@ -41,6 +41,16 @@ class ResolveModelsInput(BaseModel):
 
 class ResolveModelsOutput(BaseModel):
     models: dict[str, ModelInfo]
+
+
+class IngestContextInput(BaseModel):
+    """A caller's context that is not yet stored: inline text, a list of
+    texts (both bounded by `MAX_INLINE_CONTEXT_BYTES`), or S3 files."""
+
+    workflow_id: str
+    text: str | None = None
+    texts: list[str] | None = None
+    uri: ContextURI | None = None
 
 
 class RootTurnInput(BaseModel):
