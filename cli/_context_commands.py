@@ -8,13 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from pydantic import ValidationError
 
-from activities.context_store import ContextStore
-from activities.object_store import ObjectStore
 from activities.settings import Settings
 from cli._errors import UserError
-from workflows.refs import ContextRef
+
+if TYPE_CHECKING:  # the stores pull in the S3 client (minio): imported by the commands that use them
+    from activities.context_store import ContextStore
+    from workflows.refs import ContextRef
 
 __all__ = ["register"]
 
@@ -50,6 +53,9 @@ def _input_size(paths: list[Path]) -> int:
 
 
 def _put(args: argparse.Namespace, settings: Settings) -> int:
+    from activities.context_store import ContextStore
+    from activities.object_store import ObjectStore
+
     store = ContextStore(ObjectStore.from_settings(settings))
     paths = [Path(p) for p in args.paths]
     progress = _Progress(_input_size([p for p in paths if p.exists()]))
@@ -62,6 +68,8 @@ def _put(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _parse_ref(text: str, store: ContextStore) -> ContextRef:
+    from workflows.refs import ContextRef
+
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -77,6 +85,9 @@ def _parse_ref(text: str, store: ContextStore) -> ContextRef:
 
 
 def _get(args: argparse.Namespace, settings: Settings) -> int:
+    from activities.context_store import ContextStore
+    from activities.object_store import ObjectStore
+
     store = ContextStore(ObjectStore.from_settings(settings))
     ref = _parse_ref(sys.stdin.read() if args.ref == "-" else args.ref, store)
     if args.doc is not None:

@@ -23,10 +23,7 @@ from typing import Any
 import structlog
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from activities._model_registry import ModelRegistry, check_credentials, fully_configured
-from activities.context_store import ContextStore
 from activities.local_model import LOCAL_MODEL_NAME
-from activities.object_store import ObjectStore
 from activities.settings import Settings
 from activities.temporal_client import connect
 from cli._errors import UserError
@@ -102,6 +99,10 @@ class RunClient:
             caps_given.setdefault("max_concurrency", 1)
         caps = Caps(**caps_given)
         check_models(root, sub or root, caps)
+        # Only starting a run uploads: `rlm result` and `rlm cancel` skip the S3 client's import.
+        from activities.context_store import ContextStore
+        from activities.object_store import ObjectStore
+
         store = ObjectStore.from_settings(self.settings)
         store.ensure_bucket()
         if self.progress:
@@ -195,6 +196,8 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
     RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
     budget that cannot pay for the first call. Names that only litellm
     knows are checked by the worker at the run's first step."""
+    from activities._model_registry import ModelRegistry, check_credentials, fully_configured
+
     try:
         registry = ModelRegistry.from_env()
         configured = [registry.resolve(n) for n in dict.fromkeys([root, sub]) if n in registry.names]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from activities.settings import Settings
-from cli import services
+
+if TYPE_CHECKING:  # the launcher is imported by the commands that use it, not by every `rlm`
+    from cli import services
 
 __all__ = ["register"]
 
@@ -42,15 +45,21 @@ def _print_status(status: services.ServicesStatus, settings: Settings, as_json: 
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
-    return _print_status(services.up(settings, timeout=args.timeout), settings, args.json)
+    from cli import services
+
+    return _print_status(services.up(settings, timeout=args.timeout or services.READY_TIMEOUT_S), settings, args.json)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from cli import services
+
     return _print_status(services.status(settings), settings, args.json)
 
 
 def _down(args: argparse.Namespace, settings: Settings) -> int:
-    stopped = services.down(settings, timeout=args.timeout)
+    from cli import services
+
+    stopped = services.down(settings, timeout=args.timeout or services.STOP_TIMEOUT_S)
     sys.stdout.write(f"stopped: {', '.join(stopped)}\n" if stopped else "nothing was running\n")
     return 0
 
@@ -60,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "up", help="start the embedded Temporal and S3 servers, a worker, and the local model if installed "
         "(reuses running ones; restarts the worker when the code or settings changed)"
     )
-    up.add_argument("--timeout", type=float, default=services.READY_TIMEOUT_S, help="seconds to wait for readiness")
+    up.add_argument("--timeout", type=float, default=None, help="seconds to wait for readiness (default: 60)")
     up.add_argument("--json", action="store_true", help="print the status as JSON")
     up.set_defaults(handler=_up)
 
@@ -72,6 +81,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     down = subparsers.add_parser("down", help="stop the embedded servers and workers")
     down.add_argument(
-        "--timeout", type=float, default=services.STOP_TIMEOUT_S, help="seconds before SIGKILL"
+        "--timeout", type=float, default=None, help="seconds before SIGKILL (default: 15)"
     )
     down.set_defaults(handler=_down)

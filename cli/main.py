@@ -16,7 +16,7 @@ import sys
 
 from activities.settings import load_settings
 from cli import _context_commands, _service_commands
-from cli._errors import EXPECTED_ERRORS, UserError, describe
+from cli._errors import UserError, describe, is_expected
 from cli._logging import configure_logging
 
 __all__ = ["UserError", "build_parser", "main"]
@@ -51,12 +51,14 @@ def _run(argv: list[str] | None) -> int:
         settings = load_settings()
         configure_logging(settings.log_level)
         return int(args.handler(args, settings) or 0)
-    except EXPECTED_ERRORS as exc:
-        sys.stderr.write(f"error: {describe(exc)}\n")
-        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:
+        if not is_expected(exc):
+            raise
+        sys.stderr.write(f"error: {describe(exc)}\n")
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

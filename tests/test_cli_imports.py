@@ -1,0 +1,97 @@
+"""Client commands (`rlm --help`, `status`, `submit`, `result`, `show`,
+`cancel`, `run`) never load the worker's heavy modules: litellm and openai
+cost seconds of CPU to import, wasmtime and the sandbox belong to the worker.
+
+Each command runs for real, as a subprocess against the session's services,
+through the `rlm` entry point; afterwards the process reports which of the
+forbidden modules are in sys.modules. A behavioural check; the start times
+themselves are measured by bench/bench_cli_start.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from cli import services
+from tests.fixtures_llm import models_json
+from tests.run_harness import ROOT, isolated, repl
+
+FORBIDDEN = ("litellm", "openai", "wasmtime", "sandbox_wasm", "boto3", "tiktoken")
+
+# The `rlm` entry point without its final os._exit, then a report of what stayed loaded.
+_PROBE = f"""
+import json, os, sys
+from cli import main
+try:
+    code = main._run(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code or 0
+loaded = [name for name in {FORBIDDEN!r} if name in sys.modules]
+sys.stderr.write("LOADED " + json.dumps(loaded) + "\\n")
+sys.stderr.flush()
+os._exit(code)
+"""
+
+
+def _loaded_by(settings, fake_url: str, *args: str, ok: tuple[int, ...] = (0,)) -> list[str]:
+    """Run `rlm <args>`; return the forbidden modules it loaded."""
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_EMBEDDED_WORKER": "true"}
+    for name in ("RLM_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in ok, f"rlm {' '.join(args)} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    line = next((l for l in proc.stderr.splitlines() if l.startswith("LOADED ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line.removeprefix("LOADED "))
+
+
+@pytest.fixture
+def s(settings):
+    """The session's services with a task queue of this test's own; its worker is stopped after."""
+    own = isolated(settings).model_copy(update={"embedded_worker": True})
+    yield own
+    services.stop_worker(own)
+
+
+def test_help_and_status_load_none_of_the_worker_modules(s, llm):
+    assert _loaded_by(s, llm.url, "--help") == []
+    # Exit code 1: this test's worker is not started yet, which `status` reports.
+    assert _loaded_by(s, llm.url, "status", ok=(0, 1)) == []
+
+
+def test_run_commands_load_none_of_the_worker_modules(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the answer is 42\n" * 50)
+    held = threading.Event()
+    llm.add_rule("Turn 1 of", repl("print(context[:16])"), model=ROOT)
+    llm.add_rule("the answer is", "FINAL(42)", model=ROOT)
+    llm.add_rule("HOLD", "FINAL(held)", model=ROOT, hold=held)  # newest rule wins: this one for HOLD
+    run_args = ("--context", str(doc), "--model", ROOT)
+    try:
+        assert _loaded_by(s, llm.url, "submit", "q", *run_args, "--id", "imports-submit") == []
+        assert _loaded_by(s, llm.url, "result", "imports-submit") == []
+        assert _loaded_by(s, llm.url, "show", "imports-submit") == []
+        assert _loaded_by(s, llm.url, "run", "q", *run_args, "--id", "imports-run") == []
+        assert _loaded_by(s, llm.url, "submit", "HOLD", *run_args, "--id", "imports-held") == []
+        assert _loaded_by(s, llm.url, "cancel", "imports-held") == []
+    finally:
+        held.set()
+
+
+def test_a_failing_command_still_reports_one_line_without_loading_them(s, llm, tmp_path):
+    # An expected error of a module loaded on demand (the context reader) is
+    # still shown as one line: `error: ...`, exit code 1, no traceback.
+    missing = tmp_path / "missing.txt"
+    env = {**os.environ, **s.to_env(), "RLM_MODELS_JSON": models_json(llm.url)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "submit", "q", "--context", str(missing), "--model", ROOT],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
