@@ -50,7 +50,9 @@ def test_requests_that_do_not_parse_fail_with_their_field_errors(settings, conte
     ctx = context_store.put_value("abc").model_dump(mode="json")
     good = {"question": "q?", "context": ctx, "models": {"root": ROOT}}
     cases = {
-        "context is a list of texts": ({**good, "context": ["doc one", "doc two"]}, ["context:"]),
+        "context is a list of numbers": ({**good, "context": [1, 2]}, ["context.texts.0:"]),
+        "context URI is not s3://": ({**good, "context": {"uri": "https://example.com/a.txt"}}, ["context.uri.uri:"]),
+        "context of no known shape": ({**good, "context": 42}, ["context:"]),
         "no turn to answer in": ({**good, "caps": {"max_turns": 0}}, ["caps:", "max_turns"]),
         "blank question and negative caps": (
             {**good, "question": "  ", "caps": {"max_usd": -1, "max_concurrency": 0}},
@@ -78,10 +80,11 @@ def test_requests_that_do_not_parse_fail_with_their_field_errors(settings, conte
 
 
 def test_request_from_the_temporal_cli_fails_instead_of_hanging(settings, context_store, llm):
-    """The case of the issue, exactly: `context` a list of texts, started with
-    the Temporal CLI; `workflow execute` returns with the reason."""
+    """A request that does not parse (`context` a list of numbers; a list of
+    texts is a valid context since issue 12), started with the Temporal CLI:
+    `workflow execute` returns with the reason."""
     s = isolated(settings)
-    payload = {"question": "q?", "context": ["doc one", "doc two"], "models": {"root": ROOT}}
+    payload = {"question": "q?", "context": [1, 2], "models": {"root": ROOT}}
 
     async def go():
         async with running_worker(s, fake_registry(llm)):
