@@ -1,0 +1,168 @@
+"""`rlm schedule` as a user runs it: a subprocess against the session's
+Temporal dev server and S3 server, the scripted models through
+RLM_MODELS_JSON, and the embedded worker that `create` starts for the test's
+own task queue (stopped after each test).
+
+A schedule with a far-future cron is triggered by hand; each triggered run
+reads the files under its s3:// prefix when it starts, so a file added
+between two triggers is seen by the second run only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from cli import services
+from tests.fixtures_llm import models_json
+from tests.run_harness import ROOT, isolated, repl
+
+FAR_FUTURE_CRON = "0 0 1 1 *"  # once a year, on 1 January: never fires during a test
+
+
+def _env(settings, fake_url: str) -> dict[str, str]:
+    import os
+
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_EMBEDDED_WORKER": "true"}
+    for name in ("RLM_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
+        env.pop(name, None)
+    return env
+
+
+def _rlm(settings, fake_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=_env(settings, fake_url), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def s(settings):
+    """The session's services with a task queue of this test's own; its worker is stopped after."""
+    own = isolated(settings).model_copy(update={"embedded_worker": True})
+    yield own
+    services.stop_worker(own)
+
+
+@pytest.fixture
+def name(s, llm):
+    """A schedule name of this test's own, deleted after the test if it still exists."""
+    value = f"audit-{uuid.uuid4().hex[:8]}"
+    yield value
+    _rlm(s, llm.url, "schedule", "delete", value, timeout=60)
+
+
+def _row(s, fake_url: str, name: str) -> dict | None:
+    rows = json.loads(_ok(_rlm(s, fake_url, "schedule", "list", "--json")))
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def _run_answer(s, fake_url: str, workflow_id: str) -> str:
+    result = json.loads(_ok(_rlm(s, fake_url, "result", workflow_id, "--json")))
+    assert result["status"] == "completed", result
+    return result["answer"]
+
+
+def test_triggered_runs_read_the_files_present_at_their_start(s, llm, object_store, name):
+    llm.add_rule(None, repl("FINAL('DOCS=' + ' | '.join(context))"), model=ROOT, name="root")
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    uri = f"s3://{object_store.bucket}/{prefix}"
+    object_store.put_bytes(prefix + "a.txt", b"first invoice: 10 EUR")
+
+    created = _rlm(
+        s, llm.url, "schedule", "create", name, "List the invoices.", "--cron", FAR_FUTURE_CRON,
+        "--context", uri, "--model", ROOT, "--max-usd", "1", "--max-tokens", "200000", "--max-turns", "3",
+        "--overlap", "buffer_one",
+    )  # fmt: skip
+    assert _ok(created).strip() == name
+
+    first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+    assert first.startswith(f"rlm-sched-{name}-"), first
+    assert _run_answer(s, llm.url, first) == "DOCS=first invoice: 10 EUR"
+
+    object_store.put_bytes(prefix + "b.txt", b"second invoice: 20 EUR")
+    second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+    assert second.startswith(f"rlm-sched-{name}-") and second != first
+    assert _run_answer(s, llm.url, second) == "DOCS=first invoice: 10 EUR | second invoice: 20 EUR"
+
+    row = _row(s, llm.url, name)
+    assert row is not None
+    assert row["cron"] == FAR_FUTURE_CRON and row["context"] == uri and row["question"] == "List the invoices."
+    assert row["model"] == ROOT and row["overlap"] == "buffer_one" and row["task_queue"] == s.task_queue
+    assert row["paused"] is False and row["runs"] == 2
+    assert {r["workflow_id"] for r in row["recent"]} == {first, second}
+    assert row["next"][0][5:10] == "01-01", row["next"]  # the cron's next time, not a triggered run
+
+    assert _ok(_rlm(s, llm.url, "schedule", "pause", name, "--note", "month-end freeze")).strip() == f"paused {name}"
+    row = _row(s, llm.url, name)
+    assert row["paused"] is True and row["note"] == "month-end freeze"
+    text = _ok(_rlm(s, llm.url, "schedule", "list"))
+    assert f"{name}  [paused (month-end freeze)]" in text and uri in text
+
+    _ok(_rlm(s, llm.url, "schedule", "unpause", name))
+    assert _row(s, llm.url, name)["paused"] is False
+
+    assert _ok(_rlm(s, llm.url, "schedule", "delete", name)).strip() == f"deleted {name}"
+    assert _row(s, llm.url, name) is None
+    gone = _one_error(_rlm(s, llm.url, "schedule", "trigger", name))
+    assert f"no schedule named {name!r}" in gone
+    assert llm.count() == 2  # one root call per run
+
+
+def test_create_refuses_a_duplicate_name(s, llm, object_store, name):
+    args = ("schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON,
+            "--context", f"s3://{object_store.bucket}/x/", "--model", ROOT)  # fmt: skip
+    _ok(_rlm(s, llm.url, *args))
+    assert f"schedule {name!r} exists" in _one_error(_rlm(s, llm.url, *args))
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--context", "/srv/invoices/", "--cron", FAR_FUTURE_CRON], "--context '/srv/invoices/'"),
+        (["--context", "s3://", "--cron", FAR_FUTURE_CRON], "--context: 's3://' is not an S3 URI"),
+        (["--context", "s3://bucket/in/", "--cron", "every tuesday-ish"], "--cron 'every tuesday-ish'"),
+        (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-usd", "-1"], "--max-usd"),
+        (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-turns", "0"],
+         "--max-turns: caps.max_turns must be at least 1"),
+    ],
+)
+def test_bad_create_gives_one_line_naming_the_field(s, llm, name, args, named):
+    proc = _rlm(s, llm.url, "schedule", "create", name, "q?", "--model", ROOT, *args)
+    assert named in _one_error(proc)
+    assert _row(s, llm.url, name) is None
+
+
+def test_bad_names_and_missing_schedules(s, llm):
+    bad = _one_error(_rlm(s, llm.url, "schedule", "create", "no/slash", "q?", "--cron", FAR_FUTURE_CRON,
+                          "--context", "s3://b/x/", "--model", ROOT))  # fmt: skip
+    assert "'no/slash'" in bad
+    for verb in ("pause", "unpause", "trigger", "delete"):
+        assert "no schedule named 'never-made'" in _one_error(_rlm(s, llm.url, "schedule", verb, "never-made"))
+
+
+def test_schedule_commands_do_not_load_the_worker_modules(s, llm):
+    probe = (
+        "import sys\nfrom cli import main\ncode = main.main(['schedule', 'list', '--json'])\n"
+        "print([m for m in ('litellm', 'openai', 'wasmtime') if m in sys.modules]); sys.exit(code)"
+    )
+    env = _env(s, llm.url)
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
