@@ -62,6 +62,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, help="parallel sub-calls (default 32; 1 for the local model)")
     p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
     p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
+    p.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
+                   help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -82,8 +84,22 @@ def _options(args: argparse.Namespace) -> RunOptions:
             "max_concurrency": args.max_concurrency,
         },
         cell_timeout_s=args.cell_timeout,
+        answer_schema=_answer_schema(args.answer_schema),
         **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
     )
+
+
+def _answer_schema(path: Path | None) -> dict | None:
+    """The schema of `--answer-schema FILE`, checked before any upload."""
+    if path is None:
+        return None
+    from cli._errors import UserError
+    from workflows.typed_answer import check_answer_schema
+
+    try:
+        return check_answer_schema(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--answer-schema {path}: {exc}") from None
 
 
 def _cmd_run(args: argparse.Namespace, settings) -> int:
@@ -93,7 +109,9 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         result = await client.run(_options(args))
         _print_result(result, client, as_json=args.json)
-        return 0 if result.status == "completed" else 3
+        # A typed answer that never validated is no answer a program can read.
+        typed_ok = args.answer_schema is None or result.answer_value is not None
+        return 0 if result.status == "completed" and typed_ok else 3
 
     return asyncio.run(go())
 
@@ -147,7 +165,10 @@ def _print_result(result, client: RunClient, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**result.model_dump(mode="json"), "ui": client.ui_link(result.workflow_id)}, indent=2))
         return
-    print(result.answer if result.answer is not None else "(no answer)")
+    if result.answer_value is not None:  # a typed answer: its JSON, normalised
+        print(json.dumps(result.answer_value, ensure_ascii=False))
+    else:
+        print(result.answer if result.answer is not None else "(no answer)")
     spend = result.spend
     print(
         f"\nstatus: {result.status}" + (f" ({result.reason})" if result.reason else "")

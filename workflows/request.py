@@ -182,8 +182,29 @@ class RunRequest(BaseModel):
     depth: int = Field(0, ge=0)
     """0 for a run started by a caller; children are parent depth + 1."""
     parent: ParentLink | None = None
+    answer_schema: dict[str, Any] | None = None
+    """A JSON Schema (Draft 2020-12, self-contained, at most 64 KiB as JSON):
+    the model is shown it and must answer FINAL with JSON that validates; an
+    invalid answer is sent back once with the error. `RunResult.answer_value`
+    carries the parsed value."""
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
+
+    @field_validator("answer_schema")
+    @classmethod
+    def _answer_schema_is_a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        # Imported here: jsonschema is only needed when a schema is given (a
+        # CLI command that never sets one does not pay for its import). This
+        # also runs inside the workflow sandbox (the run validates its input),
+        # which must take jsonschema from outside: it calls `platform` on import.
+        from temporalio import workflow
+
+        with workflow.unsafe.imports_passed_through():
+            from workflows.typed_answer import check_answer_schema
+
+        return check_answer_schema(value)
 
     @field_validator("question")
     @classmethod
@@ -291,6 +312,8 @@ class ResumeState(BaseModel):
     children: list[ChildSummary]
     runs_below: int = 0
     warned_unseen: bool = False
+    answer_sent_back: bool = False
+    """An answer that did not validate against `answer_schema` was sent back."""
 
 
 class RunResult(BaseModel):
@@ -299,6 +322,12 @@ class RunResult(BaseModel):
     answer: str | None
     """The final answer (cut to 64 KB; the whole answer is at `answer_ref`)."""
     answer_ref: BlobRef | None = None
+    answer_value: Any | None = None
+    """With `RunRequest.answer_schema`: the answer parsed as JSON, valid
+    against the schema. None when no schema was given, or when the answer
+    still did not validate after being sent back once; the run is then
+    `completed` with the answer text kept and `reason` naming the
+    validation error (`answer_schema: ...`)."""
     status: RunStatus
     reason: str | None = None
     """Why the run ended other than `completed`: the cap hit, the error."""

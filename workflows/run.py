@@ -208,6 +208,7 @@ class RLMRun:
         return RunResult(
             answer=clip_utf8(answer, ANSWER_INLINE_BYTES) if answer is not None else None,
             answer_ref=self._driver.answer_ref if self._driver else None,
+            answer_value=self._driver.answer_value if self._driver else None,
             status=status,
             reason=clip(reason, ERROR_CHARS) if reason is not None else None,
             turns=self._turn,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
     from workflows.summaries import cell_summary, root_turn_summary
+    from workflows.typed_answer import correction_note, parse_answer, schema_instructions
 
 if TYPE_CHECKING:
     from workflows.run import RLMRun
@@ -91,6 +92,10 @@ class TurnDriver:
         self.transcript_key: str | None = resume.transcript_key if resume else None
         self.answer_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False
+        # Typed answers (answer_schema): the parsed value, and whether an
+        # invalid answer was already sent back (only once per run chain).
+        self.answer_value: Any = None
+        self._sent_back = resume.answer_sent_back if resume else False
         self._pending: list[dict[str, str]] = list(resume.pending) if resume else self._opening()
         # At most the tokens the next root call sends (`token_bound`): the
         # transcript so far plus the messages it appends.
@@ -105,6 +110,8 @@ class TurnDriver:
             sub_models=req.models.allowed(),
             max_depth_reached=req.caps.max_depth < 1,
         )
+        if req.answer_schema is not None:
+            system += "\n\n" + schema_instructions(req.answer_schema)
         first = first_user_message(req.question, meta, turn=1, max_turns=req.caps.max_turns)
         return [{"role": "system", "content": system}, {"role": "user", "content": first}]
 
@@ -156,7 +163,9 @@ class TurnDriver:
                 else:
                     final = await self._resolve_final(parsed.final.kind, parsed.final.value, notes)
             if final is not None:
-                return "completed", None, final
+                accepted, reason = self._check_answer(final, notes)
+                if accepted:
+                    return "completed", reason, final
             self._pending = [{"role": "user", "content": self._next_message(reports, notes)}]
             if self._history_full():
                 self._continue_as_new()
@@ -186,6 +195,7 @@ class TurnDriver:
             children=bounded_tree(run._router.children) if run._router else [],
             runs_below=run._router.runs_below if run._router else 0,
             warned_unseen=self._warned_unseen,
+            answer_sent_back=self._sent_back,
         )
         raise ContinueAsNew(self._req.model_copy(update={"resume": resume}))
 
@@ -211,11 +221,35 @@ class TurnDriver:
             return status, refusal.message, None
         parsed = parse_reply(reply)
         if parsed.final is not None and parsed.final.kind == "answer":
-            return status, refusal.message, parsed.final.value
-        if parsed.final is not None:
-            value = await self._resolve_final("var", parsed.final.value, [])
-            return status, refusal.message, value
-        return status, refusal.message, parsed.text.strip() or None
+            answer = parsed.final.value
+        elif parsed.final is not None:
+            answer = await self._resolve_final("var", parsed.final.value, [])
+        else:
+            answer = parsed.text.strip() or None
+        reason = refusal.message
+        if answer is not None and self._req.answer_schema is not None:
+            value, error = parse_answer(answer, self._req.answer_schema)
+            self.answer_value = value
+            reason = reason if error is None else f"{reason}; answer_schema: the answer is invalid: {error}"
+        return status, reason, answer
+
+    def _check_answer(self, answer: str, notes: list[str]) -> tuple[bool, str | None]:
+        """`(accepted, reason)` for a final answer. With `answer_schema`, the
+        first invalid answer is sent back (not accepted, the error in
+        `notes`); a second one is accepted as text, `reason` naming the error."""
+        schema = self._req.answer_schema
+        if schema is None:
+            return True, None
+        value, error = parse_answer(answer, schema)
+        if error is None:
+            self.answer_value = value
+            return True, None
+        if not self._sent_back:
+            self._sent_back = True
+            self.answer_ref = None  # the whole of the refused answer, if it was large
+            notes.append(correction_note(error))
+            return False, None
+        return True, f"answer_schema: the answer was sent back once and is still invalid: {error}"
 
     async def _resolve_final(self, kind: str, value: str, notes: list[str]) -> str | None:
         if kind == "answer":
