@@ -177,5 +177,5 @@ def test_answers_are_cut_on_utf8_bytes_and_requests_report_every_field():
     assert clip_utf8("abc", 5) == "abc"
     reason = parse_request({"question": "", "context": [], "models": {}, "depth": -1})
     assert isinstance(reason, str)
-    for field in ("question:", "context:", "models.root:", "depth:"):
+    for field in ("question:", "context.texts:", "models.root:", "depth:"):
         assert field in reason, reason
