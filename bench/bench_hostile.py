@@ -17,7 +17,8 @@ vs the tokens cap, and mismatches (replies or answers that are wrong).
   billed tokens vs the cap (must be <= cap).
 - frame: guest code writes an 8-byte host-call frame header claiming 3 GiB
   to fd 0: worker peak RSS (must stay far below 3 GiB) and the cell error.
-- rawctx: a request started by type name whose `context` is a list of texts
+- rawctx: a request started by type name whose `context` does not parse
+  (a list of numbers; a list of texts became a valid context with issue 12)
   (a raw dict payload): time until the run fails, and its reason.
 
 Figures go to bench/results/hostile.json.
@@ -311,13 +312,14 @@ class Bench:
         w = await self.worker(s)
         try:
             client = await connect(s)
-            payload = {"question": "q?", "context": ["doc one", "doc two"], "models": {"root": ROOT}}
+            # A list of texts is a valid context since issue 12; a list of numbers is not.
+            payload = {"question": "q?", "context": [1, 2], "models": {"root": ROOT}}
             took, reason = await self.raw_failure(client, s, payload)
         finally:
             peak = w.stop()
         ok = "invalid RunRequest" in reason and "context" in reason
         return {
-            "case": "raw request, context = list of texts", "status": "failed", "time_to_end_s": round(took, 2),
+            "case": "raw request, context = list of numbers", "status": "failed", "time_to_end_s": round(took, 2),
             "worker_peak_rss_mb": peak, "mismatches": 0 if ok else 1, "detail": reason[:300],
         } | self.bill()  # fmt: skip
 
