@@ -334,8 +334,11 @@ class TurnDriver:
         except ActivityError as exc:
             raise_if_cancelled(exc)
             cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
-        if run.cancel_requested:
-            # The cell finished (or stopped) after the run was cancelled.
+        task = asyncio.current_task()
+        if run.cancel_requested or (task is not None and task.cancelling()):
+            # The run was cancelled (by signal, or by Temporal for a child run)
+            # while the cell ran: the cell reported back instead of raising
+            # (it waits for the cell to stop), so end the loop here.
             raise asyncio.CancelledError()
         if cell.error is not None:
             cell.error = clip(cell.error, ERROR_CHARS)
