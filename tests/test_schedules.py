@@ -159,8 +159,11 @@ def test_bad_names_and_missing_schedules(s, llm):
 
 def test_schedule_commands_do_not_load_the_worker_modules(s, llm):
     probe = (
-        "import sys\nfrom cli import main\ncode = main.main(['schedule', 'list', '--json'])\n"
-        "print([m for m in ('litellm', 'openai', 'wasmtime') if m in sys.modules]); sys.exit(code)"
+        "import os, sys\nfrom cli import main\ncode = main.main(['schedule', 'list', '--json'])\n"
+        "print([m for m in ('litellm', 'openai', 'wasmtime') if m in sys.modules], flush=True)\n"
+        # Leave as the `rlm` command does: a process that used a Temporal client
+        # can abort at interpreter exit (cli/main.py, sdk-python#300).
+        "sys.stderr.flush(); os._exit(code)"
     )
     env = _env(s, llm.url)
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
