@@ -43,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from temporalio.api.enums.v1 import EventType  # noqa: E402
 from temporalio.client import Client, WorkflowFailureError  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 
@@ -51,7 +50,7 @@ from activities.context_store import ContextStore  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
 from tests.fixtures_llm import models_json  # noqa: E402
-from tests.run_harness import ROOT, SUB, repl, request, start  # noqa: E402
+from tests.run_harness import ROOT, SUB, completed_activities, repl, request, start  # noqa: E402
 from worker import connect  # noqa: E402
 from workflows.names import WORKFLOW_RLM_RUN  # noqa: E402
 from workflows.request import RunResult  # noqa: E402
@@ -201,7 +200,7 @@ class Bench:
             req = request("q", self.contexts.put_value("items"), caps={"max_concurrency": n}, limits={"cell_timeout_s": 120})
             handle = await start(client, s, req, workflow_id=f"hostile-crash-{uuid.uuid4().hex[:8]}")
             await asyncio.to_thread(self.fake.wait_for_count, n - held_from, "held", 120.0)
-            while await _completed_llm_calls(handle) < held_from:
+            while completed_activities(await handle.fetch_history(), "llm_call") < held_from:
                 await asyncio.sleep(0.1)  # waiting for an event in the history
             first_peak = first.kill()
             killed_at = time.perf_counter() - begun
@@ -322,22 +321,6 @@ class Bench:
             "case": "raw request, context = list of numbers", "status": "failed", "time_to_end_s": round(took, 2),
             "worker_peak_rss_mb": peak, "mismatches": 0 if ok else 1, "detail": reason[:300],
         } | self.bill()  # fmt: skip
-
-
-async def _completed_llm_calls(handle) -> int:
-    history = await handle.fetch_history()
-    scheduled = {
-        e.event_id
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_call"
-    }
-    return sum(
-        1
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
-    )
 
 
 def _line(name: str, row: dict[str, Any]) -> str:

@@ -6,21 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.settings import Settings
+from tests.fixtures_llm import models_json
 from worker import build_worker, connect
 from workflows.budget import Caps
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
 from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
 
+REPO = Path(__file__).resolve().parent.parent
 ROOT = "fake-root"
 SUB = "fake-sub"
 
@@ -91,3 +98,29 @@ def put_context(contexts: ContextStore, value: str | list[str]) -> ContextRef:
 def repl(code: str) -> str:
     """A root-model reply made of one ```repl``` block."""
     return f"Let me look.\n```repl\n{code.strip()}\n```\n"
+
+
+def start_worker_process(settings: Settings, fake_url: str, log_path: Path) -> subprocess.Popen:
+    """A worker in a process of its own (one a test can kill -9), its models
+    the scripted server at `fake_url`, its JSON log appended to `log_path`."""
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_LOG_JSON": "1"}
+    log = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+
+
+def completed_activities(history: WorkflowHistory, activity_type: str) -> int:
+    """How many activities of `activity_type` completed in `history`."""
+    scheduled = {
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+    }
+    return sum(
+        1
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+    )

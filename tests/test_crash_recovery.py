@@ -9,46 +9,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
-from temporalio.api.enums.v1 import EventType
 
-from tests.fixtures_llm import models_json
-from tests.run_harness import ROOT, SUB, isolated, repl, request
+from tests.run_harness import ROOT, SUB, completed_activities, isolated, repl, request, start_worker_process
 from worker import connect
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.request import RunResult
 
-REPO = Path(__file__).resolve().parent.parent
 ITEMS = 40
 HELD_FROM = 20  # items >= this wait at the model server until after the kill
-
-
-def _start_worker(settings, fake_url: str, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_LOG_JSON": "1"}
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
-    )
-
-
-async def _completed_llm_calls(handle) -> int:
-    history = await handle.fetch_history()
-    scheduled = {
-        e.event_id
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_call"
-    }
-    return sum(
-        1
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
-    )
 
 
 def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, context_store, llm, tmp_path):
@@ -78,7 +48,7 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     )
     s = isolated(settings)
     log_path = tmp_path / "workers.log"
-    first = _start_worker(s, llm.url, log_path)
+    first = start_worker_process(s, llm.url, log_path)
     second = None
     try:
 
@@ -89,7 +59,7 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
                 task_queue=s.task_queue, result_type=RunResult,
             )
             await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 90.0)
-            while await _completed_llm_calls(handle) < HELD_FROM:
+            while completed_activities(await handle.fetch_history(), "llm_call") < HELD_FROM:
                 await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)
@@ -99,7 +69,7 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
         completed_before = {r.last_user_text for r in llm.requests(SUB) if r.matched_rule.name == "fast"}
         assert len(completed_before) == HELD_FROM
         held.set()
-        second = _start_worker(s, llm.url, log_path)
+        second = start_worker_process(s, llm.url, log_path)
 
         async def finish() -> RunResult:
             client = await connect(s)

@@ -4,18 +4,14 @@ them: the `rlm` command in a subprocess with RLM_* settings."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from tests.fixtures_llm import fake_registry
-from tests.run_harness import isolated, put_context, request, running_worker, start
-from tests.trace_scenario import FAILING_CODE, QUESTION, script
+from tests.trace_scenario import FAILING_CODE, QUESTION, run_scenario
 
 
 def _rlm(settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -25,23 +21,8 @@ def _rlm(settings, *args: str, timeout: float = 60) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def finished_run(settings, fake_llm, object_store):
-    """The scenario run to its end; yields (settings, workflow id)."""
-    from activities.context_store import ContextStore
-
-    fake_llm.reset()
-    script(fake_llm)
-    s = isolated(settings)
-    ctx = put_context(ContextStore(object_store), "the root context")
-
-    async def go():
-        async with running_worker(s, fake_registry(fake_llm)) as client:
-            handle = await start(client, s, request(QUESTION, ctx, caps={"max_depth": 1}))
-            return await asyncio.wait_for(handle.result(), 120)
-
-    result = asyncio.run(go())
-    assert result.status == "completed", result.reason
-    assert result.answer == "sizes 10 and 20"
-    return s, result
+    """The scenario run to its end: (its settings, its result)."""
+    return run_scenario(settings, fake_llm, object_store)
 
 
 def test_show_json_has_turns_cells_batches_children_and_spend(finished_run):

@@ -26,7 +26,7 @@ import pytest
 from activities.context_store import ContextStore
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import isolated, put_context, request, running_worker, start
-from tests.trace_scenario import FAILING_CODE, QUESTION, script
+from tests.trace_scenario import FAILING_CODE, QUESTION, run_scenario, script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM = shutil.which("chromium")
@@ -108,20 +108,8 @@ def parse(html: str) -> Node:
 
 @pytest.fixture(scope="module")
 def finished_run(settings, fake_llm, object_store):
-    """The scenario run to its end; yields (settings, run result)."""
-    fake_llm.reset()
-    script(fake_llm)
-    s = isolated(settings)
-    ctx = put_context(ContextStore(object_store), "the root context")
-
-    async def go():
-        async with running_worker(s, fake_registry(fake_llm)) as client:
-            handle = await start(client, s, request(QUESTION, ctx, caps={"max_depth": 1}))
-            return await asyncio.wait_for(handle.result(), 120)
-
-    result = asyncio.run(go())
-    assert result.status == "completed", result.reason
-    return s, result
+    """The scenario run to its end: (its settings, its result)."""
+    return run_scenario(settings, fake_llm, object_store)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,17 @@ fails, and two child runs (real worker, Temporal, S3; scripted models)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 
+from activities.context_store import ContextStore
+from activities.object_store import ObjectStore
+from activities.settings import Settings
 from tests.fake_llm import FakeLLM
-from tests.run_harness import ROOT, SUB, repl
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, put_context, repl, request, running_worker, start
+from workflows.request import RunResult
 
 QUESTION = "Q0 how long are the parts?"
 FAILING_CODE = "x = undefined_name + 1"
@@ -37,3 +43,21 @@ def script(llm: FakeLLM, hold_turn3: threading.Event | None = None) -> None:
     llm.add_rule(root(3), "The sizes are known.\nFINAL(sizes 10 and 20)", model=ROOT, name="turn3", hold=hold_turn3)
     llm.add_rule(lambda r: _question(r) in ("Ca", "Cb"), repl("FINAL(len(context))"), model=ROOT, name="child")
     llm.add_rule(None, lambda r: "reply to " + r.last_user_text, model=SUB, name="sub")
+
+
+def run_scenario(settings: Settings, llm: FakeLLM, object_store: ObjectStore) -> tuple[Settings, RunResult]:
+    """The scenario run to its end on a task queue of its own: (its settings, its result)."""
+    llm.reset()
+    script(llm)
+    s = isolated(settings)
+    ctx = put_context(ContextStore(object_store), "the root context")
+
+    async def go() -> RunResult:
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request(QUESTION, ctx, caps={"max_depth": 1}))
+            return await asyncio.wait_for(handle.result(), 120)
+
+    result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == "sizes 10 and 20"
+    return s, result

@@ -12,21 +12,28 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 
 from activities.context_store import ContextStore
 from activities.settings import Settings
 from tests.fake_llm import FakeLLM
-from tests.fixtures_llm import fake_registry, models_json
-from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import (
+    ROOT,
+    SUB,
+    completed_activities,
+    isolated,
+    repl,
+    request,
+    running_worker,
+    start,
+    start_worker_process,
+)
 from worker import connect
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
 
@@ -197,29 +204,6 @@ CRASH_ITEMS = 6
 CRASH_HELD_FROM = 3  # items >= this wait at the model server until after the kill
 
 
-def _worker_process(lab: Lab, s: Settings) -> subprocess.Popen:
-    env = {**os.environ, **s.to_env(), "RLM_MODELS_JSON": models_json(lab.llm.url), "RLM_LOG_JSON": "1"}
-    log = open(lab.logs, "ab")  # noqa: SIM115 - the child process owns it
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
-    )
-
-
-async def _completed_llm_calls(history: WorkflowHistory) -> int:
-    scheduled = {
-        e.event_id
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_call"
-    }
-    return sum(
-        1
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
-    )
-
-
 async def crash_recovery(lab: Lab) -> Recorded:
     """kill -9 of the worker while a cell waits on half of its sub-calls; a new worker finishes."""
     ctx = lab.contexts.put_value("item list")
@@ -240,17 +224,17 @@ async def crash_recovery(lab: Lab) -> Recorded:
         hold=held,
     )
     s = isolated(lab.settings)
-    workers = [_worker_process(lab, s)]
+    workers = [start_worker_process(s, lab.llm.url, lab.logs)]
     try:
         client = await connect(s)
         handle = await start(client, s, request("total?", ctx), workflow_id="replay-crash-recovery")
         await asyncio.to_thread(lab.llm.wait_for_count, CRASH_ITEMS - CRASH_HELD_FROM, "held", TIMEOUT_S)
-        while await _completed_llm_calls(await handle.fetch_history()) < CRASH_HELD_FROM:
+        while completed_activities(await handle.fetch_history(), "llm_call") < CRASH_HELD_FROM:
             await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
         os.killpg(workers[0].pid, signal.SIGKILL)
         workers[0].wait(10)
         held.set()
-        workers.append(_worker_process(lab, s))
+        workers.append(start_worker_process(s, lab.llm.url, lab.logs))
         result = await asyncio.wait_for(handle.result(), TIMEOUT_S)
         if result.answer != str(expected):
             raise RuntimeError(f"crash run answered {result.answer!r} ({result.status}: {result.reason})")
