@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import structlog
 
+from activities._snapshot_store import RecordLocation
 from sandbox_wasm import ReplSession, SandboxLimits
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,9 @@ class LiveRepl:
     limits: SandboxLimits
     snapshot_key: str | None
     """The snapshot this session's state equals (None: fresh, no cell run)."""
+    records: dict[str, RecordLocation] = field(default_factory=dict)
+    """Where the value records of that snapshot are stored (the next snapshot
+    refers to them instead of storing them again)."""
     host: dict[str, Any] = field(default_factory=dict)
     """Host functions of the cell being run; swapped per cell."""
     on_close: list[Callable[[], None]] = field(default_factory=list)

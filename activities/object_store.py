@@ -190,6 +190,13 @@ class ObjectStore:
         with self._errors("upload of", key):
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
 
+    def put_segments(self, key: str, segments: list[bytes]) -> None:
+        """Upload the concatenation of `segments` without joining them first
+        (a snapshot's records can be hundreds of MB)."""
+        size = sum(len(s) for s in segments)
+        with self._errors("upload of", key):
+            self.client.put_object(self.bucket, key, _SegmentReader(segments), size)
+
     def get_bytes(self, key: str) -> bytes:
         with self._errors("download of", key):
             response = self.client.get_object(self.bucket, key)
@@ -242,3 +249,30 @@ class ObjectStore:
                 f"got {digest} ({len(data)} bytes)"
             )
         return data
+
+
+class _SegmentReader(io.RawIOBase):
+    """A read-only stream over a list of buffers, copied only as they are read."""
+
+    def __init__(self, segments: list[bytes]) -> None:
+        self._segments = [memoryview(s).cast("B") for s in segments if len(s)]
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        while self._index < len(self._segments) and size != 0:
+            view = self._segments[self._index][self._offset:]
+            if 0 < size < len(view):
+                view = view[:size]
+            parts.append(view)
+            self._offset += len(view)
+            if size > 0:
+                size -= len(view)
+            if self._offset == len(self._segments[self._index]):
+                self._index += 1
+                self._offset = 0
+        return b"".join(parts)

@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities._cell_host import CellHost
 from activities._context_cache import ContextFileCache
 from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
+from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime, run_key
 from sandbox_wasm import CellInterrupted, CellResult, SandboxLimits
 from workflows.names import ACTIVITY_RUN_CELL
@@ -35,6 +36,7 @@ class RunCellActivity:
     def __init__(self, runtime: WorkerRuntime, pool: ReplPool) -> None:
         self._rt = runtime
         self._pool = pool
+        self._snapshots = SnapshotStore(runtime.store)
         self._files = ContextFileCache(
             runtime.context_cache_dir, runtime.settings.context_cache_max_bytes, runtime.contexts
         )
@@ -96,13 +98,20 @@ class RunCellActivity:
         live.session.start()
         live.session.load_context(paths, inp.context.kind)
         if inp.snapshot_key is not None:
-            live.session.restore(self._rt.store.get_bytes(inp.snapshot_key))
+            stored = self._snapshots.load(inp.snapshot_key)
+            live.session.restore(stored.state, stored.records)
+            live.records = stored.locations
         live.snapshot_key = inp.snapshot_key
 
     def _finish(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult) -> CellOutput:
         snapshot = live.session.snapshot()
-        snapshot_key = run_key(inp.workflow_id, "snapshots", f"{inp.cell_id}.bin")
-        self._rt.store.put_bytes(snapshot_key, snapshot.data)
+        if snapshot.unchanged and live.snapshot_key is not None:
+            # The cell changed no variable: the state is still the one this
+            # session was restored from or saved last, already stored.
+            snapshot_key = live.snapshot_key
+        else:
+            snapshot_key = run_key(inp.workflow_id, "snapshots", f"{inp.cell_id}.bin")
+            live.records = self._snapshots.save(snapshot_key, snapshot, live.records)
         live.snapshot_key = snapshot_key
         output = result.output
         output_key = None

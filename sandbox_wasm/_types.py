@@ -111,7 +111,13 @@ class CellResult:
 
 @dataclass
 class Snapshot:
-    """Serialized user state of a REPL (pickled in the guest)."""
+    """Serialized user state of a REPL (pickled in the guest).
+
+    Large str/bytes values are not inside `data`: a value equal to a slice of
+    the context is a (document, start, end) reference, any other is a record
+    named by a fingerprint the guest computed (crc32, hash, length). `ReplSession.restore` needs `data`
+    plus the bytes of every record in `refs`. Record names come from guest
+    code, so keep records where only this REPL's run can refer to them."""
 
     data: bytes
     """Opaque bytes for `ReplSession.restore`; `context` is not inside."""
@@ -121,3 +127,10 @@ class Snapshot:
     """Names that could not be pickled (not stored, never silently)."""
     unsaved_reasons: dict[str, str] = field(default_factory=dict)
     """For each unsaved name, why it could not be pickled."""
+    refs: list[str] = field(default_factory=list)
+    """Names of all the records `data` refers to."""
+    new_records: dict[str, bytes] = field(default_factory=dict)
+    """The records among `refs` that this session's previous snapshot or restore
+    did not have (the others are unchanged values)."""
+    unchanged: bool = False
+    """True when the state equals that of the session's previous snapshot or restore."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import keyword
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 
+from ._context_anchors import context_anchors
 from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest
 from ._output import OutputCollector, cap_output
@@ -56,6 +58,9 @@ class ReplSession:
         self._instance: GuestInstance | None = None
         self._context: tuple[list[Path], list[int], str] | None = None
         self._last_snapshot: bytes | None = None
+        self._last_records: dict[str, bytes] = {}  # the records the last snapshot refers to
+        self._anchors: Future[list[Any]] | None = None  # anchor offsets of the context files
+        self._anchors_sent = False  # this instance has them
         self._needs_restart = False
         self._interrupted: str | None = None
 
@@ -112,29 +117,60 @@ class ReplSession:
             sizes.append(file.stat().st_size)
         self._load_context(files, sizes, kind)
         self._context = (files, sizes, kind)
+        self._anchors = context_anchors(files)
+        self._anchors_sent = False
 
     def snapshot(self) -> Snapshot:
-        """Pickle the user globals (context by reference); also kept as the
-        state to fall back to after a trap."""
-        result = self._admin(["snapshot"])
+        """Pickle the user globals (context by reference, large values as
+        records); also kept as the state to fall back to after a trap."""
+        anchors = None
+        if not self._anchors_sent and self._anchors is not None:
+            try:
+                anchors = self._anchors.result()
+            except Exception as exc:  # only slower snapshots: values are stored by content
+                log.warning("sandbox_context_anchors_failed", error=repr(exc)[:300])
+        result = self._admin(["snapshot", anchors])
+        self._anchors_sent = True
         data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
+        refs, records = result.get("refs"), result.get("records")
         # Guest-made values: check their types (bytes(n) of an int would allocate n bytes).
         if not (isinstance(data, bytes) and isinstance(saved, list) and isinstance(unsaved, dict)
+                and isinstance(refs, list) and isinstance(records, dict)
                 and all(isinstance(n, str) for n in saved)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in unsaved.items())):
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in unsaved.items())
+                and all(_is_record_name(d) for d in refs)
+                and all(isinstance(v, bytes) for v in records.values())
+                and set(records) <= set(refs)):
             self._needs_restart = True
             raise SandboxError("snapshot failed: the guest sent a malformed snapshot")
-        snap = Snapshot(data=data, saved=saved, unsaved=sorted(unsaved), unsaved_reasons=unsaved)
-        self._last_snapshot = snap.data
+        missing = [d for d in refs if d not in records and d not in self._last_records]
+        if missing:
+            # The guest claims the host holds a value it never sent.
+            self._needs_restart = True
+            raise SandboxError(f"snapshot failed: the guest referred to {len(missing)} value "
+                               "record(s) it never sent")
+        unchanged = (not records and data == self._last_snapshot
+                     and set(refs) == set(self._last_records))
+        snap = Snapshot(data=data, saved=saved, unsaved=sorted(unsaved), unsaved_reasons=unsaved,
+                        refs=refs, new_records=records, unchanged=unchanged)
+        self._last_snapshot = data
+        self._last_records = {d: records.get(d) or self._last_records[d] for d in refs}
         return snap
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes, records: Mapping[str, bytes] | None = None) -> None:
         """Replace the user globals with a snapshot's (load_context first if
-        the snapshot refers to `context`)."""
+        the snapshot refers to `context`); `records` must hold the bytes of
+        every record name in the snapshot's `refs`."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"restore() needs the snapshot bytes, got {type(data).__name__}")
-        self._admin(["restore", bytes(data)])
+        kept = {}
+        for digest, value in (records or {}).items():
+            if not (_is_record_name(digest) and isinstance(value, (bytes, bytearray))):
+                raise TypeError("restore() records must map record names (40 hex digits) to bytes")
+            kept[digest] = bytes(value)
+        self._admin(["restore", bytes(data), kept])
         self._last_snapshot = bytes(data)
+        self._last_records = kept
 
     # -- cells -----------------------------------------------------------------------
     def run_cell(self, code: str) -> CellResult:
@@ -232,6 +268,7 @@ class ReplSession:
             instance.close()
             raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
         self._instance = instance
+        self._anchors_sent = False
         self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes])
         return instance
 
@@ -253,7 +290,7 @@ class ReplSession:
         if self._context is not None:
             self._load_context(*self._context)
         if self._last_snapshot is not None:
-            self._admin(["restore", self._last_snapshot])
+            self._admin(["restore", self._last_snapshot, self._last_records])
             return "the REPL was restarted and its state restored from the last snapshot"
         return "the REPL was restarted; no snapshot existed, so earlier variables are gone"
 
@@ -336,6 +373,12 @@ class ReplSession:
 
 
 _TOO_MANY_CALLS = "too many host calls"
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_record_name(value: Any) -> bool:
+    """A record name as the guest makes them (rlm_snapshot.record_name)."""
+    return isinstance(value, str) and len(value) == 40 and _HEX.issuperset(value)
 
 
 def _report_text(value: Any, limit: int = _MAX_REPORT_CHARS) -> str | None:

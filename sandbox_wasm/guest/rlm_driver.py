@@ -37,6 +37,8 @@ class Repl:
         self.context_docs = ()
         self.cell_count = 0
         self.sources = {}
+        self.stored = None  # rlm_snapshot.Stored: large values the host already holds
+        self.slices = None  # rlm_slices.ContextSlices of the loaded context
         self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
                                        encoding="utf-8", errors="backslashreplace")
         self._reset_streams()
@@ -100,16 +102,20 @@ class Repl:
         result["restored"] = self._restore_protected()
         return result
 
-    def snapshot(self):
+    def snapshot(self, anchors=None):
         import rlm_snapshot
 
+        if anchors is not None and self.context_loaded:
+            import rlm_slices
+
+            self.slices = rlm_slices.ContextSlices(self.context_docs, anchors)
         names = [n for n in self.globals if not n.startswith("__") and n not in self.protected]
         return rlm_snapshot.take(self._refs(), names)
 
-    def restore(self, data):
+    def restore(self, data, records=None):
         import rlm_snapshot
 
-        state = rlm_snapshot.load(self._refs(), data)
+        state = rlm_snapshot.load(self._refs(), data, records)
         for name in [n for n in self.globals if not n.startswith("__")]:
             if name not in self.protected:
                 del self.globals[name]
@@ -121,8 +127,14 @@ class Repl:
     def _refs(self):
         import rlm_snapshot
 
+        if self.stored is None:
+            self.stored = rlm_snapshot.Stored()
+        if self.context_loaded and (self.slices is None or self.slices.docs is not self.context_docs):
+            import rlm_slices
+
+            self.slices = rlm_slices.ContextSlices(self.context_docs)
         return rlm_snapshot.References(self.globals, self.protected, self.context,
-                                       self.context_loaded)
+                                       self.context_loaded, self.stored, self.slices)
 
     def _restore_protected(self):
         restored = []

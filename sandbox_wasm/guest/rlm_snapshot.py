@@ -1,18 +1,28 @@
 """Snapshot and restore of the REPL's user globals with cloudpickle.
 
-Three kinds of objects are stored by reference (pickle persistent ids), not
-by value: the `context` (and each of its documents), the protected API
-functions, and the REPL globals dict itself. The last one is what makes a
-function defined in a cell, once restored, read the *live* globals: cloudpickle
-gives each pickled function a reconstructed globals dict, and we seed that dict
-with a marker that unpickles as the REPL's own namespace.
+Objects stored by reference (pickle persistent ids), not by value:
+- the `context` (and each of its documents), the protected API functions, and
+  the REPL globals dict itself. The last one is what makes a function defined
+  in a cell, once restored, read the *live* globals: cloudpickle gives each
+  pickled function a reconstructed globals dict, and we seed that dict with a
+  marker that unpickles as the REPL's own namespace;
+- every str or bytes of at least RECORD_MIN characters: as ("c", doc, start,
+  end) when it equals a slice of the context (nothing stored), else as a
+  record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
+  pickle itself stays small, so a snapshot costs what changed.
+
+`Stored` remembers which large values were already sent or restored, by
+identity, so an unchanged value costs one dict lookup per snapshot.
 """
 
 import _pickle  # the C module: `pickle` itself (and its `re` import) is not needed to load
 import io
 import sys
 
-MAGIC = b"RLMSNAP1"
+MAGIC = b"RLMSNAP2"
+# Snapshots written before values became records: the whole state in one pickle.
+_LEGACY_MAGIC = b"RLMSNAP1"
+RECORD_MIN = 4096
 _CLOUDPICKLE_DIR = "/rlm/cloudpickle"
 
 
@@ -38,14 +48,51 @@ def _cloudpickle():
     return module
 
 
+def record_name(obj, data):
+    """Name of a record: crc32 of its bytes, the object's own hash (32 bits
+    on wasm32, seeded per instance) and the length, as 40 hex digits. sha256
+    runs at ~15 MB/s in this guest, crc32 and hash() at ~250-500 MB/s. Names
+    are only compared within one run's snapshots (the host keeps records
+    under the run's prefix), so accidental collisions are what matters:
+    64 bits plus the length."""
+    from zlib import crc32
+
+    return "%08x%08x%024x" % (crc32(data), hash(obj) & 0xFFFFFFFF, len(data))
+
+
+class Stored:
+    """Large values the host already holds: id -> (value, reference).
+
+    The value itself is held, so its id cannot be reused by another object
+    (chunks cut in a loop often land at a freed chunk's address). Each
+    snapshot replaces the table with the values it saw, so a value the model
+    dropped is kept only until the end of the cell that dropped it."""
+
+    def __init__(self):
+        self.by_id = {}
+
+    def get(self, obj):
+        entry = self.by_id.get(id(obj))
+        return entry[1] if entry is not None and entry[0] is obj else None
+
+
 class References:
     """Objects pickled by reference, and how to find them again."""
 
-    def __init__(self, user_globals, protected, context, context_loaded):
+    def __init__(self, user_globals, protected, context, context_loaded, stored=None,
+                 slices=None):
         self.user_globals = user_globals
         self.protected = protected
         self.context = context
         self.context_loaded = context_loaded
+        self.stored = stored if stored is not None else Stored()
+        self.slices = slices if context_loaded else None
+        self.docs = (tuple(context) if isinstance(context, list) else (context,)) \
+            if context_loaded else ()
+        self.new_records = {}  # record name -> bytes, not yet sent to the host
+        self.pending = {}  # id -> (value, pid) named during this take(), held until it ends
+        self.seen = {}  # id -> Stored entry, for the values in the last dump
+        self.used = set()  # record names the last dump refers to
         self.globals_marker = {"__name__": "__main__", "__rlm_live_globals__": True}
         by_id = {id(self.globals_marker): ("globals", self.globals_marker)}
         for name, obj in protected.items():
@@ -61,9 +108,40 @@ class References:
         entry = self.by_id.get(id(obj))
         if entry is not None and entry[1] is obj:
             return entry[0]
+        kind = type(obj)
+        if (kind is str or kind is bytes) and len(obj) >= RECORD_MIN:
+            return self._large(obj, kind)
         return None
 
-    def persistent_load(self, pid):
+    def begin_dump(self):
+        self.seen = {}
+        self.used = set()
+
+    def _large(self, obj, kind):
+        pending = self.pending.get(id(obj))  # named by an earlier dump of this take()
+        pid = pending[1] if pending is not None and pending[0] is obj else self.stored.get(obj)
+        if pid is None:
+            found = self.slices.find(obj) if kind is str and self.slices is not None else None
+            if found is not None:
+                pid = ("c", found[0], found[1], found[1] + len(obj))
+            else:
+                data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
+                digest = record_name(obj, data)
+                self.new_records.setdefault(digest, data)
+                pid = ("r", digest, "s" if kind is str else "b")
+            self.pending[id(obj)] = (obj, pid)
+        if pid[0] == "r":
+            self.used.add(pid[1])
+        self.seen[id(obj)] = (obj, pid)
+        return pid
+
+    def persistent_load(self, pid, records, loaded):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "c"):
+            value = loaded.get(pid)
+            if value is None:
+                value = loaded[pid] = self._load_large(pid, records)
+                self.seen[id(value)] = (value, pid)
+            return value
         if pid == "globals":
             return self.user_globals
         if pid == "context" or (isinstance(pid, tuple) and pid[0] == "context_item"):
@@ -75,6 +153,21 @@ class References:
             return self.protected[pid[1]]
         raise _pickle.UnpicklingError("unknown persistent reference %r" % (pid,))
 
+    def _load_large(self, pid, records):
+        if pid[0] == "c":
+            if not self.context_loaded:
+                raise _pickle.UnpicklingError(
+                    "the snapshot refers to `context`; load the context before restoring")
+            _, doc, start, end = pid
+            if not (0 <= doc < len(self.docs) and 0 <= start <= end <= len(self.docs[doc])):
+                raise _pickle.UnpicklingError("slice %r is outside the context" % (pid[1:],))
+            return self.docs[doc][start:end]
+        data = records.get(pid[1])
+        if data is None:
+            raise _pickle.UnpicklingError("the snapshot needs value record %s, which was not "
+                                          "supplied" % pid[1])
+        return str(data, "utf-8", "surrogatepass") if pid[2] == "s" else bytes(data)
+
 
 def _dumps(refs, value):
     cloudpickle = _cloudpickle()
@@ -83,6 +176,7 @@ def _dumps(refs, value):
         def persistent_id(self, obj):
             return refs.persistent_id(obj)
 
+    refs.begin_dump()
     buffer = io.BytesIO()
     pickler = Pickler(buffer, protocol=5)
     # Functions whose __globals__ is the REPL namespace share this dict; it
@@ -98,7 +192,8 @@ def _reason(exc):
 
 
 def take(refs, names):
-    """Pickle the named globals. Returns data, saved names and {unsaved: reason}."""
+    """Pickle the named globals. Returns data, saved names, {unsaved: reason},
+    the record digests the data refers to and the records the host lacks."""
     state = {name: refs.user_globals[name] for name in names}
     unsaved = {}
     try:
@@ -120,17 +215,31 @@ def take(refs, names):
                 unsaved[name] = "could not be saved together with the others: " + _reason(exc)
             state = {}
             data = _dumps(refs, state)
-    return {"data": MAGIC + data, "saved": sorted(state), "unsaved": unsaved}
+    # Only now, with the final dump done, does the host get to hold these.
+    refs.stored.by_id = refs.seen
+    refs.pending = {}
+    new = {digest: refs.new_records[digest] for digest in refs.used
+           if digest in refs.new_records}
+    return {"data": MAGIC + data, "saved": sorted(state), "unsaved": unsaved,
+            "refs": sorted(refs.used), "records": new}
 
 
-def load(refs, data):
-    """Unpickle snapshot bytes; returns the dict of globals to install."""
-    if not data.startswith(MAGIC):
+def load(refs, data, records=None):
+    """Unpickle snapshot bytes, with the records {name: bytes} they refer to;
+    returns the dict of globals to install."""
+    if data.startswith(MAGIC):
+        header = len(MAGIC)
+    elif data.startswith(_LEGACY_MAGIC):
+        header = len(_LEGACY_MAGIC)
+    else:
         raise ValueError("not a REPL snapshot (bad header)")
+    records = records or {}
+    loaded = {}
+    refs.begin_dump()
 
     class Unpickler(_pickle.Unpickler):
         def persistent_load(self, pid):
-            return refs.persistent_load(pid)
+            return refs.persistent_load(pid, records, loaded)
 
         def find_class(self, module, name):
             # cloudpickle is imported only if the snapshot holds functions or
@@ -139,4 +248,6 @@ def load(refs, data):
                 _cloudpickle()
             return super().find_class(module, name)
 
-    return Unpickler(io.BytesIO(memoryview(data)[len(MAGIC):])).load()
+    state = Unpickler(io.BytesIO(memoryview(data)[header:])).load()
+    refs.stored.by_id = refs.seen  # the host holds exactly what was restored
+    return state

@@ -1,0 +1,47 @@
+"""Anchor index of the context documents, computed natively for the guest.
+
+The guest recognises values that are slices of the context through an
+anchor index (see guest/rlm_slices.py). Building it for 100 MB takes ~1-2 s
+inside the guest and ~0.1-0.3 s here, so the host scans its own copy of the
+files (in a background thread started when the context is loaded) and
+sends the offsets with the first snapshot of an instance. Results
+are kept for a few files, keyed by path, size and mtime: every REPL of a run
+(and every run over the same cached context) loads the same files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .guest.rlm_slices import anchor_index
+
+_KEEP = 8
+_cache: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+_lock = threading.Lock()
+_scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-anchors")
+
+
+def context_anchors(files: list[Path]) -> Future[list[Any]]:
+    """[anchor, {window crc32: character offset(s)}] or None for each file; computed
+    in the background (a context is loaded well before its first snapshot)."""
+    return _scanner.submit(lambda: [_file_anchors(path) for path in files])
+
+
+def _file_anchors(path: Path) -> Any:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    found = anchor_index(path.read_text(encoding="utf-8"))
+    entry = None if found is None else [found[0], found[1]]
+    with _lock:
+        _cache[key] = entry
+        while len(_cache) > _KEEP:
+            _cache.popitem(last=False)
+    return entry
