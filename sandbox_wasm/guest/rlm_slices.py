@@ -15,7 +15,7 @@ found without scanning the context per value:
 A miss only means the value is stored by content instead; it is never wrong.
 """
 
-ANCHOR_GAP = 4096
+ANCHOR_GAP = 2048
 ANCHOR_LEN = 64
 MAX_SAME = 8
 # Documents shorter than this are not indexed (a slice of them is small anyway).
@@ -23,6 +23,7 @@ MIN_INDEXED_DOC = 64 * 1024
 _SAMPLE_CHARS = 256 * 1024
 _SAMPLE_BLOCKS = 16
 _MAX_ANCHOR_LEN = 4
+_BRANCHES = 16
 
 
 class ContextSlices:
@@ -30,7 +31,7 @@ class ContextSlices:
 
     def __init__(self, docs, anchors=None):
         self.docs = docs
-        self.indexes = anchors  # per document: (anchor, {crc32: offset or [offsets]}) or None
+        self.indexes = anchors  # per document: (anchors, {crc32: offset or [offsets]}) or None
         self.hint = None  # (doc, start of the last match, its end, the step from the one before)
 
     def find(self, value):
@@ -49,8 +50,8 @@ class ContextSlices:
         for doc, entry in enumerate(self.indexes):
             if entry is None:
                 continue
-            char, table = entry
-            first = value.find(char)
+            anchors, table = entry
+            first = _first_anchor(value, anchors)
             if first < 0 or first + ANCHOR_LEN > size:
                 continue
             offsets = table.get(_window_key(value, first))
@@ -70,7 +71,9 @@ class ContextSlices:
 
 
 def anchor_index(text):
-    """(anchor, {window key: offset or [offsets]}) for a document, or None."""
+    """([prefix, followers], {window key: offset or [offsets]}) for a document,
+    or None. An anchor is `prefix` followed by one of `followers` (any
+    character when empty); with an empty prefix, any one of `followers`."""
     if len(text) < MIN_INDEXED_DOC:
         return None
     anchor = _anchor(text)
@@ -78,8 +81,7 @@ def anchor_index(text):
         return None
     table = {}
     limit = len(text) - ANCHOR_LEN
-    pos = text.find(anchor)
-    while 0 <= pos <= limit:
+    for pos in _occurrences(text, anchor[0], anchor[1], limit + 1):
         key = _window_key(text, pos)
         known = table.get(key)
         if known is None:
@@ -89,8 +91,46 @@ def anchor_index(text):
                 known.append(pos)
         else:
             table[key] = [known, pos]
-        pos = text.find(anchor, pos + 1)
     return anchor, table
+
+
+def _occurrences(text, prefix, followers, end):
+    """Anchor positions below `end`, in order."""
+    if not prefix:
+        found = []
+        for char in followers:
+            pos = text.find(char, 0, end)
+            while pos >= 0:
+                found.append(pos)
+                pos = text.find(char, pos + 1, end)
+        found.sort()
+        return found
+    found = []
+    after = len(prefix)
+    pos = text.find(prefix, 0, end + after)
+    while 0 <= pos < end:
+        if not followers or text[pos + after:pos + after + 1] in followers and pos + after < len(text):
+            found.append(pos)
+        pos = text.find(prefix, pos + 1, end + after)
+    return found
+
+
+def _first_anchor(value, anchor):
+    prefix, followers = anchor
+    if not prefix:
+        first = -1
+        for char in followers:
+            pos = value.find(char, 0, first if first >= 0 else len(value))
+            if pos >= 0:
+                first = pos
+        return first
+    after = len(prefix)
+    pos = value.find(prefix)
+    while pos >= 0:
+        if not followers or value[pos + after:pos + after + 1] in followers and pos + after < len(value):
+            return pos
+        pos = value.find(prefix, pos + 1)
+    return -1
 
 
 def _window_key(text, pos):
@@ -100,11 +140,9 @@ def _window_key(text, pos):
 
 
 def _anchor(text):
-    """A short string whose frequency in `text` is near 1 / ANCHOR_GAP: the
-    rarest-but-not-too-rare character, extended by following characters while
-    it is too frequent (plain prose has no character rare enough alone)."""
-    from collections import Counter
-
+    """[prefix, followers] whose occurrences are ~1 per ANCHOR_GAP characters:
+    rare characters alone, else a frequent prefix narrowed by the characters
+    allowed after it (plain prose has no character rare enough alone)."""
     if len(text) <= _SAMPLE_CHARS:
         sample = text
     else:  # blocks spread over the text, so one repetitive region does not decide
@@ -112,24 +150,38 @@ def _anchor(text):
         block = _SAMPLE_CHARS // _SAMPLE_BLOCKS
         sample = "\0".join(text[i * step:i * step + block] for i in range(_SAMPLE_BLOCKS))
     target = len(sample) / ANCHOR_GAP
-    counts = Counter(sample)
-    chosen, chosen_score = None, None
+    prefixes = [""]
     for _ in range(_MAX_ANCHOR_LEN):
-        dense, dense_score = None, None
-        for key, count in counts.items():
-            if "\0" in key:
-                continue
-            score = count / target if count >= target else target / count
-            if count > 4 * target:  # too many anchors: a candidate to extend
-                if dense is None or score < dense_score:
-                    dense, dense_score = key, score
-            elif chosen is None or score < chosen_score:
-                chosen, chosen_score = key, score
-        if dense is None or (chosen is not None and chosen_score < 2):
-            break
-        counts = Counter()  # extend: count what follows the densest good candidate
-        pos = sample.find(dense)
-        while 0 <= pos < len(sample) - len(dense):
-            counts[dense + sample[pos + len(dense)]] += 1
-            pos = sample.find(dense, pos + 1)
-    return chosen
+        tried = []
+        for prefix in prefixes:
+            counts = _followers(sample, prefix)
+            followers, total, dense = "", 0, []
+            for char, count in sorted(counts.items(), key=lambda item: item[1]):
+                if total + count <= 1.5 * target:
+                    followers += char
+                    total += count
+                elif count > 1.5 * target:
+                    dense.append(char)
+            if total >= target / 2:
+                return [prefix, followers]
+            tried += [prefix + char for char in dense[:_BRANCHES]]
+        # Too sparse with what fits: narrow the least frequent too-dense ones.
+        prefixes = tried[:_BRANCHES]
+        if not prefixes:
+            return None
+    return None
+
+
+def _followers(sample, prefix):
+    from collections import Counter
+
+    if not prefix:
+        counts = Counter(sample)
+    else:
+        counts = Counter()
+        pos = sample.find(prefix)
+        while 0 <= pos < len(sample) - len(prefix):
+            counts[sample[pos + len(prefix)]] += 1
+            pos = sample.find(prefix, pos + 1)
+    counts.pop("\0", None)
+    return counts
