@@ -1,0 +1,156 @@
+"""Snapshot benchmark: a REPL holding 100 MB of strings derived from the
+context, then a small cell. Prints figures, writes bench/results/snapshots.json.
+
+Run: python bench/bench_snapshots.py [--context-mb 100] [--label after]
+It also runs against code without value records (the snapshot is then one
+pickle uploaded whole), so the same script measures before and after:
+    PYTHONPATH=<old checkout> python bench/bench_snapshots.py --label before
+Target (issue 13): the small cell's snapshot (guest pickle + upload) < 50 ms.
+Private Temporal + S3 servers are started (only S3 is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS_DIR, machine_info, private_services  # noqa: E402
+
+from activities.object_store import ObjectStore  # noqa: E402
+from sandbox_wasm import ReplSession, SandboxLimits  # noqa: E402
+
+try:  # absent before value records existed
+    from activities._snapshot_store import SnapshotStore
+except ImportError:
+    SnapshotStore = None
+
+BIG_CELL = (
+    "chunks = [context[i:i + 200_000] for i in range(0, {half}, 200_000)]\n"
+    "prompts = ['Summarize this part of the report:\\n' + c + '\\nAnswer briefly.' for c in chunks]\n"
+)
+SMALL_CELL = "answers = ['answer %d' % i for i in range(250)]\nstep = {step}\nbest = max(answers)\n"
+
+
+def make_context(path: Path, megabytes: int) -> None:
+    """Prose-like text that does not repeat (random words and punctuation)."""
+    rng = random.Random(13)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(20_000)]
+    with open(path, "w", encoding="utf-8") as handle:
+        written = 0
+        while written < megabytes * 1024**2:
+            picked = rng.choices(words, k=200_000)
+            for i in range(11, len(picked), 12):
+                picked[i] += rng.choice((".\n", ",", ";", "."))
+            block = " ".join(picked) + "\n"
+            handle.write(block)
+            written += len(block)
+
+
+def timed(fn):
+    began = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - began, value
+
+
+class Saver:
+    """Uploads a snapshot the way run_cell does (or did, before records)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.snapshots = SnapshotStore(store) if SnapshotStore else None
+        self.locations: dict = {}
+        self.count = 0
+
+    def save(self, session: ReplSession) -> dict:
+        self.count += 1
+        key = f"runs/bench/snapshots/{self.count}.bin"
+        snap_s, snap = timed(session.snapshot)
+        if self.snapshots is None:
+            upload_s, _ = timed(lambda: self.store.put_bytes(key, snap.data))
+            return {"snapshot_s": snap_s, "upload_s": upload_s, "bytes_uploaded": len(snap.data), "key": key}
+        if snap.unchanged:
+            return {"snapshot_s": snap_s, "upload_s": 0.0, "bytes_uploaded": 0, "key": None}
+        upload_s, self.locations = timed(lambda: self.snapshots.save(key, snap, self.locations))
+        uploaded = len(snap.data) + sum(len(v) for v in snap.new_records.values())
+        return {"snapshot_s": snap_s, "upload_s": upload_s, "bytes_uploaded": uploaded, "key": key,
+                "records_new": len(snap.new_records), "records_referenced": len(snap.refs)}
+
+    def restore(self, session: ReplSession, key: str) -> dict:
+        if self.snapshots is None:
+            fetch_s, data = timed(lambda: self.store.get_bytes(key))
+            restore_s, _ = timed(lambda: session.restore(data))
+        else:
+            fetch_s, stored = timed(lambda: self.snapshots.load(key))
+            restore_s, _ = timed(lambda: session.restore(stored.state, stored.records))
+        return {"fetch_s": fetch_s, "restore_s": restore_s}
+
+
+def rounded(figures: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--context-mb", type=int, default=100)
+    parser.add_argument("--label", default="after" if SnapshotStore else "before")
+    args = parser.parse_args()
+    limits = SandboxLimits(cell_timeout_s=600.0, memory_bytes=3 * 1024**3, admin_timeout_s=600.0)
+    result: dict = {"label": args.label, "load_avg_at_start": os.getloadavg(),
+                    "value_records": SnapshotStore is not None}
+    with tempfile.TemporaryDirectory() as tmp, private_services() as services:
+        store = ObjectStore.from_settings(services.settings)
+        store.ensure_bucket()
+        context = Path(tmp) / "context.txt"
+        make_context(context, args.context_mb)
+        result["context_bytes"] = context.stat().st_size
+        half = context.stat().st_size // 2 // 200_000 * 200_000
+        saver = Saver(store)
+        with ReplSession(limits=limits).start() as session:
+            session.load_context([context], "str")
+            session.run_cell("import cloudpickle")  # its import is not a snapshot's cost
+            cell = session.run_cell(BIG_CELL.format(half=half) + "sum(map(len, chunks)) + sum(map(len, prompts))")
+            assert cell.error is None, cell.error
+            result["derived_chars"] = int(cell.value_repr)
+            result["after_big_cell"] = rounded(saver.save(session))
+            small = []
+            for step in range(5):
+                assert session.run_cell(SMALL_CELL.format(step=step)).error is None
+                small.append(rounded(saver.save(session)))
+            result["after_small_cell"] = small
+            totals = sorted(s["snapshot_s"] + s["upload_s"] for s in small)
+            result["small_cell_snapshot_plus_upload_ms_median"] = round(totals[2] * 1000, 1)
+            session.run_cell("x = len(prompts)")
+            session.run_cell("del x")
+            result["after_cell_changing_nothing"] = rounded(saver.save(session))
+            last_key = saver.save(session)["key"] or small[-1]["key"]
+        with ReplSession(limits=limits).start() as fresh:
+            began = time.perf_counter()
+            fresh.load_context([context], "str")
+            cold = saver.restore(fresh, last_key)
+            check = fresh.run_cell("len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]")
+            cold["total_s"] = time.perf_counter() - began
+            assert check.error is None and check.value_repr.endswith("True)"), check
+            result["cold_restore"] = rounded(cold)
+            first = rounded(saver.save(fresh))  # a cell after a cold restore
+            result["first_snapshot_after_cold_restore"] = first
+    result["target_small_cell_under_50ms"] = result["small_cell_snapshot_plus_upload_ms_median"] < 50
+    result["load_avg_at_end"] = os.getloadavg()
+    print(json.dumps(result, indent=2))
+    path = RESULTS_DIR / "snapshots.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing.update({"benchmark": "snapshots", "machine": machine_info(), args.label: result})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
