@@ -120,17 +120,31 @@ class ReplSession:
         self._anchors = context_anchors(files)
         self._anchors_sent = False
 
+    def wait_context_index(self, timeout_s: float | None = None) -> bool:
+        """Wait until the context's slice index (built in the background after
+        `load_context`) is ready; snapshots never wait for it themselves.
+        For callers that need every slice recognised, e.g. tests."""
+        if self._anchors is None:
+            return False
+        try:
+            self._anchors.result(timeout_s)
+        except Exception:
+            return False
+        return True
+
     def snapshot(self) -> Snapshot:
         """Pickle the user globals (context by reference, large values as
         records); also kept as the state to fall back to after a trap."""
         anchors = None
-        if not self._anchors_sent and self._anchors is not None:
+        # Never waited for: until the index arrives, slices the guest cannot
+        # place are stored by content, which is only bigger, never wrong.
+        if not self._anchors_sent and self._anchors is not None and self._anchors.done():
             try:
                 anchors = self._anchors.result()
-            except Exception as exc:  # only slower snapshots: values are stored by content
+            except Exception as exc:
                 log.warning("sandbox_context_anchors_failed", error=repr(exc)[:300])
+            self._anchors_sent = True
         result = self._admin(["snapshot", anchors])
-        self._anchors_sent = True
         data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
         refs, records = result.get("refs"), result.get("records")
         # Guest-made values: check their types (bytes(n) of an int would allocate n bytes).

@@ -32,6 +32,7 @@ def context_files(tmp_path_factory):
 def fresh(context_files):
     session = ReplSession(limits=LIMITS).start()
     session.load_context(context_files, "list")
+    assert session.wait_context_index(60)
     return session
 
 

@@ -78,6 +78,7 @@ def test_a_session_round_trip_through_storage(object_store: ObjectStore, tmp_pat
     snapshots = SnapshotStore(object_store)
     with ReplSession(limits=LIMITS).start() as session:
         session.load_context([doc], "str")
+        assert session.wait_context_index(60)
         session.run_cell("part = context[1000:90_000]\nmade = 'q' * 100_000\nsmall = 1")
         held = snapshots.save("runs/store-e/snapshots/c1.bin", session.snapshot(), {})
         session.run_cell("small = 2")

@@ -5,7 +5,7 @@ value as (document, start, end) instead of its characters. Candidates are
 found without scanning the context per value:
 
 - a hint: where the previous match ended (chunks are usually cut in order),
-  and the next step of a regular stride;
+  the next step of a regular stride, and the start of each document;
 - an anchor index per document: every occurrence of one rarely used character
   (picked from a strided sample so occurrences are ~ANCHOR_GAP apart) keyed by
   the hash of the ANCHOR_LEN characters that start there. A value's first
@@ -23,6 +23,7 @@ MIN_INDEXED_DOC = 64 * 1024
 _SAMPLE_CHARS = 256 * 1024
 _SAMPLE_BLOCKS = 16
 _MAX_ANCHOR_LEN = 4
+_START_KEY = 32
 _BRANCHES = 16
 
 
@@ -33,6 +34,8 @@ class ContextSlices:
         self.docs = docs
         self.indexes = anchors  # per document: (anchors, {crc32: offset or [offsets]}) or None
         self.hint = None  # (doc, start of the last match, its end, the step from the one before)
+        self.starts = None  # first characters -> documents starting with them
+        self.indexed = None  # [(doc, index)] of the documents that have one
 
     def find(self, value):
         """(doc index, start) of a document slice equal to `value`, or None."""
@@ -45,12 +48,17 @@ class ContextSlices:
             for guess in (end, start + step):  # the next chunk, or the next window of a stride
                 if 0 <= guess <= len(text) - size and text.startswith(value, guess):
                     return self._found(doc, guess, size)
-        if not self.indexes or len(self.indexes) != len(self.docs):
-            return None
-        for doc, entry in enumerate(self.indexes):
-            if entry is None:
-                continue
-            anchors, table = entry
+        if self.starts is None:
+            self.starts = {}
+            for doc, text in enumerate(self.docs):
+                self.starts.setdefault(text[:_START_KEY], []).append(doc)
+        for doc in self.starts.get(value[:_START_KEY], ()):  # the first chunk of a document
+            if self.docs[doc].startswith(value):
+                return self._found(doc, 0, size)
+        if self.indexed is None:
+            entries = self.indexes if self.indexes and len(self.indexes) == len(self.docs) else ()
+            self.indexed = [(doc, entry) for doc, entry in enumerate(entries) if entry]
+        for doc, (anchors, table) in self.indexed:
             first = _first_anchor(value, anchors)
             if first < 0 or first + ANCHOR_LEN > size:
                 continue
