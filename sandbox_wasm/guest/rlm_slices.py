@@ -103,24 +103,16 @@ def anchor_index(text):
 
 
 def _occurrences(text, prefix, followers, end):
-    """Anchor positions below `end`, in order."""
-    if not prefix:
-        found = []
-        for char in followers:
-            pos = text.find(char, 0, end)
-            while pos >= 0:
-                found.append(pos)
-                pos = text.find(char, pos + 1, end)
-        found.sort()
-        return found
-    found = []
-    after = len(prefix)
-    pos = text.find(prefix, 0, end + after)
-    while 0 <= pos < end:
-        if not followers or text[pos + after:pos + after + 1] in followers and pos + after < len(text):
-            found.append(pos)
-        pos = text.find(prefix, pos + 1, end + after)
-    return found
+    """Anchor positions below `end`, in order. Runs on the host (see the
+    module doc): one regex pass, not a Python loop per prefix occurrence."""
+    import re
+
+    pattern = re.escape(prefix)
+    if followers:
+        pattern += "[" + "".join(re.escape(char) for char in followers) + "]"
+    stop = min(len(text), end + len(prefix) + 1)
+    return [match.start() for match in re.compile(pattern).finditer(text, 0, stop)
+            if match.start() < end]
 
 
 def _first_anchor(value, anchor):
