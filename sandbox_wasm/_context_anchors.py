@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .guest.rlm_slices import anchor_index
+from .guest.rlm_slices import anchor_index, pack_index
 
 _KEEP = 8
 _cache: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
@@ -26,7 +26,7 @@ _scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-anchors")
 
 
 def context_anchors(files: list[Path]) -> Future[list[Any]]:
-    """[anchor, {window crc32: character offset(s)}] or None for each file; computed
+    """The packed anchor index (rlm_slices.pack_index) or None for each file; computed
     in the background (a context is loaded well before its first snapshot)."""
     return _scanner.submit(lambda: [_file_anchors(path) for path in files])
 
@@ -38,8 +38,7 @@ def _file_anchors(path: Path) -> Any:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    found = anchor_index(path.read_text(encoding="utf-8"))
-    entry = None if found is None else [found[0], found[1]]
+    entry = pack_index(anchor_index(path.read_text(encoding="utf-8")))
     with _lock:
         _cache[key] = entry
         while len(_cache) > _KEEP:
