@@ -17,12 +17,46 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from .guest.rlm_slices import anchor_index, pack_index
 
+log = structlog.get_logger(__name__)
 _KEEP = 8
 _cache: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
 _lock = threading.Lock()
 _scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-anchors")
+
+
+class ContextIndex:
+    """The index of one session's context, and whether its guest has it."""
+
+    def __init__(self) -> None:
+        self._future: Future[list[Any]] | None = None
+        self.sent = False
+
+    def start(self, files: list[Path]) -> None:
+        self._future = context_anchors(files)
+        self.sent = False
+
+    def wait(self, timeout_s: float | None) -> bool:
+        try:
+            return self._future is not None and self._future.result(timeout_s) is not None
+        except Exception:
+            return False
+
+    def unsent(self) -> list[Any] | None:
+        """The index if it is ready and this instance lacks it. Never waits:
+        until it arrives, slices the guest cannot place are stored by content,
+        which is only bigger, never wrong."""
+        if self.sent or self._future is None or not self._future.done():
+            return None
+        self.sent = True
+        try:
+            return self._future.result()
+        except Exception as exc:
+            log.warning("sandbox_context_index_failed", error=repr(exc)[:300])
+            return None
 
 
 def context_anchors(files: list[Path]) -> Future[list[Any]]:

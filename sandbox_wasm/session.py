@@ -5,13 +5,12 @@ from __future__ import annotations
 import keyword
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 
-from ._context_anchors import context_anchors
+from ._context_anchors import ContextIndex
 from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest
 from ._output import OutputCollector, cap_output
@@ -59,8 +58,7 @@ class ReplSession:
         self._context: tuple[list[Path], list[int], str] | None = None
         self._last_snapshot: bytes | None = None
         self._last_records: dict[str, bytes] = {}  # the records the last snapshot refers to
-        self._anchors: Future[list[Any]] | None = None  # anchor offsets of the context files
-        self._anchors_sent = False  # this instance has them
+        self._index = ContextIndex()  # of the context files, for recognising slices
         self._needs_restart = False
         self._interrupted: str | None = None
 
@@ -117,33 +115,17 @@ class ReplSession:
             sizes.append(file.stat().st_size)
         self._load_context(files, sizes, kind)
         self._context = (files, sizes, kind)
-        self._anchors = context_anchors(files)
-        self._anchors_sent = False
+        self._index.start(files)
 
     def wait_context_index(self, timeout_s: float | None = None) -> bool:
         """Wait until the context's slice index (built in the background after
-        `load_context`) is ready; snapshots never wait for it themselves.
-        For callers that need every slice recognised, e.g. tests."""
-        if self._anchors is None:
-            return False
-        try:
-            self._anchors.result(timeout_s)
-        except Exception:
-            return False
-        return True
+        `load_context`) is ready, e.g. in tests; snapshots never wait for it."""
+        return self._index.wait(timeout_s)
 
     def snapshot(self) -> Snapshot:
         """Pickle the user globals (context by reference, large values as
         records); also kept as the state to fall back to after a trap."""
-        anchors = None
-        # Never waited for: until the index arrives, slices the guest cannot
-        # place are stored by content, which is only bigger, never wrong.
-        if not self._anchors_sent and self._anchors is not None and self._anchors.done():
-            try:
-                anchors = self._anchors.result()
-            except Exception as exc:
-                log.warning("sandbox_context_anchors_failed", error=repr(exc)[:300])
-            self._anchors_sent = True
+        anchors = self._index.unsent()
         result = self._admin(["snapshot", anchors])
         data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
         refs, records = result.get("refs"), result.get("records")
@@ -282,7 +264,7 @@ class ReplSession:
             instance.close()
             raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
         self._instance = instance
-        self._anchors_sent = False
+        self._index.sent = False
         self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes])
         return instance
 
