@@ -49,7 +49,9 @@ def test_context_slices_are_references_not_records(context_files):
             "import random\nrandom.seed(3)\n"
             "spots = sorted(random.sample(range(len(context[0]) - 30_000), 20), reverse=True)\n"
             "windows = [context[0][s:s + 9_000 + s % 5_000] for s in spots]\n"
-            "accents = context[1][1234:60_000]\n")
+            "accents = context[1][1234:60_000]\n"
+            "prompts = ['Summarize:\\n' + c + '\\nBe brief.' for c in chunks[:-1]]\n"
+            "quotes = ['Q: ' * 50 + w for w in windows]\n")
         snap = session.snapshot()
         assert snap.unsaved == [] and snap.refs == [] and snap.new_records == {}
         assert len(snap.data) < 20_000
@@ -59,13 +61,15 @@ def test_context_slices_are_references_not_records(context_files):
                 "spots = sorted(random.sample(range(len(context[0]) - 30_000), 20), reverse=True)\n"
                 "(''.join(chunks) == context[0],\n"
                 " windows == [context[0][s:s + 9_000 + s % 5_000] for s in spots],\n"
-                " accents == context[1][1234:60_000], '☕' in accents)")
-            assert check.value_repr == "(True, True, True, True)", check.error
+                " accents == context[1][1234:60_000], '☕' in accents,\n"
+                " prompts[2] == 'Summarize:\\n' + context[0][40_000:60_000] + '\\nBe brief.',\n"
+                " quotes == ['Q: ' * 50 + w for w in windows])")
+            assert check.value_repr == "(True, True, True, True, True, True)", check.error
 
 
 def test_unchanged_values_are_not_sent_again(context_files):
     with fresh(context_files) as session:
-        session.run_cell("prompts = ['Summarize:\\n' + context[0][i:i + 10_000] for i in range(0, 200_000, 10_000)]\n"
+        session.run_cell("made = [context[0][i:i + 10_000][::-1] for i in range(0, 200_000, 10_000)]\n"
                          "blob = bytes(range(256)) * 100")
         first = session.snapshot()
         assert len(first.new_records) == 21 and sorted(first.new_records) == first.refs
@@ -77,7 +81,7 @@ def test_unchanged_values_are_not_sent_again(context_files):
         assert set(small.refs) == set(first.refs) | set(small.new_records)
         records = {**first.new_records, **small.new_records}
         with restored(context_files, small, records) as other:
-            check = other.run_cell("(prompts[3] == 'Summarize:\\n' + context[0][30_000:40_000],"
+            check = other.run_cell("(made[3] == context[0][30_000:40_000][::-1],"
                                    " blob == bytes(range(256)) * 100, note, len(extra))")
             assert check.value_repr == "(True, True, 'short', 50000)", check.error
             # Restored values are known to the host: the next snapshot sends nothing.

@@ -24,6 +24,10 @@ _SAMPLE_CHARS = 256 * 1024
 _SAMPLE_BLOCKS = 16
 _MAX_ANCHOR_LEN = 4
 _START_KEY = 32
+# A value found inside the context may have this many characters around the
+# slice (stored inline); anchors tried before giving up on a value.
+MAX_AFFIX = 16 * 1024
+_MAX_TRIES = 8
 _BRANCHES = 16
 
 
@@ -56,10 +60,7 @@ class ContextSlices:
         for doc in self.starts.get(value[:_START_KEY], ()):  # the first chunk of a document
             if self.docs[doc].startswith(value):
                 return self._found(doc, 0, size)
-        if self.indexed is None:
-            entries = self.indexes if self.indexes and len(self.indexes) == len(self.docs) else ()
-            self.indexed = [(doc, entry) for doc, entry in enumerate(entries) if entry]
-        for doc, (anchors, table) in self.indexed:
+        for doc, (anchors, table) in self._indexes():
             first = _first_anchor(value, anchors)
             if first < 0 or first + ANCHOR_LEN > size:
                 continue
@@ -72,6 +73,51 @@ class ContextSlices:
                 if 0 <= start <= len(text) - size and text.startswith(value, start):
                     return self._found(doc, start, size)
         return None
+
+    def find_inside(self, value):
+        """(prefix, doc, start, end, suffix) with value == prefix +
+        docs[doc][start:end] + suffix, for a value that wraps one slice in
+        short texts (a prompt around a chunk), or None."""
+        size = len(value)
+        for doc, delta, known in self._alignments(value):
+            text = self.docs[doc]
+            lo = max(-delta, 0)
+            hi = min(size, len(text) - delta)
+            begin = _match_start(value, text, delta, lo, known)
+            end = _match_end(value, text, delta, known + ANCHOR_LEN, hi)
+            if end - begin >= size // 2 and size - (end - begin) <= MAX_AFFIX:
+                self._found(doc, begin + delta, end - begin)
+                return value[:begin], doc, begin + delta, end + delta, value[end:]
+        return None
+
+    def _alignments(self, value):
+        """(doc, delta, i): value[i:i + ANCHOR_LEN] == docs[doc][i + delta:...]."""
+        size = len(value)
+        limit = min(size - ANCHOR_LEN, MAX_AFFIX)
+        if self.hint is not None:  # the chunk after the previous match, after a prefix
+            doc, start, end, step = self.hint
+            for origin in (end, start + step):
+                window = self.docs[doc][origin:origin + ANCHOR_LEN]
+                if len(window) == ANCHOR_LEN:
+                    pos = value.find(window, 0, limit + ANCHOR_LEN)
+                    if pos >= 0:
+                        yield doc, origin - pos, pos
+        for doc, (anchor, table) in self._indexes():
+            pos, tries = _first_anchor(value, anchor), 0
+            while 0 <= pos <= limit and tries < _MAX_TRIES:
+                offsets = table.get(_window_key(value, pos))
+                if offsets is None:
+                    offsets = ()
+                for offset in (offsets if isinstance(offsets, (list, tuple)) else (offsets,)):
+                    if self.docs[doc].startswith(value[pos:pos + ANCHOR_LEN], offset):
+                        yield doc, offset - pos, pos
+                pos, tries = _first_anchor(value, anchor, pos + 1), tries + 1
+
+    def _indexes(self):
+        if self.indexed is None:
+            entries = self.indexes if self.indexes and len(self.indexes) == len(self.docs) else ()
+            self.indexed = [(doc, entry) for doc, entry in enumerate(entries) if entry]
+        return self.indexed
 
     def _found(self, doc, start, size):
         step = start - self.hint[1] if self.hint is not None and self.hint[0] == doc else 0
@@ -143,17 +189,40 @@ def _occurrences(text, prefix, followers, end):
             if match.start() < end]
 
 
-def _first_anchor(value, anchor):
+def _match_end(value, text, delta, lo, hi):
+    """Largest end in [lo, hi] with value[lo:end] == text[lo + delta:end + delta]
+    (value[..lo] is known to match). Halving: at most len(value) chars copied."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(value[lo:mid], lo + delta):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _match_start(value, text, delta, lo, hi):
+    """Smallest start in [lo, hi] with value[start:hi] matching the text."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if text.startswith(value[mid:hi], mid + delta):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def _first_anchor(value, anchor, begin=0):
     prefix, followers = anchor
     if not prefix:
         first = -1
         for char in followers:
-            pos = value.find(char, 0, first if first >= 0 else len(value))
+            pos = value.find(char, begin, first if first >= 0 else len(value))
             if pos >= 0:
                 first = pos
         return first
     after = len(prefix)
-    pos = value.find(prefix)
+    pos = value.find(prefix, begin)
     while pos >= 0:
         if not followers or value[pos + after:pos + after + 1] in followers and pos + after < len(value):
             return pos

@@ -7,7 +7,9 @@ Objects stored by reference (pickle persistent ids), not by value:
   pickled function a reconstructed globals dict, and we seed that dict with a
   marker that unpickles as the REPL's own namespace;
 - every str or bytes of at least RECORD_MIN characters: as ("c", doc, start,
-  end) when it equals a slice of the context (nothing stored), else as a
+  end) when it equals a slice of the context (nothing stored), as ("x",
+  before, doc, start, end, after) when it is a slice with short texts around
+  it (a prompt around a chunk: only those texts are stored), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed.
 
@@ -122,9 +124,14 @@ class References:
         pid = pending[1] if pending is not None and pending[0] is obj else self.stored.get(obj)
         if pid is None:
             found = self.slices.find(obj) if kind is str and self.slices is not None else None
+            inside = None
             if found is not None:
                 pid = ("c", found[0], found[1], found[1] + len(obj))
-            else:
+            elif kind is str and self.slices is not None:
+                inside = self.slices.find_inside(obj)
+            if inside is not None:
+                pid = ("x",) + inside
+            elif found is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
                 digest = record_name(obj, data)
                 self.new_records.setdefault(digest, data)
@@ -136,7 +143,7 @@ class References:
         return pid
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "c"):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "c", "x"):
             value = loaded.get(pid)
             if value is None:
                 value = loaded[pid] = self._load_large(pid, records)
@@ -154,14 +161,15 @@ class References:
         raise _pickle.UnpicklingError("unknown persistent reference %r" % (pid,))
 
     def _load_large(self, pid, records):
-        if pid[0] == "c":
+        if pid[0] in ("c", "x"):
             if not self.context_loaded:
                 raise _pickle.UnpicklingError(
                     "the snapshot refers to `context`; load the context before restoring")
-            _, doc, start, end = pid
-            if not (0 <= doc < len(self.docs) and 0 <= start <= end <= len(self.docs[doc])):
+            before, doc, start, end, after = pid[1:] if pid[0] == "x" else ("",) + pid[1:] + ("",)
+            if not (0 <= doc < len(self.docs) and 0 <= start <= end <= len(self.docs[doc])
+                    and type(before) is str and type(after) is str):
                 raise _pickle.UnpicklingError("slice %r is outside the context" % (pid[1:],))
-            return self.docs[doc][start:end]
+            return before + self.docs[doc][start:end] + after
         data = records.get(pid[1])
         if data is None:
             raise _pickle.UnpicklingError("the snapshot needs value record %s, which was not "
