@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from .guest.rlm_slices import anchor_index, pack_index
+from .guest.rlm_slices import MIN_INDEXED_DOC, anchor_index, pack_index
 
 log = structlog.get_logger(__name__)
 _KEEP = 8
@@ -72,7 +72,9 @@ def _file_anchors(path: Path) -> Any:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    entry = pack_index(anchor_index(path.read_text(encoding="utf-8")))
+    # A file of fewer bytes than that has fewer characters: no index.
+    small = stat.st_size < MIN_INDEXED_DOC
+    entry = None if small else pack_index(anchor_index(path.read_text(encoding="utf-8")))
     with _lock:
         _cache[key] = entry
         while len(_cache) > _KEEP:

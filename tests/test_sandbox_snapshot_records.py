@@ -188,3 +188,19 @@ def test_snapshots_written_before_records_still_restore(context_files):
     with fresh(context_files) as other:
         other.restore(legacy)
         assert other.run_cell("f()").value_repr == "[1, 2, 3]"
+
+
+def test_running_out_of_memory_frees_the_stored_values(context_files):
+    limits = SandboxLimits(cell_timeout_s=20.0, memory_bytes=128 * 1024**2)
+    make = "x = None\nx = [bytes([200]) * 5_000_000 for _ in range(18)]\nlen(x)"
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("big = [bytes([i]) * 5_000_000 for i in range(10)]")
+        first = session.snapshot()
+        # `big` is dropped, but the stored-values table still holds its items.
+        crowded = session.run_cell("big = None\n" + make)
+        assert crowded.limit is not None and crowded.limit.kind == "memory"
+        retry = session.run_cell(make)  # the failed cell emptied the table
+        assert retry.error is None and retry.value_repr == "18"
+        after = session.snapshot()
+        assert after.unsaved == [] and len(after.refs) == 1 and not set(first.refs) & set(after.refs)

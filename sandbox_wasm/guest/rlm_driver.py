@@ -100,6 +100,11 @@ class Repl:
                 pass
             self._reset_streams()
         result["restored"] = self._restore_protected()
+        if result["error_type"] == "MemoryError" and self.stored is not None:
+            # The table of stored values keeps values this cell dropped alive
+            # until the next snapshot; free them for the model's next try
+            # (the next snapshot sends the surviving ones again).
+            self.stored.by_id.clear()
         return result
 
     def snapshot(self, anchors=None):
@@ -215,6 +220,8 @@ def main():
             result = {"error": "%s: %s" % (type(exc).__name__, exc)}
             del exc
             continue
+        # The previous result (a snapshot's records) is sent: free it before the next command.
+        result = None
         if command[0] == "exit":
             return
         try:

@@ -68,7 +68,8 @@ class Stored:
     The value itself is held, so its id cannot be reused by another object
     (chunks cut in a loop often land at a freed chunk's address). Each
     snapshot replaces the table with the values it saw, so a value the model
-    dropped is kept only until the end of the cell that dropped it."""
+    dropped is kept only until the end of the cell that dropped it (a cell
+    that runs out of memory empties the table)."""
 
     def __init__(self):
         self.by_id = {}
@@ -190,8 +191,14 @@ def _dumps(refs, value):
     # Functions whose __globals__ is the REPL namespace share this dict; it
     # pickles as a persistent reference to the live namespace.
     pickler.globals_ref[id(refs.user_globals)] = refs.globals_marker
-    pickler.dump(value)
-    return buffer.getvalue()
+    try:
+        pickler.dump(value)
+        return buffer.getvalue()
+    finally:
+        # The class is in a reference cycle (freed only by the cyclic GC): it
+        # must not keep the values alive through its closure or the memo.
+        pickler.clear_memo()
+        refs = None
 
 
 def _reason(exc):
@@ -256,6 +263,9 @@ def load(refs, data, records=None):
                 _cloudpickle()
             return super().find_class(module, name)
 
-    state = Unpickler(io.BytesIO(memoryview(data)[header:])).load()
-    refs.stored.by_id = refs.seen  # the host holds exactly what was restored
-    return state
+    try:
+        state = Unpickler(io.BytesIO(memoryview(data)[header:])).load()
+        refs.stored.by_id = refs.seen  # the host holds exactly what was restored
+        return state
+    finally:
+        refs = records = loaded = None  # see _dumps: the class outlives this call
