@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from datetime import timedelta
 
 import structlog
@@ -104,6 +105,7 @@ class RunCellActivity:
         live.snapshot_key = inp.snapshot_key
 
     def _finish(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult) -> CellOutput:
+        began = time.perf_counter()
         snapshot = live.session.snapshot()
         if snapshot.unchanged and live.snapshot_key is not None:
             # The cell changed no variable: the state is still the one this
@@ -113,6 +115,14 @@ class RunCellActivity:
             snapshot_key = run_key(inp.workflow_id, "snapshots", f"{inp.cell_id}.bin")
             live.records = self._snapshots.save(snapshot_key, snapshot, live.records)
         live.snapshot_key = snapshot_key
+        log.debug(
+            "run_cell.snapshot",
+            cell_id=inp.cell_id,
+            seconds=round(time.perf_counter() - began, 4),
+            unchanged=snapshot.unchanged,
+            state_bytes=len(snapshot.data),
+            new_record_bytes=sum(len(v) for v in snapshot.new_records.values()),
+        )
         output = result.output
         output_key = None
         if len(result.full_output) > len(result.output):
