@@ -24,6 +24,7 @@ _SAMPLE_CHARS = 256 * 1024
 _SAMPLE_BLOCKS = 16
 _MAX_ANCHOR_LEN = 4
 _START_KEY = 32
+_START_DOCS = 16
 # A value found inside the context may have this many characters around the
 # slice (stored inline); anchors tried before giving up on a value.
 MAX_AFFIX = 16 * 1024
@@ -41,6 +42,7 @@ class ContextSlices:
         self.hint = None  # (doc, start of the last match, its end, the step from the one before)
         self.starts = None  # first characters -> documents starting with them
         self.indexed = None  # [(doc, index)] of the documents that have one
+        self.run_starts = []  # (doc, start) of the last few matches that began a run
 
     def find(self, value):
         """(doc index, start) of a document slice equal to `value`, or None."""
@@ -94,14 +96,18 @@ class ContextSlices:
         """(doc, delta, i): value[i:i + ANCHOR_LEN] == docs[doc][i + delta:...]."""
         size = len(value)
         limit = min(size - ANCHOR_LEN, MAX_AFFIX)
-        if self.hint is not None:  # the chunk after the previous match, after a prefix
+        origins = []
+        if self.hint is not None:  # the chunk after the previous match
             doc, start, end, step = self.hint
-            for origin in (end, start + step):
-                window = self.docs[doc][origin:origin + ANCHOR_LEN]
-                if len(window) == ANCHOR_LEN:
-                    pos = value.find(window, 0, limit + ANCHOR_LEN)
-                    if pos >= 0:
-                        yield doc, origin - pos, pos
+            origins += [(doc, end), (doc, start + step)]
+        # Where runs of chunks began (prompts are made from chunks in order),
+        # and the first documents' starts.
+        origins += self.run_starts + [(doc, 0) for doc in range(min(len(self.docs), _START_DOCS))]
+        for doc, origin in origins:
+            if 0 <= origin <= len(self.docs[doc]) - ANCHOR_LEN:  # a negative slice start would wrap
+                pos = value.find(self.docs[doc][origin:origin + ANCHOR_LEN], 0, limit + ANCHOR_LEN)
+                if pos >= 0:
+                    yield doc, origin - pos, pos
         for doc, (anchor, table) in self._indexes():
             pos, tries = _first_anchor(value, anchor), 0
             while 0 <= pos <= limit and tries < _MAX_TRIES:
@@ -121,6 +127,9 @@ class ContextSlices:
 
     def _found(self, doc, start, size):
         step = start - self.hint[1] if self.hint is not None and self.hint[0] == doc else 0
+        if self.hint is None or (doc, start) not in ((self.hint[0], self.hint[2]),
+                                                     (self.hint[0], self.hint[1] + self.hint[3])):
+            self.run_starts = [(doc, start)] + [r for r in self.run_starts if r != (doc, start)][:3]
         self.hint = (doc, start, start + size, step)
         return doc, start
 

@@ -1,0 +1,76 @@
+"""Snapshots in whole runs (real worker, Temporal, S3, WASM REPL): values
+derived from the context are not stored, an unchanged REPL uploads nothing,
+and a cold cell restores everything from storage."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from activities.object_store import ObjectStore
+from activities.runtime import run_key
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, isolated, repl, request, start
+from worker import build_worker, connect
+
+
+def prose(chars: int) -> str:
+    rng = random.Random(11)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(4000)]
+    parts, size = [], 0
+    while size < chars:
+        line = " ".join(rng.choice(words) for _ in range(12)) + rng.choice([".\n", ", ", "; "])
+        parts.append(line)
+        size += len(line)
+    return "".join(parts)
+
+
+def test_snapshots_store_what_changed_and_restore_cold(settings, context_store, llm, object_store: ObjectStore):
+    ctx = context_store.put_value(prose(2_000_000))
+    pools = []
+    llm.add_rule(
+        "Turn 1 of",
+        repl(
+            """
+chunks = [context[i:i + 100_000] for i in range(0, len(context), 100_000)]
+prompts = ["Summarize:\\n" + c + "\\nBe brief." for c in chunks]
+made = "".join(reversed(chunks[0]))
+print(len(chunks))
+"""
+        ),
+        model=ROOT,
+        name="turn1",
+    )
+    llm.add_rule("Turn 2 of", repl("print(len(prompts), len(made))"), model=ROOT, name="turn2")
+
+    def turn3(_request):
+        pools[0].close()  # the next cell is cold: a new instance restores from storage
+        return repl(
+            "ok = (''.join(chunks) == context, prompts[3] == 'Summarize:\\n' + chunks[3] + '\\nBe brief.',"
+            " made == ''.join(reversed(chunks[0])))\nFINAL(str(ok))"
+        )
+
+    llm.add_rule("Turn 3 of", turn3, model=ROOT, name="turn3")
+    s = isolated(settings)
+
+    async def go():
+        client = await connect(s)
+        worker, pool = build_worker(client, s, models=fake_registry(llm, context_window=1_000_000))
+        pools.append(pool)
+        try:
+            async with worker:
+                handle = await start(client, s, request("Check the chunks.", ctx))
+                return handle.id, await asyncio.wait_for(handle.result(), 120)
+        finally:
+            pool.close()
+
+    workflow_id, result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == "(True, True, True)"
+    # Cell 1: a manifest and one pack (only `made`, 100 KB; chunks and prompts
+    # are references). Cell 2 changed nothing: no upload. Cell 3 added `ok`.
+    prefix = run_key(workflow_id, "snapshots")
+    assert object_store.count(prefix) == 3
+    stored = sum(o.size for o in object_store.client.list_objects(object_store.bucket, prefix, recursive=True))
+    assert stored < 300_000  # the 2 MB of chunks and 2 MB of prompts are not in it
