@@ -101,7 +101,7 @@ def test_rlm_run_refuses_unknown_models_and_bad_caps_before_starting(s, llm, tmp
         (["--model", ROOT, "--max-usd", "-1"], "--max-usd: Input should be greater than or equal to 0"),
         (["--model", ROOT, "--max-turns", "0"], "--max-turns: must be at least 1"),
         (["--model", ROOT, "--max-concurrency", "0"], "--max-concurrency: "),
-        (["--model", ROOT, "--cell-timeout", "0"], "--cell-timeout: must be a positive number"),
+        (["--model", ROOT, "--cell-timeout", "0"], "--cell-timeout: must be more than 0 and at most 86400 seconds"),
     ]
     for args, expected in cases:
         proc = _rlm(s, llm.url, "run", "q", "--context", str(doc), *args, timeout=60)

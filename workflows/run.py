@@ -126,6 +126,10 @@ class RLMRun:
         try:
             self._models = await self._resolve_models()
         except ActivityError as exc:
+            cause = exc.cause
+            # An unknown model is the caller's: the message names the field (`models.sub: ...`), keep it first.
+            if isinstance(cause, ApplicationError) and cause.type == "UnknownModel":
+                return self._result("failed", cause.message, None)
             return self._result("failed", error_text(exc), None)
         if not isinstance(request.context, ContextRef):
             try:
