@@ -161,3 +161,16 @@ def test_the_budget_bounds_characters_and_time(tmp_path):
         convert(path, "xlsx", Budget(max_seconds=0))
     text = convert(path, "xlsx")
     assert text.count("\n| INV-") == 2_000 + 2 and "| INV-002001 | Filler Ltd | 1998 |" in text
+
+
+@pytest.mark.parametrize("kind", ["pdf", "docx", "xlsx", "pptx", "eml", "html"])
+def test_a_file_cut_short_converts_or_is_refused_never_crashes(samples, tmp_path, kind):
+    """Whatever breaks inside a parser comes back as a DocumentError naming the format."""
+    data = samples[kind].read_bytes()
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 7):
+        short = tmp_path / f"short{samples[kind].suffix}"
+        short.write_bytes(data[:cut])
+        try:
+            convert(short, kind)
+        except DocumentError as exc:
+            assert str(exc), exc

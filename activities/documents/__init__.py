@@ -69,6 +69,15 @@ def convert(path: Path, kind: Kind, budget: Budget | None = None, *, depth: int 
     budget = budget or Budget()
     if path.stat().st_size == 0:
         raise DocumentError(f"the file is empty (0 bytes): not a valid {kind.upper()} file")
+    try:
+        return _convert(path, kind, budget, depth)
+    except DocumentError:
+        raise
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - a damaged file may break a parser anywhere
+        raise DocumentError(f"not a readable {kind.upper()} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _convert(path: Path, kind: Kind, budget: Budget, depth: int) -> str:
     if kind == "pdf":
         from activities.documents._pdf import pdf_text
 
