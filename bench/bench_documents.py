@@ -49,6 +49,7 @@ IMPORTS = {
     "markitdown": "import markitdown; markitdown.MarkItDown()",
 }
 WEIGHED_ONLY = {"docling": ["docling"], "unstructured": ["unstructured[pdf,docx,xlsx,pptx]"]}
+NO_TABLE = ("text", "big_csv")
 HEAVY = ("torch", "onnxruntime", "transformers", "pandas", "numpy", "opencv-python", "scipy", "magika", "nltk")
 
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venvs", type=Path, default=Path(tempfile.gettempdir()) / "rlm-docbench")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-dry-run", action="store_true", help="do not weigh docling and unstructured")
+    parser.add_argument("--skip-dry-run", action="store_true", help="do not weigh docling and unstructured again (keep the figures of the last result)")
     args = parser.parse_args()
     load_start = os.getloadavg()
     baseline = venv(args.venvs, "baseline", [])
@@ -133,8 +134,9 @@ def main() -> None:
             per_kind = {}
             for kind, path in files.items():
                 repeats = 1 if kind.startswith("big") else args.repeats
+                table = [] if kind in NO_TABLE else TABLE  # files without the table: not judged
                 out = subprocess.run(
-                    [str(python), str(PROBE), name, str(path), str(repeats), json.dumps(TABLE)],
+                    [str(python), str(PROBE), name, str(path), str(repeats), json.dumps(table)],
                     capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900,
                 )
                 per_kind[kind] = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
@@ -145,7 +147,10 @@ def main() -> None:
             candidates[name] = figures
             print(f"{name}: {figures['installed_mb']} MB, {figures['distributions']} distributions, "
                   f"heavy {figures['heavy']}, import {figures['import_s']} s", flush=True)
-    weighed = {} if args.skip_dry_run else {n: dry_run(n, p) for n, p in WEIGHED_ONLY.items()}
+    if args.skip_dry_run:  # keep what the last run weighed
+        weighed = json.loads(RESULT.read_text()).get("weighed_only", {}) if RESULT.exists() else {}
+    else:
+        weighed = {n: dry_run(n, p) for n, p in WEIGHED_ONLY.items()}
     for name, figures in weighed.items():
         print(f"{name} (dry run): {figures}", flush=True)
     result = {
