@@ -13,6 +13,7 @@ the reason, within the bounds of `_limits`.
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 from typing import Literal
@@ -117,8 +118,6 @@ def _decoded(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         pass
-    import re
-
     declared = re.search(rb"""charset=["']?([A-Za-z0-9_\-]+)""", data[:4096])
     if declared:
         try:

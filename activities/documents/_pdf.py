@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from activities.documents._limits import Budget, DocumentError
@@ -14,8 +15,6 @@ def pdf_text(path: Path, budget: Budget) -> str:
     from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
 
     # pypdf logs every repaired defect as a warning; the result says what failed.
-    import logging
-
     logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         reader = pypdf.PdfReader(path, strict=False)
