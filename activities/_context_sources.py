@@ -3,12 +3,12 @@ text files streamed as they are, other formats converted first."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
 from activities._context_input import ContextInputError, DocumentStats, NamedFile, file_blocks, text_blocks
-from activities.documents import DocumentError, convert, kind_of
+from activities.documents import Budget, DocumentError, convert, kind_of
 from workflows.refs import SkippedDocument
 
 __all__ = ["file_sources"]
@@ -17,7 +17,7 @@ log = structlog.get_logger(__name__)
 
 
 def file_sources(
-    files: list[NamedFile], *, skip: bool, skipped: list[SkippedDocument]
+    files: list[NamedFile], *, skip: bool, skipped: list[SkippedDocument], tick: Callable[[], None] | None = None
 ) -> Iterator[tuple[DocumentStats, Iterator[bytes], str]]:
     """(stats, blocks, name) per readable file, converted when needed.
     Conversion happens here, before the document starts in the stream,

@@ -138,8 +138,10 @@ class ContextStore:
         progress: Progress | None = None,
         on_unreadable: OnUnreadable = "fail",
         label: str = "context",
+        tick: Callable[[], None] | None = None,
     ) -> ContextRef:
-        """`files` as named documents. A file that cannot be read as text
+        """`files` as named documents (`tick` is called often while a file
+        converts, e.g. to heartbeat). A file that cannot be read as text
         stops with the reason, or with `on_unreadable="skip"` is left out
         and listed in the manifest's `skipped` (the rest must hold text)."""
         if on_unreadable not in ("fail", "skip"):
@@ -147,7 +149,7 @@ class ContextStore:
         if kind == "str" and files and files[0].path.stat().st_size == 0:
             raise ContextInputError(f"file {files[0].shown} is empty: a context needs some text")
         skipped: list[SkippedDocument] = []
-        sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped)
+        sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
         return self._put(kind, sources, progress=progress, label=label, skipped=skipped)
 
     def _put(

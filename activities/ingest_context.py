@@ -114,6 +114,7 @@ class IngestContextActivity:
                     progress=beat,
                     on_unreadable=on_unreadable,  # type: ignore[arg-type]
                     label=uri.uri,
+                    tick=lambda: beat("converting"),
                 )
             except ContextInputError as exc:
                 # Name the objects, not our scratch files.

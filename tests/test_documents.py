@@ -174,3 +174,10 @@ def test_a_file_cut_short_converts_or_is_refused_never_crashes(samples, tmp_path
             convert(short, kind)
         except DocumentError as exc:
             assert str(exc), exc
+
+
+def test_the_budget_ticks_while_a_file_converts(tmp_path):
+    """The ingest activity heartbeats through `tick` while a large file converts."""
+    ticks = []
+    convert(make_xlsx(tmp_path / "rows.xlsx", rows=500), "xlsx", Budget(tick=lambda: ticks.append(1)))
+    assert len(ticks) >= 500

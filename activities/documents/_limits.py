@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -44,11 +45,19 @@ class DocumentError(ValueError):
 class Budget:
     """Characters and time left for one file's conversion."""
 
-    def __init__(self, *, max_chars: int = MAX_DOCUMENT_CHARS, max_seconds: float = MAX_DOCUMENT_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        max_chars: int = MAX_DOCUMENT_CHARS,
+        max_seconds: float = MAX_DOCUMENT_SECONDS,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
         self.max_chars = max_chars
         self.max_seconds = max_seconds
         self.chars = 0
         self._deadline = time.monotonic() + max_seconds
+        # Called at every check: an activity heartbeats through it while a large file converts.
+        self._tick = tick
 
     def take(self, text: str) -> str:
         """Count `text` against the budget; raise once it is spent."""
@@ -61,6 +70,8 @@ class Budget:
         return text
 
     def check_time(self) -> None:
+        if self._tick is not None:
+            self._tick()
         if time.monotonic() > self._deadline:
             raise DocumentError(f"converting it took over {self.max_seconds:g} s: split or simplify the file")
 
