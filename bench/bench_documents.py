@@ -8,7 +8,7 @@ files are real files written by python-docx, openpyxl, python-pptx and fpdf2
 
 Candidates converted here:
 - ours: pypdf + python-docx + openpyxl + python-pptx, HTML and EML with the
-  standard library (activities/documents, what the engine uses);
+  Python stdlib (activities/documents, what the engine uses);
 - markitdown[pdf,docx,xlsx,pptx].
 Candidates weighed only (a dry-run install report: they are not converted
 here because their PDF pipelines need model weights fetched at run time):

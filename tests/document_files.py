@@ -1,4 +1,4 @@
-"""Real files of each document kind, made with the libraries that write
+"""Real files of each document kind, made with the packages that write
 them (the `dev` extra), with known text and a known table, for the
 conversion tests and bench/bench_documents.py."""
 

@@ -1,5 +1,5 @@
 """Files of each kind become text (tests/document_files.py writes them with
-the libraries that make them: fpdf2, python-docx, openpyxl, python-pptx, the
+the packages that make them: fpdf2, python-docx, openpyxl, python-pptx, the
 email package); hostile files are refused with the reason, quickly, without
 reading what a zip bomb declares. Pure conversion: no servers."""
 

@@ -1,7 +1,7 @@
 """Files of common office and web formats as plain text documents.
 
 PDF (pypdf), DOCX (python-docx), XLSX (openpyxl, streamed), PPTX
-(python-pptx), HTML and EML (standard library) are converted to text with
+(python-pptx), HTML and EML (Python stdlib) are converted to text with
 tables as Markdown rows; text files (TXT, Markdown, CSV, JSON, ...) are not
 converted at all: they are stored as they are, streamed, whatever their
 size. bench/bench_documents.py compares this with one-package converters.

@@ -1,4 +1,4 @@
-"""HTML to text with the standard library's parser: visible text only
+"""HTML to text with Python's html.parser: visible text only
 (scripts, styles and other non-content elements are dropped, never run),
 block elements on their own lines, tables as Markdown rows."""
 
