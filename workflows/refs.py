@@ -75,10 +75,12 @@ class BlobRef(BaseModel):
 
 
 class ContextURI(BaseModel):
-    """Plain UTF-8 files in object storage, ingested into a context by the
-    run's first step: `{"uri": "s3://bucket/key"}` is one document (a `str`
+    """Files in object storage, ingested into a context by the run's first
+    step: UTF-8 text as it is; PDF, DOCX, XLSX, PPTX, HTML and EML converted
+    to text. `{"uri": "s3://bucket/key"}` is one document (a `str`
     context); `{"uri": "s3://bucket/prefix/"}` (ending in `/`) is every
-    object under the prefix, sorted by key, one document each (a `list`);
+    object under the prefix, sorted by key, one document each named by its
+    key under the prefix (a `list`);
     `{"uri": "s3://bucket/"}` is the whole bucket. Read with the worker's S3
     endpoint and credentials; keys with a part starting with `.` are skipped
     under a prefix."""
