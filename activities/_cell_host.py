@@ -51,6 +51,7 @@ class CellHost:
             "rlm_query_batched": self.rlm_query_batched,
             "FINAL": self.final_answer,
             "FINAL_VAR": self.final_var,
+            "document_names": self.document_names,
         }
 
     # -- guest-facing --------------------------------------------------------
@@ -76,6 +77,14 @@ class CellHost:
 
     def final_var(self, name: str, value: Any) -> None:
         self.final = str(value)
+
+    def document_names(self) -> list[str]:
+        """Every document's name in context order ([] for unnamed documents):
+        the guest's `document(name)` looks names up in it."""
+        manifest = self._rt.contexts.manifest(self._parent_context)
+        if not any(d.name for d in manifest.documents[:1]):
+            return []
+        return [d.name or "" for d in manifest.documents]
 
     # -- one update ------------------------------------------------------------
     def _batch(self, kind: str, texts: list[str], contexts: list[Any], model: str | None) -> list[str]:

@@ -8,7 +8,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ContextInputError", "DocumentStats", "expand_paths", "file_blocks", "text_blocks"]
+__all__ = [
+    "ContextInputError",
+    "DocumentStats",
+    "NamedFile",
+    "expand_paths",
+    "file_blocks",
+    "named_files",
+    "text_blocks",
+]
 
 _READ_BLOCK = 1 << 20
 _UTF8_BOM = codecs.BOM_UTF8
@@ -96,6 +104,28 @@ def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
                 f"file {path} is not valid UTF-8: it ends inside a multi-byte character "
                 f"(offset {consumed - len(decoder.getstate()[0])}); the file may be truncated"
             ) from None
+
+
+@dataclass(frozen=True)
+class NamedFile:
+    """A file to store as one document."""
+
+    path: Path
+    name: str
+    """The document's name: its path under the folder (or prefix) given."""
+    shown: str
+    """How messages call it (the path or URI the caller gave)."""
+
+
+def named_files(paths: list[Path]) -> list[NamedFile]:
+    """`expand_paths` with names: a file under a directory argument is named
+    by its path relative to that directory, a file argument by the path given."""
+    out: list[NamedFile] = []
+    for path in paths:
+        for file in expand_paths([path]):
+            name = file.relative_to(path).as_posix() if path.is_dir() else str(path)
+            out.append(NamedFile(file, name, str(file)))
+    return out
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:

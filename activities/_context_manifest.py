@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workflows.refs import ContextRef
+from workflows.refs import NAME_CHARS_HEAD, NAMES_HEAD, SKIPPED_HEAD, ContextRef, SkippedDocument
 
 __all__ = [
     "CHUNK_PREFIX",
@@ -38,7 +38,11 @@ class ManifestDocument(BaseModel):
     bytes: int
     chars: int
     encoding: str
-    """Encoding of the input: `utf-8`, or `utf-8-sig` if a BOM was dropped."""
+    """Encoding of the input: `utf-8`, or `utf-8-sig` if a BOM was dropped;
+    for a converted file, its format (`pdf`, `docx`, ...)."""
+    name: str | None = None
+    """The file's path under the folder or prefix it came from; None for
+    inline texts (left out of the JSON then, so older manifests keep their hash)."""
 
 
 class ManifestChunk(BaseModel):
@@ -64,10 +68,20 @@ class Manifest(BaseModel):
     total_chars: int
     documents: list[ManifestDocument]
     chunks: list[ManifestChunk]
+    skipped: list[SkippedDocument] = []
+    """Files left out as unreadable (`on_unreadable: "skip"`), with the reason."""
 
     def to_json_bytes(self) -> bytes:
-        """Canonical JSON: sorted keys, no spaces, so equal content hashes equal."""
-        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":")).encode()
+        """Canonical JSON: sorted keys, no spaces, so equal content hashes equal.
+        Fields added later are left out while unset, so a context stored
+        before them keeps its hash."""
+        data = self.model_dump()
+        for doc in data["documents"]:
+            if doc["name"] is None:
+                del doc["name"]
+        if not data["skipped"]:
+            del data["skipped"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_ref(self) -> tuple[ContextRef, bytes]:
         """The reference and the manifest bytes to store under its key."""
@@ -81,6 +95,13 @@ class Manifest(BaseModel):
             total_bytes=self.total_bytes,
             doc_count=len(self.documents),
             doc_chars_head=[d.chars for d in self.documents[:_DOC_CHARS_HEAD]],
+            doc_names_head=[(d.name or "")[:NAME_CHARS_HEAD] for d in self.documents[:NAMES_HEAD]]
+            if any(d.name for d in self.documents[:1])
+            else [],
+            skipped=[
+                SkippedDocument(name=s.name[:NAME_CHARS_HEAD], reason=s.reason[:300]) for s in self.skipped[:SKIPPED_HEAD]
+            ],
+            skipped_count=len(self.skipped),
         )
         return ref, data
 

@@ -277,6 +277,25 @@ class ModelRegistry:
             model=name,
         )
 
+    def unknown_fields(self, fields: Mapping[str, str]) -> str | None:
+        """`field: unknown model 'x'; known: ...` for each field (e.g.
+        `models.sub`) naming a model this worker cannot call, joined by
+        '; '; None when every name resolves."""
+        problems = [
+            f"{field}: unknown model {name!r}" for field, name in fields.items() if not self._knows(name)
+        ]
+        if not problems:
+            return None
+        shown = self.names[:20]
+        known = ", ".join(shown) + (f" and {len(self.names) - 20} more" if len(self.names) > 20 else "")
+        return "; ".join(problems) + (
+            f"; known: {known or 'none configured'} (configured on this worker), or a model name "
+            "litellm knows such as 'gpt-4o-mini'"
+        )
+
+    def _knows(self, name: str) -> bool:
+        return bool(name) and (name in self._specs or _litellm_knows(name))
+
     def info(self, name: str) -> ModelInfo:
         """What the workflow may know about a model (window, prices, prompt style)."""
         return model_info(self.resolve(name))

@@ -225,7 +225,9 @@ def guest_memory_budget(share: float) -> int:
     return int(machine_memory_bytes() * share)
 
 
-_HOST_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR")
+_HOST_NAMES = (
+    "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "document_names"
+)
 
 
 def _forward(host: dict[str, Any], name: str) -> Callable[..., Any]:

@@ -17,16 +17,18 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
 from activities._context_input import (
     ContextInputError,
     DocumentStats,
-    expand_paths,
-    file_blocks,
+    NamedFile,
+    named_files,
     text_blocks,
 )
+from activities._context_sources import file_sources
 from activities._context_manifest import (
     CHUNK_PREFIX,
     MANIFEST_PREFIX,
@@ -40,7 +42,7 @@ from activities.object_store import (
     ObjectStore,
     StorageError,
 )
-from workflows.refs import ContextRef
+from workflows.refs import ContextRef, SkippedDocument
 
 __all__ = [
     "ContextInputError",
@@ -61,6 +63,7 @@ _PARALLEL = 8
 MANIFEST_CACHE_ENTRIES = 256
 MANIFEST_CACHE_ITEMS = 1_000_000
 
+OnUnreadable = Literal["fail", "skip"]
 Progress = Callable[[int], None]
 """Called with the number of input bytes consumed so far."""
 
@@ -113,27 +116,50 @@ class ContextStore:
             return self.put_text(value)
         return self.put_documents(value)
 
-    def put_paths(self, paths: list[Path], *, progress: Progress | None = None) -> ContextRef:
+    def put_paths(
+        self, paths: list[Path], *, progress: Progress | None = None, on_unreadable: OnUnreadable = "fail"
+    ) -> ContextRef:
         """One file: a `str` context. Several files or a directory: a
-        `list[str]`, one document per file in sorted order."""
+        `list[str]`, one document per file in sorted order, named by its
+        path under the directory. PDF, DOCX, XLSX, PPTX, HTML and EML files
+        are converted to text (activities/documents); other files are
+        stored as they are and must be UTF-8 text."""
         paths = [Path(p) for p in paths]
-        files = expand_paths(paths)
+        files = named_files(paths)
         kind = "str" if len(paths) == 1 and len(files) == 1 and paths[0].is_file() else "list"
-        sources = []
-        for path in files:
-            stats = DocumentStats()
-            sources.append((stats, file_blocks(path, stats)))
-        if kind == "str" and files[0].stat().st_size == 0:
-            raise ContextInputError(f"file {files[0]} is empty: a context needs some text")
-        return self._put(kind, sources, progress=progress, label=", ".join(map(str, paths)))
+        return self.put_files(files, kind=kind, progress=progress, on_unreadable=on_unreadable,
+                              label=", ".join(map(str, paths)))
+
+    def put_files(
+        self,
+        files: list[NamedFile],
+        *,
+        kind: Literal["str", "list"],
+        progress: Progress | None = None,
+        on_unreadable: OnUnreadable = "fail",
+        label: str = "context",
+        tick: Callable[[], None] | None = None,
+    ) -> ContextRef:
+        """`files` as named documents (`tick` is called often while a file
+        converts, e.g. to heartbeat). A file that cannot be read as text
+        stops with the reason, or with `on_unreadable="skip"` is left out
+        and listed in the manifest's `skipped` (the rest must hold text)."""
+        if on_unreadable not in ("fail", "skip"):
+            raise ContextInputError(f"on_unreadable must be 'fail' or 'skip', got {on_unreadable!r}")
+        if kind == "str" and files and files[0].path.stat().st_size == 0:
+            raise ContextInputError(f"file {files[0].shown} is empty: a context needs some text")
+        skipped: list[SkippedDocument] = []
+        sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
+        return self._put(kind, sources, progress=progress, label=label, skipped=skipped)
 
     def _put(
         self,
         kind: str,
-        sources: Iterable[tuple[DocumentStats, Iterator[bytes]]],
+        sources: Iterable[tuple[DocumentStats, Iterator[bytes]] | tuple[DocumentStats, Iterator[bytes], str]],
         *,
         progress: Progress | None = None,
         label: str = "context",
+        skipped: list[SkippedDocument] | None = None,
     ) -> ContextRef:
         documents: list[ManifestDocument] = []
         chunks: list[ManifestChunk] = []
@@ -152,7 +178,9 @@ class ContextStore:
         with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="ctx-put") as executor:
             try:
                 stream_bytes = 0
-                for stats, blocks in sources:
+                for source in sources:
+                    stats, blocks = source[0], source[1]
+                    name = source[2] if len(source) > 2 else None
                     start = stream_bytes
                     for block in blocks:
                         buffer += block
@@ -164,8 +192,13 @@ class ContextStore:
                             progress(stream_bytes)
                     documents.append(
                         ManifestDocument(
-                            offset=start, bytes=stats.bytes, chars=stats.chars, encoding=stats.encoding
+                            offset=start, bytes=stats.bytes, chars=stats.chars, encoding=stats.encoding, name=name
                         )
+                    )
+                if skipped and not documents:
+                    raise ContextInputError(
+                        f"no readable file in {label}: all {len(skipped)} were skipped "
+                        f"(first: {skipped[0].name}: {skipped[0].reason})"
                     )
                 if stream_bytes == 0:
                     raise ContextInputError(f"{label} is empty: a context needs some text")
@@ -185,6 +218,7 @@ class ContextStore:
             total_chars=sum(d.chars for d in documents),
             documents=documents,
             chunks=chunks,
+            skipped=list(skipped or []),
         )
         ref, data = manifest.to_ref()
         if not self.store.exists(ref.manifest_key):

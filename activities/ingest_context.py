@@ -6,8 +6,11 @@ goes on with a ContextRef exactly as if the caller had stored it.
 
 S3 objects are read with the worker's endpoint and credentials (any bucket
 they may read), downloaded to a private directory and stored as files, so a
-large object never sits in memory and a binary or non-UTF-8 object is
-refused with the byte offset of the problem, named by its URI.
+large object never sits in memory. PDF, DOCX, XLSX, PPTX, HTML and EML
+objects are converted to text (activities/documents); any other object must
+be UTF-8 text. An object that cannot be read is refused with the reason,
+named by its URI, or left out and listed with `on_unreadable: "skip"`.
+Documents are named by their key under the prefix.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from minio.error import S3Error
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._context_input import NamedFile
 from activities.context_store import ContextInputError
 from activities.object_store import (
     ObjectMissingError,
@@ -78,7 +82,7 @@ class IngestContextActivity:
             elif inp.texts is not None:
                 ref = self._rt.contexts.put_documents(inp.texts)
             elif inp.uri is not None:
-                ref = self._put_uri(inp.uri)
+                ref = self._put_uri(inp.uri, inp.on_unreadable)
             else:
                 raise ContextInputError("no context given: send text, a list of texts or {\"uri\": ...}")
         except (ContextInputError, StorageError) as exc:
@@ -88,19 +92,30 @@ class IngestContextActivity:
         log.info("context ingested", workflow_id=inp.workflow_id, sha256=ref.sha256[:16], docs=ref.doc_count)
         return ref
 
-    def _put_uri(self, uri: ContextURI) -> ContextRef:
+    def _put_uri(self, uri: ContextURI, on_unreadable: str) -> ContextRef:
         source = ObjectStore(self._rt.store.client, uri.bucket, endpoint=self._rt.store.endpoint)
         beat = _Heartbeat()
-        keys = self._list(source, uri, beat) if uri.is_prefix else [uri.key]
+        keys = _visible(self._list(source, uri, beat), uri) if uri.is_prefix else [uri.key]
         scratch = Path(self._rt.settings.data_dir) / "cache" / "ingest"
         scratch.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix="ctx-", dir=scratch))
         try:
+            files = []
             for key in keys:
-                self._download(source, uri, key, root / _safe_relative(uri, key), beat)
-            target = root / uri.key if uri.key else root
+                path = root / _safe_relative(uri, key)
+                self._download(source, uri, key, path, beat)
+                # Named by the key under the prefix (the whole key for one object).
+                name = key[len(uri.key) :] if uri.is_prefix else key
+                files.append(NamedFile(path, name, f"s3://{uri.bucket}/{key}"))
             try:
-                return self._rt.contexts.put_paths([target], progress=beat)
+                return self._rt.contexts.put_files(
+                    files,
+                    kind="list" if uri.is_prefix else "str",
+                    progress=beat,
+                    on_unreadable=on_unreadable,  # type: ignore[arg-type]
+                    label=uri.uri,
+                    tick=lambda: beat("converting"),
+                )
             except ContextInputError as exc:
                 # Name the objects, not our scratch files.
                 text = str(exc).replace(f"{root}/", f"s3://{uri.bucket}/").replace(str(root), f"s3://{uri.bucket}/")
@@ -161,6 +176,15 @@ def _s3_error(exc: S3Error, source: ObjectStore, uri: ContextURI, what: str) -> 
     if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return S3AuthError(f"{source.endpoint} refused to read {what} ({exc.code}) with the worker's credentials")
     return StorageError(f"reading {what} failed on {source.endpoint}: {exc.code}: {exc.message}")
+
+
+def _visible(keys: list[str], uri: ContextURI) -> list[str]:
+    """Keys under the prefix without a hidden part (`.git/...`), in the
+    order a local folder's files get (sorted by path parts)."""
+    shown = [k for k in keys if not any(p.startswith(".") for p in k[len(uri.key) :].split("/"))]
+    if not shown:
+        raise ContextInputError(f"no objects under {uri.uri} but hidden ones (a part starting with '.')")
+    return sorted(shown, key=lambda k: PurePosixPath(k).parts)
 
 
 def _safe_relative(uri: ContextURI, key: str) -> PurePosixPath:

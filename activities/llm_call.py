@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import structlog
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
@@ -29,7 +30,12 @@ class LlmCallActivity:
 
     @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
     async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
-        """Check every model of a run before its first call: known, key present."""
+        """Check every model of a run before its first call: known (an
+        unknown one is reported by the request field that names it), key present."""
+        unknown = self._rt.models.unknown_fields(inp.fields)
+        if unknown is not None:
+            # The caller's mistake: retrying cannot help.
+            raise ApplicationError(unknown, type="UnknownModel", non_retryable=True)
         models = {}
         for name in inp.names:
             try:

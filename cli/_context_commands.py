@@ -60,7 +60,7 @@ def _put(args: argparse.Namespace, settings: Settings) -> int:
     paths = [Path(p) for p in args.paths]
     progress = _Progress(_input_size([p for p in paths if p.exists()]))
     try:
-        ref = store.put_paths(paths, progress=progress)
+        ref = store.put_paths(paths, progress=progress, on_unreadable="skip" if args.skip_unreadable else "fail")
     finally:
         progress.finish()
     sys.stdout.write(ref.model_dump_json() + "\n")
@@ -109,7 +109,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "put",
         help="upload a file (one str document), several files or a directory (a list of documents)",
     )
-    put.add_argument("paths", nargs="+", metavar="PATH", help="UTF-8 text files or directories")
+    put.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="files or directories: UTF-8 text (TXT, CSV, JSON, ...) as it is; PDF, DOCX, XLSX, PPTX, HTML "
+        "and EML converted to text; each document named by its path under the directory",
+    )
+    put.add_argument("--skip-unreadable", action="store_true",
+                     help="leave out files that cannot be converted (listed in the printed ref's `skipped`)")
     put.set_defaults(handler=_put)
 
     get = actions.add_parser("get", help="print a stored context (str as text, list as JSON)")

@@ -31,7 +31,7 @@ from cli._pickup import no_worker_message, watch_pickup
 from cli._progress import ProgressPrinter
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
-from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
+from workflows.request import MAX_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest, RunResult
 from workflows.summaries import run_static_details, run_static_summary
 
 log = structlog.get_logger(__name__)
@@ -53,6 +53,8 @@ class RunOptions:
     caps: dict[str, Any] = field(default_factory=dict)
     cell_timeout_s: float = 120.0
     answer_schema: dict[str, Any] | None = None
+    on_unreadable: str = "fail"
+    """`skip`: files that cannot be converted to text are left out (listed in the result)."""
     workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
 
 
@@ -91,15 +93,8 @@ class RunClient:
 
     # -- starting --------------------------------------------------------------
     def build_request(self, opts: RunOptions) -> RunRequest:
-        root, sub = choose_models(opts.model, opts.sub_model, self.progress)
-        opts = dataclasses.replace(opts, model=root, sub_model=sub)
-        caps_given = {k: v for k, v in opts.caps.items() if v is not None}
-        local = root == LOCAL_MODEL_NAME
-        if local:
-            # One llama.cpp server answers one request at a time.
-            caps_given.setdefault("max_concurrency", 1)
-        caps = Caps(**caps_given)
-        check_models(root, sub or root, caps)
+        opts, caps = checked_options(opts, self.progress)
+        local = opts.model == LOCAL_MODEL_NAME
         # Only starting a run uploads: `rlm result` and `rlm cancel` skip the S3 client's import.
         from activities.context_store import ContextStore
         from activities.object_store import ObjectStore
@@ -109,7 +104,7 @@ class RunClient:
         if self.progress:
             self.progress.note(f"uploading context ({_size(opts.context_paths)})")
         try:
-            ref = ContextStore(store).put_paths(opts.context_paths)
+            ref = ContextStore(store).put_paths(opts.context_paths, on_unreadable=opts.on_unreadable)  # type: ignore[arg-type]
         except Exception as exc:
             raise RunError(str(exc)) from None
         return RunRequest(
@@ -120,6 +115,7 @@ class RunClient:
             # A 1.5B model on 2 cores reads ~50 tokens/s: a full window takes minutes.
             limits=RunLimits(cell_timeout_s=opts.cell_timeout_s, model_call_timeout_s=900.0 if local else 300.0),
             answer_schema=opts.answer_schema,
+            on_unreadable=opts.on_unreadable,
         )
 
     async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:
@@ -193,6 +189,58 @@ class RunClient:
 
 
 
+def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -> tuple[RunOptions, Caps]:
+    """The options with the models chosen, and the caps; a RunError naming
+    the flag for an unknown model, a bad cap or a budget too small to start.
+    `rlm run` and `rlm submit` call it before starting anything."""
+    root, sub = choose_models(opts.model, opts.sub_model, progress)
+    opts = dataclasses.replace(opts, model=root, sub_model=sub)
+    caps_given = {k: v for k, v in opts.caps.items() if v is not None}
+    if root == LOCAL_MODEL_NAME:
+        # One llama.cpp server answers one request at a time.
+        caps_given.setdefault("max_concurrency", 1)
+    caps = _caps_from_flags(caps_given)
+    if not 0 < opts.cell_timeout_s <= MAX_STEP_SECONDS:
+        raise RunError(f"--cell-timeout: must be more than 0 and at most {MAX_STEP_SECONDS:g} seconds, got {opts.cell_timeout_s:g}")
+    check_models(root, sub or root, caps)
+    return opts, caps
+
+
+_CAP_FLAGS = {
+    "max_turns": "--max-turns",
+    "max_usd": "--max-usd",
+    "max_tokens": "--max-tokens",
+    "max_calls": "--max-calls",
+    "max_wall_s": "--max-wall",
+    "max_depth": "--max-depth",
+    "max_concurrency": "--max-concurrency",
+}
+
+
+def _caps_from_flags(given: dict[str, Any]) -> Caps:
+    """The caps, or a RunError naming each bad flag (not the field)."""
+    from pydantic import ValidationError
+
+    try:
+        caps = Caps(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_CAP_FLAGS.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'caps'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise RunError(problems) from None
+    if caps.max_turns < 1:
+        raise RunError("--max-turns: must be at least 1 (a run needs a turn to answer)")
+    too_large = [
+        f"{flag}: at most {REQUEST_CAP_BOUNDS[name]:,g}, got {getattr(caps, name):,g}"
+        for name, flag in _CAP_FLAGS.items()
+        if getattr(caps, name) is not None and getattr(caps, name) > REQUEST_CAP_BOUNDS[name]
+    ]
+    if too_large:
+        raise RunError("; ".join(too_large))
+    return caps
+
+
 def check_models(root: str, sub: str, caps: Caps) -> None:
     """Refuse what the model configuration alone shows to be wrong: a bad
     RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
@@ -202,6 +250,9 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
 
     try:
         registry = ModelRegistry.from_env()
+        unknown = registry.unknown_fields({"--model": root, "--sub-model": sub} if sub != root else {"--model": root})
+        if unknown is not None:
+            raise RunError(unknown)
         configured = [registry.resolve(n) for n in dict.fromkeys([root, sub]) if n in registry.names]
         for spec in configured:
             check_credentials(spec, offline=True)

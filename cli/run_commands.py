@@ -50,7 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     p.add_argument("--context", nargs="+", type=Path, required=True, metavar="PATH",
-                   help="a file, several files, or a directory of text files")
+                   help="a file, several files, or a directory: text, CSV, JSON, PDF, DOCX, XLSX, PPTX, "
+                        "HTML, EML (documents are named by their path under the directory)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out files that cannot be converted to text (listed in the result) "
+                        "instead of refusing the run")
     p.add_argument("--model", default=None, help="root model (default: RLM_MODEL, else a hosted model whose key is set, else the local model)")
     p.add_argument("--sub-model", default=None, help="sub-call model (default: RLM_SUB_MODEL, else as --model)")
     p.add_argument("--max-turns", type=int, default=20)
@@ -85,6 +89,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         },
         cell_timeout_s=args.cell_timeout,
         answer_schema=_answer_schema(args.answer_schema),
+        on_unreadable="skip" if args.skip_unreadable else "fail",
         **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
     )
 
@@ -103,11 +108,14 @@ def _answer_schema(path: Path | None) -> dict | None:
 
 
 def _cmd_run(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient
+    from cli._run_client import RunClient, checked_options
+
+    opts = _options(args)
+    checked_options(opts)  # refused before any service or worker starts
 
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
-        result = await client.run(_options(args))
+        result = await client.run(opts)
         _print_result(result, client, as_json=args.json)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
@@ -117,12 +125,15 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient
+    from cli._run_client import RunClient, checked_options
+
+    opts = _options(args)
+    checked_options(opts)  # refused before any service or worker starts
 
     async def go() -> int:
         # A missing worker is started, not waited for: submit returns at once.
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), wait_for_worker=False)
-        workflow_id = await client.submit(_options(args))
+        workflow_id = await client.submit(opts)
         print(workflow_id)
         print(f"watch: {client.ui_link(workflow_id)}", file=sys.stderr)
         return 0
@@ -181,4 +192,8 @@ def _print_result(result, client: RunClient, *, as_json: bool) -> None:
         print(f"  depth {depth}: {u.calls} calls, ${u.usd:.4f}", file=sys.stderr)
     if result.children:
         print(f"  child runs: {len(result.children)}", file=sys.stderr)
+    if result.skipped_count:
+        print(f"  unreadable files left out: {result.skipped_count}", file=sys.stderr)
+        for skipped in result.skipped_documents[:20]:
+            print(f"    {skipped.name}: {skipped.reason}", file=sys.stderr)
     print(f"run: {client.ui_link(result.workflow_id)}", file=sys.stderr)

@@ -18,10 +18,9 @@ stop sequence `COMPACT_STOP` so the model cannot invent the next turn.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from workflows.refs import ContextRef
+from workflows._context_meta import ContextMeta, describe_context
 
 __all__ = [
     "COMPACT_STOP", "REASON_FINAL_BEFORE_LOOKING", "REASON_NO_ACTION", "CellReport", "ContextMeta",
@@ -39,7 +38,6 @@ do not mutate."""
 Profile = Literal["full", "compact"]
 
 # How many document lengths the first message lists (ContextRef keeps up to 100).
-_DOC_LENGTHS_SHOWN = 20
 
 _FULL_INTRO = """\
 You answer a question about a context that lives in a Python REPL. You cannot see the context: \
@@ -188,34 +186,6 @@ give your best answer and say what is uncertain."""
 
 
 @dataclass(frozen=True)
-class ContextMeta:
-    """What the model may know about its context: shape and size, never content."""
-
-    kind: Literal["str", "list"]
-    """`str`: one document; `list`: a list of documents."""
-    total_chars: int
-    """Characters in all documents together."""
-    doc_count: int
-    """Number of documents (1 for `str`)."""
-    doc_chars_head: list[int] = field(default_factory=list)
-    """Character lengths of the first documents, in order."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("str", "list"):
-            raise ValueError(f"ContextMeta.kind must be 'str' or 'list', got {self.kind!r}")
-        if self.total_chars < 0 or self.doc_count < 0 or any(n < 0 for n in self.doc_chars_head):
-            raise ValueError(
-                f"ContextMeta sizes must be >= 0 (total_chars={self.total_chars}, "
-                f"doc_count={self.doc_count}); build it from the stored ContextRef"
-            )
-
-    @classmethod
-    def from_ref(cls, ref: ContextRef) -> ContextMeta:
-        """Metadata of a stored context (no storage access: all of it is in the ref)."""
-        return cls(ref.kind, ref.total_chars, ref.doc_count, list(ref.doc_chars_head))
-
-
-@dataclass(frozen=True)
 class CellReport:
     """One cell of the previous turn, as the model will see it."""
 
@@ -265,7 +235,7 @@ def first_user_message(question: str, meta: ContextMeta, *, turn: int, max_turns
     _check_turn(turn, max_turns)
     rule = _FIRST_TURN_RULE if turn == 1 else _TURN_CONTINUE
     return "\n\n".join(
-        [_describe_context(meta), f"Question: {question}", rule.format(turn=turn, max_turns=max_turns)]
+        [describe_context(meta), f"Question: {question}", rule.format(turn=turn, max_turns=max_turns)]
     )
 
 
@@ -339,21 +309,6 @@ def merge_consecutive(messages: list[dict]) -> list[dict]:
         else:
             merged.append({**msg, "content": content or ""})
     return merged
-
-
-def _describe_context(meta: ContextMeta) -> str:
-    size = f"{meta.total_chars:,} characters (about {meta.total_chars // 4:,} tokens)"
-    if meta.kind == "str":
-        head = f"Your context is a str of {size}."
-    else:
-        docs = "document" if meta.doc_count == 1 else "documents"
-        head = f"Your context is a list of {meta.doc_count:,} str {docs}, {size} in total."
-        shown = meta.doc_chars_head[:_DOC_LENGTHS_SHOWN]
-        if shown:
-            which = f"Lengths of the first {len(shown)} documents"
-            which = "Document lengths" if len(shown) >= meta.doc_count else which
-            head += f" {which}: {', '.join(f'{n:,}' for n in shown)}."
-    return head + " It is in the REPL variable `context`; you have not seen any of it."
 
 
 def _render_cells(reports: list[CellReport]) -> str:

@@ -18,6 +18,12 @@ INLINE_LIMIT_BYTES = 4096
 _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/")
 
 
+NAMES_HEAD = 100
+"""Document names a ContextRef carries (the manifest holds them all)."""
+NAME_CHARS_HEAD = 200
+SKIPPED_HEAD = 50
+
+
 class ContextRef(BaseModel):
     """A context stored as sha256-addressed chunks plus a manifest."""
 
@@ -34,6 +40,28 @@ class ContextRef(BaseModel):
     doc_count: int
     doc_chars_head: list[int]
     """Character length of the first documents (at most 100), for the prompt."""
+    doc_names_head: list[str] = Field(default_factory=list)
+    """Names of the first documents (at most 100, each cut to 200 characters):
+    the file's path under the folder or prefix it came from. Empty when the
+    documents have no names (inline texts)."""
+    skipped: list[SkippedDocument] = Field(default_factory=list)
+    """Files left out because they could not be converted (the caller allowed
+    it with `on_unreadable: "skip"`): the first 50, with the reason."""
+    skipped_count: int = 0
+    """Every file left out, listed in `skipped` or not."""
+
+    _null_is_empty = field_validator("doc_names_head", "skipped", mode="before")(
+        lambda v: [] if v is None else v
+    )
+
+
+class SkippedDocument(BaseModel):
+    """A file that was not made a document, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    reason: str
 
 
 class BlobRef(BaseModel):
@@ -47,10 +75,12 @@ class BlobRef(BaseModel):
 
 
 class ContextURI(BaseModel):
-    """Plain UTF-8 files in object storage, ingested into a context by the
-    run's first step: `{"uri": "s3://bucket/key"}` is one document (a `str`
+    """Files in object storage, ingested into a context by the run's first
+    step: UTF-8 text as it is; PDF, DOCX, XLSX, PPTX, HTML and EML converted
+    to text. `{"uri": "s3://bucket/key"}` is one document (a `str`
     context); `{"uri": "s3://bucket/prefix/"}` (ending in `/`) is every
-    object under the prefix, sorted by key, one document each (a `list`);
+    object under the prefix, sorted by key, one document each named by its
+    key under the prefix (a `list`);
     `{"uri": "s3://bucket/"}` is the whole bucket. Read with the worker's S3
     endpoint and credentials; keys with a part starting with `.` are skipped
     under a prefix."""
@@ -81,3 +111,6 @@ class ContextURI(BaseModel):
     @property
     def is_prefix(self) -> bool:
         return self.key == "" or self.key.endswith("/")
+
+
+ContextRef.model_rebuild()

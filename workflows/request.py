@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
-from workflows.refs import BlobRef, ContextRef, ContextURI
+from workflows.refs import BlobRef, ContextRef, ContextURI, SkippedDocument
 
 RunStatus = Literal["completed", "budget_exhausted", "max_turns", "cancelled", "failed"]
 
@@ -26,14 +26,42 @@ MAX_OUTPUT_CHARS = 200_000
 root turn's activity input (Temporal refuses payloads over 2 MiB)."""
 
 
+MAX_STEP_SECONDS = 86_400.0
+"""Longest `limits.cell_timeout_s` / `model_call_timeout_s`: a day."""
+MAX_CELL_MEMORY_MB = 64 * 1024
+"""Largest `limits.cell_memory_mb`: the 32-bit WASM REPL addresses 4 GiB;
+the worker refuses what its memory budget cannot hold."""
+MAX_OUTPUT_TOKENS = 1_000_000
+REQUEST_CAP_BOUNDS: dict[str, float] = {
+    "max_usd": 1_000_000.0,
+    "max_tokens": 10**13,
+    "max_calls": 10**9,
+    "max_turns": 10_000,
+    "max_wall_s": 366 * 86_400.0,
+    "max_depth": 16,
+    "max_concurrency": 1_024,
+}
+"""Largest cap a caller may ask for: beyond these a value is a mistake (a
+unit slip, an overflow), and some (`max_wall_s`) would overflow a time."""
+
+
+ModelName = Annotated[
+    str,
+    Field(min_length=1, max_length=256, pattern=r"^\S(.*\S)?$"),
+    Field(description="A model configured on the worker, or a model name litellm knows (checked by the run's first step)."),
+]
+
+
 class ModelChoice(BaseModel):
     """Which configured model plays which part of the run tree."""
 
-    root: str
+    root: ModelName
     """Model that writes the REPL code at depth 0."""
-    sub: str | None = None
+    sub: ModelName | None = None
     """Model for `llm_query` sub-calls; defaults to `root`."""
-    per_depth: dict[int, str] = Field(default_factory=dict)
+    per_depth: dict[Annotated[int, Field(ge=1, le=REQUEST_CAP_BOUNDS["max_depth"])], ModelName] = Field(
+        default_factory=dict
+    )
     """Root model of child runs at a given depth (1, 2, ...); defaults to `root`."""
 
     def sub_model(self) -> str:
@@ -41,6 +69,14 @@ class ModelChoice(BaseModel):
 
     def root_at(self, depth: int) -> str:
         return self.per_depth.get(depth, self.root)
+
+    def fields(self) -> dict[str, str]:
+        """Each model name by the request field that gives it (`models.root`, ...)."""
+        out = {"models.root": self.root}
+        if self.sub is not None:
+            out["models.sub"] = self.sub
+        out.update({f"models.per_depth.{depth}": name for depth, name in sorted(self.per_depth.items())})
+        return out
 
     def allowed(self) -> list[str]:
         """Names that guest code may pick with `model=`."""
@@ -51,17 +87,17 @@ class ModelChoice(BaseModel):
 class RunLimits(BaseModel):
     """Per-step limits: how long and how large one step may be."""
 
-    cell_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    cell_timeout_s: float = Field(120.0, gt=0, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Guest CPU/wall time for one cell; time waiting on sub-calls does not count."""
-    cell_memory_mb: int = Field(2048, ge=1)
+    cell_memory_mb: int = Field(2048, ge=1, le=MAX_CELL_MEMORY_MB)
     """Linear-memory cap of the WASM REPL."""
     output_chars: int = Field(20_000, ge=100, le=MAX_OUTPUT_CHARS)
     """Printed output of one cell kept in the transcript (the rest is stored)."""
-    root_max_output_tokens: int | None = Field(None, ge=1)
+    root_max_output_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     """Cap on one root reply; None = the model's own maximum (at most 8192)."""
-    sub_max_output_tokens: int | None = Field(None, ge=1)
+    sub_max_output_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     """Cap on one sub-call reply; None = the model's own maximum (at most 4096)."""
-    model_call_timeout_s: float = Field(300.0, gt=0, allow_inf_nan=False)
+    model_call_timeout_s: float = Field(300.0, gt=0, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Start-to-close timeout of one model call activity."""
     continue_after_updates: int = Field(1_000, ge=1)
     """Start a fresh run of the chain (continue-as-new) at the next turn
@@ -176,6 +212,11 @@ class RunRequest(BaseModel):
     list of texts (at most `MAX_INLINE_CONTEXT_BYTES` inline in all), or
     `{"uri": "s3://bucket/key"}` / `{"uri": "s3://bucket/prefix/"}` for plain
     UTF-8 files. Inside the run it is always a ContextRef."""
+    on_unreadable: Literal["fail", "skip"] = "fail"
+    """A file of an S3 context that cannot be converted to text (a corrupt
+    or encrypted PDF, a zip bomb, a binary file): `fail` ends the run with
+    the file named and the reason; `skip` leaves it out, lists it in the
+    context's metadata and in `RunResult.skipped_documents`, and goes on."""
     models: ModelChoice
     caps: Caps = Field(default_factory=Caps)
     limits: RunLimits = Field(default_factory=RunLimits)
@@ -220,6 +261,13 @@ class RunRequest(BaseModel):
         # (set_caps lowers it to stop a run), a request may not start with it.
         if value.max_turns < 1:
             raise ValueError("caps.max_turns must be at least 1 (a run needs a turn to answer)")
+        too_large = [
+            f"caps.{name} is {getattr(value, name):,} (at most {bound:,g})"
+            for name, bound in REQUEST_CAP_BOUNDS.items()
+            if getattr(value, name) is not None and getattr(value, name) > bound
+        ]
+        if too_large:
+            raise ValueError("; ".join(too_large) + ": give a smaller cap, or leave a money cap out for no limit")
         return value
 
 
@@ -346,8 +394,14 @@ class RunResult(BaseModel):
     runs; each child's own result holds its subtree."""
     runs_below: int = 0
     """Every run in the tree below this one, listed in `children` or not."""
+    skipped_documents: list[SkippedDocument] = Field(default_factory=list)
+    """Files of the context left out as unreadable (`on_unreadable: "skip"`),
+    the first 50 with the reason; `skipped_count` counts them all."""
+    skipped_count: int = 0
 
-    _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
+    _children_null_is_empty = field_validator("children", "skipped_documents", mode="before")(
+        lambda v: _null_is_empty(v)
+    )
 
 
 def _null_is_empty(value: Any) -> Any:

@@ -126,6 +126,10 @@ class RLMRun:
         try:
             self._models = await self._resolve_models()
         except ActivityError as exc:
+            cause = exc.cause
+            # An unknown model is the caller's: the message names the field (`models.sub: ...`), keep it first.
+            if isinstance(cause, ApplicationError) and cause.type == "UnknownModel":
+                return self._result("failed", cause.message, None)
             return self._result("failed", error_text(exc), None)
         if not isinstance(request.context, ContextRef):
             try:
@@ -174,7 +178,7 @@ class RLMRun:
     async def _resolve_models(self) -> dict[str, ModelInfo]:
         out: ResolveModelsOutput = await workflow.execute_activity(
             names.ACTIVITY_RESOLVE_MODELS,
-            ResolveModelsInput(names=self._req.models.allowed()),
+            ResolveModelsInput(names=self._req.models.allowed(), fields=self._req.models.fields()),
             result_type=ResolveModelsOutput,
             summary="resolve models · " + ", ".join(self._req.models.allowed())[:160],
             start_to_close_timeout=timedelta(seconds=30),
@@ -186,7 +190,10 @@ class RLMRun:
         """Store a context given as JSON (text, texts, S3 URI) in the chunked store."""
         context = self._req.context
         if isinstance(context, ContextURI):
-            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, uri=context), context.uri
+            inp = IngestContextInput(
+                workflow_id=workflow.info().workflow_id, uri=context, on_unreadable=self._req.on_unreadable
+            )
+            what = context.uri
         elif isinstance(context, str):
             inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, text=context), "inline text"
         else:
@@ -204,6 +211,7 @@ class RLMRun:
 
     def _result(self, status: RunStatus, reason: str | None, answer: str | None) -> RunResult:
         info = workflow.info()
+        context = self._req.context
         workflow.upsert_search_attributes([STATUS_KEY.value_set(status)])
         return RunResult(
             answer=clip_utf8(answer, ANSWER_INLINE_BYTES) if answer is not None else None,
@@ -221,6 +229,8 @@ class RLMRun:
             transcript_key=self._driver.transcript_key if self._driver else None,
             children=bounded_tree(self._router.children) if self._router else [],
             runs_below=self._router.runs_below if self._router else 0,
+            skipped_documents=list(context.skipped) if isinstance(context, ContextRef) else [],
+            skipped_count=context.skipped_count if isinstance(context, ContextRef) else 0,
         )
 
     # -- sub-calls from cells ----------------------------------------------

@@ -37,6 +37,9 @@ class ModelInfo(BaseModel):
 
 class ResolveModelsInput(BaseModel):
     names: list[str]
+    fields: dict[str, str] = Field(default_factory=dict)
+    """The request's field of each name (`models.root`, `models.sub`,
+    `models.per_depth.1`), so an unknown model is reported by its field."""
 
 
 class ResolveModelsOutput(BaseModel):
@@ -51,6 +54,8 @@ class IngestContextInput(BaseModel):
     text: str | None = None
     texts: list[str] | None = None
     uri: ContextURI | None = None
+    on_unreadable: Literal["fail", "skip"] = "fail"
+    """`RunRequest.on_unreadable`: what a file that cannot be converted does."""
 
 
 class RootTurnInput(BaseModel):

@@ -13,7 +13,7 @@ from rlm_channel import FrameTooLarge
 from rlm_codec import CodecError
 
 STANDARD_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
-                  "FINAL", "FINAL_VAR", "SHOW_VARS")
+                  "FINAL", "FINAL_VAR", "SHOW_VARS", "document", "document_names")
 
 
 class HostCallError(Exception):
@@ -62,8 +62,10 @@ def install_safe_sleep(clock):
     time.sleep = sleep
 
 
-def build_api(channel, user_globals, registered, clock):
-    """Return {name: function} for the standard names plus extra host functions."""
+def build_api(channel, user_globals, registered, clock, context_docs=tuple):
+    """Return {name: function} for the standard names plus extra host functions.
+    `context_docs()` gives the loaded context's documents (a tuple the code
+    cannot change), for `document(name)`."""
 
     def call(name, *args, **kwargs):
         if name not in registered:
@@ -129,8 +131,41 @@ def build_api(channel, user_globals, registered, clock):
             lines.append("%s: %s%s" % (key, type(value).__name__, size))
         return "\n".join(lines) if lines else "(no user variables)"
 
+    # Names are asked of the host once per loaded context (they never change).
+    names_of = [None, None, None]  # docs tuple, names list, {name: index}
+
+    def _names():
+        docs = context_docs()
+        if names_of[0] is not docs:
+            names = list(call("document_names"))
+            names_of[:] = [docs, names, {n: i for i, n in enumerate(names)}]
+        return names_of[1], names_of[2]
+
+    def document_names():
+        """Names of the documents (their file paths), in the order of `context`."""
+        return list(_names()[0])
+
+    def document(name):
+        """The text of the document called `name` (a name from document_names())."""
+        if not isinstance(name, str):
+            raise TypeError("document() takes a document's name (str), e.g. document(%r); "
+                            "use context[i] for the i-th document" % "invoices/2024-01.pdf")
+        names, index = _names()
+        if not names:
+            raise KeyError("the documents of this context have no names (they were given as "
+                           "texts, not files): use context[i]")
+        if name not in index:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            hint = ("; did you mean %s?" % ", ".join(repr(c) for c in close)) if close else ""
+            raise KeyError("no document named %r among the %s documents%s (document_names() lists them)"
+                           % (name, format(len(names), ","), hint))
+        return context_docs()[index[name]]
+
     api = {f.__name__: f for f in (llm_query, llm_query_batched, rlm_query,
-                                    rlm_query_batched, FINAL, FINAL_VAR, SHOW_VARS)}
+                                    rlm_query_batched, FINAL, FINAL_VAR, SHOW_VARS,
+                                    document, document_names)}
     for extra in registered:
         if extra not in api:
             api[extra] = _extra_stub(call, extra)

@@ -53,7 +53,8 @@ class Repl:
     # -- commands -----------------------------------------------------------
     def setup(self, registered, max_frame=None):
         self.channel.max_frame = max_frame
-        api = rlm_api.build_api(self.channel, self.globals, set(registered), self.clock)
+        api = rlm_api.build_api(self.channel, self.globals, set(registered), self.clock,
+                                lambda: self.context_docs)
         self.protected.update(api)
         self.globals.update(api)
         return {"names": sorted(api)}

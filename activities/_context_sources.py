@@ -1,0 +1,47 @@
+"""The documents of a list of files as byte streams for the context store:
+text files streamed as they are, other formats converted first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import structlog
+
+from activities._context_input import ContextInputError, DocumentStats, NamedFile, file_blocks, text_blocks
+from activities.documents import Budget, DocumentError, convert, kind_of
+from workflows.refs import SkippedDocument
+
+__all__ = ["file_sources"]
+
+log = structlog.get_logger(__name__)
+
+
+def file_sources(
+    files: list[NamedFile], *, skip: bool, skipped: list[SkippedDocument], tick: Callable[[], None] | None = None
+) -> Iterator[tuple[DocumentStats, Iterator[bytes], str]]:
+    """(stats, blocks, name) per readable file, converted when needed.
+    Conversion happens here, before the document starts in the stream,
+    so an unreadable file can still be left out."""
+    for file in files:
+        stats = DocumentStats()
+        try:
+            doc_kind = kind_of(file.path)
+            if doc_kind == "text":
+                if skip:  # read it through once: a bad byte must not stop the stream later
+                    for _ in file_blocks(file.path, DocumentStats()):
+                        pass
+                yield stats, file_blocks(file.path, stats), file.name
+                continue
+            text = convert(file.path, doc_kind)
+        except (DocumentError, ContextInputError) as exc:
+            reason = str(exc)
+            if not skip:
+                if isinstance(exc, ContextInputError):
+                    raise
+                raise ContextInputError(f"file {file.shown} cannot be converted to text: {reason}") from None
+            reason = reason.replace(str(file.path), file.name)
+            skipped.append(SkippedDocument(name=file.name, reason=reason))
+            log.info("document skipped", name=file.name[:200], reason=reason[:300])
+            continue
+        stats.encoding = doc_kind
+        yield stats, text_blocks(text, stats, label=f"file {file.shown}"), file.name

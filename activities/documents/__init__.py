@@ -1,0 +1,127 @@
+"""Files of common office and web formats as plain text documents.
+
+PDF (pypdf), DOCX (python-docx), XLSX (openpyxl, streamed), PPTX
+(python-pptx), HTML and EML (Python stdlib) are converted to text with
+tables as Markdown rows; text files (TXT, Markdown, CSV, JSON, ...) are not
+converted at all: they are stored as they are, streamed, whatever their
+size. bench/bench_documents.py compares this with one-package converters.
+
+`kind_of` says what a file is (by extension, else by its first bytes);
+`convert` turns a non-text file into text or raises `DocumentError` with
+the reason, within the bounds of `_limits`.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+from activities.documents._limits import MAX_DOCUMENT_CHARS, Budget, DocumentError
+
+__all__ = ["Budget", "DocumentError", "Kind", "MAX_DOCUMENT_CHARS", "convert", "kind_of"]
+
+Kind = Literal["text", "pdf", "docx", "xlsx", "pptx", "html", "eml"]
+
+_BY_SUFFIX: dict[str, Kind] = {
+    ".pdf": "pdf",
+    ".docx": "docx", ".docm": "docx",
+    ".xlsx": "xlsx", ".xlsm": "xlsx",
+    ".pptx": "pptx", ".pptm": "pptx",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+    ".eml": "eml",
+}
+_LEGACY = {".doc": "DOCX", ".xls": "XLSX", ".ppt": "PPTX"}
+_ZIP_PARTS: dict[str, Kind] = {"word/document.xml": "docx", "xl/workbook.xml": "xlsx", "ppt/presentation.xml": "pptx"}
+
+
+def kind_of(path: Path) -> Kind:
+    """What `path` holds, by its extension, else by its first bytes (an S3
+    key often has no extension). Anything else is text (checked as UTF-8
+    when stored). Raises DocumentError for a format that has no converter."""
+    suffix = path.suffix.lower()
+    if suffix in _BY_SUFFIX:
+        return _BY_SUFFIX[suffix]
+    if suffix in _LEGACY:
+        raise DocumentError(
+            f"{suffix} is a legacy binary Office format with no converter here: save it as {_LEGACY[suffix]}"
+        )
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head.startswith(b"%PDF-"):
+        return "pdf"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+        except zipfile.BadZipFile:
+            names = set()
+        for part, kind in _ZIP_PARTS.items():
+            if part in names:
+                return kind
+        raise DocumentError("a zip archive that is not a DOCX, XLSX or PPTX: unpack it and give its files")
+    return "text"
+
+
+def convert(path: Path, kind: Kind, budget: Budget | None = None, *, depth: int = 0) -> str:
+    """The text of a file of `kind` (not "text": text files are stored as
+    they are). Raises DocumentError with the reason."""
+    budget = budget or Budget()
+    if path.stat().st_size == 0:
+        raise DocumentError(f"the file is empty (0 bytes): not a valid {kind.upper()} file")
+    try:
+        return _convert(path, kind, budget, depth)
+    except DocumentError:
+        raise
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - a damaged file may break a parser anywhere
+        raise DocumentError(f"not a readable {kind.upper()} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _convert(path: Path, kind: Kind, budget: Budget, depth: int) -> str:
+    if kind == "pdf":
+        from activities.documents._pdf import pdf_text
+
+        return pdf_text(path, budget)
+    if kind in ("docx", "xlsx", "pptx"):
+        from activities.documents import _office
+
+        return {"docx": _office.docx_text, "xlsx": _office.xlsx_text, "pptx": _office.pptx_text}[kind](path, budget)
+    if kind == "html":
+        from activities.documents._html import html_text
+
+        return html_text(_decoded(path), budget)
+    if kind == "eml":
+        from activities.documents._email import eml_text
+
+        return eml_text(path, budget, _convert_attachment, depth)
+    raise DocumentError(f"no converter for {kind!r}")
+
+
+def _convert_attachment(path: Path, name: str, budget: Budget, depth: int) -> str:
+    """An e-mail attachment, converted like a file (text as it is)."""
+    kind = kind_of(path)
+    if kind != "text":
+        return convert(path, kind, budget, depth=depth)
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise DocumentError("binary attachment with no converter")
+    return budget.take(data.decode("utf-8", errors="replace"))
+
+
+def _decoded(path: Path) -> str:
+    """HTML as text: UTF-8 (BOM dropped), else the charset it declares, else Latin-1."""
+    data = path.read_bytes()
+    if len(data) > 4 * MAX_DOCUMENT_CHARS:
+        raise DocumentError(f"the HTML file is {len(data):,} bytes: too large to convert")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    declared = re.search(rb"""charset=["']?([A-Za-z0-9_\-]+)""", data[:4096])
+    if declared:
+        try:
+            return data.decode(declared.group(1).decode(), errors="replace")
+        except LookupError:
+            pass
+    return data.decode("latin-1")

@@ -1,0 +1,111 @@
+"""Caps, limits and models are checked at the edge, with messages that name
+the field (or the flag), however the run is started: a request with an
+absurd, negative or mistyped cap fails at once as `InvalidRunRequest`; an
+unknown model fails the run's first step (the model registry lives on the
+worker) with `models.sub: unknown model ...`; `rlm run` refuses both before
+starting anything."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, running_worker
+from tests.test_cli_run import _rlm
+from workflows.names import WORKFLOW_RLM_RUN
+from workflows.request import RunResult, parse_request
+
+GOOD = {"question": "q?", "context": "some text", "models": {"root": ROOT}}
+
+
+@pytest.mark.parametrize(
+    "change, fields",
+    [
+        ({"caps": {"max_wall_s": 1e300}}, ["caps: ", "caps.max_wall_s is 1e+300"]),
+        ({"caps": {"max_depth": 1000, "max_concurrency": 10**6}}, ["caps.max_depth is 1,000", "caps.max_concurrency"]),
+        ({"caps": {"max_turns": 10**7}}, ["caps.max_turns is 10,000,000 (at most 10,000)"]),
+        ({"caps": {"max_turns": "ten", "max_usd": "lots"}}, ["caps.max_turns: ", "caps.max_usd: "]),
+        ({"caps": {"max_turns": 2.5}}, ["caps.max_turns: "]),
+        ({"caps": {"max_calls": -1, "max_tokens": -5}}, ["caps.max_calls: ", "caps.max_tokens: "]),
+        ({"caps": {"max_usd": float("inf")}}, ["caps.max_usd: "]),
+        ({"caps": {"max_turn": 3}}, ["caps.max_turn: Extra inputs are not permitted"]),
+        ({"limits": {"cell_timeout_s": 1e300, "model_call_timeout_s": 0}}, ["limits.cell_timeout_s: ", "limits.model_call_timeout_s: "]),
+        ({"limits": {"cell_memory_mb": 10**9}}, ["limits.cell_memory_mb: "]),
+        ({"models": {"root": ""}}, ["models.root: "]),
+        ({"models": {"root": ROOT, "sub": " padded "}}, ["models.sub: "]),
+        ({"models": {"root": ROOT, "per_depth": {"0": SUB}}}, ["models.per_depth.0.[key]: "]),
+        ({"models": {"root": ROOT, "per_depth": {"1": ""}}}, ["models.per_depth.1: "]),
+        ({"on_unreadable": "ignore"}, ["on_unreadable: "]),
+    ],
+)
+def test_bad_caps_limits_and_model_names_are_named_by_field(change, fields):
+    problem = parse_request({**GOOD, **change})
+    assert isinstance(problem, str), problem
+    for field in fields:
+        assert field in problem, (field, problem)
+
+
+def test_unknown_model_names_are_reported_by_their_field(llm):
+    registry = fake_registry(llm)
+    ok = {"models.root": ROOT, "models.sub": SUB, "models.per_depth.1": "gpt-4o-mini"}
+    assert registry.unknown_fields(ok) is None
+    text = registry.unknown_fields({"models.root": ROOT, "models.sub": "nope-model", "models.per_depth.2": "nah"})
+    assert text.startswith("models.sub: unknown model 'nope-model'; models.per_depth.2: unknown model 'nah'; known: ")
+    assert ROOT in text and SUB in text
+
+
+def test_json_runs_with_unknown_models_or_absurd_caps_fail_at_once(settings, llm):
+    s = isolated(settings)
+    unknown = {**GOOD, "models": {"root": ROOT, "sub": "nope-model", "per_depth": {"1": ROOT}}}
+    absurd = {**GOOD, "caps": {"max_wall_s": 1e300, "max_depth": -1}, "limits": {"cell_timeout_s": "soon"}}
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await client.start_workflow(
+                WORKFLOW_RLM_RUN, unknown, id=f"edge-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue,
+                result_type=RunResult,
+            )  # fmt: skip
+            result = await asyncio.wait_for(handle.result(), 60)
+            handle = await client.start_workflow(
+                WORKFLOW_RLM_RUN, absurd, id=f"edge-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue
+            )
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(handle.result(), 60)
+            return result, failed.value.cause
+
+    result, cause = asyncio.run(go())
+    assert result.status == "failed" and result.turns == 0, result
+    assert result.reason.startswith("models.sub: unknown model 'nope-model'; known: "), result.reason
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidRunRequest", cause
+    for field in ("caps.max_depth: ", "limits.cell_timeout_s: "):
+        assert field in cause.message, cause.message
+    assert llm.count() == 0
+
+
+@pytest.fixture
+def s(settings):
+    return isolated(settings)
+
+
+def test_rlm_run_refuses_unknown_models_and_bad_caps_before_starting(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    cases = [
+        (["--model", "no-such-model-xyz"], "--model: unknown model 'no-such-model-xyz'; known: "),
+        (["--model", ROOT, "--sub-model", "nah-xyz"], "--sub-model: unknown model 'nah-xyz'"),
+        (["--model", ROOT, "--max-usd", "-1"], "--max-usd: Input should be greater than or equal to 0"),
+        (["--model", ROOT, "--max-turns", "0"], "--max-turns: must be at least 1"),
+        (["--model", ROOT, "--max-concurrency", "0"], "--max-concurrency: "),
+        (["--model", ROOT, "--cell-timeout", "0"], "--cell-timeout: must be more than 0 and at most 86400 seconds"),
+    ]
+    for args, expected in cases:
+        proc = _rlm(s, llm.url, "run", "q", "--context", str(doc), *args, timeout=60)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0], (args, proc.stderr[-2000:])
+    assert llm.count() == 0
