@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,8 +25,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
 from activities.temporal_client import connect
-from cli._errors import UserError
-from cli._pickup import no_worker_message, watch_pickup
+from cli._pickup import sdk_waiting_task, watch_pickup
+from cli._run_by_id import RunError, checked_result, embedded, say_no_worker, ui_link
 from cli._progress import ProgressPrinter
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
@@ -38,10 +37,6 @@ log = structlog.get_logger(__name__)
 
 # A first root call sends the system prompt, the metadata and the question.
 FIRST_CALL_PROMPT_TOKENS = 2_500
-
-
-class RunError(UserError):
-    """An expected failure, shown to the user as one line."""
 
 
 @dataclass
@@ -73,7 +68,7 @@ class RunClient:
     ) -> RunClient:
         """Connect; with `start_services`, first make sure the embedded services
         and worker run (`wait_for_worker`: until the worker polls)."""
-        if start_services and _embedded(settings):
+        if start_services and embedded(settings):
             from cli import services
 
             await asyncio.to_thread(services.ensure_up, settings, wait_for_worker=wait_for_worker)
@@ -87,7 +82,7 @@ class RunClient:
         return cls(settings, client, progress)
 
     def ui_link(self, workflow_id: str) -> str:
-        return f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}/workflows/{workflow_id}"
+        return ui_link(self.settings, workflow_id)
 
     # -- starting --------------------------------------------------------------
     def build_request(self, opts: RunOptions) -> RunRequest:
@@ -151,7 +146,8 @@ class RunClient:
         return await self._follow(self.client.get_workflow_handle(workflow_id, result_type=RunResult))
 
     async def _follow(self, handle: WorkflowHandle) -> RunResult:
-        watchers = [asyncio.create_task(watch_pickup(handle, self.settings.no_worker_warning_s, self._say_no_worker(handle)))]
+        say = say_no_worker(self.settings, handle.id, self.progress)
+        watchers = [asyncio.create_task(watch_pickup(lambda: sdk_waiting_task(handle), self.settings.no_worker_warning_s, say))]
         if self.progress:
             watchers.append(asyncio.create_task(self._watch(handle)))
         try:
@@ -165,21 +161,7 @@ class RunClient:
                     await watcher
             if self.progress:
                 self.progress.done()
-        if result.turns == 0 and result.status in ("failed", "budget_exhausted") and result.answer is None:
-            # Refused before its first turn (unknown model, missing key, budget
-            # too small): the worker's check of what the client could not check.
-            raise RunError(result.reason or f"run {handle.id} ended with status {result.status}")
-        return result
-
-    def _say_no_worker(self, handle: WorkflowHandle):
-        def say(waited_s: float) -> None:
-            text = no_worker_message(self.settings, handle.id, waited_s, embedded=_embedded(self.settings))
-            if self.progress:
-                self.progress.note(text)
-            else:
-                sys.stderr.write(text + "\n")
-
-        return say
+        return checked_result(result)
 
     async def _watch(self, handle: WorkflowHandle) -> None:
         while True:
@@ -227,13 +209,6 @@ def _size(paths: list[Path]) -> str:
         elif p.exists():
             total += p.stat().st_size
     return f"{total / 1e6:.1f} MB"
-
-
-def _embedded(settings: Settings) -> bool:
-    """Both services on this machine: `rlm run` may start them itself."""
-    return all(
-        host in ("127.0.0.1", "localhost", "::1") for host in (settings.temporal_host, settings.s3_host)
-    )
 
 
 # A hosted default per provider key: a strong root model and a cheaper sub model.
