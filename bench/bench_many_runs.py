@@ -229,18 +229,27 @@ async def run_all(client, settings, contexts: list[Any], prefix: str) -> tuple[f
     return wall, handles
 
 
-async def activities_by_worker(handles) -> tuple[Counter, Counter]:
-    """Activity and workflow tasks started per worker identity, from the histories."""
+async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter]:
+    """Activity and workflow tasks started per worker identity, and retried
+    activity attempts by type and cause, from the histories."""
     acts: Counter = Counter()
     tasks: Counter = Counter()
+    retries: Counter = Counter()
     for handle in handles:
         history = await handle.fetch_history()
+        types: dict[int, str] = {}
         for e in history.events:
-            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-                acts[e.activity_task_started_event_attributes.identity.split("@")[0]] += 1
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                types[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                a = e.activity_task_started_event_attributes
+                acts[a.identity.split("@")[0]] += 1
+                if a.attempt > 1:  # the last failure of this activity, as recorded on its start
+                    cause = a.last_failure.application_failure_info.type or a.last_failure.message[:60] or "timeout"
+                    retries[f"{types.get(a.scheduled_event_id, '?')}: {cause}"] += a.attempt - 1
             elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
                 tasks[e.workflow_task_started_event_attributes.identity.split("@")[0]] += 1
-    return acts, tasks
+    return acts, tasks, retries
 
 
 def ideal_s(runs: int, n: int, latency: float, workers: int) -> dict[str, float]:
@@ -270,7 +279,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         cpu = {str(k): round(cpu1[k] - v, 1) for k, v in cpu0.items()}
         load1 = [round(x, 2) for x in os.getloadavg()]
         rss_after = workers.rss_mb()
-        acts, tasks = await activities_by_worker(handles)
+        acts, tasks, retries = await activities_by_worker(handles)
         ideal = ideal_s(len(contexts), args.subcalls, args.latency, count)
         row: dict[str, Any] = {
             "workers": count,
@@ -280,6 +289,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
             "target_ratio": TARGET_RATIO,
             "activities_per_worker": {str(k): v for k, v in acts.items()},
             "workflow_tasks_per_worker": {str(k): v for k, v in tasks.items()},
+            "activity_retries_by_cause": dict(retries.most_common()),
             "cpu_s_during_runs": cpu,
             "worker_rss_mb_before": {str(k): v for k, v in rss_before.items()},
             "worker_rss_mb_after": {str(k): v for k, v in rss_after.items()},
@@ -290,7 +300,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         }
         print(
             f"{count} worker(s): {len(contexts)} runs in {wall:.1f} s, ideal {ideal['ideal_s']:.2f} s "
-            f"(x{row['ratio_to_ideal']}); activities per worker {dict(acts)}; CPU s {cpu}; "
+            f"(x{row['ratio_to_ideal']}); activities per worker {dict(acts)}; retries {dict(retries)}; CPU s {cpu}; "
             f"peak RSS MB {row['worker_peak_rss_mb_vmhwm']}; load {load0} -> {load1}"
         )
         if count == 1 and args.idle_phase:

@@ -26,7 +26,7 @@ from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
 if TYPE_CHECKING:
     from workflows.request import RunResult
 
-__all__ = ["RunError", "cancel", "checked_result", "embedded", "result", "say_no_worker", "ui_link"]
+__all__ = ["RunError", "cancel", "checked_result", "embedded", "follow_http", "result", "say_no_worker", "ui_link"]
 
 _PROGRESS_POLL_S = 0.5
 
@@ -76,14 +76,14 @@ async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter
     except HttpUnavailable:
         from cli._run_client import RunClient
 
-        client = await RunClient.open(settings, progress=progress, start_services=False)
+        client = await RunClient.open(settings, progress=progress, start_services=False, sdk=True)
         return await client.result(workflow_id)
     except NotFound:
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
-    return await _follow_http(http, settings, workflow_id, progress)
+    return await follow_http(http, settings, workflow_id, progress)
 
 
-async def _follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
+async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
     async def waiting_task():
         return waiting_task_key(await asyncio.to_thread(http.describe, workflow_id))
 
@@ -130,7 +130,7 @@ async def cancel(settings: Settings, workflow_id: str, reason: str | None) -> No
     except HttpUnavailable:
         from cli._run_client import RunClient
 
-        client = await RunClient.open(settings, progress=None, start_services=False)
+        client = await RunClient.open(settings, progress=None, start_services=False, sdk=True)
         await client.cancel(workflow_id, reason)
     except NotFound:
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from activities.settings import Settings
 
-__all__ = ["HttpUnavailable", "NotFound", "TemporalHttp"]
+__all__ = ["HttpApiError", "HttpUnavailable", "NotFound", "TemporalHttp", "close_outcome", "waiting_task_key"]
 
 # A long poll for the close event returns empty after ~20 s; the request may
 # take that long, plus some slack.
@@ -36,6 +36,10 @@ class HttpUnavailable(Exception):
 
 class NotFound(Exception):
     """No run with that id in the namespace."""
+
+
+class HttpApiError(Exception):
+    """Temporal refused the call (e.g. a run with that id already runs)."""
 
 
 class TemporalHttp:
@@ -59,9 +63,23 @@ class TemporalHttp:
                 raise NotFound(error.get("message", "not found")) from None
             if "code" not in error:  # not the Temporal HTTP API answering
                 raise HttpUnavailable(f"HTTP {exc.code} from {self.base}") from None
-            raise RuntimeError(f"Temporal HTTP API: {error.get('message') or exc}") from None
+            raise HttpApiError(error.get("message") or str(exc)) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise HttpUnavailable(f"no answer from {self.base} ({getattr(exc, 'reason', exc)})") from None
+
+    def check(self) -> None:
+        """Raise HttpUnavailable unless the API answers for the namespace."""
+        self._call("GET", "")
+
+    def start(self, workflow_type: str, arg: Any, *, workflow_id: str, task_queue: str,
+              summary: str | None = None, details: str | None = None) -> None:
+        """Start a run; `arg` is the workflow's input as JSON (what the
+        pydantic data converter would send), summary/details what the UI shows."""
+        body: dict[str, Any] = {"workflowType": {"name": workflow_type}, "taskQueue": {"name": task_queue}, "input": [arg]}
+        metadata = {k: v for k, v in (("summary", summary), ("details", details)) if v is not None}
+        if metadata:
+            body["userMetadata"] = metadata
+        self._call("POST", f"/workflows/{quote(workflow_id, safe='')}", body)
 
     def describe(self, workflow_id: str) -> dict[str, Any]:
         return self._call("GET", f"/workflows/{quote(workflow_id, safe='')}")

@@ -36,9 +36,11 @@ def test_result_and_cancel_by_id(s, llm, tmp_path, transport):
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")
     held = threading.Event()
+    # Whatever else the root model is asked (the held run after its release): a harmless cell.
+    llm.add_rule(None, repl("print(1)"), model=ROOT)
     llm.add_rule("Turn 1 of", repl("print(context)"), model=ROOT)
     llm.add_rule("abc", "FINAL(abc)", model=ROOT)
-    llm.add_rule("HOLD", "FINAL(held)", model=ROOT, hold=held)
+    llm.add_rule("HOLD", repl("print(2)"), model=ROOT, hold=held)
     reader = s if transport == "http" else _no_http(s)
     try:
         run_id = f"by-id-{transport}"
