@@ -1,8 +1,8 @@
 """Client commands (`rlm --help`, `status`, `submit`, `result`, `show`,
 `cancel`, `run`) never load the worker's heavy modules: litellm and openai
 cost seconds of CPU to import, wasmtime and the sandbox belong to the worker.
-`--help`, `status`, `result` and `cancel` do not load the Temporal SDK client
-either (~0.35 s of CPU), and no command loads pydantic-settings.
+Only `show` loads the Temporal SDK client (~0.35 s of CPU): the others talk
+to Temporal's HTTP API; and no command loads pydantic-settings.
 
 Each command runs for real, as a subprocess against the session's services,
 through the `rlm` entry point; afterwards the process reports which of the
@@ -25,8 +25,8 @@ from tests.fixtures_llm import models_json
 from tests.run_harness import ROOT, isolated, repl
 
 FORBIDDEN = ("litellm", "openai", "wasmtime", "sandbox_wasm", "boto3", "tiktoken")
-# `rlm result` and `rlm cancel` talk to the Temporal HTTP API: not even the
-# SDK client (most of a command's start), nor pydantic-settings anywhere.
+# Commands other than `show` talk to the Temporal HTTP API: not even the SDK
+# client (most of a command's start), nor pydantic-settings anywhere.
 SDK_CLIENT = "temporalio.client"
 _REPORTED = (*FORBIDDEN, SDK_CLIENT, "pydantic_settings")
 
@@ -45,7 +45,7 @@ os._exit(code)
 """
 
 
-def _loaded_by(settings, fake_url: str, *args: str, ok: tuple[int, ...] = (0,), sdk_ok: bool = True) -> list[str]:
+def _loaded_by(settings, fake_url: str, *args: str, ok: tuple[int, ...] = (0,), sdk_ok: bool = False) -> list[str]:
     """Run `rlm <args>`; return the forbidden modules it loaded (with
     `sdk_ok`, the Temporal SDK client is allowed)."""
     env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_EMBEDDED_WORKER": "true"}
@@ -68,9 +68,9 @@ def s(settings):
 
 
 def test_help_and_status_load_none_of_the_worker_modules(s, llm):
-    assert _loaded_by(s, llm.url, "--help", sdk_ok=False) == []
+    assert _loaded_by(s, llm.url, "--help") == []
     # Exit code 1: this test's worker is not started yet, which `status` reports.
-    assert _loaded_by(s, llm.url, "status", ok=(0, 1), sdk_ok=False) == []
+    assert _loaded_by(s, llm.url, "status", ok=(0, 1)) == []
 
 
 def test_run_commands_load_none_of_the_worker_modules(s, llm, tmp_path):
@@ -83,11 +83,11 @@ def test_run_commands_load_none_of_the_worker_modules(s, llm, tmp_path):
     run_args = ("--context", str(doc), "--model", ROOT)
     try:
         assert _loaded_by(s, llm.url, "submit", "q", *run_args, "--id", "imports-submit") == []
-        assert _loaded_by(s, llm.url, "result", "imports-submit", sdk_ok=False) == []
-        assert _loaded_by(s, llm.url, "show", "imports-submit") == []
+        assert _loaded_by(s, llm.url, "result", "imports-submit") == []
+        assert _loaded_by(s, llm.url, "show", "imports-submit", sdk_ok=True) == []
         assert _loaded_by(s, llm.url, "run", "q", *run_args, "--id", "imports-run") == []
         assert _loaded_by(s, llm.url, "submit", "HOLD", *run_args, "--id", "imports-held") == []
-        assert _loaded_by(s, llm.url, "cancel", "imports-held", sdk_ok=False) == []
+        assert _loaded_by(s, llm.url, "cancel", "imports-held") == []
     finally:
         held.set()
 
