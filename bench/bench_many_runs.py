@@ -222,11 +222,24 @@ async def run_all(client, settings, contexts: list[Any], prefix: str) -> tuple[f
               workflow_id=f"{prefix}-{i:03d}")
         for i, ctx in enumerate(contexts)
     ))
-    results = await asyncio.gather(*(hd.result() for hd in handles))
+    results = await asyncio.gather(*(_result(hd) for hd in handles))
     wall = time.perf_counter() - begun
     for result in results:
         assert result.status == "completed" and result.answer == "done", result
     return wall, handles
+
+
+async def _result(handle):
+    """The run's result; an overloaded server's "Workflow is busy" is asked again."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    while True:
+        try:
+            return await handle.result()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter]:
@@ -368,16 +381,17 @@ def main() -> None:
         try:
             for count in (int(x) for x in args.workers.split(",")):
                 rows.append(asyncio.run(bench_workers(svc, server, contexts, count, args, Path(tmp))))
+                # Written after every worker count: a later failure keeps what was measured.
+                path = h.write_results(args.output, {
+                    "runs": args.runs, "subcalls_per_run": args.subcalls, "latency_s": args.latency,
+                    "context_mb": args.context_mb, "contexts": "shared" if args.shared_context else "distinct",
+                    "max_concurrency_per_run": CONCURRENCY, "worker_activity_slots": MAX_ACTIVITIES,
+                    "cell_memory_mb": args.cell_memory_mb, "upload_s": round(upload_s, 1),
+                    "load_avg_at_start": load_start, "by_workers": rows,
+                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+                })
         finally:
             server.stop()
-    path = h.write_results(args.output, {
-        "runs": args.runs, "subcalls_per_run": args.subcalls, "latency_s": args.latency,
-        "context_mb": args.context_mb, "contexts": "shared" if args.shared_context else "distinct",
-        "max_concurrency_per_run": CONCURRENCY, "worker_activity_slots": MAX_ACTIVITIES,
-        "cell_memory_mb": args.cell_memory_mb, "upload_s": round(upload_s, 1),
-        "load_avg_at_start": load_start, "by_workers": rows,
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
     print(f"wrote {path}")
 
 

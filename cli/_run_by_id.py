@@ -20,7 +20,7 @@ from activities.settings import Settings
 from cli._errors import UserError
 from cli._pickup import no_worker_message, watch_pickup
 from cli._progress import ProgressPrinter
-from cli._temporal_http import HttpUnavailable, NotFound, TemporalHttp, close_outcome, waiting_task_key
+from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp, close_outcome, waiting_task_key
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["RunError", "cancel", "checked_result", "embedded", "follow_http", "result", "say_no_worker", "ui_link"]
 
 _PROGRESS_POLL_S = 0.5
+# An overloaded server answers a long poll with "Workflow is busy": ask again.
+_BUSY_RETRY_S = 0.5
 
 
 class RunError(UserError):
@@ -93,7 +95,13 @@ async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, 
         watchers.append(asyncio.create_task(_watch(http, workflow_id, progress)))
     try:
         while True:
-            event = await asyncio.to_thread(http.close_event, workflow_id)
+            try:
+                event = await asyncio.to_thread(http.close_event, workflow_id)
+            except HttpApiError as exc:
+                if not exc.transient:
+                    raise RunError(f"cannot read run {workflow_id}: {exc}") from None
+                await asyncio.sleep(_BUSY_RETRY_S)
+                continue
             if event is None:
                 continue  # the long poll ended before the run did
             outcome, value = close_outcome(event)

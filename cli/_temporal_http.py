@@ -41,6 +41,19 @@ class NotFound(Exception):
 class HttpApiError(Exception):
     """Temporal refused the call (e.g. a run with that id already runs)."""
 
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        """Worth another try: "Workflow is busy" (RESOURCE_EXHAUSTED) or UNAVAILABLE."""
+        return self.code in _TRANSIENT_CODES
+
+
+# gRPC status codes the server gives when it is overloaded, not when the call is wrong.
+_TRANSIENT_CODES = (8, 14)
+
 
 class TemporalHttp:
     def __init__(self, settings: Settings) -> None:
@@ -63,7 +76,7 @@ class TemporalHttp:
                 raise NotFound(error.get("message", "not found")) from None
             if "code" not in error:  # not the Temporal HTTP API answering
                 raise HttpUnavailable(f"HTTP {exc.code} from {self.base}") from None
-            raise HttpApiError(error.get("message") or str(exc)) from None
+            raise HttpApiError(error.get("message") or str(exc), error.get("code")) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise HttpUnavailable(f"no answer from {self.base} ({getattr(exc, 'reason', exc)})") from None
 
