@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
 from cli import services
 from cli._ports import find_free_port
-from cli._temporal_http import close_outcome, waiting_task_key
+from cli._temporal_http import TemporalHttp, close_outcome, waiting_task_key
 from tests.run_harness import ROOT, isolated, repl
 from tests.test_cli_run import _rlm
+from workflows.names import QUERY_PROGRESS
 
 
 @pytest.fixture
@@ -52,6 +54,8 @@ def test_result_and_cancel_by_id(s, llm, tmp_path, transport):
 
         held_id = f"by-id-held-{transport}"
         assert _rlm(s, llm.url, "submit", "HOLD", "--context", str(doc), "--model", ROOT, "--id", held_id).returncode == 0
+        if transport == "http":  # the progress line's query, as the HTTP API answers it
+            assert _progress(s, held_id)["turn"] == 1
         cancel = _rlm(reader, llm.url, "cancel", held_id, "--reason", "enough")
         assert cancel.returncode == 0 and f"cancel requested for {held_id}" in cancel.stdout, cancel.stderr[-2000:]
         held.set()
@@ -59,6 +63,22 @@ def test_result_and_cancel_by_id(s, llm, tmp_path, transport):
         assert json.loads(after.stdout)["status"] == "cancelled", after.stdout + after.stderr[-2000:]
     finally:
         held.set()
+
+
+def _progress(settings, workflow_id: str, timeout_s: float = 60) -> dict:
+    """The run's progress query once its worker answers it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = TemporalHttp(settings).query(workflow_id, QUERY_PROGRESS)
+            if isinstance(state, dict):
+                return state
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no progress from {workflow_id}")
+        time.sleep(0.2)
 
 
 def test_unknown_run_is_one_line_error(s, llm):
