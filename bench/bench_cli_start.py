@@ -52,7 +52,8 @@ HEAVY_MODULES = ("litellm", "openai", "wasmtime", "sandbox_wasm", "boto3", "tikt
 COMMAND_IMPORTS = {
     "help": "cli.main",
     "status": "cli.main, cli.services",
-    "submit/result/cancel/run": "cli.main, cli._run_client",
+    "submit/run": "cli.main, cli._run_client",
+    "result/cancel": "cli.main, cli.run_commands, cli._run_by_id",
     "show": "cli.main, cli._trace, cli._show",
 }
 # Runs the real `rlm` entry (minus its final os._exit) and reports what stayed loaded.

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-
-from temporalio.api.enums.v1 import PendingWorkflowTaskState
-from temporalio.client import WorkflowHandle
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING
 
 from activities.settings import Settings
 
-__all__ = ["no_worker_message", "watch_pickup"]
+if TYPE_CHECKING:  # the SDK only for the caller that uses it: `rlm result` may read over HTTP
+    from temporalio.client import WorkflowHandle
+
+__all__ = ["no_worker_message", "sdk_waiting_task", "watch_pickup"]
 
 _POLL_S = 0.5
 
@@ -39,8 +40,10 @@ def no_worker_message(settings: Settings, workflow_id: str, waited_s: float, *, 
     )
 
 
-async def _waiting_task(handle: WorkflowHandle) -> tuple[int, int] | None:
+async def sdk_waiting_task(handle: WorkflowHandle) -> tuple[int, int] | None:
     """The run's workflow task that no worker has started, as a key, else None."""
+    from temporalio.api.enums.v1 import PendingWorkflowTaskState
+
     raw = (await handle.describe()).raw_description
     if not raw.HasField("pending_workflow_task"):
         return None
@@ -50,15 +53,18 @@ async def _waiting_task(handle: WorkflowHandle) -> tuple[int, int] | None:
     return task.scheduled_time.seconds * 1_000_000_000 + task.scheduled_time.nanos, task.attempt
 
 
-async def watch_pickup(handle: WorkflowHandle, after_s: float, say: Callable[[float], None]) -> None:
+async def watch_pickup(
+    waiting_task: Callable[[], Awaitable[Hashable | None]], after_s: float, say: Callable[[float], None]
+) -> None:
     """Call `say(waited_s)` once for every workflow task left unstarted for
-    `after_s` seconds (as this client observed it); runs until cancelled."""
-    seen: dict[tuple[int, int], float] = {}
-    told: set[tuple[int, int]] = set()
+    `after_s` seconds (as this client observed it); runs until cancelled.
+    `waiting_task()` names the run's unstarted workflow task, else None."""
+    seen: dict[Hashable, float] = {}
+    told: set[Hashable] = set()
     while True:
         key = None
         with contextlib.suppress(Exception):  # a transient RPC error must not end the run's command
-            key = await _waiting_task(handle)
+            key = await waiting_task()
         now = time.monotonic()
         if key is not None:
             first = seen.setdefault(key, now)

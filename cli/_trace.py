@@ -13,12 +13,12 @@ import asyncio
 import json
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from temporalio.client import Client
 
 from cli._history import assemble, cut, parse_history
 from cli._errors import UserError
+from cli._run_by_id import ui_link
 from workflows.names import QUERY_PROGRESS, WORKFLOW_RLM_RUN
 
 if TYPE_CHECKING:
@@ -32,12 +32,6 @@ CHILD_FETCH_CONCURRENCY = 16
 QUERY_TIMEOUT = timedelta(seconds=3)
 # Keys the viewer may read: a run's own artifacts and sub-call blobs.
 READABLE_PREFIXES = ("runs/", "blobs/")
-
-
-def ui_link(settings: Settings, workflow_id: str) -> str:
-    """The run's page in the Temporal Web UI."""
-    ns = quote(settings.temporal_namespace, safe="")
-    return f"{settings.temporal_ui_url}/namespaces/{ns}/workflows/{quote(workflow_id, safe='')}"
 
 
 class TraceReader:

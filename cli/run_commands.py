@@ -16,7 +16,7 @@ from cli._demo import register as register_demo
 from cli._progress import ProgressPrinter
 
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
-    from cli._run_client import RunClient, RunOptions
+    from cli._run_client import RunOptions
 
 __all__ = ["register"]
 
@@ -116,7 +116,7 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         result = await client.run(opts)
-        _print_result(result, client, as_json=args.json)
+        _print_result(result, client.ui_link(result.workflow_id), as_json=args.json)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
         return 0 if result.status == "completed" and typed_ok else 3
@@ -142,27 +142,19 @@ def _cmd_submit(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_result(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient
+    from cli import _run_by_id
 
-    async def go() -> int:
-        client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), start_services=False)
-        result = await client.result(args.run_id)
-        _print_result(result, client, as_json=args.json)
-        return 0 if result.status == "completed" else 3
-
-    return asyncio.run(go())
+    result = asyncio.run(_run_by_id.result(settings, args.run_id, ProgressPrinter(sys.stderr)))
+    _print_result(result, _run_by_id.ui_link(settings, result.workflow_id), as_json=args.json)
+    return 0 if result.status == "completed" else 3
 
 
 def _cmd_cancel(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient
+    from cli import _run_by_id
 
-    async def go() -> int:
-        client = await RunClient.open(settings, progress=None, start_services=False)
-        await client.cancel(args.run_id, args.reason)
-        print(f"cancel requested for {args.run_id}")
-        return 0
-
-    return asyncio.run(go())
+    asyncio.run(_run_by_id.cancel(settings, args.run_id, args.reason))
+    print(f"cancel requested for {args.run_id}")
+    return 0
 
 
 def _cmd_worker(args: argparse.Namespace, settings) -> int:
@@ -172,9 +164,9 @@ def _cmd_worker(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def _print_result(result, client: RunClient, *, as_json: bool) -> None:
+def _print_result(result, link: str, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({**result.model_dump(mode="json"), "ui": client.ui_link(result.workflow_id)}, indent=2))
+        print(json.dumps({**result.model_dump(mode="json"), "ui": link}, indent=2))
         return
     if result.answer_value is not None:  # a typed answer: its JSON, normalised
         print(json.dumps(result.answer_value, ensure_ascii=False))
@@ -196,4 +188,4 @@ def _print_result(result, client: RunClient, *, as_json: bool) -> None:
         print(f"  unreadable files left out: {result.skipped_count}", file=sys.stderr)
         for skipped in result.skipped_documents[:20]:
             print(f"    {skipped.name}: {skipped.reason}", file=sys.stderr)
-    print(f"run: {client.ui_link(result.workflow_id)}", file=sys.stderr)
+    print(f"run: {link}", file=sys.stderr)

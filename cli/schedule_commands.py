@@ -150,7 +150,7 @@ async def _client(settings, *, start_services: bool) -> Client:
 
     # Scheduled runs need a worker: `create` and `trigger` start the embedded
     # one (without waiting for it) as `rlm submit` does.
-    opened = await RunClient.open(settings, progress=None, start_services=start_services, wait_for_worker=False)
+    opened = await RunClient.open(settings, progress=None, start_services=start_services, wait_for_worker=False, sdk=True)
     return opened.client
 
 

@@ -1,0 +1,144 @@
+"""A started run, by its id: wait for its result, or ask it to cancel.
+
+`rlm result` and `rlm cancel` read and signal over the Temporal HTTP API
+(cli/_temporal_http.py) and never import the SDK client, whose import is
+most of a client command's start; when the HTTP API does not answer, the
+same calls go through the SDK client (cli/_run_client.py). Both ways show
+the same progress line, the same "no worker" note and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from activities.settings import Settings
+from cli._errors import UserError
+from cli._pickup import no_worker_message, watch_pickup
+from cli._progress import ProgressPrinter
+from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp, close_outcome, waiting_task_key
+from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
+
+if TYPE_CHECKING:
+    from workflows.request import RunResult
+
+__all__ = ["RunError", "cancel", "checked_result", "embedded", "follow_http", "result", "say_no_worker", "ui_link"]
+
+_PROGRESS_POLL_S = 0.5
+# An overloaded server answers a long poll with "Workflow is busy": ask again.
+_BUSY_RETRY_S = 0.5
+
+
+class RunError(UserError):
+    """An expected failure, shown to the user as one line."""
+
+
+def ui_link(settings: Settings, workflow_id: str) -> str:
+    """The run's page in the Temporal Web UI."""
+    ns = quote(settings.temporal_namespace, safe="")
+    return f"{settings.temporal_ui_url}/namespaces/{ns}/workflows/{quote(workflow_id, safe='')}"
+
+
+def embedded(settings: Settings) -> bool:
+    """Both services on this machine: `rlm run` may start them itself."""
+    return all(
+        host in ("127.0.0.1", "localhost", "::1") for host in (settings.temporal_host, settings.s3_host)
+    )
+
+
+def checked_result(result: RunResult) -> RunResult:
+    """The result, unless the run was refused before its first turn (unknown
+    model, missing key, budget too small): the worker's check of what the
+    client could not check, reported like a client-side error."""
+    if result.turns == 0 and result.status in ("failed", "budget_exhausted") and result.answer is None:
+        raise RunError(result.reason or f"run {result.workflow_id} ended with status {result.status}")
+    return result
+
+
+def say_no_worker(settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> Callable[[float], None]:
+    def say(waited_s: float) -> None:
+        text = no_worker_message(settings, workflow_id, waited_s, embedded=embedded(settings))
+        if progress:
+            progress.note(text)
+        else:
+            sys.stderr.write(text + "\n")
+
+    return say
+
+
+async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
+    """Wait for the run (through continue-as-new) and return its result."""
+    http = TemporalHttp(settings)
+    try:
+        await asyncio.to_thread(http.describe, workflow_id)
+    except HttpUnavailable:
+        from cli._run_client import RunClient
+
+        client = await RunClient.open(settings, progress=progress, start_services=False, sdk=True)
+        return await client.result(workflow_id)
+    except NotFound:
+        raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
+    return await follow_http(http, settings, workflow_id, progress)
+
+
+async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
+    async def waiting_task():
+        return waiting_task_key(await asyncio.to_thread(http.describe, workflow_id))
+
+    say = say_no_worker(settings, workflow_id, progress)
+    watchers = [asyncio.create_task(watch_pickup(waiting_task, settings.no_worker_warning_s, say))]
+    if progress:
+        watchers.append(asyncio.create_task(_watch(http, workflow_id, progress)))
+    try:
+        while True:
+            try:
+                event = await asyncio.to_thread(http.close_event, workflow_id)
+            except HttpApiError as exc:
+                if not exc.transient:
+                    raise RunError(f"cannot read run {workflow_id}: {exc}") from None
+                await asyncio.sleep(_BUSY_RETRY_S)
+                continue
+            if event is None:
+                continue  # the long poll ended before the run did
+            outcome, value = close_outcome(event)
+            if outcome == "continued":
+                continue  # the chain goes on in a new run under the same id
+            if outcome == "failed":
+                raise RunError(f"run {workflow_id} failed: {value}")
+            break
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if progress:
+            progress.done()
+    from workflows.request import RunResult
+
+    return checked_result(RunResult.model_validate(value))
+
+
+async def _watch(http: TemporalHttp, workflow_id: str, progress: ProgressPrinter) -> None:
+    while True:
+        with contextlib.suppress(Exception):  # a query fails while no worker serves the run
+            state = await asyncio.to_thread(http.query, workflow_id, QUERY_PROGRESS)
+            if isinstance(state, dict):
+                progress.update(state)
+        await asyncio.sleep(_PROGRESS_POLL_S)
+
+
+async def cancel(settings: Settings, workflow_id: str, reason: str | None) -> None:
+    """Signal the run to cancel itself (and its child runs)."""
+    try:
+        await asyncio.to_thread(TemporalHttp(settings).signal, workflow_id, SIGNAL_CANCEL, reason)
+    except HttpUnavailable:
+        from cli._run_client import RunClient
+
+        client = await RunClient.open(settings, progress=None, start_services=False, sdk=True)
+        await client.cancel(workflow_id, reason)
+    except NotFound:
+        raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
