@@ -1,0 +1,60 @@
+"""Worker subprocesses a chaos test can kill -9 and replace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from activities.settings import Settings
+from tests.run_harness import start_worker_process
+
+
+class WorkerProcesses:
+    """Workers on one task queue, each in its own process group; all stopped at exit."""
+
+    def __init__(self, settings: Settings, fake_url: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.fake_url = fake_url
+        self.log_path = log_path
+        self.env = env or {}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> subprocess.Popen:
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)  # start_worker_process passes os.environ on
+        try:
+            proc = start_worker_process(self.settings, self.fake_url, self.log_path)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the worker's whole process group and reap it."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> WorkerProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
