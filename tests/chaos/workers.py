@@ -21,19 +21,16 @@ class WorkerProcesses:
         self.env = env or {}
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> subprocess.Popen:
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)  # start_worker_process passes os.environ on
-        try:
-            proc = start_worker_process(self.settings, self.fake_url, self.log_path)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    def start(self, module: str | None = None) -> subprocess.Popen:
+        """A new worker (`module`: run it instead of worker.py)."""
+        proc = start_worker_process(self.settings, self.fake_url, self.log_path, module=module, env=self.env)
         self.procs.append(proc)
         return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the worker (a deploy's stop: it drains, then exits) and reap it."""
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL the worker's whole process group and reap it."""
