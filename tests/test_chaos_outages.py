@@ -2,8 +2,10 @@
 
 - Temporal down 60 s and S3 down 60 s (each on its own servers, killed -9
   and restarted on the same state) while a cell waits on sub-calls whose
-  answers arrive during the outage: the run finishes with the right answer,
-  no model call is made twice, the worker rides it out.
+  answers arrive during the outage. Temporal down: the run finishes with
+  the right answer, no model call is made twice, the worker rides it out.
+  S3 down: longer than model-call steps retry, so the run fails with a
+  reason naming the S3 endpoint; no call is made twice, none over-charged.
 - The provider answering 500, or never answering in time, for a minute:
   longer than the retry policy, so the run fails, promptly, with a reason
   that names the model and the fault; every attempt is charged once.
@@ -54,10 +56,9 @@ def _report(name: str, out: outages.Outcome) -> None:
           f"billed {out.billed.requests}; abandoned {out.abandoned}; {out.notes}; reason {out.result.reason!r}")  # fmt: skip
 
 
-@pytest.mark.parametrize("service", ["temporal", "s3"])
-def test_server_down_for_a_minute(service, long_faults):
-    out = long_faults[f"{service}_down"].result()
-    _report(f"{service} down", out)
+def test_temporal_down_for_a_minute_is_survived(long_faults):
+    out = long_faults["temporal_down"].result()
+    _report("temporal down", out)
     assert out.notes["outage_s"] >= outages.OUTAGE_S
     assert out.result.status == "completed", (out.result.reason, out.log_tail)
     assert out.result.answer == str(sum(range(outages.ITEMS)))
@@ -65,6 +66,22 @@ def test_server_down_for_a_minute(service, long_faults):
     sub_prompts = Counter(r.last_user_text for r in out.requests if r.model == SUB)
     # Every item asked once: the answers that came during the outage were kept.
     assert sub_prompts == Counter(f"item {i}" for i in range(outages.ITEMS)), sub_prompts
+    used = out.result.usage.total()
+    assert used.calls == out.billed.requests + out.abandoned
+
+
+def test_s3_down_for_a_minute_fails_the_run_naming_s3(long_faults):
+    """Model-call steps retry for about 15 s (workflows/model_attempts.py): a
+    minute without object storage outlasts them. The run fails saying so;
+    attempts that failed reading storage, before any request, cost nothing."""
+    out = long_faults["s3_down"].result()
+    _report("s3 down", out)
+    assert out.notes["outage_s"] >= outages.OUTAGE_S
+    assert out.result.status == "failed", out.log_tail
+    assert "S3 endpoint" in (out.result.reason or "") and "unreachable" in out.result.reason, out.result.reason
+    assert out.notes["worker_alive_after_outage"], out.log_tail
+    sub_prompts = Counter(r.last_user_text for r in out.requests if r.model == SUB)
+    assert max(sub_prompts.values()) == 1, sub_prompts  # no item asked twice
     used = out.result.usage.total()
     assert used.calls == out.billed.requests + out.abandoned
 
