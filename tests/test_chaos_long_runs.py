@@ -27,7 +27,7 @@ from tests.run_harness import SUB, isolated, request, running_worker
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 TURNS = 200
-SUBCALL_TURNS, SUBCALL_BATCH = 4, 500
+SUBCALL_TURNS, SUBCALL_BATCH = 3, 400
 
 
 def test_200_turns_same_answer_with_and_without_continue_as_new(settings, llm, context_store):
