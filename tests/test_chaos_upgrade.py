@@ -25,7 +25,6 @@ from tests.chaos.upgraded_worker import PATCH
 from tests.chaos.workers import WorkerProcesses
 from tests.run_harness import ROOT, SUB, completed_activities, isolated, repl, request, start
 from worker import connect
-from workflows.request import RunResult
 
 pytestmark = pytest.mark.chaos
 ITEMS, HELD_FROM = 6, 3
