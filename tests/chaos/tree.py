@@ -33,7 +33,7 @@ ROOT_CONTEXT = "alpha beta gamma"
 KID_CONTEXTS = {"kid-one": "k1 red green", "kid-two": "k2 blue"}
 # Time a cell waits at a kill point: room for the test to see the cell there
 # and kill the worker (it kills as soon as it sees it; the wait is not the sync).
-CELL_WINDOW_S = 5.0
+CELL_WINDOW_S = 8.0
 
 
 def root_cell(kill_point: str | None) -> str:
