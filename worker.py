@@ -23,6 +23,7 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities._litellm_setup import preload as preload_litellm
 from activities._repl_pool import ReplPool, guest_memory_budget
 from activities.context_store import ContextStore
 from activities.ingest_context import IngestContextActivity
@@ -51,6 +52,8 @@ def build_worker(
 ) -> tuple[Worker, ReplPool]:
     """A worker with the workflow and all activities; the caller runs it.
     `identity` (a code digest) is shown in Temporal's poller list."""
+    # Before polling: a first model call must not block the event loop on the import.
+    preload_litellm()
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket()
     runtime = WorkerRuntime(

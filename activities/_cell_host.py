@@ -42,6 +42,9 @@ class CellHost:
         self._asked: Counter[tuple] = Counter()
         self.subcalls = 0
         self.final: str | None = None
+        self.worker_stopping = False
+        """A sub-call was cut short because this worker shuts down: the cell's
+        outcome says nothing about its code (run_cell retries it elsewhere)."""
 
     def functions(self) -> dict[str, Any]:
         return {
@@ -133,6 +136,7 @@ class CellHost:
             except concurrent.futures.TimeoutError:
                 if activity.is_cancelled() or activity.is_worker_shutdown():
                     future.cancel()
+                    self.worker_stopping = self.worker_stopping or activity.is_worker_shutdown()
                     raise RuntimeError("the cell was cancelled") from None
             except Exception as exc:
                 raise RuntimeError(f"sub-call refused: {_cause(exc)}") from None

@@ -10,6 +10,7 @@ another sharing the data dir) is using, least recently used first.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -46,7 +47,7 @@ class ContextFileCache:
         fd = _lock(locks / ref.sha256, fcntl.LOCK_SH)
         assert fd is not None  # a blocking lock always ends held
         try:
-            paths = self._contexts.materialize(ref, self._root)
+            paths = self._materialize(ref)
             os.utime(self._root / ref.sha256)  # recency, for eviction
         except BaseException:
             os.close(fd)
@@ -58,16 +59,40 @@ class ContextFileCache:
             log.warning("context_cache.evict_failed", error=str(exc))
         return paths, release
 
-    def evict(self) -> int:
+    def _materialize(self, ref: ContextRef) -> list[Path]:
+        try:
+            return self._contexts.materialize(ref, self._root)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        # The disk filled before the cache reached max_bytes: make room from
+        # contexts no one uses, then try once more.
+        log.warning("context_cache.disk_full", root=str(self._root), needed=ref.total_bytes)
+        self.evict(max_bytes=0)
+        try:
+            return self._contexts.materialize(ref, self._root)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk of the worker's context cache {self._root} for a context of "
+                f"{ref.total_bytes:,} bytes (unused contexts already deleted): free space on that disk "
+                "or give the worker a larger data dir (RLM_DATA_DIR)",
+            ) from None
+
+    def evict(self, max_bytes: int | None = None) -> int:
         """Delete unused contexts, least recently used first, until the total
-        fits `max_bytes`; returns the bytes on disk afterwards."""
+        fits `max_bytes` (default: the cache's bound); returns the bytes on
+        disk afterwards."""
+        max_bytes = self._max_bytes if max_bytes is None else max_bytes
         entries = []
         for entry in os.scandir(self._root):
             if entry.is_dir(follow_symlinks=False) and _CONTEXT_DIR.fullmatch(entry.name):
                 entries.append((entry.stat().st_mtime, entry.name, _dir_bytes(entry.path)))
         total = sum(size for _, _, size in entries)
         for _, name, size in sorted(entries):
-            if total <= self._max_bytes:
+            if total <= max_bytes:
                 break
             lock_path = self._root / _LOCKS / name
             fd = _lock(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)

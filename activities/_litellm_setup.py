@@ -41,6 +41,16 @@ def _loaded() -> ModuleType:
     return module
 
 
+def preload() -> None:
+    """Import litellm now. Workers call this before they poll: imported on
+    first use, inside an async activity, it blocks the worker's event loop
+    for seconds (3.7 s of CPU, far more on a busy machine), long enough for
+    every activity of the worker to miss its heartbeat timeout and be
+    retried (seen in tests/test_chaos_kills.py: a calm run charged a root
+    turn twice)."""
+    _loaded()
+
+
 class _LazyModule:
     """A module imported on first attribute access: importing litellm costs
     seconds of CPU, which client commands (that import the model registry to
@@ -63,4 +73,4 @@ class _LazyModule:
 litellm = _LazyModule()
 litellm_exceptions = _LazyModule("exceptions")
 
-__all__ = ["litellm", "litellm_exceptions"]
+__all__ = ["litellm", "litellm_exceptions", "preload"]

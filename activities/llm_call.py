@@ -51,7 +51,7 @@ class LlmCallActivity:
         key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
         if inp.attempt > 1 or activity.info().attempt > 1:
             # An earlier attempt may have finished unseen (timed out, worker died).
-            done = await self._rt.io(self._rt.get_json, key)
+            done = await self._rt.read_before_call(key)
             if done is not None:
                 return LlmCallOutput.model_validate({**done, "replayed": True})
         try:

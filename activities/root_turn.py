@@ -29,13 +29,13 @@ class RootTurnActivity:
         key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
         done = None
         if inp.attempt > 1 or activity.info().attempt > 1:
-            done = await self._rt.io(self._rt.get_json, key)
+            done = await self._rt.read_before_call(key)
         if done is not None:
             log.info("root_turn.replayed", workflow_id=inp.workflow_id, turn=inp.turn)
             return RootTurnOutput.model_validate({**done["result"], "transcript_key": key, "replayed": True})
         messages: list[dict[str, str]] = []
         if inp.transcript_prev_key:
-            prev = await self._rt.io(self._rt.get_json, inp.transcript_prev_key)
+            prev = await self._rt.read_before_call(inp.transcript_prev_key)
             messages = list(prev["messages"]) if prev else []
         messages = merge_consecutive(messages + list(inp.append))
         try:

@@ -63,6 +63,14 @@ class RunCellActivity:
             running.append(live)
             try:
                 result = live.session.run_cell(inp.code)
+                if host.worker_stopping:
+                    # A deploy stopped this worker while the cell waited on sub-calls:
+                    # not the code's error. Retried on another worker from the
+                    # pre-cell snapshot (its sub-calls are answered from the run's memory).
+                    raise ApplicationError(
+                        "the worker shut down while the cell waited on sub-calls; it runs again on another worker",
+                        type="WorkerShutdown",
+                    )
                 out = self._finish(inp, live, host, result)
             except BaseException as exc:
                 self._pool.discard(live)

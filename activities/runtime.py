@@ -11,10 +11,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
-from activities.object_store import ObjectMissingError, ObjectStore
+from activities.object_store import ObjectMissingError, ObjectStore, StorageError
 from activities.settings import Settings
 
 T = TypeVar("T")
@@ -53,6 +54,16 @@ class WorkerRuntime:
         if activity.info().attempt == 1:
             return None
         return await self.io(self.get_json, key)
+
+    async def read_before_call(self, key: str) -> Any | None:
+        """`get_json(key)` for a model-call activity before it sends its
+        request. Storage that fails here fails the attempt as not billable:
+        nothing was sent, and the workflow charges an attempt's worst case
+        unless told so (seen with S3 down: every retry was charged)."""
+        try:
+            return await self.io(self.get_json, key)
+        except StorageError as exc:
+            raise ApplicationError(str(exc), {"billable": False}, type=type(exc).__name__) from exc
 
     def get_json(self, key: str) -> Any | None:
         try:

@@ -106,6 +106,8 @@ class FakeRequest:
     headers: dict[str, str]
     matched_rule: Rule | None = None
     """The rule that answered, or None when no rule matched (the 500 case)."""
+    received_at: float = field(default_factory=time.monotonic)
+    """When the server received it (`time.monotonic()`): gaps between retries."""
 
     @property
     def last_text(self) -> str:
@@ -242,6 +244,11 @@ class FakeLLM:
         """What the server billed so far (see the module docstring)."""
         with self._lock:
             return Billed(self._billed.requests, self._billed.prompt_tokens, self._billed.completion_tokens)
+
+    def abandoned(self) -> int:
+        """Held requests whose client closed the connection (not billed)."""
+        with self._lock:
+            return self._abandoned
 
     def wait_abandoned(self, count: int, timeout_s: float = 30.0) -> None:
         """Block until `count` held requests were abandoned by their client."""

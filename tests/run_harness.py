@@ -100,14 +100,16 @@ def repl(code: str) -> str:
     return f"Let me look.\n```repl\n{code.strip()}\n```\n"
 
 
-def start_worker_process(settings: Settings, fake_url: str, log_path: Path) -> subprocess.Popen:
+def start_worker_process(
+    settings: Settings, fake_url: str, log_path: Path, *, module: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """A worker in a process of its own (one a test can kill -9), its models
-    the scripted server at `fake_url`, its JSON log appended to `log_path`."""
-    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_LOG_JSON": "1"}
+    the scripted server at `fake_url`, its JSON log appended to `log_path`.
+    `module`: run this module (`python -m`) instead of worker.py; `env`: extra variables."""
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_LOG_JSON": "1", **(env or {})}
+    argv = [sys.executable, "-m", module] if module else [sys.executable, str(REPO / "worker.py")]
     log = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
-    )
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
 
 
 def completed_activities(history: WorkflowHistory, activity_type: str) -> int:
