@@ -168,7 +168,8 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                     assert result.status == "completed", result
                     acts, tasks, _ = h.history_timeline(history)
                     cells = [a for a in acts if a.kind == "run_cell"]
-                    calls = [a for a in acts if a.kind == "llm_call"]
+                    # One activity per call (llm_call) or per group of calls (llm_calls).
+                    calls = [a for a in acts if a.kind in ("llm_call", "llm_calls")]
                     outputs = h.activity_results(history, pydantic_data_converter, "run_cell", CellOutput)
                     assert outputs[0].output.strip() == f"{n} {n}", outputs[0].output
                     cell_s = cells[0].run_s
@@ -178,6 +179,8 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                         "ratio_to_ideal": round(cell_s / ideal, 2),
                         "first_call_scheduled_after_cell_start_s": round(min(c.scheduled for c in calls) - cells[0].started, 3),
                         "calls_span_s": round(span, 3),
+                        "model_call_activities": len(calls),
+                        "calls_per_activity": round(n / len(calls), 2),
                         "llm_call_mean_queue_ms": round(1000 * sum(c.queue_s for c in calls) / len(calls), 1),
                         "llm_call_max_queue_ms": round(1000 * max(c.queue_s for c in calls), 1),
                         "llm_call_mean_run_ms": round(1000 * sum(c.run_s for c in calls) / len(calls), 1),
@@ -187,12 +190,14 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                         "workflow_task_max_run_ms": round(1000 * max(t.run_s for t in tasks), 1),
                         "run_wall_s": round(wall, 3),
                         "cpu_s": cpu,
+                        "cpu_ms_per_call": {k: round(1000 * v / n, 1) for k, v in cpu.items()},
+                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                         "timers": timers.summary(),
                     }
                     rows.append(row)
                     print(
                         f"fanout {n} run {i + 1}: cell {cell_s:.2f} s (ideal {ideal:.2f} s, x{row['ratio_to_ideal']}); "
-                        f"llm_call queue {row['llm_call_mean_queue_ms']} ms, run {row['llm_call_mean_run_ms']} ms; "
+                        f"{len(calls)} model-call activities, queue {row['llm_call_mean_queue_ms']} ms, run {row['llm_call_mean_run_ms']} ms; "
                         f"{len(tasks)} workflow tasks; CPU s {cpu}"
                     )
                 counts = stop()
