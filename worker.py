@@ -74,6 +74,7 @@ def build_worker(
         activities=[
             llm.resolve_models,
             llm.llm_call,
+            llm.llm_calls,
             IngestContextActivity(runtime).ingest_context,
             RootTurnActivity(runtime).root_turn,
             RunCellActivity(runtime, pool).run_cell,

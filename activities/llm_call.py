@@ -1,11 +1,16 @@
-"""The `llm_call` activity (one `llm_query` item) and `resolve_models`.
+"""The `llm_calls` activity (several `llm_query` attempts, each with its own
+outcome; workflows/call_groups.py), the older one-call `llm_call`, and
+`resolve_models`.
 
 Large prompts and replies travel as object-storage references. A completed
-call is recorded under its call id, so a later attempt (the workflow retries,
-attempt by attempt) never pays for it twice.
+call is recorded under its call id as soon as its reply arrives, so a later
+attempt (the workflow retries, attempt by attempt, also after a group was cut
+short by a crash) never pays for it twice.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import structlog
 from temporalio import activity
@@ -13,10 +18,14 @@ from temporalio.exceptions import ApplicationError
 
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
-from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_RESOLVE_MODELS
+from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_RESOLVE_MODELS
 from workflows.steps import (
+    LlmCallFailure,
     LlmCallInput,
     LlmCallOutput,
+    LlmCallResult,
+    LlmCallsInput,
+    LlmCallsOutput,
     ResolveModelsInput,
     ResolveModelsOutput,
 )
@@ -48,8 +57,36 @@ class LlmCallActivity:
 
     @activity.defn(name=ACTIVITY_LLM_CALL)
     async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:
+        """One call per activity: what runs started before call groups schedule."""
+        return await heartbeating(self._call(inp, call_timeout_s(), retried=activity.info().attempt > 1))
+
+    @activity.defn(name=ACTIVITY_LLM_CALLS)
+    async def llm_calls(self, inp: LlmCallsInput) -> LlmCallsOutput:
+        """Several calls at once, each with its own outcome: one failing (or
+        timing out) does not fail the others, and each completed one is
+        recorded as soon as it completes."""
+        http_timeout = max(10.0, inp.call_timeout_s)
+        results = await heartbeating(
+            asyncio.gather(*(self._one(call, inp.call_timeout_s, http_timeout) for call in inp.calls))
+        )
+        return LlmCallsOutput(results=list(results))
+
+    async def _one(self, inp: LlmCallInput, deadline_s: float, http_timeout_s: float) -> LlmCallResult:
+        try:
+            async with asyncio.timeout(deadline_s):
+                out = await self._call(inp, http_timeout_s, retried=False)
+        except TimeoutError as exc:
+            # As the single-call activity's start-to-close timeout: may be billed.
+            error = to_application_error(exc, model=inp.model)
+            return LlmCallResult(call_id=inp.call_id, failure=_failure(error))
+        except ApplicationError as exc:
+            return LlmCallResult(call_id=inp.call_id, failure=_failure(exc))
+        return LlmCallResult(call_id=inp.call_id, output=out)
+
+    async def _call(self, inp: LlmCallInput, timeout_s: float, *, retried: bool) -> LlmCallOutput:
+        """One attempt; raises the ApplicationError the workflow reads."""
         key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
-        if inp.attempt > 1 or activity.info().attempt > 1:
+        if inp.attempt > 1 or retried:
             # An earlier attempt may have finished unseen (timed out, worker died).
             done = await self._rt.read_before_call(key)
             if done is not None:
@@ -61,11 +98,7 @@ class LlmCallActivity:
             # Nothing was sent: the attempt cost nothing.
             raise to_application_error(exc, sent=False) from exc
         try:
-            reply = await heartbeating(
-                complete(
-                    spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens, timeout_s=call_timeout_s()
-                )
-            )
+            reply = await complete(spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens, timeout_s=timeout_s)
         except Exception as exc:
             raise to_application_error(exc) from exc
         text, ref = reply.text, None
@@ -91,3 +124,11 @@ class LlmCallActivity:
             text = value if isinstance(value, str) else "\n\n".join(value)
             prompt = f"{prompt}\n\n{text}"
         return prompt
+
+
+def _failure(error: ApplicationError) -> LlmCallFailure:
+    details = error.details[0] if error.details and isinstance(error.details[0], dict) else {}
+    delay = error.next_retry_delay.total_seconds() if error.next_retry_delay is not None else None
+    return LlmCallFailure(
+        message=error.message, type=error.type, non_retryable=error.non_retryable, retry_after_s=delay, details=details
+    )

@@ -41,6 +41,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 
 import activities.llm_call  # noqa: E402
 import activities.root_turn  # noqa: E402
+import workflows.call_groups  # noqa: E402
 from activities.context_store import ContextStore  # noqa: E402
 from activities.logging import configure_logging  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
@@ -143,12 +144,22 @@ async def bench_overhead(svc: h.Services, timers: h.Timers, turns: int, repeats:
 # -- 2. sub-call fan-out ----------------------------------------------------------
 
 
-async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repeats: int) -> dict[str, Any]:
+async def bench_fanout(
+    svc: h.Services, timers: h.Timers, sizes: list[int], repeats: int, cap: int = 32, group: int | None = None
+) -> dict[str, Any]:
+    """`group` overrides how many calls one llm_calls activity carries (the
+    worker runs in this process, and the workflow reads the constant from
+    the module it shares with it)."""
+    if group is not None:
+        workflows.call_groups.CALLS_PER_ACTIVITY = group
     settings = _queue(svc.settings)
     ctx = ContextStore(ObjectStore.from_settings(settings)).put_value("fan-out")
-    delay, cap = 0.2, 32
+    delay = 0.2
     cell = "r = llm_query_batched([f'question {{i}}: say ok' for i in range({n})])\nprint(len(r), sum(a == 'ok' for a in r))"
-    out: dict[str, Any] = {"sub_delay_s": delay, "max_concurrency": cap, "fake_llm": "separate process"}
+    out: dict[str, Any] = {
+        "sub_delay_s": delay, "max_concurrency": cap, "fake_llm": "separate process",
+        "calls_per_activity": workflows.call_groups.CALLS_PER_ACTIVITY,
+    }
     for n in sizes:
         ideal = n * delay / cap
         rows = []
@@ -168,7 +179,8 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                     assert result.status == "completed", result
                     acts, tasks, _ = h.history_timeline(history)
                     cells = [a for a in acts if a.kind == "run_cell"]
-                    calls = [a for a in acts if a.kind == "llm_call"]
+                    # One activity per call (llm_call) or per group of calls (llm_calls).
+                    calls = [a for a in acts if a.kind in ("llm_call", "llm_calls")]
                     outputs = h.activity_results(history, pydantic_data_converter, "run_cell", CellOutput)
                     assert outputs[0].output.strip() == f"{n} {n}", outputs[0].output
                     cell_s = cells[0].run_s
@@ -178,6 +190,8 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                         "ratio_to_ideal": round(cell_s / ideal, 2),
                         "first_call_scheduled_after_cell_start_s": round(min(c.scheduled for c in calls) - cells[0].started, 3),
                         "calls_span_s": round(span, 3),
+                        "model_call_activities": len(calls),
+                        "calls_per_activity": round(n / len(calls), 2),
                         "llm_call_mean_queue_ms": round(1000 * sum(c.queue_s for c in calls) / len(calls), 1),
                         "llm_call_max_queue_ms": round(1000 * max(c.queue_s for c in calls), 1),
                         "llm_call_mean_run_ms": round(1000 * sum(c.run_s for c in calls) / len(calls), 1),
@@ -187,12 +201,14 @@ async def bench_fanout(svc: h.Services, timers: h.Timers, sizes: list[int], repe
                         "workflow_task_max_run_ms": round(1000 * max(t.run_s for t in tasks), 1),
                         "run_wall_s": round(wall, 3),
                         "cpu_s": cpu,
+                        "cpu_ms_per_call": {k: round(1000 * v / n, 1) for k, v in cpu.items()},
+                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                         "timers": timers.summary(),
                     }
                     rows.append(row)
                     print(
                         f"fanout {n} run {i + 1}: cell {cell_s:.2f} s (ideal {ideal:.2f} s, x{row['ratio_to_ideal']}); "
-                        f"llm_call queue {row['llm_call_mean_queue_ms']} ms, run {row['llm_call_mean_run_ms']} ms; "
+                        f"{len(calls)} model-call activities, queue {row['llm_call_mean_queue_ms']} ms, run {row['llm_call_mean_run_ms']} ms; "
                         f"{len(tasks)} workflow tasks; CPU s {cpu}"
                     )
                 counts = stop()
@@ -369,7 +385,11 @@ async def amain(args: argparse.Namespace, svc: h.Services, tmp: Path) -> dict[st
         if "overhead" in args.which:
             out["overhead_per_turn"] = await bench_overhead(svc, timers, args.turns, args.repeats)
         if "fanout" in args.which:
-            out["fanout"] = await bench_fanout(svc, timers, [int(n) for n in args.fanout.split(",")], args.repeats)
+            sizes = [int(n) for n in args.fanout.split(",")]
+            # The default configuration is "fanout"; others get a section of their own.
+            key = "fanout" + (f"_c{args.concurrency}" if args.concurrency != 32 else "")
+            key += f"_g{args.calls_per_activity}" if args.calls_per_activity is not None else ""
+            out[key] = await bench_fanout(svc, timers, sizes, args.repeats, args.concurrency, args.calls_per_activity)
         if "bigctx" in args.which:
             out["big_context"] = await bench_bigctx(svc, timers, args.big_mb, args.repeats, tmp)
     finally:
@@ -385,6 +405,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--fanout", default="1000,200", help="batch sizes, comma-separated")
+    parser.add_argument("--concurrency", type=int, default=32, help="fanout: Caps.max_concurrency")
+    parser.add_argument("--calls-per-activity", type=int, default=None, help="fanout: override CALLS_PER_ACTIVITY")
     parser.add_argument("--big-mb", type=int, default=40)
     parser.add_argument("--huge-mb", type=int, default=400)
     args = parser.parse_args()
@@ -395,7 +417,10 @@ def main() -> int:
         data_tmp = Path(svc.settings.data_dir).parent
         out = asyncio.run(amain(args, svc, data_tmp))
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    sections = {k: v for k, v in previous.items() if k in ("overhead_per_turn", "fanout", "big_context", "huge_context")}
+    sections = {
+        k: v for k, v in previous.items()
+        if k in ("overhead_per_turn", "big_context", "huge_context") or k.startswith("fanout")
+    }
     path = h.write_results("engine", {"worker": "in this process, except huge_context", "services_startup_s": round(svc.startup_s, 2)} | sections | out)
     print(f"wrote {path}")
     sys.stdout.flush()

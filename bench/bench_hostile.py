@@ -46,11 +46,12 @@ import _harness as h  # noqa: E402
 from temporalio.client import Client, WorkflowFailureError  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 
-from activities.context_store import ContextStore  # noqa: E402
+from activities.context_store import ContextStore
+from activities.runtime import run_key  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
 from tests.fixtures_llm import models_json  # noqa: E402
-from tests.run_harness import ROOT, SUB, completed_activities, repl, request, start  # noqa: E402
+from tests.run_harness import ROOT, SUB, repl, request, start  # noqa: E402
 from worker import connect  # noqa: E402
 from workflows.names import WORKFLOW_RLM_RUN  # noqa: E402
 from workflows.request import RunResult  # noqa: E402
@@ -200,8 +201,11 @@ class Bench:
             req = request("q", self.contexts.put_value("items"), caps={"max_concurrency": n}, limits={"cell_timeout_s": 120})
             handle = await start(client, s, req, workflow_id=f"hostile-crash-{uuid.uuid4().hex[:8]}")
             await asyncio.to_thread(self.fake.wait_for_count, n - held_from, "held", 120.0)
-            while completed_activities(await handle.fetch_history(), "llm_call") < held_from:
-                await asyncio.sleep(0.1)  # waiting for an event in the history
+            # Every answered call has its record (calls travel in groups that
+            # end only with their last call, so count records, not activities).
+            records = run_key(handle.id, "calls") + "/"
+            while self.contexts.store.count(records) < held_from:
+                await asyncio.sleep(0.1)  # waiting for an observed fact
             first_peak = first.kill()
             killed_at = time.perf_counter() - begun
             done_before = {r.last_user_text for r in self.fake.requests(SUB) if r.matched_rule and r.matched_rule.name == "fast"}

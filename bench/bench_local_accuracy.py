@@ -157,7 +157,7 @@ async def ask_rlm(client, settings, store: ObjectStore, args, text: str, questio
         await handle.terminate("benchmark time limit")
         return {"status": "terminated", "correct": False, "answer": None, "wall_s": round(time.perf_counter() - begun, 1)}
     acts, _tasks, _total = h.history_timeline(await handle.fetch_history())
-    model_s = sum(a.run_s for a in acts if a.kind in ("root_turn", "llm_call"))
+    model_s = sum(a.run_s for a in acts if a.kind in ("root_turn", "llm_call", "llm_calls"))
     return {
         "status": result.status,
         "reason": result.reason,
@@ -169,7 +169,7 @@ async def ask_rlm(client, settings, store: ObjectStore, args, text: str, questio
         "turns": result.turns,
         "tokens": result.spend.tokens,
         "calls": result.spend.calls,
-        "sub_calls": sum(1 for a in acts if a.kind == "llm_call"),
+        "sub_calls": sum(1 for a in acts if a.kind in ("llm_call", "llm_calls")),  # concurrency 1: one call per activity
         "transcript": transcript(store, result.transcript_key),
     }
 

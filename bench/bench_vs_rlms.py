@@ -220,7 +220,7 @@ def run_reference(python: Path, driver: Path, url: str, context: Path) -> dict[s
     if proc.returncode != 0:
         raise RuntimeError(f"rlms driver failed ({proc.returncode}): {proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall_s": round(wall, 3)} | {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    return {"wall_s": round(wall, 3), "loadavg_after": [round(x, 2) for x in os.getloadavg()]} | {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 # -- ours --------------------------------------------------------------------------
@@ -245,7 +245,8 @@ def run_ours(settings, url: str, context: Path, concurrency: int) -> dict[str, A
     if proc.returncode != 0:
         raise RuntimeError(f"rlm run failed ({proc.returncode}): {proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
-    row = {"wall_s": round(wall, 3), "answer": result["answer"], "status": result["status"], "turns": result["turns"]}
+    row = {"wall_s": round(wall, 3), "answer": result["answer"], "status": result["status"], "turns": result["turns"],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     return row | asyncio.run(_from_history(settings, workflow_id))
 
 
@@ -254,7 +255,8 @@ async def _from_history(settings, workflow_id: str) -> dict[str, Any]:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     acts, tasks, total = h.history_timeline(history)
     cells = [a for a in acts if a.kind == "run_cell"]
-    calls = [a for a in acts if a.kind == "llm_call"]
+    # One activity per call (llm_call) or per group of calls (llm_calls).
+    calls = [a for a in acts if a.kind in ("llm_call", "llm_calls")]
     outputs = h.activity_results(history, pydantic_data_converter, "run_cell", CellOutput)
     first = min(c.scheduled for c in calls) if calls else float("nan")
     return {

@@ -251,6 +251,8 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
             spend = _spend(out.get("usd", 0.0), out.get("prompt_tokens", 0) + out.get("completion_tokens", 0), 1)
             if act["type"] in ("root_turn", "llm_call") and act["state"] == "failed":
                 failed_attempts += 1
+            elif act["type"] == "llm_calls" and act["state"] == "failed":
+                failed_attempts += len(inp.get("calls") or [])
             if act["type"] == "root_turn":
                 node = turn(int(inp.get("turn", 0)))
                 node["attempts"] += 1
@@ -268,18 +270,30 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 cell.update(base, code=inp.get("code", ""), output=out.get("output"), output_key=out.get("output_key"),
                             error=error, limit=out.get("limit"), final=out.get("final"),
                             duration_s=out.get("duration_s"), subcalls=out.get("subcalls", 0))  # fmt: skip
-            elif act["type"] == "llm_call":
-                cell_id = str(inp.get("call_id", "")).split(":", 1)[0]
-                key = _content_key(cell_id, inp.get("prompt"), inp.get("prompt_ref"), inp.get("context"))
-                steps.setdefault(key, []).append({
-                    **base, "attempt_no": inp.get("attempt"), "model": inp.get("model"),
-                    "prompt_ref": _ref_key(inp.get("prompt_ref")), "reply_ref": _ref_key(out.get("text_ref")),
-                    "reply": out.get("text"), "tokens_in": out.get("prompt_tokens"),
-                    "tokens_out": out.get("completion_tokens"), "error": act.get("error"),
-                    "spend": spend if act["state"] == "completed" else _spend(),
-                })  # fmt: skip
-                if act["state"] == "completed":
-                    series.append((act["ended_at"], spend))
+            elif act["type"] in ("llm_call", "llm_calls"):
+                # One call per activity, or a group of calls (workflows/call_groups.py):
+                # either way each call is its own step, with its own outcome.
+                grouped = act["type"] == "llm_calls"
+                results = out.get("results") or []
+                for i, call in enumerate(inp.get("calls") or [] if grouped else [inp]):
+                    res = (results[i] if i < len(results) else {}) if grouped else {"output": out}
+                    one, failure = res.get("output") or {}, res.get("failure") or {}
+                    ok = act["state"] == "completed" and (not grouped or bool(one))
+                    if grouped and failure:
+                        failed_attempts += 1
+                    cost = _spend(one.get("usd", 0.0), one.get("prompt_tokens", 0) + one.get("completion_tokens", 0), 1)
+                    cell_id = str(call.get("call_id", "")).split(":", 1)[0]
+                    key = _content_key(cell_id, call.get("prompt"), call.get("prompt_ref"), call.get("context"))
+                    steps.setdefault(key, []).append({
+                        **base, "state": "completed" if ok else ("failed" if act["state"] == "completed" else act["state"]),
+                        "attempt_no": call.get("attempt"), "model": call.get("model"),
+                        "prompt_ref": _ref_key(call.get("prompt_ref")), "reply_ref": _ref_key(one.get("text_ref")),
+                        "reply": one.get("text"), "tokens_in": one.get("prompt_tokens"),
+                        "tokens_out": one.get("completion_tokens"), "error": failure.get("message") or act.get("error"),
+                        "spend": cost if ok else _spend(),
+                    })  # fmt: skip
+                    if ok:
+                        series.append((act["ended_at"], cost))
         for kid in run["children"].values():
             req, result = kid.get("input") or {}, kid.get("result") or {}
             cell_id = str((req.get("parent") or {}).get("call_id", "")).split(":", 1)[0]

@@ -2,7 +2,10 @@
 worker finishes the run with the same answer, every reply belongs to its
 prompt, and no model call that had completed is made again (counted at the
 model server). The cell builds its prompts by iterating a `set`, whose order
-may differ in the re-run cell (string hashing differs between interpreters)."""
+may differ in the re-run cell (string hashing differs between interpreters).
+Calls travel several to an activity (workflows/call_groups.py), so the kill
+lands in groups that hold both answered calls and calls still waiting: each
+answered call must have been recorded on its own and is not made again."""
 
 from __future__ import annotations
 
@@ -12,13 +15,17 @@ import signal
 import threading
 
 
-from tests.run_harness import ROOT, SUB, completed_activities, isolated, repl, request, start_worker_process
+from tests.run_harness import ROOT, SUB, isolated, repl, request, start_worker_process
+from activities.runtime import run_key
 from worker import connect
+from workflows.call_groups import CALLS_PER_ACTIVITY
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.request import RunResult
 
 ITEMS = 40
 HELD_FROM = 20  # items >= this wait at the model server until after the kill
+# All items in flight at once: a group's slots are given back when the whole
+# group ends (workflows/call_groups.py), and every group here holds a held item.
 
 
 def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, context_store, llm, tmp_path):
@@ -55,12 +62,14 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
         async def until_killed():
             client = await connect(s)
             handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, request("total?", ctx), id=f"crash-{os.getpid()}-{id(s)}",
+                WORKFLOW_RLM_RUN, request("total?", ctx, caps={"max_concurrency": ITEMS}), id=f"crash-{os.getpid()}-{id(s)}",
                 task_queue=s.task_queue, result_type=RunResult,
             )
             await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 90.0)
-            while completed_activities(await handle.fetch_history(), "llm_call") < HELD_FROM:
-                await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
+            # Every answered call has its record (the durable fact a retry reads).
+            records = run_key(handle.id, "calls") + "/"
+            while context_store.store.count(records) < HELD_FROM:
+                await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)
             return handle.id
@@ -90,3 +99,13 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     assert all(prompts.count(f"item {i}") in (1, 2) for i in range(ITEMS))
     assert llm.count("turn1") == 1
     assert llm.count("final") == 1
+    history = asyncio.run(_history(s, workflow_id))
+    groups = [e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"]
+    # The kill cut groups short: their calls were retried call by call, so more
+    # groups were scheduled than the first attempts alone need.
+    assert len(groups) > -(-ITEMS // CALLS_PER_ACTIVITY)
+
+
+async def _history(settings, workflow_id: str):
+    client = await connect(settings)
+    return await client.get_workflow_handle(workflow_id).fetch_history()

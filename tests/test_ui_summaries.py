@@ -63,7 +63,8 @@ def test_activities_children_and_the_run_explain_themselves(settings, object_sto
     cells = found["run_cell"]
     assert cells[0].startswith("cell t1c1 · parts = llm_query_batched([")
     assert cells[1] == "cell t1c2 · x = undefined_name + 1"
-    assert sorted(found["llm_call"]) == [f"llm_query 1/2 · {SUB}", f"llm_query 2/2 · {SUB}"]
+    # Both calls of the batch travel in one activity (workflows/call_groups.py).
+    assert found["llm_calls"] == [f"llm_query x2: 1-2/2 · {SUB}"]
     assert sorted(found["child"]) == ["rlm_query d1 1/2 · Ca", "rlm_query d1 2/2 · Cb"]
     assert all(len(s) <= MAX_SUMMARY_CHARS and "\n" not in s for v in found.values() for s in v)
     # While turn 3 waited: the run's current details show turn, phase and spend.

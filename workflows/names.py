@@ -10,6 +10,7 @@ ACTIVITY_RESOLVE_MODELS = "resolve_models"
 ACTIVITY_ROOT_TURN = "root_turn"
 ACTIVITY_RUN_CELL = "run_cell"
 ACTIVITY_LLM_CALL = "llm_call"
+ACTIVITY_LLM_CALLS = "llm_calls"
 ACTIVITY_INGEST_CONTEXT = "ingest_context"
 
 UPDATE_SUBCALLS = "subcalls"

@@ -208,3 +208,34 @@ class LlmCallOutput(BaseModel):
     usd: float
     replayed: bool = False
     """As in `RootTurnOutput.replayed`."""
+
+
+class LlmCallFailure(BaseModel):
+    """One call of an `llm_calls` group that failed: the ApplicationError the
+    single-call activity would have raised, as data."""
+
+    message: str
+    type: str | None = None
+    non_retryable: bool = False
+    retry_after_s: float | None = None
+    details: dict = Field(default_factory=dict)
+    """As `to_application_error` gives them: billable, usage, model, status_code."""
+
+
+class LlmCallResult(BaseModel):
+    call_id: str
+    output: LlmCallOutput | None = None
+    failure: LlmCallFailure | None = None
+
+
+class LlmCallsInput(BaseModel):
+    """Several `llm_query` attempts carried by one activity (workflows/call_groups.py)."""
+
+    calls: list[LlmCallInput]
+    call_timeout_s: float
+    """Each call's own deadline inside the group (the run's model_call_timeout_s)."""
+
+
+class LlmCallsOutput(BaseModel):
+    results: list[LlmCallResult]
+    """One per call, in the order of `LlmCallsInput.calls`."""

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         error_text,
         raise_if_cancelled,
     )
+    from workflows.call_groups import CallGroups
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.steps import (
         MAX_BATCH_ITEMS,
@@ -92,6 +93,9 @@ class SubcallRouter:
         self._memo: dict[str, SubcallAnswer] = {}
         self._inflight: dict[str, asyncio.Task[SubcallAnswer]] = {}
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
+        self._groups: CallGroups | None = None
+        """Set on the first `llm_query` of a run that carries calls in groups."""
+        self._grouped: bool | None = None
         self.children: list[ChildSummary] = []
         self.runs_below = 0
         """Runs in the tree below this one (`children` is the summary of it)."""
@@ -219,19 +223,23 @@ class SubcallRouter:
             )
 
         async def attempt(number: int) -> LlmCallOutput:
+            call = LlmCallInput(
+                workflow_id=workflow.info().workflow_id,
+                call_id=call_id,
+                model=model,
+                prompt=item.text,
+                prompt_ref=item.text_ref,
+                context=item.context,
+                max_tokens=max_out,
+                inline_limit=inline_limit,
+                attempt=number,
+            )
+            groups = self._call_groups()
+            if groups is not None:
+                return await groups.call(call, index + 1, len(batch.items))
             return await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALL,
-                LlmCallInput(
-                    workflow_id=workflow.info().workflow_id,
-                    call_id=call_id,
-                    model=model,
-                    prompt=item.text,
-                    prompt_ref=item.text_ref,
-                    context=item.context,
-                    max_tokens=max_out,
-                    inline_limit=inline_limit,
-                    attempt=number,
-                ),
+                call,
                 result_type=LlmCallOutput,
                 summary=llm_call_summary(index + 1, len(batch.items), model),
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
@@ -250,6 +258,15 @@ class SubcallRouter:
         if isinstance(out, Refusal):
             return SubcallAnswer(error=f"Budget: {out.message}")
         return SubcallAnswer(text=out.text, text_ref=out.text_ref)
+
+    def _call_groups(self) -> CallGroups | None:
+        """Runs started by this version carry several calls per activity;
+        runs started before it go on with one activity per call."""
+        if self._grouped is None:
+            self._grouped = workflow.patched("llm-call-groups")
+            if self._grouped:
+                self._groups = CallGroups(self._req.limits.model_call_timeout_s)
+        return self._groups
 
     async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str, index: int) -> SubcallAnswer:
         model = self._pick_model(batch, "rlm")

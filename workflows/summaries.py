@@ -23,6 +23,7 @@ __all__ = [
     "clip",
     "human_count",
     "llm_call_summary",
+    "llm_calls_summary",
     "progress_details",
     "root_turn_summary",
     "run_static_details",
@@ -83,6 +84,22 @@ def llm_call_summary(index: int, count: int, model: str) -> str:
     """`llm_query 17/200 · gpt-4.1-mini` (1-based index within its batch)."""
     where = "llm_query" if count == 1 else f"llm_query {index}/{count}"
     return clip(f"{where}{SEP}{model}", MAX_SUMMARY_CHARS)
+
+
+def llm_calls_summary(places: list[tuple[int, int]], models: list[str]) -> str:
+    """A group of calls in one activity: `llm_query x8: 1-8/200 · gpt-4.1-mini`
+    (1-based places within their batches; runs of places shown as ranges)."""
+    parts: list[str] = []
+    for index, count in places:
+        last = parts[-1] if parts else ""
+        head, _, tail = last.rpartition("-") if "-" in last else ("", "", last)
+        prev = tail.split("/")[0]
+        if last and tail.endswith(f"/{count}") and prev.isdigit() and int(prev) == index - 1:
+            parts[-1] = f"{head or last.split('/')[0]}-{index}/{count}"
+        else:
+            parts.append(f"{index}/{count}")
+    where = f"llm_query x{len(places)}: " + ", ".join(parts)
+    return clip(where + SEP + ", ".join(dict.fromkeys(models)), MAX_SUMMARY_CHARS)
 
 
 def child_run_summary(question: str, depth: int, index: int = 1, count: int = 1) -> str:

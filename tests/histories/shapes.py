@@ -20,13 +20,13 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowHistory
 
 from activities.context_store import ContextStore
+from activities.runtime import run_key
 from activities.settings import Settings
 from tests.fake_llm import FakeLLM
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import (
     ROOT,
     SUB,
-    completed_activities,
     isolated,
     repl,
     request,
@@ -227,10 +227,14 @@ async def crash_recovery(lab: Lab) -> Recorded:
     workers = [start_worker_process(s, lab.llm.url, lab.logs)]
     try:
         client = await connect(s)
-        handle = await start(client, s, request("total?", ctx), workflow_id="replay-crash-recovery")
+        # All items in flight at once (a group gives its slots back when it ends).
+        req = request("total?", ctx, caps={"max_concurrency": CRASH_ITEMS})
+        handle = await start(client, s, req, workflow_id="replay-crash-recovery")
         await asyncio.to_thread(lab.llm.wait_for_count, CRASH_ITEMS - CRASH_HELD_FROM, "held", TIMEOUT_S)
-        while completed_activities(await handle.fetch_history(), "llm_call") < CRASH_HELD_FROM:
-            await asyncio.sleep(0.1)  # polling the history for an observed event, not a fixed wait
+        # Each answered call's record (calls travel in groups: count records, not activities).
+        records = run_key(handle.id, "calls") + "/"
+        while lab.contexts.store.count(records) < CRASH_HELD_FROM:
+            await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
         os.killpg(workers[0].pid, signal.SIGKILL)
         workers[0].wait(10)
         held.set()

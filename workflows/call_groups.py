@@ -1,0 +1,169 @@
+"""`llm_query` attempts carried several to an activity (`llm_calls`).
+
+Each sub-call costs the engine a fixed price per activity (schedule, dispatch,
+start, completion, a workflow task to read it), which on a small machine was
+most of the CPU of a large fan-out (bench/README.md, "fanout"). So the
+attempts that become ready in one workflow step (their budget reserved,
+their concurrency slot taken) are sent together, up to `CALLS_PER_ACTIVITY`
+per activity, and each caller gets its own call's outcome back:
+
+- a call that succeeded: its `LlmCallOutput`, as the single-call activity
+  would return it;
+- a call that failed: an `ActivityError` whose cause is the ApplicationError
+  the single-call activity would have raised (same type, retryability,
+  Retry-After, billing details), so `paid_model_call` charges and retries it
+  the same way;
+- the whole activity failed (timeout, worker lost, cancelled): that
+  `ActivityError` for every call of the group.
+
+Durability is per call, not per group: the activity records each call's
+reply in object storage as soon as it arrives (activities/llm_call.py), so
+a group cut short by a crash is retried call by call, and a call that had
+completed is answered from its record, never sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.model_attempts import ONE_ATTEMPT
+    from workflows.step_common import MODEL_CALL_HEARTBEAT_TIMEOUT
+    from workflows.steps import LlmCallFailure, LlmCallInput, LlmCallOutput, LlmCallsInput, LlmCallsOutput
+    from workflows.summaries import llm_calls_summary
+
+# Measured (bench/README.md, "fanout"): 8 calls per activity cut the engine's
+# CPU per sub-call by most of the per-activity share while a group still
+# finishes with its calls (at concurrency 32, four groups are in flight).
+CALLS_PER_ACTIVITY = 8
+# Inline prompts of one group, and replies it may bring back inline, stay far
+# below the 2 MiB payload limit (longer replies come back as blob refs).
+GROUP_INLINE_BUDGET = 512 * 1024
+GROUP_REPLY_BUDGET = 1024 * 1024
+# Time a group gets beyond its calls' own deadline: reading prompts, writing records.
+GROUP_TIMEOUT_MARGIN = timedelta(seconds=30)
+
+
+@dataclass
+class _Call:
+    inp: LlmCallInput
+    place: tuple[int, int]
+    future: asyncio.Future[LlmCallOutput]
+
+
+@dataclass
+class _Group:
+    calls: list[_Call]
+    task: asyncio.Task[None] | None = None
+    cancelled: set[int] = field(default_factory=set)
+
+
+class CallGroups:
+    """Sends the attempts of one run's `llm_query` calls in groups."""
+
+    def __init__(self, call_timeout_s: float) -> None:
+        self._call_timeout_s = call_timeout_s
+        self._waiting: list[_Call] = []
+        self._flushing = False
+
+    async def call(self, inp: LlmCallInput, index: int, count: int) -> LlmCallOutput:
+        """One attempt (its budget already reserved); raises ActivityError as
+        `workflow.execute_activity` would for a single-call activity."""
+        future: asyncio.Future[LlmCallOutput] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Call(inp, (index, count), future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        # Conditions are checked only once nothing else is ready: every call
+        # that becomes ready in this workflow step has joined `_waiting` by then.
+        await workflow.wait_condition(lambda: True)
+        waiting, self._waiting, self._flushing = self._waiting, [], False
+        for calls in _split([c for c in waiting if not c.future.done()]):
+            group = _Group(calls)
+            for position, one in enumerate(calls):
+                one.future.add_done_callback(lambda f, g=group, p=position: _on_done(g, p, f))
+            group.task = asyncio.ensure_future(self._run(group))
+
+    async def _run(self, group: _Group) -> None:
+        calls = group.calls
+        reply_limit = max(256, GROUP_REPLY_BUDGET // len(calls))
+        inputs = [c.inp.model_copy(update={"inline_limit": min(c.inp.inline_limit, reply_limit)}) for c in calls]
+        try:
+            out: LlmCallsOutput = await workflow.execute_activity(
+                names.ACTIVITY_LLM_CALLS,
+                LlmCallsInput(calls=inputs, call_timeout_s=self._call_timeout_s),
+                result_type=LlmCallsOutput,
+                summary=llm_calls_summary([c.place for c in calls], [c.inp.model for c in calls]),
+                start_to_close_timeout=timedelta(seconds=self._call_timeout_s) + GROUP_TIMEOUT_MARGIN,
+                retry_policy=ONE_ATTEMPT,
+                heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
+            )
+        except ActivityError as exc:
+            for one in calls:
+                if not one.future.done():
+                    one.future.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for one in calls:
+                if not one.future.done():
+                    one.future.cancel()
+            raise
+        for one, result in zip(calls, out.results):
+            if one.future.done():
+                continue
+            if result.output is not None:
+                one.future.set_result(result.output)
+            else:
+                one.future.set_exception(_call_error(result.failure, one.inp.call_id))
+
+
+def _on_done(group: _Group, position: int, future: asyncio.Future) -> None:
+    """A caller that was cancelled (its run is ending) gives up its call; the
+    activity is cancelled once no caller of the group is left."""
+    if not future.cancelled():
+        return
+    group.cancelled.add(position)
+    if len(group.cancelled) == len(group.calls) and group.task is not None:
+        group.task.cancel()
+
+
+def _split(calls: list[_Call]) -> list[list[_Call]]:
+    groups: list[list[_Call]] = []
+    inline = 0
+    for one in calls:
+        size = len((one.inp.prompt or "").encode())
+        if not groups or len(groups[-1]) >= CALLS_PER_ACTIVITY or inline + size > GROUP_INLINE_BUDGET:
+            groups.append([])
+            inline = 0
+        groups[-1].append(one)
+        inline += size
+    return groups
+
+
+def _call_error(failure: LlmCallFailure | None, call_id: str) -> ActivityError:
+    """The error a single-call activity would have failed with."""
+    failure = failure or LlmCallFailure(message=f"call {call_id}: no result reported", type="MissingResult")
+    delay = timedelta(seconds=failure.retry_after_s) if failure.retry_after_s is not None else None
+    cause = ApplicationError(
+        failure.message, failure.details, type=failure.type, non_retryable=failure.non_retryable, next_retry_delay=delay
+    )
+    error = ActivityError(
+        "Activity task failed",
+        scheduled_event_id=0,
+        started_event_id=0,
+        identity="",
+        activity_type=names.ACTIVITY_LLM_CALLS,
+        activity_id=call_id,
+        retry_state=None,
+    )
+    error.__cause__ = cause
+    return error
