@@ -53,6 +53,7 @@ class RunOptions:
     caps: dict[str, Any] = field(default_factory=dict)
     cell_timeout_s: float = 120.0
     answer_schema: dict[str, Any] | None = None
+    tools: list[str] = field(default_factory=list)
     workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
 
 
@@ -120,6 +121,7 @@ class RunClient:
             # A 1.5B model on 2 cores reads ~50 tokens/s: a full window takes minutes.
             limits=RunLimits(cell_timeout_s=opts.cell_timeout_s, model_call_timeout_s=900.0 if local else 300.0),
             answer_schema=opts.answer_schema,
+            tools=opts.tools,
         )
 
     async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:

@@ -21,12 +21,14 @@ __all__ = [
     "cell_summary",
     "child_run_summary",
     "clip",
+    "compaction_summary",
     "human_count",
     "llm_call_summary",
     "progress_details",
     "root_turn_summary",
     "run_static_details",
     "run_static_summary",
+    "tool_call_summary",
 ]
 
 # A summary is one line in the UI's timeline; details are a small Markdown card.
@@ -83,6 +85,17 @@ def llm_call_summary(index: int, count: int, model: str) -> str:
     """`llm_query 17/200 · gpt-4.1-mini` (1-based index within its batch)."""
     where = "llm_query" if count == 1 else f"llm_query {index}/{count}"
     return clip(f"{where}{SEP}{model}", MAX_SUMMARY_CHARS)
+
+
+def compaction_summary(turns: int, model: str, prompt_tokens: int) -> str:
+    """`compact · turns 1-7 · root · gpt-4.1 · 98.2K tokens in`."""
+    text = SEP.join(["compact", f"turns 1-{turns}", "root", model, f"{human_count(prompt_tokens)} tokens in"])
+    return clip(text, MAX_SUMMARY_CHARS)
+
+
+def tool_call_summary(name: str, args_json: str) -> str:
+    """`tool ledger_lookup · {"id": 3}`."""
+    return clip(f"tool {name}{SEP}{args_json}", MAX_SUMMARY_CHARS)
 
 
 def child_run_summary(question: str, depth: int, index: int = 1, count: int = 1) -> str:
