@@ -327,3 +327,28 @@ def test_embedded_worker_gets_the_tools_setting(tmp_path):
     with_tools_ = plain.model_copy(update={"tools": TOOLS})
     assert with_tools_.to_env()["RLM_TOOLS"] == TOOLS
     assert identity(plain, {}) != identity(with_tools_, {})
+
+
+def test_child_runs_get_the_tools_under_the_tree_wide_cap(settings, context_store, llm, calls_file):
+    import re
+
+    def question(r):
+        m = re.search(r"Question: (\S+)", r.all_text)
+        return m.group(1) if m else ""
+
+    ctx = context_store.put_value("x")
+    llm.add_rule(
+        lambda r: question(r) == "top" and "Turn 1 of" in r.last_user_text,
+        repl('print("child says", rlm_query("Cq", context="c"), ledger_lookup(3)["vendor"])'),
+        model=ROOT,
+    )
+    llm.add_rule(lambda r: question(r) == "Cq", repl('FINAL(ledger_lookup(1)["vendor"])'), model=ROOT)
+    llm.add_rule(lambda r: "child says Globex Acme" in r.last_user_text, "FINAL(ok)", model=ROOT, name="final")
+    s = with_tools(settings)
+
+    req = tool_request("top", ctx, ["ledger_lookup"], caps={"max_depth": 1, "max_tool_calls": 2})
+    result, summaries = run_with_tools(s, llm, req)
+    assert result.status == "completed", result.reason
+    assert result.spend.tool_calls == 2  # the child's call is counted in the tree's spend
+    assert [c["args"] for c in sample_tools.calls(calls_file)] == [{"id": 1}, {"id": 3}]
+    assert summaries == ['tool ledger_lookup · {"id":3}']  # the parent's own; the child's is in its history
