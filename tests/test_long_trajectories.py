@@ -36,22 +36,24 @@ def test_max_errors_ends_a_run_that_keeps_failing_with_its_best_answer(settings,
 
 def test_transcript_near_the_window_is_compacted_and_history_stays_readable(settings, context_store, llm):
     ctx = context_store.put_value("a context")
-    long_output = repl('print("out " + "x" * 3000)')
-    llm.add_rule(None, long_output, model=ROOT, name="work")
+    llm.add_rule(None, repl('print("out " + "x" * 4000)'), model=ROOT, name="work")
     llm.add_rule(
         lambda r: "were compacted" in r.all_text,
-        repl('h = history()\nprint("HIST", len(h), sum("x" * 3000 in m["content"] for m in h), h[-1]["content"])'),
+        repl('h = history()\nprint("HIST", len(h), sum("x" * 4000 in m["content"] for m in h), h[-1]["content"])'),
         model=ROOT,
         name="read_history",
     )
     llm.add_rule(lambda r: "HIST" in r.last_user_text, "FINAL(done)", model=ROOT, name="final")
-    llm.add_rule(lambda r: COMPACTION_REQUEST in r.last_user_text, "SUMMARY-OF-WORK: printed x twice", model=ROOT, name="summary")
+    llm.add_rule(lambda r: COMPACTION_REQUEST in r.last_user_text, "SUMMARY-OF-WORK: printed x", model=ROOT, name="summary")
     s = isolated(settings)
 
     async def go():
-        # Each turn's 3,000 printed characters count 3,000+ tokens by the byte
-        # bound: with this window the transcript passes 85% before turn 3, not before turn 2.
-        async with running_worker(s, fake_registry(llm, context_window=7_000)) as client:
+        # Measured: the first prompt is ~930 tokens and each turn adds ~1,060
+        # (its 4,000 printed characters); the new output counts ~4,070 by its
+        # byte bound. With this window the room before 85% is ~9,790 tokens:
+        # transcript + new output pass it before turn 7 (10,320) and not
+        # before turn 6 (9,260), ~530 tokens either side.
+        async with running_worker(s, fake_registry(llm, context_window=12_722)) as client:
             handle = await start(client, s, request("q?", ctx))
             result = await asyncio.wait_for(handle.result(), 120)
             summaries = [
@@ -65,16 +67,17 @@ def test_transcript_near_the_window_is_compacted_and_history_stays_readable(sett
     result, summaries = asyncio.run(go())
     assert result.status == "completed", result.reason
     assert result.answer == "done"
-    assert [llm.count(n) for n in ("work", "summary", "read_history", "final")] == [2, 1, 1, 1]
-    assert len(summaries) == 1 and summaries[0].startswith("compact · turns 1-2 · root · fake-root")
-    # Turn 3 starts over: the system prompt, then the summary with turn 2's output.
-    turn3 = [r for r in llm.requests(ROOT) if r.matched_rule.name == "read_history"][0]
-    assert [m["role"] for m in turn3.messages] == ["system", "user"]
-    opening = turn3.messages[1]["content"]
-    assert "Your turns 1 to 2 were compacted" in opening and "SUMMARY-OF-WORK" in opening
-    assert opening.count("x" * 3000) == 1  # turn 2's output, not turn 1's
-    # history(): system, turn 1 (user, assistant), turn 2, the request and the summary.
+    assert [llm.count(n) for n in ("work", "summary", "read_history", "final")] == [6, 1, 1, 1]
+    assert len(summaries) == 1 and summaries[0].startswith("compact · turns 1-6 · root · fake-root")
+    # Turn 7 starts over: the system prompt, then the summary with turn 6's output.
+    turn7 = [r for r in llm.requests(ROOT) if r.matched_rule.name == "read_history"][0]
+    assert [m["role"] for m in turn7.messages] == ["system", "user"]
+    opening = turn7.messages[1]["content"]
+    assert "Your turns 1 to 6 were compacted" in opening and "SUMMARY-OF-WORK" in opening
+    assert opening.count("x" * 4000) == 1  # turn 6's output, not the earlier ones
+    # history(): the system prompt, the first question, 6 replies and the 5
+    # outputs between them, the request and the summary.
     shown = [r for r in llm.requests(ROOT) if r.matched_rule.name == "final"][0].last_user_text
-    assert "HIST 7 1 SUMMARY-OF-WORK: printed x twice" in shown
-    # The summary is a paid model call: 4 turns and the compaction.
-    assert result.usage.by_model[ROOT].calls >= 5
+    assert "HIST 15 5 SUMMARY-OF-WORK: printed x" in shown
+    # The summary is a paid model call: 8 turns and the compaction.
+    assert result.usage.by_model[ROOT].calls >= 9

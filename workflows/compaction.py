@@ -54,9 +54,14 @@ def compacted_message(question: str, summary: str, turns: int) -> str:
     return _COMPACTED.format(question=question, turns=turns, summary=summary.strip() or "(empty summary)")
 
 
-def should_compact(estimate: int, max_output_tokens: int, window: int) -> bool:
-    """Does a call of `estimate` prompt tokens plus its reply pass COMPACT_AT of `window`?"""
-    return estimate + max_output_tokens > COMPACT_AT * window
+def should_compact(transcript: int, new: int, max_output_tokens: int, window: int) -> bool:
+    """Would a call of the `transcript` so far plus `new` tokens of new
+    messages, and its reply, pass COMPACT_AT of `window`, with the transcript
+    filling at least half of that room? When it does not, the new messages
+    (whose byte bound is often 4x their tokens) are what looks large, and a
+    summary of the transcript would make little room for its cost."""
+    room = COMPACT_AT * window - max_output_tokens
+    return transcript >= room / 2 and transcript + new > room
 
 
 @dataclass
@@ -74,14 +79,15 @@ class TranscriptWindow:
 
     def due(self, *, turn: int, transcript_bound: int, pending: list[dict[str, str]], max_output_tokens: int,
             window: int) -> bool:  # fmt: skip
-        """The root call of `turn` would fill COMPACT_AT of `window`: the
-        provider's count (else `transcript_bound`, a `token_bound`) plus the
-        bound of the new messages. A transcript compacted at the previous
-        turn is not compacted again."""
+        """`should_compact` for the root call of `turn`: the transcript as the
+        provider counted it (else `transcript_bound`, a `token_bound`), the
+        new messages by `messages_token_bound`. A transcript compacted at the
+        previous turn is not compacted again."""
         if turn - 1 <= self.compacted_turn:
             return False
-        estimate = (self.transcript_tokens or transcript_bound) + messages_token_bound(pending)
-        return should_compact(estimate, max_output_tokens, window) and workflow.patched("compaction")
+        transcript = self.transcript_tokens or transcript_bound
+        due = should_compact(transcript, messages_token_bound(pending), max_output_tokens, window)
+        return due and workflow.patched("compaction")
 
     def compacted(self, out: CompactOutput, turn: int) -> None:
         self.history_key, self.compacted_turn, self.transcript_tokens = out.history_key, turn, 0

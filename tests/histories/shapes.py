@@ -275,14 +275,15 @@ async def max_errors(lab: Lab) -> Recorded:
 
 
 async def compaction(lab: Lab) -> Recorded:
-    """A transcript near a small window is compacted before turn 3; a cell reads history()."""
+    """A transcript near a small window is compacted before turn 7 (as in
+    test_long_trajectories.py); a cell reads history()."""
     ctx = lab.contexts.put_value("abc")
-    lab.llm.add_rule(None, repl('print("out " + "x" * 3000)'), model=ROOT)
+    lab.llm.add_rule(None, repl('print("out " + "x" * 4000)'), model=ROOT)
     lab.llm.add_rule(lambda r: "were compacted" in r.all_text, repl("print('HIST', len(history()))"), model=ROOT)
     lab.llm.add_rule(lambda r: "HIST" in r.last_user_text, "FINAL(done)", model=ROOT)
     lab.llm.add_rule(lambda r: "about to be compacted" in r.last_user_text, "SUMMARY", model=ROOT)
     s = isolated(lab.settings)
-    async with running_worker(s, fake_registry(lab.llm, context_window=7_000)) as client:
+    async with running_worker(s, fake_registry(lab.llm, context_window=12_722)) as client:
         handle = await start(client, s, request("q", ctx), workflow_id="replay-compaction")
         await asyncio.wait_for(handle.result(), TIMEOUT_S)
         return [("compaction", await handle.fetch_history())]
