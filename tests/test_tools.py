@@ -225,7 +225,7 @@ def test_max_tool_calls_refuses_before_calling(settings, context_store, llm, cal
     assert "Globex" in shown and "Acme" in shown
     assert "Budget refused (tool calls cap): 2 of the limit of 2 tool calls" in shown
     assert len(sample_tools.calls(calls_file)) == 2 and len(summaries) == 2
-    assert result.spend.tool_calls == 3
+    assert result.spend.tool_calls == 2
 
 
 def test_worker_killed_after_a_tool_call_does_not_call_it_again(settings, context_store, llm, calls_file, tmp_path):
