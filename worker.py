@@ -25,6 +25,8 @@ from temporalio.worker import Worker
 
 from activities._litellm_setup import preload as preload_litellm
 from activities._repl_pool import ReplPool, guest_memory_budget
+from activities._tools_registry import ToolRegistrationError, ToolRegistry
+from activities.compaction import CompactionActivity
 from activities.context_store import ContextStore
 from activities.ingest_context import IngestContextActivity
 from activities.llm import ModelRegistry
@@ -36,6 +38,7 @@ from activities.run_cell import RunCellActivity
 from activities.runtime import WorkerRuntime
 from activities.settings import Settings, load_settings
 from activities.temporal_client import connect
+from activities.tool_call import ToolCallActivity
 from workflows.run import RLMRun
 
 __all__ = ["connect", "build_worker", "run_worker", "main"]
@@ -48,10 +51,16 @@ MAX_ACTIVITIES = 256
 
 
 def build_worker(
-    client: Client, settings: Settings, models: ModelRegistry | None = None, *, identity: str | None = None
+    client: Client,
+    settings: Settings,
+    models: ModelRegistry | None = None,
+    *,
+    identity: str | None = None,
+    tools: ToolRegistry | None = None,
 ) -> tuple[Worker, ReplPool]:
     """A worker with the workflow and all activities; the caller runs it.
-    `identity` (a code digest) is shown in Temporal's poller list."""
+    `identity` (a code digest) is shown in Temporal's poller list; `tools`
+    default to the setting `tools` (a bad tool raises ToolRegistrationError)."""
     # Before polling: a first model call must not block the event loop on the import.
     preload_litellm()
     store = ObjectStore.from_settings(settings)
@@ -63,10 +72,12 @@ def build_worker(
         store=store,
         contexts=ContextStore(store),
         models=models or ModelRegistry.from_env(),
+        tools=tools if tools is not None else ToolRegistry.from_setting(settings.tools),
         context_cache_dir=Path(settings.data_dir) / "cache" / "contexts",
     )
     pool = ReplPool(memory_budget=guest_memory_budget(settings.guest_memory_share))
     llm = LlmCallActivity(runtime)
+    tool_calls = ToolCallActivity(runtime)
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -78,6 +89,9 @@ def build_worker(
             IngestContextActivity(runtime).ingest_context,
             RootTurnActivity(runtime).root_turn,
             RunCellActivity(runtime, pool).run_cell,
+            tool_calls.resolve_tools,
+            tool_calls.tool_call,
+            CompactionActivity(runtime).compact_transcript,
         ],
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=MAX_ACTIVITIES),
         max_concurrent_activities=MAX_ACTIVITIES,
@@ -139,9 +153,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="worker", description="durable-rlm worker (settings from RLM_* variables)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write {\"pid\": ...} here once polling")
     parser.add_argument("--identity", default=None, help="code and settings digest, shown in the poller list")
+    parser.add_argument(
+        "--tools", default=None, metavar="package.module:NAME[,...]",
+        help="custom tools cells may call (a list or dict of functions); overrides RLM_TOOLS",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     configure_logging()
-    asyncio.run(run_worker(load_settings(), ready_file=args.ready_file, identity=args.identity))
+    settings = load_settings(**({"tools": args.tools} if args.tools else {}))
+    try:
+        ToolRegistry.from_setting(settings.tools)  # refuse a bad tool before connecting
+    except ToolRegistrationError as exc:
+        parser.exit(2, f"worker: {exc}\n")
+    asyncio.run(run_worker(settings, ready_file=args.ready_file, identity=args.identity))
 
 
 if __name__ == "__main__":

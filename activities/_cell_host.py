@@ -112,6 +112,12 @@ class CellHost:
             out.extend(self._text(answer) for answer in reply.answers)
         return out
 
+    def send_update(self, update: str, arg: Any, *, update_id: str, result_type: type) -> Any:
+        """Send this cell's run an update and wait for its result, as sub-calls
+        do (custom tools use it: activities/_tool_host.py)."""
+        handle = self._rt.client.get_workflow_handle(self._workflow_id)
+        return self._wait(handle.execute_update(update, arg, id=update_id, result_type=result_type))
+
     def _text(self, answer: SubcallAnswer) -> str:
         if answer.text_ref is not None:
             return self._rt.store.get_blob(answer.text_ref).decode()

@@ -53,6 +53,8 @@ class LiveRepl:
     """Host functions of the cell being run; swapped per cell."""
     on_close: list[Callable[[], None]] = field(default_factory=list)
     """Called once when the pool closes the session (e.g. unpin its files)."""
+    tools: dict[str, str] = field(default_factory=dict)
+    """Custom tools the guest has stubs for: name -> docstring (fixed at boot)."""
 
 
 class ReplPool:
@@ -86,9 +88,12 @@ class ReplPool:
         snapshot_key: str | None,
         limits: SandboxLimits,
         start: Callable[[LiveRepl], None],
+        tools: dict[str, str] | None = None,
     ) -> tuple[LiveRepl, bool]:
         """A session in the state `snapshot_key`; True when it was warm.
-        Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit."""
+        `tools` (name -> docstring) are host functions besides the standard
+        ones (custom tools, `history`). Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit."""
+        tools = dict(tools or {})
         cap = limits.memory_bytes
         if cap > self._budget:
             raise GuestMemoryTooLarge(
@@ -98,7 +103,7 @@ class ReplPool:
             )
         with self._lock:
             live = self._idle.pop(workflow_id, None)
-        if live is not None and live.snapshot_key == snapshot_key and live.limits == limits:
+        if live is not None and live.snapshot_key == snapshot_key and live.limits == limits and live.tools == tools:
             return live, True
         if live is not None:
             self._close([live])
@@ -106,12 +111,13 @@ class ReplPool:
         host: dict[str, Any] = {}
         # The session calls whichever host functions the current cell installed.
         functions = {name: _forward(host, name) for name in _HOST_NAMES}
+        functions.update({name: _forward(host, name, doc) for name, doc in tools.items()})
         try:
             session = ReplSession(limits=limits, host_functions=functions)
         except BaseException:
             self._release_cap(cap)
             raise
-        live = LiveRepl(session=session, limits=limits, snapshot_key=None, host=host)
+        live = LiveRepl(session=session, limits=limits, snapshot_key=None, host=host, tools=tools)
         with self._lock:
             self._caps[id(live)] = cap  # the reservation now belongs to this session
         try:
@@ -230,9 +236,10 @@ _HOST_NAMES = (
 )
 
 
-def _forward(host: dict[str, Any], name: str) -> Callable[..., Any]:
+def _forward(host: dict[str, Any], name: str, doc: str | None = None) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return host[name](*args, **kwargs)
 
     call.__name__ = name
+    call.__doc__ = doc
     return call

@@ -19,6 +19,8 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities._cell_host import CellHost
 from activities._context_cache import ContextFileCache
+from activities._history_host import HistoryHost, history_docs
+from activities._tool_host import ToolHost, tool_docs
 from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime, run_key
@@ -58,8 +60,11 @@ class RunCellActivity:
         try:
             live, warm = self._checkout(inp, limits)
             host = CellHost(self._rt, inp.workflow_id, inp.cell_id, inp.context)
+            tools = ToolHost(host, self._rt.tools, inp.cell_id, inp.tools)
             live.host.clear()
             live.host.update(host.functions())
+            live.host.update(tools.functions())
+            live.host.update(HistoryHost(self._rt.store, inp.history_key).functions())
             running.append(live)
             try:
                 result = live.session.run_cell(inp.code)
@@ -88,13 +93,17 @@ class RunCellActivity:
             warm=warm,
             duration_s=round(result.duration_s, 4),
             subcalls=host.subcalls,
+            tool_calls=tools.calls,
             error=result.error,
         )
         return out
 
     def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
         try:
-            return self._pool.checkout(inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp))
+            return self._pool.checkout(
+                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp),
+                tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
+            )  # fmt: skip
         except GuestMemoryBusy as exc:
             # Busy guests free memory soon (or another worker has room): retried.
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None

@@ -17,6 +17,7 @@ from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.object_store import ObjectMissingError, ObjectStore, StorageError
 from activities.settings import Settings
+from activities._tools_registry import ToolRegistry
 
 T = TypeVar("T")
 
@@ -36,6 +37,8 @@ class WorkerRuntime:
     models: ModelRegistry
     context_cache_dir: Path
     """Where contexts are written as files for the sandbox to read."""
+    tools: ToolRegistry = field(default_factory=ToolRegistry)
+    """Custom tools registered on this worker (`--tools`, RLM_TOOLS)."""
     io_pool: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rlm-io")
     )

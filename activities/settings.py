@@ -128,6 +128,11 @@ class Settings(BaseModel):
     data_dir/cache/contexts; least recently used ones not in use are deleted
     above it."""
 
+    tools: str | None = None
+    """Custom tools of the worker: `package.module:NAME[,...]`, NAME a list
+    or dict of functions (what `worker.py --tools` takes); the embedded
+    worker of `rlm up` / `rlm run` reads it as RLM_TOOLS."""
+
     seaweed_port_base: int = 17330
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""

@@ -59,6 +59,7 @@ class RunOptions:
     answer_schema: dict[str, Any] | None = None
     on_unreadable: str = "fail"
     """`skip`: files that cannot be converted to text are left out (listed in the result)."""
+    tools: list[str] = field(default_factory=list)
     workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
 
 
@@ -134,6 +135,7 @@ class RunClient:
             limits=RunLimits(cell_timeout_s=opts.cell_timeout_s, model_call_timeout_s=900.0 if local else 300.0),
             answer_schema=opts.answer_schema,
             on_unreadable=opts.on_unreadable,
+            tools=opts.tools,
         )
 
     async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:

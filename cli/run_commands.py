@@ -63,6 +63,10 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-calls", type=int, default=None)
     p.add_argument("--max-wall", type=float, default=None, metavar="SECONDS")
     p.add_argument("--max-depth", type=int, default=1)
+    p.add_argument("--max-tool-calls", type=int, default=None, help="custom-tool calls for the whole tree")
+    p.add_argument("--max-errors", type=int, default=None, help="end the run after this many failed cells in a row")
+    p.add_argument("--tool", dest="tools", action="append", default=[], metavar="NAME",
+                   help="a custom tool the run may use (registered on the workers: RLM_TOOLS); repeat for several")
     p.add_argument("--max-concurrency", type=int, default=None, help="parallel sub-calls (default 32; 1 for the local model)")
     p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
     p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
@@ -86,7 +90,10 @@ def _options(args: argparse.Namespace) -> RunOptions:
             "max_wall_s": args.max_wall,
             "max_depth": args.max_depth,
             "max_concurrency": args.max_concurrency,
+            "max_tool_calls": args.max_tool_calls,
+            "max_errors": args.max_errors,
         },
+        tools=list(args.tools),
         cell_timeout_s=args.cell_timeout,
         answer_schema=_answer_schema(args.answer_schema),
         on_unreadable="skip" if args.skip_unreadable else "fail",
@@ -158,8 +165,14 @@ def _cmd_cancel(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings) -> int:
+    from activities._tools_registry import ToolRegistrationError, ToolRegistry
+    from cli._errors import UserError
     from worker import run_worker
 
+    try:
+        ToolRegistry.from_setting(settings.tools)  # a bad tool stops the worker before it polls
+    except ToolRegistrationError as exc:
+        raise UserError(f"RLM_TOOLS: {exc}") from None
     asyncio.run(run_worker(settings))
     return 0
 

@@ -5,8 +5,8 @@ synchronously through a shadowed fd, and every cell runs under time, memory
 and output limits. See `ReplSession`.
 """
 
-from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
+from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
 from .session import ReplSession
 
 __all__ = ["CellInterrupted", "CellResult", "LimitHit", "ReplSession", "SandboxError",
-           "SandboxLimits", "Snapshot"]
+           "SandboxLimits", "Snapshot", "ToolError"]

@@ -14,6 +14,11 @@ class SandboxError(RuntimeError):
     """
 
 
+class ToolError(Exception):
+    """Raised by a host function to have the guest raise `ToolError` with this
+    message as it is (other exceptions reach the guest as `HostCallError`)."""
+
+
 class CellInterrupted(SandboxError):
     """`ReplSession.interrupt()` stopped the running command (e.g. the cell was
     cancelled). The instance is gone; the session boots a new one, from the

@@ -15,7 +15,7 @@ from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest
 from ._output import OutputCollector, cap_output
 from ._runtime import get_runtime
-from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot
+from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
@@ -265,7 +265,9 @@ class ReplSession:
             raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
         self._instance = instance
         self._index.sent = False
-        self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes])
+        # Docstrings of host functions the guest has no fixed stub for (custom tools).
+        docs = {n: f.__doc__ for n, f in self._host_functions.items() if getattr(f, "__doc__", None)}
+        self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes, docs])
         return instance
 
     def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
@@ -363,6 +365,8 @@ class ReplSession:
             return ["err", f"{name[:100]}() is not available: the host registered no such function"]
         try:
             return ["ok", fn(*args, **kwargs)]
+        except ToolError as exc:
+            return ["err", str(exc), "ToolError"]
         except Exception as exc:
             log.info("sandbox_host_function_failed", name=name, error=repr(exc)[:500])
             return ["err", f"{name}() failed on the host: {type(exc).__name__}: {exc}"]

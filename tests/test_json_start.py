@@ -96,7 +96,8 @@ def test_plain_http_starts_a_run_over_s3_files_and_reads_its_result(settings, ob
     uri = f"s3://{object_store.bucket}/{prefix}"
     s = isolated(settings)
     workflow_id = f"json-http-{uuid.uuid4().hex[:8]}"
-    request = {"question": "List the invoices.", "context": {"uri": uri}, "models": {"root": ROOT}}
+    # `tools: []`: the HTTP API stores an empty array as null; the run must take it as empty.
+    request = {"question": "List the invoices.", "context": {"uri": uri}, "models": {"root": ROOT}, "tools": []}
     body = {  # the workflow id is in the URL
         "workflowType": {"name": WORKFLOW_RLM_RUN},
         "taskQueue": {"name": s.task_queue},

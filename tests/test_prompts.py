@@ -234,14 +234,16 @@ def test_nudge_and_its_reasons():
         nudge_message(turn=2, max_turns=4, reason=" ")
 
 
-@pytest.mark.parametrize("reason, words", [("max_turns", "turn limit"), ("budget", "budget")])
+@pytest.mark.parametrize(
+    "reason, words", [("max_turns", "turn limit"), ("budget", "budget"), ("max_errors", "failed too many times")]
+)
 def test_final_request(reason, words):
     text = final_request_message(reason=reason)
     assert words in text and "FINAL(answer)" in text
 
 
 def test_final_request_unknown_reason():
-    with pytest.raises(ValueError, match="'max_turns' or 'budget'"):
+    with pytest.raises(ValueError, match=r"\['budget', 'max_errors', 'max_turns'\]"):
         final_request_message(reason="tired")  # type: ignore[arg-type]
 
 

@@ -109,3 +109,12 @@ def start_money(dim: str, *, limit: float, committed: float, need: float) -> str
         f"least {amount(dim, committed + need)}, or make the first call smaller "
         f"(shorter question, lower max output tokens)."
     )
+
+
+def tool_calls(*, limit: int, spent: int, held: int) -> str:
+    """A custom-tool call past `max_tool_calls` (the run goes on)."""
+    return (
+        f"Budget refused (tool calls cap): {spent:,} of the limit of {limit:,} tool calls "
+        f"are used ({held:,} more in flight), so this tool call was not made. "
+        f"Work with the results you have, or give your final answer."
+    )

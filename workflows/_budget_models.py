@@ -41,12 +41,15 @@ class Spend(BaseModel):
     """Prompt plus completion tokens."""
     calls: int = Field(0, ge=0)
     """Model calls (root turns and sub-calls)."""
+    tool_calls: int = Field(0, ge=0)
+    """Calls of custom tools (`RunRequest.tools`); not model calls."""
 
     def __add__(self, other: Spend) -> Spend:
         return Spend(
             usd=self.usd + other.usd,
             tokens=self.tokens + other.tokens,
             calls=self.calls + other.calls,
+            tool_calls=self.tool_calls + other.tool_calls,
         )
 
 
@@ -58,6 +61,7 @@ class Remaining(BaseModel):
     usd: float | None
     tokens: int | None
     calls: int | None
+    tool_calls: int | None = None
 
 
 class Caps(BaseModel):
@@ -83,6 +87,12 @@ class Caps(BaseModel):
     max_depth: int = Field(2, ge=0)
     """Levels of recursion allowed below this run (the root is depth 0). A child
     gets its parent's value minus one; at 0, rlm_query falls back to llm_query."""
+    max_tool_calls: int | None = Field(None, ge=0)
+    """Calls of custom tools for the whole tree; a call past it is refused
+    (the guest gets an error string), the run goes on."""
+    max_errors: int | None = Field(None, ge=1)
+    """Cells that may fail in a row (an exception or a limit hit) before the
+    run ends with status `max_errors` and its best answer so far; per run."""
     max_concurrency: int = Field(32, ge=1)
     """Sub-calls that run at once in this run and the child runs below it: a
     batch of child runs shares it (see `Ledger.child_grant`)."""
@@ -99,7 +109,7 @@ class Refusal(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    cap: Literal["usd", "tokens", "calls", "turns", "wall_time", "depth"]
+    cap: Literal["usd", "tokens", "calls", "turns", "wall_time", "depth", "tool_calls", "errors"]
     message: str
 
 

@@ -138,6 +138,7 @@ class Ledger(BaseModel):
             usd=math.fsum(h.usd for h in held),
             tokens=sum(h.tokens for h in held),
             calls=sum(h.calls for h in held),
+            tool_calls=sum(h.tool_calls for h in held),
         )
 
     def remaining(self) -> Remaining:
@@ -147,6 +148,8 @@ class Ledger(BaseModel):
         for dim in MONEY:
             cap = getattr(self.caps, f"max_{dim}")
             left[dim] = None if cap is None else max(0, cap - getattr(committed, dim))
+        tool_cap = self.caps.max_tool_calls
+        left["tool_calls"] = None if tool_cap is None else max(0, tool_cap - committed.tool_calls)
         return Remaining(**left)
 
     def exhausted(self, now: datetime) -> Refusal | None:
@@ -237,6 +240,24 @@ class Ledger(BaseModel):
         if self.open_calls.pop(call_id, None) is not None:
             self.closed_calls[call_id] = "released"
 
+    def reserve_tool_call(self, call_id: str, now: datetime) -> Refusal | None:
+        """Hold one custom-tool call under `max_tool_calls`, or refuse it.
+
+        Idempotent per call_id like `reserve`; finish it with `settle(call_id,
+        Spend(tool_calls=1))`. Money caps do not apply: a tool is not a model.
+        """
+        if call_id in self.open_calls or self.closed_calls.get(call_id) in ("settled", "charged"):
+            return None
+        if refusal := self._wall_refusal(now):
+            return refusal
+        cap = self.caps.max_tool_calls
+        spent, held = self.spent().tool_calls, self.reserved().tool_calls
+        if cap is not None and spent + held + 1 > cap:
+            return Refusal(cap="tool_calls", message=msg.tool_calls(limit=cap, spent=spent, held=held))
+        self.closed_calls.pop(call_id, None)
+        self.open_calls[call_id] = Spend(tool_calls=1)
+        return None
+
     # -- turns ---------------------------------------------------------------
 
     def reserve_turn(self, now: datetime) -> Refusal | None:
@@ -283,6 +304,8 @@ class Ledger(BaseModel):
             usd=0.0 if left.usd is None else left.usd * fraction,
             tokens=0 if left.tokens is None else int(left.tokens * fraction),
             calls=0 if left.calls is None else int(left.calls * fraction),
+            # No refusal below when this is 0: a child may do without tools.
+            tool_calls=0 if left.tool_calls is None else int(left.tool_calls * fraction),
         )
         spent, in_flight = self.spent(), self.reserved()
         for dim in MONEY:
@@ -298,6 +321,7 @@ class Ledger(BaseModel):
             {
                 **self.caps.model_dump(),
                 **{f"max_{d}": getattr(held, d) for d in limited},
+                **({} if self.caps.max_tool_calls is None else {"max_tool_calls": held.tool_calls}),
                 "max_wall_s": None,
                 "deadline": self.deadline,
                 "max_depth": self.caps.max_depth - 1,

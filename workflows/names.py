@@ -12,9 +12,13 @@ ACTIVITY_RUN_CELL = "run_cell"
 ACTIVITY_LLM_CALL = "llm_call"
 ACTIVITY_LLM_CALLS = "llm_calls"
 ACTIVITY_INGEST_CONTEXT = "ingest_context"
+ACTIVITY_RESOLVE_TOOLS = "resolve_tools"
+ACTIVITY_TOOL_CALL = "tool_call"
+ACTIVITY_COMPACT_TRANSCRIPT = "compact_transcript"
 
 UPDATE_SUBCALLS = "subcalls"
 UPDATE_SET_CAPS = "set_caps"
+UPDATE_TOOL_CALL = "tool_call"
 SIGNAL_CANCEL = "cancel"
 QUERY_PROGRESS = "progress"
 

@@ -177,6 +177,7 @@ output you have already seen shows the answer, reply with FINAL(answer) on its o
 _FINAL_REQUEST = {
     "max_turns": "You have reached the turn limit, so no more code will run.",
     "budget": "The budget for this run is used up, so no more code or sub-calls will run.",
+    "max_errors": "Your code failed too many times in a row, so no more code will run.",
 }
 # FINAL_VAR is left out of per-turn messages on purpose: a 1.5B model that sees
 # it keeps answering FINAL_VAR(<the value>); the full system prompt explains it.
@@ -278,10 +279,10 @@ def missing_variable_reason(name: str) -> str:
     return _REASON_MISSING_VARIABLE.format(name=name)
 
 
-def final_request_message(*, reason: Literal["max_turns", "budget"]) -> str:
+def final_request_message(*, reason: Literal["max_turns", "budget", "max_errors"]) -> str:
     """The one request for a final answer, sent as a USER message."""
     if reason not in _FINAL_REQUEST:
-        raise ValueError(f"unknown final-request reason {reason!r}: use 'max_turns' or 'budget'")
+        raise ValueError(f"unknown final-request reason {reason!r}: use one of {sorted(_FINAL_REQUEST)}")
     return _FINAL_REQUEST[reason] + _FINAL_REQUEST_TAIL
 
 

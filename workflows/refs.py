@@ -7,15 +7,28 @@ of 40 MB travels through the run as a `ContextRef` of a few hundred bytes.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 # Inline values up to this size travel in Temporal payloads; larger ones are
 # stored and passed as a BlobRef (Temporal warns at 512 KiB, fails at 2 MiB).
 INLINE_LIMIT_BYTES = 4096
 # S3 bucket naming rules (3-63 lowercase letters, digits, dots, hyphens), then a key or prefix.
 _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/")
+
+
+T = TypeVar("T")
+
+
+def _null_is_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
+JsonList = Annotated[list[T], BeforeValidator(_null_is_empty)]
+"""A list field of a workflow input. Temporal's HTTP API turns an empty JSON
+array inside a payload into `null` (measured on the dev server: `{"a": []}`
+is stored as `{"a": null}`), so a JSON caller's `[]` arrives as `null`."""
 
 
 NAMES_HEAD = 100
@@ -38,13 +51,13 @@ class ContextRef(BaseModel):
     total_chars: int
     total_bytes: int
     doc_count: int
-    doc_chars_head: list[int]
+    doc_chars_head: JsonList[int]
     """Character length of the first documents (at most 100), for the prompt."""
-    doc_names_head: list[str] = Field(default_factory=list)
+    doc_names_head: JsonList[str] = Field(default_factory=list)
     """Names of the first documents (at most 100, each cut to 200 characters):
     the file's path under the folder or prefix it came from. Empty when the
     documents have no names (inline texts)."""
-    skipped: list[SkippedDocument] = Field(default_factory=list)
+    skipped: JsonList[SkippedDocument] = Field(default_factory=list)
     """Files left out because they could not be converted (the caller allowed
     it with `on_unreadable: "skip"`): the first 50, with the reason."""
     skipped_count: int = 0

@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
-from workflows.refs import BlobRef, ContextRef, ContextURI, SkippedDocument
+from workflows.refs import BlobRef, ContextRef, ContextURI, JsonList, SkippedDocument
+from workflows.tool_steps import MAX_TOOLS_PER_RUN, tool_name_problem
 
-RunStatus = Literal["completed", "budget_exhausted", "max_turns", "cancelled", "failed"]
+RunStatus = Literal["completed", "budget_exhausted", "max_turns", "max_errors", "cancelled", "failed"]
 
 MAX_QUESTION_CHARS = 64 * 1024
 """A question travels inline in every turn's prompt and in the request of a
@@ -103,6 +104,8 @@ class RunLimits(BaseModel):
     """Start a fresh run of the chain (continue-as-new) at the next turn
     boundary once this many sub-call updates were made (the server keeps at
     most 2,000 per run); also done when Temporal suggests it (history size)."""
+    tool_call_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    """Start-to-close timeout of one custom-tool call (per attempt)."""
     history_events: int = Field(40_000, ge=200, le=50_000)
     """Events one run's history may reach before sub-calls are refused until
     the turn ends (the server ends a run at 51,200); past half of it the run
@@ -228,8 +231,22 @@ class RunRequest(BaseModel):
     the model is shown it and must answer FINAL with JSON that validates; an
     invalid answer is sent back once with the error. `RunResult.answer_value`
     carries the parsed value."""
+    tools: JsonList[str] = Field(default_factory=list, max_length=MAX_TOOLS_PER_RUN)
+    """Custom tools the run's code may call, by name; each must be registered
+    on the workers (`worker.py --tools package.module:TOOLS`). The model is
+    shown their descriptions; child runs get the same tools."""
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_names(cls, value: list[str]) -> list[str]:
+        for index, name in enumerate(value):
+            if problem := tool_name_problem(name):
+                raise ValueError(f"tools[{index}]: {problem}")
+            if name in value[:index]:
+                raise ValueError(f"tools[{index}]: {name!r} is listed twice")
+        return value
 
     @field_validator("answer_schema")
     @classmethod
@@ -362,6 +379,13 @@ class ResumeState(BaseModel):
     warned_unseen: bool = False
     answer_sent_back: bool = False
     """An answer that did not validate against `answer_schema` was sent back."""
+    errors_in_a_row: int = 0
+    """Cells that failed in a row so far (`caps.max_errors`)."""
+    history_key: str | None = None
+    """Transcript of the compacted turns (workflows/compaction.py)."""
+    compacted_turn: int = 0
+    transcript_tokens: int = 0
+    """Tokens of the transcript as the provider counted them at the last root call."""
 
 
 class RunResult(BaseModel):

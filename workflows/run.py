@@ -42,7 +42,9 @@ with workflow.unsafe.imports_passed_through():
         SubcallBatch,
         SubcallReply,
     )
-    from workflows.subcalls import SubcallRouter
+    from workflows.subcalls import MAX_SUBCALL_UPDATES, SubcallRouter
+    from workflows.tool_calls import ToolRouter
+    from workflows.tool_steps import ResolveToolsInput, ResolveToolsOutput, ToolCallReply, ToolCallRequest, ToolSpec
     from workflows.summaries import progress_details
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
@@ -92,6 +94,7 @@ class RLMRun:
         self._usage = request.resume.usage if request.resume else Usage()
         self._models: dict[str, ModelInfo] = {}
         self._router: SubcallRouter | None = None
+        self._tools: ToolRouter | None = None
         self._turn = request.resume.turn if request.resume else 0
         self._cells = request.resume.cells if request.resume else 0
         self._phase = "starting"
@@ -112,6 +115,8 @@ class RLMRun:
             self.set_phase("failed")
             if self._router is not None:
                 self._router.cancel_all()
+            if self._tools is not None:
+                self._tools.cancel_all()
             return self._result("failed", f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _run(self, request: RunRequest) -> RunResult:
@@ -125,6 +130,8 @@ class RLMRun:
         )
         try:
             self._models = await self._resolve_models()
+            # Checked once per chain: a run naming a tool no worker has fails now.
+            tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
         except ActivityError as exc:
             cause = exc.cause
             # An unknown model is the caller's: the message names the field (`models.sub: ...`), keep it first.
@@ -144,10 +151,11 @@ class RLMRun:
         self._router = SubcallRouter(
             request=request, models=self._models, ledger=self._ledger, usage=self._usage, root_workflow_id=self._root_id
         )
+        self._tools = ToolRouter(request=request, ledger=self._ledger)
         if request.resume:
             self._router.children = list(request.resume.children)
             self._router.runs_below = request.resume.runs_below
-        self._driver = TurnDriver(self, request)
+        self._driver = TurnDriver(self, request, tools=tool_specs)
         refusal = self._driver.check_start()
         if refusal is not None:
             return self._result("budget_exhausted", f"budget too small to start: {refusal.message}", None)
@@ -166,6 +174,7 @@ class RLMRun:
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(chain.request)
         self._router.cancel_all()
+        self._tools.cancel_all()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._result(status, reason, answer)
 
@@ -185,6 +194,17 @@ class RLMRun:
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
         return out.models
+
+    async def _resolve_tools(self) -> list[ToolSpec]:
+        out: ResolveToolsOutput = await workflow.execute_activity(
+            names.ACTIVITY_RESOLVE_TOOLS,
+            ResolveToolsInput(names=self._req.tools),
+            result_type=ResolveToolsOutput,
+            summary="resolve tools · " + ", ".join(self._req.tools)[:160],
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=3),
+        )
+        return out.tools
 
     async def _ingest_context(self) -> ContextRef:
         """Store a context given as JSON (text, texts, S3 URI) in the chunked store."""
@@ -245,6 +265,20 @@ class RLMRun:
         if self._router is None:
             raise ValueError("the run has not started its REPL yet")
         self._router.validate(batch, workflow.current_update_info().id)
+
+    # -- custom tools from cells ---------------------------------------------
+    @workflow.update(name=names.UPDATE_TOOL_CALL)
+    async def tool_call(self, call: ToolCallRequest) -> ToolCallReply:
+        await workflow.wait_condition(lambda: self._tools is not None)
+        assert self._tools is not None
+        return await self._tools.handle(call)
+
+    @tool_call.validator
+    def _validate_tool_call(self, call: ToolCallRequest) -> None:
+        if self._tools is None or self._router is None:
+            raise ValueError("the run has not started its REPL yet")
+        # Sub-calls and tool calls share the server's updates per run.
+        self._tools.validate(call, workflow.current_update_info().id, MAX_SUBCALL_UPDATES - self._router.updates)
 
     # -- watching and steering -------------------------------------------
     def set_phase(self, phase: str) -> None:

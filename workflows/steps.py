@@ -96,6 +96,10 @@ class CellInput(BaseModel):
     timeout_s: float
     memory_mb: int
     output_chars: int
+    tools: list[str] = Field(default_factory=list)
+    """Custom tools the cell may call (the run's `tools`)."""
+    history_key: str | None = None
+    """Set once the run's transcript was compacted: `history()` reads it."""
 
 
 class CellOutput(BaseModel):

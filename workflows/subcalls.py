@@ -294,6 +294,7 @@ class SubcallRouter:
             models=models,
             caps=grant,  # type: ignore[arg-type]
             limits=self._req.limits,
+            tools=self._req.tools,
             depth=depth,
             parent=ParentLink(
                 parent_workflow_id=info.workflow_id, root_workflow_id=self._root_id, call_id=call_id

@@ -21,6 +21,7 @@ __all__ = [
     "cell_summary",
     "child_run_summary",
     "clip",
+    "compaction_summary",
     "human_count",
     "llm_call_summary",
     "llm_calls_summary",
@@ -28,6 +29,7 @@ __all__ = [
     "root_turn_summary",
     "run_static_details",
     "run_static_summary",
+    "tool_call_summary",
 ]
 
 # A summary is one line in the UI's timeline; details are a small Markdown card.
@@ -100,6 +102,17 @@ def llm_calls_summary(places: list[tuple[int, int]], models: list[str]) -> str:
             parts.append(f"{index}/{count}")
     where = f"llm_query x{len(places)}: " + ", ".join(parts)
     return clip(where + SEP + ", ".join(dict.fromkeys(models)), MAX_SUMMARY_CHARS)
+
+
+def compaction_summary(turns: int, model: str, prompt_tokens: int) -> str:
+    """`compact · turns 1-7 · root · gpt-4.1 · 98.2K tokens in`."""
+    text = SEP.join(["compact", f"turns 1-{turns}", "root", model, f"{human_count(prompt_tokens)} tokens in"])
+    return clip(text, MAX_SUMMARY_CHARS)
+
+
+def tool_call_summary(name: str, args_json: str) -> str:
+    """`tool ledger_lookup · {"id": 3}`."""
+    return clip(f"tool {name}{SEP}{args_json}", MAX_SUMMARY_CHARS)
 
 
 def child_run_summary(question: str, depth: int, index: int = 1, count: int = 1) -> str:

@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Refusal, messages_token_bound, token_bound, worst_case
+    from workflows.compaction import TranscriptWindow, compact, compacted_message
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.parsing import parse_reply
     from workflows.prompts import (
@@ -43,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
     from workflows.summaries import cell_summary, root_turn_summary
+    from workflows.tool_steps import ToolSpec, tools_instructions
     from workflows.typed_answer import correction_note, parse_answer, schema_instructions
 
 if TYPE_CHECKING:
@@ -81,9 +83,10 @@ class RunEnded(Exception):
 
 
 class TurnDriver:
-    def __init__(self, run: RLMRun, request: RunRequest) -> None:
+    def __init__(self, run: RLMRun, request: RunRequest, tools: list[ToolSpec] | None = None) -> None:
         self._run = run
         self._req = request
+        self._tool_specs = list(tools or [])
         self._root_model = request.models.root_at(request.depth)
         self._info = run._models[self._root_model]
         self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
@@ -96,6 +99,12 @@ class TurnDriver:
         # invalid answer was already sent back (only once per run chain).
         self.answer_value: Any = None
         self._sent_back = resume.answer_sent_back if resume else False
+        self._errors_in_a_row = resume.errors_in_a_row if resume else 0
+        self.window = (
+            TranscriptWindow(resume.history_key, resume.compacted_turn, resume.transcript_tokens)
+            if resume
+            else TranscriptWindow()
+        )
         self._pending: list[dict[str, str]] = list(resume.pending) if resume else self._opening()
         # At most the tokens the next root call sends (`token_bound`): the
         # transcript so far plus the messages it appends.
@@ -112,6 +121,8 @@ class TurnDriver:
         )
         if req.answer_schema is not None:
             system += "\n\n" + schema_instructions(req.answer_schema)
+        if self._tool_specs:
+            system += "\n\n" + tools_instructions(self._tool_specs)
         first = first_user_message(req.question, meta, turn=1, max_turns=req.caps.max_turns)
         return [{"role": "system", "content": system}, {"role": "user", "content": first}]
 
@@ -135,6 +146,11 @@ class TurnDriver:
             if refusal is not None:
                 return await self._last_word(refusal)
             run._turn += 1
+            if self.transcript_key and self.window.due(
+                turn=run._turn, transcript_bound=self._prompt_tokens, pending=self._pending,
+                max_output_tokens=self._max_out, window=self._info.context_window,
+            ):  # fmt: skip
+                await self._compact()
             run.set_phase("thinking")
             reply = await self._root_call(self._pending)
             if isinstance(reply, Refusal):
@@ -149,6 +165,7 @@ class TurnDriver:
                 reports.append(_report(code, cell, TURN_OUTPUT_CHARS - shown))
                 shown += len(reports[-1].output)
                 failed = failed or cell.error is not None or cell.limit is not None
+                self._errors_in_a_row = self._errors_in_a_row + 1 if cell.error is not None else 0
                 if cell.final is not None:
                     final = cell.final
                     break
@@ -166,13 +183,42 @@ class TurnDriver:
                 accepted, reason = self._check_answer(final, notes)
                 if accepted:
                     return "completed", reason, final
+            if (refusal := self._too_many_errors()) is not None:
+                return await self._last_word(refusal)
             self._pending = [{"role": "user", "content": self._next_message(reports, notes)}]
             if self._history_full():
                 self._continue_as_new()
 
+    def _too_many_errors(self) -> Refusal | None:
+        """`caps.max_errors` cells failed in a row: the run ends (as the
+        reference engine's `max_errors`) with its best answer so far."""
+        cap = self._run._ledger.caps.max_errors
+        if cap is None or self._errors_in_a_row < cap or not workflow.patched("max-errors"):
+            return None
+        return Refusal(cap="errors", message=f"max_errors: {self._errors_in_a_row} cells failed in a row (cap {cap})")
+
+    async def _compact(self) -> None:
+        """Replace the transcript by the root model's summary (workflows/compaction.py)."""
+        run = self._run
+        run.set_phase("compacting")
+        out = await compact(
+            run._ledger, run._usage, model=self._info, depth=self._req.depth, turn=run._turn,
+            transcript_key=self.transcript_key or "", history_key=self.window.history_key,
+            transcript_tokens=self._prompt_tokens, max_output_tokens=self._max_out,
+            stop=self._info.stop or stop_sequences(self._info.prompt_profile),
+            timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
+        )  # fmt: skip
+        if out is None:
+            return
+        self.window.compacted(out, run._turn)
+        self.transcript_key, self._prompt_tokens = out.transcript_key, out.system_tokens
+        opening = compacted_message(self._req.question, out.summary, run._turn - 1)
+        self._pending = [{"role": "user", "content": opening}, *self._pending]
+
     def _history_full(self) -> bool:
         info = workflow.info()
         updates = self._run._router.updates if self._run._router else 0
+        updates += self._run._tools.updates if self._run._tools else 0
         limits = self._req.limits
         return (
             updates >= limits.continue_after_updates
@@ -196,6 +242,10 @@ class TurnDriver:
             runs_below=run._router.runs_below if run._router else 0,
             warned_unseen=self._warned_unseen,
             answer_sent_back=self._sent_back,
+            errors_in_a_row=self._errors_in_a_row,
+            history_key=self.window.history_key,
+            compacted_turn=self.window.compacted_turn,
+            transcript_tokens=self.window.transcript_tokens,
         )
         raise ContinueAsNew(self._req.model_copy(update={"resume": resume}))
 
@@ -212,8 +262,8 @@ class TurnDriver:
     async def _last_word(self, refusal: Refusal) -> Outcome:
         """Ask once for a final answer when turns or budget run out."""
         run = self._run
-        status: RunStatus = "max_turns" if refusal.cap == "turns" else "budget_exhausted"
-        reason = "max_turns" if refusal.cap == "turns" else "budget"
+        ends: dict[str, tuple[RunStatus, Any]] = {"turns": ("max_turns", "max_turns"), "errors": ("max_errors", "max_errors")}
+        status, reason = ends.get(refusal.cap, ("budget_exhausted", "budget"))
         self._pending = self._pending + [{"role": "user", "content": final_request_message(reason=reason)}]
         run.set_phase("final answer")
         reply = await self._root_call(self._pending, count_turn=False)
@@ -301,6 +351,7 @@ class TurnDriver:
         self.transcript_key = out.transcript_key
         # The transcript keeps (at most) the reply as the next prompt's last message.
         self._prompt_tokens += token_bound(len(out.reply.encode()), 1)
+        self.window.transcript_tokens = 0 if out.usage_estimated else out.prompt_tokens + out.completion_tokens
         return out.reply
 
     async def _run_cell(self, cell_id: str, code: str) -> CellOutput:
@@ -320,6 +371,8 @@ class TurnDriver:
                     timeout_s=limits.cell_timeout_s,
                     memory_mb=limits.cell_memory_mb,
                     output_chars=limits.output_chars,
+                    tools=self._req.tools,
+                    history_key=self.window.history_key,
                 ),
                 result_type=CellOutput,
                 summary=cell_summary(cell_id, code),

@@ -20,8 +20,12 @@ class HostCallError(Exception):
     """A host function failed, or is not available in this session."""
 
 
-# Shown to the model as plain `HostCallError`, a builtin of this REPL.
-HostCallError.__module__ = "builtins"
+class ToolError(HostCallError):
+    """A custom tool raised; the message is the tool's."""
+
+
+# Shown to the model as plain `HostCallError` / `ToolError`, builtins of this REPL.
+HostCallError.__module__ = ToolError.__module__ = "builtins"
 
 
 class CellClock:
@@ -62,12 +66,13 @@ def install_safe_sleep(clock):
     time.sleep = sleep
 
 
-def build_api(channel, user_globals, registered, clock, context_docs=tuple):
+def build_api(channel, user_globals, registered, clock, context_docs=tuple, docs=None):
     """Return {name: function} for the standard names plus extra host functions.
     `context_docs()` gives the loaded context's documents (a tuple the code
-    cannot change), for `document(name)`."""
+    cannot change), for `document(name)`; `docs` maps an extra host function
+    (a tool) to the docstring its stub carries."""
 
-    def call(name, *args, **kwargs):
+    def call(name, /, *args, **kwargs):  # positional-only: a tool may take `name=`
         if name not in registered:
             raise HostCallError(
                 "%s() is not available in this session: the host registered no function "
@@ -83,7 +88,7 @@ def build_api(channel, user_globals, registered, clock, context_docs=tuple):
             clock.paused += time.monotonic() - began
         if reply[0] == "ok":
             return reply[1]
-        raise HostCallError(reply[1])
+        raise (ToolError if reply[2:] == ["ToolError"] else HostCallError)(reply[1])
 
     def llm_query(prompt, model=None):
         """Ask a sub-model one prompt; returns its reply (str)."""
@@ -168,15 +173,15 @@ def build_api(channel, user_globals, registered, clock, context_docs=tuple):
                                     document, document_names)}
     for extra in registered:
         if extra not in api:
-            api[extra] = _extra_stub(call, extra)
-    builtins.HostCallError = HostCallError
+            api[extra] = _extra_stub(call, extra, (docs or {}).get(extra))
+    builtins.HostCallError, builtins.ToolError = HostCallError, ToolError
     return api
 
 
-def _extra_stub(call, name):
+def _extra_stub(call, name, doc=None):
     def stub(*args, **kwargs):
         return call(name, *args, **kwargs)
 
     stub.__name__ = stub.__qualname__ = name
-    stub.__doc__ = "Host function %r." % name
+    stub.__doc__ = doc if isinstance(doc, str) else "Host function %r." % name
     return stub

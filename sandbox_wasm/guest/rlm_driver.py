@@ -51,10 +51,10 @@ class Repl:
         sys.stdout = sys.stderr = self.stdout
 
     # -- commands -----------------------------------------------------------
-    def setup(self, registered, max_frame=None):
+    def setup(self, registered, max_frame=None, docs=None):
         self.channel.max_frame = max_frame
         api = rlm_api.build_api(self.channel, self.globals, set(registered), self.clock,
-                                lambda: self.context_docs)
+                                lambda: self.context_docs, docs or {})
         self.protected.update(api)
         self.globals.update(api)
         return {"names": sorted(api)}

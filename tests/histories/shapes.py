@@ -251,6 +251,48 @@ async def crash_recovery(lab: Lab) -> Recorded:
                 proc.wait(20)
 
 
+async def tools(lab: Lab) -> Recorded:
+    """A cell calls a custom tool twice; the second call is past max_tool_calls."""
+    ctx = lab.contexts.put_value("invoice 3")
+    lab.llm.add_rule("Turn 1 of", repl("print(ledger_lookup(3)['vendor'], ledger_lookup(1))"), model=ROOT)
+    lab.llm.add_rule("Acme", "FINAL(Acme)", model=ROOT)
+    req = request("vendor?", ctx, caps={"max_tool_calls": 1}).model_copy(update={"tools": ["ledger_lookup"]})
+    s = isolated(lab.settings).model_copy(update={"tools": "tests.sample_tools:TOOLS"})
+    async with running_worker(s, fake_registry(lab.llm)) as client:
+        handle = await start(client, s, req, workflow_id="replay-tools")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("tools", await handle.fetch_history())]
+
+
+async def max_errors(lab: Lab) -> Recorded:
+    """Two failing cells in a row end the run (caps.max_errors) after one last word."""
+    ctx = lab.contexts.put_value("abc")
+    lab.llm.add_rule(None, repl("raise ValueError('broken')"), model=ROOT)
+    lab.llm.add_rule("failed too many times", "FINAL(best)", model=ROOT)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("q", ctx, caps={"max_errors": 2}), workflow_id="replay-max-errors")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("max_errors", await handle.fetch_history())]
+
+    return await _in_process(lab, body)
+
+
+async def compaction(lab: Lab) -> Recorded:
+    """A transcript near a small window is compacted before turn 7 (as in
+    test_long_trajectories.py); a cell reads history()."""
+    ctx = lab.contexts.put_value("abc")
+    lab.llm.add_rule(None, repl('print("out " + "x" * 4000)'), model=ROOT)
+    lab.llm.add_rule(lambda r: "were compacted" in r.all_text, repl("print('HIST', len(history()))"), model=ROOT)
+    lab.llm.add_rule(lambda r: "HIST" in r.last_user_text, "FINAL(done)", model=ROOT)
+    lab.llm.add_rule(lambda r: "about to be compacted" in r.last_user_text, "SUMMARY", model=ROOT)
+    s = isolated(lab.settings)
+    async with running_worker(s, fake_registry(lab.llm, context_window=12_722)) as client:
+        handle = await start(client, s, request("q", ctx), workflow_id="replay-compaction")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("compaction", await handle.fetch_history())]
+
+
 SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "plain": plain,
     "batched_subcalls": batched_subcalls,
@@ -259,4 +301,7 @@ SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "cancel": cancel,
     "set_caps": set_caps,
     "crash_recovery": crash_recovery,
+    "tools": tools,
+    "max_errors": max_errors,
+    "compaction": compaction,
 }

@@ -1,0 +1,73 @@
+"""The `tool_call` activity (one call of a custom tool) and `resolve_tools`.
+
+Tools run here, on the worker, never inside the sandbox. A finished call is
+recorded under its call id before the activity reports, so a later attempt
+(the worker died between the tool's return and the report) answers from the
+record instead of calling the tool again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.runtime import WorkerRuntime, heartbeating, run_key
+from workflows.names import ACTIVITY_RESOLVE_TOOLS, ACTIVITY_TOOL_CALL
+from workflows.tool_steps import ResolveToolsInput, ResolveToolsOutput, ToolCallInput, ToolCallOutput
+
+log = structlog.get_logger(__name__)
+
+
+class ToolCallActivity:
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._rt = runtime
+
+    @activity.defn(name=ACTIVITY_RESOLVE_TOOLS)
+    async def resolve_tools(self, inp: ResolveToolsInput) -> ResolveToolsOutput:
+        """The specs of a run's tools; a name this worker did not register
+        fails the run at once, naming `tools[i]`."""
+        specs = []
+        for index, name in enumerate(inp.names):
+            tool = self._rt.tools.get(name)
+            if tool is None:
+                registered = self._rt.tools.names()
+                raise ApplicationError(
+                    f"tools[{index}]: no worker registered a tool named {name!r}; "
+                    f"registered: {registered or 'none (start workers with --tools package.module:TOOLS)'}",
+                    type="UnknownTool",
+                    non_retryable=True,
+                )
+            specs.append(tool.spec)
+        return ResolveToolsOutput(tools=specs)
+
+    @activity.defn(name=ACTIVITY_TOOL_CALL)
+    async def tool_call(self, inp: ToolCallInput) -> ToolCallOutput:
+        key = run_key(inp.workflow_id, "tools", inp.call_id.replace(":", "-") + ".json")
+        done = await self._rt.recorded(key)
+        if done is not None:
+            return ToolCallOutput.model_validate(done)
+        tool = self._rt.tools.get(inp.name)
+        if tool is None:
+            # Workers of one task queue should register the same tools; another may have it.
+            raise ApplicationError(f"this worker has no tool named {inp.name!r}", type="UnknownTool")
+        try:
+            kwargs = tool.arguments(inp.args_json)
+            if tool.is_async:
+                value = await heartbeating(tool.fn(**kwargs))
+            else:
+                call = functools.partial(tool.fn, **kwargs)
+                value = await heartbeating(asyncio.get_running_loop().run_in_executor(self._rt.io_pool, call))
+            out = ToolCallOutput(result_json=tool.result_json(value))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The tool's own failure is its answer (the guest gets a ToolError);
+            # running a tool with side effects again because it raised could repeat them.
+            log.info("tool_call.raised", tool=inp.name, call_id=inp.call_id, error=repr(exc)[:500])
+            out = ToolCallOutput(error=f"{type(exc).__name__}: {exc}"[:4000])
+        await self._rt.io(self._rt.put_json, key, out.model_dump(mode="json"))
+        return out
