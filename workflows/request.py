@@ -187,6 +187,10 @@ class RunRequest(BaseModel):
     the model is shown it and must answer FINAL with JSON that validates; an
     invalid answer is sent back once with the error. `RunResult.answer_value`
     carries the parsed value."""
+    repl_snapshot_key: str | None = None
+    """REPL state the run starts from: the `snapshot_key` of an earlier
+    run's result (a session's previous question, workflows/session.py);
+    None = a fresh REPL holding only `context`."""
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
 
@@ -346,6 +350,9 @@ class RunResult(BaseModel):
     runs; each child's own result holds its subtree."""
     runs_below: int = 0
     """Every run in the tree below this one, listed in `children` or not."""
+    snapshot_key: str | None = None
+    """Object key of the REPL state after the run's last cell (None if no
+    cell ran): a later run continues from it with `repl_snapshot_key`."""
 
     _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
 
