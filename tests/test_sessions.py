@@ -14,7 +14,7 @@ from temporalio.service import RPCError
 
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
-from tests.session_harness import ask, asked, close, session_request, start_session, summary
+from tests.session_harness import ask, asked, close, session_request, start_session, summary, worker_and_pool
 from workflows.names import UPDATE_ASK, UPDATE_CLOSE
 from workflows.request import RunResult
 from workflows.session_models import AskRequest, SessionSummary
@@ -80,6 +80,28 @@ def test_worker_restart_between_questions_rebuilds_the_repl(settings, llm, conte
 
     first, second = asyncio.run(go())
     assert first.answer == "12"
+    assert (second.status, second.answer) == ("completed", "24"), second.reason
+
+
+def test_an_idle_sessions_repl_is_evicted_and_rebuilt_from_its_snapshot(settings, llm, context_store):
+    ctx = context_store.put_value("numbers: 3 4 5")
+    _script_two_questions(llm)
+    s = isolated(settings)
+
+    async def go():
+        async with worker_and_pool(s, fake_registry(llm)) as (client, pool):
+            handle = await start_session(client, s, session_request(ctx))
+            first = await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
+            held_while_idle = pool.held_bytes  # the warm REPL kept for the next question
+            evicted = pool.evict_idle(0.0)  # what the worker does after RLM_REPL_IDLE_S
+            held_after = pool.held_bytes
+            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+            await close(handle)
+            return first, held_while_idle, evicted, held_after, second
+
+    first, held_while_idle, evicted, held_after, second = asyncio.run(go())
+    assert first.answer == "12"
+    assert held_while_idle > 0 and evicted == 1 and held_after == 0
     assert (second.status, second.answer) == ("completed", "24"), second.reason
 
 
