@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 import pytest
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateStage
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.service import RPCError
 
 from tests.fixtures_llm import fake_registry
@@ -240,3 +241,31 @@ def test_close_waits_for_the_running_ask_and_refuses_later_ones(settings, llm, c
     assert "is closed" in str(refused.cause)
     assert closed.state == "closed" and closed.questions == 1
     assert final.state == "closed" and final.questions == 1
+
+
+def test_inline_text_context_and_a_bad_request(settings, llm):
+    _script_two_questions(llm)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            # Inline text is stored by the session's first step, once for every question.
+            good = await client.start_workflow(
+                "RLMSession",
+                {"context": "numbers: 3 4 5", "models": {"root": ROOT}, "limits": {"cell_timeout_s": 20}},
+                id=f"test-session-inline-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue,
+            )
+            first = await asyncio.wait_for(ask(good, "first?"), TIMEOUT_S)
+            await close(good)
+            # A request that does not validate ends the session at once, the field named.
+            bad = await client.start_workflow(
+                "RLMSession", {"context": "x", "models": {"root": ROOT}, "continue_after_questions": 0},
+                id=f"test-session-bad-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue,
+            )
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(bad.result(), TIMEOUT_S)
+            return first, failed.value
+
+    first, failed = asyncio.run(go())
+    assert (first.status, first.answer) == ("completed", "12"), first.reason
+    assert "continue_after_questions" in str(failed.cause)
