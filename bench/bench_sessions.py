@@ -13,7 +13,7 @@ question (ask sent -> RunResult back):
                 idle session costs on its next question: new instance,
                 context reload, snapshot restore).
 Also the part of an ask spent outside the question's own run (child start,
-the `history` cell, update round trip). Figures go to bench/results/sessions.json.
+the `session_history` cell, update round trip). Figures go to bench/results/sessions.json.
 """
 
 from __future__ import annotations

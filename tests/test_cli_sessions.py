@@ -34,7 +34,7 @@ def s(settings):
 def _script(llm) -> None:
     llm.add_rule(asked("first"), repl("words = context.split()\nprint('count', len(words))"), model=ROOT)
     llm.add_rule("count 3", "FINAL(3 words)", model=ROOT)
-    llm.add_rule(asked("second"), repl("print('last', words[-1], len(history))"), model=ROOT)
+    llm.add_rule(asked("second"), repl("print('last', words[-1], len(session_history))"), model=ROOT)
     llm.add_rule("last gamma 1", "FINAL(gamma)", model=ROOT)
 
 

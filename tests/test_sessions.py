@@ -24,12 +24,12 @@ TIMEOUT_S = 120.0
 
 
 def _script_two_questions(llm) -> None:
-    """Q1 defines `total`; Q2 reads it and the REPL's `history`."""
+    """Q1 defines `total`; Q2 reads it and the REPL's `session_history`."""
     llm.add_rule(asked("first"), repl("total = sum(int(x) for x in context.split()[1:])\nprint('total', total)"), model=ROOT)
     llm.add_rule("total 12", "FINAL(12)", model=ROOT)
     llm.add_rule(
         asked("second"),
-        repl("print('again', total * 2, len(history), history[0]['answer'], history[0]['question'][:5])"),
+        repl("print('again', total * 2, len(session_history), session_history[0]['answer'], session_history[0]['question'][:5])"),
         model=ROOT,
     )
     llm.add_rule("again 24 1 12 first", "FINAL(24)", model=ROOT)
@@ -52,9 +52,9 @@ def test_second_question_uses_a_variable_of_the_first(settings, llm, context_sto
     assert (first.status, first.answer) == ("completed", "12")
     assert (second.status, second.answer) == ("completed", "24"), second.reason
     assert first.workflow_id == f"{handle.id}/q1" and second.workflow_id == f"{handle.id}/q2"
-    # The model was told it is in a session, and what `history` holds.
+    # The model was told it is in a session, and what `session_history` holds.
     second_prompt = next(r for r in llm.requests(ROOT) if asked("second")(r)).all_text
-    assert "question 2 of a session" in second_prompt and "`history`" in second_prompt
+    assert "question 2 of a session" in second_prompt and "`session_history`" in second_prompt
     assert state.state == "open" and state.questions == 2
     assert [(a.number, a.status) for a in state.recent] == [(1, "completed"), (2, "completed")]
     # The session's spend is the sum of its questions'.
@@ -109,7 +109,7 @@ def test_an_idle_sessions_repl_is_evicted_and_rebuilt_from_its_snapshot(settings
 def test_continue_as_new_between_questions_keeps_state(settings, llm, context_store):
     ctx = context_store.put_value("numbers: 3 4 5")
     _script_two_questions(llm)
-    llm.add_rule(asked("third"), repl("print('third', total, len(history), history[1]['answer'])"), model=ROOT)
+    llm.add_rule(asked("third"), repl("print('third', total, len(session_history), session_history[1]['answer'])"), model=ROOT)
     llm.add_rule("third 12 2 24", "FINAL(36)", model=ROOT)
     s = isolated(settings)
 

@@ -6,11 +6,12 @@ that starts from the REPL state the previous question left
 (`RunResult.snapshot_key`): the turn loop of a question is RLMRun's own, and
 its turns, cells and sub-calls are in the child's history, so the session's
 history grows by a few events per question. After each answer a short cell
-run here appends the question and answer to the REPL's `history` list.
+run here appends the question and answer to the REPL's `session_history`.
 
 What the model sees: every variable its code defined for earlier questions,
-`context` as in any run, and `history`: the earlier questions, oldest first,
-as dicts `{"question", "answer", "status"}`. The question text carries a
+`context` as in any run, and `session_history`: the earlier questions,
+oldest first, as dicts `{"question", "answer", "status"}` (not `history`:
+that name is a run's compacted transcript). The question text carries a
 note saying so.
 
 Asks are serialised: a second ask while one runs waits for it (in order of
@@ -47,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         AskRecord,
         AskRequest,
         QuestionAnswer,
+        SESSION_HISTORY_VAR,
         SessionCaps,
         SessionRequest,
         SessionResume,
@@ -58,7 +60,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.summaries import clip as summary_clip
     from workflows.turn import CELL_HEARTBEAT_TIMEOUT, CELL_RETRY
 
-# The cell that appends to `history` runs no model code: a few seconds at most.
+# The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
 
@@ -217,7 +219,7 @@ class RLMSession:
         return result
 
     async def _record(self, cell_id: str) -> None:
-        """Append the answers not yet recorded to the REPL's `history`."""
+        """Append the answers not yet recorded to the REPL's `session_history`."""
         assert self._context is not None
         limits = self._req.limits
         try:
@@ -296,21 +298,18 @@ def session_question(question: str, number: int) -> str:
     else:
         note = (
             f"(This is question {number} of a session: the REPL still holds every variable defined "
-            "for earlier questions, and `history` is the list of earlier questions and answers, "
+            f"for earlier questions, and `{SESSION_HISTORY_VAR}` is the list of earlier questions and answers, "
             "oldest first, as dicts with keys 'question', 'answer' and 'status'.)"
         )
     return f"{question}\n\n{note}"
 
 
 def history_code(answers: list[QuestionAnswer]) -> str:
-    """A cell that appends `answers` to the REPL's `history` (made a list
-    again if the model's code rebound the name)."""
+    """A cell that appends `answers` to the REPL's `session_history` (made
+    a list again if the model's code rebound the name)."""
     items = repr([qa.model_dump(mode="json") for qa in answers])
-    return (
-        'if not isinstance(globals().get("history"), list):\n'
-        "    history = []\n"
-        f"history.extend({items})\n"
-    )
+    name = SESSION_HISTORY_VAR
+    return f"if not isinstance(globals().get({name!r}), list):\n    {name} = []\n{name}.extend({items})\n"
 
 
 def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:

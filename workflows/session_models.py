@@ -25,6 +25,9 @@ from workflows.request import (
     validation_errors,
 )
 
+SESSION_HISTORY_VAR = "session_history"
+"""The REPL variable that lists a session's earlier questions and answers
+(not `history`: that name is the compacted transcript of a run)."""
 MAX_RECENT_ASKS = 50
 """Questions listed in a session's summary (all are counted in `questions`)."""
 SESSION_NOTE_CHARS = 400
@@ -109,7 +112,7 @@ def _allow_a_turn(caps: Caps, field: str) -> Caps:
 
 
 class QuestionAnswer(BaseModel):
-    """One answered question, as the REPL's `history` holds it."""
+    """One answered question, as the REPL's `session_history` holds it."""
 
     question: str
     answer: str | None
@@ -136,7 +139,7 @@ class SessionResume(BaseModel):
     asked: int
     snapshot_key: str | None
     unrecorded: list[QuestionAnswer]
-    """Answers not yet appended to the REPL's `history` (its cell failed)."""
+    """Answers not yet appended to the REPL's `session_history` (its cell failed)."""
     ledger: dict
     usage: Usage
     recent: list[AskRecord]

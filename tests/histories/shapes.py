@@ -161,7 +161,7 @@ async def session(lab: Lab) -> Recorded:
     ctx = lab.contexts.put_value("numbers: 3 4 5")
     lab.llm.add_rule(asked("first"), repl("total = 12\nprint('total', total)"), model=ROOT)
     lab.llm.add_rule("total 12", "FINAL(12)", model=ROOT)
-    lab.llm.add_rule(asked("second"), repl("print('again', total * 2, len(history))"), model=ROOT)
+    lab.llm.add_rule(asked("second"), repl("print('again', total * 2, len(session_history))"), model=ROOT)
     lab.llm.add_rule("again 24 1", "FINAL(24)", model=ROOT)
 
     async def body(client: Client, s: Settings) -> Recorded:
