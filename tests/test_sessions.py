@@ -16,7 +16,7 @@ from temporalio.service import RPCError
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
 from tests.session_harness import ask, asked, close, session_request, start_session, summary, worker_and_pool
-from workflows.names import UPDATE_ASK, UPDATE_CLOSE
+from workflows.names import SIGNAL_CANCEL, UPDATE_ASK, UPDATE_CLOSE
 from workflows.request import RunResult
 from workflows.session_models import AskRequest, SessionSummary
 
@@ -269,3 +269,26 @@ def test_inline_text_context_and_a_bad_request(settings, llm):
     first, failed = asyncio.run(go())
     assert (first.status, first.answer) == ("completed", "12"), first.reason
     assert "continue_after_questions" in str(failed.cause)
+
+
+def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, context_store):
+    ctx = context_store.put_value("numbers: 3 4 5")
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx))
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule)
+            await handle.signal(SIGNAL_CANCEL, "stop now")
+            first = await asyncio.wait_for(one, TIMEOUT_S)
+            return first, await asyncio.wait_for(handle.result(), TIMEOUT_S)
+
+    try:
+        first, final = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "cancelled" and first.workflow_id.endswith("/q1")
+    assert final.state == "closed" and final.questions == 1 and final.recent[0].status == "cancelled"

@@ -17,7 +17,8 @@ note saying so.
 Asks are serialised: a second ask while one runs waits for it (in order of
 arrival) and then starts from the REPL state it left. `close` waits for the
 asks already accepted, ends the session and returns its summary; an ask
-after `close` is rejected. An idle session holds nothing on a worker but
+after `close` is rejected. The `cancel` signal (`rlm cancel ID`) ends the
+session at once: the question being answered is cancelled. An idle session holds nothing on a worker but
 what the worker's REPL pool keeps warm (evicted when idle, or under memory
 pressure); the next question rebuilds the REPL from its snapshot on any
 worker. Between questions, after `continue_after_questions` questions (or
@@ -90,6 +91,8 @@ class RLMSession:
         self._closing = False  # `close` arrived: no new asks
         self._closed = False  # every accepted ask finished: the session ends
         self._asking = asyncio.Lock()  # serialises asks (FIFO)
+        self._cancel_reason: str | None = None
+        self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
 
     def _new_ledger(self) -> Ledger:
         caps = self._req.caps
@@ -158,9 +161,11 @@ class RLMSession:
         self._asked += 1
         self._asked_here += 1
         number = self._asked
+        child_id = f"{workflow.info().workflow_id}/q{number}"
+        if self._cancel_reason is not None:  # accepted before a cancel: not run
+            return _not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
         if self._unrecorded:  # an earlier answer whose cell failed: try again first
             await self._record(f"q{number}p")
-        child_id = f"{workflow.info().workflow_id}/q{number}"
         caps = self._question_caps(ask, child_id)
         if isinstance(caps, Refusal):
             result = _not_run(child_id, f"session budget: {caps.message}")
@@ -198,7 +203,7 @@ class RLMSession:
             repl_snapshot_key=self._snapshot_key,
         )
         try:
-            result: RunResult = await workflow.execute_child_workflow(
+            self._question = await workflow.start_child_workflow(
                 names.WORKFLOW_RLM_RUN,
                 request,
                 id=child_id,
@@ -208,10 +213,13 @@ class RLMSession:
                 static_summary=f"session question {number} · " + summary_clip(ask.question, MAX_SUMMARY_CHARS - 30),
                 static_details=run_static_details(request),
             )
+            result: RunResult = await self._question
         except ChildWorkflowError as exc:
             # It reported nothing: count its whole slice, the most it could spend.
             self._ledger.child_settle(child_id, None)
             return _not_run(child_id, f"the question's run failed: {error_text(exc)}", status="failed")
+        finally:
+            self._question = None
         self._ledger.child_settle(child_id, result.spend)
         self._usage.merge(result.usage)
         if result.snapshot_key is not None:
@@ -259,6 +267,18 @@ class RLMSession:
             self._closed = True
         self._show()
         return self._summary()
+
+    @workflow.signal(name=names.SIGNAL_CANCEL)
+    async def cancel(self, reason: str | None = None) -> None:
+        """End the session now: the question being answered is cancelled (it
+        ends `cancelled` with what it has), asks already waiting are not run."""
+        self._cancel_reason = reason or "cancelled by request"
+        self._closing = True
+        if self._question is not None:
+            await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+        async with self._asking:
+            self._closed = True
+        self._show()
 
     @workflow.query(name=names.QUERY_SESSION)
     def session(self) -> SessionSummary:
