@@ -187,10 +187,11 @@ class RunRequest(BaseModel):
     the model is shown it and must answer FINAL with JSON that validates; an
     invalid answer is sent back once with the error. `RunResult.answer_value`
     carries the parsed value."""
-    repl_snapshot_key: str | None = None
+    repl_snapshot_key: str | None = Field(None, pattern=r"^runs/[^/]+/snapshots/[^/]+$", max_length=1024)
     """REPL state the run starts from: the `snapshot_key` of an earlier
-    run's result (a session's previous question, workflows/session.py);
-    None = a fresh REPL holding only `context`."""
+    run's result (`runs/<workflow id>/snapshots/<cell>.bin`; a session's
+    previous question, workflows/session.py); None = a fresh REPL holding
+    only `context`."""
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
 
@@ -351,8 +352,9 @@ class RunResult(BaseModel):
     runs_below: int = 0
     """Every run in the tree below this one, listed in `children` or not."""
     snapshot_key: str | None = None
-    """Object key of the REPL state after the run's last cell (None if no
-    cell ran): a later run continues from it with `repl_snapshot_key`."""
+    """Object key of the REPL state the run ended in (its last cell's; the
+    state it started from if no cell ran): a later run continues from it
+    with `repl_snapshot_key`."""
 
     _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
 
