@@ -67,6 +67,9 @@ def test_session_commands_end_to_end(s, llm, tmp_path):
     assert summary["state"] == "closed" and summary["questions"] == 2 and summary["caps"]["max_usd"] == 1.0
     assert summary["spend"]["calls"] >= 4  # a timed-out attempt on a busy machine is charged too
 
+    again = _rlm(s, llm.url, "session", "close", session_id, "--json")  # closed already: its summary
+    assert again.returncode == 0 and json.loads(again.stdout)["questions"] == 2, again.stderr[-2000:]
+
     after = _rlm(s, llm.url, "session", "ask", session_id, "first again?")
     assert after.returncode == 1 and after.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in after.stderr
@@ -85,6 +88,21 @@ def test_rlm_chat_over_stdin(s, llm, tmp_path):
     assert "closed, 2 question(s)" in proc.stdout
     assert "q1 [completed] first: how many words?" in proc.stdout
     assert "Ctrl-D closes it" in proc.stderr
+
+
+def test_rlm_chat_goes_on_with_an_open_session(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    _script(llm)
+    start = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT)
+    assert start.returncode == 0, start.stderr[-3000:]
+    session_id = start.stdout.strip()
+    first = _rlm(s, llm.url, "session", "ask", session_id, "first: how many words?")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _rlm(s, llm.url, "chat", "--session", session_id, stdin="second: the last word?\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == "gamma", proc.stdout
+    assert f"session {session_id}: closed, 2 question(s)" in proc.stdout
 
 
 def test_session_bad_inputs_give_one_line_errors(s, llm, tmp_path):
