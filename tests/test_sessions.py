@@ -187,7 +187,7 @@ def test_a_concurrent_ask_waits_for_the_running_one(settings, llm, context_store
         async with running_worker(s, fake_registry(llm)) as client:
             handle = await start_session(client, s, session_request(ctx))
             one = asyncio.ensure_future(ask(handle, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, first_rule)
+            await asyncio.to_thread(llm.wait_for_count, 1, first_rule, TIMEOUT_S)
             # Accepted while the first runs: it waits its turn, no model call yet.
             two = await handle.start_update(
                 UPDATE_ASK, AskRequest(question="second?"), result_type=RunResult,
@@ -219,7 +219,7 @@ def test_close_waits_for_the_running_ask_and_refuses_later_ones(settings, llm, c
         async with running_worker(s, fake_registry(llm)) as client:
             handle = await start_session(client, s, session_request(ctx))
             one = asyncio.ensure_future(ask(handle, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, first_rule)
+            await asyncio.to_thread(llm.wait_for_count, 1, first_rule, TIMEOUT_S)
             closing = await handle.start_update(
                 UPDATE_CLOSE, result_type=SessionSummary, wait_for_stage=WorkflowUpdateStage.ACCEPTED
             )
@@ -281,7 +281,7 @@ def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, cont
         async with running_worker(s, fake_registry(llm)) as client:
             handle = await start_session(client, s, session_request(ctx))
             one = asyncio.ensure_future(ask(handle, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, rule)
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
             await handle.signal(SIGNAL_CANCEL, "stop now")
             first = await asyncio.wait_for(one, TIMEOUT_S)
             return first, await asyncio.wait_for(handle.result(), TIMEOUT_S)
@@ -292,3 +292,34 @@ def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, cont
         held.set()
     assert first.status == "cancelled" and first.workflow_id.endswith("/q1")
     assert final.state == "closed" and final.questions == 1 and final.recent[0].status == "cancelled"
+
+
+def test_a_question_whose_run_is_terminated_counts_its_caps_and_the_session_goes_on(settings, llm, context_store):
+    ctx = context_store.put_value("numbers: 3 4 5")
+    held = threading.Event()
+    llm.add_rule(asked("second"), repl("print('second', len(session_history))"), model=ROOT)
+    llm.add_rule("second 1", "FINAL(on)", model=ROOT)
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(
+                client, s, session_request(ctx, caps={"max_calls": 20}, question_caps={"max_calls": 5})
+            )
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            await client.get_workflow_handle(f"{handle.id}/q1").terminate("operator")
+            first = await asyncio.wait_for(one, TIMEOUT_S)
+            held.set()
+            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+            return first, second, await close(handle)
+
+    try:
+        first, second, closed = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "failed" and "terminated" in first.reason.lower()
+    assert (second.status, second.answer) == ("completed", "on"), second.reason
+    # The terminated question reported nothing: its cap (5 calls) is counted, not the session's 20.
+    assert closed.spend.calls == 5 + second.spend.calls

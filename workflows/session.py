@@ -215,8 +215,10 @@ class RLMSession:
             )
             result: RunResult = await self._question
         except ChildWorkflowError as exc:
-            # It reported nothing: count its whole slice, the most it could spend.
-            self._ledger.child_settle(child_id, None)
+            # It reported nothing: count its caps, the most it could spend (its
+            # slice is all the session had left; unlimited dimensions count 0).
+            most = Spend(usd=caps.max_usd or 0.0, tokens=caps.max_tokens or 0, calls=caps.max_calls or 0)
+            self._ledger.child_settle(child_id, most)
             return _not_run(child_id, f"the question's run failed: {error_text(exc)}", status="failed")
         finally:
             self._question = None
