@@ -88,9 +88,11 @@ class SessionClient:
         return opts.session_id
 
     # -- asking and closing ------------------------------------------------------
-    async def ask(self, session_id: str, question: str, caps: dict[str, Any] | None = None) -> RunResult:
+    async def ask(
+        self, session_id: str, question: str, caps: dict[str, Any] | None = None, answer_schema: dict | None = None
+    ) -> RunResult:
         try:
-            ask = AskRequest(question=question, caps=caps or {})
+            ask = AskRequest(question=question, caps=caps or {}, answer_schema=answer_schema)
         except ValueError as exc:
             raise RunError(f"ask: {exc}") from None
         handle = self._handle(session_id)

@@ -18,7 +18,7 @@ from cli._progress import ProgressPrinter
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
     from cli._run_client import RunClient, RunOptions
 
-__all__ = ["caps_of", "model_and_cap_arguments", "print_result", "register"]
+__all__ = ["answer_schema_from_file", "caps_of", "model_and_cap_arguments", "print_result", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         sub_model=args.sub_model,
         caps=caps_of(args),
         cell_timeout_s=args.cell_timeout,
-        answer_schema=_answer_schema(args.answer_schema),
+        answer_schema=answer_schema_from_file(args.answer_schema),
         **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
     )
 
@@ -99,7 +99,7 @@ def caps_of(args: argparse.Namespace) -> dict:
     }
 
 
-def _answer_schema(path: Path | None) -> dict | None:
+def answer_schema_from_file(path: Path | None) -> dict | None:
     """The schema of `--answer-schema FILE`, checked before any upload."""
     if path is None:
         return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cli._errors import UserError
 from cli._progress import ProgressPrinter
-from cli.run_commands import caps_of, model_and_cap_arguments, print_result
+from cli.run_commands import answer_schema_from_file, caps_of, model_and_cap_arguments, print_result
 
 if TYPE_CHECKING:  # the session client pulls in temporalio and minio: import it when a command runs
     from cli._session_client import SessionClient, SessionOptions
@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, kind in (("--max-usd", float), ("--max-tokens", int), ("--max-calls", int), ("--max-turns", int)):
         ask.add_argument(flag, type=kind, default=None, help="this question only (default: the session's)")
     ask.add_argument("--max-wall", type=float, default=None, metavar="SECONDS", help="this question only")
+    ask.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
+                     help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
     ask.add_argument("--json", action="store_true", help="print the question's RunResult as JSON")
     ask.set_defaults(handler=_cmd_ask)
 
@@ -124,13 +126,18 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
         "max_wall_s": args.max_wall,
     }
 
+    schema = answer_schema_from_file(args.answer_schema)
+
     async def go() -> int:
         client = await _open(settings)
-        result = await client.ask(args.session_id, args.question, {k: v for k, v in caps.items() if v is not None})
+        given = {k: v for k, v in caps.items() if v is not None}
+        result = await client.ask(args.session_id, args.question, given, answer_schema=schema)
         print_result(result, client, as_json=args.json)
         if not args.json:
             _print_totals(await client.summary(args.session_id))
-        return 0 if result.status == "completed" else 3
+        # As `rlm run`: a typed answer that never validated is no answer a program can read.
+        typed_ok = schema is None or result.answer_value is not None
+        return 0 if result.status == "completed" and typed_ok else 3
 
     return asyncio.run(go())
 

@@ -30,6 +30,8 @@ def test_ask_caps_are_checked_against_the_session_caps_and_named():
     assert (caps.max_usd, caps.max_turns, caps.max_calls) == (0.5, 7, 9)
     with pytest.raises(ValidationError, match="question"):
         AskRequest(question="   ")
+    with pytest.raises(ValidationError, match="answer_schema"):
+        AskRequest(question="q", answer_schema={"type": 5})
 
 
 def test_session_request_fields_are_named():

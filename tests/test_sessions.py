@@ -323,3 +323,23 @@ def test_a_question_whose_run_is_terminated_counts_its_caps_and_the_session_goes
     assert (second.status, second.answer) == ("completed", "on"), second.reason
     # The terminated question reported nothing: its cap (5 calls) is counted, not the session's 20.
     assert closed.spend.calls == 5 + second.spend.calls
+
+
+def test_a_question_with_an_answer_schema(settings, llm, context_store):
+    ctx = context_store.put_value("numbers: 3 4 5")
+    _script_two_questions(llm)
+    llm.add_rule("total 12", 'FINAL({"total": 12})', model=ROOT)
+    schema = {"type": "object", "properties": {"total": {"type": "integer"}}, "required": ["total"]}
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx))
+            typed = await handle.execute_update(
+                UPDATE_ASK, AskRequest(question="first?", answer_schema=schema), result_type=RunResult
+            )
+            await close(handle)
+            return typed
+
+    typed = asyncio.run(go())
+    assert typed.status == "completed" and typed.answer_value == {"total": 12}, typed.reason

@@ -201,6 +201,7 @@ class RLMSession:
             caps=caps,
             limits=self._req.limits,
             repl_snapshot_key=self._snapshot_key,
+            answer_schema=ask.answer_schema,
         )
         try:
             self._question = await workflow.start_child_workflow(

@@ -75,6 +75,9 @@ class AskRequest(BaseModel):
     """Input of the `ask` update."""
 
     question: str = Field(min_length=1, max_length=MAX_SESSION_QUESTION_CHARS)
+    answer_schema: dict[str, Any] | None = None
+    """As `RunRequest.answer_schema`, for this question: the answer must be
+    JSON valid against it (`RunResult.answer_value`)."""
     caps: dict[str, Any] = Field(default_factory=dict)
     """Caps of this question that differ from the session's `question_caps`
     (e.g. `{"max_usd": 0.05}`); its money caps are still bounded by what
@@ -86,6 +89,19 @@ class AskRequest(BaseModel):
         if not value.strip():
             raise ValueError("the question is blank: ask something")
         return value
+
+    @field_validator("answer_schema")
+    @classmethod
+    def _answer_schema_is_a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        # As in RunRequest: imported when used, from outside the workflow sandbox.
+        from temporalio import workflow
+
+        with workflow.unsafe.imports_passed_through():
+            from workflows.typed_answer import check_answer_schema
+
+        return check_answer_schema(value)
 
     @field_validator("caps")
     @classmethod
