@@ -162,12 +162,12 @@ class RLMSession:
         self._asked_here += 1
         number = self._asked
         child_id = f"{workflow.info().workflow_id}/q{number}"
-        if self._cancel_reason is not None:  # accepted before a cancel: not run
-            return _not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
-        if self._unrecorded:  # an earlier answer whose cell failed: try again first
+        if self._cancel_reason is None and self._unrecorded:  # an earlier answer whose cell failed
             await self._record(f"q{number}p")
-        caps = self._question_caps(ask, child_id)
-        if isinstance(caps, Refusal):
+        caps = self._question_caps(ask, child_id) if self._cancel_reason is None else None
+        if caps is None:  # accepted before a cancel: not run
+            result = _not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
+        elif isinstance(caps, Refusal):
             result = _not_run(child_id, f"session budget: {caps.message}")
         else:
             result = await self._run_question(ask, number, child_id, caps)
@@ -175,8 +175,9 @@ class RLMSession:
             AskRecord(number=number, question=ask.question[:200], workflow_id=child_id,
                       status=result.status, spend=result.spend, turns=result.turns)
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
-        self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))
-        await self._record(f"q{number}r")
+        if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
+            self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))
+            await self._record(f"q{number}r")
         self._show()
         return result
 
