@@ -1,4 +1,4 @@
-"""The durable-rlm worker: the `RLMRun` workflow and every activity.
+"""The durable-rlm worker: the `RLMRun` and `RLMSession` workflows and every activity.
 
 Run it with `python worker.py` or `rlm worker`; start as many as you like on
 as many machines, all polling the same task queue. `rlm up` runs one as an
@@ -40,6 +40,7 @@ from activities.settings import Settings, load_settings
 from activities.temporal_client import connect
 from activities.tool_call import ToolCallActivity
 from workflows.run import RLMRun
+from workflows.session import RLMSession
 
 __all__ = ["connect", "build_worker", "run_worker", "main"]
 
@@ -81,7 +82,7 @@ def build_worker(
     worker = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[RLMRun],
+        workflows=[RLMRun, RLMSession],
         activities=[
             llm.resolve_models,
             llm.llm_call,
@@ -122,6 +123,7 @@ async def run_worker(
         except (NotImplementedError, RuntimeError):
             pass
     log.info("worker.started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+    sweeper = asyncio.create_task(_evict_idle_repls(pool, settings.repl_idle_s))
     try:
         async with worker:
             while not worker.is_running:  # connected and the namespace checked
@@ -130,10 +132,21 @@ async def run_worker(
                 _write_ready(ready_file)
             await stop.wait()
     finally:
+        sweeper.cancel()
         pool.close()
         if ready_file is not None:
             _remove_ready(ready_file)
         log.info("worker.stopped")
+
+
+async def _evict_idle_repls(pool: ReplPool, max_idle_s: float) -> None:
+    """Close REPLs idle past `max_idle_s`: an idle session holds no guest memory."""
+    while True:
+        await asyncio.sleep(min(60.0, max_idle_s / 4))
+        try:
+            await asyncio.to_thread(pool.evict_idle, max_idle_s)
+        except Exception:  # never let the sweeper die with the worker running
+            log.exception("worker.evict_idle_failed")
 
 
 def _write_ready(path: Path) -> None:

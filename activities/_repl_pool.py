@@ -55,6 +55,8 @@ class LiveRepl:
     """Called once when the pool closes the session (e.g. unpin its files)."""
     tools: dict[str, str] = field(default_factory=dict)
     """Custom tools the guest has stubs for: name -> docstring (fixed at boot)."""
+    idle_since: float = 0.0
+    """time.monotonic() of its last checkin."""
 
 
 class ReplPool:
@@ -101,8 +103,17 @@ class ReplPool:
                 f"budget of {self._budget // MIB} MiB; lower the run's memory limit or raise "
                 "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
             )
+        stale = None
         with self._lock:
             live = self._idle.pop(workflow_id, None)
+            if snapshot_key is not None and (live is None or live.snapshot_key != snapshot_key):
+                # A run that starts from another workflow's snapshot (a session's
+                # next question) takes the REPL that is in exactly that state.
+                other = next((k for k, v in self._idle.items() if v.snapshot_key == snapshot_key), None)
+                if other is not None:
+                    stale, live = live, self._idle.pop(other)
+        if stale is not None:
+            self._close([stale])
         if live is not None and live.snapshot_key == snapshot_key and live.limits == limits and live.tools == tools:
             return live, True
         if live is not None:
@@ -129,6 +140,7 @@ class ReplPool:
 
     def checkin(self, workflow_id: str, live: LiveRepl) -> None:
         evicted: list[LiveRepl] = []
+        live.idle_since = time.monotonic()
         with self._lock:
             old = self._idle.pop(workflow_id, None)
             if old is not None and old is not live:
@@ -139,6 +151,18 @@ class ReplPool:
             # A checked-in session is idle: a waiting checkout may close it.
             self._released.notify_all()
         self._close(evicted)
+
+    def evict_idle(self, max_idle_s: float) -> int:
+        """Close the sessions idle for more than `max_idle_s` seconds (an idle
+        run or session holds no guest memory for long); how many were closed."""
+        cutoff = time.monotonic() - max_idle_s
+        with self._lock:
+            old = [key for key, live in self._idle.items() if live.idle_since < cutoff]
+            lives = [self._idle.pop(key) for key in old]
+        self._close(lives)
+        if lives:
+            log.info("repl_pool.evicted_idle", sessions=len(lives), max_idle_s=max_idle_s)
+        return len(lives)
 
     def discard(self, live: LiveRepl) -> None:
         self._close([live])

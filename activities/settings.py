@@ -123,6 +123,11 @@ class Settings(BaseModel):
     that the REPL guests of one worker may hold together, counted by their
     memory caps; a cell that does not fit waits, then is retried."""
 
+    repl_idle_s: float = Field(default=300.0, gt=0)
+    """Seconds a worker keeps an idle REPL warm (a run between cells, a
+    session between questions) before closing it; the next cell rebuilds it
+    from its snapshot on any worker."""
+
     context_cache_max_bytes: int = Field(default=8 << 30, ge=0)
     """Most bytes of contexts kept as files for the sandbox under
     data_dir/cache/contexts; least recently used ones not in use are deleted

@@ -22,7 +22,13 @@ from cli._logging import configure_logging
 __all__ = ["UserError", "build_parser", "main"]
 
 # Optional command modules, registered when importable.
-_EXTENSIONS = ("cli.run_commands", "cli.trace_commands", "cli.schema_commands", "cli.schedule_commands")
+_EXTENSIONS = (
+    "cli.run_commands",
+    "cli.session_commands",
+    "cli.trace_commands",
+    "cli.schema_commands",
+    "cli.schedule_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from cli._progress import ProgressPrinter
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
     from cli._run_client import RunOptions
 
-__all__ = ["register"]
+__all__ = ["answer_schema_from_file", "caps_of", "model_and_cap_arguments", "print_result", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +55,15 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out files that cannot be converted to text (listed in the result) "
                         "instead of refusing the run")
+    model_and_cap_arguments(p)
+    p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
+    p.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
+                   help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
+
+
+def model_and_cap_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --sub-model, the caps of one run, --tool and --cell-timeout
+    (also `rlm session start`, `rlm chat`)."""
     p.add_argument("--model", default=None, help="root model (default: RLM_MODEL, else a hosted model whose key is set, else the local model)")
     p.add_argument("--sub-model", default=None, help="sub-call model (default: RLM_SUB_MODEL, else as --model)")
     p.add_argument("--max-turns", type=int, default=20)
@@ -69,9 +78,6 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="a custom tool the run may use (registered on the workers: RLM_TOOLS); repeat for several")
     p.add_argument("--max-concurrency", type=int, default=None, help="parallel sub-calls (default 32; 1 for the local model)")
     p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
-    p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
-    p.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
-                   help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -82,26 +88,31 @@ def _options(args: argparse.Namespace) -> RunOptions:
         context_paths=list(args.context),
         model=args.model,
         sub_model=args.sub_model,
-        caps={
-            "max_turns": args.max_turns,
-            "max_usd": args.max_usd,
-            "max_tokens": args.max_tokens,
-            "max_calls": args.max_calls,
-            "max_wall_s": args.max_wall,
-            "max_depth": args.max_depth,
-            "max_concurrency": args.max_concurrency,
-            "max_tool_calls": args.max_tool_calls,
-            "max_errors": args.max_errors,
-        },
-        tools=list(args.tools),
+        caps=caps_of(args),
         cell_timeout_s=args.cell_timeout,
-        answer_schema=_answer_schema(args.answer_schema),
+        answer_schema=answer_schema_from_file(args.answer_schema),
+        tools=list(args.tools),
         on_unreadable="skip" if args.skip_unreadable else "fail",
         **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
     )
 
 
-def _answer_schema(path: Path | None) -> dict | None:
+def caps_of(args: argparse.Namespace) -> dict:
+    """The caps given by `model_and_cap_arguments` flags (None: not given)."""
+    return {
+        "max_turns": args.max_turns,
+        "max_usd": args.max_usd,
+        "max_tokens": args.max_tokens,
+        "max_calls": args.max_calls,
+        "max_wall_s": args.max_wall,
+        "max_depth": args.max_depth,
+        "max_concurrency": args.max_concurrency,
+        "max_tool_calls": args.max_tool_calls,
+        "max_errors": args.max_errors,
+    }
+
+
+def answer_schema_from_file(path: Path | None) -> dict | None:
     """The schema of `--answer-schema FILE`, checked before any upload."""
     if path is None:
         return None
@@ -123,7 +134,7 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         result = await client.run(opts)
-        _print_result(result, client.ui_link(result.workflow_id), as_json=args.json)
+        print_result(result, client.ui_link(result.workflow_id), as_json=args.json)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
         return 0 if result.status == "completed" and typed_ok else 3
@@ -152,7 +163,7 @@ def _cmd_result(args: argparse.Namespace, settings) -> int:
     from cli import _run_by_id
 
     result = asyncio.run(_run_by_id.result(settings, args.run_id, ProgressPrinter(sys.stderr)))
-    _print_result(result, _run_by_id.ui_link(settings, result.workflow_id), as_json=args.json)
+    print_result(result, _run_by_id.ui_link(settings, result.workflow_id), as_json=args.json)
     return 0 if result.status == "completed" else 3
 
 
@@ -177,7 +188,7 @@ def _cmd_worker(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def _print_result(result, link: str, *, as_json: bool) -> None:
+def print_result(result, link: str, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**result.model_dump(mode="json"), "ui": link}, indent=2))
         return

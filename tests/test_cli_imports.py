@@ -1,8 +1,8 @@
 """Client commands (`rlm --help`, `status`, `submit`, `result`, `show`,
-`cancel`, `run`) never load the worker's heavy modules: litellm and openai
+`cancel`, `run`, `session start|ask|show|close`, `chat`) never load the worker's heavy modules: litellm and openai
 cost seconds of CPU to import, wasmtime and the sandbox belong to the worker.
-Only `show` loads the Temporal SDK client (~0.35 s of CPU): the others talk
-to Temporal's HTTP API; and no command loads pydantic-settings.
+Only `show` and the session commands (updates go through the SDK) load the
+Temporal SDK client (~0.35 s of CPU): the others talk to Temporal's HTTP API; and no command loads pydantic-settings.
 
 Each command runs for real, as a subprocess against the session's services,
 through the `rlm` entry point; afterwards the process reports which of the
@@ -45,13 +45,17 @@ os._exit(code)
 """
 
 
-def _loaded_by(settings, fake_url: str, *args: str, ok: tuple[int, ...] = (0,), sdk_ok: bool = False) -> list[str]:
-    """Run `rlm <args>`; return the forbidden modules it loaded (with
-    `sdk_ok`, the Temporal SDK client is allowed)."""
+def _loaded_by(
+    settings, fake_url: str, *args: str, ok: tuple[int, ...] = (0,), sdk_ok: bool = False, stdin: str | None = None
+) -> list[str]:
+    """Run `rlm <args>` (with `stdin` as its input); return the forbidden
+    modules it loaded (with `sdk_ok`, the Temporal SDK client is allowed)."""
     env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(fake_url), "RLM_EMBEDDED_WORKER": "true"}
     for name in ("RLM_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=120, input=stdin
+    )
     assert proc.returncode in ok, f"rlm {' '.join(args)} exited {proc.returncode}: {proc.stderr[-3000:]}"
     line = next((l for l in proc.stderr.splitlines() if l.startswith("LOADED ")), None)
     assert line is not None, proc.stderr[-3000:]
@@ -90,6 +94,19 @@ def test_run_commands_load_none_of_the_worker_modules(s, llm, tmp_path):
         assert _loaded_by(s, llm.url, "cancel", "imports-held") == []
     finally:
         held.set()
+
+
+def test_session_commands_load_none_of_the_worker_modules(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the answer is 42\n" * 50)
+    llm.add_rule("Turn 1 of", repl("print(context[:16])"), model=ROOT)
+    llm.add_rule("the answer is", "FINAL(42)", model=ROOT)
+    start = ("--context", str(doc), "--model", ROOT)
+    assert _loaded_by(s, llm.url, "session", "start", *start, "--id", "imports-session", sdk_ok=True) == []
+    assert _loaded_by(s, llm.url, "session", "ask", "imports-session", "q", sdk_ok=True) == []
+    assert _loaded_by(s, llm.url, "session", "show", "imports-session", sdk_ok=True) == []
+    assert _loaded_by(s, llm.url, "session", "close", "imports-session", sdk_ok=True) == []
+    assert _loaded_by(s, llm.url, "chat", *start, stdin="q\n", sdk_ok=True) == []
 
 
 def test_a_failing_command_still_reports_one_line_without_loading_them(s, llm, tmp_path):

@@ -1,4 +1,4 @@
-"""Replay safety: histories of real runs of every shape (tests/histories/*.json,
+"""Replay safety: histories of real runs of every shape (and of a session) (tests/histories/*.json,
 written by `python -m tests.histories.record`) replay against today's RLMRun
 without a non-determinism error, so a change that would break runs in flight
 fails here. No servers: the SDK's Replayer runs the workflow code alone.
@@ -20,13 +20,14 @@ from temporalio.worker import Replayer
 
 from tests.histories.changed_workflow import RLMRunChangedBehindPatch, RLMRunChangedCarelessly
 from workflows.run import RLMRun
+from workflows.session import RLMSession
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
 # One file at least for each shape record.py knows (a file lost is a shape unguarded).
 SHAPES = (
     "plain", "batched_subcalls", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
-    "tools", "max_errors", "compaction",
+    "tools", "max_errors", "compaction", "session_",
 )
 
 
@@ -36,7 +37,8 @@ def load(path: Path) -> WorkflowHistory:
 
 
 def replay(history: WorkflowHistory, workflow_class: type = RLMRun) -> None:
-    replayer = Replayer(workflows=[workflow_class], data_converter=pydantic_data_converter)
+    # Session histories (RLMSession) replay against today's session workflow.
+    replayer = Replayer(workflows=[workflow_class, RLMSession], data_converter=pydantic_data_converter)
     asyncio.run(replayer.replay_workflow(history))
 
 

@@ -4,6 +4,7 @@ Changing one breaks running workflows and external callers; add, never rename.
 """
 
 WORKFLOW_RLM_RUN = "RLMRun"
+WORKFLOW_RLM_SESSION = "RLMSession"
 TASK_QUEUE_DEFAULT = "rlm"
 
 ACTIVITY_RESOLVE_MODELS = "resolve_models"
@@ -21,6 +22,11 @@ UPDATE_SET_CAPS = "set_caps"
 UPDATE_TOOL_CALL = "tool_call"
 SIGNAL_CANCEL = "cancel"
 QUERY_PROGRESS = "progress"
+
+# The session workflow (workflows/session.py).
+UPDATE_ASK = "ask"
+UPDATE_CLOSE = "close"
+QUERY_SESSION = "session"
 
 # Search attributes registered on the embedded server (`rlm up`) and set by
 # RLMRun; production clusters register them once with

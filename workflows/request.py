@@ -235,18 +235,15 @@ class RunRequest(BaseModel):
     """Custom tools the run's code may call, by name; each must be registered
     on the workers (`worker.py --tools package.module:TOOLS`). The model is
     shown their descriptions; child runs get the same tools."""
+    repl_snapshot_key: str | None = Field(None, pattern=r"^runs/[^/]+/snapshots/[^/]+$", max_length=1024)
+    """REPL state the run starts from: the `snapshot_key` of an earlier
+    run's result (`runs/<workflow id>/snapshots/<cell>.bin`; a session's
+    previous question, workflows/session.py); None = a fresh REPL holding
+    only `context`."""
     resume: ResumeState | None = None
     """Set only by continue-as-new: the state carried into the next run."""
 
-    @field_validator("tools")
-    @classmethod
-    def _tools_are_names(cls, value: list[str]) -> list[str]:
-        for index, name in enumerate(value):
-            if problem := tool_name_problem(name):
-                raise ValueError(f"tools[{index}]: {problem}")
-            if name in value[:index]:
-                raise ValueError(f"tools[{index}]: {name!r} is listed twice")
-        return value
+    _tools_are_names = field_validator("tools")(lambda v: check_tool_names(v))
 
     @field_validator("answer_schema")
     @classmethod
@@ -286,6 +283,16 @@ class RunRequest(BaseModel):
         if too_large:
             raise ValueError("; ".join(too_large) + ": give a smaller cap, or leave a money cap out for no limit")
         return value
+
+
+def check_tool_names(value: list[str]) -> list[str]:
+    """A request's `tools`: each a valid tool name, none twice."""
+    for index, name in enumerate(value):
+        if problem := tool_name_problem(name):
+            raise ValueError(f"tools[{index}]: {problem}")
+        if name in value[:index]:
+            raise ValueError(f"tools[{index}]: {name!r} is listed twice")
+    return value
 
 
 def parse_request(value: Any) -> RunRequest | str:
@@ -422,6 +429,10 @@ class RunResult(BaseModel):
     """Files of the context left out as unreadable (`on_unreadable: "skip"`),
     the first 50 with the reason; `skipped_count` counts them all."""
     skipped_count: int = 0
+    snapshot_key: str | None = None
+    """Object key of the REPL state the run ended in (its last cell's; the
+    state it started from if no cell ran): a later run continues from it
+    with `repl_snapshot_key`."""
 
     _children_null_is_empty = field_validator("children", "skipped_documents", mode="before")(
         lambda v: _null_is_empty(v)

@@ -207,27 +207,7 @@ class RLMRun:
         return out.tools
 
     async def _ingest_context(self) -> ContextRef:
-        """Store a context given as JSON (text, texts, S3 URI) in the chunked store."""
-        context = self._req.context
-        if isinstance(context, ContextURI):
-            inp = IngestContextInput(
-                workflow_id=workflow.info().workflow_id, uri=context, on_unreadable=self._req.on_unreadable
-            )
-            what = context.uri
-        elif isinstance(context, str):
-            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, text=context), "inline text"
-        else:
-            inp, what = IngestContextInput(workflow_id=workflow.info().workflow_id, texts=list(context)), "inline texts"
-        return await workflow.execute_activity(
-            names.ACTIVITY_INGEST_CONTEXT,
-            inp,
-            result_type=ContextRef,
-            summary=f"ingest context · {what}"[:200],
-            start_to_close_timeout=timedelta(hours=1),
-            heartbeat_timeout=timedelta(seconds=30),
-            # The activity marks a caller's mistake non-retryable; an S3 hiccup is retried.
-            retry_policy=RetryPolicy(maximum_attempts=3),
-        )
+        return await ingest_context(self._req.context, self._req.on_unreadable)
 
     def _result(self, status: RunStatus, reason: str | None, answer: str | None) -> RunResult:
         info = workflow.info()
@@ -251,6 +231,7 @@ class RLMRun:
             runs_below=self._router.runs_below if self._router else 0,
             skipped_documents=list(context.skipped) if isinstance(context, ContextRef) else [],
             skipped_count=context.skipped_count if isinstance(context, ContextRef) else 0,
+            snapshot_key=self._driver.snapshot_key if self._driver else None,
         )
 
     # -- sub-calls from cells ----------------------------------------------
@@ -342,6 +323,29 @@ class RLMRun:
         self._cancel_reason = reason or "cancelled by request"
         if self._loop_task is not None:
             self._loop_task.cancel()
+
+
+async def ingest_context(context: Any, on_unreadable: str = "fail") -> ContextRef:
+    """Store a context given as JSON (text, texts, S3 URI) in the chunked
+    store: the first step of a run (and of a session) not given a ContextRef."""
+    workflow_id = workflow.info().workflow_id
+    if isinstance(context, ContextURI):
+        inp = IngestContextInput(workflow_id=workflow_id, uri=context, on_unreadable=on_unreadable)
+        what = context.uri
+    elif isinstance(context, str):
+        inp, what = IngestContextInput(workflow_id=workflow_id, text=context), "inline text"
+    else:
+        inp, what = IngestContextInput(workflow_id=workflow_id, texts=list(context)), "inline texts"
+    return await workflow.execute_activity(
+        names.ACTIVITY_INGEST_CONTEXT,
+        inp,
+        result_type=ContextRef,
+        summary=f"ingest context · {what}"[:200],
+        start_to_close_timeout=timedelta(hours=1),
+        heartbeat_timeout=timedelta(seconds=30),
+        # The activity marks a caller's mistake non-retryable; an S3 hiccup is retried.
+        retry_policy=RetryPolicy(maximum_attempts=3),
+    )
 
 
 def _decode_request(raw: RawValue) -> RunRequest | str:

@@ -91,7 +91,8 @@ class TurnDriver:
         self._info = run._models[self._root_model]
         self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
         resume = request.resume
-        self.snapshot_key: str | None = resume.snapshot_key if resume else None
+        # A run may start from another run's REPL state (a session's question).
+        self.snapshot_key: str | None = resume.snapshot_key if resume else request.repl_snapshot_key
         self.transcript_key: str | None = resume.transcript_key if resume else None
         self.answer_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False

@@ -34,6 +34,7 @@ from tests.run_harness import (
     start,
     start_worker_process,
 )
+from tests.session_harness import ask, asked, close, session_request, start_session
 from worker import connect
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
 
@@ -134,18 +135,44 @@ async def continue_as_new(lab: Lab) -> Recorded:
         req = request("q", ctx, limits={"continue_after_updates": 1})
         handle = await start(client, s, req, workflow_id="replay-continue-as-new")
         await asyncio.wait_for(handle.result(), TIMEOUT_S)
-        out: Recorded = []
-        run_id: str | None = handle.first_execution_run_id
-        while run_id:
-            history = await client.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-            out.append((f"continue_as_new_{len(out) + 1}", history))
-            last = history.events[-1]
-            run_id = (
-                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                else None
-            )
-        return out
+        return await _chain(client, handle.id, handle.first_execution_run_id, "continue_as_new")
+
+    return await _in_process(lab, body)
+
+
+async def _chain(client: Client, workflow_id: str, run_id: str | None, stem: str) -> Recorded:
+    """The history of every run of a continue-as-new chain, as `<stem>_1`, `<stem>_2`, ..."""
+    out: Recorded = []
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        out.append((f"{stem}_{len(out) + 1}", history))
+        last = history.events[-1]
+        run_id = (
+            last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+            if last.HasField("workflow_execution_continued_as_new_event_attributes")
+            else None
+        )
+    return out
+
+
+async def session(lab: Lab) -> Recorded:
+    """A session: question 1 defines a variable, the session continues as new,
+    question 2 reads it (its run started from the REPL snapshot), close."""
+    ctx = lab.contexts.put_value("numbers: 3 4 5")
+    lab.llm.add_rule(asked("first"), repl("total = 12\nprint('total', total)"), model=ROOT)
+    lab.llm.add_rule("total 12", "FINAL(12)", model=ROOT)
+    lab.llm.add_rule(asked("second"), repl("print('again', total * 2, len(session_history))"), model=ROOT)
+    lab.llm.add_rule("again 24 1", "FINAL(24)", model=ROOT)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        req = session_request(ctx, continue_after_questions=1)
+        handle = await start_session(client, s, req, session_id="replay-session")
+        await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
+        second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+        await close(handle)
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        question = await client.get_workflow_handle(second.workflow_id).fetch_history()
+        return await _chain(client, handle.id, handle.first_execution_run_id, "session") + [("session_question", question)]
 
     return await _in_process(lab, body)
 
@@ -304,4 +331,5 @@ SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "tools": tools,
     "max_errors": max_errors,
     "compaction": compaction,
+    "session": session,
 }

@@ -1,0 +1,157 @@
+"""Client side of a session: start it (context uploaded, models checked as
+for a run), ask it questions, close it. Used by `rlm session ...` and
+`rlm chat`; like every client command it never imports litellm or wasmtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from activities.settings import Settings
+from cli._progress import ProgressPrinter
+from cli._run_client import RunClient, RunError, RunOptions
+from workflows.names import QUERY_PROGRESS, QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
+from workflows.request import RunResult
+from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
+from workflows.summaries import clip
+
+
+@dataclass
+class SessionOptions:
+    context_paths: list[Path]
+    model: str | None
+    sub_model: str | None
+    question_caps: dict[str, Any] = field(default_factory=dict)
+    session_caps: dict[str, Any] = field(default_factory=dict)
+    cell_timeout_s: float = 120.0
+    tools: list[str] = field(default_factory=list)
+    continue_after_questions: int = 100
+    session_id: str = field(default_factory=lambda: f"rlm-session-{uuid.uuid4().hex[:12]}")
+
+
+class SessionClient:
+    def __init__(self, runs: RunClient) -> None:
+        self.runs = runs
+        self.client = runs.client
+        self.progress = runs.progress
+
+    @classmethod
+    async def open(cls, settings: Settings, *, progress: ProgressPrinter | None, start_services: bool = True) -> SessionClient:
+        # Sessions use updates, which the SDK client sends (not the HTTP API).
+        return cls(await RunClient.open(settings, progress=progress, start_services=start_services, sdk=True))
+
+    def ui_link(self, workflow_id: str) -> str:
+        return self.runs.ui_link(workflow_id)
+
+    # -- starting --------------------------------------------------------------
+    def build_request(self, opts: SessionOptions) -> SessionRequest:
+        # The same checks and upload as a run's: a session is runs over one context.
+        run = self.runs.build_request(
+            RunOptions(
+                question="(session)",
+                context_paths=opts.context_paths,
+                model=opts.model,
+                sub_model=opts.sub_model,
+                caps=opts.question_caps,
+                cell_timeout_s=opts.cell_timeout_s,
+                tools=opts.tools,
+            )
+        )
+        try:
+            caps = SessionCaps(**{k: v for k, v in opts.session_caps.items() if v is not None})
+        except ValueError as exc:
+            raise RunError(f"session caps: {exc}") from None
+        return SessionRequest(
+            context=run.context,
+            models=run.models,
+            caps=caps,
+            question_caps=run.caps,
+            limits=run.limits,
+            tools=run.tools,
+            continue_after_questions=opts.continue_after_questions,
+        )
+
+    async def start(self, opts: SessionOptions) -> str:
+        request = await asyncio.to_thread(self.build_request, opts)
+        await self.client.start_workflow(
+            WORKFLOW_RLM_SESSION,
+            request,
+            id=opts.session_id,
+            task_queue=self.runs.settings.task_queue,
+            result_type=SessionSummary,
+            static_summary=f"session · {request.models.root} · context {request.context.sha256[:12]}"[:200],
+        )
+        return opts.session_id
+
+    # -- asking and closing ------------------------------------------------------
+    async def ask(
+        self, session_id: str, question: str, caps: dict[str, Any] | None = None, answer_schema: dict | None = None
+    ) -> RunResult:
+        try:
+            ask = AskRequest(question=question, caps=caps or {}, answer_schema=answer_schema)
+        except ValueError as exc:
+            raise RunError(f"ask: {exc}") from None
+        handle = self._handle(session_id)
+        watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
+        try:
+            return await handle.execute_update(UPDATE_ASK, ask, result_type=RunResult)
+        except WorkflowUpdateFailedError as exc:
+            raise RunError(f"session {session_id}: {_cause(exc)}") from None
+        except RPCError as exc:
+            raise RunError(f"session {session_id} is not open: {exc}") from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                self.progress.done()  # type: ignore[union-attr]
+
+    async def close(self, session_id: str) -> SessionSummary:
+        handle = self._handle(session_id)
+        try:
+            await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
+        except WorkflowUpdateFailedError as exc:
+            raise RunError(f"session {session_id}: {_cause(exc)}") from None
+        except RPCError:
+            pass  # ended before (closed): its result is the summary
+        try:
+            return await handle.result()
+        except RPCError as exc:
+            raise RunError(f"session {session_id}: {exc}") from None
+        except Exception as exc:
+            raise RunError(f"session {session_id} ended without a summary: {exc}") from None
+
+    async def summary(self, session_id: str) -> SessionSummary:
+        handle = self._handle(session_id)
+        try:
+            return await handle.query(QUERY_SESSION, result_type=SessionSummary)
+        except RPCError as exc:
+            raise RunError(f"session {session_id}: {exc}") from None
+
+    def _handle(self, session_id: str) -> WorkflowHandle:
+        return self.client.get_workflow_handle(session_id, result_type=SessionSummary)
+
+    async def _watch(self, handle: WorkflowHandle) -> None:
+        """Show the progress of the question being answered (its own run)."""
+        with contextlib.suppress(Exception):
+            summary = await handle.query(QUERY_SESSION, result_type=SessionSummary)
+            run = self.client.get_workflow_handle(f"{handle.id}/q{summary.questions + 1}")
+            while True:
+                with contextlib.suppress(Exception):
+                    self.progress.update(await run.query(QUERY_PROGRESS))  # type: ignore[union-attr]
+                await asyncio.sleep(0.5)
+
+
+def _cause(exc: WorkflowUpdateFailedError) -> str:
+    cause = exc.cause
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause  # type: ignore[union-attr]
+    return clip(str(getattr(cause, "message", None) or cause or exc), 1000)

@@ -1,0 +1,78 @@
+"""Helpers for tests that drive `RLMSession` workflows (tests/test_sessions*.py
+and the recorded session history)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from activities._repl_pool import ReplPool
+from activities.llm import ModelRegistry
+from worker import build_worker, connect
+
+from activities.settings import Settings
+from tests.run_harness import ROOT, SUB
+from workflows.names import QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
+from workflows.refs import ContextRef
+from workflows.request import ModelChoice, RunLimits, RunResult
+from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
+
+
+@contextlib.asynccontextmanager
+async def worker_and_pool(settings: Settings, models: ModelRegistry) -> AsyncIterator[tuple[Client, ReplPool]]:
+    """A real worker on `settings.task_queue`, and its REPL pool (to evict from)."""
+    client = await connect(settings)
+    worker, pool = build_worker(client, settings, models=models)
+    try:
+        async with worker:
+            yield client, pool
+    finally:
+        pool.close()
+
+
+def session_request(context: ContextRef, *, caps: dict[str, Any] | None = None,
+                    question_caps: dict[str, Any] | None = None, **fields: Any) -> SessionRequest:
+    return SessionRequest(
+        context=context,
+        models=ModelChoice(root=ROOT, sub=SUB),
+        caps=SessionCaps(**(caps or {})),
+        question_caps=question_caps or {},
+        limits=RunLimits(cell_timeout_s=20.0),
+        **fields,
+    )
+
+
+async def start_session(client: Client, settings: Settings, req: SessionRequest, session_id: str | None = None) -> WorkflowHandle:
+    return await client.start_workflow(
+        WORKFLOW_RLM_SESSION,
+        req,
+        id=session_id or f"test-session-{uuid.uuid4().hex[:10]}",
+        task_queue=settings.task_queue,
+        result_type=SessionSummary,
+    )
+
+
+async def ask(handle: WorkflowHandle, question: str, **caps: Any) -> RunResult:
+    return await handle.execute_update(UPDATE_ASK, AskRequest(question=question, caps=caps), result_type=RunResult)
+
+
+async def close(handle: WorkflowHandle) -> SessionSummary:
+    return await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
+
+
+async def summary(handle: WorkflowHandle) -> SessionSummary:
+    return await handle.query(QUERY_SESSION, result_type=SessionSummary)
+
+
+def asked(word: str, turn_text: str | None = "Turn 1 of"):
+    """A fake-model rule match: the question starts with `word` (and, by
+    default, the last message opens the question's first turn)."""
+
+    def match(r) -> bool:
+        return f"Question: {word}" in r.all_text and (turn_text is None or turn_text in r.last_user_text)
+
+    return match

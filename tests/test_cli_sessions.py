@@ -1,0 +1,122 @@
+"""`rlm session start|ask|show|close` and `rlm chat` as a user runs them: a
+subprocess with RLM_* settings pointing at the test session's servers, the
+scripted model server, and the embedded worker started for the test's own
+task queue (stopped after each test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cli import services
+from tests.run_harness import ROOT, SUB, isolated, repl
+from tests.session_harness import asked
+from tests.test_cli_run import rlm_env
+
+
+def _rlm(settings, fake_url: str, *args: str, stdin: str | None = None, timeout: float = 180):
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=rlm_env(settings, fake_url), capture_output=True, text=True, timeout=timeout, input=stdin,
+    )
+
+
+@pytest.fixture
+def s(settings):
+    own = isolated(settings).model_copy(update={"embedded_worker": True})
+    yield own
+    services.stop_worker(own)
+
+
+def _script(llm) -> None:
+    llm.add_rule(asked("first"), repl("words = context.split()\nprint('count', len(words))"), model=ROOT)
+    llm.add_rule("count 3", "FINAL(3 words)", model=ROOT)
+    llm.add_rule(asked("second"), repl("print('last', words[-1], len(session_history))"), model=ROOT)
+    llm.add_rule("last gamma 1", "FINAL(gamma)", model=ROOT)
+
+
+def test_session_commands_end_to_end(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    _script(llm)
+    start = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT, "--sub-model", SUB,
+                 "--session-max-usd", "1.0", "--json")
+    assert start.returncode == 0, start.stderr[-3000:]
+    session_id = json.loads(start.stdout)["session_id"]
+    assert session_id.startswith("rlm-session-")
+
+    first = _rlm(s, llm.url, "session", "ask", session_id, "first: how many words?")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.strip().splitlines()[0] == "3 words"
+    assert "status: completed" in first.stderr and f"session {session_id}: 1 question(s)" in first.stderr
+
+    second = _rlm(s, llm.url, "session", "ask", session_id, "second: the last word?", "--json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout)
+    assert result["answer"] == "gamma" and result["workflow_id"] == f"{session_id}/q2"
+
+    show = _rlm(s, llm.url, "session", "show", session_id, "--json")
+    assert show.returncode == 0 and json.loads(show.stdout)["questions"] == 2
+
+    close = _rlm(s, llm.url, "session", "close", session_id, "--json")
+    assert close.returncode == 0, close.stderr[-3000:]
+    summary = json.loads(close.stdout)
+    assert summary["state"] == "closed" and summary["questions"] == 2 and summary["caps"]["max_usd"] == 1.0
+    assert summary["spend"]["calls"] >= 4  # a timed-out attempt on a busy machine is charged too
+
+    again = _rlm(s, llm.url, "session", "close", session_id, "--json")  # closed already: its summary
+    assert again.returncode == 0 and json.loads(again.stdout)["questions"] == 2, again.stderr[-2000:]
+
+    after = _rlm(s, llm.url, "session", "ask", session_id, "first again?")
+    assert after.returncode == 1 and after.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in after.stderr
+
+
+def test_rlm_chat_over_stdin(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    _script(llm)
+    proc = _rlm(s, llm.url, "chat", "--context", str(doc), "--model", ROOT,
+                stdin="first: how many words?\n\nsecond: the last word?\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "3 words" and lines[1] == "gamma", proc.stdout
+    # End of input closed the session and printed its totals.
+    assert "closed, 2 question(s)" in proc.stdout
+    assert "q1 [completed] first: how many words?" in proc.stdout
+    assert "Ctrl-D closes it" in proc.stderr
+
+
+def test_rlm_chat_goes_on_with_an_open_session(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    _script(llm)
+    start = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT)
+    assert start.returncode == 0, start.stderr[-3000:]
+    session_id = start.stdout.strip()
+    first = _rlm(s, llm.url, "session", "ask", session_id, "first: how many words?")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _rlm(s, llm.url, "chat", "--session", session_id, stdin="second: the last word?\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == "gamma", proc.stdout
+    assert f"session {session_id}: closed, 2 question(s)" in proc.stdout
+
+
+def test_session_bad_inputs_give_one_line_errors(s, llm, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    cases = [
+        (["session", "ask", "rlm-session-nope", "q"], "rlm-session-nope"),
+        (["session", "close", "rlm-session-nope"], "rlm-session-nope"),
+        (["session", "start", "--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
+        (["session", "start", "--context", str(doc), "--model", ROOT, "--continue-after", "0"], "--continue-after"),
+        (["chat", "--model", ROOT], "--context"),
+    ]
+    for args, needle in cases:
+        proc = _rlm(s, llm.url, *args)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -1,0 +1,61 @@
+"""Pure logic of sessions (no servers): request checks that name the field,
+the cell that records answers in the REPL, the note the model is given."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workflows.budget import Caps
+from workflows.request import parse_request
+from workflows.session import history_code, session_question
+from workflows.session_models import SESSION_HISTORY_VAR, AskRequest, QuestionAnswer, SessionRequest
+
+
+def test_a_start_snapshot_must_be_a_run_snapshot_key():
+    base = {"question": "q", "context": "x", "models": {"root": "m"}}
+    assert "repl_snapshot_key" in parse_request({**base, "repl_snapshot_key": "../other/secret"})
+    ok = parse_request({**base, "repl_snapshot_key": "runs/s~q1/snapshots/t1c1.bin"})
+    assert not isinstance(ok, str) and ok.repl_snapshot_key == "runs/s~q1/snapshots/t1c1.bin"
+
+
+def test_ask_caps_are_checked_against_the_session_caps_and_named():
+    with pytest.raises(ValidationError, match="max_dollars"):
+        AskRequest(question="q", caps={"max_dollars": 1})
+    with pytest.raises(ValueError, match="caps.max_turns"):
+        AskRequest(question="q", caps={"max_turns": 0}).caps_over(Caps())
+    with pytest.raises(ValueError, match="caps: max_usd"):
+        AskRequest(question="q", caps={"max_usd": -1}).caps_over(Caps())
+    caps = AskRequest(question="q", caps={"max_usd": 0.5}).caps_over(Caps(max_turns=7, max_calls=9))
+    assert (caps.max_usd, caps.max_turns, caps.max_calls) == (0.5, 7, 9)
+    with pytest.raises(ValidationError, match="question"):
+        AskRequest(question="   ")
+    with pytest.raises(ValidationError, match="answer_schema"):
+        AskRequest(question="q", answer_schema={"type": 5})
+
+
+def test_session_request_fields_are_named():
+    with pytest.raises(ValidationError, match="continue_after_questions"):
+        SessionRequest(context="x", models={"root": "m"}, continue_after_questions=0)
+    with pytest.raises(ValidationError, match="question_caps.max_turns"):
+        SessionRequest(context="x", models={"root": "m"}, question_caps={"max_turns": 0})
+    with pytest.raises(ValidationError, match="max_usd"):
+        SessionRequest(context="x", models={"root": "m"}, caps={"max_usd": -2})
+
+
+def test_history_cell_appends_and_recovers_a_rebound_name():
+    answers = [QuestionAnswer(question="a 'quoted' \"q\"\n", answer=None, status="failed"),
+               QuestionAnswer(question="b", answer="x" * 10, status="completed")]
+    ns: dict = {}
+    exec(history_code(answers[:1]), ns)
+    exec(history_code(answers[1:]), ns)
+    assert [h["question"] for h in ns[SESSION_HISTORY_VAR]] == ["a 'quoted' \"q\"\n", "b"]
+    ns[SESSION_HISTORY_VAR] = "the model's own value"  # rebound: the next answer starts a list
+    exec(history_code(answers[1:]), ns)
+    assert ns[SESSION_HISTORY_VAR] == [{"question": "b", "answer": "x" * 10, "status": "completed"}]
+
+
+def test_the_question_tells_the_model_what_the_repl_holds():
+    assert "question 1 of a session" in session_question("q?", 1)
+    later = session_question("q?", 3)
+    assert later.startswith("q?\n\n") and f"`{SESSION_HISTORY_VAR}`" in later and "question 3" in later

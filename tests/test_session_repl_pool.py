@@ -1,0 +1,56 @@
+"""What sessions need of a worker's REPL pool (real sessions, no servers):
+a run that starts from another workflow's snapshot (a session's next
+question) gets the warm REPL that is in exactly that state, and REPLs idle
+past a limit are closed, so an idle session holds no guest memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from activities._repl_pool import LiveRepl, ReplPool
+from sandbox_wasm import SandboxError, SandboxLimits
+
+MIB = 1024 * 1024
+CAP = SandboxLimits(cell_timeout_s=5.0, memory_bytes=128 * MIB)
+
+
+def _start(live: LiveRepl) -> None:
+    live.session.start()
+
+
+@pytest.fixture
+def pool():
+    pool = ReplPool(memory_budget=600 * MIB, busy_wait_s=0.2)
+    yield pool
+    pool.close()
+
+
+def test_a_run_starting_from_another_workflows_snapshot_takes_its_warm_repl(pool: ReplPool) -> None:
+    session, _ = pool.checkout("sess", None, CAP, _start)
+    session.session.run_cell("kept = 41")
+    session.snapshot_key = "sess/snapshots/q1r.bin"
+    pool.checkin("sess", session)
+    question, warm = pool.checkout("sess/q2", "sess/snapshots/q1r.bin", CAP, _start)
+    assert warm and question is session
+    assert question.session.run_cell("print(kept + 1)").output.strip() == "42"
+    # Another state is another REPL: nothing warm for a key no REPL is in.
+    other, warm = pool.checkout("sess/q3", "sess/snapshots/unknown.bin", CAP, lambda live: None)
+    assert not warm and other is not session
+    pool.discard(other)
+    pool.checkin("sess/q2", question)
+
+
+def test_repls_idle_past_the_limit_are_closed(pool: ReplPool) -> None:
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    b, _ = pool.checkout("run-b", None, CAP, _start)
+    pool.checkin("run-a", a)
+    pool.checkin("run-b", b)
+    assert pool.evict_idle(3600.0) == 0
+    a.idle_since -= 7200.0  # as if idle for two hours
+    assert pool.evict_idle(3600.0) == 1
+    assert pool.held_bytes == 128 * MIB
+    with pytest.raises(SandboxError, match="not started"):
+        a.session.run_cell("1")
+    again, warm = pool.checkout("run-b", None, CAP, _start)
+    assert warm and again is b
+    pool.checkin("run-b", b)

@@ -1,0 +1,365 @@
+"""The `RLMSession` workflow: one context, one REPL, many questions.
+
+Each `ask` update runs its question as a child `RLMRun` (`<session id>/q<N>`)
+that starts from the REPL state the previous question left
+(`RunRequest.repl_snapshot_key`) and hands back the state it ends in
+(`RunResult.snapshot_key`): the turn loop of a question is RLMRun's own, and
+its turns, cells and sub-calls are in the child's history, so the session's
+history grows by a few events per question. After each answer a short cell
+run here appends the question and answer to the REPL's `session_history`.
+
+What the model sees: every variable its code defined for earlier questions,
+`context` as in any run, and `session_history`: the earlier questions,
+oldest first, as dicts `{"question", "answer", "status"}` (not `history`:
+that name is a run's compacted transcript). The question text carries a
+note saying so.
+
+Asks are serialised: a second ask while one runs waits for it (in order of
+arrival) and then starts from the REPL state it left. `close` waits for the
+asks already accepted, ends the session and returns its summary; an ask
+after `close` is rejected. The `cancel` signal (`rlm cancel ID`) ends the
+session at once: the question being answered is cancelled. An idle session holds nothing on a worker but
+what the worker's REPL pool keeps warm (evicted when idle, or under memory
+pressure); the next question rebuilds the REPL from its snapshot on any
+worker. Between questions, after `continue_after_questions` questions (or
+when Temporal suggests it) the session continues as new, carrying its
+snapshot, its budget ledger and its recent questions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RawValue
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from workflows import names
+    from workflows.budget import Caps, Ledger, Refusal, Spend
+    from workflows.refs import ContextRef
+    from workflows.request import RunRequest, RunResult, Usage, clip, validation_errors
+    from workflows.run import FAILURE_TYPES, ingest_context
+    from workflows.session_models import (
+        MAX_RECENT_ASKS,
+        AskRecord,
+        AskRequest,
+        QuestionAnswer,
+        SESSION_HISTORY_VAR,
+        SessionCaps,
+        SessionRequest,
+        SessionResume,
+        SessionSummary,
+    )
+    from workflows.step_common import ERROR_CHARS, error_text
+    from workflows.steps import CellInput, CellOutput
+    from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
+    from workflows.summaries import clip as summary_clip
+    from workflows.turn import CELL_HEARTBEAT_TIMEOUT, CELL_RETRY
+
+# The cell that appends to `session_history` runs no model code: a few seconds at most.
+RECORD_CELL_TIMEOUT = timedelta(minutes=5)
+
+
+@workflow.defn(name=names.WORKFLOW_RLM_SESSION, failure_exception_types=FAILURE_TYPES)
+class RLMSession:
+    # Taken raw and validated here, as RLMRun does: an input the converter
+    # cannot decode would otherwise fail every workflow task and hang.
+    @workflow.init
+    def __init__(self, raw: RawValue) -> None:
+        request = _decode_request(raw)
+        self._invalid = request if isinstance(request, str) else None
+        if isinstance(request, str):
+            request = SessionRequest.model_construct(resume=None, caps=SessionCaps(), continue_after_questions=1)
+        self._req: SessionRequest = request
+        resume = request.resume
+        self._ledger = Ledger.model_validate(resume.ledger) if resume else self._new_ledger()
+        self._asked = resume.asked if resume else 0
+        self._asked_here = 0
+        self._snapshot_key: str | None = resume.snapshot_key if resume else None
+        self._unrecorded: list[QuestionAnswer] = list(resume.unrecorded) if resume else []
+        self._usage: Usage = resume.usage if resume else Usage()
+        self._recent: list[AskRecord] = list(resume.recent) if resume else []
+        self._opened_at = resume.opened_at if resume else workflow.now()
+        self._runs = (resume.runs if resume else 0) + 1
+        context = getattr(request, "context", None)
+        self._context: ContextRef | None = context if isinstance(context, ContextRef) else None
+        self._closing = False  # `close` arrived: no new asks
+        self._closed = False  # every accepted ask finished: the session ends
+        self._asking = asyncio.Lock()  # serialises asks (FIFO)
+        self._cancel_reason: str | None = None
+        self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
+
+    def _new_ledger(self) -> Ledger:
+        caps = self._req.caps
+        # Only the money caps hold across questions; turns and depth are per question.
+        session_caps = Caps(
+            max_usd=caps.max_usd, max_tokens=caps.max_tokens, max_calls=caps.max_calls, max_turns=1, max_depth=1
+        )
+        return Ledger.root(session_caps, workflow.now())
+
+    # -- the session -----------------------------------------------------------
+    @workflow.run
+    async def run(self, raw: RawValue) -> SessionSummary:
+        if self._invalid is not None:
+            raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
+        if self._context is None:
+            try:
+                self._context = await ingest_context(self._req.context)
+            except ActivityError as exc:
+                cause = exc.cause
+                reason = cause.message if isinstance(cause, ApplicationError) else error_text(exc)
+                raise ApplicationError(reason, type="InvalidContext", non_retryable=True) from None
+        self._show()
+        while True:
+            await workflow.wait_condition(lambda: self._closed or self._should_continue())
+            # Only between questions: every accepted ask (and close) has finished.
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if self._closed:
+                return self._summary()
+            workflow.continue_as_new(self._next_request())
+
+    def _should_continue(self) -> bool:
+        return (
+            self._asked_here >= self._req.continue_after_questions
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    def _next_request(self) -> SessionRequest:
+        resume = SessionResume(
+            asked=self._asked,
+            snapshot_key=self._snapshot_key,
+            unrecorded=self._unrecorded,
+            ledger=self._ledger.compacted().model_dump(mode="json"),
+            usage=self._usage,
+            recent=self._recent,
+            opened_at=self._opened_at,
+            runs=self._runs,
+        )
+        return self._req.model_copy(update={"context": self._context, "resume": resume})
+
+    # -- asking ------------------------------------------------------------------
+    @workflow.update(name=names.UPDATE_ASK)
+    async def ask(self, ask: AskRequest) -> RunResult:
+        async with self._asking:  # a second ask waits for the first
+            await workflow.wait_condition(lambda: self._context is not None)
+            return await self._answer(ask)
+
+    @ask.validator
+    def _validate_ask(self, ask: AskRequest) -> None:
+        if self._closing:
+            raise ValueError(f"session {workflow.info().workflow_id} is closed: start a new session")
+        if self._invalid is not None:
+            raise ValueError(self._invalid)
+        ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
+
+    async def _answer(self, ask: AskRequest) -> RunResult:
+        self._asked += 1
+        self._asked_here += 1
+        number = self._asked
+        child_id = f"{workflow.info().workflow_id}/q{number}"
+        if self._cancel_reason is None and self._unrecorded:  # an earlier answer whose cell failed
+            await self._record(f"q{number}p")
+        caps = self._question_caps(ask, child_id) if self._cancel_reason is None else None
+        if caps is None:  # accepted before a cancel: not run
+            result = _not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
+        elif isinstance(caps, Refusal):
+            result = _not_run(child_id, f"session budget: {caps.message}")
+        else:
+            result = await self._run_question(ask, number, child_id, caps)
+        self._recent = (self._recent + [
+            AskRecord(number=number, question=ask.question[:200], workflow_id=child_id,
+                      status=result.status, spend=result.spend, turns=result.turns)
+        ])[-MAX_RECENT_ASKS:]  # fmt: skip
+        if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
+            self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))
+            await self._record(f"q{number}r")
+        self._show()
+        return result
+
+    def _question_caps(self, ask: AskRequest, child_id: str) -> Caps | Refusal:
+        """The question's caps, its money caps bounded by what the session has left."""
+        mine = ask.caps_over(self._req.question_caps)
+        grant = self._ledger.child_grant(child_id, workflow.now())
+        if isinstance(grant, Refusal):
+            return grant
+        bounded: dict[str, Any] = {}
+        for dim in ("usd", "tokens", "calls"):
+            own, left = getattr(mine, f"max_{dim}"), getattr(grant, f"max_{dim}")
+            bounded[f"max_{dim}"] = left if own is None else own if left is None else min(own, left)
+        return mine.model_copy(update=bounded)
+
+    async def _run_question(self, ask: AskRequest, number: int, child_id: str, caps: Caps) -> RunResult:
+        assert self._context is not None
+        request = RunRequest(
+            question=session_question(ask.question, number),
+            context=self._context,
+            models=self._req.models,
+            caps=caps,
+            limits=self._req.limits,
+            repl_snapshot_key=self._snapshot_key,
+            answer_schema=ask.answer_schema,
+            tools=self._req.tools,
+        )
+        try:
+            self._question = await workflow.start_child_workflow(
+                names.WORKFLOW_RLM_RUN,
+                request,
+                id=child_id,
+                result_type=RunResult,
+                task_queue=workflow.info().task_queue,
+                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                static_summary=f"session question {number} · " + summary_clip(ask.question, MAX_SUMMARY_CHARS - 30),
+                static_details=run_static_details(request),
+            )
+            result: RunResult = await self._question
+        except ChildWorkflowError as exc:
+            # It reported nothing: count its caps, the most it could spend (its
+            # slice is all the session had left; unlimited dimensions count 0).
+            most = Spend(usd=caps.max_usd or 0.0, tokens=caps.max_tokens or 0, calls=caps.max_calls or 0)
+            self._ledger.child_settle(child_id, most)
+            return _not_run(child_id, f"the question's run failed: {error_text(exc)}", status="failed")
+        finally:
+            self._question = None
+        self._ledger.child_settle(child_id, result.spend)
+        self._usage.merge(result.usage)
+        if result.snapshot_key is not None:
+            self._snapshot_key = result.snapshot_key
+        return result
+
+    async def _record(self, cell_id: str) -> None:
+        """Append the answers not yet recorded to the REPL's `session_history`."""
+        assert self._context is not None
+        limits = self._req.limits
+        try:
+            cell: CellOutput = await workflow.execute_activity(
+                names.ACTIVITY_RUN_CELL,
+                CellInput(
+                    workflow_id=workflow.info().workflow_id,
+                    cell_id=cell_id,
+                    code=history_code(self._unrecorded),
+                    context=self._context,
+                    snapshot_key=self._snapshot_key,
+                    # The same limits as the questions' cells: the worker keeps one warm REPL.
+                    timeout_s=limits.cell_timeout_s,
+                    memory_mb=limits.cell_memory_mb,
+                    output_chars=limits.output_chars,
+                ),
+                result_type=CellOutput,
+                summary=f"session history · {len(self._unrecorded)} answer(s)",
+                start_to_close_timeout=RECORD_CELL_TIMEOUT,
+                heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
+                retry_policy=CELL_RETRY,
+            )
+        except ActivityError as exc:
+            workflow.logger.warning("session history cell failed: %s", error_text(exc))
+            return
+        if cell.error is not None or cell.snapshot_key is None:
+            workflow.logger.warning("session history cell failed: %s", clip(cell.error or "no snapshot", ERROR_CHARS))
+            return
+        self._snapshot_key = cell.snapshot_key
+        self._unrecorded = []
+
+    # -- closing and watching ------------------------------------------------------
+    @workflow.update(name=names.UPDATE_CLOSE)
+    async def close(self) -> SessionSummary:
+        self._closing = True
+        async with self._asking:  # the asks accepted before close finish first
+            self._closed = True
+        self._show()
+        return self._summary()
+
+    @workflow.signal(name=names.SIGNAL_CANCEL)
+    async def cancel(self, reason: str | None = None) -> None:
+        """End the session now: the question being answered is cancelled (it
+        ends `cancelled` with what it has), asks already waiting are not run."""
+        self._cancel_reason = reason or "cancelled by request"
+        self._closing = True
+        if self._question is not None:
+            await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+        async with self._asking:
+            self._closed = True
+        self._show()
+
+    @workflow.query(name=names.QUERY_SESSION)
+    def session(self) -> SessionSummary:
+        return self._summary()
+
+    def _summary(self) -> SessionSummary:
+        return SessionSummary(
+            session_id=workflow.info().workflow_id,
+            state="closed" if self._closing else "open",
+            questions=self._asked,
+            spend=self._ledger.spent(),
+            caps=self._req.caps,
+            usage=self._usage,
+            recent=self._recent,
+            snapshot_key=self._snapshot_key,
+            opened_at=self._opened_at,
+            runs=self._runs,
+        )
+
+    def _show(self) -> None:
+        """The session's state as the workflow's current details (Temporal UI)."""
+        spent = self._ledger.spent()
+        state = "closed" if self._closing else "open"
+        workflow.set_current_details(
+            f"**session** {state} · {self._asked} question(s) · "
+            f"spent ${spent.usd:.4f}, {spent.tokens:,} tokens, {spent.calls} calls"
+        )
+
+
+def session_question(question: str, number: int) -> str:
+    """The question as the model sees it: with a note on what the REPL holds."""
+    if number == 1:
+        note = (
+            "(This is question 1 of a session: variables you define in the REPL stay there "
+            "for the questions that follow.)"
+        )
+    else:
+        note = (
+            f"(This is question {number} of a session: the REPL still holds every variable defined "
+            f"for earlier questions, and `{SESSION_HISTORY_VAR}` is the list of earlier questions and answers, "
+            "oldest first, as dicts with keys 'question', 'answer' and 'status'.)"
+        )
+    return f"{question}\n\n{note}"
+
+
+def history_code(answers: list[QuestionAnswer]) -> str:
+    """A cell that appends `answers` to the REPL's `session_history` (made
+    a list again if the model's code rebound the name)."""
+    items = repr([qa.model_dump(mode="json") for qa in answers])
+    name = SESSION_HISTORY_VAR
+    return f"if not isinstance(globals().get({name!r}), list):\n    {name} = []\n{name}.extend({items})\n"
+
+
+def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:
+    """The result of a question whose run did not start or did not report."""
+    session_id = workflow.info().workflow_id
+    return RunResult(
+        answer=None,
+        status=status,  # type: ignore[arg-type]
+        reason=clip(reason, ERROR_CHARS),
+        turns=0,
+        spend=Spend(),
+        usage=Usage(),
+        workflow_id=workflow_id,
+        run_id="",
+        root_workflow_id=session_id,
+        depth=0,
+    )
+
+
+def _decode_request(raw: RawValue) -> SessionRequest | str:
+    try:
+        value = workflow.payload_converter().from_payload(raw.payload)
+    except Exception as exc:  # any encoding a JSON caller could not mean
+        return f"invalid SessionRequest: the input is not JSON ({type(exc).__name__}: {exc})"
+    try:
+        return SessionRequest.model_validate(value)
+    except ValidationError as exc:
+        return "invalid SessionRequest: " + validation_errors(exc)

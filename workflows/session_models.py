@@ -1,0 +1,193 @@
+"""What a caller sends to a session (`RLMSession`) and gets back.
+
+A session holds one context and one REPL across many questions: each `ask`
+is an RLM run of its own (a child `RLMRun`) that starts from the REPL state
+the previous question left. These models are the public contract of the
+session workflow, like `RunRequest` / `RunResult` for a single run: small,
+references and summaries only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from workflows.budget import Caps, Spend
+from workflows.request import (
+    MAX_QUESTION_CHARS,
+    ContextInput,
+    ModelChoice,
+    RunLimits,
+    RunStatus,
+    Usage,
+    check_tool_names,
+    validation_errors,
+)
+from workflows.refs import JsonList
+from workflows.tool_steps import MAX_TOOLS_PER_RUN
+
+SESSION_HISTORY_VAR = "session_history"
+"""The REPL variable that lists a session's earlier questions and answers
+(not `history`: that name is the compacted transcript of a run)."""
+MAX_RECENT_ASKS = 50
+"""Questions listed in a session's summary (all are counted in `questions`)."""
+SESSION_NOTE_CHARS = 400
+"""Room kept in a question for the note that tells the model it is in a session."""
+MAX_SESSION_QUESTION_CHARS = MAX_QUESTION_CHARS - SESSION_NOTE_CHARS
+
+
+class SessionCaps(BaseModel):
+    """Money caps for the whole session, across all its questions; `None` =
+    unlimited. Each question also has caps of its own (`Caps`)."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    max_usd: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=0)
+    max_calls: int | None = Field(None, ge=0)
+
+
+class SessionRequest(BaseModel):
+    """Input of the `RLMSession` workflow."""
+
+    context: ContextInput
+    """As `RunRequest.context`: a ContextRef, inline text or texts, or an S3 URI."""
+    models: ModelChoice
+    caps: SessionCaps = Field(default_factory=SessionCaps)
+    """Caps for the whole session (every question and its sub-calls together)."""
+    question_caps: Caps = Field(default_factory=Caps)
+    """Caps of each question unless its `ask` gives its own; a question's
+    money caps are further bounded by what is left of the session's."""
+    limits: RunLimits = Field(default_factory=RunLimits)
+    tools: JsonList[str] = Field(default_factory=list, max_length=MAX_TOOLS_PER_RUN)
+    """As `RunRequest.tools`: the custom tools every question's run may call."""
+    continue_after_questions: int = Field(100, ge=1)
+    """Questions per run of the session's chain: after this many (or when
+    Temporal suggests it) the session continues as new between questions,
+    carrying its REPL snapshot, its budget totals and its recent questions."""
+    resume: SessionResume | None = None
+    """Set only by continue-as-new."""
+
+    _tools_are_names = field_validator("tools")(lambda v: check_tool_names(v))
+
+    @field_validator("question_caps")
+    @classmethod
+    def _question_caps_allow_a_turn(cls, value: Caps) -> Caps:
+        return _allow_a_turn(value, "question_caps")
+
+
+class AskRequest(BaseModel):
+    """Input of the `ask` update."""
+
+    question: str = Field(min_length=1, max_length=MAX_SESSION_QUESTION_CHARS)
+    answer_schema: dict[str, Any] | None = None
+    """As `RunRequest.answer_schema`, for this question: the answer must be
+    JSON valid against it (`RunResult.answer_value`)."""
+    caps: dict[str, Any] = Field(default_factory=dict)
+    """Caps of this question that differ from the session's `question_caps`
+    (e.g. `{"max_usd": 0.05}`); its money caps are still bounded by what
+    is left of the session's."""
+
+    @field_validator("question")
+    @classmethod
+    def _question_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the question is blank: ask something")
+        return value
+
+    @field_validator("answer_schema")
+    @classmethod
+    def _answer_schema_is_a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        # As in RunRequest: imported when used, from outside the workflow sandbox.
+        from temporalio import workflow
+
+        with workflow.unsafe.imports_passed_through():
+            from workflows.typed_answer import check_answer_schema
+
+        return check_answer_schema(value)
+
+    @field_validator("caps")
+    @classmethod
+    def _caps_are_known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(Caps.model_fields))
+        if unknown:
+            raise ValueError(f"unknown caps {unknown}; known: {sorted(Caps.model_fields)}")
+        return value
+
+    def caps_over(self, base: Caps) -> Caps:
+        """This question's caps: `base` with the changes in `caps` (ValueError
+        naming the field when they do not make valid caps)."""
+        try:
+            caps = Caps.model_validate({**base.model_dump(), **self.caps})
+        except ValidationError as exc:
+            raise ValueError("caps: " + validation_errors(exc)) from None
+        return _allow_a_turn(caps, "caps")
+
+
+def _allow_a_turn(caps: Caps, field: str) -> Caps:
+    if caps.max_turns < 1:
+        raise ValueError(f"{field}.max_turns must be at least 1 (a question needs a turn to answer)")
+    return caps
+
+
+class QuestionAnswer(BaseModel):
+    """One answered question, as the REPL's `session_history` holds it."""
+
+    question: str
+    answer: str | None
+    status: RunStatus
+
+
+class AskRecord(BaseModel):
+    """One question of the session, in its summary."""
+
+    number: int
+    """1-based, over the whole session (continue-as-new included)."""
+    question: str
+    """Cut to 200 characters."""
+    workflow_id: str
+    """The question's own run (`<session id>/q<number>`)."""
+    status: RunStatus
+    spend: Spend
+    turns: int
+
+
+class SessionResume(BaseModel):
+    """State carried across continue-as-new (always between questions)."""
+
+    asked: int
+    snapshot_key: str | None
+    unrecorded: list[QuestionAnswer]
+    """Answers not yet appended to the REPL's `session_history` (its cell failed)."""
+    ledger: dict
+    usage: Usage
+    recent: list[AskRecord]
+    opened_at: datetime
+    runs: int
+    """Runs of the chain before this one."""
+
+
+class SessionSummary(BaseModel):
+    """Result of `close`, of the workflow, and of the `session` query."""
+
+    session_id: str
+    state: Literal["open", "closed"]
+    questions: int
+    spend: Spend
+    """Total over every question of the session."""
+    caps: SessionCaps
+    usage: Usage
+    recent: list[AskRecord] = Field(default_factory=list)
+    """The last `MAX_RECENT_ASKS` questions."""
+    snapshot_key: str | None = None
+    """The REPL state a next question would start from."""
+    opened_at: datetime
+    runs: int = 1
+    """Runs of the session's continue-as-new chain so far, this one included."""
+
+
+SessionRequest.model_rebuild()
