@@ -20,10 +20,10 @@ import uuid
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from tests.chaos.observe import chain, count_events, wait_until
+from tests.chaos.observe import chain, count_events, recorded_sub_calls, wait_until
 from tests.chaos.upgraded_worker import PATCH
 from tests.chaos.workers import WorkerProcesses
-from tests.run_harness import ROOT, SUB, completed_activities, isolated, repl, request, start
+from tests.run_harness import ROOT, SUB, isolated, repl, request, start
 from worker import connect
 
 pytestmark = pytest.mark.chaos
@@ -65,9 +65,9 @@ def test_run_in_flight_finishes_on_patched_workflow_code(settings, llm, context_
             await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 120.0)
 
             async def fast_done():
-                return completed_activities(await handle.fetch_history(), "llm_call") >= HELD_FROM
+                return await recorded_sub_calls(s, handle.id) >= HELD_FROM
 
-            await wait_until("the fast sub-calls to complete", fast_done)
+            await wait_until("the fast sub-calls to be answered and recorded", fast_done)
             await asyncio.to_thread(workers.stop, old)  # the deploy stops the old worker mid-cell
             held.set()
             workers.start(module="tests.chaos.upgraded_worker")

@@ -16,7 +16,7 @@ from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
 from activities.settings import Settings
 from tests.chaos import tree as scenario
-from tests.chaos.observe import completed_model_calls, continued_to, count_events, pending_started, tree, wait_until
+from tests.chaos.observe import completed_model_calls, continued_to, count_events, lost_model_calls, pending_started, tree, wait_until
 from tests.chaos.outages import fake_server
 from tests.chaos.workers import WorkerProcesses
 from tests.fake_llm import Billed, FakeRequest
@@ -37,6 +37,8 @@ class KillOutcome:
     """Model calls the engine had recorded as answered (completed activities) at the kill."""
     billed: Billed
     abandoned: int
+    lost: int
+    """Model calls whose activity was lost (worker killed) over the whole run."""
     elapsed_s: float
     log_tail: str
 
@@ -79,7 +81,8 @@ def killed_run(point: str | None, settings: Settings, log_dir: Path) -> KillOutc
                 client = await connect(s)
                 handle = await start(client, s, scenario.tree_request(ctx), workflow_id=f"chaos-{point or 'calm'}-{uuid.uuid4().hex[:8]}")
                 if point is None:
-                    return await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S), None, 0
+                    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+                    return result, None, 0, lost_model_calls(await tree(client, handle.id))
                 await _reach(point, client, handle, llm, script)
                 workers.kill(first)
                 # Held requests end once the provider sees their connection closed.
@@ -88,10 +91,11 @@ def killed_run(point: str | None, settings: Settings, log_dir: Path) -> KillOutc
                 answered = completed_model_calls(await tree(client, handle.id))
                 script.release.set()
                 workers.start()
-                return await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S), before_kill, answered
+                result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+                return result, before_kill, answered, lost_model_calls(await tree(client, handle.id))
 
             try:
-                result, before_kill, answered = asyncio.run(go())
+                result, before_kill, answered, lost = asyncio.run(go())
             finally:
                 script.release.set()
             llm.wait_idle(30.0)
@@ -99,5 +103,5 @@ def killed_run(point: str | None, settings: Settings, log_dir: Path) -> KillOutc
             return KillOutcome(
                 result, requests, requests if before_kill is None else before_kill,
                 answered if before_kill is not None else len(requests),
-                llm.billed(), llm.abandoned(), time.monotonic() - started, workers.log_tail(),
+                llm.billed(), llm.abandoned(), lost, time.monotonic() - started, workers.log_tail(),
             )  # fmt: skip

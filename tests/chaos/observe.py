@@ -5,6 +5,7 @@ conditions to wait on. Waits poll an observed state, never a fixed time."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -12,11 +13,20 @@ from typing import TypeVar
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHistory
 
-from tests.run_harness import completed_activities
+from activities.object_store import ObjectStore
+from activities.runtime import run_key
+from activities.settings import Settings
 
 T = TypeVar("T")
 POLL_S = 0.1
-MODEL_ACTIVITIES = ("root_turn", "llm_call")
+# Activities that carry model calls (`llm_calls`: a group of several).
+MODEL_ACTIVITIES = ("root_turn", "llm_call", "llm_calls")
+_ENDED = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "completed",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "lost",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "lost",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "lost",
+}
 
 
 async def wait_until(what: str, probe: Callable[[], Awaitable[T | None]], timeout_s: float = 120.0) -> T:
@@ -29,6 +39,14 @@ async def wait_until(what: str, probe: Callable[[], Awaitable[T | None]], timeou
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
         await asyncio.sleep(POLL_S)  # the next look at an observed state
+
+
+async def recorded_sub_calls(settings: Settings, workflow_id: str) -> int:
+    """Sub-calls of one run whose reply the engine has recorded in object
+    storage (activities/llm_call.py): answered and durable, whether or not
+    the activity (a call group) carrying them has completed yet."""
+    store = ObjectStore.from_settings(settings)
+    return await asyncio.to_thread(store.count, run_key(workflow_id, "calls") + "/")
 
 
 def continued_to(history: WorkflowHistory) -> str | None:
@@ -75,9 +93,34 @@ async def tree(client: Client, root_id: str) -> dict[str, list[WorkflowHistory]]
     return out
 
 
+def _model_calls(history: WorkflowHistory, ending: str) -> int:
+    """Model calls carried by this run's model-call activities that ended
+    `ending` ("completed", or "lost": failed, timed out, cancelled); an
+    `llm_calls` activity counts each call of its group."""
+    calls: dict[int, int] = {}
+    total = 0
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            attrs = e.activity_task_scheduled_event_attributes
+            if attrs.activity_type.name in MODEL_ACTIVITIES:
+                group = attrs.activity_type.name == "llm_calls"
+                calls[e.event_id] = len(json.loads(attrs.input.payloads[0].data)["calls"]) if group else 1
+        elif _ENDED.get(e.event_type) == ending:
+            which = e.WhichOneof("attributes")
+            total += calls.get(getattr(e, which).scheduled_event_id, 0)
+    return total
+
+
 def completed_model_calls(histories: dict[str, list[WorkflowHistory]]) -> int:
-    """Model-call activities (root turns, llm_call items) completed in the tree."""
-    return sum(completed_activities(h, kind) for runs in histories.values() for h in runs for kind in MODEL_ACTIVITIES)
+    """Model calls (root turns, sub-calls) whose activity completed in the tree."""
+    return sum(_model_calls(h, "completed") for runs in histories.values() for h in runs)
+
+
+def lost_model_calls(histories: dict[str, list[WorkflowHistory]]) -> int:
+    """Model calls whose activity failed, timed out or was cancelled: the
+    engine cannot know whether such an attempt reached the provider, so it
+    charges it (tests bound the spend with this)."""
+    return sum(_model_calls(h, "lost") for runs in histories.values() for h in runs)
 
 
 def count_events(history: WorkflowHistory, event_type: int) -> int:

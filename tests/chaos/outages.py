@@ -15,12 +15,12 @@ from pathlib import Path
 from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
 from activities.settings import Settings
-from tests.chaos.observe import completed_model_calls, tree, wait_until
+from tests.chaos.observe import completed_model_calls, recorded_sub_calls, tree, wait_until
 from tests.chaos.servers import KillableServices
 from tests.chaos.workers import WorkerProcesses
 from tests.fake_llm import Billed, FakeLLM, FakeRequest
 from tests.fixtures_llm import FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES
-from tests.run_harness import ROOT, SUB, completed_activities, isolated, repl, request, start
+from tests.run_harness import ROOT, SUB, isolated, repl, request, start
 from worker import connect
 from workflows.request import RunResult
 
@@ -86,9 +86,9 @@ def server_outage(service: str, data_dir: Path) -> Outcome:
                     await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 120.0)
 
                     async def answered():
-                        return completed_activities(await handle.fetch_history(), "llm_call") >= HELD_FROM
+                        return await recorded_sub_calls(s, handle.id) >= HELD_FROM
 
-                    await wait_until("the fast sub-calls to complete", answered)
+                    await wait_until("the fast sub-calls to be answered and recorded", answered)
                     return handle.id, completed_model_calls(await tree(client, handle.id))
 
                 workflow_id, answered_before = asyncio.run(until_waiting())
