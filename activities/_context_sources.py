@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from activities._context_input import ContextInputError, DocumentStats, NamedFile, file_blocks, text_blocks
-from activities.documents import Budget, DocumentError, convert, kind_of
+from activities.documents import DocumentError, kind_of
+from activities.documents._isolated import ConverterProcess
 from workflows.refs import SkippedDocument
 
 __all__ = ["file_sources"]
@@ -21,7 +22,16 @@ def file_sources(
 ) -> Iterator[tuple[DocumentStats, Iterator[bytes], str]]:
     """(stats, blocks, name) per readable file, converted when needed.
     Conversion happens here, before the document starts in the stream,
-    so an unreadable file can still be left out."""
+    so an unreadable file can still be left out. It runs in a child process
+    (`ConverterProcess`) that a hostile file cannot hang or exhaust; `tick`
+    runs about every second meanwhile (an activity's heartbeat)."""
+    with ConverterProcess(tick=tick) as converter:
+        yield from _sources(files, converter, skip=skip, skipped=skipped)
+
+
+def _sources(
+    files: list[NamedFile], converter: ConverterProcess, *, skip: bool, skipped: list[SkippedDocument]
+) -> Iterator[tuple[DocumentStats, Iterator[bytes], str]]:
     for file in files:
         stats = DocumentStats()
         try:
@@ -32,7 +42,7 @@ def file_sources(
                         pass
                 yield stats, file_blocks(file.path, stats), file.name
                 continue
-            text = convert(file.path, doc_kind)
+            text = converter.convert(file.path, doc_kind)
         except (DocumentError, ContextInputError) as exc:
             reason = str(exc)
             if not skip:

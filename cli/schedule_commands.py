@@ -17,9 +17,11 @@ import json
 import re
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli._errors import UserError
+from cli.run_commands import answer_schema_from_file, caps_of, model_and_cap_arguments
 
 if TYPE_CHECKING:  # temporalio and the run client load only when a command runs
     from temporalio.client import Client, ScheduleDescription
@@ -42,6 +44,7 @@ _FLAGS = {
     "caps": "--max-turns",  # the one check over the caps as a whole: a run needs a turn
     "caps.max_wall_s": "--max-wall",
     "limits.cell_timeout_s": "--cell-timeout",
+    "tools": "--tool",
 }
 
 
@@ -55,16 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--cron", required=True, metavar="EXPR", help='cron expression, e.g. "0 6 * * 1-5"')
     create.add_argument("--context", required=True, metavar="S3_URI",
                         help="s3://bucket/key or s3://bucket/prefix/: read afresh at each run's start")
-    create.add_argument("--model", default=None, help="root model (default as for `rlm run`)")
-    create.add_argument("--sub-model", default=None)
-    create.add_argument("--max-turns", type=int, default=20)
-    create.add_argument("--max-usd", type=float, default=None)
-    create.add_argument("--max-tokens", type=int, default=None)
-    create.add_argument("--max-calls", type=int, default=None)
-    create.add_argument("--max-wall", type=float, default=None, metavar="SECONDS")
-    create.add_argument("--max-depth", type=int, default=1)
-    create.add_argument("--max-concurrency", type=int, default=None)
-    create.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
+    model_and_cap_arguments(create)  # the flags of `rlm run`, one list for both
+    create.add_argument("--skip-unreadable", action="store_true",
+                        help="at each run, leave out files that cannot be converted to text (listed in "
+                             "its result) instead of failing the run")
+    create.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
+                        help="a JSON Schema file: each run's answer must be JSON that validates")
     create.add_argument("--overlap", choices=OVERLAP_CHOICES, default="skip",
                         help="when a run is due while the last still runs (default: skip it)")
     create.add_argument("--time-zone", default=None, help="IANA zone of the cron (default UTC)")
@@ -107,11 +106,10 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
         )
     root, sub = choose_models(args.model, args.sub_model, None)
     local = root == LOCAL_MODEL_NAME
-    caps = {
-        "max_turns": args.max_turns, "max_usd": args.max_usd, "max_tokens": args.max_tokens,
-        "max_calls": args.max_calls, "max_wall_s": args.max_wall, "max_depth": args.max_depth,
-        "max_concurrency": args.max_concurrency if args.max_concurrency is not None else (1 if local else None),
-    }  # fmt: skip
+    caps = caps_of(args)
+    if caps["max_concurrency"] is None and local:
+        caps["max_concurrency"] = 1  # one llama.cpp server answers one call at a time
+    answer_schema = answer_schema_from_file(args.answer_schema)
     try:
         request = RunRequest(
             question=args.question,
@@ -119,6 +117,9 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
             models=ModelChoice(root=root, sub=sub),
             caps={k: v for k, v in caps.items() if v is not None},
             limits=RunLimits(cell_timeout_s=args.cell_timeout, model_call_timeout_s=900.0 if local else 300.0),
+            answer_schema=answer_schema,
+            on_unreadable="skip" if args.skip_unreadable else "fail",
+            tools=list(args.tools),
         )
     except ValidationError as exc:
         raise UserError(_flag_names(validation_errors(exc))) from None

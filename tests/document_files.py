@@ -159,3 +159,27 @@ def csv_bytes(rows: int) -> bytes:
     for i in range(rows):
         out.write(f"INV-{i:08d},Vendor {i % 97},{i * 3}\n")
     return out.getvalue().encode()
+
+
+def make_slow_pdf(path: Path, *, operators: int = 200_000) -> Path:
+    """A valid one-page PDF whose content stream repeats a text operator
+    `operators` times: pypdf extracts ~20,000 per second, all inside one
+    parser call, so no check between pages can stop it."""
+    body = b"BT /F1 12 Tf 72 700 Td " + b"(x) Tj 0 0 Td " * operators + b"ET\n"
+    objects = [
+        b"<</Type/Catalog/Pages 2 0 R>>",
+        b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+        b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Contents 4 0 R/Resources<</Font<</F1 5 0 R>>>>>>",
+        b"<</Length %d>>stream\n" % len(body) + body + b"\nendstream",
+        b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path

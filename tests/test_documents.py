@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from activities.documents import Budget, DocumentError, convert, kind_of
+from activities.documents._isolated import ConverterProcess
 from activities.documents._limits import MAX_ARCHIVE_EXPANDED_BYTES
-from tests.document_files import TABLE, make_all, make_docx, make_eml, make_hostile, make_pdf, make_xlsx
+from tests.document_files import TABLE, make_all, make_docx, make_eml, make_hostile, make_pdf, make_slow_pdf, make_xlsx
 
 
 def _table_kept(text: str) -> bool:
@@ -181,3 +183,34 @@ def test_the_budget_ticks_while_a_file_converts(tmp_path):
     ticks = []
     convert(make_xlsx(tmp_path / "rows.xlsx", rows=500), "xlsx", Budget(tick=lambda: ticks.append(1)))
     assert len(ticks) >= 500
+
+
+def test_a_file_that_defeats_the_checks_between_pages_is_stopped_from_outside(tmp_path, samples):
+    """One page that takes pypdf ~20 s inside one call (the soft limit, checked
+    before each page, passes): the converter process is killed at the hard
+    deadline, and the next file gets a new process."""
+    slow = make_slow_pdf(tmp_path / "slow.pdf", operators=400_000)
+    ticks = []
+    with ConverterProcess(max_seconds=3.0, hard_grace_s=1.0, tick=lambda: ticks.append(1)) as converter:
+        started = time.monotonic()
+        with pytest.raises(DocumentError, match=r"did not finish within 4 s and was stopped"):
+            converter.convert(slow, "pdf")
+        assert time.monotonic() - started < 10.0
+        assert ticks  # the caller's heartbeat ran while it waited
+        assert "Quarterly invoices of the PDF kind" in converter.convert(samples["pdf"], "pdf")
+        assert converter.started == 2
+
+
+def test_the_converter_process_reports_parser_errors_and_keeps_serving(hostile, samples):
+    with ConverterProcess() as converter:
+        with pytest.raises(DocumentError, match="password"):
+            converter.convert(hostile["encrypted_pdf"], "pdf")
+        assert "# Contract of the DOCX kind" in converter.convert(samples["docx"], "docx")
+        assert converter.started == 1
+
+
+def test_a_converter_that_runs_out_of_memory_names_the_limit(samples):
+    # 64 MiB of address space is not enough to start the parsers: the reply or the exit names memory.
+    with ConverterProcess(max_bytes=64 << 20) as converter:
+        with pytest.raises(DocumentError, match="MiB of memory|MemoryError"):
+            converter.convert(samples["xlsx"], "xlsx")

@@ -169,3 +169,26 @@ def test_schedule_commands_do_not_load_the_worker_modules(s, llm):
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_create_takes_the_run_flags_into_each_runs_request(monkeypatch, tmp_path):
+    """`schedule create` has `rlm run`'s flags (one list): skipping unreadable
+    files, a typed answer, tools and every cap reach the RunRequest. No servers."""
+    from cli.main import build_parser
+    from cli.schedule_commands import schedule_request
+    from tests.fixtures_llm import FAKE_API_KEY_ENV
+
+    monkeypatch.setenv("RLM_MODELS_JSON", models_json("http://127.0.0.1:9"))
+    monkeypatch.setenv(FAKE_API_KEY_ENV, "k")
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+    schema_file = tmp_path / "answer.json"
+    schema_file.write_text(json.dumps(schema))
+    args = build_parser().parse_args([
+        "schedule", "create", "nightly", "Sum the invoices.", "--cron", FAR_FUTURE_CRON,
+        "--context", "s3://bucket/in/", "--model", ROOT, "--skip-unreadable", "--answer-schema", str(schema_file),
+        "--max-errors", "3", "--max-tool-calls", "10", "--tool", "ledger_lookup",
+    ])  # fmt: skip
+    request = schedule_request(args)
+    assert request.on_unreadable == "skip" and request.answer_schema == schema
+    assert (request.caps.max_errors, request.caps.max_tool_calls, request.tools) == (3, 10, ["ledger_lookup"])
+    assert request.context.uri == "s3://bucket/in/"

@@ -34,7 +34,8 @@ _RATIO_MIN_BYTES = 1 << 20
 MAX_DOCUMENT_CHARS = 64 << 20
 """Converted text of one file; a larger one should be split by the caller."""
 MAX_DOCUMENT_SECONDS = 120.0
-"""Time one file's conversion may take, checked between pages, rows, slides."""
+"""Time one file's conversion may take, checked between pages, rows, slides
+(and enforced from outside by `_isolated.ConverterProcess`, a little later)."""
 
 
 class DocumentError(ValueError):
