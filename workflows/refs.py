@@ -26,9 +26,10 @@ def _null_is_empty(value: Any) -> Any:
 
 
 JsonList = Annotated[list[T], BeforeValidator(_null_is_empty)]
-"""A list field of a workflow input. Temporal's HTTP API turns an empty JSON
-array inside a payload into `null` (measured on the dev server: `{"a": []}`
-is stored as `{"a": null}`), so a JSON caller's `[]` arrives as `null`."""
+"""A list field of a workflow's input or result. Temporal's HTTP API and CLI
+turn an empty JSON array inside a payload into `null` (measured on the dev
+server: `{"a": []}` is stored as `{"a": null}`), so a JSON caller's `[]`
+arrives as `null`, and a result read back through them holds `null`."""
 
 
 NAMES_HEAD = 100
@@ -62,10 +63,6 @@ class ContextRef(BaseModel):
     it with `on_unreadable: "skip"`): the first 50, with the reason."""
     skipped_count: int = 0
     """Every file left out, listed in `skipped` or not."""
-
-    _null_is_empty = field_validator("doc_names_head", "skipped", mode="before")(
-        lambda v: [] if v is None else v
-    )
 
 
 class SkippedDocument(BaseModel):

@@ -337,12 +337,11 @@ class ChildSummary(BaseModel):
     """The child's question, cut to 200 characters."""
     status: RunStatus
     spend: Spend
-    children: list[ChildSummary] = Field(default_factory=list)
+    children: JsonList[ChildSummary] = Field(default_factory=list)
     """Runs below it, as far as the result's tree summary goes (see `bounded_tree`)."""
     runs_below: int = 0
     """Every run in its subtree (itself excluded), listed in `children` or not."""
 
-    _children_null_is_empty = field_validator("children", mode="before")(lambda v: _null_is_empty(v))
 
 
 class Usage(BaseModel):
@@ -420,12 +419,12 @@ class RunResult(BaseModel):
     depth: int
     transcript_key: str | None = None
     """Object key of the root model's transcript (the trajectory)."""
-    children: list[ChildSummary] = Field(default_factory=list)
+    children: JsonList[ChildSummary] = Field(default_factory=list)
     """The tree of child runs, breadth first, cut to `MAX_TREE_NODES_INLINE`
     runs; each child's own result holds its subtree."""
     runs_below: int = 0
     """Every run in the tree below this one, listed in `children` or not."""
-    skipped_documents: list[SkippedDocument] = Field(default_factory=list)
+    skipped_documents: JsonList[SkippedDocument] = Field(default_factory=list)
     """Files of the context left out as unreadable (`on_unreadable: "skip"`),
     the first 50 with the reason; `skipped_count` counts them all."""
     skipped_count: int = 0
@@ -434,15 +433,6 @@ class RunResult(BaseModel):
     state it started from if no cell ran): a later run continues from it
     with `repl_snapshot_key`."""
 
-    _children_null_is_empty = field_validator("children", "skipped_documents", mode="before")(
-        lambda v: _null_is_empty(v)
-    )
-
-
-def _null_is_empty(value: Any) -> Any:
-    # The Temporal CLI and the server's HTTP API render an empty JSON list of
-    # a payload as null: a result read back through them must still validate.
-    return [] if value is None else value
 
 
 MAX_TREE_NODES_INLINE = 200
@@ -466,8 +456,9 @@ def bounded_tree(children: list[ChildSummary], max_nodes: int = MAX_TREE_NODES_I
     return [copy(node) for node in children if id(node) in keep]
 
 
-def clip(text: str, max_chars: int) -> str:
-    """`text` cut to `max_chars` characters, saying how long it was."""
+def clip_noting_length(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars` characters, saying how long it was (an
+    error for the model; `summaries.clip` is the one-line form for the UI)."""
     if len(text) <= max_chars:
         return text
     return text[:max_chars] + f" ... [cut: {len(text):,} characters in all]"

@@ -42,7 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Caps, Ledger, Refusal, Spend
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, RunResult, Usage, clip, validation_errors
+    from workflows.request import RunRequest, RunResult, Usage, clip_noting_length, validation_errors
     from workflows.run import FAILURE_TYPES, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
@@ -58,7 +58,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import CellInput, CellOutput
     from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
-    from workflows.summaries import clip as summary_clip
+    from workflows.summaries import clip
     from workflows.turn import CELL_HEARTBEAT_TIMEOUT, CELL_RETRY
 
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
@@ -213,7 +213,7 @@ class RLMSession:
                 result_type=RunResult,
                 task_queue=workflow.info().task_queue,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-                static_summary=f"session question {number} · " + summary_clip(ask.question, MAX_SUMMARY_CHARS - 30),
+                static_summary=f"session question {number} · " + clip(ask.question, MAX_SUMMARY_CHARS - 30),
                 static_details=run_static_details(request),
             )
             result: RunResult = await self._question
@@ -259,7 +259,7 @@ class RLMSession:
             workflow.logger.warning("session history cell failed: %s", error_text(exc))
             return
         if cell.error is not None or cell.snapshot_key is None:
-            workflow.logger.warning("session history cell failed: %s", clip(cell.error or "no snapshot", ERROR_CHARS))
+            workflow.logger.warning("session history cell failed: %s", clip_noting_length(cell.error or "no snapshot", ERROR_CHARS))
             return
         self._snapshot_key = cell.snapshot_key
         self._unrecorded = []
@@ -343,7 +343,7 @@ def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") ->
     return RunResult(
         answer=None,
         status=status,  # type: ignore[arg-type]
-        reason=clip(reason, ERROR_CHARS),
+        reason=clip_noting_length(reason, ERROR_CHARS),
         turns=0,
         spend=Spend(),
         usage=Usage(),

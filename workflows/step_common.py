@@ -11,7 +11,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.request import clip
+    from workflows.request import clip_noting_length
 
 # Model-call activities heartbeat every 2 s; a dead worker is noticed after this.
 MODEL_CALL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
@@ -33,4 +33,4 @@ def error_text(exc: BaseException) -> str:
     inner: BaseException | None = exc
     while isinstance(inner, (ActivityError, ChildWorkflowError)) and inner.cause is not None:
         inner = inner.cause
-    return clip(str(inner or exc) or type(inner or exc).__name__, ERROR_CHARS)
+    return clip_noting_length(str(inner or exc) or type(inner or exc).__name__, ERROR_CHARS)

@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, RunStatus, bounded_tree, clip
+    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, RunStatus, bounded_tree, clip_noting_length
     from workflows.step_common import (
         ERROR_CHARS,
         MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -395,7 +395,7 @@ class TurnDriver:
             # (it waits for the cell to stop), so end the loop here.
             raise asyncio.CancelledError()
         if cell.error is not None:
-            cell.error = clip(cell.error, ERROR_CHARS)
+            cell.error = clip_noting_length(cell.error, ERROR_CHARS)
         if cell.snapshot_key:
             self.snapshot_key = cell.snapshot_key
         if cell.final_ref is not None:
