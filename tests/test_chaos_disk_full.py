@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,30 @@ def _on_disk(settings, data_dir: Path):
     return isolated(settings).model_copy(update=update)
 
 
+def _run_on_small_disk(
+    settings, llm, small_disk: Path, ctx, log_dir: Path, label: str,
+    during: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[RunResult, str]:
+    """One run by a worker whose data dir is on the small disk; `during`
+    acts while it runs. Returns the result and the workers' log tail."""
+    s = _on_disk(settings, small_disk)
+    started = time.monotonic()
+    with WorkerProcesses(s, llm.url, log_dir / "workers.log") as workers:
+        workers.start()
+
+        async def go() -> RunResult:
+            client = await connect(s)
+            handle = await start(client, s, request("how long?", ctx), workflow_id=f"chaos-{label}-{uuid.uuid4().hex[:6]}")
+            if during is not None:
+                await during()
+            return await asyncio.wait_for(handle.result(), 120.0)
+
+        result = asyncio.run(go())
+        log_tail = workers.log_tail()
+    print(f"\n[chaos {label}] {time.monotonic() - started:.1f} s")
+    return result, log_tail
+
+
 def test_full_context_cache_disk_is_reported_and_survived(settings, llm, context_store, small_disk, tmp_path):
     filler = small_disk / "other-data.bin"
     filler.write_bytes(b"\0" * (DISK_BYTES - (1 << 20)))  # leaves 1 MiB: the context needs 1.5 MB
@@ -66,27 +91,18 @@ def test_full_context_cache_disk_is_reported_and_survived(settings, llm, context
     llm.add_rule("Turn 1 of", repl("print('length', len(context))"), model=ROOT, name="turn1")
     llm.add_rule("no space left on the disk of the worker's context cache", repl("print('length', len(context))"), model=ROOT, name="told", hold=freed, times=1)
     llm.add_rule(f"length {CONTEXT_CHARS}", f"FINAL({CONTEXT_CHARS})", model=ROOT, name="final")
-    s = _on_disk(settings, small_disk)
-    started = time.monotonic()
-    with WorkerProcesses(s, llm.url, tmp_path / "workers.log") as workers:
-        workers.start()
 
-        async def go() -> RunResult:
-            client = await connect(s)
-            handle = await start(client, s, request("how long?", ctx), workflow_id=f"chaos-disk-{uuid.uuid4().hex[:6]}")
-            await asyncio.to_thread(llm.wait_for_count, 1, "told", 120.0)
-            told = llm.requests(ROOT)[-1].last_user_text
-            assert "the cell could not run" in told and str(small_disk / "cache" / "contexts") in told, told[-2000:]
-            filler.unlink()  # the operator frees the disk
-            freed.set()
-            return await asyncio.wait_for(handle.result(), 120.0)
+    async def free_the_disk_once_told() -> None:
+        await asyncio.to_thread(llm.wait_for_count, 1, "told", 120.0)
+        told = llm.requests(ROOT)[-1].last_user_text
+        assert "the cell could not run" in told and str(small_disk / "cache" / "contexts") in told, told[-2000:]
+        filler.unlink()  # the operator frees the disk
+        freed.set()
 
-        try:
-            result = asyncio.run(go())
-        finally:
-            freed.set()
-        log_tail = workers.log_tail()
-    print(f"\n[chaos disk full] {time.monotonic() - started:.1f} s")
+    try:
+        result, log_tail = _run_on_small_disk(settings, llm, small_disk, ctx, tmp_path, "disk-full", free_the_disk_once_told)
+    finally:
+        freed.set()
     assert result.status == "completed", (result.reason, log_tail)
     assert result.answer == str(CONTEXT_CHARS)
     assert llm.count("turn1") == llm.count("told") == llm.count("final") == 1
@@ -100,19 +116,7 @@ def test_full_cache_disk_makes_room_from_unused_contexts(settings, llm, context_
     ctx = context_store.put_value("y" * CONTEXT_CHARS)
     llm.add_rule("Turn 1 of", repl("print('length', len(context))"), model=ROOT, name="turn1")
     llm.add_rule(f"length {CONTEXT_CHARS}", f"FINAL({CONTEXT_CHARS})", model=ROOT, name="final")
-    s = _on_disk(settings, small_disk)
-    started = time.monotonic()
-    with WorkerProcesses(s, llm.url, tmp_path / "workers.log") as workers:
-        workers.start()
-
-        async def go() -> RunResult:
-            client = await connect(s)
-            handle = await start(client, s, request("how long?", ctx), workflow_id=f"chaos-disk-evict-{uuid.uuid4().hex[:6]}")
-            return await asyncio.wait_for(handle.result(), 120.0)
-
-        result = asyncio.run(go())
-        log_tail = workers.log_tail()
-    print(f"\n[chaos disk full of unused contexts] {time.monotonic() - started:.1f} s")
+    result, log_tail = _run_on_small_disk(settings, llm, small_disk, ctx, tmp_path, "disk-evict")
     assert result.status == "completed", (result.reason, log_tail)
     assert result.answer == str(CONTEXT_CHARS)
     assert llm.count("turn1") == llm.count("final") == 1  # the first cell ran
