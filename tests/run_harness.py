@@ -66,7 +66,11 @@ async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIter
         pool.close()
 
 
-async def start(client: Client, settings: Settings, req: RunRequest, workflow_id: str | None = None) -> WorkflowHandle:
+async def start(
+    client: Client, settings: Settings, req: RunRequest | dict[str, Any], workflow_id: str | None = None
+) -> WorkflowHandle:
+    """Start an `RLMRun`; `req` is a RunRequest, or the raw JSON a caller in
+    another language would send (checked by the workflow, not here)."""
     return await client.start_workflow(
         WORKFLOW_RLM_RUN,
         req,

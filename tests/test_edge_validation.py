@@ -8,17 +8,15 @@ starting anything."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, SUB, isolated, running_worker
+from tests.run_harness import ROOT, SUB, isolated, running_worker, start
 from tests.test_cli_run import _rlm
-from workflows.names import WORKFLOW_RLM_RUN
-from workflows.request import RunResult, parse_request
+from workflows.request import parse_request
 
 GOOD = {"question": "q?", "context": "some text", "models": {"root": ROOT}}
 
@@ -66,14 +64,8 @@ def test_json_runs_with_unknown_models_or_absurd_caps_fail_at_once(settings, llm
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, unknown, id=f"edge-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue,
-                result_type=RunResult,
-            )  # fmt: skip
-            result = await asyncio.wait_for(handle.result(), 60)
-            handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, absurd, id=f"edge-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue
-            )
+            result = await asyncio.wait_for((await start(client, s, unknown)).result(), 60)
+            handle = await start(client, s, absurd)
             with pytest.raises(WorkflowFailureError) as failed:
                 await asyncio.wait_for(handle.result(), 60)
             return result, failed.value.cause

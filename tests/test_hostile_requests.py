@@ -23,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, running_worker, start
 from workflows.names import UPDATE_SET_CAPS, WORKFLOW_RLM_RUN
-from workflows.request import RunResult
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,9 +36,7 @@ def _question(r) -> str:
 async def _failure(client, s, payload) -> ApplicationError:
     """Start RLMRun by type name with a plain JSON value, as another service
     would, and return the failure it ended with."""
-    handle = await client.start_workflow(
-        WORKFLOW_RLM_RUN, payload, id=f"raw-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue
-    )
+    handle = await start(client, s, payload)
     with pytest.raises(WorkflowFailureError) as failed:
         await asyncio.wait_for(handle.result(), 60)
     cause = failed.value.cause
@@ -122,11 +120,7 @@ def test_anything_else_that_goes_wrong_in_workflow_code_ends_the_run_failed(sett
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, payload, id=f"raw-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue,
-                result_type=RunResult,
-            )  # fmt: skip
-            return await asyncio.wait_for(handle.result(), 60)
+            return await asyncio.wait_for((await start(client, s, payload)).result(), 60)
 
     result = asyncio.run(go())
     assert result.status == "failed"

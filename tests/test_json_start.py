@@ -16,7 +16,6 @@ import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -24,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 
 from cli.schema_commands import SCHEMA_FILE, schema_text
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, SUB, isolated, repl, running_worker
+from tests.run_harness import ROOT, SUB, isolated, repl, running_worker, start
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.request import MAX_INLINE_CONTEXT_BYTES, RunResult
 
@@ -118,12 +117,6 @@ def test_plain_http_starts_a_run_over_s3_files_and_reads_its_result(settings, ob
     assert result.answer == "DOCS=first invoice: 10 EUR | second invoice: 20 EUR"
 
 
-def _start_raw(client, s, payload: Any):
-    return client.start_workflow(
-        WORKFLOW_RLM_RUN, payload, id=f"json-bad-{uuid.uuid4().hex[:8]}", task_queue=s.task_queue, result_type=RunResult
-    )
-
-
 def test_bad_contexts_end_the_run_with_the_field_named(settings, object_store, llm):
     """Too large inline text fails the request (it never reaches a worker's
     activity); a missing object, an empty file and a binary file end the run
@@ -144,11 +137,11 @@ def test_bad_contexts_end_the_run_with_the_field_named(settings, object_store, l
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await _start_raw(client, s, {"question": "q?", "context": too_large, "models": {"root": ROOT}})
+            handle = await start(client, s, {"question": "q?", "context": too_large, "models": {"root": ROOT}})
             with pytest.raises(WorkflowFailureError) as failed:
                 await asyncio.wait_for(handle.result(), 60)
             handles = {
-                name: await _start_raw(client, s, {"question": "q?", "context": {"uri": uri}, "models": {"root": ROOT}})
+                name: await start(client, s, {"question": "q?", "context": {"uri": uri}, "models": {"root": ROOT}})
                 for name, uri in cases.items()
             }
             results = {name: await asyncio.wait_for(h.result(), 60) for name, h in handles.items()}
@@ -180,7 +173,7 @@ def test_a_list_of_texts_becomes_the_context_rlm_context_put_would_store(setting
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await _start_raw(client, s, {"question": "q?", "context": docs, "models": {"root": ROOT}})
+            handle = await start(client, s, {"question": "q?", "context": docs, "models": {"root": ROOT}})
             result = await asyncio.wait_for(handle.result(), 60)
             history = await handle.fetch_history()
             return result, history
@@ -211,7 +204,7 @@ def test_continue_as_new_carries_the_ingested_ref_not_the_text(settings, llm):
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await _start_raw(client, s, payload)
+            handle = await start(client, s, payload)
             result = await asyncio.wait_for(handle.result(), 120)
             latest = client.get_workflow_handle(handle.id)  # the last run of the chain
             return handle.first_execution_run_id, result, await latest.fetch_history()
