@@ -16,7 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.run import FAILURE_TYPES, RLMRun
     from workflows.steps import ModelInfo
 
-NEW_STEP = "ingest_context"  # an activity today's workers do not have; replay never runs it
+NEW_STEP = "check_models_again"  # no worker has this activity: replay never runs it
 
 
 async def _new_step() -> None:
