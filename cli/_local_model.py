@@ -41,13 +41,13 @@ from cli._model_weights import (
     LocalModelError,
     WeightsSpec,
     ensure_weights,
-    locked,
     part_path,
 )
 from cli._ports import port_is_free
 from cli._process import (
     PidRecord,
     is_alive,
+    locked,
     read_pid_file,
     spawn_detached,
     stop_processes,

@@ -5,24 +5,22 @@ checked by sha256 (a marker spares rehashing 1 GB at every start).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from activities.local_model import ServerPaths
+from cli._process import locked
 from cli._service_spec import LauncherError
 
 __all__ = [
-    "EXTRA_REQUIREMENT", "MODEL_WEIGHTS", "LocalModelError", "WeightsSpec", "ensure_weights", "locked", "part_path",
+    "EXTRA_REQUIREMENT", "MODEL_WEIGHTS", "LocalModelError", "WeightsSpec", "ensure_weights", "part_path",
 ]  # fmt: skip
 
 log = structlog.get_logger(__name__)
@@ -105,18 +103,6 @@ def _marker_is_valid(target: Path, marker: Path, sha256: str) -> bool:
         return marker.read_text() == _marker_text(target, sha256)
     except OSError:
         return False
-
-
-@contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Serialise joins into one models dir (two `rlm up` at once)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _join(parts: list[Path], target: Path) -> str:

@@ -8,15 +8,30 @@ something else" (a stale pid file) without trusting the number alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["PidRecord", "is_alive", "read_pid_file", "spawn_detached", "stop_processes", "write_pid_file"]
+__all__ = ["PidRecord", "is_alive", "locked", "read_pid_file", "spawn_detached", "stop_processes", "write_pid_file"]
+
+
+@contextlib.contextmanager
+def locked(directory: Path, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive lock on `directory/name` (created as needed):
+    serialises commands that change one directory (two `rlm up` at once)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / name, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -9,11 +9,8 @@ so that every run started on this machine has one serving it.
 
 from __future__ import annotations
 
-import fcntl
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from cli._ports import find_free_port, find_free_port_block, port_is_free
 from cli._process import (
     PidRecord,
     is_alive,
+    locked,
     read_pid_file,
     spawn_detached,
     stop_processes,
@@ -132,19 +130,6 @@ def _specs(settings: Settings) -> list[ServiceSpec]:
     return [temporal_spec(settings), seaweed_spec(settings)]
 
 
-@contextmanager
-def _lock(settings: Settings) -> Iterator[None]:
-    """Serialise up/down on one data dir (two `rlm up` at once)."""
-    run_dir = settings.data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _running_record(spec: ServiceSpec) -> PidRecord | None:
     """Our live process for `spec`, or None; removes a stale pid file."""
     record = read_pid_file(spec.pid_file)
@@ -231,7 +216,7 @@ def up(settings: Settings, *, timeout: float = READY_TIMEOUT_S) -> ServicesStatu
     """Start Temporal and S3 (or reuse them if already running), wait until
     both answer and the bucket exists. Safe to call again."""
     specs = _specs(settings)
-    with _lock(settings):
+    with locked(settings.data_dir / "run", "lock"):
         started: list[tuple[ServiceSpec, PidRecord | None]] = []
         try:
             for spec in specs:
@@ -273,7 +258,7 @@ def ensure_worker(settings: Settings, *, wait: bool = True, timeout: float = REA
     command = _worker_service.argv(settings, _worker_service.identity(settings))
     record = _worker_service.live_record(settings, remove_stale=False)
     if record is None or record.argv != command:
-        with _lock(settings):
+        with locked(settings.data_dir / "run", "lock"):
             record = _worker_service.live_record(settings, remove_stale=True)
             if record is not None and record.argv != command:
                 log.info("restarting the worker: code or settings changed", pid=record.pid)
@@ -289,7 +274,7 @@ def ensure_worker(settings: Settings, *, wait: bool = True, timeout: float = REA
 
 def stop_worker(settings: Settings, *, timeout: float = STOP_TIMEOUT_S) -> bool:
     """Stop the worker of `settings.task_queue` (graceful); True if one ran."""
-    with _lock(settings):
+    with locked(settings.data_dir / "run", "lock"):
         record = _worker_service.live_record(settings, remove_stale=True)
         if record is not None:
             stop_processes([record], timeout=timeout)
@@ -376,7 +361,7 @@ def down(settings: Settings, *, timeout: float = STOP_TIMEOUT_S) -> list[str]:
     """Stop both services (SIGTERM, then SIGKILL after `timeout`); returns
     the names of the services that were running."""
     specs = _specs(settings)
-    with _lock(settings):
+    with locked(settings.data_dir / "run", "lock"):
         # Workers first, while Temporal still runs: they shut down gracefully.
         workers = [r for f in _worker_service.all_pid_files(settings) if (r := read_pid_file(f)) and is_alive(r)]
         killed = stop_processes(workers, timeout=timeout)
