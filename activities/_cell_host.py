@@ -20,7 +20,8 @@ from temporalio import activity
 from activities.runtime import WorkerRuntime
 from workflows.names import UPDATE_SUBCALLS
 from workflows.refs import INLINE_LIMIT_BYTES, ContextRef
-from workflows.request import MAX_QUESTION_CHARS, RunResult
+from workflows.request import MAX_QUESTION_CHARS
+from workflows.result import RunResult
 from workflows.steps import MAX_BATCH_ITEMS, SubcallAnswer, SubcallBatch, SubcallItem, SubcallReply, batch_digest
 
 # One update payload stays far below the server's 2 MiB limit: inline text,

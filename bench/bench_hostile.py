@@ -54,7 +54,7 @@ from tests.fixtures_llm import models_json  # noqa: E402
 from tests.run_harness import ROOT, SUB, repl, request, start  # noqa: E402
 from worker import connect  # noqa: E402
 from workflows.names import WORKFLOW_RLM_RUN  # noqa: E402
-from workflows.request import RunResult  # noqa: E402
+from workflows.result import RunResult
 from workflows.steps import CellOutput  # noqa: E402
 
 CASES = ("empty", "maxturns", "crash", "budget", "frame", "rawctx")

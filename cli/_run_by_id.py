@@ -24,7 +24,7 @@ from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, Temporal
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
 
 if TYPE_CHECKING:
-    from workflows.request import RunResult
+    from workflows.result import RunResult
 
 __all__ = ["RunError", "cancel", "checked_result", "embedded", "follow_http", "result", "say_no_worker", "ui_link"]
 
@@ -117,7 +117,7 @@ async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, 
                 await watcher
         if progress:
             progress.done()
-    from workflows.request import RunResult
+    from workflows.result import RunResult
 
     return checked_result(RunResult.model_validate(value))
 

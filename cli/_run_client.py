@@ -36,7 +36,8 @@ from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_
 from cli._temporal_http import HttpApiError, HttpUnavailable, TemporalHttp
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
-from workflows.request import MAX_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest, RunResult
+from workflows.request import MAX_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest
+from workflows.result import RunResult
 from workflows.summaries import run_static_details, run_static_summary
 
 if TYPE_CHECKING:  # the SDK client is imported only when the HTTP API does not answer

@@ -19,7 +19,7 @@ from activities.settings import Settings
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
 from workflows.names import QUERY_PROGRESS, QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
-from workflows.request import RunResult
+from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 from workflows.summaries import clip
 

@@ -26,7 +26,8 @@ def run_schema() -> dict[str, Any]:
     # Imported here: every `rlm` command loads this module to register it.
     from pydantic.json_schema import models_json_schema
 
-    from workflows.request import RunRequest, RunResult
+    from workflows.request import RunRequest
+    from workflows.result import RunResult
 
     _, defs = models_json_schema(
         [(RunRequest, "validation"), (RunResult, "serialization")], ref_template="#/$defs/{model}"
@@ -45,7 +46,8 @@ def run_schema() -> dict[str, Any]:
 
 def schema_text(which: str = "all") -> str:
     """The document as printed and checked in (sorted keys, 2-space indent)."""
-    from workflows.request import RunRequest, RunResult
+    from workflows.request import RunRequest
+    from workflows.result import RunResult
 
     if which == "request":
         doc: dict[str, Any] = RunRequest.model_json_schema(mode="validation")

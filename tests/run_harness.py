@@ -25,7 +25,8 @@ from worker import build_worker, connect
 from workflows.budget import Caps
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
-from workflows.request import ModelChoice, RunLimits, RunRequest, RunResult
+from workflows.request import ModelChoice, RunLimits, RunRequest
+from workflows.result import RunResult
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = "fake-root"

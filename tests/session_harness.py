@@ -18,7 +18,8 @@ from activities.settings import Settings
 from tests.run_harness import ROOT, SUB
 from workflows.names import QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
 from workflows.refs import ContextRef
-from workflows.request import ModelChoice, RunLimits, RunResult
+from workflows.request import ModelChoice, RunLimits
+from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 
 

@@ -31,7 +31,7 @@ import pytest
 from tests.chaos.workers import WorkerProcesses
 from tests.run_harness import ROOT, isolated, repl, request, start
 from worker import connect
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 pytestmark = pytest.mark.chaos
 DISK_BYTES = 4 << 20

@@ -20,7 +20,7 @@ from activities.runtime import run_key
 from worker import connect
 from workflows.call_groups import CALLS_PER_ACTIVITY
 from workflows.names import WORKFLOW_RLM_RUN
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 ITEMS = 40
 HELD_FROM = 20  # items >= this wait at the model server until after the kill

@@ -22,7 +22,7 @@ from tests.document_files import make_all, make_hostile
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
 from workflows.names import WORKFLOW_RLM_RUN
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = [

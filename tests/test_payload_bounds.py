@@ -14,7 +14,8 @@ from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker
 from workflows.budget import Spend
 from workflows.model_attempts import MODEL_CALL_ATTEMPTS
-from workflows.request import ChildSummary, RunResult, bounded_tree, clip_utf8, parse_request
+from workflows.request import clip_utf8, parse_request
+from workflows.result import ChildSummary, RunResult, bounded_tree
 
 MIB = 1024 * 1024
 SMALL_REPL = {"cell_memory_mb": 256}

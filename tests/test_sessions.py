@@ -17,7 +17,7 @@ from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
 from tests.session_harness import ask, asked, close, session_request, start_session, summary, worker_and_pool
 from workflows.names import SIGNAL_CANCEL, UPDATE_ASK, UPDATE_CLOSE
-from workflows.request import RunResult
+from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionSummary
 
 TIMEOUT_S = 120.0

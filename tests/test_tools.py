@@ -32,7 +32,8 @@ from tests.run_harness import (
     start_worker_process,
 )
 from worker import connect
-from workflows.request import RunRequest, RunResult
+from workflows.request import RunRequest
+from workflows.result import RunResult
 
 TOOLS = "tests.sample_tools:TOOLS"
 

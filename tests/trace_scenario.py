@@ -14,7 +14,7 @@ from activities.settings import Settings
 from tests.fake_llm import FakeLLM
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, put_context, repl, request, running_worker, start
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 QUESTION = "Q0 how long are the parts?"
 FAILING_CODE = "x = undefined_name + 1"

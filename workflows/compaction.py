@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Ledger, Refusal, messages_token_bound
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
-    from workflows.request import Usage
+    from workflows.result import Usage
     from workflows.step_common import MODEL_CALL_HEARTBEAT_TIMEOUT, error_text, raise_if_cancelled
     from workflows.steps import ModelInfo
     from workflows.summaries import compaction_summary

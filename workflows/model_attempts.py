@@ -29,7 +29,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from workflows.budget import Ledger, Refusal, Spend, actual, worst_case
-    from workflows.request import ModelUsage, Usage
+    from workflows.result import ModelUsage, Usage
     from workflows.step_common import error_text
     from workflows.steps import ModelInfo
 

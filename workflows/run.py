@@ -21,17 +21,8 @@ with workflow.unsafe.imports_passed_through():
 
     from workflows import names
     from workflows.budget import Caps, Ledger
-    from workflows.request import (
-        RunRequest,
-        RunResult,
-        RunStatus,
-        Usage,
-        bounded_tree,
-        clip_noting_length,
-        clip_utf8,
-        parse_request,
-        validation_errors,
-    )
+    from workflows.request import RunRequest, clip_noting_length, clip_utf8, parse_request, validation_errors
+    from workflows.result import RunResult, RunStatus, Usage, bounded_tree
     from workflows.refs import ContextRef, ContextURI
     from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import (

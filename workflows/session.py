@@ -42,7 +42,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Caps, Ledger, Refusal, Spend
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, RunResult, Usage, clip_noting_length, validation_errors
+    from workflows.request import RunRequest, clip_noting_length, validation_errors
+    from workflows.result import RunResult, Usage
     from workflows.run import FAILURE_TYPES, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,

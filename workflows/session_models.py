@@ -20,11 +20,10 @@ from workflows.request import (
     ContextInput,
     ModelChoice,
     RunLimits,
-    RunStatus,
-    Usage,
     check_tool_names,
     validation_errors,
 )
+from workflows.result import RunStatus, Usage
 from workflows.refs import JsonList
 from workflows.tool_steps import MAX_TOOLS_PER_RUN
 

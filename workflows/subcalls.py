@@ -20,16 +20,8 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Ledger, Refusal, Spend, equal_share, token_bound
-    from workflows.request import (
-        MAX_QUESTION_CHARS,
-        ChildSummary,
-        ParentLink,
-        RunRequest,
-        RunResult,
-        Usage,
-        bounded_tree,
-        clip_utf8,
-    )
+    from workflows.request import MAX_QUESTION_CHARS, ParentLink, RunRequest, clip_utf8
+    from workflows.result import ChildSummary, RunResult, Usage, bounded_tree
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         error_text,

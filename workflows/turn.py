@@ -35,7 +35,8 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, RunStatus, bounded_tree, clip_noting_length
+    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, clip_noting_length
+    from workflows.result import RunStatus, bounded_tree
     from workflows.step_common import (
         ERROR_CHARS,
         MODEL_CALL_HEARTBEAT_TIMEOUT,

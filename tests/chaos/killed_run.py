@@ -22,7 +22,7 @@ from tests.chaos.workers import WorkerProcesses
 from tests.fake_llm import Billed, FakeRequest
 from tests.run_harness import SUB, isolated, start
 from worker import connect
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 RESULT_TIMEOUT_S = 300.0
 

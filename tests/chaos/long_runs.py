@@ -13,7 +13,8 @@ from activities.settings import Settings
 from tests.chaos.observe import chain, history_bytes
 from tests.fake_llm import FakeLLM
 from tests.run_harness import ROOT, SUB, repl, start
-from workflows.request import RunRequest, RunResult
+from workflows.request import RunRequest
+from workflows.result import RunResult
 
 # Temporal server defaults: continue-as-new suggested at 4,096 events / 4 MB,
 # a warning at 10,240 events / 10 MB, the run fails at 51,200 / 50 MB.

@@ -22,7 +22,7 @@ from tests.fake_llm import Billed, FakeLLM, FakeRequest
 from tests.fixtures_llm import FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES
 from tests.run_harness import ROOT, SUB, isolated, repl, request, start
 from worker import connect
-from workflows.request import RunResult
+from workflows.result import RunResult
 
 OUTAGE_S = 60.0
 ITEMS, HELD_FROM = 6, 3  # a cell's batch; items >= HELD_FROM are in flight when the fault starts
