@@ -25,6 +25,7 @@ import structlog
 from pydantic import BaseModel
 
 from activities._litellm_setup import litellm
+from activities._model_loop import on_model_loop
 from activities._llm_errors import (
     LLMError,
     MalformedReplyError,
@@ -120,8 +121,15 @@ async def complete(
     """One chat completion. Raises an LLMError subclass (already classified) on failure.
 
     `max_tokens` defaults to the model's max output tokens (what a budget
-    reserves); `stop` defaults to the spec's stop sequences.
+    reserves); `stop` defaults to the spec's stop sequences. It runs on the
+    model-call loop (activities/_model_loop.py), off the worker's own loop.
     """
+    return await on_model_loop(_complete(spec, messages, max_tokens=max_tokens, stop=stop, timeout_s=timeout_s))
+
+
+async def _complete(
+    spec: ModelSpec, messages: list[dict], *, max_tokens: int | None, stop: list[str] | None, timeout_s: float
+) -> Completion:
     check_credentials(spec)
     info = model_info(spec)
     key = api_key_for(spec)
