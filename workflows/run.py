@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.budget import Caps, Ledger
     from workflows.request import RunRequest, clip_noting_length, clip_utf8, parse_request, validation_errors
     from workflows.result import RunResult, RunStatus, Usage, bounded_tree
+    from workflows.run_state import RunState
     from workflows.refs import ContextRef, ContextURI
     from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import (
@@ -79,15 +80,15 @@ class RLMRun:
             request = RunRequest.model_construct(depth=0, parent=None, resume=None, caps=Caps())
             ledger = Ledger.root(request.caps, workflow.now())
         self._req = request
-        self._ledger = ledger
         info = workflow.info()
         self._root_id = request.parent.root_workflow_id if request.parent else info.workflow_id
-        self._usage = request.resume.usage if request.resume else Usage()
-        self._models: dict[str, ModelInfo] = {}
-        self._router: SubcallRouter | None = None
-        self._tools: ToolRouter | None = None
-        self._turn = request.resume.turn if request.resume else 0
-        self._cells = request.resume.cells if request.resume else 0
+        resume = request.resume
+        self.state = RunState(
+            ledger=ledger,
+            usage=resume.usage if resume else Usage(),
+            turn=resume.turn if resume else 0,
+            cells=resume.cells if resume else 0,
+        )
         self._phase = "starting"
         self._cancel_reason: str | None = None
         self._driver: TurnDriver | None = None
@@ -104,10 +105,10 @@ class RLMRun:
             # A bug or a value no validator caught: end with a reason, never hang.
             workflow.logger.exception("run failed inside workflow code")
             self.set_phase("failed")
-            if self._router is not None:
-                self._router.cancel_all()
-            if self._tools is not None:
-                self._tools.cancel_all()
+            if self.state.router is not None:
+                self.state.router.cancel_all()
+            if self.state.tools is not None:
+                self.state.tools.cancel_all()
             return self._result("failed", f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _run(self, request: RunRequest) -> RunResult:
@@ -120,7 +121,7 @@ class RLMRun:
             ]
         )
         try:
-            self._models = await self._resolve_models()
+            self.state.models = await self._resolve_models()
             # Checked once per chain: a run naming a tool no worker has fails now.
             tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
         except ActivityError as exc:
@@ -139,13 +140,13 @@ class RLMRun:
                 return self._result("failed", reason, None)
             # From here on (turns, sub-calls, continue-as-new) the context is a ref.
             request = self._req = request.model_copy(update={"context": ref})
-        self._router = SubcallRouter(
-            request=request, models=self._models, ledger=self._ledger, usage=self._usage, root_workflow_id=self._root_id
+        self.state.router = SubcallRouter(
+            request=request, models=self.state.models, ledger=self.state.ledger, usage=self.state.usage, root_workflow_id=self._root_id
         )
-        self._tools = ToolRouter(request=request, ledger=self._ledger)
+        self.state.tools = ToolRouter(request=request, ledger=self.state.ledger)
         if request.resume:
-            self._router.children = list(request.resume.children)
-            self._router.runs_below = request.resume.runs_below
+            self.state.router.children = list(request.resume.children)
+            self.state.router.runs_below = request.resume.runs_below
         self._driver = TurnDriver(self, request, tools=tool_specs)
         refusal = self._driver.check_start()
         if refusal is not None:
@@ -164,8 +165,8 @@ class RLMRun:
         except ContinueAsNew as chain:
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(chain.request)
-        self._router.cancel_all()
-        self._tools.cancel_all()
+        self.state.router.cancel_all()
+        self.state.tools.cancel_all()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._result(status, reason, answer)
 
@@ -210,16 +211,16 @@ class RLMRun:
             answer_value=self._driver.answer_value if self._driver else None,
             status=status,
             reason=clip_noting_length(reason, ERROR_CHARS) if reason is not None else None,
-            turns=self._turn,
-            spend=self._ledger.spent(),
-            usage=self._usage,
+            turns=self.state.turn,
+            spend=self.state.ledger.spent(),
+            usage=self.state.usage,
             workflow_id=info.workflow_id,
             run_id=info.run_id,
             root_workflow_id=self._root_id,
             depth=self._req.depth,
             transcript_key=self._driver.transcript_key if self._driver else None,
-            children=bounded_tree(self._router.children) if self._router else [],
-            runs_below=self._router.runs_below if self._router else 0,
+            children=bounded_tree(self.state.router.children) if self.state.router else [],
+            runs_below=self.state.router.runs_below if self.state.router else 0,
             skipped_documents=list(context.skipped) if isinstance(context, ContextRef) else [],
             skipped_count=context.skipped_count if isinstance(context, ContextRef) else 0,
             snapshot_key=self._driver.snapshot_key if self._driver else None,
@@ -228,43 +229,43 @@ class RLMRun:
     # -- sub-calls from cells ----------------------------------------------
     @workflow.update(name=names.UPDATE_SUBCALLS)
     async def subcalls(self, batch: SubcallBatch) -> SubcallReply:
-        await workflow.wait_condition(lambda: self._router is not None)
-        assert self._router is not None
-        return await self._router.handle(batch)
+        await workflow.wait_condition(lambda: self.state.router is not None)
+        assert self.state.router is not None
+        return await self.state.router.handle(batch)
 
     @subcalls.validator
     def _validate_subcalls(self, batch: SubcallBatch) -> None:
-        if self._router is None:
+        if self.state.router is None:
             raise ValueError("the run has not started its REPL yet")
-        self._router.validate(batch, workflow.current_update_info().id)
+        self.state.router.validate(batch, workflow.current_update_info().id)
 
     # -- custom tools from cells ---------------------------------------------
     @workflow.update(name=names.UPDATE_TOOL_CALL)
     async def tool_call(self, call: ToolCallRequest) -> ToolCallReply:
-        await workflow.wait_condition(lambda: self._tools is not None)
-        assert self._tools is not None
-        return await self._tools.handle(call)
+        await workflow.wait_condition(lambda: self.state.tools is not None)
+        assert self.state.tools is not None
+        return await self.state.tools.handle(call)
 
     @tool_call.validator
     def _validate_tool_call(self, call: ToolCallRequest) -> None:
-        if self._tools is None or self._router is None:
+        if self.state.tools is None or self.state.router is None:
             raise ValueError("the run has not started its REPL yet")
         # Sub-calls and tool calls share the server's updates per run.
-        self._tools.validate(call, workflow.current_update_info().id, MAX_SUBCALL_UPDATES - self._router.updates)
+        self.state.tools.validate(call, workflow.current_update_info().id, MAX_SUBCALL_UPDATES - self.state.router.updates)
 
     # -- watching and steering -------------------------------------------
     def set_phase(self, phase: str) -> None:
         """What the run does now; shown as the workflow's current details
         (Markdown in the Temporal UI: turn, phase, spend against caps)."""
         self._phase = phase
-        progress = self._router.progress() if self._router else {}
+        progress = self.state.router.progress() if self.state.router else {}
         workflow.set_current_details(
             progress_details(
-                turn=self._turn,
-                max_turns=self._ledger.caps.max_turns,
+                turn=self.state.turn,
+                max_turns=self.state.ledger.caps.max_turns,
                 phase=phase,
-                spent=self._ledger.spent().model_dump(),
-                caps=self._ledger.caps.model_dump(mode="json"),
+                spent=self.state.ledger.spent().model_dump(),
+                caps=self.state.ledger.caps.model_dump(mode="json"),
                 open_subcalls=progress.get("open_subcalls", 0),
                 done_subcalls=progress.get("done_subcalls", 0),
                 children=progress.get("children", 0),
@@ -273,25 +274,25 @@ class RLMRun:
 
     @workflow.query(name=names.QUERY_PROGRESS)
     def progress(self) -> dict[str, Any]:
-        spent = self._ledger.spent()
+        spent = self.state.ledger.spent()
         out: dict[str, Any] = {
             "phase": self._phase,
-            "turn": self._turn,
-            "max_turns": self._ledger.caps.max_turns,
-            "cells": self._cells,
+            "turn": self.state.turn,
+            "max_turns": self.state.ledger.caps.max_turns,
+            "cells": self.state.cells,
             "depth": self._req.depth,
             "spent": spent.model_dump(),
-            "caps": self._ledger.caps.model_dump(mode="json"),
-            "usage": self._usage.model_dump(mode="json"),
+            "caps": self.state.ledger.caps.model_dump(mode="json"),
+            "usage": self.state.usage.model_dump(mode="json"),
         }
-        if self._router:
-            out.update(self._router.progress())
+        if self.state.router:
+            out.update(self.state.router.progress())
         return out
 
     @workflow.update(name=names.UPDATE_SET_CAPS)
     def set_caps(self, changes: dict[str, Any]) -> dict[str, Any]:
-        self._ledger.set_caps(**changes)
-        return self._ledger.caps.model_dump(mode="json")
+        self.state.ledger.set_caps(**changes)
+        return self.state.ledger.caps.model_dump(mode="json")
 
     @set_caps.validator
     def _validate_set_caps(self, changes: dict[str, Any]) -> None:
@@ -300,7 +301,7 @@ class RLMRun:
             raise ValueError(f"unknown caps {sorted(unknown)}; known: {sorted(Caps.model_fields)}")
         # The handler must not fail after the update is accepted: try it here.
         try:
-            Caps.model_validate({**self._ledger.caps.model_dump(), **changes})
+            Caps.model_validate({**self.state.ledger.caps.model_dump(), **changes})
         except ValidationError as exc:
             raise ValueError(f"caps refused: {validation_errors(exc)}") from None
 

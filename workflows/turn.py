@@ -89,7 +89,7 @@ class TurnDriver:
         self._req = request
         self._tool_specs = list(tools or [])
         self._root_model = request.models.root_at(request.depth)
-        self._info = run._models[self._root_model]
+        self._info = run.state.models[self._root_model]
         self._max_out = min(self._info.max_output_tokens, request.limits.root_max_output_tokens or 8192)
         resume = request.resume
         # A run may start from another run's REPL state (a session's question).
@@ -138,18 +138,18 @@ class TurnDriver:
             self._info.usd_per_input_token,
             self._info.usd_per_output_token,
         )
-        return self._run._ledger.check_start(est_first_call=first, now=workflow.now())
+        return self._run.state.ledger.check_start(est_first_call=first, now=workflow.now())
 
     # -- the loop ------------------------------------------------------------
     async def loop(self) -> Outcome:
         run = self._run
         while True:
-            refusal = run._ledger.reserve_turn(workflow.now())
+            refusal = run.state.ledger.reserve_turn(workflow.now())
             if refusal is not None:
                 return await self._last_word(refusal)
-            run._turn += 1
+            run.state.turn += 1
             if self.transcript_key and self.window.due(
-                turn=run._turn, transcript_bound=self._prompt_tokens, pending=self._pending,
+                turn=run.state.turn, transcript_bound=self._prompt_tokens, pending=self._pending,
                 max_output_tokens=self._max_out, window=self._info.context_window,
             ):  # fmt: skip
                 await self._compact()
@@ -163,7 +163,7 @@ class TurnDriver:
             failed = False
             shown = 0
             for index, code in enumerate(parsed.code_blocks):
-                cell = await self._run_cell(f"t{run._turn}c{index + 1}", code)
+                cell = await self._run_cell(f"t{run.state.turn}c{index + 1}", code)
                 reports.append(_report(code, cell, TURN_OUTPUT_CHARS - shown))
                 shown += len(reports[-1].output)
                 failed = failed or cell.error is not None or cell.limit is not None
@@ -175,7 +175,7 @@ class TurnDriver:
             if final is None and parsed.final is not None:
                 if parsed.code_blocks and failed:
                     notes.append("Your FINAL was not taken because a cell of the same reply failed.")
-                elif run._cells == 0 and not self._warned_unseen:
+                elif run.state.cells == 0 and not self._warned_unseen:
                     # Answering before looking is how small models guess; ask once.
                     self._warned_unseen = True
                     notes.append(REASON_FINAL_BEFORE_LOOKING)
@@ -194,7 +194,7 @@ class TurnDriver:
     def _too_many_errors(self) -> Refusal | None:
         """`caps.max_errors` cells failed in a row: the run ends (as the
         reference engine's `max_errors`) with its best answer so far."""
-        cap = self._run._ledger.caps.max_errors
+        cap = self._run.state.ledger.caps.max_errors
         if cap is None or self._errors_in_a_row < cap or not workflow.patched("max-errors"):
             return None
         return Refusal(cap="errors", message=f"max_errors: {self._errors_in_a_row} cells failed in a row (cap {cap})")
@@ -204,7 +204,7 @@ class TurnDriver:
         run = self._run
         run.set_phase("compacting")
         out = await compact(
-            run._ledger, run._usage, model=self._info, depth=self._req.depth, turn=run._turn,
+            run.state.ledger, run.state.usage, model=self._info, depth=self._req.depth, turn=run.state.turn,
             transcript_key=self.transcript_key or "", history_key=self.window.history_key,
             transcript_tokens=self._prompt_tokens, max_output_tokens=self._max_out,
             stop=self._info.stop or stop_sequences(self._info.prompt_profile),
@@ -212,15 +212,15 @@ class TurnDriver:
         )  # fmt: skip
         if out is None:
             return
-        self.window.compacted(out, run._turn)
+        self.window.compacted(out, run.state.turn)
         self.transcript_key, self._prompt_tokens = out.transcript_key, out.system_tokens
-        opening = compacted_message(self._req.question, out.summary, run._turn - 1)
+        opening = compacted_message(self._req.question, out.summary, run.state.turn - 1)
         self._pending = [{"role": "user", "content": opening}, *self._pending]
 
     def _history_full(self) -> bool:
         info = workflow.info()
-        updates = self._run._router.updates if self._run._router else 0
-        updates += self._run._tools.updates if self._run._tools else 0
+        updates = self._run.state.router.updates if self._run.state.router else 0
+        updates += self._run.state.tools.updates if self._run.state.tools else 0
         limits = self._req.limits
         return (
             updates >= limits.continue_after_updates
@@ -232,16 +232,16 @@ class TurnDriver:
         """Go on in a fresh run of the same workflow id, at a turn boundary."""
         run = self._run
         resume = ResumeState(
-            turn=run._turn,
-            cells=run._cells,
+            turn=run.state.turn,
+            cells=run.state.cells,
             snapshot_key=self.snapshot_key,
             transcript_key=self.transcript_key,
             pending=self._pending,
             prompt_tokens=self._prompt_tokens,
-            usage=run._usage,
-            ledger=run._ledger.compacted().model_dump(mode="json"),
-            children=bounded_tree(run._router.children) if run._router else [],
-            runs_below=run._router.runs_below if run._router else 0,
+            usage=run.state.usage,
+            ledger=run.state.ledger.compacted().model_dump(mode="json"),
+            children=bounded_tree(run.state.router.children) if run.state.router else [],
+            runs_below=run.state.router.runs_below if run.state.router else 0,
             warned_unseen=self._warned_unseen,
             answer_sent_back=self._sent_back,
             errors_in_a_row=self._errors_in_a_row,
@@ -253,9 +253,9 @@ class TurnDriver:
 
     def _next_message(self, reports: list[CellReport], notes: list[str]) -> str:
         run = self._run
-        max_turns = max(run._ledger.caps.max_turns, 1)
+        max_turns = max(run.state.ledger.caps.max_turns, 1)
         # After the last turn this output goes with the request for a final answer.
-        turn = min(run._turn + 1, max_turns)
+        turn = min(run.state.turn + 1, max_turns)
         if reports:
             note = " ".join(notes) or None
             return turn_message(reports, turn=turn, max_turns=max_turns, question=self._req.question, note=note)
@@ -307,7 +307,7 @@ class TurnDriver:
         if kind == "answer":
             return value
         # FINAL_VAR outside code: the variable lives in the REPL, read it there.
-        cell = await self._run_cell(f"t{self._run._turn}v", f"FINAL_VAR({value!r})")
+        cell = await self._run_cell(f"t{self._run.state.turn}v", f"FINAL_VAR({value!r})")
         if cell.final is None:
             notes.append(missing_variable_reason(value))
         return cell.final
@@ -317,8 +317,8 @@ class TurnDriver:
         run = self._run
         info = self._info
         self._prompt_tokens += messages_token_bound(append)
-        call_id = f"root:{run._turn}" if count_turn else f"root:{run._turn}:final"
-        turn = run._turn if count_turn else run._turn + 1
+        call_id = f"root:{run.state.turn}" if count_turn else f"root:{run.state.turn}:final"
+        turn = run.state.turn if count_turn else run.state.turn + 1
 
         async def attempt(number: int) -> RootTurnOutput:
             return await workflow.execute_activity(
@@ -342,7 +342,7 @@ class TurnDriver:
 
         try:
             out = await paid_model_call(
-                run._ledger, run._usage, call_id=call_id, model=info, depth=self._req.depth,
+                run.state.ledger, run.state.usage, call_id=call_id, model=info, depth=self._req.depth,
                 prompt_tokens=self._prompt_tokens, max_output_tokens=self._max_out, run_attempt=attempt,
             )  # fmt: skip
         except ActivityError as exc:
@@ -359,7 +359,7 @@ class TurnDriver:
     async def _run_cell(self, cell_id: str, code: str) -> CellOutput:
         run = self._run
         run.set_phase(f"cell {cell_id}")
-        run._cells += 1
+        run.state.cells += 1
         limits = self._req.limits
         try:
             cell: CellOutput = await workflow.execute_activity(
@@ -405,7 +405,7 @@ class TurnDriver:
 
 
     def _cell_time(self) -> timedelta:
-        deadline = self._run._ledger.deadline
+        deadline = self._run.state.ledger.deadline
         if deadline is None:
             return CELL_START_TO_CLOSE
         left = deadline - workflow.now() + timedelta(seconds=self._req.limits.cell_timeout_s) + CELL_DEADLINE_GRACE
