@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from temporalio.api.enums.v1 import EventType  # noqa: E402
-from temporalio.client import Client, WorkflowHistory  # noqa: E402
+from temporalio.client import WorkflowHistory  # noqa: E402
 
-from activities._repl_pool import ReplPool  # noqa: E402
 from activities.llm import ModelRegistry  # noqa: E402
 from activities.settings import Settings  # noqa: E402
 from cli import services  # noqa: E402
 from tests.fake_llm import FakeLLM, FakeRequest  # noqa: E402
 from tests.fixtures_llm import FAKE_API_KEY_ENV, FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES, fake_registry  # noqa: E402
-from worker import build_worker, connect  # noqa: E402
+from tests.run_harness import worker_and_pool  # noqa: E402
 
 __all__ = [
     "RESULTS_DIR",
@@ -165,16 +164,8 @@ def private_services() -> Iterator[Services]:
             services.down(settings)
 
 
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIterator[tuple[Client, ReplPool]]:
-    """A real worker in this process; also hands out its REPL pool (to force cold cells)."""
-    client = await connect(settings)
-    worker, pool = build_worker(client, settings, models=models)
-    try:
-        async with worker:
-            yield client, pool
-    finally:
-        pool.close()
+# A real worker in this process, with its REPL pool (to force cold cells).
+running_worker = worker_and_pool
 
 
 # -- the scripted model server -----------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 
+from activities._repl_pool import ReplPool
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.settings import Settings
@@ -56,15 +57,23 @@ def request(
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIterator[Client]:
-    """A real worker (workflow + activities) on `settings.task_queue`."""
+async def worker_and_pool(settings: Settings, models: ModelRegistry) -> AsyncIterator[tuple[Client, ReplPool]]:
+    """A real worker (workflow + activities) on `settings.task_queue`, and
+    its REPL pool (to evict from, or to force cold cells)."""
     client = await connect(settings)
     worker, pool = build_worker(client, settings, models=models)
     try:
         async with worker:
-            yield client
+            yield client, pool
     finally:
         pool.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIterator[Client]:
+    """A real worker (workflow + activities) on `settings.task_queue`."""
+    async with worker_and_pool(settings, models) as (client, _pool):
+        yield client
 
 
 async def start(

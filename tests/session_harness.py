@@ -3,16 +3,10 @@ and the recorded session history)."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
-
-from activities._repl_pool import ReplPool
-from activities.llm import ModelRegistry
-from worker import build_worker, connect
 
 from activities.settings import Settings
 from tests.run_harness import ROOT, SUB
@@ -21,18 +15,6 @@ from workflows.refs import ContextRef
 from workflows.request import ModelChoice, RunLimits
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
-
-
-@contextlib.asynccontextmanager
-async def worker_and_pool(settings: Settings, models: ModelRegistry) -> AsyncIterator[tuple[Client, ReplPool]]:
-    """A real worker on `settings.task_queue`, and its REPL pool (to evict from)."""
-    client = await connect(settings)
-    worker, pool = build_worker(client, settings, models=models)
-    try:
-        async with worker:
-            yield client, pool
-    finally:
-        pool.close()
 
 
 def session_request(context: ContextRef, *, caps: dict[str, Any] | None = None,

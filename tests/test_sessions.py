@@ -14,8 +14,8 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError, W
 from temporalio.service import RPCError
 
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, isolated, repl, running_worker
-from tests.session_harness import ask, asked, close, session_request, start_session, summary, worker_and_pool
+from tests.run_harness import ROOT, isolated, repl, running_worker, worker_and_pool
+from tests.session_harness import ask, asked, close, session_request, start_session, summary
 from workflows.names import SIGNAL_CANCEL, UPDATE_ASK, UPDATE_CLOSE
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionSummary
@@ -33,6 +33,14 @@ def _script_two_questions(llm) -> None:
         model=ROOT,
     )
     llm.add_rule("again 24 1 12 first", "FINAL(24)", model=ROOT)
+
+
+def _script_two_questions_first_held(llm) -> tuple[threading.Event, object]:
+    """As `_script_two_questions`, the first answer held until the event is set."""
+    held = threading.Event()
+    _script_two_questions(llm)
+    first_rule = llm.add_rule(asked("first"), repl("total = 12\nprint('total', total)"), model=ROOT, hold=held)
+    return held, first_rule
 
 
 def test_second_question_uses_a_variable_of_the_first(settings, llm, context_store):
@@ -178,9 +186,7 @@ def test_per_question_caps_given_with_the_ask(settings, llm, context_store):
 
 def test_a_concurrent_ask_waits_for_the_running_one(settings, llm, context_store):
     ctx = context_store.put_value("numbers: 3 4 5")
-    held = threading.Event()
-    _script_two_questions(llm)
-    first_rule = llm.add_rule(asked("first"), repl("total = 12\nprint('total', total)"), model=ROOT, hold=held)
+    held, first_rule = _script_two_questions_first_held(llm)
     s = isolated(settings)
 
     async def go():
@@ -210,9 +216,7 @@ def test_a_concurrent_ask_waits_for_the_running_one(settings, llm, context_store
 
 def test_close_waits_for_the_running_ask_and_refuses_later_ones(settings, llm, context_store):
     ctx = context_store.put_value("numbers: 3 4 5")
-    held = threading.Event()
-    _script_two_questions(llm)
-    first_rule = llm.add_rule(asked("first"), repl("total = 12\nprint('total', total)"), model=ROOT, hold=held)
+    held, first_rule = _script_two_questions_first_held(llm)
     s = isolated(settings)
 
     async def go():

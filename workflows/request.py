@@ -244,28 +244,8 @@ class RunRequest(BaseModel):
 
     _tools_are_names = field_validator("tools")(lambda v: check_tool_names(v))
 
-    @field_validator("answer_schema")
-    @classmethod
-    def _answer_schema_is_a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        # Imported here: jsonschema is only needed when a schema is given (a
-        # CLI command that never sets one does not pay for its import). This
-        # also runs inside the workflow sandbox (the run validates its input),
-        # which must take jsonschema from outside: it calls `platform` on import.
-        from temporalio import workflow
-
-        with workflow.unsafe.imports_passed_through():
-            from workflows.typed_answer import check_answer_schema
-
-        return check_answer_schema(value)
-
-    @field_validator("question")
-    @classmethod
-    def _question_has_text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the question is blank: ask something")
-        return value
+    _answer_schema_is_a_schema = field_validator("answer_schema")(lambda v: check_answer_schema_field(v))
+    _question_has_text = field_validator("question")(lambda v: check_question_text(v))
 
     @field_validator("caps")
     @classmethod
@@ -282,6 +262,29 @@ class RunRequest(BaseModel):
         if too_large:
             raise ValueError("; ".join(too_large) + ": give a smaller cap, or leave a money cap out for no limit")
         return value
+
+
+def check_question_text(value: str) -> str:
+    """A question (of a run or a session's ask): some text, not only blanks."""
+    if not value.strip():
+        raise ValueError("the question is blank: ask something")
+    return value
+
+
+def check_answer_schema_field(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An `answer_schema` (of a run or a session's ask): None, or a valid JSON Schema."""
+    if value is None:
+        return None
+    # Imported here: jsonschema is only needed when a schema is given (a
+    # CLI command that never sets one does not pay for its import). This
+    # also runs inside the workflow sandbox (the run validates its input),
+    # which must take jsonschema from outside: it calls `platform` on import.
+    from temporalio import workflow
+
+    with workflow.unsafe.imports_passed_through():
+        from workflows.typed_answer import check_answer_schema
+
+    return check_answer_schema(value)
 
 
 def check_tool_names(value: list[str]) -> list[str]:

@@ -20,6 +20,8 @@ from workflows.request import (
     ContextInput,
     ModelChoice,
     RunLimits,
+    check_answer_schema_field,
+    check_question_text,
     check_tool_names,
     validation_errors,
 )
@@ -89,25 +91,8 @@ class AskRequest(BaseModel):
     (e.g. `{"max_usd": 0.05}`); its money caps are still bounded by what
     is left of the session's."""
 
-    @field_validator("question")
-    @classmethod
-    def _question_has_text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the question is blank: ask something")
-        return value
-
-    @field_validator("answer_schema")
-    @classmethod
-    def _answer_schema_is_a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        # As in RunRequest: imported when used, from outside the workflow sandbox.
-        from temporalio import workflow
-
-        with workflow.unsafe.imports_passed_through():
-            from workflows.typed_answer import check_answer_schema
-
-        return check_answer_schema(value)
+    _question_has_text = field_validator("question")(lambda v: check_question_text(v))
+    _answer_schema_is_a_schema = field_validator("answer_schema")(lambda v: check_answer_schema_field(v))
 
     @field_validator("caps")
     @classmethod
