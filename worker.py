@@ -32,7 +32,7 @@ from activities.ingest_context import IngestContextActivity
 from activities.llm import ModelRegistry
 from activities.llm_call import LlmCallActivity
 from activities.logging import configure_logging
-from activities.object_store import ObjectStore
+from activities.object_store import WORKER_BLOB_CACHE_BYTES, ObjectStore
 from activities.root_turn import RootTurnActivity
 from activities.run_cell import RunCellActivity
 from activities.runtime import WorkerRuntime
@@ -64,7 +64,7 @@ def build_worker(
     default to the setting `tools` (a bad tool raises ToolRegistrationError)."""
     # Before polling: a first model call must not block the event loop on the import.
     preload_litellm()
-    store = ObjectStore.from_settings(settings)
+    store = ObjectStore.from_settings(settings, blob_cache_bytes=WORKER_BLOB_CACHE_BYTES)
     store.ensure_bucket()
     runtime = WorkerRuntime(
         settings=settings,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from temporalio import activity
@@ -29,6 +29,13 @@ from workflows.steps import MAX_BATCH_ITEMS, SubcallAnswer, SubcallBatch, Subcal
 BATCH_INLINE_BUDGET = 512 * 1024
 BATCH_PAYLOAD_BUDGET = 1024 * 1024
 WAIT_POLL_S = 0.5
+# Prompts stored by ref per part of a batch: the first part's calls start
+# once its prompts are stored, while the next part's are (20 x 200 KB).
+REF_BYTES_PER_PART = 4 * 1024 * 1024
+# Parts of one batch awaiting their answers at once: Temporal documents a
+# limit of 10 in-flight updates per workflow execution (the dev server let
+# 30 through in tests/test_batch_parts.py; a production cluster may not).
+UPDATES_IN_FLIGHT = 8
 
 
 class CellHost:
@@ -92,26 +99,43 @@ class CellHost:
 
     # -- one update ------------------------------------------------------------
     def _batch(self, kind: str, texts: list[str], contexts: list[Any], model: str | None) -> list[str]:
+        """Every part of a batch is sent as soon as its prompts are stored,
+        and up to UPDATES_IN_FLIGHT parts are in flight together: the first
+        sub-calls start while later prompts are still being uploaded (200
+        prompts of 200 KB took ~1 s to store before the first call went out)."""
         if model is not None and not isinstance(model, str):
             raise TypeError("model= must be a model name (str) or None")
+        handle = self._rt.client.get_workflow_handle(self._workflow_id)
+        waiting: deque[tuple[int, concurrent.futures.Future]] = deque()
         out: list[str] = []
-        for items in _chunks(self._items(kind, texts, contexts)):
-            self._seq += 1
-            batch = SubcallBatch(
-                cell_id=self._cell_id,
-                seq=self._seq,
-                kind=kind,
-                model=model,
-                items=items,
-                digest=batch_digest(kind, model, items),
-            )
-            handle = self._rt.client.get_workflow_handle(self._workflow_id)
-            reply: SubcallReply = self._wait(
-                handle.execute_update(UPDATE_SUBCALLS, batch, id=batch.update_id(), result_type=SubcallReply)
-            )
-            self.subcalls += len(items)
-            out.extend(self._text(answer) for answer in reply.answers)
-        return out
+        try:
+            for indexes, inline in _parts(kind, texts):
+                part = self._items(kind, [texts[i] for i in indexes], [contexts[i] for i in indexes], inline)
+                for items in _chunks(part):
+                    if len(waiting) >= UPDATES_IN_FLIGHT:
+                        self._collect(*waiting.popleft(), out)
+                    self._seq += 1
+                    batch = SubcallBatch(
+                        cell_id=self._cell_id,
+                        seq=self._seq,
+                        kind=kind,
+                        model=model,
+                        items=items,
+                        digest=batch_digest(kind, model, items),
+                    )
+                    update = handle.execute_update(UPDATE_SUBCALLS, batch, id=batch.update_id(), result_type=SubcallReply)
+                    waiting.append((len(items), asyncio.run_coroutine_threadsafe(update, self._rt.loop)))
+            while waiting:
+                self._collect(*waiting.popleft(), out)
+            return out
+        finally:
+            for _, future in waiting:
+                future.cancel()  # a refused part stops the parts not yet answered
+
+    def _collect(self, count: int, future: concurrent.futures.Future, out: list[str]) -> None:
+        reply: SubcallReply = self._result(future)
+        self.subcalls += count
+        out.extend(self._text(answer) for answer in reply.answers)
 
     def send_update(self, update: str, arg: Any, *, update_id: str, result_type: type) -> Any:
         """Send this cell's run an update and wait for its result, as sub-calls
@@ -134,7 +158,9 @@ class CellHost:
         return answer.error or ""
 
     def _wait(self, coro: Any) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coro, self._rt.loop)
+        return self._result(asyncio.run_coroutine_threadsafe(coro, self._rt.loop))
+
+    def _result(self, future: concurrent.futures.Future) -> Any:
         # Poll so a cancelled cell or a stopping worker never leaves this thread
         # blocked on an update that will not be answered.
         while True:
@@ -148,17 +174,7 @@ class CellHost:
             except Exception as exc:
                 raise RuntimeError(f"sub-call refused: {_cause(exc)}") from None
 
-    def _items(self, kind: str, texts: list[str], contexts: list[Any]) -> list[SubcallItem]:
-        inline, inline_total = [], 0
-        for text in texts:
-            size = len(text.encode())
-            # A child's question must travel inline (it starts the child); one
-            # that is too long goes by ref and comes back as an error string.
-            if kind == "rlm":
-                inline.append(len(text) <= MAX_QUESTION_CHARS)
-            else:
-                inline.append(size <= INLINE_LIMIT_BYTES and inline_total + size <= BATCH_INLINE_BUDGET)
-            inline_total += size if inline[-1] else 0
+    def _items(self, kind: str, texts: list[str], contexts: list[Any], inline: list[bool]) -> list[SubcallItem]:
         # Prompts that travel by ref are stored in parallel: 200 prompts of
         # 200 KB took ~1 s one after another (DESIGN.md section 9).
         by_ref = [text.encode() for text, small in zip(texts, inline) if not small]
@@ -177,6 +193,29 @@ class CellHost:
             items.append(item.model_copy(update={"occurrence": self._asked[what]}))
             self._asked[what] += 1
         return items
+
+
+def _parts(kind: str, texts: list[str]) -> list[tuple[list[int], list[bool]]]:
+    """The batch's texts in the order given, cut where the prompts stored by
+    ref reach REF_BYTES_PER_PART, each text marked inline or by ref."""
+    parts: list[tuple[list[int], list[bool]]] = [([], [])]
+    inline_total = ref_bytes = 0
+    for index, text in enumerate(texts):
+        size = len(text.encode())
+        # A child's question must travel inline (it starts the child); one
+        # that is too long goes by ref and comes back as an error string.
+        if kind == "rlm":
+            small = len(text) <= MAX_QUESTION_CHARS
+        else:
+            small = size <= INLINE_LIMIT_BYTES and inline_total + size <= BATCH_INLINE_BUDGET
+        inline_total += size if small else 0
+        if not small and ref_bytes and ref_bytes + size > REF_BYTES_PER_PART:
+            parts.append(([], []))
+            ref_bytes = 0
+        ref_bytes += 0 if small else size
+        parts[-1][0].append(index)
+        parts[-1][1].append(small)
+    return parts
 
 
 def _chunks(items: list[SubcallItem]) -> list[list[SubcallItem]]:

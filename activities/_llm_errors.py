@@ -20,10 +20,12 @@ import re
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from time import time as _now
-
-from temporalio.exceptions import ApplicationError
+from typing import TYPE_CHECKING
 
 from activities._litellm_setup import litellm_exceptions as _E
+
+if TYPE_CHECKING:
+    from temporalio.exceptions import ApplicationError
 
 __all__ = [
     "LLMError",
@@ -284,6 +286,10 @@ def to_application_error(exc: BaseException, *, model: str | None = None, sent: 
     Raise it from an activity: `raise to_application_error(e) from e`. Pass
     `sent=False` for a failure before the request was sent (it cost nothing).
     """
+    # Imported here: client commands check models through this module and
+    # must not pay for importing the Temporal SDK (~70 ms) to do it.
+    from temporalio.exceptions import ApplicationError
+
     if isinstance(exc, ApplicationError):
         return exc
     error = classify(exc, model=model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +30,7 @@ __all__ = [
     "S3BucketMissingError",
     "S3UnreachableError",
     "StorageError",
+    "WORKER_BLOB_CACHE_BYTES",
 ]
 
 log = structlog.get_logger(__name__)
@@ -43,6 +46,9 @@ _AUTH_CODES = {
 _CONNECT_TIMEOUT_S = 3.0
 _READ_TIMEOUT_S = 120.0
 _POOL_SIZE = 32
+# A worker's recent blobs (its cells' prompts, read back by the sub-call
+# activities it runs): the 200 x 200 KB prompts of bench_vs_rlms fit.
+WORKER_BLOB_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class StorageError(Exception):
@@ -91,14 +97,19 @@ class ObjectStore:
         *,
         endpoint: str,
         credentials_hint: str = "RLM_S3_ACCESS_KEY / RLM_S3_SECRET_KEY",
+        blob_cache_bytes: int = 0,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.endpoint = endpoint
         self._credentials_hint = credentials_hint
+        self._recent = _RecentBlobs(blob_cache_bytes)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ObjectStore:
+    def from_settings(cls, settings: Settings, *, blob_cache_bytes: int = 0) -> ObjectStore:
+        """`blob_cache_bytes`: keep up to that many bytes of the blobs this
+        process stored or read, so reading one back costs no request (a worker
+        passes WORKER_BLOB_CACHE_BYTES; clients keep none)."""
         credentials = settings.s3_credentials()
         if credentials is None:
             raise S3AuthError(
@@ -117,7 +128,10 @@ class ObjectStore:
         hint = "RLM_S3_ACCESS_KEY / RLM_S3_SECRET_KEY"
         if not settings.s3_access_key:
             hint += f" (the embedded server's keys are in {settings.credentials_file})"
-        return cls(client, settings.s3_bucket, endpoint=settings.s3_endpoint, credentials_hint=hint)
+        return cls(
+            client, settings.s3_bucket, endpoint=settings.s3_endpoint, credentials_hint=hint,
+            blob_cache_bytes=blob_cache_bytes,
+        )
 
     @contextmanager
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
@@ -235,12 +249,19 @@ class ObjectStore:
         """Store `data` under its sha256 (once) and return a reference."""
         digest = hashlib.sha256(data).hexdigest()
         key = f"{prefix}/{digest}"
-        if not self.exists(key):
-            self.put_bytes(key, data)
+        if self._recent.get(key) is None:
+            # Below a megabyte the upload costs about what the existence check
+            # does, so only larger blobs are looked for first.
+            if len(data) < _CHECK_BEFORE_PUT_BYTES or not self.exists(key):
+                self.put_bytes(key, data)
+            self._recent.add(key, data)
         return BlobRef(key=key, size=len(data), sha256=digest)
 
     def get_blob(self, ref: BlobRef) -> bytes:
         """The blob's bytes, checked against its sha256."""
+        cached = self._recent.get(ref.key)
+        if cached is not None and len(cached) == ref.size:
+            return cached  # checked when it was stored or first read
         data = self.get_bytes(ref.key)
         digest = hashlib.sha256(data).hexdigest()
         if digest != ref.sha256 or len(data) != ref.size:
@@ -248,7 +269,44 @@ class ObjectStore:
                 f"blob {ref.key!r} is corrupt: expected sha256 {ref.sha256} ({ref.size} bytes), "
                 f"got {digest} ({len(data)} bytes)"
             )
+        self._recent.add(ref.key, data)
         return data
+
+
+_CHECK_BEFORE_PUT_BYTES = 1024 * 1024
+
+
+class _RecentBlobs:
+    """The most recently stored or read blobs, up to a byte budget (0: none).
+    Blobs are immutable (named by their sha256) and never deleted by the
+    engine, so a copy here is never stale."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._size = 0
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        if not self._max:
+            return None
+        with self._lock:
+            data = self._blobs.get(key)
+            if data is not None:
+                self._blobs.move_to_end(key)
+            return data
+
+    def add(self, key: str, data: bytes) -> None:
+        if not self._max or len(data) > self._max // 8:
+            return  # one large blob must not flush the rest
+        with self._lock:
+            if key in self._blobs:
+                return
+            self._blobs[key] = data
+            self._size += len(data)
+            while self._size > self._max:
+                _, dropped = self._blobs.popitem(last=False)
+                self._size -= len(dropped)
 
 
 class _SegmentReader(io.RawIOBase):

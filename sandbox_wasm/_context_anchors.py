@@ -3,10 +3,16 @@
 The guest recognises values that are slices of the context through an
 anchor index (see guest/rlm_slices.py). Building it for 100 MB takes ~1-2 s
 inside the guest and ~0.1-0.3 s here, so the host scans its own copy of the
-files (in a background thread started when the context is loaded) and
-sends the offsets with the first snapshot of an instance. Results
-are kept for a few files, keyed by path, size and mtime: every REPL of a run
-(and every run over the same cached context) loads the same files.
+files (in a background thread) and sends the offsets with the next snapshot
+of an instance. Results are kept for a few files, keyed by path, size and
+mtime: every REPL of a run (and every run over the same cached context)
+loads the same files.
+
+The scan starts only once a snapshot stored a large value by content (one
+the guest could not place without the index): most cells make no large
+values, and chunks cut in order are found without it. Scanning every context
+on load cost 10% of a worker's CPU with 100 runs at once over 4 MB contexts
+(bench/bench_many_runs.py), and it holds the GIL.
 """
 
 from __future__ import annotations
@@ -32,14 +38,23 @@ class ContextIndex:
     """The index of one session's context, and whether its guest has it."""
 
     def __init__(self) -> None:
+        self._files: list[Path] = []
         self._future: Future[list[Any]] | None = None
         self.sent = False
 
-    def start(self, files: list[Path]) -> None:
-        self._future = context_anchors(files)
+    def use(self, files: list[Path]) -> None:
+        """The session loaded these files as its context (not scanned yet)."""
+        self._files = files
+        self._future = None
         self.sent = False
 
+    def build(self) -> None:
+        """Start scanning the context in the background, once."""
+        if self._future is None and self._files:
+            self._future = context_anchors(self._files)
+
     def wait(self, timeout_s: float | None) -> bool:
+        self.build()
         try:
             return self._future is not None and self._future.result(timeout_s) is not None
         except Exception:

@@ -115,11 +115,12 @@ class ReplSession:
             sizes.append(file.stat().st_size)
         self._load_context(files, sizes, kind)
         self._context = (files, sizes, kind)
-        self._index.start(files)
+        self._index.use(files)
 
     def wait_context_index(self, timeout_s: float | None = None) -> bool:
-        """Wait until the context's slice index (built in the background after
-        `load_context`) is ready, e.g. in tests; snapshots never wait for it."""
+        """Build the context's slice index now (snapshots start it only once
+        one stores a large value by content) and wait until it is ready, e.g.
+        in tests; snapshots never wait for it."""
         return self._index.wait(timeout_s)
 
     def snapshot(self) -> Snapshot:
@@ -151,6 +152,8 @@ class ReplSession:
                         refs=refs, new_records=records, unchanged=unchanged)
         self._last_snapshot = data
         self._last_records = {d: records.get(d) or self._last_records[d] for d in refs}
+        if records:
+            self._index.build()  # large values the guest could not place: help the next snapshot
         return snap
 
     def restore(self, data: bytes, records: Mapping[str, bytes] | None = None) -> None:

@@ -240,6 +240,31 @@ def test_blob_round_trip_dedup_and_integrity(object_store: ObjectStore) -> None:
         object_store.get_blob(ref)
 
 
+def test_worker_blob_cache_answers_reads_of_recent_blobs_and_stays_bounded(object_store: ObjectStore) -> None:
+    """A worker's store keeps the blobs it recently stored or read (its cells'
+    prompts, read back by its sub-call activities) up to a byte budget; what
+    falls out is read from S3 again, checked against its sha256."""
+    budget = 64 * 1024
+    cached = ObjectStore(object_store.client, object_store.bucket, endpoint=object_store.endpoint, blob_cache_bytes=budget)
+    def blob(tag: str, size: int = 4096) -> bytes:
+        return _unique(tag).encode().ljust(size, b".")
+
+    first = blob("first")
+    ref = cached.put_blob(first, prefix="test-blobs")
+    object_store.put_bytes(ref.key, b"tampered")
+    assert cached.get_blob(ref) == first  # no request: the copy stored a moment ago
+    for i in range(20):  # 80 KB more: the first blob falls out
+        cached.put_blob(blob(f"filler {i}"), prefix="test-blobs")
+    with pytest.raises(IntegrityError, match=ref.key):
+        cached.get_blob(ref)
+    # A blob larger than an eighth of the budget is never kept.
+    large = blob("large", budget // 8 + 1)
+    large_ref = cached.put_blob(large, prefix="test-blobs")
+    object_store.put_bytes(large_ref.key, b"tampered")
+    with pytest.raises(IntegrityError, match=large_ref.key):
+        cached.get_blob(large_ref)
+
+
 def test_streamed_multi_chunk_file_materializes_byte_exact(
     context_store: ContextStore, tmp_path: Path
 ) -> None:

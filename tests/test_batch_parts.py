@@ -1,0 +1,90 @@
+"""A batch of large prompts goes out in parts: each part is sent as soon as
+its prompts are stored, all parts are in flight together, and the answers
+come back in the order asked (activities/_cell_host.py). The first test is
+pure logic; the second runs a real worker, Temporal, S3 and WASM, with the
+sub model scripted through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+
+from activities import _cell_host
+from activities._cell_host import BATCH_INLINE_BUDGET, REF_BYTES_PER_PART, UPDATES_IN_FLIGHT, _parts
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
+from workflows.refs import INLINE_LIMIT_BYTES
+
+
+def test_parts_cut_prompts_stored_by_ref_and_keep_order():
+    big = "x" * (INLINE_LIMIT_BYTES + 1)
+    per_part = REF_BYTES_PER_PART // len(big)
+    texts = ["small"] + [big] * (2 * per_part + 1) + ["tail"]
+    parts = _parts("llm", texts)
+    assert [i for indexes, _ in parts for i in indexes] == list(range(len(texts)))
+    assert len(parts) == 3
+    for indexes, inline in parts:
+        assert sum(len(texts[i]) for i, small in zip(indexes, inline) if not small) <= REF_BYTES_PER_PART
+    flags = [small for _, inline in parts for small in inline]
+    assert flags[0] and flags[-1] and not any(flags[1:-1])
+
+
+def test_inline_budget_is_the_whole_batch_s_not_each_part_s():
+    """Cutting a batch into parts must not let more text travel inline (into
+    the run's history) than one batch could before."""
+    medium = "m" * (INLINE_LIMIT_BYTES // 2)
+    big = "b" * (REF_BYTES_PER_PART - 1)
+    texts = [medium, big, big, big, medium] * (BATCH_INLINE_BUDGET // len(medium))
+    parts = _parts("llm", texts)
+    assert len(parts) > 1
+    inline_bytes = sum(len(texts[i]) for indexes, inline in parts for i, small in zip(indexes, inline) if small)
+    assert inline_bytes <= BATCH_INLINE_BUDGET
+
+
+def test_rlm_questions_are_never_cut_by_reference_bytes():
+    parts = _parts("rlm", ["q" * 1000] * 50)
+    assert len(parts) == 1 and all(parts[0][1])
+
+
+def _tag(request) -> str:
+    m = re.search(r"<T(\d+)>", request.last_user_text)
+    return f"T{m.group(1)}" if m else "?"
+
+
+@pytest.mark.parametrize("part_bytes", [REF_BYTES_PER_PART, 200_001], ids=["two-parts", "one-prompt-per-part"])
+def test_prompts_past_a_part_are_answered_in_order_by_several_updates(settings, context_store, llm, monkeypatch, part_bytes):
+    """30 prompts of 200 KB (6 MB stored by ref): in two parts, or in 30 parts
+    of one prompt (more than the 10 in-flight updates Temporal documents per
+    workflow, so the host holds parts back). Every sub-call reaches the model once,
+    the cell gets each answer at its own index, and the run's history shows
+    one update per part."""
+    monkeypatch.setattr(_cell_host, "REF_BYTES_PER_PART", part_bytes)
+    assert UPDATES_IN_FLIGHT < 10
+    n, size = 30, 200_000
+    ctx = context_store.put_value("abc")
+    code = f"""
+prompts = [f"<T{{i}}>" + chr(97 + i % 26) * {size} for i in range({n})]
+answers = llm_query_batched(prompts)
+print("in order", sum(a == f"T{{i}}" for i, a in enumerate(answers)), len(answers))
+"""
+    llm.add_rule("Turn 1 of", repl(code), model=ROOT)
+    llm.add_rule(f"in order {n} {n}", "FINAL(ok)", model=ROOT, name="saw")
+    llm.add_rule(None, _tag, model=SUB, name="sub")
+    s = isolated(settings)
+
+    async def main():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("parts", ctx))
+            result = await asyncio.wait_for(handle.result(), 240)
+            history = await handle.fetch_history()
+            return result, history
+
+    result, history = asyncio.run(main())
+    assert result.status == "completed" and result.answer == "ok", result.reason
+    assert llm.count("sub") == n
+    assert sorted(_tag(r) for r in llm.requests(SUB)) == sorted(f"T{i}" for i in range(n))
+    accepted = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED]
+    assert len(accepted) == -(-n * size // part_bytes)
