@@ -249,19 +249,19 @@ class ObjectStore:
         """Store `data` under its sha256 (once) and return a reference."""
         digest = hashlib.sha256(data).hexdigest()
         key = f"{prefix}/{digest}"
-        if self._recent.get(key) is None:
+        if self._recent.get(key, digest) is None:
             # Below a megabyte the upload costs about what the existence check
             # does, so only larger blobs are looked for first.
             if len(data) < _CHECK_BEFORE_PUT_BYTES or not self.exists(key):
                 self.put_bytes(key, data)
-            self._recent.add(key, data)
+            self._recent.add(key, digest, data)
         return BlobRef(key=key, size=len(data), sha256=digest)
 
     def get_blob(self, ref: BlobRef) -> bytes:
         """The blob's bytes, checked against its sha256."""
-        cached = self._recent.get(ref.key)
+        cached = self._recent.get(ref.key, ref.sha256)
         if cached is not None and len(cached) == ref.size:
-            return cached  # checked when it was stored or first read
+            return cached  # hashed when it was stored or first read
         data = self.get_bytes(ref.key)
         digest = hashlib.sha256(data).hexdigest()
         if digest != ref.sha256 or len(data) != ref.size:
@@ -269,7 +269,7 @@ class ObjectStore:
                 f"blob {ref.key!r} is corrupt: expected sha256 {ref.sha256} ({ref.size} bytes), "
                 f"got {digest} ({len(data)} bytes)"
             )
-        self._recent.add(ref.key, data)
+        self._recent.add(ref.key, digest, data)
         return data
 
 
@@ -284,28 +284,30 @@ class _RecentBlobs:
     def __init__(self, max_bytes: int) -> None:
         self._max = max_bytes
         self._size = 0
-        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._blobs: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, sha256: str) -> bytes | None:
+        """The bytes kept under `key`, if their hash is `sha256`."""
         if not self._max:
             return None
         with self._lock:
-            data = self._blobs.get(key)
-            if data is not None:
-                self._blobs.move_to_end(key)
-            return data
+            entry = self._blobs.get(key)
+            if entry is None or entry[0] != sha256:
+                return None
+            self._blobs.move_to_end(key)
+            return entry[1]
 
-    def add(self, key: str, data: bytes) -> None:
+    def add(self, key: str, sha256: str, data: bytes) -> None:
         if not self._max or len(data) > self._max // 8:
             return  # one large blob must not flush the rest
         with self._lock:
             if key in self._blobs:
                 return
-            self._blobs[key] = data
+            self._blobs[key] = (sha256, data)
             self._size += len(data)
             while self._size > self._max:
-                _, dropped = self._blobs.popitem(last=False)
+                _, (_, dropped) = self._blobs.popitem(last=False)
                 self._size -= len(dropped)
 
 

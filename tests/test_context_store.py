@@ -253,6 +253,9 @@ def test_worker_blob_cache_answers_reads_of_recent_blobs_and_stays_bounded(objec
     ref = cached.put_blob(first, prefix="test-blobs")
     object_store.put_bytes(ref.key, b"tampered")
     assert cached.get_blob(ref) == first  # no request: the copy stored a moment ago
+    # A ref naming the same key with another hash is not answered from the copy.
+    with pytest.raises(IntegrityError, match=ref.key):
+        cached.get_blob(ref.model_copy(update={"sha256": "0" * 64}))
     for i in range(20):  # 80 KB more: the first blob falls out
         cached.put_blob(blob(f"filler {i}"), prefix="test-blobs")
     with pytest.raises(IntegrityError, match=ref.key):
