@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -73,10 +73,18 @@ class ReplPool:
         self._idle: OrderedDict[str, LiveRepl] = OrderedDict()
         self._caps: dict[int, int] = {}  # id(live) -> its cap, for every live session
         self._held = 0
+        self._waiting: deque[object] = deque()
+        """Cells waiting for guest memory, first come first served."""
 
     @property
     def memory_budget(self) -> int:
         return self._budget
+
+    @property
+    def waiting_checkouts(self) -> int:
+        """Checkouts waiting for guest memory."""
+        with self._lock:
+            return len(self._waiting)
 
     @property
     def held_bytes(self) -> int:
@@ -174,27 +182,39 @@ class ReplPool:
 
     # -- memory accounting ---------------------------------------------------------
     def _reserve(self, cap: int) -> None:
-        """Count `cap` as held, closing idle sessions or waiting for busy ones."""
+        """Count `cap` as held, closing idle sessions or waiting for busy ones.
+
+        Waiters are served in arrival order. Woken all at once, the waiters
+        used to race for the memory a finished cell gave back: with 100 runs
+        at once some lost every race until their 30 s ran out, and their
+        cells were retried 5 s later (5-34 `GuestMemoryBusy` retries per
+        bench_many_runs run, 40-56 s in all)."""
         deadline = time.monotonic() + self._busy_wait_s
         evicted: list[LiveRepl] = []
+        turn = object()
         try:
             with self._lock:
-                while self._held + cap > self._budget:
-                    if self._idle:
-                        live = self._idle.popitem(last=False)[1]
-                        self._held -= self._caps.pop(id(live), 0)
-                        evicted.append(live)
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise GuestMemoryBusy(
-                            f"this worker's guests already hold {self._held // MIB} MiB of its "
-                            f"{self._budget // MIB} MiB guest memory budget and a new REPL needs "
-                            f"{cap // MIB} MiB more; the cell is retried"
-                        )
-                    self._released.wait(left)
-                self._held += cap
-                held = self._held
+                self._waiting.append(turn)
+                try:
+                    while self._waiting[0] is not turn or self._held + cap > self._budget:
+                        if self._waiting[0] is turn and self._idle:
+                            live = self._idle.popitem(last=False)[1]
+                            self._held -= self._caps.pop(id(live), 0)
+                            evicted.append(live)
+                            continue
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise GuestMemoryBusy(
+                                f"this worker's guests already hold {self._held // MIB} MiB of its "
+                                f"{self._budget // MIB} MiB guest memory budget and a new REPL needs "
+                                f"{cap // MIB} MiB more; the cell is retried"
+                            )
+                        self._released.wait(left)
+                    self._held += cap
+                    held = self._held
+                finally:
+                    self._waiting.remove(turn)
+                    self._released.notify_all()  # the next in line may fit now
         finally:
             # Closed outside the lock; their caps were already given back above.
             for live in evicted:

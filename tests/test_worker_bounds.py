@@ -5,6 +5,7 @@ and the manifest cache is bounded (real S3 server)."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -89,6 +90,44 @@ def test_a_waiting_checkout_proceeds_when_a_busy_session_is_checked_in() -> None
         pool.discard(b)
         pool.discard(got[0])
         assert pool.held_bytes == 0
+    finally:
+        pool.close()
+
+
+def test_checkouts_waiting_for_memory_are_served_in_arrival_order() -> None:
+    """When memory frees up, the checkout that waited longest gets it (woken
+    together, waiters used to race, and with 100 runs at once some lost until
+    their wait ran out and their cells were retried)."""
+    pool = ReplPool(memory_budget=200 * MIB, busy_wait_s=60.0)  # one 128 MiB REPL at a time
+    names = [f"run-{i}" for i in range(1, 5)]
+    started: list[str] = []
+    got: dict[str, LiveRepl] = {}
+
+    def checkout(name: str) -> None:
+        got[name], _ = pool.checkout(name, None, CAP, lambda live: started.append(name))
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.005)
+
+    try:
+        first, _ = pool.checkout("run-0", None, CAP, _start)
+        threads = []
+        for count, name in enumerate(names, start=1):
+            threads.append(threading.Thread(target=checkout, args=(name,)))
+            threads[-1].start()
+            until(lambda count=count: pool.waiting_checkouts == count)
+        pool.discard(first)
+        for name in names:
+            until(lambda name=name: name in got)
+            assert pool.held_bytes == 128 * MIB
+            pool.discard(got[name])
+        for thread in threads:
+            thread.join()
+        assert started == names
+        assert pool.waiting_checkouts == 0 and pool.held_bytes == 0
     finally:
         pool.close()
 
