@@ -45,10 +45,17 @@ def _look() -> str:
     return repl("import re\nprint(sum(int(x) for x in re.findall(r'(\\d+) EUR', context)))")
 
 
+def _saw_total(request) -> bool:
+    """A turn after the first whose prompt shows the total (12). Not turn 1:
+    its prompt names the context file by the path given, which lies under
+    pytest's numbered temp dir (`.../pytest-12/...` answered FINAL at turn 1)."""
+    return "Turn 1 of" not in request.last_text and "12" in request.last_text
+
+
 def test_valid_json_answer_is_parsed_and_the_model_sees_the_schema(settings, context_store, llm):
     ctx = context_store.put_value(INVOICE)
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", 'The total is known.\nFINAL({"total": 12, "currency": "EUR"})', model=ROOT, name="final")
+    llm.add_rule(_saw_total, 'The total is known.\nFINAL({"total": 12, "currency": "EUR"})', model=ROOT, name="final")
 
     result = run_once(isolated(settings), fake_registry(llm), _typed("Total and currency?", ctx))
     assert result.status == "completed", result.reason
@@ -61,7 +68,7 @@ def test_valid_json_answer_is_parsed_and_the_model_sees_the_schema(settings, con
 def test_invalid_answer_is_sent_back_once_with_the_error_then_a_valid_one_is_taken(settings, context_store, llm):
     ctx = context_store.put_value(INVOICE)
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", 'FINAL({"total": "twelve", "currency": "EUR"})', model=ROOT, name="invalid")
+    llm.add_rule(_saw_total, 'FINAL({"total": "twelve", "currency": "EUR"})', model=ROOT, name="invalid")
     # The corrected answer is built in the REPL: FINAL_VAR gives Python's repr of the dict.
     llm.add_rule(
         "was not accepted",
@@ -82,7 +89,7 @@ def test_invalid_answer_is_sent_back_once_with_the_error_then_a_valid_one_is_tak
 def test_answer_invalid_twice_completes_with_the_text_and_the_error_named(settings, context_store, llm):
     ctx = context_store.put_value(INVOICE)
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", "FINAL(twelve euros)", model=ROOT, name="prose")
+    llm.add_rule(_saw_total, "FINAL(twelve euros)", model=ROOT, name="prose")
     llm.add_rule("was not accepted", 'FINAL({"total": 12, "currency": "GBP"})', model=ROOT, name="bad")
 
     result = run_once(isolated(settings), fake_registry(llm), _typed("Total and currency?", ctx))
@@ -98,7 +105,7 @@ def test_answer_invalid_twice_completes_with_the_text_and_the_error_named(settin
 def test_the_last_word_after_the_turn_limit_is_validated_too(settings, context_store, llm):
     ctx = context_store.put_value(INVOICE)
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", 'FINAL({"total": 12})', model=ROOT)
+    llm.add_rule(_saw_total, 'FINAL({"total": 12})', model=ROOT)
     llm.add_rule("reached the turn limit", 'FINAL({"total": 12, "currency": "EUR"})', model=ROOT, name="last")
 
     result = run_once(isolated(settings), fake_registry(llm), _typed("Total?", ctx, caps={"max_turns": 2}))
@@ -111,7 +118,7 @@ def test_the_last_word_after_the_turn_limit_is_validated_too(settings, context_s
 def test_runs_without_a_schema_keep_plain_answers(settings, context_store, llm):
     ctx = context_store.put_value(INVOICE)
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", "FINAL(12 EUR)", model=ROOT)
+    llm.add_rule(_saw_total, "FINAL(12 EUR)", model=ROOT)
 
     result = run_once(isolated(settings), fake_registry(llm), request("Total?", ctx))
     assert result.status == "completed" and result.answer == "12 EUR"
@@ -194,7 +201,7 @@ def test_rlm_run_answer_schema_flag(s, llm, tmp_path):
     schema = tmp_path / "invoice.schema.json"
     schema.write_text(json.dumps(INVOICE_SCHEMA))
     llm.add_rule("Turn 1 of", _look(), model=ROOT)
-    llm.add_rule("12", 'FINAL({"total": 12, "currency": "EUR"})', model=ROOT)
+    llm.add_rule(_saw_total, 'FINAL({"total": 12, "currency": "EUR"})', model=ROOT)
     args = ["run", "Total and currency?", "--context", str(doc), "--model", ROOT, "--sub-model", SUB]
 
     proc = _rlm(s, llm.url, *args, "--answer-schema", str(schema))
