@@ -129,8 +129,10 @@ class CellHost:
                 self._collect(*waiting.popleft(), out)
             return out
         finally:
+            # A refused part ends the wait for the others (the run still
+            # answers the parts it accepted; those not sent are never sent).
             for _, future in waiting:
-                future.cancel()  # a refused part stops the parts not yet answered
+                future.cancel()
 
     def _collect(self, count: int, future: concurrent.futures.Future, out: list[str]) -> None:
         reply: SubcallReply = self._result(future)

@@ -49,6 +49,8 @@ _POOL_SIZE = 32
 # A worker's recent blobs (its cells' prompts, read back by the sub-call
 # activities it runs): the 200 x 200 KB prompts of bench_vs_rlms fit.
 WORKER_BLOB_CACHE_BYTES = 64 * 1024 * 1024
+# Below this size a blob's upload costs about what an existence check does.
+_CHECK_BEFORE_PUT_BYTES = 1024 * 1024
 
 
 class StorageError(Exception):
@@ -250,8 +252,6 @@ class ObjectStore:
         digest = hashlib.sha256(data).hexdigest()
         key = f"{prefix}/{digest}"
         if self._recent.get(key, digest) is None:
-            # Below a megabyte the upload costs about what the existence check
-            # does, so only larger blobs are looked for first.
             if len(data) < _CHECK_BEFORE_PUT_BYTES or not self.exists(key):
                 self.put_bytes(key, data)
             self._recent.add(key, digest, data)
@@ -271,9 +271,6 @@ class ObjectStore:
             )
         self._recent.add(ref.key, digest, data)
         return data
-
-
-_CHECK_BEFORE_PUT_BYTES = 1024 * 1024
 
 
 class _RecentBlobs:

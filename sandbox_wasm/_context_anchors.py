@@ -43,10 +43,15 @@ class ContextIndex:
         self.sent = False
 
     def use(self, files: list[Path]) -> None:
-        """The session loaded these files as its context (not scanned yet)."""
+        """The session loaded these files as its context: scanned later, on
+        demand, unless an earlier REPL of this worker already scanned them."""
         self._files = files
         self._future = None
         self.sent = False
+        scanned = _scanned(files)
+        if scanned is not None:  # the next snapshot sends it at no cost
+            self._future = Future()
+            self._future.set_result(scanned)
 
     def build(self) -> None:
         """Start scanning the context in the background, once."""
@@ -75,20 +80,36 @@ class ContextIndex:
 
 
 def context_anchors(files: list[Path]) -> Future[list[Any]]:
-    """The packed anchor index (rlm_slices.pack_index) or None for each file; computed
-    in the background (a context is loaded well before its first snapshot)."""
+    """The packed anchor index (rlm_slices.pack_index) or None for each file,
+    computed in the background."""
     return _scanner.submit(lambda: [_file_anchors(path) for path in files])
 
 
-def _file_anchors(path: Path) -> Any:
+def _key(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _scanned(files: list[Path]) -> list[Any] | None:
+    """What `context_anchors` would give for `files`, if every one is cached."""
+    try:
+        keys = [_key(path) for path in files]
+    except OSError:
+        return None
+    with _lock:
+        if not all(key in _cache for key in keys):
+            return None
+        return [_cache[key] for key in keys]
+
+
+def _file_anchors(path: Path) -> Any:
+    key = _key(path)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
     # A file of fewer bytes than that has fewer characters: no index.
-    small = stat.st_size < MIN_INDEXED_DOC
+    small = key[1] < MIN_INDEXED_DOC
     entry = None if small else pack_index(anchor_index(path.read_text(encoding="utf-8")))
     with _lock:
         _cache[key] = entry

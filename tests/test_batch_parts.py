@@ -1,8 +1,8 @@
 """A batch of large prompts goes out in parts: each part is sent as soon as
-its prompts are stored, all parts are in flight together, and the answers
-come back in the order asked (activities/_cell_host.py). The first test is
-pure logic; the second runs a real worker, Temporal, S3 and WASM, with the
-sub model scripted through litellm."""
+its prompts are stored, up to UPDATES_IN_FLIGHT parts wait for answers at
+once, and the answers come back in the order asked (activities/_cell_host.py).
+The first three tests are pure logic; the last runs a real worker, Temporal,
+S3 and WASM, with the sub model scripted through litellm."""
 
 from __future__ import annotations
 

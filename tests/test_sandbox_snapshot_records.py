@@ -204,3 +204,32 @@ def test_running_out_of_memory_frees_the_stored_values(context_files):
         assert retry.error is None and retry.value_repr == "18"
         after = session.snapshot()
         assert after.unsaved == [] and len(after.refs) == 1 and not set(first.refs) & set(after.refs)
+
+
+_WINDOWS = (
+    "import random\nrandom.seed({seed})\n"
+    "spots = random.sample(range(len(context[0]) - 30_000), 20)\n"
+    "windows{seed} = [context[0][s:s + 9_000] for s in spots]\n"
+)
+
+
+def test_the_slice_index_is_built_on_demand_then_reused(context_files, tmp_path):
+    """Unordered windows are stored by content until a snapshot asks for the
+    index; a later REPL over files already scanned has it from the start."""
+    copies = []
+    for path in context_files:  # files no other test scanned (the scan cache is per file)
+        copy = tmp_path / path.name
+        copy.write_bytes(path.read_bytes())
+        copies.append(copy)
+    with ReplSession(limits=LIMITS).start() as first:
+        first.load_context(copies, "list")
+        first.run_cell(_WINDOWS.format(seed=1))
+        unplaced = first.snapshot()
+        assert len(unplaced.new_records) == 20  # no index yet: each window by content
+        assert first.wait_context_index(60)  # that snapshot started the scan
+        first.run_cell(_WINDOWS.format(seed=2))
+        assert first.snapshot().new_records == {}
+    with ReplSession(limits=LIMITS).start() as second:
+        second.load_context(copies, "list")
+        second.run_cell(_WINDOWS.format(seed=3))
+        assert second.snapshot().new_records == {}
