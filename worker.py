@@ -74,7 +74,7 @@ def build_worker(
         contexts=ContextStore(store),
         models=models or ModelRegistry.from_env(),
         tools=tools if tools is not None else ToolRegistry.from_setting(settings.tools),
-        context_cache_dir=Path(settings.data_dir) / "cache" / "contexts",
+        context_cache_dir=settings.context_cache_dir,
     )
     pool = ReplPool(memory_budget=guest_memory_budget(settings.guest_memory_share))
     llm = LlmCallActivity(runtime)

@@ -48,6 +48,7 @@ __all__ = [
     "fully_configured",
     "is_loopback",
     "model_info",
+    "model_info_known",
 ]
 
 DEFAULT_CONTEXT_WINDOW = 128_000
@@ -125,6 +126,11 @@ def _cached_litellm_info(litellm_model: str) -> dict[str, Any]:
         return dict(litellm.get_model_info(litellm_model))
     except Exception:  # noqa: BLE001 - litellm raises several types for "not mapped"
         return {}
+
+
+def model_info_known(litellm_model: str) -> bool:
+    """True when litellm's map has the model (window, prices), as first looked up."""
+    return bool(_cached_litellm_info(litellm_model))
 
 
 def fully_configured(spec: ModelSpec) -> bool:

@@ -21,6 +21,7 @@ from typing import Literal
 
 import structlog
 
+from activities._context_copy import DocumentCopy, document_file_names
 from activities._context_input import (
     ContextInputError,
     DocumentStats,
@@ -117,18 +118,25 @@ class ContextStore:
         return self.put_documents(value)
 
     def put_paths(
-        self, paths: list[Path], *, progress: Progress | None = None, on_unreadable: OnUnreadable = "fail"
+        self,
+        paths: list[Path],
+        *,
+        progress: Progress | None = None,
+        on_unreadable: OnUnreadable = "fail",
+        copy_to: Path | None = None,
     ) -> ContextRef:
         """One file: a `str` context. Several files or a directory: a
         `list[str]`, one document per file in sorted order, named by its
         path under the directory. PDF, DOCX, XLSX, PPTX, HTML and EML files
         are converted to text (activities/documents); other files are
-        stored as they are and must be UTF-8 text."""
+        stored as they are and must be UTF-8 text. `copy_to`: also write the
+        documents there as `materialize` would (a worker's context cache on
+        this machine), from the bytes uploaded."""
         paths = [Path(p) for p in paths]
         files = named_files(paths)
         kind = "str" if len(paths) == 1 and len(files) == 1 and paths[0].is_file() else "list"
         return self.put_files(files, kind=kind, progress=progress, on_unreadable=on_unreadable,
-                              label=", ".join(map(str, paths)))
+                              label=", ".join(map(str, paths)), copy_to=copy_to)
 
     def put_files(
         self,
@@ -139,6 +147,7 @@ class ContextStore:
         on_unreadable: OnUnreadable = "fail",
         label: str = "context",
         tick: Callable[[], None] | None = None,
+        copy_to: Path | None = None,
     ) -> ContextRef:
         """`files` as named documents (`tick` is called often while a file
         converts, e.g. to heartbeat). A file that cannot be read as text
@@ -150,7 +159,16 @@ class ContextStore:
             raise ContextInputError(f"file {files[0].shown} is empty: a context needs some text")
         skipped: list[SkippedDocument] = []
         sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
-        return self._put(kind, sources, progress=progress, label=label, skipped=skipped)
+        copy = DocumentCopy(copy_to) if copy_to is not None else None
+        try:
+            ref = self._put(kind, sources, progress=progress, label=label, skipped=skipped, copy=copy)
+        except BaseException:
+            if copy is not None:
+                copy.discard()
+            raise
+        if copy is not None:
+            copy.finish(ref.sha256)
+        return ref
 
     def _put(
         self,
@@ -160,6 +178,7 @@ class ContextStore:
         progress: Progress | None = None,
         label: str = "context",
         skipped: list[SkippedDocument] | None = None,
+        copy: DocumentCopy | None = None,
     ) -> ContextRef:
         documents: list[ManifestDocument] = []
         chunks: list[ManifestChunk] = []
@@ -182,7 +201,11 @@ class ContextStore:
                     stats, blocks = source[0], source[1]
                     name = source[2] if len(source) > 2 else None
                     start = stream_bytes
+                    if copy is not None:
+                        copy.start_document()
                     for block in blocks:
+                        if copy is not None:
+                            copy.write(block)
                         buffer += block
                         stream_bytes += len(block)
                         while len(buffer) >= self.chunk_bytes:
@@ -381,7 +404,7 @@ class ContextStore:
         document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref)
         dest = Path(dest_root) / ref.sha256
-        names = [f"{i:06d}.txt" for i in range(len(manifest.documents))]
+        names = document_file_names(len(manifest.documents))
         if dest.is_dir() and sorted(os.listdir(dest)) == names:
             return [dest / name for name in names]
         dest.parent.mkdir(parents=True, exist_ok=True)

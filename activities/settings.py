@@ -183,6 +183,12 @@ class Settings(BaseModel):
         return split_host_port(self.s3_endpoint, what="", env="")[1]
 
     @property
+    def context_cache_dir(self) -> Path:
+        """Where workers keep contexts as files for the sandbox (`rlm run`
+        with the embedded worker writes an uploaded context there too)."""
+        return self.data_dir / "cache" / "contexts"
+
+    @property
     def credentials_file(self) -> Path:
         return self.data_dir / CREDENTIALS_FILENAME
 

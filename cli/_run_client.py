@@ -123,8 +123,13 @@ class RunClient:
         store.ensure_bucket()
         if self.progress:
             self.progress.note(f"uploading context ({_size(opts.context_paths)})")
+        # The embedded worker shares this machine and data dir: it finds the
+        # context in its cache instead of downloading what we just uploaded.
+        copy_to = self.settings.context_cache_dir if embedded(self.settings) else None
         try:
-            ref = ContextStore(store).put_paths(opts.context_paths, on_unreadable=opts.on_unreadable)  # type: ignore[arg-type]
+            ref = ContextStore(store).put_paths(
+                opts.context_paths, on_unreadable=opts.on_unreadable, copy_to=copy_to  # type: ignore[arg-type]
+            )
         except Exception as exc:
             raise RunError(str(exc)) from None
         return RunRequest(

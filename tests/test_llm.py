@@ -277,6 +277,28 @@ def test_unknown_models_get_default_window_and_zero_price() -> None:
     assert info.usd_per_output_token == litellm.model_cost["gpt-4o-mini"]["output_cost_per_token"]
 
 
+def test_a_model_litellm_does_not_price_costs_what_its_spec_says_call_after_call(llm: FakeLLM) -> None:
+    # complete() gives litellm a price of 0 for a model its map lacks (litellm
+    # prices every reply for its own logging, slowly when it cannot). That
+    # entry must never become our price: not for a spec with overrides, not
+    # for another spec of the same litellm model without them.
+    llm.add_rule(None, "fine " * 20)
+    name = f"openai/unmapped-{time.monotonic_ns()}"
+    priced = ModelSpec(
+        name="priced", litellm_model=name, api_base=llm.url, api_key_env=FAKE_API_KEY_ENV,
+        usd_per_input_token=1e-6, usd_per_output_token=2e-6,
+    )
+    free = ModelSpec(name="free", litellm_model=name, api_base=llm.url, api_key_env=FAKE_API_KEY_ENV)
+    for _ in range(2):
+        reply = ask(priced, "hello " * 50)
+        assert reply.usd == pytest.approx(reply.prompt_tokens * 1e-6 + reply.completion_tokens * 2e-6) and reply.usd > 0
+        reply = ask(free, "hello " * 50)
+        assert reply.usd == 0.0 and reply.prompt_tokens > 0
+    info = ModelRegistry([free]).info("free")
+    assert (info.context_window, info.max_output_tokens) == (128_000, 4096)
+    assert (info.usd_per_input_token, info.usd_per_output_token) == (0.0, 0.0)
+
+
 def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
     models_file = tmp_path / "models.json"
     old = [{"name": "fake-root", "litellm_model": "openai/old"}, {"name": "a", "litellm_model": "b/c"}]

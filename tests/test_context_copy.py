@@ -1,0 +1,88 @@
+"""A context copied to a worker's cache while it uploads (`copy_to`): the
+bytes `materialize` would write, found there without reading S3, and never
+a reason for an upload to fail or leave files behind."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from activities.context_store import ContextInputError, ContextStore, IntegrityError
+from activities.object_store import ObjectStore
+
+
+def _corpus(root: Path) -> Path:
+    """A directory of documents the upload transforms: a BOM dropped, HTML
+    converted to text, a multi-byte text over several chunks."""
+    root.mkdir()
+    marker = uuid.uuid4().hex
+    (root / "a.txt").write_bytes(b"\xef\xbb\xbf" + f"bom first {marker}".encode())
+    (root / "b.html").write_text(f"<html><body><h1>Title {marker}</h1><p>para</p></body></html>")
+    (root / "c.txt").write_text(f"{marker} ünïcode € line\n" * 400)
+    return root
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_the_copy_is_what_materialize_writes_and_is_used_without_s3(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    store = ContextStore(object_store, chunk_bytes=1000)  # documents straddle chunks
+    cache = tmp_path / "cache"
+    ref = store.put_paths([_corpus(tmp_path / "corpus")], copy_to=cache)
+
+    fetched = ContextStore(object_store).materialize(ref, tmp_path / "fetched")
+    copied = cache / ref.sha256
+    assert _files(copied) == _files(fetched[0].parent)
+    assert [p.name for p in fetched] == ["000000.txt", "000001.txt", "000002.txt"]
+    assert sorted(os.listdir(cache)) == [ref.sha256]  # nothing half-written beside it
+
+    # With every chunk in S3 corrupted, only a read of S3 can fail.
+    for chunk in store.manifest(ref).chunks:
+        object_store.put_bytes(chunk.key, b"tampered")
+    assert ContextStore(object_store).materialize(ref, cache) == [copied / p.name for p in fetched]
+    with pytest.raises(IntegrityError):
+        ContextStore(object_store).materialize(ref, tmp_path / "elsewhere")
+
+
+def test_a_context_already_in_the_cache_keeps_its_files(object_store: ObjectStore, tmp_path: Path) -> None:
+    store = ContextStore(object_store)
+    path = tmp_path / "one.txt"
+    path.write_text(f"same text {uuid.uuid4().hex}")
+    cache = tmp_path / "cache"
+    first = store.put_paths([path], copy_to=cache)
+    (kept,) = (cache / first.sha256).iterdir()
+    before = kept.stat().st_ino
+    second = store.put_paths([path], copy_to=cache)
+    assert second == first
+    assert sorted(os.listdir(cache)) == [first.sha256]
+    assert kept.stat().st_ino == before
+
+
+def test_a_copy_that_cannot_be_written_leaves_the_upload_whole(object_store: ObjectStore, tmp_path: Path) -> None:
+    store = ContextStore(object_store)
+    path = tmp_path / "doc.txt"
+    text = f"uploaded anyway {uuid.uuid4().hex}"
+    path.write_text(text)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("in the way")
+    ref = store.put_paths([path], copy_to=not_a_dir / "cache")
+    assert store.read_all(ref) == text
+    assert not_a_dir.read_text() == "in the way"
+
+
+def test_a_failed_upload_leaves_no_copy(object_store: ObjectStore, tmp_path: Path) -> None:
+    store = ContextStore(object_store)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("fine")
+    (corpus / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \x00\x01")
+    cache = tmp_path / "cache"
+    with pytest.raises(ContextInputError):
+        store.put_paths([corpus], copy_to=cache)
+    assert os.listdir(cache) == []
