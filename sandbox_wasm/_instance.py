@@ -79,6 +79,7 @@ class GuestInstance:
         self._fault: str | None = None
         self._interrupt: str | None = None
         self._busy = False
+        self._ticker = runtime.ticker
         self.output = output
         self.alive = True
         store = wasmtime.Store(runtime.engine)
@@ -180,6 +181,7 @@ class GuestInstance:
 
     # -- wasm thread --------------------------------------------------------------
     def _run(self) -> None:
+        self._ticker.running()
         try:
             self._start_fn(self._store)
             event = Event("dead", "the guest REPL exited")
@@ -189,6 +191,7 @@ class GuestInstance:
             event = self._classify(exc)
         finally:
             self._deadline = None
+            self._ticker.waiting()
         self._events.put(event)
 
     def _classify(self, exc: BaseException) -> Event:
@@ -225,7 +228,11 @@ class GuestInstance:
         raise Aborted(self._fault)
 
     def _next_command(self) -> tuple[Any, float | None, list[Any]]:
-        item = self._commands.get()
+        self._ticker.waiting()  # no wasm runs here: the ticker may sleep
+        try:
+            item = self._commands.get()
+        finally:
+            self._ticker.running()
         if item is _ABORT:
             self._fault = "the session abandoned this instance"
             raise Aborted(self._fault)

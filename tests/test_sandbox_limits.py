@@ -58,6 +58,26 @@ def test_time_in_host_calls_does_not_count():
         assert result.value_repr == "[0, 1, 2, 3]" and result.duration_s >= 1.6
 
 
+def test_the_clock_sleeps_while_guests_wait_and_deadlines_still_hold():
+    from sandbox_wasm._runtime import get_runtime
+
+    ticker = get_runtime().ticker
+    limits = SandboxLimits(cell_timeout_s=1.0)
+    seen = []
+    # Other tests' guests of this process may still be running (a hung one is
+    # left to its thread): count relative to them.
+    with ReplSession(limits=limits, host_functions={"probe": lambda: seen.append(ticker.running_guests)}) as session:
+        others = ticker.running_guests
+        session.run_cell("probe()")
+        assert seen == [others]  # waiting on the host: this guest needs no ticks
+        assert ticker.running_guests == others  # idle between cells too
+        began = time.monotonic()
+        result = session.run_cell("probe()\nwhile True:\n    pass")
+        assert result.limit is not None and result.limit.kind == "timeout"
+        assert time.monotonic() - began < 1.0 + 3.0
+    assert ticker.running_guests == others
+
+
 def test_memory_cap_gives_memory_error_and_the_repl_survives():
     limits = SandboxLimits(cell_timeout_s=20.0, memory_bytes=64 * 1024**2)
     with ReplSession(limits=limits) as session:
