@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from workflows.refs import ContextRef
 log = structlog.get_logger(__name__)
 
 _CONTEXT_DIR = re.compile(r"[0-9a-f]{64}")
+# Hidden directories are contexts being written (by `materialize` here, or by
+# `rlm run` copying an upload). One untouched for this long was abandoned by
+# a process that died mid-write: it would otherwise stay forever.
+STALE_WRITE_S = 3600.0
 _LOCKS = ".locks"
 
 
@@ -88,8 +93,13 @@ class ContextFileCache:
         max_bytes = self._max_bytes if max_bytes is None else max_bytes
         entries = []
         for entry in os.scandir(self._root):
-            if entry.is_dir(follow_symlinks=False) and _CONTEXT_DIR.fullmatch(entry.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if _CONTEXT_DIR.fullmatch(entry.name):
                 entries.append((entry.stat().st_mtime, entry.name, _dir_bytes(entry.path)))
+            elif entry.name.startswith(".") and entry.name != _LOCKS and _abandoned(entry.path):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                log.info("context_cache.abandoned_write_removed", name=entry.name)
         total = sum(size for _, _, size in entries)
         for _, name, size in sorted(entries):
             if total <= max_bytes:
@@ -126,6 +136,15 @@ def _lock(path: Path, operation: int) -> int | None:
             return fd
         # An evictor unlinked this file while we waited: lock the new one.
         os.close(fd)
+
+
+def _abandoned(path: str) -> bool:
+    """No write to the directory or its files for STALE_WRITE_S."""
+    try:
+        newest = max([os.stat(path).st_mtime] + [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(path)])
+    except OSError:  # gone meanwhile (renamed into place, or removed)
+        return False
+    return time.time() - newest > STALE_WRITE_S
 
 
 def _dir_bytes(path: str) -> int:

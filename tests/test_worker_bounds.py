@@ -4,6 +4,7 @@ and the manifest cache is bounded (real S3 server)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import activities.context_store as context_store_module
-from activities._context_cache import ContextFileCache
+from activities._context_cache import STALE_WRITE_S, ContextFileCache
 from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
 from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
@@ -215,6 +216,28 @@ def test_context_files_are_evicted_by_size_but_never_while_in_use(
     release_again()
     release_c()
     assert other.evict() == 0
+
+
+def test_a_context_write_abandoned_mid_way_is_removed_but_not_one_in_progress(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    # A worker or `rlm run` killed while writing a context leaves a hidden
+    # directory that no eviction by size would ever see.
+    contexts = ContextStore(object_store)
+    cache = ContextFileCache(tmp_path, 1 << 30, contexts)
+    abandoned, fresh = tmp_path / ".upload-dead", tmp_path / ".upload-live"
+    for directory in (abandoned, fresh):
+        directory.mkdir()
+        (directory / "000000.txt").write_text("partial")
+    locks = tmp_path / ".locks"
+    locks.mkdir()
+    old = time.time() - STALE_WRITE_S - 60
+    for path in (abandoned / "000000.txt", abandoned, locks):
+        os.utime(path, (old, old))
+    cache.evict()
+    assert not abandoned.exists()
+    assert (fresh / "000000.txt").read_text() == "partial"
+    assert locks.is_dir()  # the lock files' directory is not a write in progress
 
 
 def test_context_sha256_never_names_a_path(object_store: ObjectStore, tmp_path: Path) -> None:
