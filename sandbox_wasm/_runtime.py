@@ -77,9 +77,10 @@ class EpochTicker:
 
     A guest waiting for the host (its next command, a host function's
     answer) needs no ticks: its deadline is checked against the clock once it
-    runs again (`GuestInstance._on_epoch`). Ticking regardless woke the GIL
-    100 times a second in every worker, ~5-8% of a worker's CPU samples with
-    100 runs whose REPLs mostly wait on sub-calls."""
+    runs again (`GuestInstance._on_epoch`). Ticking regardless took the GIL
+    100 times a second in every worker, even an idle one (5-8% of a worker's
+    CPU samples with 100 runs whose REPLs mostly wait on sub-calls; the
+    bench's wall time did not move beyond its noise when they stopped)."""
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine

@@ -185,7 +185,7 @@ class References:
 
 
 class _ByValueOnly(Exception):
-    """The state holds a function or class that only cloudpickle can save."""
+    """The state holds a function, class or module only cloudpickle can save."""
 
 
 def _by_name(obj):
