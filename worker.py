@@ -29,7 +29,7 @@ from activities._tools_registry import ToolRegistrationError, ToolRegistry
 from activities.compaction import CompactionActivity
 from activities.context_store import ContextStore
 from activities.ingest_context import IngestContextActivity
-from activities.llm import ModelRegistry
+from activities.llm import ModelRegistry, price_unmapped_models
 from activities.llm_call import LlmCallActivity
 from activities.logging import configure_logging
 from activities.object_store import WORKER_BLOB_CACHE_BYTES, ObjectStore
@@ -64,6 +64,8 @@ def build_worker(
     default to the setting `tools` (a bad tool raises ToolRegistrationError)."""
     # Before polling: a first model call must not block the event loop on the import.
     preload_litellm()
+    models = models or ModelRegistry.from_env()
+    price_unmapped_models(models)  # litellm's price map changes here, not while calls read it
     store = ObjectStore.from_settings(settings, blob_cache_bytes=WORKER_BLOB_CACHE_BYTES)
     store.ensure_bucket()
     runtime = WorkerRuntime(
@@ -72,7 +74,7 @@ def build_worker(
         loop=asyncio.get_running_loop(),
         store=store,
         contexts=ContextStore(store),
-        models=models or ModelRegistry.from_env(),
+        models=models,
         tools=tools if tools is not None else ToolRegistry.from_setting(settings.tools),
         context_cache_dir=settings.context_cache_dir,
     )

@@ -270,6 +270,11 @@ class ModelRegistry:
         """Configured model names, sorted."""
         return sorted(self._specs)
 
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """Configured models, by name."""
+        return [self._specs[name] for name in self.names]
+
     def resolve(self, name: str) -> ModelSpec:
         """The spec for a configured name, or an implicit one for a name litellm knows."""
         if spec := self._specs.get(name):

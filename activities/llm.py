@@ -64,6 +64,7 @@ __all__ = [
     "check_credentials",
     "complete",
     "model_info",
+    "price_unmapped_models",
     "to_application_error",
 ]
 
@@ -89,6 +90,15 @@ class Completion(BaseModel):
     """"stop", "length" (cut at max_tokens), ... as the provider reported it."""
     usage_estimated: bool
     """True when the provider sent no usage and the token counts are our upper bound."""
+
+
+def price_unmapped_models(registry: ModelRegistry) -> None:
+    """Enter every configured model litellm's price map lacks, at price 0
+    (`_unmapped_priced_at_zero`). Workers call it before they poll, so the
+    map changes before any thread reads it (a model litellm knows but does
+    not price, used without configuration, is entered at its first call)."""
+    for spec in registry.specs:
+        _unmapped_priced_at_zero(spec.litellm_model)
 
 
 @functools.lru_cache(maxsize=512)

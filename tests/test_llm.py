@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities._litellm_setup import litellm
 from activities.llm import (
+    price_unmapped_models,
     Completion,
     MissingApiKeyError,
     ModelConfigError,
@@ -297,6 +298,23 @@ def test_a_model_litellm_does_not_price_costs_what_its_spec_says_call_after_call
     info = ModelRegistry([free]).info("free")
     assert (info.context_window, info.max_output_tokens) == (128_000, 4096)
     assert (info.usd_per_input_token, info.usd_per_output_token) == (0.0, 0.0)
+
+
+def test_a_worker_enters_its_unmapped_models_in_litellms_map_before_any_call(llm: FakeLLM) -> None:
+    # Done at worker start (worker.py), so litellm's map never changes while
+    # another thread reads it; a model litellm prices itself is left alone.
+    name = f"openai/unmapped-{time.monotonic_ns()}"
+    registry = ModelRegistry([
+        ModelSpec(name="u", litellm_model=name, api_base=llm.url),
+        ModelSpec(name="m", litellm_model="gpt-4o-mini", usd_per_input_token=0.5),
+    ])
+    known = dict(litellm.model_cost["gpt-4o-mini"])
+    price_unmapped_models(registry)
+    entry = litellm.model_cost[name]
+    assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (0.0, 0.0)
+    assert litellm.model_cost["gpt-4o-mini"] == known
+    info = registry.info("u")
+    assert (info.context_window, info.usd_per_input_token) == (128_000, 0.0)
 
 
 def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
