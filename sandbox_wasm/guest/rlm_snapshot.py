@@ -207,50 +207,38 @@ _MODULE = type(sys)
 
 
 def _dumps(refs, value):
-    try:
-        return _dumps_plain(refs, value)
+    try:  # plain data: the C pickler alone
+        return _dump(_pickle.Pickler, refs, value, reduce=_by_name_only)
     except Exception:  # a cell's function or class, a module...: cloudpickle's turn
-        return _dumps_cloudpickle(refs, value)
+        return _dump(_cloudpickle().Pickler, refs, value)
 
 
-def _dumps_plain(refs, value):
-    class Pickler(_pickle.Pickler):
+def _by_name_only(obj):
+    """The C pickler's `reducer_override`: functions, classes and modules go
+    by name, or the dump stops for cloudpickle to do it."""
+    if isinstance(obj, (type, _FUNCTION)) and not _by_name(obj):
+        raise _ByValueOnly
+    if isinstance(obj, _MODULE):  # `import re` in a cell: by name, as cloudpickle does
+        if sys.modules.get(obj.__name__) is not obj:
+            raise _ByValueOnly
+        return import_module, (obj.__name__,)
+    return NotImplemented
+
+
+def _dump(base, refs, value, reduce=None):
+    class Pickler(base):
         def persistent_id(self, obj):
             return refs.persistent_id(obj)
 
-        def reducer_override(self, obj):
-            if isinstance(obj, (type, _FUNCTION)) and not _by_name(obj):
-                raise _ByValueOnly
-            if isinstance(obj, _MODULE):  # `import re` in a cell: by name, as cloudpickle does
-                if sys.modules.get(obj.__name__) is not obj:
-                    raise _ByValueOnly
-                return import_module, (obj.__name__,)
-            return NotImplemented
-
+    if reduce is not None:
+        Pickler.reducer_override = staticmethod(reduce)
     refs.begin_dump()
     buffer = io.BytesIO()
     pickler = Pickler(buffer, protocol=5)
-    try:
-        pickler.dump(value)
-        return buffer.getvalue()
-    finally:
-        pickler.clear_memo()  # see _dumps_cloudpickle
-        refs = None
-
-
-def _dumps_cloudpickle(refs, value):
-    cloudpickle = _cloudpickle()
-
-    class Pickler(cloudpickle.Pickler):
-        def persistent_id(self, obj):
-            return refs.persistent_id(obj)
-
-    refs.begin_dump()
-    buffer = io.BytesIO()
-    pickler = Pickler(buffer, protocol=5)
-    # Functions whose __globals__ is the REPL namespace share this dict; it
-    # pickles as a persistent reference to the live namespace.
-    pickler.globals_ref[id(refs.user_globals)] = refs.globals_marker
+    if hasattr(pickler, "globals_ref"):  # cloudpickle's
+        # Functions whose __globals__ is the REPL namespace share this dict; it
+        # pickles as a persistent reference to the live namespace.
+        pickler.globals_ref[id(refs.user_globals)] = refs.globals_marker
     try:
         pickler.dump(value)
         return buffer.getvalue()
