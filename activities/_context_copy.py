@@ -24,9 +24,14 @@ log = structlog.get_logger(__name__)
 __all__ = ["DocumentCopy", "document_file_names"]
 
 
+def document_file_name(index: int) -> str:
+    """The file of document `index` under `<root>/<context sha256>/`."""
+    return f"{index:06d}.txt"
+
+
 def document_file_names(count: int) -> list[str]:
-    """The file of each document under `<root>/<context sha256>/`, in order."""
-    return [f"{i:06d}.txt" for i in range(count)]
+    """The files of all documents, in order."""
+    return [document_file_name(i) for i in range(count)]
 
 
 class DocumentCopy:
@@ -78,7 +83,7 @@ class DocumentCopy:
     def _next_file(self) -> None:
         self._close_file()
         if self._tmp is not None:
-            self._handle = open(self._tmp / document_file_names(self._count + 1)[-1], "wb")  # noqa: SIM115
+            self._handle = open(self._tmp / document_file_name(self._count), "wb")  # noqa: SIM115
             self._count += 1
 
     def _close_file(self) -> None:
