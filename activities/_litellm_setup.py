@@ -7,11 +7,14 @@ never directly, so these settings always apply before its first use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from types import ModuleType
 
 # Without this litellm downloads its price list at import time (no internet on
@@ -39,6 +42,58 @@ def _loaded() -> ModuleType:
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return module
+
+
+# litellm's logging registries; a call with all of them empty logs to no one.
+_CALLBACK_LISTS = (
+    "callbacks",
+    "input_callback",
+    "success_callback",
+    "failure_callback",
+    "service_callback",
+    "_async_input_callback",
+    "_async_success_callback",
+    "_async_failure_callback",
+)
+
+
+@functools.cache
+def _internal_call_flag() -> ContextVar[bool] | None:
+    """litellm's "internal sub-call" flag (`litellm._internal_context`), or
+    None in a litellm without it: then calls simply keep their logging."""
+    try:
+        from litellm._internal_context import is_internal_call
+    except ImportError:
+        return None
+    return is_internal_call if isinstance(is_internal_call, ContextVar) else None
+
+
+@contextlib.contextmanager
+def unlogged_call() -> Iterator[None]:
+    """Run one litellm call without its logging pipeline, when nothing would
+    receive the log: no callback of any kind is registered (the worker
+    registers none).
+
+    litellm builds a standard logging payload for every reply (copies and
+    redacts the messages, prices the reply again, schedules success hooks,
+    and a thread-pool task for sync ones) even with no callback to hand it
+    to: ~0.7 of its ~4.8 ms of CPU per call (bench: 2,000 calls at 32 in
+    flight), on the thread every model call of the worker shares. Its
+    "internal sub-call" flag skips exactly that pipeline (and litellm's own
+    proxy budget hooks, which we do not use); the request, the reply, its
+    `_hidden_params` price and exception mapping are unchanged. With a
+    callback registered (an operator's own logging), calls are logged as before.
+    """
+    flag = _internal_call_flag()
+    module = _loaded()
+    if flag is None or any(getattr(module, name, None) for name in _CALLBACK_LISTS):
+        yield
+        return
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
 
 
 def preload() -> None:
@@ -73,4 +128,4 @@ class _LazyModule:
 litellm = _LazyModule()
 litellm_exceptions = _LazyModule("exceptions")
 
-__all__ = ["litellm", "litellm_exceptions", "preload"]
+__all__ = ["litellm", "litellm_exceptions", "preload", "unlogged_call"]

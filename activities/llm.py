@@ -19,6 +19,7 @@ API keys come only from the worker's environment (named by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
@@ -26,8 +27,8 @@ import time
 import structlog
 from pydantic import BaseModel
 
-from activities._litellm_setup import litellm
-from activities._model_loop import on_model_loop
+from activities._litellm_setup import litellm, unlogged_call
+from activities._model_loop import inline_setup, on_model_loop
 from activities._llm_errors import (
     LLMError,
     MalformedReplyError,
@@ -123,6 +124,20 @@ def _unmapped_priced_at_zero(litellm_model: str) -> None:
     litellm.register_model({litellm_model: entry}, add_to_provider_model_sets=False)
 
 
+# Providers whose request preparation reads only the spec and a static API key
+# (no token endpoint, no cloud credential chain): prepared on the model loop.
+_STATIC_KEY_PROVIDERS = frozenset({"openai", "hosted_vllm", "anthropic"})
+
+
+@functools.lru_cache(maxsize=512)
+def _prepared_without_io(litellm_model: str) -> bool:
+    try:
+        _, provider, _, _ = litellm.get_llm_provider(litellm_model)
+    except Exception:  # noqa: BLE001 - no provider: the call itself will say so
+        return False
+    return provider in _STATIC_KEY_PROVIDERS
+
+
 def _litellm_price(response: object) -> float | None:
     """The price litellm already put on the reply (`_hidden_params`), if any."""
     hidden = getattr(response, "_hidden_params", None)
@@ -197,10 +212,12 @@ async def _complete(
     if stops:
         kwargs["stop"] = list(stops)
     _unmapped_priced_at_zero(spec.litellm_model)
+    setup = inline_setup() if _prepared_without_io(spec.litellm_model) else contextlib.nullcontext()
     started = time.monotonic()
     try:
-        async with asyncio.timeout(timeout_s + _HARD_TIMEOUT_MARGIN_S):
-            response = await litellm.acompletion(**kwargs)
+        with unlogged_call(), setup:
+            async with asyncio.timeout(timeout_s + _HARD_TIMEOUT_MARGIN_S):
+                response = await litellm.acompletion(**kwargs)
     except Exception as exc:
         error = classify(exc, model=spec.name, secrets=(key or "",))
         if error.error_type == "ModelConnectionError" and (down := embedded_server_down(spec.api_base)):

@@ -379,3 +379,35 @@ def test_a_huge_provider_message_is_classified_in_linear_time() -> None:
     # quadratically (minutes of CPU per failed call); now it is cut first.
     error = to_application_error(RuntimeError("E" * 1_000_000 + "Error: boom"))
     assert error.type == "ModelCallFailed" and len(error.message) <= 700
+
+
+def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, root: ModelSpec) -> None:
+    # Calls skip litellm's logging pipeline only while nothing listens to it.
+    from litellm.integrations.custom_logger import CustomLogger
+
+    from activities._litellm_setup import _internal_call_flag, unlogged_call
+
+    seen: list[str] = []
+
+    class Listener(CustomLogger):
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            seen.append(response_obj.choices[0].message.content)
+
+    flag = _internal_call_flag()
+    assert flag is not None, "litellm's internal-call flag moved: calls pay for logging again"
+    with unlogged_call():
+        assert flag.get() is True
+    llm.add_rule("logged", "heard")
+    listener = Listener()
+    litellm.callbacks.append(listener)
+    try:
+        with unlogged_call():
+            assert flag.get() is False
+        assert ask(root, "logged please").text == "heard"
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)  # litellm delivers success events from a task of its own
+    finally:
+        litellm.callbacks.remove(listener)
+    # Heard once, and (turn_off_message_logging) without the reply's text.
+    assert len(seen) == 1 and "heard" not in seen[0]
