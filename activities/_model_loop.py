@@ -17,8 +17,10 @@ coroutine that sends it). For a provider whose preparation does no I/O (a
 static API key: OpenAI and compatible servers, Anthropic) the hop to a pool
 thread and back costs more than it saves; a call made under
 `inline_setup()` prepares its request on the loop's own thread instead.
-Providers that may fetch credentials while preparing (Bedrock, Vertex,
-Azure AD) keep the pool, so a slow token endpoint never stalls the loop.
+Only that first executor job runs inline: later ones (aiohttp's DNS lookup,
+which can block for seconds) go to the pool. Providers that may fetch
+credentials while preparing (Bedrock, Vertex, Azure AD) keep the pool for
+everything, so a slow token endpoint never stalls the loop.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ _inline: ContextVar[bool] = ContextVar("rlm_model_call_inline_setup", default=Fa
 
 
 class _SetupExecutor(concurrent.futures.ThreadPoolExecutor):
-    """The model loop's default executor: a pool, except for calls marked
-    `inline_setup()`, whose work it runs at once on the calling thread (the
-    loop's), returning a completed future."""
+    """The model loop's default executor: a pool, except for the first job
+    of a call marked `inline_setup()`, which it runs at once on the calling
+    thread (the loop's), returning a completed future."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         if not _inline.get():
             return super().submit(fn, *args, **kwargs)
+        # `run_in_executor` calls this from the task itself, so this clears the
+        # mark in the task's own context: its next jobs go to the pool.
+        _inline.set(False)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
             result = fn(*args, **kwargs)
@@ -58,8 +63,8 @@ class _SetupExecutor(concurrent.futures.ThreadPoolExecutor):
 
 @contextlib.contextmanager
 def inline_setup() -> Iterator[None]:
-    """Executor work started by this task (litellm's request preparation)
-    runs on the model loop's thread; see the module docstring."""
+    """The first executor job this task starts (litellm's request
+    preparation) runs on the model loop's thread; see the module docstring."""
     token = _inline.set(True)
     try:
         yield

@@ -37,6 +37,20 @@ def test_a_failure_while_preparing_reaches_the_caller(inline: bool) -> None:
         asyncio.run(on_model_loop(_prepare(inline=inline, fail=True)))
 
 
+def test_only_the_first_job_of_a_marked_call_runs_inline() -> None:
+    # litellm prepares the request first; later jobs (aiohttp's DNS lookup)
+    # may block, and must not stall every other call on the loop.
+    async def two_jobs() -> tuple[str, str, str]:
+        loop = asyncio.get_running_loop()
+        with inline_setup():
+            first = await loop.run_in_executor(None, lambda: threading.current_thread().name)
+            second = await loop.run_in_executor(None, lambda: threading.current_thread().name)
+        return threading.current_thread().name, first, second
+
+    loop_thread, first, second = asyncio.run(on_model_loop(two_jobs()))
+    assert first == loop_thread and second.startswith("rlm-model-setup")
+
+
 def test_the_mark_does_not_leak_to_other_calls() -> None:
     async def both() -> list[tuple[str, str]]:
         return list(await asyncio.gather(_prepare(inline=True), _prepare(inline=False)))
