@@ -25,6 +25,7 @@ completed is answered from its record, never sent again.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -42,6 +43,13 @@ with workflow.unsafe.imports_passed_through():
 # CPU per sub-call by most of the per-activity share while a group still
 # finishes with its calls (at concurrency 32, four groups are in flight).
 CALLS_PER_ACTIVITY = 8
+# A batch that fits in the run's concurrency (nothing queued behind the cap)
+# goes as one group of up to this many: its calls all run at once anyway,
+# and the batch answers when its last call does, so splitting it only adds
+# activities and workflow tasks (bench_many_runs: 20 calls a run, 3 -> 1).
+# A larger fan-out keeps groups of CALLS_PER_ACTIVITY, which finish and
+# give back their slots independently.
+WHOLE_BATCH_CALLS = 32
 # Inline prompts of one group, and replies it may bring back inline, stay far
 # below the 2 MiB payload limit (longer replies come back as blob refs).
 GROUP_INLINE_BUDGET = 512 * 1024
@@ -67,8 +75,12 @@ class _Group:
 class CallGroups:
     """Sends the attempts of one run's `llm_query` calls in groups."""
 
-    def __init__(self, call_timeout_s: float) -> None:
+    def __init__(self, call_timeout_s: float, more_queued: Callable[[], bool] | None = None) -> None:
+        """`more_queued` says whether calls of the run wait for a concurrency
+        slot; None keeps every group at CALLS_PER_ACTIVITY (runs started
+        before whole-batch groups)."""
         self._call_timeout_s = call_timeout_s
+        self._more_queued = more_queued
         self._waiting: list[_Call] = []
         self._flushing = False
 
@@ -87,7 +99,9 @@ class CallGroups:
         # that becomes ready in this workflow step has joined `_waiting` by then.
         await workflow.wait_condition(lambda: True)
         waiting, self._waiting, self._flushing = self._waiting, [], False
-        for calls in _split([c for c in waiting if not c.future.done()]):
+        ready = [c for c in waiting if not c.future.done()]
+        whole = self._more_queued is not None and not self._more_queued() and len(ready) <= WHOLE_BATCH_CALLS
+        for calls in _split(ready, len(ready) if whole else CALLS_PER_ACTIVITY):
             group = _Group(calls)
             for position, one in enumerate(calls):
                 one.future.add_done_callback(lambda f, g=group, p=position: _on_done(g, p, f))
@@ -136,12 +150,12 @@ def _on_done(group: _Group, position: int, future: asyncio.Future) -> None:
         group.task.cancel()
 
 
-def _split(calls: list[_Call]) -> list[list[_Call]]:
+def _split(calls: list[_Call], per_group: int) -> list[list[_Call]]:
     groups: list[list[_Call]] = []
     inline = 0
     for one in calls:
         size = len((one.inp.prompt or "").encode())
-        if not groups or len(groups[-1]) >= CALLS_PER_ACTIVITY or inline + size > GROUP_INLINE_BUDGET:
+        if not groups or len(groups[-1]) >= per_group or inline + size > GROUP_INLINE_BUDGET:
             groups.append([])
             inline = 0
         groups[-1].append(one)

@@ -85,6 +85,8 @@ class SubcallRouter:
         self._memo: dict[str, SubcallAnswer] = {}
         self._inflight: dict[str, asyncio.Task[SubcallAnswer]] = {}
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
+        self._queued = 0
+        """Items waiting for a concurrency slot."""
         self._groups: CallGroups | None = None
         """Set on the first `llm_query` of a run that carries calls in groups."""
         self._grouped: bool | None = None
@@ -171,16 +173,21 @@ class SubcallRouter:
     ) -> SubcallAnswer:
         if refused := _refuse_text(batch.kind, item):
             return refused
-        async with self._sem:
-            self.open_calls += 1
-            try:
-                # caps.max_depth counts down: what is left below this run.
-                if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
-                    return await self._child_run(batch, item, call_id, index)
-                return await self._llm_call(batch, item, call_id, inline_limit, index)
-            finally:
-                self.open_calls -= 1
-                self.done_calls += 1
+        self._queued += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self._queued -= 1  # also when cancelled while waiting
+        self.open_calls += 1
+        try:
+            # caps.max_depth counts down: what is left below this run.
+            if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
+                return await self._child_run(batch, item, call_id, index)
+            return await self._llm_call(batch, item, call_id, inline_limit, index)
+        finally:
+            self.open_calls -= 1
+            self.done_calls += 1
+            self._sem.release()
 
     def _pick_model(self, batch: SubcallBatch, kind: str) -> str | SubcallAnswer:
         allowed = self._req.models.allowed()
@@ -257,7 +264,12 @@ class SubcallRouter:
         if self._grouped is None:
             self._grouped = workflow.patched("llm-call-groups")
             if self._grouped:
-                self._groups = CallGroups(self._req.limits.model_call_timeout_s)
+                # Whole-batch groups change the activities a run schedules:
+                # runs started before them keep groups of CALLS_PER_ACTIVITY.
+                whole = workflow.patched("llm-call-groups-whole-batch")
+                self._groups = CallGroups(
+                    self._req.limits.model_call_timeout_s, (lambda: self._queued > 0) if whole else None
+                )
         return self._groups
 
     async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str, index: int) -> SubcallAnswer:

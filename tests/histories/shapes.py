@@ -102,6 +102,22 @@ async def batched_subcalls(lab: Lab) -> Recorded:
     return await _in_process(lab, body)
 
 
+async def whole_batch(lab: Lab) -> Recorded:
+    """A batch of twelve llm_query calls that fits the run's concurrency: one
+    `llm_calls` activity since whole-batch groups (two before them)."""
+    ctx = lab.contexts.put_value("twelve")
+    lab.llm.add_rule("Turn 1 of", repl("r = llm_query_batched([str(i) for i in range(12)])\nprint('got', len(r))"), model=ROOT)
+    lab.llm.add_rule("got ", "FINAL(12)", model=ROOT)
+    lab.llm.add_rule(None, lambda r: r.last_user_text, model=SUB)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        handle = await start(client, s, request("q", ctx), workflow_id="replay-whole-batch")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("whole_batch", await handle.fetch_history())]
+
+    return await _in_process(lab, body)
+
+
 async def children(lab: Lab) -> Recorded:
     """rlm_query_batched starts two child runs at depth 1; parent and one child kept."""
     ctx = lab.contexts.put_value("root context")
@@ -323,6 +339,7 @@ async def compaction(lab: Lab) -> Recorded:
 SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "plain": plain,
     "batched_subcalls": batched_subcalls,
+    "whole_batch": whole_batch,
     "children": children,
     "continue_as_new": continue_as_new,
     "cancel": cancel,
