@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -106,6 +107,19 @@ def build_worker(
     return worker, pool
 
 
+def freeze_startup_objects() -> None:
+    """Keep what the worker built before polling (litellm's modules and price
+    map, temporalio, pydantic schemas: ~400k objects that never become
+    garbage) out of the garbage collector's full collections.
+
+    Each full collection walked them all, holding the GIL for up to 200 ms
+    with every model call's reply waiting behind it (bench fan-out, 1,000
+    calls: 9 full collections, 1.1 s). Frozen: 5, 65 ms in all; fan-out
+    10.0-10.4 s -> 9.4-9.9 s. Garbage from the build is collected first."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_worker(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -117,6 +131,7 @@ async def run_worker(
     write `ready_file` ({"pid": ...}) so a launcher knows it is serving."""
     client = await connect(settings)
     worker, pool = build_worker(client, settings, identity=identity)
+    freeze_startup_objects()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,7 +139,12 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    log.info("worker.started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+    log.info(
+        "worker.started",
+        task_queue=settings.task_queue,
+        temporal=settings.temporal_address,
+        frozen_objects=gc.get_freeze_count(),
+    )
     sweeper = asyncio.create_task(_evict_idle_repls(pool, settings.repl_idle_s))
     try:
         async with worker:

@@ -10,6 +10,7 @@ answered call must have been recorded on its own and is not made again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -92,6 +93,9 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(20)
     assert result.status == "completed", (result.reason, log_path.read_text()[-3000:])
+    # Both workers froze their startup objects out of full collections (worker.py).
+    started = [json.loads(line) for line in log_path.read_text().splitlines() if '"worker.started"' in line]
+    assert len(started) == 2 and all(e["frozen_objects"] > 10_000 for e in started), started
     assert result.answer == str(expected)
     prompts = [r.last_user_text for r in llm.requests(SUB)]
     for prompt in completed_before:
