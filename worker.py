@@ -115,7 +115,7 @@ def freeze_startup_objects() -> None:
     Each full collection walked them all, holding the GIL for up to 200 ms
     with every model call's reply waiting behind it (bench fan-out, 1,000
     calls: 9 full collections, 1.1 s). Frozen: 5, 65 ms in all; fan-out
-    10.0-10.4 s -> 9.4-9.9 s. Garbage from the build is collected first."""
+    10.0-10.4 s -> 9.4-10.1 s. Garbage from the build is collected first."""
     gc.collect()
     gc.freeze()
 

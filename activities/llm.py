@@ -114,11 +114,7 @@ def _unmapped_priced_at_zero(litellm_model: str) -> None:
     price for such a model is its spec's override or 0 (`_price`), and
     `model_info` reads litellm's map only for what it lacks (0 / defaults).
     """
-    if model_info_known(litellm_model):
-        return
-    try:
-        _, provider, _, _ = litellm.get_llm_provider(litellm_model)
-    except Exception:  # noqa: BLE001 - no provider: the call itself will say so
+    if model_info_known(litellm_model) or (provider := _provider(litellm_model)) is None:
         return
     entry = {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0, "litellm_provider": provider, "mode": "chat"}
     litellm.register_model({litellm_model: entry}, add_to_provider_model_sets=False)
@@ -130,12 +126,17 @@ _STATIC_KEY_PROVIDERS = frozenset({"openai", "hosted_vllm", "anthropic"})
 
 
 @functools.lru_cache(maxsize=512)
-def _prepared_without_io(litellm_model: str) -> bool:
+def _provider(litellm_model: str) -> str | None:
+    """litellm's provider for the model, or None (the call itself will say why)."""
     try:
         _, provider, _, _ = litellm.get_llm_provider(litellm_model)
-    except Exception:  # noqa: BLE001 - no provider: the call itself will say so
-        return False
-    return provider in _STATIC_KEY_PROVIDERS
+    except Exception:  # noqa: BLE001 - "LLM Provider NOT provided" and friends
+        return None
+    return provider
+
+
+def _prepared_without_io(litellm_model: str) -> bool:
+    return _provider(litellm_model) in _STATIC_KEY_PROVIDERS
 
 
 def _litellm_price(response: object) -> float | None:
