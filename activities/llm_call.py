@@ -3,26 +3,24 @@ outcome; workflows/call_groups.py), the older one-call `llm_call`, and
 `resolve_models`.
 
 Large prompts and replies travel as object-storage references. A completed
-call is recorded under its call id as soon as its reply arrives, so a later
-attempt (the workflow retries, attempt by attempt, also after a group was cut
-short by a crash) never pays for it twice. The record is written beside the
-activity, not before it may complete: only an attempt that never completed
-is ever retried, and a group no longer waits on its last call's S3 PUT
-(median 11 ms, p90 28 ms with 32 calls in flight).
+call is recorded as soon as its reply arrives (activities/_call_records.py),
+so a later attempt (the workflow retries, attempt by attempt, also after a
+group was cut short by a crash) never pays for it twice. The record is
+written beside the activity, not before it may complete: only an attempt that
+never completed is ever retried, and a group does not wait on its last
+call's S3 PUT (median 11 ms, p90 28 ms with 32 calls in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 
-import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._call_records import CallRecorder, RecordFinder
 from activities.llm import complete, to_application_error
-from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
+from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_RESOLVE_MODELS
 from workflows.steps import (
     LlmCallFailure,
@@ -34,9 +32,6 @@ from workflows.steps import (
     ResolveModelsInput,
     ResolveModelsOutput,
 )
-
-log = structlog.get_logger(__name__)
-
 
 class LlmCallActivity:
     def __init__(self, runtime: WorkerRuntime) -> None:
@@ -63,7 +58,9 @@ class LlmCallActivity:
     @activity.defn(name=ACTIVITY_LLM_CALL)
     async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:
         """One call per activity: what runs started before call groups schedule."""
-        return await heartbeating(self._call(inp, call_timeout_s(), retried=activity.info().attempt > 1))
+        recorder = CallRecorder(self._rt, inp.workflow_id, None)
+        retried = activity.info().attempt > 1
+        return await heartbeating(self._call(inp, call_timeout_s(), recorder, RecordFinder(self._rt), retried=retried))
 
     @activity.defn(name=ACTIVITY_LLM_CALLS)
     async def llm_calls(self, inp: LlmCallsInput) -> LlmCallsOutput:
@@ -71,15 +68,21 @@ class LlmCallActivity:
         timing out) does not fail the others, and each completed one is
         recorded as soon as it completes."""
         http_timeout = max(10.0, inp.call_timeout_s)
+        workflow_id = inp.calls[0].workflow_id if inp.calls else ""
+        recorder, finder = CallRecorder(self._rt, workflow_id, inp.records), RecordFinder(self._rt)
         results = await heartbeating(
-            asyncio.gather(*(self._one(call, inp.call_timeout_s, http_timeout) for call in inp.calls))
+            asyncio.gather(
+                *(self._one(call, inp.call_timeout_s, http_timeout, recorder, finder) for call in inp.calls)
+            )
         )
         return LlmCallsOutput(results=list(results))
 
-    async def _one(self, inp: LlmCallInput, deadline_s: float, http_timeout_s: float) -> LlmCallResult:
+    async def _one(
+        self, inp: LlmCallInput, deadline_s: float, http_timeout_s: float, recorder: CallRecorder, finder: RecordFinder
+    ) -> LlmCallResult:
         try:
             async with asyncio.timeout(deadline_s):
-                out = await self._call(inp, http_timeout_s, retried=False)
+                out = await self._call(inp, http_timeout_s, recorder, finder, retried=False)
         except TimeoutError as exc:
             # As the single-call activity's start-to-close timeout: may be billed.
             error = to_application_error(exc, model=inp.model)
@@ -88,14 +91,15 @@ class LlmCallActivity:
             return LlmCallResult(call_id=inp.call_id, failure=_failure(exc))
         return LlmCallResult(call_id=inp.call_id, output=out)
 
-    async def _call(self, inp: LlmCallInput, timeout_s: float, *, retried: bool) -> LlmCallOutput:
+    async def _call(
+        self, inp: LlmCallInput, timeout_s: float, recorder: CallRecorder, finder: RecordFinder, *, retried: bool
+    ) -> LlmCallOutput:
         """One attempt; raises the ApplicationError the workflow reads."""
-        key = run_key(inp.workflow_id, "calls", inp.call_id.replace(":", "-") + ".json")
         if inp.attempt > 1 or retried:
             # An earlier attempt may have finished unseen (timed out, worker died).
-            done = await self._rt.read_before_call(key)
+            done = await finder.find(inp)
             if done is not None:
-                return LlmCallOutput.model_validate({**done, "replayed": True})
+                return done
         try:
             prompt = await self._rt.io(self._prompt, inp)
             spec = self._rt.models.resolve(inp.model)
@@ -117,13 +121,8 @@ class LlmCallActivity:
             completion_tokens=reply.completion_tokens,
             usd=reply.usd,
         )
-        self._record(key, out)
+        recorder.add(inp.call_id, out)
         return out
-
-    def _record(self, key: str, out: LlmCallOutput) -> None:
-        """Write the call's record on the storage threads, without waiting."""
-        future = self._rt.io_pool.submit(self._rt.put_json, key, out.model_dump(mode="json"))
-        future.add_done_callback(functools.partial(_report_unrecorded, key))
 
     def _prompt(self, inp: LlmCallInput) -> str:
         prompt = inp.prompt or ""
@@ -134,13 +133,6 @@ class LlmCallActivity:
             text = value if isinstance(value, str) else "\n\n".join(value)
             prompt = f"{prompt}\n\n{text}"
         return prompt
-
-
-def _report_unrecorded(key: str, future: concurrent.futures.Future) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        # The answer still reaches the run; only a retry of an attempt that
-        # never completed would pay for this call again.
-        log.warning("llm_call.record_failed", key=key, error=str(error)[:300])
 
 
 def _failure(error: ApplicationError) -> LlmCallFailure:

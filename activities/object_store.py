@@ -242,6 +242,11 @@ class ObjectStore:
             return False
         return True
 
+    def keys(self, prefix: str) -> list[str]:
+        """Keys of the objects under `prefix`, in key order."""
+        with self._errors("listing of", prefix):
+            return sorted(o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
+
     def count(self, prefix: str = "") -> int:
         """Number of objects under `prefix` (for tests and diagnostics)."""
         with self._errors("listing of", prefix):

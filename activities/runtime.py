@@ -59,12 +59,16 @@ class WorkerRuntime:
         return await self.io(self.get_json, key)
 
     async def read_before_call(self, key: str) -> Any | None:
-        """`get_json(key)` for a model-call activity before it sends its
+        """`get_json(key)` for a model-call activity before it sends its request."""
+        return await self.before_call(self.get_json, key)
+
+    async def before_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A storage read of a model-call activity before it sends its
         request. Storage that fails here fails the attempt as not billable:
         nothing was sent, and the workflow charges an attempt's worst case
         unless told so (seen with S3 down: every retry was charged)."""
         try:
-            return await self.io(self.get_json, key)
+            return await self.io(fn, *args)
         except StorageError as exc:
             raise ApplicationError(str(exc), {"billable": False}, type=type(exc).__name__) from exc
 

@@ -5,7 +5,8 @@ model server). The cell builds its prompts by iterating a `set`, whose order
 may differ in the re-run cell (string hashing differs between interpreters).
 Calls travel several to an activity (workflows/call_groups.py), so the kill
 lands in groups that hold both answered calls and calls still waiting: each
-answered call must have been recorded on its own and is not made again."""
+answered call must have been recorded (its group's records hold it) and is
+not made again."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 
 
 from tests.run_harness import ROOT, SUB, isolated, repl, request, start_worker_process
-from activities.runtime import run_key
+from activities._call_records import recorded_calls
 from worker import connect
 from workflows.call_groups import CALLS_PER_ACTIVITY
 from workflows.names import WORKFLOW_RLM_RUN
@@ -68,8 +69,7 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
             )
             await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 90.0)
             # Every answered call has its record (the durable fact a retry reads).
-            records = run_key(handle.id, "calls") + "/"
-            while context_store.store.count(records) < HELD_FROM:
+            while recorded_calls(context_store.store, handle.id) < HELD_FROM:
                 await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)

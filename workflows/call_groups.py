@@ -17,9 +17,11 @@ per activity, and each caller gets its own call's outcome back:
   `ActivityError` for every call of the group.
 
 Durability is per call, not per group: the activity records each call's
-reply in object storage as soon as it arrives (activities/llm_call.py), so
-a group cut short by a crash is retried call by call, and a call that had
-completed is answered from its record, never sent again.
+reply in object storage as soon as it arrives (activities/_call_records.py),
+so a group cut short by a crash is retried call by call, and a call that had
+completed is answered from its record, never sent again. A group names where
+its records go; a retried call is told the groups that carried its earlier
+attempts without reporting it, which is where its record may be.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class _Call:
 @dataclass
 class _Group:
     calls: list[_Call]
+    records: str
+    """Where the activity records replies: unique per group, since a call's
+    attempt is carried once."""
     task: asyncio.Task[None] | None = None
     cancelled: set[int] = field(default_factory=set)
 
@@ -83,6 +88,8 @@ class CallGroups:
         self._more_queued = more_queued
         self._waiting: list[_Call] = []
         self._flushing = False
+        self._unreported: dict[str, list[str]] = {}
+        """call id -> records of the groups that ended without reporting it."""
 
     async def call(self, inp: LlmCallInput, index: int, count: int) -> LlmCallOutput:
         """One attempt (its budget already reserved); raises ActivityError as
@@ -102,7 +109,8 @@ class CallGroups:
         ready = [c for c in waiting if not c.future.done()]
         whole = self._more_queued is not None and not self._more_queued() and len(ready) <= WHOLE_BATCH_CALLS
         for calls in _split(ready, len(ready) if whole else CALLS_PER_ACTIVITY):
-            group = _Group(calls)
+            first = calls[0].inp
+            group = _Group(calls, f"{first.call_id}-a{first.attempt}")
             for position, one in enumerate(calls):
                 one.future.add_done_callback(lambda f, g=group, p=position: _on_done(g, p, f))
             group.task = asyncio.ensure_future(self._run(group))
@@ -110,11 +118,19 @@ class CallGroups:
     async def _run(self, group: _Group) -> None:
         calls = group.calls
         reply_limit = max(256, GROUP_REPLY_BUDGET // len(calls))
-        inputs = [c.inp.model_copy(update={"inline_limit": min(c.inp.inline_limit, reply_limit)}) for c in calls]
+        inputs = [
+            c.inp.model_copy(
+                update={
+                    "inline_limit": min(c.inp.inline_limit, reply_limit),
+                    "earlier_groups": list(self._unreported.get(c.inp.call_id, ())),
+                }
+            )
+            for c in calls
+        ]
         try:
             out: LlmCallsOutput = await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALLS,
-                LlmCallsInput(calls=inputs, call_timeout_s=self._call_timeout_s),
+                LlmCallsInput(calls=inputs, call_timeout_s=self._call_timeout_s, records=group.records),
                 result_type=LlmCallsOutput,
                 summary=llm_calls_summary([c.place for c in calls], [c.inp.model for c in calls]),
                 start_to_close_timeout=timedelta(seconds=self._call_timeout_s) + GROUP_TIMEOUT_MARGIN,
@@ -123,6 +139,8 @@ class CallGroups:
             )
         except ActivityError as exc:
             for one in calls:
+                # Its reply may have been recorded before the activity was lost.
+                self._unreported.setdefault(one.inp.call_id, []).append(group.records)
                 if not one.future.done():
                     one.future.set_exception(exc)
             return

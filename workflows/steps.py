@@ -202,6 +202,10 @@ class LlmCallInput(BaseModel):
     """Replies longer than this come back as a BlobRef."""
     attempt: int = 1
     """As in `RootTurnInput.attempt`."""
+    earlier_groups: list[str] = Field(default_factory=list)
+    """Records of the `llm_calls` groups that carried earlier attempts of this
+    call and ended without reporting it (their activity failed as a whole):
+    the call may have completed there (activities/_call_records.py)."""
 
 
 class LlmCallOutput(BaseModel):
@@ -238,6 +242,9 @@ class LlmCallsInput(BaseModel):
     calls: list[LlmCallInput]
     call_timeout_s: float
     """Each call's own deadline inside the group (the run's model_call_timeout_s)."""
+    records: str | None = None
+    """Name under which the group records its calls' replies, several to an
+    object; None: one object per call (what workflows before it ask)."""
 
 
 class LlmCallsOutput(BaseModel):

@@ -14,7 +14,7 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHistory
 
 from activities.object_store import ObjectStore
-from activities.runtime import run_key
+from activities._call_records import recorded_calls
 from activities.settings import Settings
 
 T = TypeVar("T")
@@ -43,10 +43,10 @@ async def wait_until(what: str, probe: Callable[[], Awaitable[T | None]], timeou
 
 async def recorded_sub_calls(settings: Settings, workflow_id: str) -> int:
     """Sub-calls of one run whose reply the engine has recorded in object
-    storage (activities/llm_call.py): answered and durable, whether or not
-    the activity (a call group) carrying them has completed yet."""
+    storage (activities/_call_records.py): answered and durable, whether or
+    not the activity (a call group) carrying them has completed yet."""
     store = ObjectStore.from_settings(settings)
-    return await asyncio.to_thread(store.count, run_key(workflow_id, "calls") + "/")
+    return await asyncio.to_thread(recorded_calls, store, workflow_id)
 
 
 def continued_to(history: WorkflowHistory) -> str | None:

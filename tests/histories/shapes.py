@@ -20,7 +20,7 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowHistory
 
 from activities.context_store import ContextStore
-from activities.runtime import run_key
+from activities._call_records import recorded_calls
 from activities.settings import Settings
 from tests.fake_llm import FakeLLM
 from tests.fixtures_llm import fake_registry
@@ -275,8 +275,7 @@ async def crash_recovery(lab: Lab) -> Recorded:
         handle = await start(client, s, req, workflow_id="replay-crash-recovery")
         await asyncio.to_thread(lab.llm.wait_for_count, CRASH_ITEMS - CRASH_HELD_FROM, "held", TIMEOUT_S)
         # Each answered call's record (calls travel in groups: count records, not activities).
-        records = run_key(handle.id, "calls") + "/"
-        while lab.contexts.store.count(records) < CRASH_HELD_FROM:
+        while recorded_calls(lab.contexts.store, handle.id) < CRASH_HELD_FROM:
             await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
         os.killpg(workers[0].pid, signal.SIGKILL)
         workers[0].wait(10)
