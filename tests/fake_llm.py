@@ -65,7 +65,9 @@ def message_text(message: dict) -> str:
 
 def _rough_tokens(text: str) -> int:
     """About one token per 4 ASCII characters, one per other character."""
-    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    # Counted in C: a loop over the characters took ~10 ms for a 200K-character
+    # prompt, which made this server the bottleneck of wide fan-outs.
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     return ascii_chars // 4 + (len(text) - ascii_chars)
 
 
