@@ -33,6 +33,7 @@ from workflows.steps import (
     ResolveModelsOutput,
 )
 
+
 class LlmCallActivity:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self._rt = runtime
