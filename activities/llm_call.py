@@ -71,18 +71,26 @@ class LlmCallActivity:
         http_timeout = max(10.0, inp.call_timeout_s)
         workflow_id = inp.calls[0].workflow_id if inp.calls else ""
         recorder, finder = CallRecorder(self._rt, workflow_id, inp.records), RecordFinder(self._rt)
+        # Lanes: a call waits for one of them; the next starts as one ends.
+        lanes = asyncio.Semaphore(inp.lanes or max(1, len(inp.calls)))
         results = await heartbeating(
             asyncio.gather(
-                *(self._one(call, inp.call_timeout_s, http_timeout, recorder, finder) for call in inp.calls)
+                *(self._one(call, inp.call_timeout_s, http_timeout, recorder, finder, lanes) for call in inp.calls)
             )
         )
         return LlmCallsOutput(results=list(results))
 
     async def _one(
-        self, inp: LlmCallInput, deadline_s: float, http_timeout_s: float, recorder: CallRecorder, finder: RecordFinder
+        self,
+        inp: LlmCallInput,
+        deadline_s: float,
+        http_timeout_s: float,
+        recorder: CallRecorder,
+        finder: RecordFinder,
+        lanes: asyncio.Semaphore,
     ) -> LlmCallResult:
         try:
-            async with asyncio.timeout(deadline_s):
+            async with lanes, asyncio.timeout(deadline_s):
                 out = await self._call(inp, http_timeout_s, recorder, finder, retried=False)
         except TimeoutError as exc:
             # As the single-call activity's start-to-close timeout: may be billed.

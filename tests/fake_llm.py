@@ -185,6 +185,7 @@ class FakeLLM:
         self._ids = itertools.count(1)
         self._billed = Billed()
         self._working = 0  # requests matched and not yet answered (or dropped)
+        self._peak_working = 0
         self._abandoned = 0  # held requests whose client closed the connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -265,6 +266,12 @@ class FakeLLM:
             if not self._changed.wait_for(lambda: self._working == 0, timeout_s):
                 raise TimeoutError(f"fake LLM: {self._working} request(s) still in progress after {timeout_s}s")
 
+    @property
+    def peak_in_flight(self) -> int:
+        """Most requests matched and not yet answered at once since the last reset."""
+        with self._lock:
+            return self._peak_working
+
     def reset(self) -> None:
         """Forget all rules, the request log and the bill."""
         with self._lock:
@@ -272,6 +279,7 @@ class FakeLLM:
             self._log.clear()
             self._billed = Billed()
             self._abandoned = 0
+            self._peak_working = self._working
 
     def _count_locked(self, rule_or_name: Rule | str | None) -> int:
         if rule_or_name is None:
@@ -365,6 +373,7 @@ class FakeLLM:
             if rule is not None:
                 rule.hits += 1
                 self._working += 1
+                self._peak_working = max(self._peak_working, self._working)
             request.matched_rule = rule
             self._log.append(request)
             self._changed.notify_all()

@@ -1,6 +1,8 @@
 """How a batch's `llm_query` calls are carried to activities
 (workflows/call_groups.py): a batch that fits in the run's concurrency goes
-as one group; a larger one in groups no bigger than the slots free at a time.
+as one group; a larger one in groups that carry up to CALLS_PER_LANE calls
+per lane, the calls past the cap waiting inside their group for a lane
+(workflows/admission.py), so the model never sees more than the cap at once.
 Real worker, Temporal, S3 and WASM; scripted models through litellm."""
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from temporalio.api.enums.v1 import EventType
 
 from activities.context_store import ContextStore
 from tests.fixtures_llm import fake_registry
+from workflows.result import RunResult
 from tests.run_harness import ROOT, SUB, isolated, put_context, repl, request, running_worker, start
-from workflows.call_groups import CALLS_PER_ACTIVITY, WHOLE_BATCH_CALLS
+from workflows.call_groups import CALLS_PER_ACTIVITY, CALLS_PER_LANE, WHOLE_BATCH_CALLS
 
 
 def _group_summaries(history) -> list[str]:
@@ -26,39 +29,68 @@ def _group_summaries(history) -> list[str]:
     ]
 
 
-def _run_batch(settings, object_store, llm, items: int, cap: int) -> list[str]:
+def _run_batch(settings, object_store, llm, items: int, cap: int, **caps) -> tuple[list[str], RunResult]:
     cell = (
         f"r = llm_query_batched([f'echo {{i}}' for i in range({items})])\n"
-        f"print('echoed', sum(a == str(i) for i, a in enumerate(r)))"
+        "print('echoed', sum(a == str(i) for i, a in enumerate(r)), 'refused', sum(a.startswith('Budget:') for a in r))"
     )
     llm.add_rule("Turn 1 of", repl(cell), model=ROOT)
-    llm.add_rule(lambda r: f"echoed {items}" in r.last_user_text, "FINAL(all echoed)", model=ROOT)
-    llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB)
+    llm.add_rule(lambda r: "echoed " in r.last_user_text, lambda r: "FINAL(" + r.last_user_text.split("echoed ")[-1].split("\n")[0] + ")", model=ROOT)
+    # Slow enough that calls of one group overlap: a lane's next call waits for it.
+    llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, delay_s=0.05)
     s = isolated(settings)
     ctx = put_context(ContextStore(object_store), "groups")
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
-            handle = await start(client, s, request("echo?", ctx, caps={"max_concurrency": cap}))
+            handle = await start(client, s, request("echo?", ctx, caps={"max_concurrency": cap, **caps}))
             result = await asyncio.wait_for(handle.result(), 120)
             return result, await handle.fetch_history()
 
     result, history = asyncio.run(go())
-    assert result.status == "completed" and result.answer == "all echoed", result.reason
-    return _group_summaries(history)
+    return _group_summaries(history), result
 
 
 def test_a_batch_that_fits_the_concurrency_travels_in_one_activity(settings, object_store, llm):
     items = 20
     assert CALLS_PER_ACTIVITY < items <= WHOLE_BATCH_CALLS
-    assert _run_batch(settings, object_store, llm, items, cap=32) == [f"llm_query x{items}: 1-{items}/{items} · {SUB}"]
+    groups, result = _run_batch(settings, object_store, llm, items, cap=32)
+    assert result.status == "completed", result.reason
+    assert groups == [f"llm_query x{items}: 1-{items}/{items} · {SUB}"]
+    assert result.answer == f"{items} refused 0"
+
+
+def _sizes(groups: list[str]) -> list[int]:
+    return [int(g.split(":")[0].removeprefix("llm_query x")) for g in groups]
 
 
 @pytest.mark.parametrize(("items", "cap"), [(20, 4), (WHOLE_BATCH_CALLS + 8, WHOLE_BATCH_CALLS + 8)])
-def test_a_larger_batch_goes_in_groups_of_the_free_slots(settings, object_store, llm, items, cap):
-    # Behind a cap of 4, each group is what the slots freed at once allow; a
-    # batch past WHOLE_BATCH_CALLS is split even when it fits the cap.
-    groups = _run_batch(settings, object_store, llm, items, cap)
-    sizes = [int(g.split(":")[0].removeprefix("llm_query x")) for g in groups]
+def test_a_larger_batch_goes_in_groups_with_lanes(settings, object_store, llm, items, cap):
+    # Behind a cap of 4, a group carries calls past the cap that wait for one
+    # of its lanes; a batch past WHOLE_BATCH_CALLS that fits the cap is split
+    # into groups of one lane per call.
+    groups, result = _run_batch(settings, object_store, llm, items, cap)
+    assert result.status == "completed", result.reason
+    assert result.answer == f"{items} refused 0"
+    sizes = _sizes(groups)
     assert sum(sizes) == items
-    assert max(sizes) <= min(cap, CALLS_PER_ACTIVITY)
+    assert max(sizes) <= CALLS_PER_LANE * min(cap, CALLS_PER_ACTIVITY)
+    if items > cap:
+        assert max(sizes) > cap  # calls past the cap travelled in a window
+    else:
+        assert max(sizes) <= CALLS_PER_ACTIVITY
+    # The model never saw more of the run's calls at once than the cap.
+    assert llm.peak_in_flight <= cap
+
+
+def test_a_call_budget_holds_exactly_with_windows(settings, object_store, llm):
+    # 20 calls behind a cap of 4 with room for 9 model calls in all (the first
+    # root turn takes one): windows close while less than two caps' worth of
+    # calls is left, the model is called exactly as often as the budget
+    # allows, and the refused calls never leave the workflow.
+    groups, result = _run_batch(settings, object_store, llm, 20, 4, max_calls=9)
+    assert result.status == "budget_exhausted", result.reason  # no call left for the next root turn
+    assert result.spend.calls == 9
+    assert len(llm.requests(ROOT)) == 1 and len(llm.requests(SUB)) == 8
+    assert sum(_sizes(groups)) == 8
+    assert llm.peak_in_flight <= 4

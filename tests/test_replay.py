@@ -26,7 +26,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
 # One file at least for each shape record.py knows (a file lost is a shape unguarded).
 SHAPES = (
-    "plain", "batched_subcalls", "whole_batch", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
+    "plain", "batched_subcalls", "whole_batch", "windowed", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
     "tools", "max_errors", "compaction", "session_",
 )
 

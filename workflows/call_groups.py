@@ -52,6 +52,10 @@ CALLS_PER_ACTIVITY = 8
 # A larger fan-out keeps groups of CALLS_PER_ACTIVITY, which finish and
 # give back their slots independently.
 WHOLE_BATCH_CALLS = 32
+# With lanes (runs that admit calls into windows, workflows/admission.py), a
+# group carries up to this many calls per lane: each lane starts its next call
+# inside the activity as soon as its last one ends.
+CALLS_PER_LANE = 2
 # Inline prompts of one group, and replies it may bring back inline, stay far
 # below the 2 MiB payload limit (longer replies come back as blob refs).
 GROUP_INLINE_BUDGET = 512 * 1024
@@ -73,6 +77,8 @@ class _Group:
     records: str
     """Where the activity records replies: unique per group, since a call's
     attempt is carried once."""
+    lanes: int | None = None
+    """Calls in flight at once inside the activity (None: all)."""
     task: asyncio.Task[None] | None = None
     cancelled: set[int] = field(default_factory=set)
 
@@ -80,12 +86,18 @@ class _Group:
 class CallGroups:
     """Sends the attempts of one run's `llm_query` calls in groups."""
 
-    def __init__(self, call_timeout_s: float, more_queued: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, call_timeout_s: float, more_queued: Callable[[], bool] | None = None, *, lanes: int | None = None
+    ) -> None:
         """`more_queued` says whether calls of the run wait for a concurrency
         slot; None keeps every group at CALLS_PER_ACTIVITY (runs started
-        before whole-batch groups)."""
+        before whole-batch groups). `lanes` is how many calls of the run may
+        be in flight at once: set, groups carry up to CALLS_PER_LANE calls per
+        lane and calls wait here for a lane; None (runs started before call
+        windows), each call's concurrency slot is its lane."""
         self._call_timeout_s = call_timeout_s
         self._more_queued = more_queued
+        self._free = lanes
         self._waiting: list[_Call] = []
         self._flushing = False
         self._unreported: dict[str, list[str]] = {}
@@ -108,14 +120,55 @@ class CallGroups:
         waiting, self._waiting, self._flushing = self._waiting, [], False
         ready = [c for c in waiting if not c.future.done()]
         whole = self._more_queued is not None and not self._more_queued() and len(ready) <= WHOLE_BATCH_CALLS
-        for calls in _split(ready, len(ready) if whole else CALLS_PER_ACTIVITY):
+        if self._free is None:
+            groups = [(calls, None) for calls in _split(ready, len(ready) if whole else CALLS_PER_ACTIVITY)]
+        else:
+            groups, self._waiting = self._with_lanes(ready, whole)
+        for calls, lanes in groups:
             first = calls[0].inp
-            group = _Group(calls, f"{first.call_id}-a{first.attempt}")
+            group = _Group(calls, f"{first.call_id}-a{first.attempt}", lanes)
             for position, one in enumerate(calls):
                 one.future.add_done_callback(lambda f, g=group, p=position: _on_done(g, p, f))
             group.task = asyncio.ensure_future(self._run(group))
 
+    def _with_lanes(self, ready: list[_Call], whole: bool) -> tuple[list[tuple[list[_Call], int]], list[_Call]]:
+        """Groups of the ready calls that the free lanes can carry, each with
+        its lanes; and the calls left to wait for lanes. Calls that fit the
+        free lanes get one each (as without lanes); only the calls past them
+        queue behind a lane, up to CALLS_PER_LANE calls per lane."""
+        assert self._free is not None
+        if whole and len(ready) <= self._free:
+            self._free -= len(ready)
+            return [(ready, len(ready))], []
+        groups: list[tuple[list[_Call], int]] = []
+        position = 0
+        while position < len(ready) and self._free > 0:
+            left = len(ready) - position
+            lanes = min(CALLS_PER_ACTIVITY, self._free, left)
+            past_lanes = left - min(self._free, left)  # calls that must queue behind a lane
+            take = lanes + min(past_lanes, lanes * (CALLS_PER_LANE - 1))
+            calls = _split(ready[position : position + take], take)[0]  # within the inline budget
+            lanes = min(lanes, len(calls))
+            self._free -= lanes
+            groups.append((calls, lanes))
+            position += len(calls)
+        return groups, ready[position:]
+
+    def _lanes_back(self, lanes: int | None) -> None:
+        if self._free is None or lanes is None:
+            return
+        self._free += lanes
+        if self._waiting and not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+
     async def _run(self, group: _Group) -> None:
+        try:
+            await self._run_group(group)
+        finally:
+            self._lanes_back(group.lanes)
+
+    async def _run_group(self, group: _Group) -> None:
         calls = group.calls
         reply_limit = max(256, GROUP_REPLY_BUDGET // len(calls))
         inputs = [
@@ -127,13 +180,17 @@ class CallGroups:
             )
             for c in calls
         ]
+        # A lane runs its calls one after another.
+        rounds = -(-len(calls) // group.lanes) if group.lanes else 1
         try:
             out: LlmCallsOutput = await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALLS,
-                LlmCallsInput(calls=inputs, call_timeout_s=self._call_timeout_s, records=group.records),
+                LlmCallsInput(
+                    calls=inputs, call_timeout_s=self._call_timeout_s, records=group.records, lanes=group.lanes
+                ),
                 result_type=LlmCallsOutput,
                 summary=llm_calls_summary([c.place for c in calls], [c.inp.model for c in calls]),
-                start_to_close_timeout=timedelta(seconds=self._call_timeout_s) + GROUP_TIMEOUT_MARGIN,
+                start_to_close_timeout=timedelta(seconds=self._call_timeout_s * rounds) + GROUP_TIMEOUT_MARGIN,
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
             )

@@ -245,6 +245,9 @@ class LlmCallsInput(BaseModel):
     records: str | None = None
     """Name under which the group records its calls' replies, several to an
     object; None: one object per call (what workflows before it ask)."""
+    lanes: int | None = None
+    """How many of the calls may be in flight at once; each call's own
+    deadline starts when it does. None: all at once."""
 
 
 class LlmCallsOutput(BaseModel):

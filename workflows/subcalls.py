@@ -19,8 +19,9 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Ledger, Refusal, Spend, equal_share, token_bound
-    from workflows.request import MAX_QUESTION_CHARS, ParentLink, RunRequest, clip_utf8
+    from workflows.admission import Admission
+    from workflows.budget import Ledger, Refusal, Spend, equal_share
+    from workflows.request import ParentLink, RunRequest, clip_utf8
     from workflows.result import ChildSummary, RunResult, Usage, bounded_tree
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -28,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         raise_if_cancelled,
     )
     from workflows.call_groups import CallGroups
+    from workflows.subcall_plan import LlmPlan, pick_model, plan_llm_call, refuse_text
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.steps import (
         MAX_BATCH_ITEMS,
@@ -47,11 +49,6 @@ MAX_SUBCALL_UPDATES = 1_800
 
 # Sum of inline replies in one update reply stays far below the 2 MiB limit.
 REPLY_INLINE_BUDGET = 512 * 1024
-# English text averages about 4 bytes per token: a prompt whose bytes / 4
-# pass the model's window cannot fit, so it is refused before anything is read
-# or sent. A typical size, not a bound (budgets reserve `token_bound`); the
-# provider has the last word, and its refusal costs nothing.
-TYPICAL_BYTES_PER_TOKEN = 4
 # A run's history must stay under the server's limits (51,200 events and
 # 50 MB by default; events: `limits.history_events`) until the turn boundary,
 # where it continues as new.
@@ -87,6 +84,9 @@ class SubcallRouter:
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
         self._queued = 0
         """Items waiting for a concurrency slot."""
+        self._admission: Admission | None = None
+        """Set for runs that admit calls past the cap into windows; they use it instead of `_sem`."""
+        self._windowed: bool | None = None
         self._groups: CallGroups | None = None
         """Set on the first `llm_query` of a run that carries calls in groups."""
         self._grouped: bool | None = None
@@ -171,8 +171,10 @@ class SubcallRouter:
     async def _run_item(
         self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
     ) -> SubcallAnswer:
-        if refused := _refuse_text(batch.kind, item):
+        if refused := refuse_text(batch.kind, item):
             return refused
+        if self._windows() is not None:
+            return await self._run_admitted(batch, item, call_id, inline_limit, index)
         self._queued += 1
         try:
             await self._sem.acquire()
@@ -189,58 +191,70 @@ class SubcallRouter:
             self.done_calls += 1
             self._sem.release()
 
-    def _pick_model(self, batch: SubcallBatch, kind: str) -> str | SubcallAnswer:
-        allowed = self._req.models.allowed()
-        if batch.model is None:
-            if kind == "rlm":
-                return self._req.models.root_at(self._req.depth + 1)
-            return self._req.models.sub_model()
-        if batch.model not in allowed:
-            return SubcallAnswer(
-                error=f"Error: model {batch.model!r} is not configured for this run; "
-                f"choose one of {allowed} or omit model="
-            )
-        return batch.model
+    def _windows(self) -> Admission | None:
+        """Runs started by this version admit `llm_query` calls past the cap
+        into windows (workflows/admission.py); older runs keep the semaphore."""
+        if self._windowed is None:
+            self._windowed = workflow.patched("llm-call-windows")
+            if self._windowed:
+                self._admission = Admission(self._req.caps.max_concurrency, self._ledger.remaining)
+        return self._admission
+
+    async def _run_admitted(
+        self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
+    ) -> SubcallAnswer:
+        """An item of a run that admits calls past the cap into windows:
+        checked and priced first, then admitted (workflows/admission.py)."""
+        admission = self._windows()
+        assert admission is not None
+        child = batch.kind == "rlm" and self._ledger.caps.max_depth >= 1
+        call = None if child else plan_llm_call(self._req, self._models, batch, item)
+        if isinstance(call, SubcallAnswer):
+            return call  # refused before it waits for a slot
+        windowed = await admission.enter("rlm" if child else "llm", call.worst if call else None)
+        self.open_calls += 1
+        try:
+            if call is None:
+                return await self._child_run(batch, item, call_id, index)
+            return await self._llm_attempts(call, call_id, inline_limit, index, len(batch.items))
+        finally:
+            self.open_calls -= 1
+            self.done_calls += 1
+            admission.leave("rlm" if child else "llm", windowed)
 
     async def _llm_call(
         self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
     ) -> SubcallAnswer:
-        model = self._pick_model(batch, "llm")
-        if isinstance(model, SubcallAnswer):
-            return model
-        info = self._models[model]
-        max_out = min(info.max_output_tokens, self._req.limits.sub_max_output_tokens or 4096)
-        if batch.kind == "rlm" and item.context is None:
-            # At the depth cap a child falls back to a plain call over the same context.
-            item = item.model_copy(update={"context": self._req.context})
-        prompt_bytes = _prompt_bytes(item)
-        if prompt_bytes // TYPICAL_BYTES_PER_TOKEN + max_out > info.context_window:
-            return SubcallAnswer(
-                error=f"Error: this prompt is {prompt_bytes:,} bytes, about {prompt_bytes // TYPICAL_BYTES_PER_TOKEN:,} "
-                f"tokens, more than model {model!r} takes ({info.context_window:,} tokens with {max_out:,} for "
-                "the reply); split it into smaller chunks"
-            )
+        plan = plan_llm_call(self._req, self._models, batch, item)
+        if isinstance(plan, SubcallAnswer):
+            return plan
+        return await self._llm_attempts(plan, call_id, inline_limit, index, len(batch.items))
+
+    async def _llm_attempts(
+        self, plan: LlmPlan, call_id: str, inline_limit: int, index: int, count: int
+    ) -> SubcallAnswer:
+        item = plan.item
 
         async def attempt(number: int) -> LlmCallOutput:
             call = LlmCallInput(
                 workflow_id=workflow.info().workflow_id,
                 call_id=call_id,
-                model=model,
+                model=plan.model,
                 prompt=item.text,
                 prompt_ref=item.text_ref,
                 context=item.context,
-                max_tokens=max_out,
+                max_tokens=plan.max_out,
                 inline_limit=inline_limit,
                 attempt=number,
             )
             groups = self._call_groups()
             if groups is not None:
-                return await groups.call(call, index + 1, len(batch.items))
+                return await groups.call(call, index + 1, count)
             return await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALL,
                 call,
                 result_type=LlmCallOutput,
-                summary=llm_call_summary(index + 1, len(batch.items), model),
+                summary=llm_call_summary(index + 1, count, plan.model),
                 start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -248,8 +262,8 @@ class SubcallRouter:
 
         try:
             out = await paid_model_call(
-                self._ledger, self._usage, call_id=call_id, model=info, depth=self._req.depth + 1,
-                prompt_tokens=token_bound(prompt_bytes, 1), max_output_tokens=max_out, run_attempt=attempt,
+                self._ledger, self._usage, call_id=call_id, model=plan.info, depth=self._req.depth + 1,
+                prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_out, run_attempt=attempt,
             )  # fmt: skip
         except ActivityError as exc:
             raise_if_cancelled(exc)
@@ -267,13 +281,21 @@ class SubcallRouter:
                 # Whole-batch groups change the activities a run schedules:
                 # runs started before them keep groups of CALLS_PER_ACTIVITY.
                 whole = workflow.patched("llm-call-groups-whole-batch")
-                self._groups = CallGroups(
-                    self._req.limits.model_call_timeout_s, (lambda: self._queued > 0) if whole else None
-                )
+                if self._admission is not None:
+                    admission = self._admission
+                    self._groups = CallGroups(
+                        self._req.limits.model_call_timeout_s,
+                        lambda: admission.waiting > 0,
+                        lanes=self._req.caps.max_concurrency,
+                    )
+                else:
+                    self._groups = CallGroups(
+                        self._req.limits.model_call_timeout_s, (lambda: self._queued > 0) if whole else None
+                    )
         return self._groups
 
     async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str, index: int) -> SubcallAnswer:
-        model = self._pick_model(batch, "rlm")
+        model = pick_model(self._req, batch, "rlm")
         if isinstance(model, SubcallAnswer):
             return model
         info = workflow.info()
@@ -358,28 +380,6 @@ class SubcallRouter:
 
 async def _done(answer: SubcallAnswer) -> SubcallAnswer:
     return answer
-
-
-def _prompt_bytes(item: SubcallItem) -> int:
-    """UTF-8 bytes of the prompt the llm_call activity will send for `item`."""
-    size = item.text_ref.size if item.text_ref is not None else len((item.text or "").encode())
-    if item.context is not None:
-        # The activity appends the context after "\n\n", documents joined by "\n\n".
-        size += item.context.total_bytes + 2 * item.context.doc_count
-    return size
-
-
-def _refuse_text(kind: str, item: SubcallItem) -> SubcallAnswer | None:
-    """An error string for a question no call should be made for."""
-    what = "rlm_query question" if kind == "rlm" else "llm_query prompt"
-    if item.text_chars == 0 or (item.text is not None and not item.text.strip()):
-        return SubcallAnswer(error=f"Error: the {what} is empty; ask something")
-    if kind == "rlm" and (item.text is None or item.text_chars > MAX_QUESTION_CHARS):
-        return SubcallAnswer(
-            error=f"Error: the {what} has {item.text_chars:,} characters, at most {MAX_QUESTION_CHARS:,}; "
-            "pass long text as context= and ask a short question about it"
-        )
-    return None
 
 
 def _bounded(answer: SubcallAnswer, inline_limit: int) -> SubcallAnswer:

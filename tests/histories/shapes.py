@@ -118,6 +118,23 @@ async def whole_batch(lab: Lab) -> Recorded:
     return await _in_process(lab, body)
 
 
+async def windowed(lab: Lab) -> Recorded:
+    """Twelve llm_query calls behind a concurrency of 4: calls past the cap
+    travel in windows, waiting inside their group for a lane (call windows)."""
+    ctx = lab.contexts.put_value("twelve behind four")
+    lab.llm.add_rule("Turn 1 of", repl("r = llm_query_batched([str(i) for i in range(12)])\nprint('got', len(r))"), model=ROOT)
+    lab.llm.add_rule("got ", "FINAL(12)", model=ROOT)
+    lab.llm.add_rule(None, lambda r: r.last_user_text, model=SUB, delay_s=0.05)
+
+    async def body(client: Client, s: Settings) -> Recorded:
+        req = request("q", ctx, caps={"max_concurrency": 4})
+        handle = await start(client, s, req, workflow_id="replay-windowed")
+        await asyncio.wait_for(handle.result(), TIMEOUT_S)
+        return [("windowed", await handle.fetch_history())]
+
+    return await _in_process(lab, body)
+
+
 async def children(lab: Lab) -> Recorded:
     """rlm_query_batched starts two child runs at depth 1; parent and one child kept."""
     ctx = lab.contexts.put_value("root context")
@@ -339,6 +356,7 @@ SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "plain": plain,
     "batched_subcalls": batched_subcalls,
     "whole_batch": whole_batch,
+    "windowed": windowed,
     "children": children,
     "continue_as_new": continue_as_new,
     "cancel": cancel,
