@@ -6,7 +6,8 @@ may differ in the re-run cell (string hashing differs between interpreters).
 Calls travel several to an activity (workflows/call_groups.py), so the kill
 lands in groups that hold both answered calls and calls still waiting: each
 answered call must have been recorded (its group's records hold it) and is
-not made again."""
+not made again. With call windows a group carries more calls than lanes; a
+kill there must not repeat the calls its activity had started on freed lanes."""
 
 from __future__ import annotations
 
@@ -113,3 +114,89 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
 async def _history(settings, workflow_id: str):
     client = await connect(settings)
     return await client.get_workflow_handle(workflow_id).fetch_history()
+
+
+WINDOW_ITEMS = 12
+WINDOW_CAP = 4
+HELD = (6, 7)  # the first group carries items 0-7 on 4 lanes: 0-5 answer, 6 and 7 hold their lanes
+
+
+def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings, context_store, llm, tmp_path):
+    # Behind a cap of 4, the first group carries 8 calls on 4 lanes (call
+    # windows, workflows/admission.py): its activity started items 4 and 5 as
+    # lanes freed, with no workflow step between. The kill lands while 6 and 7
+    # hold their lanes and 8-11 wait in the workflow for admission.
+    ctx = context_store.put_value("window list")
+    expected = sum(range(WINDOW_ITEMS))
+    held = threading.Event()
+    llm.add_rule(
+        "Turn 1 of",
+        repl(
+            f"prompts = [f'item {{i}}' for i in range({WINDOW_ITEMS})]\n"
+            "r = llm_query_batched(prompts)\n"
+            "print('total', sum(int(x) for x in r), 'matched', sum(a == p.split()[-1] for p, a in zip(prompts, r)))"
+        ),
+        model=ROOT,
+        name="turn1",
+    )
+    llm.add_rule(
+        lambda r: f"total {expected} matched {WINDOW_ITEMS}" in r.last_user_text, f"FINAL({expected})", model=ROOT,
+        name="final",
+    )  # fmt: skip
+    llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, name="fast")
+    llm.add_rule(
+        lambda r: int(r.last_user_text.split()[-1]) in HELD,
+        lambda r: r.last_user_text.split()[-1],
+        model=SUB,
+        name="held",
+        hold=held,
+    )
+    s = isolated(settings)
+    log_path = tmp_path / "workers.log"
+    first = start_worker_process(s, llm.url, log_path)
+    second = None
+    try:
+
+        async def until_killed():
+            client = await connect(s)
+            req = request("total?", ctx, caps={"max_concurrency": WINDOW_CAP})
+            handle = await client.start_workflow(
+                WORKFLOW_RLM_RUN, req, id=f"crash-window-{os.getpid()}-{id(s)}", task_queue=s.task_queue,
+                result_type=RunResult,
+            )  # fmt: skip
+            await asyncio.to_thread(llm.wait_for_count, len(HELD), "held", 90.0)
+            while recorded_calls(context_store.store, handle.id) < HELD[0]:
+                await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+            return handle.id
+
+        workflow_id = asyncio.run(until_killed())
+        answered_before = [r.last_user_text for r in llm.requests(SUB) if r.matched_rule.name == "fast"]
+        assert sorted(answered_before) == sorted(f"item {i}" for i in range(HELD[0]))
+        assert llm.peak_in_flight <= WINDOW_CAP
+        held.set()
+        second = start_worker_process(s, llm.url, log_path)
+
+        async def finish() -> RunResult:
+            client = await connect(s)
+            return await asyncio.wait_for(client.get_workflow_handle(workflow_id, result_type=RunResult).result(), 120)
+
+        result = asyncio.run(finish())
+    finally:
+        held.set()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+    assert result.status == "completed" and result.answer == str(expected), (result.reason, log_path.read_text()[-3000:])
+    prompts = [r.last_user_text for r in llm.requests(SUB)]
+    for prompt in answered_before:
+        assert prompts.count(prompt) == 1, f"completed call {prompt!r} was made again"
+    assert all(prompts.count(f"item {i}") in (1, 2) for i in range(WINDOW_ITEMS))
+    history = asyncio.run(_history(s, workflow_id))
+    first_group = next(
+        e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"
+    )
+    carried = json.loads(first_group.activity_task_scheduled_event_attributes.input.payloads[0].data)
+    assert len(carried["calls"]) == 2 * WINDOW_CAP and carried["lanes"] == WINDOW_CAP
