@@ -47,7 +47,7 @@ from temporalio.client import Client, WorkflowFailureError  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 
 from activities.context_store import ContextStore
-from activities.runtime import run_key  # noqa: E402
+from activities._call_records import recorded_calls  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
 from tests.fixtures_llm import models_json  # noqa: E402
@@ -202,9 +202,9 @@ class Bench:
             handle = await start(client, s, req, workflow_id=f"hostile-crash-{uuid.uuid4().hex[:8]}")
             await asyncio.to_thread(self.fake.wait_for_count, n - held_from, "held", 120.0)
             # Every answered call has its record (calls travel in groups that
-            # end only with their last call, so count records, not activities).
-            records = run_key(handle.id, "calls") + "/"
-            while self.contexts.store.count(records) < held_from:
+            # end only with their last call, so count recorded calls, not
+            # activities; a group's object holds several).
+            while recorded_calls(self.contexts.store, handle.id) < held_from:
                 await asyncio.sleep(0.1)  # waiting for an observed fact
             first_peak = first.kill()
             killed_at = time.perf_counter() - begun
