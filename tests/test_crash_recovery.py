@@ -16,7 +16,8 @@ import json
 import os
 import signal
 import threading
-
+from dataclasses import dataclass
+from pathlib import Path
 
 from tests.run_harness import ROOT, SUB, isolated, repl, request, start_worker_process
 from activities._call_records import recorded_calls
@@ -27,93 +28,31 @@ from workflows.result import RunResult
 
 ITEMS = 40
 HELD_FROM = 20  # items >= this wait at the model server until after the kill
-# All items in flight at once: a group's slots are given back when the whole
-# group ends (workflows/call_groups.py), and every group here holds a held item.
+# All items in flight at once (cap 40): a group's slots are given back when the
+# whole group ends (workflows/call_groups.py), and every group here holds a held item.
 
 
 def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, context_store, llm, tmp_path):
-    ctx = context_store.put_value("item list")
-    expected = sum(range(ITEMS))
-    held = threading.Event()
-    llm.add_rule(
-        "Turn 1 of",
-        repl(
-            f"prompts = list({{f'item {{i}}' for i in range({ITEMS})}})\n"
-            "r = llm_query_batched(prompts)\n"
-            "print('total', sum(int(x) for x in r), 'matched', sum(a == p.split()[-1] for p, a in zip(prompts, r)))"
-        ),
-        model=ROOT,
-        name="turn1",
-    )
-    llm.add_rule(
-        lambda r: f"total {expected} matched {ITEMS}" in r.last_user_text, f"FINAL({expected})", model=ROOT, name="final"
-    )
-    llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, name="fast")
-    llm.add_rule(
-        lambda r: int(r.last_user_text.split()[-1]) >= HELD_FROM,
-        lambda r: r.last_user_text.split()[-1],
-        model=SUB,
-        name="held",
-        hold=held,
-    )
-    s = isolated(settings)
-    log_path = tmp_path / "workers.log"
-    first = start_worker_process(s, llm.url, log_path)
-    second = None
-    try:
-
-        async def until_killed():
-            client = await connect(s)
-            handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, request("total?", ctx, caps={"max_concurrency": ITEMS}), id=f"crash-{os.getpid()}-{id(s)}",
-                task_queue=s.task_queue, result_type=RunResult,
-            )
-            await asyncio.to_thread(llm.wait_for_count, ITEMS - HELD_FROM, "held", 90.0)
-            # Every answered call has its record (the durable fact a retry reads).
-            while recorded_calls(context_store.store, handle.id) < HELD_FROM:
-                await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait(10)
-            return handle.id
-
-        workflow_id = asyncio.run(until_killed())
-        completed_before = {r.last_user_text for r in llm.requests(SUB) if r.matched_rule.name == "fast"}
-        assert len(completed_before) == HELD_FROM
-        held.set()
-        second = start_worker_process(s, llm.url, log_path)
-
-        async def finish() -> RunResult:
-            client = await connect(s)
-            return await asyncio.wait_for(client.get_workflow_handle(workflow_id, result_type=RunResult).result(), 120)
-
-        result = asyncio.run(finish())
-    finally:
-        held.set()
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(20)
-    assert result.status == "completed", (result.reason, log_path.read_text()[-3000:])
+    crash = _crash_mid_cell(
+        settings, context_store, llm, tmp_path,
+        prompts=f"list({{f'item {{i}}' for i in range({ITEMS})}})", items=ITEMS, cap=ITEMS,
+        held_if=lambda i: i >= HELD_FROM, answered=HELD_FROM,
+    )  # fmt: skip
+    assert len(set(crash.answered_before)) == HELD_FROM
+    result = crash.result
+    assert result.status == "completed", (result.reason, crash.log_path.read_text()[-3000:])
     # Both workers froze their startup objects out of full collections (worker.py).
-    started = [json.loads(line) for line in log_path.read_text().splitlines() if '"worker.started"' in line]
+    started = [json.loads(line) for line in crash.log_path.read_text().splitlines() if '"worker.started"' in line]
     assert len(started) == 2 and all(e["frozen_objects"] > 10_000 for e in started), started
-    assert result.answer == str(expected)
-    prompts = [r.last_user_text for r in llm.requests(SUB)]
-    for prompt in completed_before:
-        assert prompts.count(prompt) == 1, f"completed call {prompt!r} was made again"
-    assert all(prompts.count(f"item {i}") in (1, 2) for i in range(ITEMS))
+    assert result.answer == str(sum(range(ITEMS)))
+    crash.assert_answered_calls_not_repeated(llm, ITEMS)
     assert llm.count("turn1") == 1
     assert llm.count("final") == 1
-    history = asyncio.run(_history(s, workflow_id))
+    history = asyncio.run(_history(crash.settings, crash.workflow_id))
     groups = [e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"]
     # The kill cut groups short: their calls were retried call by call, so more
     # groups were scheduled than the first attempts alone need.
     assert len(groups) > -(-ITEMS // CALLS_PER_ACTIVITY)
-
-
-async def _history(settings, workflow_id: str):
-    client = await connect(settings)
-    return await client.get_workflow_handle(workflow_id).fetch_history()
 
 
 WINDOW_ITEMS = 12
@@ -126,13 +65,58 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
     # windows, workflows/admission.py): its activity started items 4 and 5 as
     # lanes freed, with no workflow step between. The kill lands while 6 and 7
     # hold their lanes and 8-11 wait in the workflow for admission.
-    ctx = context_store.put_value("window list")
-    expected = sum(range(WINDOW_ITEMS))
+    crash = _crash_mid_cell(
+        settings, context_store, llm, tmp_path,
+        prompts=f"[f'item {{i}}' for i in range({WINDOW_ITEMS})]", items=WINDOW_ITEMS, cap=WINDOW_CAP,
+        held_if=lambda i: i in HELD, answered=HELD[0],
+    )  # fmt: skip
+    assert sorted(crash.answered_before) == sorted(f"item {i}" for i in range(HELD[0]))
+    assert crash.peak_before <= WINDOW_CAP
+    result = crash.result
+    assert result.status == "completed" and result.answer == str(sum(range(WINDOW_ITEMS))), (
+        result.reason, crash.log_path.read_text()[-3000:]
+    )  # fmt: skip
+    crash.assert_answered_calls_not_repeated(llm, WINDOW_ITEMS)
+    history = asyncio.run(_history(crash.settings, crash.workflow_id))
+    first_group = next(
+        e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"
+    )
+    carried = json.loads(first_group.activity_task_scheduled_event_attributes.input.payloads[0].data)
+    assert len(carried["calls"]) == 2 * WINDOW_CAP and carried["lanes"] == WINDOW_CAP
+
+
+@dataclass
+class _Crash:
+    settings: object
+    workflow_id: str
+    answered_before: list[str]
+    """Sub-call prompts the model had answered when the worker was killed."""
+    peak_before: int
+    """Most sub-calls in flight at once at the model server until the kill."""
+    result: RunResult
+    log_path: Path
+
+    def assert_answered_calls_not_repeated(self, llm, items: int) -> None:
+        prompts = [r.last_user_text for r in llm.requests(SUB)]
+        for prompt in self.answered_before:
+            assert prompts.count(prompt) == 1, f"completed call {prompt!r} was made again"
+        assert all(prompts.count(f"item {i}") in (1, 2) for i in range(items))
+
+
+def _crash_mid_cell(
+    settings, context_store, llm, tmp_path, *, prompts: str, items: int, cap: int, held_if, answered: int
+) -> _Crash:
+    """Run a cell that asks `llm_query_batched(<prompts>)` ("item i" -> "i");
+    the items `held_if` picks wait at the model server. Once they all arrived
+    and `answered` calls are recorded, kill -9 the worker, release the held
+    items and let a second worker finish the run."""
+    ctx = context_store.put_value("item list")
+    expected = sum(range(items))
     held = threading.Event()
     llm.add_rule(
         "Turn 1 of",
         repl(
-            f"prompts = [f'item {{i}}' for i in range({WINDOW_ITEMS})]\n"
+            f"prompts = {prompts}\n"
             "r = llm_query_batched(prompts)\n"
             "print('total', sum(int(x) for x in r), 'matched', sum(a == p.split()[-1] for p, a in zip(prompts, r)))"
         ),
@@ -140,12 +124,11 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
         name="turn1",
     )
     llm.add_rule(
-        lambda r: f"total {expected} matched {WINDOW_ITEMS}" in r.last_user_text, f"FINAL({expected})", model=ROOT,
-        name="final",
-    )  # fmt: skip
+        lambda r: f"total {expected} matched {items}" in r.last_user_text, f"FINAL({expected})", model=ROOT, name="final"
+    )
     llm.add_rule(None, lambda r: r.last_user_text.split()[-1], model=SUB, name="fast")
     llm.add_rule(
-        lambda r: int(r.last_user_text.split()[-1]) in HELD,
+        lambda r: held_if(int(r.last_user_text.split()[-1])),
         lambda r: r.last_user_text.split()[-1],
         model=SUB,
         name="held",
@@ -159,13 +142,13 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
 
         async def until_killed():
             client = await connect(s)
-            req = request("total?", ctx, caps={"max_concurrency": WINDOW_CAP})
             handle = await client.start_workflow(
-                WORKFLOW_RLM_RUN, req, id=f"crash-window-{os.getpid()}-{id(s)}", task_queue=s.task_queue,
-                result_type=RunResult,
-            )  # fmt: skip
-            await asyncio.to_thread(llm.wait_for_count, len(HELD), "held", 90.0)
-            while recorded_calls(context_store.store, handle.id) < HELD[0]:
+                WORKFLOW_RLM_RUN, request("total?", ctx, caps={"max_concurrency": cap}), id=f"crash-{os.getpid()}-{id(s)}",
+                task_queue=s.task_queue, result_type=RunResult,
+            )
+            await asyncio.to_thread(llm.wait_for_count, sum(map(held_if, range(items))), "held", 90.0)
+            # Every answered call has its record (the durable fact a retry reads).
+            while recorded_calls(context_store.store, handle.id) < answered:
                 await asyncio.sleep(0.1)  # polling storage for an observed fact, not a fixed wait
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)
@@ -173,8 +156,7 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
 
         workflow_id = asyncio.run(until_killed())
         answered_before = [r.last_user_text for r in llm.requests(SUB) if r.matched_rule.name == "fast"]
-        assert sorted(answered_before) == sorted(f"item {i}" for i in range(HELD[0]))
-        assert llm.peak_in_flight <= WINDOW_CAP
+        peak_before = llm.peak_in_flight
         held.set()
         second = start_worker_process(s, llm.url, log_path)
 
@@ -189,14 +171,9 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(20)
-    assert result.status == "completed" and result.answer == str(expected), (result.reason, log_path.read_text()[-3000:])
-    prompts = [r.last_user_text for r in llm.requests(SUB)]
-    for prompt in answered_before:
-        assert prompts.count(prompt) == 1, f"completed call {prompt!r} was made again"
-    assert all(prompts.count(f"item {i}") in (1, 2) for i in range(WINDOW_ITEMS))
-    history = asyncio.run(_history(s, workflow_id))
-    first_group = next(
-        e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"
-    )
-    carried = json.loads(first_group.activity_task_scheduled_event_attributes.input.payloads[0].data)
-    assert len(carried["calls"]) == 2 * WINDOW_CAP and carried["lanes"] == WINDOW_CAP
+    return _Crash(s, workflow_id, answered_before, peak_before, result, log_path)
+
+
+async def _history(settings, workflow_id: str):
+    client = await connect(settings)
+    return await client.get_workflow_handle(workflow_id).fetch_history()
