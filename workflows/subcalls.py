@@ -11,6 +11,8 @@ answered from memory instead of calling a model again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -180,16 +182,24 @@ class SubcallRouter:
             await self._sem.acquire()
         finally:
             self._queued -= 1  # also when cancelled while waiting
+        try:
+            with self._open_call():
+                # caps.max_depth counts down: what is left below this run.
+                if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
+                    return await self._child_run(batch, item, call_id, index)
+                return await self._llm_call(batch, item, call_id, inline_limit, index)
+        finally:
+            self._sem.release()
+
+    @contextlib.contextmanager
+    def _open_call(self) -> Iterator[None]:
+        """Counts an admitted item as open while it runs (`progress`)."""
         self.open_calls += 1
         try:
-            # caps.max_depth counts down: what is left below this run.
-            if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
-                return await self._child_run(batch, item, call_id, index)
-            return await self._llm_call(batch, item, call_id, inline_limit, index)
+            yield
         finally:
             self.open_calls -= 1
             self.done_calls += 1
-            self._sem.release()
 
     def _windows(self) -> Admission | None:
         """Runs started by this version admit `llm_query` calls past the cap
@@ -207,20 +217,19 @@ class SubcallRouter:
         checked and priced first, then admitted (workflows/admission.py)."""
         admission = self._windows()
         assert admission is not None
-        child = batch.kind == "rlm" and self._ledger.caps.max_depth >= 1
-        call = None if child else plan_llm_call(self._req, self._models, batch, item)
+        # caps.max_depth counts down: what is left below this run.
+        kind = "rlm" if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1 else "llm"
+        call = plan_llm_call(self._req, self._models, batch, item) if kind == "llm" else None
         if isinstance(call, SubcallAnswer):
             return call  # refused before it waits for a slot
-        windowed = await admission.enter("rlm" if child else "llm", call.worst if call else None)
-        self.open_calls += 1
+        windowed = await admission.enter(kind, call.worst if call else None)
         try:
-            if call is None:
-                return await self._child_run(batch, item, call_id, index)
-            return await self._llm_attempts(call, call_id, inline_limit, index, len(batch.items))
+            with self._open_call():
+                if call is None:
+                    return await self._child_run(batch, item, call_id, index)
+                return await self._llm_attempts(call, call_id, inline_limit, index, len(batch.items))
         finally:
-            self.open_calls -= 1
-            self.done_calls += 1
-            admission.leave("rlm" if child else "llm", windowed)
+            admission.leave(kind, windowed)
 
     async def _llm_call(
         self, batch: SubcallBatch, item: SubcallItem, call_id: str, inline_limit: int, index: int
