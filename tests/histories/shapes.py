@@ -105,32 +105,26 @@ async def batched_subcalls(lab: Lab) -> Recorded:
 async def whole_batch(lab: Lab) -> Recorded:
     """A batch of twelve llm_query calls that fits the run's concurrency: one
     `llm_calls` activity since whole-batch groups (two before them)."""
-    ctx = lab.contexts.put_value("twelve")
-    lab.llm.add_rule("Turn 1 of", repl("r = llm_query_batched([str(i) for i in range(12)])\nprint('got', len(r))"), model=ROOT)
-    lab.llm.add_rule("got ", "FINAL(12)", model=ROOT)
-    lab.llm.add_rule(None, lambda r: r.last_user_text, model=SUB)
-
-    async def body(client: Client, s: Settings) -> Recorded:
-        handle = await start(client, s, request("q", ctx), workflow_id="replay-whole-batch")
-        await asyncio.wait_for(handle.result(), TIMEOUT_S)
-        return [("whole_batch", await handle.fetch_history())]
-
-    return await _in_process(lab, body)
+    return await _twelve_calls(lab, "whole_batch", "twelve", caps=None, delay_s=0.0)
 
 
 async def windowed(lab: Lab) -> Recorded:
     """Twelve llm_query calls behind a concurrency of 4: calls past the cap
     travel in windows, waiting inside their group for a lane (call windows)."""
-    ctx = lab.contexts.put_value("twelve behind four")
+    return await _twelve_calls(lab, "windowed", "twelve behind four", caps={"max_concurrency": 4}, delay_s=0.05)
+
+
+async def _twelve_calls(lab: Lab, name: str, context: str, *, caps: dict | None, delay_s: float) -> Recorded:
+    """One cell asks twelve echo calls in one batch, then FINAL(12)."""
+    ctx = lab.contexts.put_value(context)
     lab.llm.add_rule("Turn 1 of", repl("r = llm_query_batched([str(i) for i in range(12)])\nprint('got', len(r))"), model=ROOT)
     lab.llm.add_rule("got ", "FINAL(12)", model=ROOT)
-    lab.llm.add_rule(None, lambda r: r.last_user_text, model=SUB, delay_s=0.05)
+    lab.llm.add_rule(None, lambda r: r.last_user_text, model=SUB, delay_s=delay_s)
 
     async def body(client: Client, s: Settings) -> Recorded:
-        req = request("q", ctx, caps={"max_concurrency": 4})
-        handle = await start(client, s, req, workflow_id="replay-windowed")
+        handle = await start(client, s, request("q", ctx, caps=caps), workflow_id="replay-" + name.replace("_", "-"))
         await asyncio.wait_for(handle.result(), TIMEOUT_S)
-        return [("windowed", await handle.fetch_history())]
+        return [(name, await handle.fetch_history())]
 
     return await _in_process(lab, body)
 
