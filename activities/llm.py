@@ -94,30 +94,46 @@ class Completion(BaseModel):
 
 
 def price_unmapped_models(registry: ModelRegistry) -> None:
-    """Enter every configured model litellm's price map lacks, at price 0
-    (`_unmapped_priced_at_zero`). Workers call it before they poll, so the
-    map changes before any thread reads it (a model litellm knows but does
-    not price, used without configuration, is entered at its first call)."""
+    """Enter every configured model litellm's price map lacks (`_enter_unmapped`).
+    Workers call it before they poll, so the map changes before any thread
+    reads it (a model litellm knows but does not price, used without
+    configuration, is entered at its first call)."""
+    prices: dict[str, set[tuple[float, float]]] = {}
     for spec in registry.specs:
-        _unmapped_priced_at_zero(spec.litellm_model)
+        prices.setdefault(spec.litellm_model, set()).add(
+            (spec.usd_per_input_token or 0.0, spec.usd_per_output_token or 0.0)
+        )
+    for litellm_model, seen in prices.items():
+        # Specs sharing a model at different prices: litellm's own figure is then nobody's.
+        usd_in, usd_out = seen.pop() if len(seen) == 1 else (0.0, 0.0)
+        _enter_unmapped(litellm_model, usd_in, usd_out)
 
 
-@functools.lru_cache(maxsize=512)
-def _unmapped_priced_at_zero(litellm_model: str) -> None:
-    """Put a model litellm's price map lacks into it at price 0, once per process.
+# Models this process entered in litellm's price map; litellm's price for them is ours.
+_ENTERED: set[str] = set()
+
+
+def _enter_unmapped(litellm_model: str, usd_in: float = 0.0, usd_out: float = 0.0) -> None:
+    """Put a model litellm's price map lacks into it, once per process: at its
+    spec's prices (the worker's registry), else 0.
 
     litellm prices every reply itself (for its logging). For an unmapped model
     that fails the slow way, each call: an exception, a traceback string, a
     zero-cost diagnostic. That was ~0.5 ms of the ~4.5 ms of CPU litellm
     spends per call (bench: 2,000 calls at 32 in flight), on the thread every
-    sub-call of the worker shares. Price 0 changes nothing we report: our
-    price for such a model is its spec's override or 0 (`_price`), and
-    `model_info` reads litellm's map only for what it lacks (0 / defaults).
+    sub-call of the worker shares; a reply priced at 0 still costs litellm a
+    zero-cost diagnostic (~0.15 ms), hence the spec's prices when it has them.
+    Nothing we report changes: our price for such a model is its spec's
+    override or 0 (`_price`), and `model_info` never reads these entries
+    (litellm's info is cached as first looked up, before this).
     """
+    if litellm_model in _ENTERED:
+        return
     if model_info_known(litellm_model) or (provider := _provider(litellm_model)) is None:
         return
-    entry = {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0, "litellm_provider": provider, "mode": "chat"}
+    entry = {"input_cost_per_token": usd_in, "output_cost_per_token": usd_out, "litellm_provider": provider, "mode": "chat"}
     litellm.register_model({litellm_model: entry}, add_to_provider_model_sets=False)
+    _ENTERED.add(litellm_model)
 
 
 # Providers whose request preparation reads only the spec and a static API key
@@ -148,7 +164,9 @@ def _litellm_price(response: object) -> float | None:
 
 def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, output: int, estimated: bool) -> float:
     overridden = spec.usd_per_input_token is not None or spec.usd_per_output_token is not None
-    if not overridden and not estimated:
+    # A model we entered in litellm's map is priced by its spec (0 without
+    # overrides): pricing its reply again in litellm cost ~0.3 ms a call.
+    if not overridden and not estimated and spec.litellm_model not in _ENTERED:
         # litellm's own pricing knows cached-token discounts and tiered prices;
         # it priced the reply on arrival, so read that before pricing it again.
         if (cost := _litellm_price(response)) is not None and cost > 0:
@@ -212,7 +230,7 @@ async def _complete(
     stops = spec.stop if stop is None else stop
     if stops:
         kwargs["stop"] = list(stops)
-    _unmapped_priced_at_zero(spec.litellm_model)
+    _enter_unmapped(spec.litellm_model)
     setup = inline_setup() if _prepared_without_io(spec.litellm_model) else contextlib.nullcontext()
     started = time.monotonic()
     try:

@@ -317,6 +317,24 @@ def test_a_worker_enters_its_unmapped_models_in_litellms_map_before_any_call(llm
     assert (info.context_window, info.usd_per_input_token) == (128_000, 0.0)
 
 
+def test_an_unmapped_model_enters_litellms_map_at_its_specs_prices(llm: FakeLLM) -> None:
+    # litellm then prices its replies as we do (no zero-cost diagnostics per
+    # call); specs that share the model at different prices leave it at 0.
+    priced, shared = f"openai/priced-{time.monotonic_ns()}", f"openai/shared-{time.monotonic_ns()}"
+    registry = ModelRegistry([
+        ModelSpec(name="p", litellm_model=priced, api_base=llm.url, usd_per_input_token=1e-6, usd_per_output_token=3e-6),
+        ModelSpec(name="s1", litellm_model=shared, api_base=llm.url, usd_per_input_token=1e-6),
+        ModelSpec(name="s2", litellm_model=shared, api_base=llm.url, usd_per_input_token=2e-6),
+    ])
+    price_unmapped_models(registry)
+    entry = litellm.model_cost[priced]
+    assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (1e-6, 3e-6)
+    entry = litellm.model_cost[shared]
+    assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (0.0, 0.0)
+    # Each spec is still billed at its own prices.
+    assert (registry.info("s1").usd_per_input_token, registry.info("s2").usd_per_input_token) == (1e-6, 2e-6)
+
+
 def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
     models_file = tmp_path / "models.json"
     old = [{"name": "fake-root", "litellm_model": "openai/old"}, {"name": "a", "litellm_model": "b/c"}]
