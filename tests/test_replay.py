@@ -18,6 +18,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from tests.chaos.observe import activity_runs
 from tests.histories.changed_workflow import RLMRunChangedBehindPatch, RLMRunChangedCarelessly
 from workflows.run import RLMRun
 from workflows.session import RLMSession
@@ -26,7 +27,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
 # One file at least for each shape record.py knows (a file lost is a shape unguarded).
 SHAPES = (
-    "plain", "batched_subcalls", "whole_batch", "windowed", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
+    "plain", "resolved_locally", "batched_subcalls", "whole_batch", "windowed", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
     "tools", "max_errors", "compaction", "session_",
 )
 
@@ -60,3 +61,10 @@ def test_a_changed_workflow_fails_replay():
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_the_same_change_behind_workflow_patched_replays(path):
     replay(load(path), RLMRunChangedBehindPatch)
+
+
+def test_runs_since_the_resolve_locally_patch_resolve_models_without_an_activity_task():
+    # The same run before and after the patch: one activity task fewer (and
+    # its workflow task), the lookup recorded as a local activity's marker.
+    assert activity_runs(load(HISTORIES / "plain.json"), "resolve_models") == (1, 0)
+    assert activity_runs(load(HISTORIES / "resolved_locally.json"), "resolve_models") == (0, 1)

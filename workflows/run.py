@@ -14,7 +14,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -59,6 +59,8 @@ FAILURE_TYPES = (
 DEPTH_KEY = SearchAttributeKey.for_int("RlmDepth")
 ROOT_KEY = SearchAttributeKey.for_keyword("RlmRootRunId")
 STATUS_KEY = SearchAttributeKey.for_keyword("RlmStatus")
+# Runs started since this patch resolve models and tools as local activities.
+RESOLVE_LOCALLY_PATCH = "resolve-locally"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -124,8 +126,10 @@ class RLMRun:
             self.state.models = await self._resolve_models()
             # Checked once per chain: a run naming a tool no worker has fails now.
             tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
-        except ActivityError as exc:
-            cause = exc.cause
+        except FailureError as exc:
+            # A local activity's failure arrives as itself (an ApplicationError,
+            # a timeout), an activity's wrapped in an ActivityError.
+            cause = exc.cause if isinstance(exc, ActivityError) else exc
             # An unknown model is the caller's: the message names the field (`models.sub: ...`), keep it first.
             if isinstance(cause, ApplicationError) and cause.type == "UnknownModel":
                 return self._result("failed", cause.message, None)
@@ -177,26 +181,39 @@ class RLMRun:
         return Ledger.root(request.caps, workflow.now(), depth=request.depth)
 
     async def _resolve_models(self) -> dict[str, ModelInfo]:
-        out: ResolveModelsOutput = await workflow.execute_activity(
+        out: ResolveModelsOutput = await self._resolve(
             names.ACTIVITY_RESOLVE_MODELS,
             ResolveModelsInput(names=self._req.models.allowed(), fields=self._req.models.fields()),
-            result_type=ResolveModelsOutput,
-            summary="resolve models · " + ", ".join(self._req.models.allowed())[:160],
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
+            ResolveModelsOutput,
+            "resolve models · " + ", ".join(self._req.models.allowed())[:160],
         )
         return out.models
 
     async def _resolve_tools(self) -> list[ToolSpec]:
-        out: ResolveToolsOutput = await workflow.execute_activity(
+        out: ResolveToolsOutput = await self._resolve(
             names.ACTIVITY_RESOLVE_TOOLS,
             ResolveToolsInput(names=self._req.tools),
-            result_type=ResolveToolsOutput,
-            summary="resolve tools · " + ", ".join(self._req.tools)[:160],
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
+            ResolveToolsOutput,
+            "resolve tools · " + ", ".join(self._req.tools)[:160],
         )
         return out.tools
+
+    @staticmethod
+    async def _resolve(activity: str, arg: Any, result_type: type, summary: str) -> Any:
+        """A lookup in the worker's own registries (models, tools). Runs started
+        since the patch make it a local activity: it runs inside the workflow
+        task that starts the run, which saves an activity task and a second
+        workflow task per run (and per child run). Its outcome is still
+        recorded in the history (a marker), so replay does not repeat it."""
+        options: dict[str, Any] = {
+            "result_type": result_type,
+            "summary": summary,
+            "start_to_close_timeout": timedelta(seconds=30),
+            "retry_policy": RetryPolicy(maximum_attempts=3),
+        }
+        if workflow.patched(RESOLVE_LOCALLY_PATCH):
+            return await workflow.execute_local_activity(activity, arg, **options)
+        return await workflow.execute_activity(activity, arg, **options)
 
     async def _ingest_context(self) -> ContextRef:
         return await ingest_context(self._req.context, self._req.on_unreadable)

@@ -136,6 +136,19 @@ async def pending_started(client: Client, workflow_id: str, activity_type: str) 
     )
 
 
+def activity_runs(history: WorkflowHistory, name: str) -> tuple[int, int]:
+    """How often a run ran activity `name`: (as activity tasks, as local activities)."""
+    tasks = local = 0
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            tasks += e.activity_task_scheduled_event_attributes.activity_type.name == name
+        elif e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            marker = e.marker_recorded_event_attributes
+            if marker.marker_name == "core_local_activity" and "data" in marker.details:
+                local += json.loads(marker.details["data"].payloads[0].data).get("activity_type") == name
+    return tasks, local
+
+
 def history_bytes(history: WorkflowHistory) -> int:
     """Size of a run's history as the server stores it (protobuf bytes)."""
     return sum(e.ByteSize() for e in history.events)

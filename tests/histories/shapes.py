@@ -87,6 +87,12 @@ async def plain(lab: Lab) -> Recorded:
     return await _in_process(lab, body)
 
 
+async def resolved_locally(lab: Lab) -> Recorded:
+    """`plain` as runs started since the "resolve-locally" patch record it:
+    the models are resolved by a local activity (a marker, no activity task)."""
+    return [("resolved_locally", history) for _, history in await plain(lab)]
+
+
 async def batched_subcalls(lab: Lab) -> Recorded:
     """A cell that sends three llm_query calls in one batch, then FINAL."""
     ctx = lab.contexts.put_value("abc")
@@ -348,6 +354,7 @@ async def compaction(lab: Lab) -> Recorded:
 
 SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "plain": plain,
+    "resolved_locally": resolved_locally,
     "batched_subcalls": batched_subcalls,
     "whole_batch": whole_batch,
     "windowed": windowed,
