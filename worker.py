@@ -90,6 +90,7 @@ def build_worker(
             llm.resolve_models,
             llm.llm_call,
             llm.llm_calls,
+            llm.llm_calls_in_lanes,
             IngestContextActivity(runtime).ingest_context,
             RootTurnActivity(runtime).root_turn,
             RunCellActivity(runtime, pool).run_cell,

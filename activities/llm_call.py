@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from activities._call_records import CallRecorder, RecordFinder
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating
-from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_RESOLVE_MODELS
+from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES, ACTIVITY_RESOLVE_MODELS
 from workflows.steps import (
     LlmCallFailure,
     LlmCallInput,
@@ -79,6 +79,12 @@ class LlmCallActivity:
             )
         )
         return LlmCallsOutput(results=list(results))
+
+    @activity.defn(name=ACTIVITY_LLM_CALLS_IN_LANES)
+    async def llm_calls_in_lanes(self, inp: LlmCallsInput) -> LlmCallsOutput:
+        """`llm_calls` for a group with lanes, under a name only workers that
+        honour `lanes` register (workflows/names.py)."""
+        return await self.llm_calls(inp)
 
     async def _one(
         self,

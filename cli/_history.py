@@ -19,6 +19,8 @@ from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 
+from workflows.names import CALL_GROUP_ACTIVITIES
+
 __all__ = ["assemble", "parse_history", "payload_value"]
 
 # Longest text of a run listing's preview.
@@ -251,7 +253,7 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
             spend = _spend(out.get("usd", 0.0), out.get("prompt_tokens", 0) + out.get("completion_tokens", 0), 1)
             if act["type"] in ("root_turn", "llm_call") and act["state"] == "failed":
                 failed_attempts += 1
-            elif act["type"] == "llm_calls" and act["state"] == "failed":
+            elif act["type"] in CALL_GROUP_ACTIVITIES and act["state"] == "failed":
                 failed_attempts += len(inp.get("calls") or [])
             if act["type"] == "root_turn":
                 node = turn(int(inp.get("turn", 0)))
@@ -270,10 +272,10 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 cell.update(base, code=inp.get("code", ""), output=out.get("output"), output_key=out.get("output_key"),
                             error=error, limit=out.get("limit"), final=out.get("final"),
                             duration_s=out.get("duration_s"), subcalls=out.get("subcalls", 0))  # fmt: skip
-            elif act["type"] in ("llm_call", "llm_calls"):
+            elif act["type"] == "llm_call" or act["type"] in CALL_GROUP_ACTIVITIES:
                 # One call per activity, or a group of calls (workflows/call_groups.py):
                 # either way each call is its own step, with its own outcome.
-                grouped = act["type"] == "llm_calls"
+                grouped = act["type"] in CALL_GROUP_ACTIVITIES
                 results = out.get("results") or []
                 for i, call in enumerate(inp.get("calls") or [] if grouped else [inp]):
                     res = (results[i] if i < len(results) else {}) if grouped else {"output": out}

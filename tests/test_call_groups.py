@@ -18,6 +18,7 @@ from tests.fixtures_llm import fake_registry
 from workflows.result import RunResult
 from tests.run_harness import ROOT, SUB, isolated, put_context, repl, request, running_worker, start
 from workflows.call_groups import CALLS_PER_ACTIVITY, CALLS_PER_LANE, WHOLE_BATCH_CALLS
+from workflows.names import ACTIVITY_LLM_CALLS_IN_LANES, CALL_GROUP_ACTIVITIES
 
 
 def _group_summaries(history) -> list[str]:
@@ -25,7 +26,7 @@ def _group_summaries(history) -> list[str]:
         json.loads(e.user_metadata.summary.data)
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"
+        and e.activity_task_scheduled_event_attributes.activity_type.name in CALL_GROUP_ACTIVITIES
     ]
 
 
@@ -48,6 +49,14 @@ def _run_batch(settings, object_store, llm, items: int, cap: int, **caps) -> tup
             return result, await handle.fetch_history()
 
     result, history = asyncio.run(go())
+    # Every group of a run started today has lanes, under the activity name
+    # only workers that honour lanes register.
+    types = {
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    assert types & set(CALL_GROUP_ACTIVITIES) == {ACTIVITY_LLM_CALLS_IN_LANES}, types
     return _group_summaries(history), result
 
 

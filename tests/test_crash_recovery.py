@@ -23,7 +23,7 @@ from tests.run_harness import ROOT, SUB, isolated, repl, request, start_worker_p
 from activities._call_records import recorded_calls
 from worker import connect
 from workflows.call_groups import CALLS_PER_ACTIVITY
-from workflows.names import WORKFLOW_RLM_RUN
+from workflows.names import ACTIVITY_LLM_CALLS_IN_LANES, CALL_GROUP_ACTIVITIES, WORKFLOW_RLM_RUN
 from workflows.result import RunResult
 
 ITEMS = 40
@@ -49,7 +49,7 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     assert llm.count("turn1") == 1
     assert llm.count("final") == 1
     history = asyncio.run(_history(crash.settings, crash.workflow_id))
-    groups = [e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"]
+    groups = [e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name in CALL_GROUP_ACTIVITIES]
     # The kill cut groups short: their calls were retried call by call, so more
     # groups were scheduled than the first attempts alone need.
     assert len(groups) > -(-ITEMS // CALLS_PER_ACTIVITY)
@@ -79,7 +79,8 @@ def test_worker_killed_mid_window_run_completes_without_repeating_calls(settings
     crash.assert_answered_calls_not_repeated(llm, WINDOW_ITEMS)
     history = asyncio.run(_history(crash.settings, crash.workflow_id))
     first_group = next(
-        e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "llm_calls"
+        e for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name == ACTIVITY_LLM_CALLS_IN_LANES
     )
     carried = json.loads(first_group.activity_task_scheduled_event_attributes.input.payloads[0].data)
     assert len(carried["calls"]) == 2 * WINDOW_CAP and carried["lanes"] == WINDOW_CAP

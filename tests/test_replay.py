@@ -27,7 +27,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
 # One file at least for each shape record.py knows (a file lost is a shape unguarded).
 SHAPES = (
-    "plain", "resolved_locally", "batched_subcalls", "whole_batch", "windowed", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
+    "plain", "resolved_locally", "batched_subcalls", "whole_batch", "windowed", "in_lanes", "children_", "continue_as_new_", "cancel_", "set_caps", "crash_recovery",
     "tools", "max_errors", "compaction", "session_",
 )
 
@@ -68,3 +68,11 @@ def test_runs_since_the_resolve_locally_patch_resolve_models_without_an_activity
     # its workflow task), the lookup recorded as a local activity's marker.
     assert activity_runs(load(HISTORIES / "plain.json"), "resolve_models") == (1, 0)
     assert activity_runs(load(HISTORIES / "resolved_locally.json"), "resolve_models") == (0, 1)
+
+
+def test_runs_since_the_in_lanes_patch_send_groups_with_lanes_under_their_own_name():
+    # Same scenario before and after: an older worker never picks these up.
+    assert activity_runs(load(HISTORIES / "windowed.json"), "llm_calls") == (2, 0)
+    assert activity_runs(load(HISTORIES / "windowed.json"), "llm_calls_in_lanes") == (0, 0)
+    assert activity_runs(load(HISTORIES / "in_lanes.json"), "llm_calls") == (0, 0)
+    assert activity_runs(load(HISTORIES / "in_lanes.json"), "llm_calls_in_lanes") == (2, 0)

@@ -15,6 +15,7 @@ from activities.context_store import ContextStore
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, put_context, request, running_worker, start
 from tests.trace_scenario import QUESTION, script
+from workflows.names import ACTIVITY_LLM_CALLS_IN_LANES
 from workflows.summaries import MAX_SUMMARY_CHARS, run_static_summary
 
 METADATA_QUERY = "__temporal_workflow_metadata"
@@ -64,7 +65,7 @@ def test_activities_children_and_the_run_explain_themselves(settings, object_sto
     assert cells[0].startswith("cell t1c1 · parts = llm_query_batched([")
     assert cells[1] == "cell t1c2 · x = undefined_name + 1"
     # Both calls of the batch travel in one activity (workflows/call_groups.py).
-    assert found["llm_calls"] == [f"llm_query x2: 1-2/2 · {SUB}"]
+    assert found[ACTIVITY_LLM_CALLS_IN_LANES] == [f"llm_query x2: 1-2/2 · {SUB}"]
     assert sorted(found["child"]) == ["rlm_query d1 1/2 · Ca", "rlm_query d1 2/2 · Cb"]
     assert all(len(s) <= MAX_SUMMARY_CHARS and "\n" not in s for v in found.values() for s in v)
     # While turn 3 waited: the run's current details show turn, phase and spend.

@@ -87,17 +87,25 @@ class CallGroups:
     """Sends the attempts of one run's `llm_query` calls in groups."""
 
     def __init__(
-        self, call_timeout_s: float, more_queued: Callable[[], bool] | None = None, *, lanes: int | None = None
+        self,
+        call_timeout_s: float,
+        more_queued: Callable[[], bool] | None = None,
+        *,
+        lanes: int | None = None,
+        lanes_activity: str = names.ACTIVITY_LLM_CALLS,
     ) -> None:
         """`more_queued` says whether calls of the run wait for a concurrency
         slot; None keeps every group at CALLS_PER_ACTIVITY (runs started
         before whole-batch groups). `lanes` is how many calls of the run may
         be in flight at once: set, groups carry up to CALLS_PER_LANE calls per
         lane and calls wait here for a lane; None (runs started before call
-        windows), each call's concurrency slot is its lane."""
+        windows), each call's concurrency slot is its lane. `lanes_activity`
+        is the activity that carries groups with lanes (runs started before
+        its own name keep `llm_calls`)."""
         self._call_timeout_s = call_timeout_s
         self._more_queued = more_queued
         self._free = lanes
+        self._lanes_activity = lanes_activity
         self._waiting: list[_Call] = []
         self._flushing = False
         self._unreported: dict[str, list[str]] = {}
@@ -184,7 +192,7 @@ class CallGroups:
         rounds = -(-len(calls) // group.lanes) if group.lanes else 1
         try:
             out: LlmCallsOutput = await workflow.execute_activity(
-                names.ACTIVITY_LLM_CALLS,
+                names.ACTIVITY_LLM_CALLS if group.lanes is None else self._lanes_activity,
                 LlmCallsInput(
                     calls=inputs, call_timeout_s=self._call_timeout_s, records=group.records, lanes=group.lanes
                 ),

@@ -12,6 +12,12 @@ ACTIVITY_ROOT_TURN = "root_turn"
 ACTIVITY_RUN_CELL = "run_cell"
 ACTIVITY_LLM_CALL = "llm_call"
 ACTIVITY_LLM_CALLS = "llm_calls"
+# A call group with lanes (workflows/call_groups.py) has a name of its own, so
+# that during a rolling upgrade no worker that predates lanes (and would run
+# all of the group's calls at once, past the run's concurrency) picks one up.
+ACTIVITY_LLM_CALLS_IN_LANES = "llm_calls_in_lanes"
+# Activities that carry a group of sub-calls each.
+CALL_GROUP_ACTIVITIES = (ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES)
 ACTIVITY_INGEST_CONTEXT = "ingest_context"
 ACTIVITY_RESOLVE_TOOLS = "resolve_tools"
 ACTIVITY_TOOL_CALL = "tool_call"

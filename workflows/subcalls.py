@@ -292,10 +292,12 @@ class SubcallRouter:
                 whole = workflow.patched("llm-call-groups-whole-batch")
                 if self._admission is not None:
                     admission = self._admission
+                    in_lanes = workflow.patched("llm-calls-in-lanes")
                     self._groups = CallGroups(
                         self._req.limits.model_call_timeout_s,
                         lambda: admission.waiting > 0,
                         lanes=self._req.caps.max_concurrency,
+                        lanes_activity=names.ACTIVITY_LLM_CALLS_IN_LANES if in_lanes else names.ACTIVITY_LLM_CALLS,
                     )
                 else:
                     self._groups = CallGroups(

@@ -16,11 +16,12 @@ from temporalio.client import Client, WorkflowHistory
 from activities.object_store import ObjectStore
 from activities._call_records import recorded_calls
 from activities.settings import Settings
+from workflows.names import CALL_GROUP_ACTIVITIES
 
 T = TypeVar("T")
 POLL_S = 0.1
 # Activities that carry model calls (`llm_calls`: a group of several).
-MODEL_ACTIVITIES = ("root_turn", "llm_call", "llm_calls")
+MODEL_ACTIVITIES = ("root_turn", "llm_call", *CALL_GROUP_ACTIVITIES)
 _ENDED = {
     EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "completed",
     EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "lost",
@@ -103,7 +104,7 @@ def _model_calls(history: WorkflowHistory, ending: str) -> int:
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             attrs = e.activity_task_scheduled_event_attributes
             if attrs.activity_type.name in MODEL_ACTIVITIES:
-                group = attrs.activity_type.name == "llm_calls"
+                group = attrs.activity_type.name in CALL_GROUP_ACTIVITIES
                 calls[e.event_id] = len(json.loads(attrs.input.payloads[0].data)["calls"]) if group else 1
         elif _ENDED.get(e.event_type) == ending:
             which = e.WhichOneof("attributes")

@@ -120,6 +120,12 @@ async def windowed(lab: Lab) -> Recorded:
     return await _twelve_calls(lab, "windowed", "twelve behind four", caps={"max_concurrency": 4}, delay_s=0.05)
 
 
+async def in_lanes(lab: Lab) -> Recorded:
+    """`windowed` as runs started since the "llm-calls-in-lanes" patch record
+    it: groups with lanes are `llm_calls_in_lanes` activities."""
+    return await _twelve_calls(lab, "in_lanes", "twelve in lanes", caps={"max_concurrency": 4}, delay_s=0.05)
+
+
 async def _twelve_calls(lab: Lab, name: str, context: str, *, caps: dict | None, delay_s: float) -> Recorded:
     """One cell asks twelve echo calls in one batch, then FINAL(12)."""
     ctx = lab.contexts.put_value(context)
@@ -358,6 +364,7 @@ SHAPES: dict[str, Callable[[Lab], Awaitable[Recorded]]] = {
     "batched_subcalls": batched_subcalls,
     "whole_batch": whole_batch,
     "windowed": windowed,
+    "in_lanes": in_lanes,
     "children": children,
     "continue_as_new": continue_as_new,
     "cancel": cancel,
