@@ -1,5 +1,7 @@
-"""A context's documents copied to disk while they upload, in the layout
-the worker's context cache reads (`ContextStore.materialize`).
+"""A context's documents as files, in the layout the worker's context cache
+reads (`<root>/<context sha256>/000000.txt`, ...): copied while they upload
+(`DocumentCopy`), or written from the stored chunks (`document_files`, what
+`ContextStore.materialize` does).
 
 `rlm run` with the embedded worker uploads a context, and a moment later
 the worker downloads it again to load it into the REPL: 40 MB took
@@ -14,14 +16,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 
+if TYPE_CHECKING:
+    from activities._context_manifest import Manifest
+
 log = structlog.get_logger(__name__)
 
-__all__ = ["DocumentCopy", "document_file_names"]
+__all__ = ["DocumentCopy", "document_file_names", "document_files"]
 
 
 def document_file_name(index: int) -> str:
@@ -97,3 +103,60 @@ class DocumentCopy:
         except OSError as exc:  # a full or read-only disk: no copy, same upload
             log.warning("context_copy.dropped", root=str(self._root), error=str(exc))
             self.discard()
+
+
+def document_files(manifest: Manifest, dest: Path, chunks: Callable[[], Iterable[bytes]]) -> list[Path]:
+    """The context's documents as files under `dest` (named by the context's
+    sha256), written once from `chunks()` (its verified chunks, in order) and
+    put in place atomically; reused when already there."""
+    names = document_file_names(len(manifest.documents))
+    if dest.is_dir() and sorted(os.listdir(dest)) == names:
+        return [dest / name for name in names]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        # Not what we write (changed by hand?): replace it rather than trust it.
+        log.warning("replacing unexpected materialized context", path=str(dest))
+        shutil.rmtree(dest, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:16]}-", dir=dest.parent))
+    try:
+        _write_documents(manifest, chunks(), [tmp / name for name in names])
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            # Another process won the race (dest exists, complete): use theirs.
+            if not (dest.is_dir() and sorted(os.listdir(dest)) == names):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [dest / name for name in names]
+
+
+def _write_documents(manifest: Manifest, chunks: Iterable[bytes], paths: list[Path]) -> None:
+    """Cut the stream of chunks into the documents' files (a document may
+    span chunks; a chunk may hold several documents, or end inside one)."""
+    docs = iter(zip(manifest.documents, paths, strict=True))
+    position = 0  # stream offset of the next byte to write
+    current = next(docs, None)
+    handle = open(current[1], "wb") if current else None  # noqa: SIM115
+    try:
+        for chunk, data in zip(manifest.chunks, chunks, strict=True):
+            view = memoryview(data)
+            while current is not None:
+                doc = current[0]
+                doc_end = doc.offset + doc.bytes
+                take_end = min(doc_end, chunk.offset + chunk.bytes)
+                handle.write(view[position - chunk.offset : take_end - chunk.offset])
+                position = take_end
+                if position < doc_end:
+                    break  # the document continues in the next chunk
+                handle.close()
+                current = next(docs, None)
+                handle = open(current[1], "wb") if current else None  # noqa: SIM115
+        # Empty trailing documents get their (empty) files too.
+        while current is not None:
+            handle.close()
+            current = next(docs, None)
+            handle = open(current[1], "wb") if current else None  # noqa: SIM115
+    finally:
+        if handle is not None:
+            handle.close()

@@ -9,9 +9,6 @@ each document starts; its own sha256 is the context's identity.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +18,7 @@ from typing import Literal
 
 import structlog
 
-from activities._context_copy import DocumentCopy, document_file_names
+from activities._context_copy import DocumentCopy, document_files
 from activities._context_input import (
     ContextInputError,
     DocumentStats,
@@ -403,52 +400,4 @@ class ContextStore:
         (once, atomically; reused when present) and return the paths in
         document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref)
-        dest = Path(dest_root) / ref.sha256
-        names = document_file_names(len(manifest.documents))
-        if dest.is_dir() and sorted(os.listdir(dest)) == names:
-            return [dest / name for name in names]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            # Not what we write (changed by hand?): replace it rather than trust it.
-            log.warning("replacing unexpected materialized context", path=str(dest))
-            shutil.rmtree(dest, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=dest.parent))
-        try:
-            self._write_documents(ref, manifest, [tmp / name for name in names])
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                # Another process won the race (dest exists, complete): use theirs.
-                if not (dest.is_dir() and sorted(os.listdir(dest)) == names):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return [dest / name for name in names]
-
-    def _write_documents(self, ref: ContextRef, manifest: Manifest, paths: list[Path]) -> None:
-        docs = iter(zip(manifest.documents, paths, strict=True))
-        position = 0  # stream offset of the next byte to write
-        current = next(docs, None)
-        handle = open(current[1], "wb") if current else None  # noqa: SIM115
-        try:
-            for chunk, data in zip(manifest.chunks, self._iter_chunks(ref, manifest.chunks), strict=True):
-                view = memoryview(data)
-                while current is not None:
-                    doc = current[0]
-                    doc_end = doc.offset + doc.bytes
-                    take_end = min(doc_end, chunk.offset + chunk.bytes)
-                    handle.write(view[position - chunk.offset : take_end - chunk.offset])
-                    position = take_end
-                    if position < doc_end:
-                        break  # the document continues in the next chunk
-                    handle.close()
-                    current = next(docs, None)
-                    handle = open(current[1], "wb") if current else None  # noqa: SIM115
-            # Empty trailing documents get their (empty) files too.
-            while current is not None:
-                handle.close()
-                current = next(docs, None)
-                handle = open(current[1], "wb") if current else None  # noqa: SIM115
-        finally:
-            if handle is not None:
-                handle.close()
+        return document_files(manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks))
