@@ -193,6 +193,18 @@ def test_unknown_model_fails_before_any_call(settings, context_store, llm):
     assert llm.count() == 0
 
 
+def test_missing_api_key_fails_the_run_before_any_call(settings, context_store, llm, monkeypatch):
+    # Checked when the run resolves its models (a local activity since the
+    # "resolve-locally" patch): the run ends `failed` naming the variable.
+    monkeypatch.delenv("RLM_TEST_ABSENT_KEY", raising=False)
+    ctx = context_store.put_value("abc")
+    s = isolated(settings)
+    result = run_once(s, fake_registry(llm, api_key_env="RLM_TEST_ABSENT_KEY"), request("q?", ctx))
+    assert result.status == "failed"
+    assert "RLM_TEST_ABSENT_KEY" in (result.reason or "")
+    assert llm.count() == 0
+
+
 def test_continue_as_new_keeps_repl_state_transcript_and_spend(settings, context_store, llm):
     ctx = context_store.put_value("abc")
     llm.add_rule("Turn 1 of", repl("kept = llm_query('one')\nprint('first', kept)"), model=ROOT, name="t1")
