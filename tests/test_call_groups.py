@@ -14,11 +14,12 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 
 from activities.context_store import ContextStore
+from tests.chaos.observe import activity_runs
 from tests.fixtures_llm import fake_registry
 from workflows.result import RunResult
 from tests.run_harness import ROOT, SUB, isolated, put_context, repl, request, running_worker, start
 from workflows.call_groups import CALLS_PER_ACTIVITY, CALLS_PER_LANE, WHOLE_BATCH_CALLS
-from workflows.names import ACTIVITY_LLM_CALLS_IN_LANES, CALL_GROUP_ACTIVITIES
+from workflows.names import ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES, CALL_GROUP_ACTIVITIES
 
 
 def _group_summaries(history) -> list[str]:
@@ -51,12 +52,8 @@ def _run_batch(settings, object_store, llm, items: int, cap: int, **caps) -> tup
     result, history = asyncio.run(go())
     # Every group of a run started today has lanes, under the activity name
     # only workers that honour lanes register.
-    types = {
-        e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-    }
-    assert types & set(CALL_GROUP_ACTIVITIES) == {ACTIVITY_LLM_CALLS_IN_LANES}, types
+    assert activity_runs(history, ACTIVITY_LLM_CALLS)[0] == 0
+    assert activity_runs(history, ACTIVITY_LLM_CALLS_IN_LANES)[0] > 0
     return _group_summaries(history), result
 
 
