@@ -49,7 +49,7 @@ from activities.runtime import WorkerRuntime  # noqa: E402
 from sandbox_wasm import ReplSession  # noqa: E402
 from tests.fixtures_llm import models_json  # noqa: E402
 from tests.run_harness import repl, request, start  # noqa: E402
-from workflows.names import CALL_GROUP_ACTIVITIES  # noqa: E402
+from workflows.names import SUB_CALL_ACTIVITIES  # noqa: E402
 from workflows.steps import CellOutput  # noqa: E402
 
 RESULTS = h.RESULTS_DIR / "engine.json"
@@ -181,7 +181,7 @@ async def bench_fanout(
                     acts, tasks, _ = h.history_timeline(history)
                     cells = [a for a in acts if a.kind == "run_cell"]
                     # One activity per call (llm_call) or per group of calls (llm_calls).
-                    calls = [a for a in acts if a.kind == "llm_call" or a.kind in CALL_GROUP_ACTIVITIES]
+                    calls = [a for a in acts if a.kind in SUB_CALL_ACTIVITIES]
                     outputs = h.activity_results(history, pydantic_data_converter, "run_cell", CellOutput)
                     assert outputs[0].output.strip() == f"{n} {n}", outputs[0].output
                     cell_s = cells[0].run_s

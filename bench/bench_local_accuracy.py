@@ -48,7 +48,7 @@ import _harness as h  # noqa: E402
 from activities._model_registry import ModelRegistry, ModelSpec  # noqa: E402
 from activities.context_store import ContextStore  # noqa: E402
 from activities.llm import complete  # noqa: E402
-from workflows.names import CALL_GROUP_ACTIVITIES  # noqa: E402
+from workflows.names import SUB_CALL_ACTIVITIES  # noqa: E402
 from activities.local_model import CONTEXT_WINDOW, LOCAL_MODEL_NAME, SERVED_MODEL_ID, local_model_spec  # noqa: E402
 from activities.logging import configure_logging  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
@@ -158,7 +158,7 @@ async def ask_rlm(client, settings, store: ObjectStore, args, text: str, questio
         await handle.terminate("benchmark time limit")
         return {"status": "terminated", "correct": False, "answer": None, "wall_s": round(time.perf_counter() - begun, 1)}
     acts, _tasks, _total = h.history_timeline(await handle.fetch_history())
-    model_s = sum(a.run_s for a in acts if a.kind in ("root_turn", "llm_call", *CALL_GROUP_ACTIVITIES))
+    model_s = sum(a.run_s for a in acts if a.kind in ("root_turn", *SUB_CALL_ACTIVITIES))
     return {
         "status": result.status,
         "reason": result.reason,
@@ -170,7 +170,7 @@ async def ask_rlm(client, settings, store: ObjectStore, args, text: str, questio
         "turns": result.turns,
         "tokens": result.spend.tokens,
         "calls": result.spend.calls,
-        "sub_calls": sum(1 for a in acts if a.kind == "llm_call" or a.kind in CALL_GROUP_ACTIVITIES),  # concurrency 1: one call per activity
+        "sub_calls": sum(1 for a in acts if a.kind in SUB_CALL_ACTIVITIES),  # concurrency 1: one call per activity
         "transcript": transcript(store, result.transcript_key),
     }
 

@@ -59,7 +59,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from activities.temporal_client import connect  # noqa: E402
 from cli import services  # noqa: E402
 from tests.fixtures_llm import FAKE_API_KEY_ENV, FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES, models_json  # noqa: E402
-from workflows.names import CALL_GROUP_ACTIVITIES  # noqa: E402
+from workflows.names import SUB_CALL_ACTIVITIES  # noqa: E402
 from workflows.steps import CellOutput  # noqa: E402
 
 CHUNKS, CHUNK_CHARS, SUB_DELAY_S = 200, 200_000, 0.5
@@ -257,7 +257,7 @@ async def _from_history(settings, workflow_id: str) -> dict[str, Any]:
     acts, tasks, total = h.history_timeline(history)
     cells = [a for a in acts if a.kind == "run_cell"]
     # One activity per call (llm_call) or per group of calls (llm_calls).
-    calls = [a for a in acts if a.kind == "llm_call" or a.kind in CALL_GROUP_ACTIVITIES]
+    calls = [a for a in acts if a.kind in SUB_CALL_ACTIVITIES]
     outputs = h.activity_results(history, pydantic_data_converter, "run_cell", CellOutput)
     first = min(c.scheduled for c in calls) if calls else float("nan")
     return {

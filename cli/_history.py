@@ -19,7 +19,7 @@ from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 
-from workflows.names import CALL_GROUP_ACTIVITIES
+from workflows.names import CALL_GROUP_ACTIVITIES, SUB_CALL_ACTIVITIES
 
 __all__ = ["assemble", "parse_history", "payload_value"]
 
@@ -272,7 +272,7 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 cell.update(base, code=inp.get("code", ""), output=out.get("output"), output_key=out.get("output_key"),
                             error=error, limit=out.get("limit"), final=out.get("final"),
                             duration_s=out.get("duration_s"), subcalls=out.get("subcalls", 0))  # fmt: skip
-            elif act["type"] == "llm_call" or act["type"] in CALL_GROUP_ACTIVITIES:
+            elif act["type"] in SUB_CALL_ACTIVITIES:
                 # One call per activity, or a group of calls (workflows/call_groups.py):
                 # either way each call is its own step, with its own outcome.
                 grouped = act["type"] in CALL_GROUP_ACTIVITIES

@@ -18,6 +18,8 @@ ACTIVITY_LLM_CALLS = "llm_calls"
 ACTIVITY_LLM_CALLS_IN_LANES = "llm_calls_in_lanes"
 # Activities that carry a group of sub-calls each.
 CALL_GROUP_ACTIVITIES = (ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES)
+# Activities that carry `llm_query` sub-calls: one each, or a group.
+SUB_CALL_ACTIVITIES = (ACTIVITY_LLM_CALL, *CALL_GROUP_ACTIVITIES)
 ACTIVITY_INGEST_CONTEXT = "ingest_context"
 ACTIVITY_RESOLVE_TOOLS = "resolve_tools"
 ACTIVITY_TOOL_CALL = "tool_call"

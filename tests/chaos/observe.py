@@ -16,12 +16,12 @@ from temporalio.client import Client, WorkflowHistory
 from activities.object_store import ObjectStore
 from activities._call_records import recorded_calls
 from activities.settings import Settings
-from workflows.names import CALL_GROUP_ACTIVITIES
+from workflows.names import CALL_GROUP_ACTIVITIES, SUB_CALL_ACTIVITIES
 
 T = TypeVar("T")
 POLL_S = 0.1
 # Activities that carry model calls (`llm_calls`: a group of several).
-MODEL_ACTIVITIES = ("root_turn", "llm_call", *CALL_GROUP_ACTIVITIES)
+MODEL_ACTIVITIES = ("root_turn", *SUB_CALL_ACTIVITIES)
 _ENDED = {
     EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "completed",
     EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "lost",
