@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
 
     from workflows import names
     from workflows.budget import Caps, Ledger, Refusal, Spend
+    from workflows.cell import execute_cell
     from workflows.refs import ContextRef
     from workflows.request import RunRequest, clip_noting_length, validation_errors
     from workflows.result import RunResult, Usage
@@ -57,10 +58,9 @@ with workflow.unsafe.imports_passed_through():
         SessionSummary,
     )
     from workflows.step_common import ERROR_CHARS, error_text
-    from workflows.steps import CellInput, CellOutput
+    from workflows.steps import CellInput
     from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
     from workflows.summaries import clip
-    from workflows.turn import CELL_HEARTBEAT_TIMEOUT, CELL_RETRY
 
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
@@ -237,8 +237,7 @@ class RLMSession:
         assert self._context is not None
         limits = self._req.limits
         try:
-            cell: CellOutput = await workflow.execute_activity(
-                names.ACTIVITY_RUN_CELL,
+            cell = await execute_cell(
                 CellInput(
                     workflow_id=workflow.info().workflow_id,
                     cell_id=cell_id,
@@ -250,11 +249,9 @@ class RLMSession:
                     memory_mb=limits.cell_memory_mb,
                     output_chars=limits.output_chars,
                 ),
-                result_type=CellOutput,
                 summary=f"session history · {len(self._unrecorded)} answer(s)",
-                start_to_close_timeout=RECORD_CELL_TIMEOUT,
-                heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
-                retry_policy=CELL_RETRY,
+                start_to_close=RECORD_CELL_TIMEOUT,
+                wait_until_stopped=False,
             )
         except ActivityError as exc:
             workflow.logger.warning("session history cell failed: %s", error_text(exc))

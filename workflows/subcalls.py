@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.call_groups import CallGroups
     from workflows.subcall_plan import LlmPlan, pick_model, plan_llm_call, refuse_text
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
+    from workflows.once_per_key import OncePerKey
     from workflows.steps import (
         MAX_BATCH_ITEMS,
         LlmCallInput,
@@ -81,8 +82,7 @@ class SubcallRouter:
         self._ledger = ledger
         self._usage = usage
         self._root_id = root_workflow_id
-        self._memo: dict[str, SubcallAnswer] = {}
-        self._inflight: dict[str, asyncio.Task[SubcallAnswer]] = {}
+        self._once: OncePerKey[SubcallAnswer] = OncePerKey()
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
         self._queued = 0
         """Items waiting for a concurrency slot."""
@@ -147,27 +147,15 @@ class SubcallRouter:
             # Named by what it asks, not by its place: a cell re-run after a
             # crash that asks in another order gets each answer it asks for.
             key = f"{batch.cell_id}:{digest[:24]}"
-            if key in self._memo:
-                waits.append(_done(self._memo[key]))
-                continue
-            task = self._inflight.get(key)
-            if task is None:
-                task = asyncio.ensure_future(self._run_item(batch, item, key, inline_limit, index))
-                self._inflight[key] = task
-                task.add_done_callback(lambda t, k=key: self._remember(k, t))
-            waits.append(task)
+            waits.append(self._once.ask(
+                key, lambda item=item, key=key, index=index: self._run_item(batch, item, key, inline_limit, index)
+            ))  # fmt: skip
         answers = await asyncio.gather(*waits)
         return SubcallReply(answers=[_bounded(a, inline_limit) for a in answers])
 
-    def _remember(self, key: str, task: asyncio.Task[SubcallAnswer]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled() and task.exception() is None:
-            self._memo[key] = task.result()
-
     def cancel_all(self) -> None:
         self.closed = True
-        for task in list(self._inflight.values()):
-            task.cancel()
+        self._once.cancel_running()
 
     # -- one item ------------------------------------------------------------
     async def _run_item(
@@ -387,10 +375,6 @@ class SubcallRouter:
 
     def progress(self) -> dict[str, Any]:
         return {"open_subcalls": self.open_calls, "done_subcalls": self.done_calls, "children": len(self.children)}
-
-
-async def _done(answer: SubcallAnswer) -> SubcallAnswer:
-    return answer
 
 
 def _bounded(answer: SubcallAnswer, inline_limit: int) -> SubcallAnswer:

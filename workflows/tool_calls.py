@@ -11,7 +11,6 @@ memory and the tool is not called again.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -21,6 +20,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Ledger, Spend
+    from workflows.once_per_key import OncePerKey
     from workflows.request import RunRequest
     from workflows.step_common import error_text, raise_if_cancelled
     from workflows.summaries import tool_call_summary
@@ -46,8 +46,7 @@ class ToolRouter:
     def __init__(self, *, request: RunRequest, ledger: Ledger) -> None:
         self._req = request
         self._ledger = ledger
-        self._memo: dict[str, ToolCallReply] = {}
-        self._inflight: dict[str, asyncio.Task[ToolCallReply]] = {}
+        self._once: OncePerKey[ToolCallReply] = OncePerKey()
         self.updates = 0
         self.calls = 0
         self.closed = False
@@ -69,24 +68,11 @@ class ToolRouter:
     async def handle(self, call: ToolCallRequest) -> ToolCallReply:
         self.updates += 1
         key = f"{call.cell_id}:tool:{call.digest[:24]}"
-        if key in self._memo:
-            return self._memo[key]
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._run(call, key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._remember(k, t))
-        return await task
-
-    def _remember(self, key: str, task: asyncio.Task[ToolCallReply]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled() and task.exception() is None:
-            self._memo[key] = task.result()
+        return await self._once.ask(key, lambda: self._run(call, key))
 
     def cancel_all(self) -> None:
         self.closed = True
-        for task in list(self._inflight.values()):
-            task.cancel()
+        self._once.cancel_running()
 
     async def _run(self, call: ToolCallRequest, key: str) -> ToolCallReply:
         allowed = self._req.tools

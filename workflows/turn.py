@@ -12,12 +12,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Refusal, messages_token_bound, token_bound, worst_case
+    from workflows.cell import cell_start_to_close, execute_cell
     from workflows.compaction import TranscriptWindow, compact, compacted_message
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.parsing import parse_reply
@@ -51,13 +51,6 @@ with workflow.unsafe.imports_passed_through():
 if TYPE_CHECKING:
     from workflows.run import RLMRun
 
-# run_cell heartbeats every second; a dead worker is noticed after this.
-CELL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-CELL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=4)
-# Sub-calls inside a cell may take long (children are whole runs), but never
-# past the tree's deadline: guest time plus this much to finish and report.
-CELL_START_TO_CLOSE = timedelta(hours=6)
-CELL_DEADLINE_GRACE = timedelta(minutes=5)
 # Printed output of all cells of one turn together: it travels inline in the
 # next root turn's activity input (payloads fail above 2 MiB, 4 bytes a char).
 TURN_OUTPUT_CHARS = MAX_OUTPUT_CHARS
@@ -362,8 +355,7 @@ class TurnDriver:
         run.state.cells += 1
         limits = self._req.limits
         try:
-            cell: CellOutput = await workflow.execute_activity(
-                names.ACTIVITY_RUN_CELL,
+            cell = await execute_cell(
                 CellInput(
                     workflow_id=workflow.info().workflow_id,
                     cell_id=cell_id,
@@ -376,15 +368,9 @@ class TurnDriver:
                     tools=self._req.tools,
                     history_key=self.window.history_key,
                 ),
-                result_type=CellOutput,
                 summary=cell_summary(cell_id, code),
-                start_to_close_timeout=self._cell_time(),
-                heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
-                retry_policy=CELL_RETRY,
-                # A cancelled run ends once its cell has really stopped (the
-                # worker traps the guest on the heartbeat that brings the
-                # cancellation; a dead worker is noticed by the heartbeat timeout).
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                start_to_close=cell_start_to_close(run.state.ledger.deadline, limits.cell_timeout_s),
+                wait_until_stopped=True,
             )
         except ActivityError as exc:
             raise_if_cancelled(exc)
@@ -402,14 +388,6 @@ class TurnDriver:
         if cell.final_ref is not None:
             self.answer_ref = cell.final_ref
         return cell
-
-
-    def _cell_time(self) -> timedelta:
-        deadline = self._run.state.ledger.deadline
-        if deadline is None:
-            return CELL_START_TO_CLOSE
-        left = deadline - workflow.now() + timedelta(seconds=self._req.limits.cell_timeout_s) + CELL_DEADLINE_GRACE
-        return max(timedelta(seconds=1), min(left, CELL_START_TO_CLOSE))
 
 
 def _report(code: str, cell: CellOutput, room: int) -> CellReport:

@@ -1,0 +1,64 @@
+"""One REPL cell as a durable step: the `run_cell` activity and its options.
+
+A turn runs the cells of the root model's reply (workflows/turn.py); a session
+appends its answers to the REPL's `session_history` with one
+(workflows/session.py). Both start the activity here, so its timeouts and
+retries are set in one place. The cell itself runs on a worker
+(activities/run_cell.py), in the WASM REPL (sandbox_wasm/).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import names
+    from workflows.steps import CellInput, CellOutput
+
+__all__ = ["cell_start_to_close", "execute_cell"]
+
+# run_cell heartbeats every second; a dead worker is noticed after this.
+CELL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+CELL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=4)
+# Sub-calls inside a cell may take long (children are whole runs), but never
+# past the tree's deadline: guest time plus this much to finish and report.
+CELL_START_TO_CLOSE = timedelta(hours=6)
+CELL_DEADLINE_GRACE = timedelta(minutes=5)
+
+
+def cell_start_to_close(deadline: datetime | None, cell_timeout_s: float) -> timedelta:
+    """How long a cell may take: six hours, or until the tree's deadline plus
+    the guest's own time and a grace to report (at least a second)."""
+    if deadline is None:
+        return CELL_START_TO_CLOSE
+    left = deadline - workflow.now() + timedelta(seconds=cell_timeout_s) + CELL_DEADLINE_GRACE
+    return max(timedelta(seconds=1), min(left, CELL_START_TO_CLOSE))
+
+
+async def execute_cell(
+    cell: CellInput, *, summary: str, start_to_close: timedelta, wait_until_stopped: bool
+) -> CellOutput:
+    """Run one cell on a worker; raises ActivityError once its retries are spent.
+
+    `wait_until_stopped`: a cancellation returns only once the cell has really
+    stopped (the worker traps the guest on the heartbeat that brings it; a dead
+    worker is noticed by the heartbeat timeout). A run's cells wait, so a
+    cancelled run leaves no guest running; the session's history cell does not.
+    """
+    return await workflow.execute_activity(
+        names.ACTIVITY_RUN_CELL,
+        cell,
+        result_type=CellOutput,
+        summary=summary,
+        start_to_close_timeout=start_to_close,
+        heartbeat_timeout=CELL_HEARTBEAT_TIMEOUT,
+        retry_policy=CELL_RETRY,
+        cancellation_type=(
+            workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+            if wait_until_stopped
+            else workflow.ActivityCancellationType.TRY_CANCEL
+        ),
+    )
