@@ -1,4 +1,5 @@
-"""Value models of the budget ledger: amounts, caps, refusals, child slices.
+"""Value models of the budget ledger: amounts, caps, refusals, child slices,
+and the comparisons against a cap (with the USD slack).
 
 Public through `workflows.budget`; kept apart so the ledger module holds only
 the accounting rules.
@@ -124,3 +125,24 @@ class ChildSlice(BaseModel):
     """The caps given to the child."""
     used: Spend | None = None
     """What the child reported; `None` while it runs."""
+
+
+def reached(dim: str, have: float, cap: float) -> bool:
+    """Is the cap used up (nothing more, not even a free call, fits)?"""
+    slack = USD_SLACK if dim == "usd" else 0
+    return have >= cap - slack
+
+
+def fits(dim: str, have: float, need: float, cap: float) -> bool:
+    """Does `need` fit on top of `have` under `cap`?"""
+    slack = USD_SLACK if dim == "usd" else 0
+    return not reached(dim, have, cap) and have + need <= cap + slack
+
+
+def excess(use: Spend, usd: float | None, tokens: int | None, calls: int | None) -> Spend:
+    """How far `use` went past the given bounds (None = no bound)."""
+    return Spend(
+        usd=0.0 if usd is None else max(0.0, use.usd - usd),
+        tokens=0 if tokens is None else max(0, use.tokens - tokens),
+        calls=0 if calls is None else max(0, use.calls - calls),
+    )

@@ -33,15 +33,18 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from workflows import _budget_messages as msg
+from workflows._budget_children import child_slice
 from workflows._budget_models import (
     MONEY,
-    USD_SLACK,
     Caps,
     ChildSlice,
     LedgerError,
     Refusal,
     Remaining,
     Spend,
+    excess,
+    fits,
+    reached,
     require_aware,
 )
 from workflows._budget_pricing import (
@@ -159,7 +162,7 @@ class Ledger(BaseModel):
         for dim in MONEY:
             cap = getattr(self.caps, f"max_{dim}")
             spent = getattr(self.settled, dim)
-            if cap is not None and _reached(dim, spent, cap):
+            if cap is not None and reached(dim, spent, cap):
                 return Refusal(cap=dim, message=msg.cap_reached(dim, limit=cap, spent=spent))
         if self.turns >= self.caps.max_turns:
             return self._turns_refusal()
@@ -183,7 +186,7 @@ class Ledger(BaseModel):
         for dim in MONEY:
             cap = getattr(self.caps, f"max_{dim}")
             have, need = getattr(committed, dim), getattr(est_first_call, dim)
-            if cap is not None and not _fits(dim, have, need, cap):
+            if cap is not None and not fits(dim, have, need, cap):
                 text = msg.start_money(dim, limit=cap, committed=have, need=need)
                 return Refusal(cap=dim, message=text)
         return None
@@ -277,16 +280,14 @@ class Ledger(BaseModel):
     def child_grant(
         self, child_id: str, now: datetime, *, share: float | None = None, parallel: int = 1
     ) -> Caps | Refusal:
-        """Give a child run `share` (default: all) of what remains, as its caps.
+        """Give a child run `share` (default: all) of what remains, as its caps
+        (cut by `_budget_children.child_slice`).
 
         The slice stays reserved here until `child_settle`. For a batch of n
         children granted one after another, pass `share=equal_share(i, n)` to
-        give each the same slice. Unlimited dimensions stay unlimited. The
-        child's caps carry the absolute deadline and `max_depth - 1`; the turns
-        cap is copied. `parallel` children run at once (a batch of n under this
-        run's concurrency cap c: min(n, c)); each gets c // parallel (at least
-        1) as its concurrency cap, so the tree as a whole keeps this run's cap
-        instead of every child getting all of it. Idempotent per child_id.
+        give each the same slice; `parallel` children run at once (a batch of
+        n under this run's concurrency cap c: min(n, c)). Idempotent per
+        child_id.
         """
         if child_id in self.children:
             return self.children[child_id].caps
@@ -299,37 +300,19 @@ class Ledger(BaseModel):
             return refusal
         if refusal := self._wall_refusal(now):
             return refusal
-        left = self.remaining()
-        held = Spend(
-            usd=0.0 if left.usd is None else left.usd * fraction,
-            tokens=0 if left.tokens is None else int(left.tokens * fraction),
-            calls=0 if left.calls is None else int(left.calls * fraction),
-            # No refusal below when this is 0: a child may do without tools.
-            tool_calls=0 if left.tool_calls is None else int(left.tool_calls * fraction),
+        granted = child_slice(
+            self.caps,
+            self.remaining(),
+            self.spent(),
+            self.reserved(),
+            fraction=fraction,
+            parallel=parallel,
+            deadline=self.deadline,
         )
-        spent, in_flight = self.spent(), self.reserved()
-        for dim in MONEY:
-            cap = getattr(self.caps, f"max_{dim}")
-            slack = USD_SLACK if dim == "usd" else 0
-            if cap is not None and getattr(held, dim) <= slack:
-                text = msg.child_slice(
-                    dim, limit=cap, spent=getattr(spent, dim), held=getattr(in_flight, dim)
-                )
-                return Refusal(cap=dim, message=text)
-        limited = [d for d in MONEY if getattr(self.caps, f"max_{d}") is not None]
-        caps = Caps.model_validate(
-            {
-                **self.caps.model_dump(),
-                **{f"max_{d}": getattr(held, d) for d in limited},
-                **({} if self.caps.max_tool_calls is None else {"max_tool_calls": held.tool_calls}),
-                "max_wall_s": None,
-                "deadline": self.deadline,
-                "max_depth": self.caps.max_depth - 1,
-                "max_concurrency": max(1, self.caps.max_concurrency // parallel),
-            }
-        )
-        self.children[child_id] = ChildSlice(held=held, caps=caps)
-        return caps
+        if isinstance(granted, Refusal):
+            return granted
+        self.children[child_id] = granted
+        return granted.caps
 
     def child_settle(self, child_id: str, used: Spend | None) -> None:
         """Replace the child's slice by what it used (idempotent).
@@ -349,7 +332,7 @@ class Ledger(BaseModel):
         used = child.held if used is None else used
         self.children[child_id] = child.model_copy(update={"used": used})
         self.settled += used
-        self.overrun += _excess(
+        self.overrun += excess(
             used, child.caps.max_usd, child.caps.max_tokens, child.caps.max_calls
         )
 
@@ -398,7 +381,7 @@ class Ledger(BaseModel):
                 f"reserve() a call before calling the model and settle or charge it once"
             )
         self.settled += use
-        self.overrun += _excess(use, held.usd, held.tokens, held.calls)
+        self.overrun += excess(use, held.usd, held.tokens, held.calls)
         self.closed_calls[call_id] = state
 
     def _turns_refusal(self) -> Refusal:
@@ -416,7 +399,7 @@ class Ledger(BaseModel):
         for dim in MONEY:
             cap = getattr(self.caps, f"max_{dim}")
             have = getattr(spent, dim) + getattr(held, dim)
-            if cap is not None and not _fits(dim, have, getattr(need, dim), cap):
+            if cap is not None and not fits(dim, have, getattr(need, dim), cap):
                 text = msg.money(
                     dim,
                     limit=cap,
@@ -428,25 +411,3 @@ class Ledger(BaseModel):
                 return Refusal(cap=dim, message=text)
         return None
 
-
-def _reached(dim: str, have: float, cap: float) -> bool:
-    """Is the cap used up (nothing more, not even a free call, fits)?"""
-    slack = USD_SLACK if dim == "usd" else 0
-    return have >= cap - slack
-
-
-def _fits(dim: str, have: float, need: float, cap: float) -> bool:
-    """Does `need` fit on top of `have` under `cap`?"""
-    slack = USD_SLACK if dim == "usd" else 0
-    return not _reached(dim, have, cap) and have + need <= cap + slack
-
-
-def _excess(
-    use: Spend, usd: float | None, tokens: int | None, calls: int | None
-) -> Spend:
-    """How far `use` went past the given bounds (None = no bound)."""
-    return Spend(
-        usd=0.0 if usd is None else max(0.0, use.usd - usd),
-        tokens=0 if tokens is None else max(0, use.tokens - tokens),
-        calls=0 if calls is None else max(0, use.calls - calls),
-    )
