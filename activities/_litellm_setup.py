@@ -41,6 +41,11 @@ def _loaded() -> ModuleType:
     warnings.filterwarnings("ignore", message=r".*ReadOnly.* qualifier", category=UserWarning)
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Models with `"client": "direct"` are sent by our handler (imported here:
+    # it needs litellm, and this module must stay cheap to import).
+    from activities._direct_openai import register
+
+    register(module)
     return module
 
 

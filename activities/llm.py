@@ -40,6 +40,7 @@ from activities._llm_errors import (
     to_application_error,
 )
 from activities._model_registry import (
+    DIRECT_PROVIDER,
     ModelInfo,
     ModelRegistry,
     ModelSpec,
@@ -100,7 +101,7 @@ def price_unmapped_models(registry: ModelRegistry) -> None:
     configuration, is entered at its first call)."""
     prices: dict[str, set[tuple[float, float]]] = {}
     for spec in registry.specs:
-        prices.setdefault(spec.litellm_model, set()).add(
+        prices.setdefault(spec.routed_model, set()).add(
             (spec.usd_per_input_token or 0.0, spec.usd_per_output_token or 0.0)
         )
     for litellm_model, seen in prices.items():
@@ -138,7 +139,7 @@ def _enter_unmapped(litellm_model: str, usd_in: float = 0.0, usd_out: float = 0.
 
 # Providers whose request preparation reads only the spec and a static API key
 # (no token endpoint, no cloud credential chain): prepared on the model loop.
-_STATIC_KEY_PROVIDERS = frozenset({"openai", "hosted_vllm", "anthropic"})
+_STATIC_KEY_PROVIDERS = frozenset({"openai", "hosted_vllm", "anthropic", DIRECT_PROVIDER})
 
 
 @functools.lru_cache(maxsize=512)
@@ -213,7 +214,7 @@ async def _complete(
     info = model_info(spec)
     key = api_key_for(spec)
     kwargs: dict = {
-        "model": spec.litellm_model,
+        "model": spec.routed_model,
         "messages": messages,
         "max_tokens": max_tokens or info.max_output_tokens,
         "timeout": timeout_s,
@@ -230,8 +231,8 @@ async def _complete(
     stops = spec.stop if stop is None else stop
     if stops:
         kwargs["stop"] = list(stops)
-    _enter_unmapped(spec.litellm_model)
-    setup = inline_setup() if _prepared_without_io(spec.litellm_model) else contextlib.nullcontext()
+    _enter_unmapped(spec.routed_model)
+    setup = inline_setup() if _prepared_without_io(spec.routed_model) else contextlib.nullcontext()
     started = time.monotonic()
     try:
         with unlogged_call(), setup:

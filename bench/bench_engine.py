@@ -146,11 +146,12 @@ async def bench_overhead(svc: h.Services, timers: h.Timers, turns: int, repeats:
 
 
 async def bench_fanout(
-    svc: h.Services, timers: h.Timers, sizes: list[int], repeats: int, cap: int = 32, group: int | None = None
+    svc: h.Services, timers: h.Timers, sizes: list[int], repeats: int, cap: int = 32, group: int | None = None,
+    model_client: str = "litellm",
 ) -> dict[str, Any]:
     """`group` overrides how many calls one llm_calls activity carries (the
     worker runs in this process, and the workflow reads the constant from
-    the module it shares with it)."""
+    the module it shares with it); `model_client` is the models' ModelSpec.client."""
     if group is not None:
         workflows.call_groups.CALLS_PER_ACTIVITY = group
     settings = _queue(svc.settings)
@@ -159,13 +160,13 @@ async def bench_fanout(
     cell = "r = llm_query_batched([f'question {{i}}: say ok' for i in range({n})])\nprint(len(r), sum(a == 'ok' for a in r))"
     out: dict[str, Any] = {
         "sub_delay_s": delay, "max_concurrency": cap, "fake_llm": "separate process",
-        "calls_per_activity": workflows.call_groups.CALLS_PER_ACTIVITY,
+        "calls_per_activity": workflows.call_groups.CALLS_PER_ACTIVITY, "model_client": model_client,
     }
     for n in sizes:
         ideal = n * delay / cap
         rows = []
         with h.fake_llm_subprocess({1: repl(cell.format(n=n))}, "FINAL(done)", sub_reply="ok", sub_delay_s=delay) as (url, stop):
-            async with h.running_worker(settings, h.registry(url)) as (client, _pool):
+            async with h.running_worker(settings, h.registry(url, client=model_client)) as (client, _pool):
                 for i in range(repeats):
                     timers.reset()
                     pids = {"worker (this process)": os.getpid(), "temporal": svc.temporal_pid, "s3": svc.s3_pid}
@@ -390,7 +391,10 @@ async def amain(args: argparse.Namespace, svc: h.Services, tmp: Path) -> dict[st
             # The default configuration is "fanout"; others get a section of their own.
             key = "fanout" + (f"_c{args.concurrency}" if args.concurrency != 32 else "")
             key += f"_g{args.calls_per_activity}" if args.calls_per_activity is not None else ""
-            out[key] = await bench_fanout(svc, timers, sizes, args.repeats, args.concurrency, args.calls_per_activity)
+            key += "_direct" if args.model_client == "direct" else ""
+            out[key] = await bench_fanout(
+                svc, timers, sizes, args.repeats, args.concurrency, args.calls_per_activity, args.model_client
+            )
         if "bigctx" in args.which:
             out["big_context"] = await bench_bigctx(svc, timers, args.big_mb, args.repeats, tmp)
     finally:
@@ -408,6 +412,8 @@ def main() -> int:
     parser.add_argument("--fanout", default="1000,200", help="batch sizes, comma-separated")
     parser.add_argument("--concurrency", type=int, default=32, help="fanout: Caps.max_concurrency")
     parser.add_argument("--calls-per-activity", type=int, default=None, help="fanout: override CALLS_PER_ACTIVITY")
+    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
+                        help="fanout: the models' ModelSpec.client")
     parser.add_argument("--big-mb", type=int, default=40)
     parser.add_argument("--huge-mb", type=int, default=400)
     args = parser.parse_args()

@@ -31,7 +31,9 @@ def _group_summaries(history) -> list[str]:
     ]
 
 
-def _run_batch(settings, object_store, llm, items: int, cap: int, **caps) -> tuple[list[str], RunResult]:
+def _run_batch(
+    settings, object_store, llm, items: int, cap: int, client: str = "litellm", **caps
+) -> tuple[list[str], RunResult]:
     cell = (
         f"r = llm_query_batched([f'echo {{i}}' for i in range({items})])\n"
         "print('echoed', sum(a == str(i) for i, a in enumerate(r)), 'refused', sum(a.startswith('Budget:') for a in r))"
@@ -44,8 +46,8 @@ def _run_batch(settings, object_store, llm, items: int, cap: int, **caps) -> tup
     ctx = put_context(ContextStore(object_store), "groups")
 
     async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            handle = await start(client, s, request("echo?", ctx, caps={"max_concurrency": cap, **caps}))
+        async with running_worker(s, fake_registry(llm, client=client)) as temporal:
+            handle = await start(temporal, s, request("echo?", ctx, caps={"max_concurrency": cap, **caps}))
             result = await asyncio.wait_for(handle.result(), 120)
             return result, await handle.fetch_history()
 
@@ -87,6 +89,17 @@ def test_a_larger_batch_goes_in_groups_with_lanes(settings, object_store, llm, i
         assert max(sizes) <= CALLS_PER_ACTIVITY
     # The model never saw more of the run's calls at once than the cap.
     assert llm.peak_in_flight <= cap
+
+
+def test_the_direct_client_answers_each_call_with_its_own_reply(settings, object_store, llm):
+    # Root and sub-calls sent by activities/_direct_openai.py (ModelSpec.client
+    # "direct"): every answer is its own prompt's, in order, under the cap.
+    groups, result = _run_batch(settings, object_store, llm, 20, 4, client="direct")
+    assert result.status == "completed", result.reason
+    assert result.answer == "20 refused 0"
+    assert sum(_sizes(groups)) == 20
+    assert llm.peak_in_flight <= 4
+    assert result.spend.calls == 22 and result.spend.usd > 0  # 2 root turns + 20 sub-calls, priced
 
 
 def test_a_call_budget_holds_exactly_with_windows(settings, object_store, llm):

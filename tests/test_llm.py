@@ -46,9 +46,15 @@ def failure(spec: ModelSpec, prompt: str, **kwargs) -> ApplicationError:
     return to_application_error(caught.value)
 
 
+@pytest.fixture(params=["litellm", "direct"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Each model-call behaviour must hold for both clients (ModelSpec.client)."""
+    return request.param
+
+
 @pytest.fixture
-def root(llm: FakeLLM) -> ModelSpec:
-    return fake_registry(llm).resolve("fake-root")
+def root(llm: FakeLLM, client: str) -> ModelSpec:
+    return fake_registry(llm, client=client).resolve("fake-root")
 
 
 def test_completion_returns_text_usage_and_cost_from_overrides(llm: FakeLLM, root: ModelSpec) -> None:
@@ -71,8 +77,8 @@ def test_completion_returns_text_usage_and_cost_from_overrides(llm: FakeLLM, roo
     assert sent.body["max_tokens"] == 1024  # the spec's max output: what a budget reserves
 
 
-def test_stop_sequences_and_max_tokens_reach_the_server(llm: FakeLLM) -> None:
-    spec = fake_registry(llm, stop=["\nUser:"]).resolve("fake-sub")
+def test_stop_sequences_and_max_tokens_reach_the_server(llm: FakeLLM, client: str) -> None:
+    spec = fake_registry(llm, stop=["\nUser:"], client=client).resolve("fake-sub")
     llm.add_rule(None, "```repl\nprint(1)\n```\nUser: REPL output: 1\nAssistant: FINAL(1)")
 
     reply = ask(spec, "go")
@@ -144,10 +150,10 @@ def test_provider_errors_map_to_temporal_errors(
 
 
 def test_wrong_key_is_an_auth_error_that_never_shows_the_key(
-    llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+    llm: FakeLLM, client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RLM_TEST_WRONG_KEY", "sk-wrong-secret-0123456789")
-    spec = fake_registry(llm, api_key_env="RLM_TEST_WRONG_KEY").resolve("fake-root")
+    spec = fake_registry(llm, api_key_env="RLM_TEST_WRONG_KEY", client=client).resolve("fake-root")
     error = failure(spec, "hello")
     assert error.type == "ModelAuthError" and error.non_retryable
     assert "sk-wrong-secret" not in error.message and "sk-wrong-secret" not in json.dumps(error.details, default=str)
@@ -163,13 +169,16 @@ def test_slow_model_times_out_retryably(llm: FakeLLM, root: ModelSpec) -> None:
     assert error.type == "ModelTimeout" and not error.non_retryable
 
 
-def test_unreachable_server_is_a_retryable_connection_error(llm: FakeLLM) -> None:
+def test_unreachable_server_is_a_retryable_connection_error(llm: FakeLLM, client: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    spec = fake_registry(f"http://127.0.0.1:{closed_port}/v1").resolve("fake-root")
-    error = failure(spec, "hello")
+    spec = fake_registry(f"http://127.0.0.1:{closed_port}/v1", client=client).resolve("fake-root")
+    with pytest.raises(Exception) as failed:
+        ask(spec, "hello")
+    error = to_application_error(failed.value)
     assert error.type == "ModelConnectionError" and not error.non_retryable
+    assert error.details[0]["billable"] is False, "a connection never made costs nothing"
 
 
 def test_unmatched_prompt_fails_loudly_naming_the_prompt(llm: FakeLLM, root: ModelSpec) -> None:
@@ -357,6 +366,10 @@ def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
         ('{"models": [{"name": "x"}]}', "model #0: litellm_model: Field required"),
         ('{"models": [{"name": "x", "litellm_model": "y", "api_key": "sk-1"}]}', "api_key_env"),
         ('{"models": [{"name": "x", "litellm_model": "y", "api_key_env": "sk-123"}]}', "variable NAME"),
+        ('{"models": [{"name": "x", "litellm_model": "openai/y", "client": "direct"}]}', "needs 'api_base'"),
+        ('{"models": [{"name": "x", "litellm_model": "anthropic/y", "api_base": "http://h/v1", "client": "direct"}]}',
+         "an 'openai/...' litellm_model"),
+        ('{"models": [{"name": "x", "litellm_model": "openai/y", "client": "httpx"}]}', "client"),
     ],
 )
 def test_bad_model_configuration_names_the_problem(inline: str, expected: str) -> None:
@@ -403,7 +416,7 @@ def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, ro
     # Calls skip litellm's logging pipeline only while nothing listens to it.
     from litellm.integrations.custom_logger import CustomLogger
 
-    from activities._litellm_setup import _internal_call_flag, unlogged_call
+    from activities._litellm_setup import _CALLBACK_LISTS, _internal_call_flag, unlogged_call
 
     seen: list[str] = []
 
@@ -426,6 +439,9 @@ def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, ro
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)  # litellm delivers success events from a task of its own
     finally:
-        litellm.callbacks.remove(listener)
+        # litellm copies a callback into its per-event lists on the first call.
+        for name in _CALLBACK_LISTS:
+            while listener in (getattr(litellm, name, None) or []):
+                getattr(litellm, name).remove(listener)
     # Heard once, and (turn_off_message_logging) without the reply's text.
     assert len(seen) == 1 and "heard" not in seen[0]
