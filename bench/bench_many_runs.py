@@ -63,6 +63,7 @@ from worker import MAX_ACTIVITIES  # noqa: E402
 
 MB = 1_000_000
 TARGET_RATIO = 2.0
+MODEL_CLIENT = "litellm"  # ModelSpec.client of the workers' models (--model-client)
 CONCURRENCY = 32  # Caps.max_concurrency of every run (the default)
 SLICE_CHARS = 2_000
 CELL = (
@@ -150,7 +151,7 @@ class Workers:
             data_dir = tmp / f"worker-{settings.task_queue}-{i}"
             data_dir.mkdir(parents=True)
             env = os.environ | settings.to_env() | {
-                "RLM_DATA_DIR": str(data_dir), "RLM_MODELS_JSON": models_json(model_url), "RLM_LOG_JSON": "1",
+                "RLM_DATA_DIR": str(data_dir), "RLM_MODELS_JSON": models_json(model_url, client=MODEL_CLIENT), "RLM_LOG_JSON": "1",
                 "RLM_LOG_LEVEL": "warning",
             }
             log = data_dir / "worker.log"
@@ -356,7 +357,7 @@ CELL_MEMORY_MB = 2048
 
 
 def main() -> None:
-    global CELL_MEMORY_MB
+    global CELL_MEMORY_MB, MODEL_CLIENT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--subcalls", type=int, default=20)
@@ -367,8 +368,11 @@ def main() -> None:
     parser.add_argument("--cell-memory-mb", type=int, default=CELL_MEMORY_MB, help="RunLimits.cell_memory_mb of every run")
     parser.add_argument("--no-idle-phase", dest="idle_phase", action="store_false")
     parser.add_argument("--output", default="many_runs")
+    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
+                        help="ModelSpec.client of the workers' models")
     args = parser.parse_args()
     CELL_MEMORY_MB = args.cell_memory_mb
+    MODEL_CLIENT = args.model_client
     load_start = [round(x, 2) for x in os.getloadavg()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rlm-many-") as tmp, h.private_services() as svc:
@@ -384,6 +388,7 @@ def main() -> None:
                 # Written after every worker count: a later failure keeps what was measured.
                 path = h.write_results(args.output, {
                     "runs": args.runs, "subcalls_per_run": args.subcalls, "latency_s": args.latency,
+                    "model_client": args.model_client,
                     "context_mb": args.context_mb, "contexts": "shared" if args.shared_context else "distinct",
                     "max_concurrency_per_run": CONCURRENCY, "worker_activity_slots": MAX_ACTIVITIES,
                     "cell_memory_mb": args.cell_memory_mb, "upload_s": round(upload_s, 1),

@@ -227,8 +227,12 @@ def run_reference(python: Path, driver: Path, url: str, context: Path) -> dict[s
 # -- ours --------------------------------------------------------------------------
 
 
+MODEL_CLIENT = "litellm"  # ModelSpec.client of our models (--model-client)
+
+
 def our_env(settings, url: str) -> dict[str, str]:
-    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(url), "RLM_EMBEDDED_WORKER": "true"}
+    env = {**os.environ, **settings.to_env(), "RLM_MODELS_JSON": models_json(url, client=MODEL_CLIENT),
+           "RLM_EMBEDDED_WORKER": "true"}
     env[FAKE_API_KEY_ENV] = FAKE_API_KEY_VALUE
     for name in ("RLM_MODEL", "RLM_SUB_MODEL", "OPENAI_API_KEY", "OPENAI_API_BASE"):
         env.pop(name, None)
@@ -291,7 +295,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 16])
     parser.add_argument("--ref-venv", type=Path, default=Path(tempfile.gettempdir()) / "rlm-bench-rlms-venv")
+    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
+                        help="ModelSpec.client of our models")
+    parser.add_argument("--output", default="vs_rlms", help="results file name (bench/results/<name>.json)")
     args = parser.parse_args()
+    global MODEL_CLIENT
+    MODEL_CLIENT = args.model_client
 
     ref_python, version = reference_venv(args.ref_venv)
     print(f"reference: rlms {version} in {args.ref_venv}")
@@ -337,7 +346,8 @@ def main() -> None:
                                  "ratio_wall_to_rlms": ratio}
         print(f"{f'rlm run --max-concurrency {c}':<28}{wall['median']:>16.2f}{own['median']:>12.2f}{ratio:>15.2f}")
     print("(own time: rlms completion(); ours: the workflow's history, first to last event)")
-    path = h.write_results("vs_rlms", {
+    path = h.write_results(args.output, {
+        "model_client": MODEL_CLIENT,
         "trajectory": {"context_chars": CONTEXT_CHARS, "sub_calls": CHUNKS, "chunk_chars": CHUNK_CHARS,
                        "sub_delay_s": SUB_DELAY_S, "root_turns": 2},
         "reference": {"package": "rlms", "version": version, "sub_call_concurrency": RLMS_HANDLER_CONCURRENCY,

@@ -181,6 +181,13 @@ def test_unreachable_server_is_a_retryable_connection_error(llm: FakeLLM, client
     assert error.details[0]["billable"] is False, "a connection never made costs nothing"
 
 
+def test_a_connection_dropped_after_sending_may_have_cost_its_price(llm: FakeLLM, root: ModelSpec) -> None:
+    llm.add_rule(None, "never seen", drop=True)
+    error = failure(root, "hello")
+    assert error.type == "ModelConnectionError" and not error.non_retryable
+    assert error.details[0]["billable"] is True, "the server had the request: it may have billed it"
+
+
 def test_unmatched_prompt_fails_loudly_naming_the_prompt(llm: FakeLLM, root: ModelSpec) -> None:
     error = failure(root, "a prompt nobody scripted")
     assert error.type == "ModelServerError"
