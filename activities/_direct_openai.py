@@ -35,6 +35,9 @@ __all__ = ["register"]
 # Request fields litellm passes through to us (after its own parameter mapping).
 _SENT_PARAMS = ("max_tokens", "stop", "temperature")
 _ERROR_BODY_CHARS = 100_000
+# A chat completion of the largest window is a few MB of JSON; past this a
+# reply is not one (a hostile or broken server), and is not held in memory.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
 class DirectHTTPError(Exception):
@@ -82,13 +85,21 @@ def _handler_class(module: Any) -> type:
             seconds = timeout if isinstance(timeout, (int, float)) else None
             url = (api_base or "").rstrip("/") + "/chat/completions"
             try:
+                # No redirects: the key must not follow one to another host.
                 async with self._session().post(
-                    url, data=json.dumps(body), headers=request_headers,
+                    url, data=json.dumps(body), headers=request_headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=seconds),
                 ) as reply:  # fmt: skip
-                    raw = await reply.read()
+                    if 300 <= reply.status < 400:
+                        raise litellm.BadRequestError(
+                            message=f"the server answered HTTP {reply.status}, a redirect to "
+                            f"{reply.headers.get('Location', '?')!r}; set api_base to the final URL "
+                            "(redirects are not followed: the API key would go with them)",
+                            model=model, llm_provider=DIRECT_PROVIDER,
+                        )  # fmt: skip
+                    raw = await _bounded_body(reply)
                     if reply.status >= 400:
-                        text = raw[:_ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+                        text = (raw or b"")[:_ERROR_BODY_CHARS].decode("utf-8", errors="replace")
                         raise DirectHTTPError(reply.status, _error_message(text), dict(reply.headers))
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 raise litellm.Timeout(
@@ -103,6 +114,19 @@ def _handler_class(module: Any) -> type:
     return DirectChat
 
 
+async def _bounded_body(reply: aiohttp.ClientResponse) -> bytes | None:
+    """The reply's body, or None once it passes MAX_REPLY_BYTES (read no further)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in reply.content.iter_any():
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            reply.close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error_message(text: str) -> str:
     """The provider's own message from an OpenAI-style error body, else the body."""
     try:
@@ -115,13 +139,14 @@ def _error_message(text: str) -> str:
     return str(error) if error else text
 
 
-def _fill(model_response: Any, raw: bytes, model: str) -> Any:
+def _fill(model_response: Any, raw: bytes | None, model: str) -> Any:
     """The reply's choice and usage in litellm's ModelResponse; a reply that is
-    not a chat completion leaves it without choices (a malformed reply)."""
+    not a chat completion (or too large to be one) leaves it without choices:
+    a malformed reply, retried and charged as one."""
     from litellm.types.utils import Choices, Message, Usage
 
     try:
-        data = json.loads(raw)
+        data = json.loads(raw)  # type: ignore[arg-type] - None raises TypeError
         first = data["choices"][0]
         message = first["message"]
         content = message.get("content")

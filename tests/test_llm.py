@@ -188,6 +188,24 @@ def test_a_connection_dropped_after_sending_may_have_cost_its_price(llm: FakeLLM
     assert error.details[0]["billable"] is True, "the server had the request: it may have billed it"
 
 
+def test_the_direct_client_follows_no_redirect_and_reads_no_huge_reply(
+    llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from activities import _direct_openai
+
+    spec = fake_registry(llm, client="direct").resolve("fake-root")
+    # A redirect (where the key would follow) is an error reply, not followed.
+    llm.add_rule("go elsewhere", "moved", status=307, headers={"Location": llm.url + "/chat/completions"})
+    error = failure(spec, "go elsewhere")
+    assert llm.count() == 1 and error.type == "ModelBadRequest" and error.non_retryable
+    assert "HTTP 307, a redirect to" in error.message and "set api_base to the final URL" in error.message
+    # A reply past the cap is a malformed reply, however it ends.
+    monkeypatch.setattr(_direct_openai, "MAX_REPLY_BYTES", 4_096)
+    llm.add_rule("be long", "x" * 10_000)
+    error = failure(spec, "be long")
+    assert error.type == "MalformedReply" and not error.non_retryable
+
+
 def test_unmatched_prompt_fails_loudly_naming_the_prompt(llm: FakeLLM, root: ModelSpec) -> None:
     error = failure(root, "a prompt nobody scripted")
     assert error.type == "ModelServerError"
