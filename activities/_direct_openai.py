@@ -5,10 +5,11 @@ A model configured with `"client": "direct"` is still called through
 mapping all apply), but litellm hands the request to this handler (its
 `custom_provider_map`) instead of the OpenAI SDK: one POST to
 `{api_base}/chat/completions` on one aiohttp session, the JSON reply read
-into litellm's ModelResponse. The SDK's request building, httpx and response
-models cost ~1.1 of litellm's ~3.1 ms of CPU per call on the worker's one
-model loop (2,000 calls at 32 in flight: 3.0-3.1 ms against 1.8-2.0 ms), and
-that loop is what bounds fan-out.
+into litellm's ModelResponse, priced (`_stamp_price`). The SDK's request
+building, httpx, response models and litellm's second pricing cost ~1.4 of
+litellm's ~3.1 ms of CPU per call on the worker's one model loop (2,000 calls
+at 32 in flight through `activities.llm.complete`: 3.0-3.2 ms against
+1.6-1.7 ms), and that loop is what bounds fan-out.
 
 Scope: plain (non-streaming) chat completions with text messages, which is
 all the engine sends. Failures are raised so that litellm maps them like its
@@ -166,7 +167,27 @@ def _fill(model_response: Any, raw: bytes | None, model: str) -> Any:
     model_response.model = data.get("model") or model
     if isinstance(data.get("id"), str):
         model_response.id = data["id"]
+    _stamp_price(model_response, model)
     return model_response
+
+
+def _stamp_price(model_response: Any, model: str) -> None:
+    """Put the reply's price where litellm looks first (`_hidden_params`).
+
+    litellm prices every reply for its logging; for a reply that carries a
+    price it takes it as is instead of running its cost calculator (~7% of
+    the worker's GIL time with 100 runs at once). The price is litellm's own
+    rule on the entry the worker made for this model from its spec
+    (`activities.llm._enter_unmapped`); without an entry litellm prices it.
+    """
+    entry = litellm.model_cost.get(f"{DIRECT_PROVIDER}/{model}")
+    usage = getattr(model_response, "usage", None)
+    if not entry or usage is None:
+        return
+    model_response._hidden_params["response_cost"] = (  # noqa: SLF001 - litellm's documented carrier
+        usage.prompt_tokens * float(entry.get("input_cost_per_token") or 0.0)
+        + usage.completion_tokens * float(entry.get("output_cost_per_token") or 0.0)
+    )
 
 
 def _close_soon(loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession) -> None:

@@ -445,21 +445,31 @@ def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, ro
 
     seen: list[str] = []
 
+    costs: list[float] = []
+
     class Listener(CustomLogger):
         async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
             seen.append(response_obj.choices[0].message.content)
+            costs.append(kwargs.get("response_cost"))
 
     flag = _internal_call_flag()
     assert flag is not None, "litellm's internal-call flag moved: calls pay for logging again"
     with unlogged_call():
         assert flag.get() is True
     llm.add_rule("logged", "heard")
+    # Prices litellm knows for this model (whatever an earlier test entered).
+    provider = root.routed_model.split("/")[0]
+    previous = litellm.model_cost.get(root.routed_model)
+    litellm.register_model({root.routed_model: {
+        "input_cost_per_token": 1e-6, "output_cost_per_token": 3e-6, "litellm_provider": provider, "mode": "chat",
+    }})  # fmt: skip
     listener = Listener()
     litellm.callbacks.append(listener)
     try:
         with unlogged_call():
             assert flag.get() is False
-        assert ask(root, "logged please").text == "heard"
+        reply = ask(root, "logged please")
+        assert reply.text == "heard"
         deadline = time.monotonic() + 10
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)  # litellm delivers success events from a task of its own
@@ -468,5 +478,12 @@ def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, ro
         for name in _CALLBACK_LISTS:
             while listener in (getattr(litellm, name, None) or []):
                 getattr(litellm, name).remove(listener)
+        if previous is None:
+            litellm.model_cost.pop(root.routed_model, None)
+        else:
+            litellm.model_cost[root.routed_model] = previous
     # Heard once, and (turn_off_message_logging) without the reply's text.
     assert len(seen) == 1 and "heard" not in seen[0]
+    # Priced as litellm prices it, whichever client sent it (the direct one
+    # stamps the price itself, from the same map entry).
+    assert costs == [pytest.approx(reply.prompt_tokens * 1e-6 + reply.completion_tokens * 3e-6)]
