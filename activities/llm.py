@@ -101,9 +101,10 @@ def price_unmapped_models(registry: ModelRegistry) -> None:
     configuration, is entered at its first call)."""
     prices: dict[str, set[tuple[float, float]]] = {}
     for spec in registry.specs:
-        prices.setdefault(spec.routed_model, set()).add(
-            (spec.usd_per_input_token or 0.0, spec.usd_per_output_token or 0.0)
-        )
+        # The spec's prices, else litellm's for the model's own name (a direct
+        # client's `openai/gpt-4o-mini` is priced as `rlm_direct/gpt-4o-mini`), else 0.
+        info = model_info(spec)
+        prices.setdefault(spec.routed_model, set()).add((info.usd_per_input_token, info.usd_per_output_token))
     for litellm_model, seen in prices.items():
         # Specs sharing a model at different prices: litellm's own figure is then nobody's.
         usd_in, usd_out = seen.pop() if len(seen) == 1 else (0.0, 0.0)
@@ -231,7 +232,7 @@ async def _complete(
     stops = spec.stop if stop is None else stop
     if stops:
         kwargs["stop"] = list(stops)
-    _enter_unmapped(spec.routed_model)
+    _enter_unmapped(spec.routed_model, info.usd_per_input_token, info.usd_per_output_token)
     setup = inline_setup() if _prepared_without_io(spec.routed_model) else contextlib.nullcontext()
     started = time.monotonic()
     try:

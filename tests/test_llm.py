@@ -369,6 +369,19 @@ def test_an_unmapped_model_enters_litellms_map_at_its_specs_prices(llm: FakeLLM)
     assert (registry.info("s1").usd_per_input_token, registry.info("s2").usd_per_input_token) == (1e-6, 2e-6)
 
 
+def test_a_direct_client_model_litellm_knows_keeps_its_price_under_the_routed_name() -> None:
+    # litellm prices a direct reply under `rlm_direct/<model>`; a model it
+    # knows as `openai/<model>` is entered there at the known prices.
+    spec = ModelSpec(name="mini-direct", litellm_model="openai/gpt-4o-mini", api_base="http://127.0.0.1:9/v1",
+                     client="direct")  # fmt: skip
+    price_unmapped_models(ModelRegistry([spec]))
+    known = litellm.get_model_info("gpt-4o-mini")
+    entry = litellm.model_cost[spec.routed_model]
+    assert known["input_cost_per_token"] > 0
+    assert entry["input_cost_per_token"] == known["input_cost_per_token"]
+    assert entry["output_cost_per_token"] == known["output_cost_per_token"]
+
+
 def test_registry_reads_file_then_inline_json(tmp_path, llm: FakeLLM) -> None:
     models_file = tmp_path / "models.json"
     old = [{"name": "fake-root", "litellm_model": "openai/old"}, {"name": "a", "litellm_model": "b/c"}]
