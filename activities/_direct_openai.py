@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from activities._litellm_setup import litellm
-from activities._model_registry import DIRECT_PROVIDER
+from activities._model_registry import DIRECT_PROVIDER, direct_model
 
 __all__ = ["register"]
 
@@ -102,7 +102,7 @@ def _handler_class(module: Any) -> type:
                     if reply.status >= 400:
                         text = (raw or b"")[:_ERROR_BODY_CHARS].decode("utf-8", errors="replace")
                         raise DirectHTTPError(reply.status, _error_message(text), dict(reply.headers))
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            except asyncio.TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
                 raise litellm.Timeout(
                     message=f"no reply within {seconds} s", model=model, llm_provider=DIRECT_PROVIDER
                 ) from exc
@@ -180,7 +180,7 @@ def _stamp_price(model_response: Any, model: str) -> None:
     rule on the entry the worker made for this model from its spec
     (`activities.llm._enter_unmapped`); without an entry litellm prices it.
     """
-    entry = litellm.model_cost.get(f"{DIRECT_PROVIDER}/{model}")
+    entry = litellm.model_cost.get(direct_model(model))
     usage = getattr(model_response, "usage", None)
     if not entry or usage is None:
         return

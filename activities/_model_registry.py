@@ -60,12 +60,18 @@ MODELS_JSON_ENV = "RLM_MODELS_JSON"
 _LOCAL_PLACEHOLDER_KEY = "not-needed"
 DIRECT_PROVIDER = "rlm_direct"
 """litellm provider name of the direct client (activities/_direct_openai.py)."""
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOW_TO_ADD = (
     f'add it to the JSON in {MODELS_FILE_ENV} (a file) or {MODELS_JSON_ENV} (inline), e.g. '
     '{"models": [{"name": "my-model", "litellm_model": "openai/my-model", '
     '"api_base": "http://127.0.0.1:8080/v1"}]}, or use a model name litellm knows such as "gpt-4o-mini"'
 )
+
+
+def direct_model(name: str) -> str:
+    """The litellm model string of a server's model `name` on the direct client."""
+    return f"{DIRECT_PROVIDER}/{name}"
 
 
 class ModelSpec(BaseModel):
@@ -129,7 +135,7 @@ class ModelSpec(BaseModel):
         """The model string litellm is called with: `litellm_model`, or with the
         direct client `rlm_direct/<model>`, which litellm hands to our handler."""
         if self.client == "direct":
-            return f"{DIRECT_PROVIDER}/{self.litellm_model.removeprefix('openai/')}"
+            return direct_model(self.litellm_model.removeprefix("openai/"))
         return self.litellm_model
 
     @field_validator("api_key_env")
