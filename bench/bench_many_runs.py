@@ -243,27 +243,50 @@ async def _result(handle):
             await asyncio.sleep(0.5)
 
 
-async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter]:
-    """Activity and workflow tasks started per worker identity, and retried
-    activity attempts by type and cause, from the histories."""
+async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter, dict[str, Any]]:
+    """Activity and workflow tasks started per worker identity, retried
+    activity attempts by type and cause, and where a run's time went, from
+    the histories."""
     acts: Counter = Counter()
     tasks: Counter = Counter()
     retries: Counter = Counter()
+    spans: dict[str, list[float]] = {}
     for handle in handles:
         history = await handle.fetch_history()
         types: dict[int, str] = {}
+        at: dict[int, float] = {}  # event id -> time, for the events a later one points back to
+        first = history.events[0].event_time.ToDatetime().timestamp()
         for e in history.events:
+            t = e.event_time.ToDatetime().timestamp()
+            at[e.event_id] = t
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 types[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
             elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
                 a = e.activity_task_started_event_attributes
                 acts[a.identity.split("@")[0]] += 1
+                spans.setdefault(f"{types.get(a.scheduled_event_id, '?')} queued", []).append(t - at[a.scheduled_event_id])
                 if a.attempt > 1:  # the last failure of this activity, as recorded on its start
                     cause = a.last_failure.application_failure_info.type or a.last_failure.message[:60] or "timeout"
                     retries[f"{types.get(a.scheduled_event_id, '?')}: {cause}"] += a.attempt - 1
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                a = e.activity_task_completed_event_attributes
+                spans.setdefault(f"{types.get(a.scheduled_event_id, '?')} ran", []).append(t - at[a.started_event_id])
             elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
-                tasks[e.workflow_task_started_event_attributes.identity.split("@")[0]] += 1
-    return acts, tasks, retries
+                w = e.workflow_task_started_event_attributes
+                tasks[w.identity.split("@")[0]] += 1
+                spans.setdefault("workflow task queued", []).append(t - at[w.scheduled_event_id])
+            elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                w = e.workflow_task_completed_event_attributes
+                spans.setdefault("workflow task ran", []).append(t - at[w.started_event_id])
+        spans.setdefault("run", []).append(history.events[-1].event_time.ToDatetime().timestamp() - first)
+    return acts, tasks, retries, {name: _spread(values) for name, values in sorted(spans.items())}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, 90th percentile and sum of some spans, in seconds."""
+    ordered = sorted(values)
+    return {"n": len(ordered), "median_s": round(ordered[len(ordered) // 2], 3),
+            "p90_s": round(ordered[int(len(ordered) * 0.9)], 3), "sum_s": round(sum(ordered), 1)}
 
 
 def ideal_s(runs: int, n: int, latency: float, workers: int) -> dict[str, float]:
@@ -293,7 +316,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         cpu = {str(k): round(cpu1[k] - v, 1) for k, v in cpu0.items()}
         load1 = [round(x, 2) for x in os.getloadavg()]
         rss_after = workers.rss_mb()
-        acts, tasks, retries = await activities_by_worker(handles)
+        acts, tasks, retries, spans = await activities_by_worker(handles)
         ideal = ideal_s(len(contexts), args.subcalls, args.latency, count)
         row: dict[str, Any] = {
             "workers": count,
@@ -304,6 +327,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
             "activities_per_worker": {str(k): v for k, v in acts.items()},
             "workflow_tasks_per_worker": {str(k): v for k, v in tasks.items()},
             "activity_retries_by_cause": dict(retries.most_common()),
+            "spans_from_histories": spans,
             "cpu_s_during_runs": cpu,
             "worker_rss_mb_before": {str(k): v for k, v in rss_before.items()},
             "worker_rss_mb_after": {str(k): v for k, v in rss_after.items()},
@@ -317,6 +341,8 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
             f"(x{row['ratio_to_ideal']}); activities per worker {dict(acts)}; retries {dict(retries)}; CPU s {cpu}; "
             f"peak RSS MB {row['worker_peak_rss_mb_vmhwm']}; load {load0} -> {load1}"
         )
+        print("  spans (median / p90 s): " + "; ".join(
+            f"{name} {v['median_s']}/{v['p90_s']}" for name, v in spans.items()))
         if count == 1 and args.idle_phase:
             row["idle"] = await idle_phase(client, settings, server, workers, contexts, rss_before[workers.pids[0]])
         return row

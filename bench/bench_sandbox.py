@@ -45,6 +45,40 @@ def make_context(directory: Path, megabytes: int) -> Path:
     return path
 
 
+FANOUT_CELL = ("step = len(context) // 20\n"
+               "r = llm_query_batched([f'part {i}: ' + context[i * step:i * step + 2000] for i in range(20)])\n"
+               "print(len(r))")
+
+
+def repl_life_cpu_ms(tmp_path: Path, cache: Path, repeats: int = 10) -> dict[str, float]:
+    words = "alpha beta gamma delta ledger orchid river stone".split()
+    contexts = []
+    for i in range(repeats + 2):  # a new file each time, as each run has its own context
+        path = tmp_path / f"run{i}.txt"
+        path.write_text(" ".join(words[(i + j) % len(words)] for j in range(700_000))[:4_000_000], encoding="utf-8")
+        contexts.append(path)
+    functions = {"llm_query_batched": lambda prompts, *a, **k: ["ok"] * len(prompts)}
+    limits = SandboxLimits(cell_timeout_s=60.0, memory_bytes=2 * 1024**3)
+    phases: dict[str, list[float]] = {}
+    for path in contexts:
+        marks = [time.process_time()]
+        session = ReplSession(limits=limits, host_functions=functions, cache_dir=cache).start()
+        marks.append(time.process_time())
+        session.load_context([path], "str")
+        marks.append(time.process_time())
+        assert session.run_cell(FANOUT_CELL).output == "20\n"
+        marks.append(time.process_time())
+        session.snapshot()
+        marks.append(time.process_time())
+        session.close()
+        marks.append(time.process_time())
+        for name, began, ended in zip(("boot", "context_4mb", "cell", "first_snapshot", "close"), marks, marks[1:]):
+            phases.setdefault(name, []).append(ended - began)
+    out = {name: round(statistics.median(v[2:]) * 1000, 1) for name, v in phases.items()}  # first two: warm-up
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--context-mb", type=int, default=40)
@@ -130,6 +164,11 @@ def main() -> None:
         figures["cold_cell_s_median"] = round(statistics.median(colds), 3)
         figures["cold_parts_ms_boot_load_restore"] = [
             round(statistics.median(p[i] for p in parts) * 1000, 1) for i in range(3)]
+
+        # 7. One REPL's life in bench_many_runs: boot, a 4 MB context, the
+        # fan-out cell (host functions answer at once), its first snapshot
+        # (plain data), close. CPU of this process, all threads, per phase.
+        figures["repl_life_cpu_ms"] = repl_life_cpu_ms(tmp_path, cache)
 
     figures["targets_met"] = {
         "warm_cell_under_10ms": figures["warm_cell_ms_median"] < 10,

@@ -232,3 +232,21 @@ def test_closed_sessions_give_their_memory_back():
     for _ in range(5):
         one_session()
     assert rss_mb() - before < 150  # 5 x 60 MB would be 300 MB if stores leaked
+
+
+def test_closing_a_session_runs_no_guest_code():
+    """A closed guest stops without interpreter shutdown: exit hooks a cell
+    registered never run (they would run outside any cell's time limit and
+    accounting; one waiting on a host function used to keep its guest thread
+    alive after close), and closing costs no finalization of the guest's heap."""
+    def guest_threads() -> int:
+        return sum(t.name == "sandbox-guest" for t in threading.enumerate())
+
+    calls = []
+    before = guest_threads()
+    with ReplSession(limits=LIMITS, host_functions={"echo": calls.append}) as session:
+        cell = session.run_cell("import atexit\natexit.register(echo, 'at exit')\necho('in cell')")
+        assert cell.error is None, cell.error
+        assert guest_threads() == before + 1
+    assert guest_threads() == before
+    assert calls == ["in cell"]

@@ -22,10 +22,33 @@ took ~150 ms, the whole cost of a REPL's first snapshot (3 ms after it).
 cloudpickle is imported only for a state that needs it.
 """
 
-import _pickle  # the C module: `pickle` itself (and its `re` import) is not needed to load
 import io
 import sys
-from importlib import import_module
+
+
+def _import_c_pickle():
+    """The C pickler, without `functools`: the module only takes
+    `functools.partial` from it, which is `_functools.partial`, while
+    importing functools (and with it collections) cost ~11 of the ~14 ms
+    `_pickle` took in a REPL's first snapshot. `pickle` itself (and its `re`)
+    is not needed either."""
+    if "functools" in sys.modules or "_pickle" in sys.modules:
+        import _pickle
+        return _pickle
+    import _functools
+
+    shim = type(sys)("functools")
+    shim.partial = _functools.partial
+    sys.modules["functools"] = shim
+    try:
+        import _pickle
+    finally:
+        if sys.modules.get("functools") is shim:  # a cell's own import gets the real module
+            del sys.modules["functools"]
+    return _pickle
+
+
+_pickle = _import_c_pickle()
 
 MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
@@ -221,6 +244,9 @@ def _by_name_only(obj):
     if isinstance(obj, _MODULE):  # `import re` in a cell: by name, as cloudpickle does
         if sys.modules.get(obj.__name__) is not obj:
             raise _ByValueOnly
+        # Imported here: `importlib` costs ~2.4 ms of a REPL's first snapshot.
+        from importlib import import_module
+
         return import_module, (obj.__name__,)
     return NotImplemented
 
