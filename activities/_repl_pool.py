@@ -9,14 +9,23 @@ grow its linear memory up to its cap, so the caps of all live sessions (idle
 and checked out) together stay within a memory budget. A new session first
 makes room by closing idle ones; when busy ones hold the budget it waits a
 bounded time, then refuses (the cell is retried, maybe on another worker).
+
+A guest waiting in a host function (its sub-calls, most of a cell's time)
+cannot grow: only its own code grows its memory. Meanwhile it holds only
+what it has grown to, and the rest of its cap goes back to the budget for
+other sessions; it takes that back before it runs again, ahead of any new
+session. With caps of 2 GiB and a 12 GiB budget, six cells ran at once and
+100 runs queued for memory while their guests waited on the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -72,9 +81,12 @@ class ReplPool:
         self._released = threading.Condition(self._lock)
         self._idle: OrderedDict[str, LiveRepl] = OrderedDict()
         self._caps: dict[int, int] = {}  # id(live) -> its cap, for every live session
+        self._lent: dict[int, int] = {}  # id(live) -> the part of its cap given back during a host call
         self._held = 0
         self._waiting: deque[object] = deque()
         """Cells waiting for guest memory, first come first served."""
+        self._resuming = 0
+        """Guests back from a host call waiting to take back their cap."""
 
     @property
     def memory_budget(self) -> int:
@@ -87,8 +99,15 @@ class ReplPool:
             return len(self._waiting)
 
     @property
+    def returning_guests(self) -> int:
+        """Guests back from a host call waiting to hold their whole cap again."""
+        with self._lock:
+            return self._resuming
+
+    @property
     def held_bytes(self) -> int:
-        """Sum of the memory caps of all live sessions, idle and checked out."""
+        """Guest memory held: the caps of all live sessions, idle and checked
+        out, less what guests waiting in host functions gave back."""
         with self._lock:
             return self._held
 
@@ -128,15 +147,17 @@ class ReplPool:
             self._close([live])
         self._reserve(cap)
         host: dict[str, Any] = {}
+        made: list[LiveRepl] = []  # the session's LiveRepl, once made
         # The session calls whichever host functions the current cell installed.
-        functions = {name: _forward(host, name) for name in _HOST_NAMES}
-        functions.update({name: _forward(host, name, doc) for name, doc in tools.items()})
+        functions = {name: self._forward(made, host, name) for name in _HOST_NAMES}
+        functions.update({name: self._forward(made, host, name, doc) for name, doc in tools.items()})
         try:
             session = ReplSession(limits=limits, host_functions=functions)
         except BaseException:
             self._release_cap(cap)
             raise
         live = LiveRepl(session=session, limits=limits, snapshot_key=None, host=host, tools=tools)
+        made.append(live)
         with self._lock:
             self._caps[id(live)] = cap  # the reservation now belongs to this session
         try:
@@ -196,11 +217,9 @@ class ReplPool:
             with self._lock:
                 self._waiting.append(turn)
                 try:
-                    while self._waiting[0] is not turn or self._held + cap > self._budget:
-                        if self._waiting[0] is turn and self._idle:
-                            live = self._idle.popitem(last=False)[1]
-                            self._held -= self._caps.pop(id(live), 0)
-                            evicted.append(live)
+                    while self._waiting[0] is not turn or self._resuming or self._held + cap > self._budget:
+                        if self._waiting[0] is turn and not self._resuming and self._idle:
+                            evicted.append(self._evict_idle_locked())
                             continue
                         left = deadline - time.monotonic()
                         if left <= 0:
@@ -223,6 +242,73 @@ class ReplPool:
             log.info("repl_pool.evicted_for_memory", sessions=len(evicted), held_mib=held // MIB,
                      budget_mib=self._budget // MIB)
 
+    # -- host calls --------------------------------------------------------------
+    def _forward(self, made: list[LiveRepl], host: dict[str, Any], name: str,
+                 doc: str | None = None) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lend(made[0]):
+                return host[name](*args, **kwargs)
+
+        call.__name__ = name
+        call.__doc__ = doc
+        return call
+
+    @contextlib.contextmanager
+    def _lend(self, live: LiveRepl) -> Iterator[None]:
+        """During a host call: give back the part of the session's cap its
+        guest has not grown to, and take it back before the guest runs again."""
+        spare = max(0, live.limits.memory_bytes - live.session.guest_memory_bytes)
+        with self._lock:
+            if spare and id(live) in self._caps and id(live) not in self._lent:
+                self._held -= spare
+                self._lent[id(live)] = spare
+                self._released.notify_all()
+            else:
+                spare = 0
+        try:
+            yield
+        finally:
+            if spare:
+                self._take_back(live)
+
+    def _take_back(self, live: LiveRepl) -> None:
+        """Hold a returning guest's whole cap again. Returning guests go before
+        new sessions and close idle ones, so the guest that entered a host
+        call last always fits: no guest has grown since it gave memory back.
+        The wait is bounded all the same; past it the guest runs anyway (the
+        budget is overrun by what it takes back, and logged) rather than fail
+        a cell whose sub-calls are done."""
+        deadline = time.monotonic() + self._busy_wait_s
+        evicted: list[LiveRepl] = []
+        with self._lock:
+            self._resuming += 1
+            try:
+                spare = self._lent.get(id(live), 0)
+                while spare and self._held + spare > self._budget:
+                    if self._idle:
+                        evicted.append(self._evict_idle_locked())
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("repl_pool.over_budget", held_mib=self._held // MIB,
+                                    budget_mib=self._budget // MIB, taken_back_mib=spare // MIB)
+                        break
+                    self._released.wait(left)
+                if id(live) in self._caps:
+                    self._held += self._lent.pop(id(live), 0)
+            finally:
+                self._resuming -= 1
+                self._released.notify_all()
+        for victim in evicted:
+            self._finish(victim)
+
+    def _evict_idle_locked(self) -> LiveRepl:
+        """Take the least recently used idle session out (its cap given back);
+        the caller closes it outside the lock."""
+        live = self._idle.popitem(last=False)[1]
+        self._held -= self._caps.pop(id(live), 0)
+        return live
+
     def _release_cap(self, cap: int) -> None:
         with self._lock:
             self._held -= cap
@@ -231,7 +317,7 @@ class ReplPool:
     def _close(self, lives: list[LiveRepl]) -> None:
         with self._lock:
             for live in lives:
-                self._held -= self._caps.pop(id(live), 0)
+                self._held -= self._caps.pop(id(live), 0) - self._lent.pop(id(live), 0)
             if lives:
                 self._released.notify_all()
         for live in lives:
@@ -278,12 +364,3 @@ def guest_memory_budget(share: float) -> int:
 _HOST_NAMES = (
     "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "document_names"
 )
-
-
-def _forward(host: dict[str, Any], name: str, doc: str | None = None) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return host[name](*args, **kwargs)
-
-    call.__name__ = name
-    call.__doc__ = doc
-    return call

@@ -121,7 +121,8 @@ class Settings(BaseModel):
     guest_memory_share: float = Field(default=0.5, gt=0, le=1)
     """Share of the machine's memory (MemTotal, or a smaller cgroup limit)
     that the REPL guests of one worker may hold together, counted by their
-    memory caps; a cell that does not fit waits, then is retried."""
+    memory caps (a guest waiting on its sub-calls counts only what it has
+    grown to); a cell that does not fit waits, then is retried."""
 
     repl_idle_s: float = Field(default=300.0, gt=0)
     """Seconds a worker keeps an idle REPL warm (a run between cells, a

@@ -161,6 +161,11 @@ class WasiShim:
         self._pending.extend(sources)
 
     # -- guest memory -----------------------------------------------------------
+    def memory_bytes(self, caller: Any) -> int:
+        """Size of the guest's linear memory (what it has grown to, in use or not)."""
+        assert self._memory is not None
+        return self._memory.data_len(caller)
+
     def _view(self, caller: Any, ptr: int, length: int) -> memoryview:
         assert self._memory is not None
         size = self._memory.data_len(caller)

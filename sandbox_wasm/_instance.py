@@ -82,6 +82,9 @@ class GuestInstance:
         self._ticker = runtime.ticker
         self.output = output
         self.alive = True
+        self.memory_bytes = 0
+        """Size of the guest's linear memory at its last host-function call:
+        it cannot grow until the call returns (only guest code grows it)."""
         store = wasmtime.Store(runtime.engine)
         store.set_limits(memory_size=memory_bytes)
         store.set_epoch_deadline(CHECK_TICKS)
@@ -214,6 +217,7 @@ class GuestInstance:
         if kind == "call" and len(message) == 4:
             left = None if self._deadline is None else self._deadline - time.monotonic()
             self._deadline = None  # host time does not count
+            self.memory_bytes = self._shim.memory_bytes(caller)
             self._events.put(Event("call", message[1:]))
             answer, _timeout, _sources = self._next_command()
             self._set_deadline(caller, left)

@@ -76,6 +76,14 @@ class ReplSession:
             self._instance.close()
             self._instance = None
 
+    @property
+    def guest_memory_bytes(self) -> int:
+        """Linear memory the guest has grown to, as of its last host-function
+        call. Read inside a host function, it holds until the function
+        returns: only the guest's own code grows its memory."""
+        instance = self._instance
+        return instance.memory_bytes if instance is not None else 0
+
     def interrupt(self, reason: str) -> None:
         """Stop the command running now, from any thread (e.g. a cancelled cell).
 
@@ -255,6 +263,10 @@ class ReplSession:
         return self._instance
 
     def _boot(self) -> GuestInstance:
+        with self._runtime.boot_slots:  # waiting for a slot is not part of the boot's deadline
+            return self._boot_now()
+
+    def _boot_now(self) -> GuestInstance:
         output = OutputCollector(self.limits.full_output_chars)
         try:
             instance = GuestInstance(self._runtime, self.limits.memory_bytes, output,

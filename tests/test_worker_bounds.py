@@ -133,6 +133,94 @@ def test_checkouts_waiting_for_memory_are_served_in_arrival_order() -> None:
         pool.close()
 
 
+def test_a_guest_waiting_in_a_host_call_holds_only_what_it_has_grown_to(pool: ReplPool) -> None:
+    """While a cell waits for its sub-calls its guest cannot grow: the rest of
+    its cap serves other sessions meanwhile (300 MiB budget, 128 MiB caps:
+    a third session fits only while the first one waits), and is taken back
+    when the call returns."""
+    a, _ = pool.checkout("run-a", None, CAP, _start)
+    b, _ = pool.checkout("run-b", None, CAP, _start)
+    seen: dict[str, int] = {}
+
+    def llm_query(prompt: str, model: str | None = None) -> str:
+        seen["grown"] = a.session.guest_memory_bytes
+        seen["held"] = pool.held_bytes
+        c, _ = pool.checkout("run-c", None, CAP, _start)  # 384 MiB of caps: fits only now
+        assert c.session.run_cell("print(6 * 7)").output.strip() == "42"
+        pool.discard(c)
+        return "ok"
+
+    with pytest.raises(GuestMemoryBusy):  # no guest is waiting in a host call: the caps hold
+        pool.checkout("run-c", None, CAP, _start)
+    a.host["llm_query"] = llm_query
+    cell = a.session.run_cell("grow = bytearray(30 * 2**20)\nllm_query('q')")
+    assert cell.error is None and cell.value_repr == "'ok'", cell
+    assert 30 * MIB < seen["grown"] < 100 * MIB
+    assert seen["held"] == seen["grown"] + 128 * MIB
+    assert pool.held_bytes == 256 * MIB  # the whole cap again
+    pool.discard(a)
+    pool.discard(b)
+    assert pool.held_bytes == 0
+
+
+def test_a_guest_back_from_a_host_call_takes_its_memory_back_before_new_sessions() -> None:
+    """Returning guests go first: a new session waiting for memory does not
+    take what a guest back from its sub-calls needs to run again."""
+    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
+    order: list[str] = []
+    lent = threading.Event()
+    c_started = threading.Event()
+    got: dict[str, LiveRepl] = {}
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.005)
+
+    try:
+        a, _ = pool.checkout("run-a", None, CAP, _start)
+        b, _ = pool.checkout("run-b", None, CAP, _start)
+
+        def llm_query(prompt: str, model: str | None = None) -> str:
+            lent.set()
+            c_started.wait(30)  # C took the memory A lent
+            return "ok"
+
+        a.host["llm_query"] = llm_query
+
+        def run_a() -> None:
+            cell = a.session.run_cell("llm_query('q')")
+            order.append("a ran on: " + str(cell.value_repr))
+
+        def checkout(name: str, started: threading.Event | None) -> None:
+            got[name], _ = pool.checkout(name, None, CAP, lambda live: order.append(name + " started"))
+            if started is not None:
+                started.set()
+
+        threads = [threading.Thread(target=run_a)]
+        threads[0].start()
+        lent.wait(30)
+        threads.append(threading.Thread(target=checkout, args=("c", c_started)))
+        threads[-1].start()
+        until(lambda: "c" in got)  # A waits in its call: C fits
+        threads.append(threading.Thread(target=checkout, args=("d", None)))
+        threads[-1].start()
+        until(lambda: pool.waiting_checkouts == 1 and pool.returning_guests == 1)  # D waits, and A, back
+        pool.discard(got["c"])  # enough for A (or for D): A goes first
+        until(lambda: any(o.startswith("a ran on") for o in order))
+        assert "d started" not in order and pool.held_bytes == 256 * MIB
+        pool.discard(b)  # now D fits
+        for thread in threads:
+            thread.join(30)
+        assert order == ["c started", "a ran on: 'ok'", "d started"]
+        pool.discard(a)
+        pool.discard(got["d"])
+        assert pool.held_bytes == 0
+    finally:
+        pool.close()
+
+
 def test_a_cap_over_the_whole_budget_is_refused_at_once(pool: ReplPool) -> None:
     big = SandboxLimits(memory_bytes=512 * MIB)
     with pytest.raises(GuestMemoryTooLarge, match=r"512 MiB exceeds .* 300 MiB.*RLM_GUEST_MEMORY_SHARE"):
