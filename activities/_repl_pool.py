@@ -149,7 +149,8 @@ class ReplPool:
         host: dict[str, Any] = {}
         made: list[LiveRepl] = []  # the session's LiveRepl, once made
         # The session calls whichever host functions the current cell installed.
-        functions = {name: self._forward(made, host, name) for name in _HOST_NAMES}
+        functions = {name: self._forward(made, host, name, lend=name not in _INSTANT_HOST_NAMES)
+                     for name in _HOST_NAMES}
         functions.update({name: self._forward(made, host, name, doc) for name, doc in tools.items()})
         try:
             session = ReplSession(limits=limits, host_functions=functions)
@@ -244,8 +245,10 @@ class ReplPool:
 
     # -- host calls --------------------------------------------------------------
     def _forward(self, made: list[LiveRepl], host: dict[str, Any], name: str,
-                 doc: str | None = None) -> Callable[..., Any]:
+                 doc: str | None = None, *, lend: bool = True) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
+            if not lend:
+                return host[name](*args, **kwargs)
             with self._lend(made[0]):
                 return host[name](*args, **kwargs)
 
@@ -364,3 +367,6 @@ def guest_memory_budget(share: float) -> int:
 _HOST_NAMES = (
     "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "document_names"
 )
+# Host functions that answer at once: their caller keeps its whole cap (lending
+# would only churn the pool's lock, and could make FINAL wait for memory).
+_INSTANT_HOST_NAMES = frozenset({"FINAL", "FINAL_VAR", "document_names"})

@@ -158,6 +158,10 @@ def test_a_guest_waiting_in_a_host_call_holds_only_what_it_has_grown_to(pool: Re
     assert 30 * MIB < seen["grown"] < 100 * MIB
     assert seen["held"] == seen["grown"] + 128 * MIB
     assert pool.held_bytes == 256 * MIB  # the whole cap again
+    # FINAL answers at once: its caller keeps its cap (nothing to lend, nothing to wait for).
+    a.host["FINAL"] = lambda answer: seen.__setitem__("held_in_final", pool.held_bytes)
+    assert a.session.run_cell("FINAL('done')").error is None
+    assert seen["held_in_final"] == 256 * MIB
     pool.discard(a)
     pool.discard(b)
     assert pool.held_bytes == 0
