@@ -124,7 +124,7 @@ class EpochTicker:
 _lock = threading.Lock()
 # A boot is ~40 ms of CPU and nothing else: more at once than cores only
 # slows each (and every other thread of the worker). 100 cells starting
-# together on 2 cores: 17.1-18.4 s with two boot slots, 19.1-20.7 s without
+# together on 2 cores: 17.1-18.4 s with two boot slots, 19.1-20.1 s without
 # (bench/bench_many_runs.py).
 _boot_slots = threading.BoundedSemaphore(
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

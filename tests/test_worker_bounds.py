@@ -27,6 +27,14 @@ def _start(live: LiveRepl) -> None:
     live.session.start()
 
 
+def _until(condition) -> None:
+    """Wait (30 s at most) until another thread made `condition` true."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def pool():
     pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=0.2)
@@ -107,22 +115,16 @@ def test_checkouts_waiting_for_memory_are_served_in_arrival_order() -> None:
     def checkout(name: str) -> None:
         got[name], _ = pool.checkout(name, None, CAP, lambda live: started.append(name))
 
-    def until(condition) -> None:
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.005)
-
     try:
         first, _ = pool.checkout("run-0", None, CAP, _start)
         threads = []
         for count, name in enumerate(names, start=1):
             threads.append(threading.Thread(target=checkout, args=(name,)))
             threads[-1].start()
-            until(lambda count=count: pool.waiting_checkouts == count)
+            _until(lambda count=count: pool.waiting_checkouts == count)
         pool.discard(first)
         for name in names:
-            until(lambda name=name: name in got)
+            _until(lambda name=name: name in got)
             assert pool.held_bytes == 128 * MIB
             pool.discard(got[name])
         for thread in threads:
@@ -176,12 +178,6 @@ def test_a_guest_back_from_a_host_call_takes_its_memory_back_before_new_sessions
     c_started = threading.Event()
     got: dict[str, LiveRepl] = {}
 
-    def until(condition) -> None:
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.005)
-
     try:
         a, _ = pool.checkout("run-a", None, CAP, _start)
         b, _ = pool.checkout("run-b", None, CAP, _start)
@@ -207,12 +203,12 @@ def test_a_guest_back_from_a_host_call_takes_its_memory_back_before_new_sessions
         lent.wait(30)
         threads.append(threading.Thread(target=checkout, args=("c", c_started)))
         threads[-1].start()
-        until(lambda: "c" in got)  # A waits in its call: C fits
+        _until(lambda: "c" in got)  # A waits in its call: C fits
         threads.append(threading.Thread(target=checkout, args=("d", None)))
         threads[-1].start()
-        until(lambda: pool.waiting_checkouts == 1 and pool.returning_guests == 1)  # D waits, and A, back
+        _until(lambda: pool.waiting_checkouts == 1 and pool.returning_guests == 1)  # D waits, and A, back
         pool.discard(got["c"])  # enough for A (or for D): A goes first
-        until(lambda: any(o.startswith("a ran on") for o in order))
+        _until(lambda: any(o.startswith("a ran on") for o in order))
         assert "d started" not in order and pool.held_bytes == 256 * MIB
         pool.discard(b)  # now D fits
         for thread in threads:
