@@ -131,9 +131,12 @@ class WasiShim:
         self._memory: wasmtime.Memory | None = None
         self._real_funcs: dict[str, Any] = {}  # WASI functions bound to the store
         self._real: dict[str, Any] = {}  # the same, called through the trampoline
+        self._after_clock: Callable[[Any], None] | None = None
 
-    def install(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
-        """Keep the real WASI functions, then shadow them in `linker`."""
+    def install(self, linker: wasmtime.Linker, store: wasmtime.Store,
+                after_clock: Callable[[Any], None] | None = None) -> None:
+        """Keep the real WASI functions, then shadow them in `linker`
+        (`clock_time_get` too if `after_clock` is given: called after each read)."""
         names = ("fd_read", "fd_write", "poll_oneoff", "clock_time_get")
         real = {name: linker.get(store, _WASI, name) for name in names}
         self._real_funcs = real
@@ -143,6 +146,11 @@ class WasiShim:
         linker.define_func(_WASI, "fd_write", four, self._fd_write, access_caller=True)
         linker.define_func(_WASI, "fd_read", four, self._fd_read, access_caller=True)
         linker.define_func(_WASI, "poll_oneoff", four, self._poll_oneoff, access_caller=True)
+        if after_clock is not None:
+            self._after_clock = after_clock
+            clock = wasmtime.FuncType([i32, wasmtime.ValType.i64(), i32], [i32])
+            linker.define_func(_WASI, "clock_time_get", clock, self._clock_time_get,
+                               access_caller=True)
 
     def bind(self, store: wasmtime.Store, instance: wasmtime.Instance,
              trampoline: wasmtime.Module) -> None:
@@ -225,6 +233,12 @@ class WasiShim:
         except _Refused as refused:
             return refused.errno
         return _ERRNO_SUCCESS
+
+    def _clock_time_get(self, caller: Any, clock_id: int, precision: int, out: int) -> int:
+        result = self._real["clock_time_get"](caller, clock_id, precision, out)
+        assert self._after_clock is not None
+        self._after_clock(caller)
+        return result
 
     def _poll_oneoff(self, caller: Any, subs: int, events: int, count: int, out: int) -> int:
         if not 0 < count <= _MAX_SUBSCRIPTIONS:

@@ -28,9 +28,11 @@ import wasmtime
 from wasmtime import _bindings as wasmtime_bindings
 from wasmtime import _ffi as wasmtime_ffi
 
+from ._boot_image import BootImage
 from ._hostcall import WasiShim, frame_source
 from ._output import OutputCollector
 from ._runtime import CLOUDPICKLE_DIR, GUEST_DIR, TICK_S, Runtime
+from ._types import SandboxError, SandboxLimits
 
 _BOOT = ("import sys; sys.path[:0] = ['/rlm/pyc', '/rlm/guest']; "
          "import rlm_driver; rlm_driver.main()")
@@ -69,10 +71,13 @@ class HungGuest(Exception):
 
 
 class GuestInstance:
-    """A booted REPL guest. Methods are called from the session thread only."""
+    """A booted REPL guest. Methods are called from the session thread only.
+
+    `image`: start from this boot image instead of running CPython's start-up;
+    `take_image`: once booted, be imaged (`taken_image`) for later guests."""
 
     def __init__(self, runtime: Runtime, memory_bytes: int, output: OutputCollector,
-                 max_frame: int):
+                 max_frame: int, image: BootImage | None = None, take_image: bool = False):
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._deadline: float | None = None
@@ -85,6 +90,9 @@ class GuestInstance:
         self.memory_bytes = 0
         """Size of the guest's linear memory at its last host-function call:
         it cannot grow until the call returns (only guest code grows it)."""
+        self.taken_image: BootImage | None = None
+        self._image = image
+        self._imaging = False  # the next clock read is the moment to image
         store = wasmtime.Store(runtime.engine)
         store.set_limits(memory_size=memory_bytes)
         store.set_epoch_deadline(CHECK_TICKS)
@@ -103,10 +111,12 @@ class GuestInstance:
         linker = wasmtime.Linker(runtime.engine)
         linker.define_wasi()
         self._shim = WasiShim(self._on_message, output.feed, lambda: self._deadline, max_frame)
-        self._shim.install(linker, store)
+        self._shim.install(linker, store, self._on_clock if take_image else None)
         instance = linker.instantiate(store, runtime.module)
         self._shim.bind(store, instance, runtime.trampoline)
-        self._start_fn = instance.exports(store)["_start"]
+        self._exports: Any = instance.exports(store)
+        # What an image is told apart from: a fresh instance's memory.
+        self._fresh = bytes(self._exports["memory"].read(store)) if take_image else None
         self._store: wasmtime.Store | None = store
         self._thread = threading.Thread(target=self._run, name="sandbox-guest", daemon=True)
 
@@ -119,6 +129,12 @@ class GuestInstance:
         event = self.wait(timeout_s + grace_s)
         if event.kind != "done":
             raise RuntimeError(f"guest failed to boot: {event.payload}")
+        if self._fresh is not None:
+            self._imaging = True
+            self.send(["image"], timeout_s)
+            imaged = self.wait(timeout_s + grace_s)
+            if imaged.kind != "done" or self.taken_image is None:
+                raise RuntimeError(f"guest could not be imaged: {imaged.payload}")
         return event.payload
 
     def send(self, message: Any, timeout_s: float, sources: list[Any] | None = None) -> None:
@@ -177,7 +193,7 @@ class GuestInstance:
             # Callbacks registered with wasmtime keep this object (and so the
             # store) reachable; closing the store drops them and the memory.
             self._shim = None
-            self._start_fn = None
+            self._exports = None
             self._store.close()
             self._store = None
             self._epoch_callback = None
@@ -186,8 +202,12 @@ class GuestInstance:
     def _run(self) -> None:
         self._ticker.running()
         try:
-            self._start_fn(self._store)
-            event = Event("dead", "the guest REPL exited")
+            if self._image is not None:
+                code = self._image.enter(self._store, self._exports)
+                event = Event("dead", f"the guest REPL exited (resume returned {code})")
+            else:
+                self._exports["_start"](self._store)
+                event = Event("dead", "the guest REPL exited")
         except wasmtime.ExitTrap as exc:
             event = Event("dead", f"the guest called exit (code {exc.code})")
         except BaseException as exc:  # a trap, or an exception from a callback
@@ -231,6 +251,14 @@ class GuestInstance:
         self._fault = "the guest broke the host-call protocol (unexpected message on fd 0)"
         raise Aborted(self._fault)
 
+    def _on_clock(self, caller: Any) -> None:
+        """After each clock read of a guest to be imaged (wasm thread)."""
+        if self._imaging:
+            self._imaging = False
+            fresh, self._fresh = self._fresh, None
+            assert fresh is not None
+            self.taken_image = BootImage.take(caller, fresh)
+
     def _next_command(self) -> tuple[Any, float | None, list[Any]]:
         self._ticker.waiting()  # no wasm runs here: the ticker may sleep
         try:
@@ -265,6 +293,42 @@ class GuestInstance:
             return 0
         except BaseException:  # noqa: BLE001 - stop the guest rather than lose control
             return _trap("epoch check failed")
+
+
+def boot_guest(runtime: Runtime, limits: SandboxLimits) -> GuestInstance:
+    """A booted guest: from the runtime's boot image if it has one, else from
+    scratch (the first guest is imaged for the next ones). A failed image or
+    imaging is dropped and the guest boots from scratch."""
+    images = runtime.boot_image
+    image = images.image
+    take = image is None and images.claim()
+    try:
+        instance = _boot(runtime, limits, image, take)
+    except SandboxError as exc:
+        if image is None and not take:
+            raise
+        images.failed(str(exc))
+        instance = _boot(runtime, limits, None, False)
+    if take:
+        assert instance.taken_image is not None  # boot() raises otherwise
+        images.publish(instance.taken_image)
+    return instance
+
+
+def _boot(runtime: Runtime, limits: SandboxLimits, image: BootImage | None,
+          take_image: bool) -> GuestInstance:
+    output = OutputCollector(limits.full_output_chars)
+    try:
+        instance = GuestInstance(runtime, limits.memory_bytes, output, limits.max_frame_bytes,
+                                 image, take_image)
+    except Exception as exc:
+        raise SandboxError(f"the sandbox failed to instantiate: {exc}") from exc
+    try:
+        instance.boot(limits.admin_timeout_s, limits.hang_grace_s)
+    except Exception as exc:
+        instance.close()
+        raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
+    return instance
 
 
 def _ticks_until(seconds: float | None) -> int:

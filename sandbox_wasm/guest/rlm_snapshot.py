@@ -22,33 +22,9 @@ took ~150 ms, the whole cost of a REPL's first snapshot (3 ms after it).
 cloudpickle is imported only for a state that needs it.
 """
 
+import _pickle  # the C pickler alone: `pickle` itself is not needed
 import io
 import sys
-
-
-def _import_c_pickle():
-    """The C pickler, without `functools`: the module only takes
-    `functools.partial` from it, which is `_functools.partial`, while
-    importing functools (and with it collections) cost ~11 of the ~14 ms
-    `_pickle` took in a REPL's first snapshot. `pickle` itself (and its `re`)
-    is not needed either."""
-    if "functools" in sys.modules or "_pickle" in sys.modules:
-        import _pickle
-        return _pickle
-    import _functools
-
-    shim = type(sys)("functools")
-    shim.partial = _functools.partial
-    sys.modules["functools"] = shim
-    try:
-        import _pickle
-    finally:
-        if sys.modules.get("functools") is shim:  # a cell's own import gets the real module
-            del sys.modules["functools"]
-    return _pickle
-
-
-_pickle = _import_c_pickle()
 
 MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
