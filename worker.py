@@ -133,6 +133,7 @@ async def run_worker(
     client = await connect(settings)
     worker, pool = build_worker(client, settings, identity=identity)
     freeze_startup_objects()
+    pool.warm_up()  # in the background: polling starts meanwhile
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

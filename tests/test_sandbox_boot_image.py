@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import wasmtime
 
+from activities._repl_pool import ReplPool
 from sandbox_wasm import ReplSession, SandboxLimits
 from sandbox_wasm._boot_image import (RUN_STRING_EXPORT, STACK_POINTER_EXPORT, BootImageError,
                                       BootImageSlot, with_image_exports)
-from sandbox_wasm._runtime import get_runtime
+from sandbox_wasm._runtime import CACHE_DIR_ENV, get_runtime
 
 LIMITS = SandboxLimits(cell_timeout_s=2.0, memory_bytes=64 * 1024**2)
 
@@ -112,3 +114,12 @@ def test_the_module_carries_the_two_image_exports():
 def test_a_module_of_another_shape_is_refused(wat):
     with pytest.raises(BootImageError):
         with_image_exports(wasmtime.wat2wasm(wat))
+
+
+def test_a_worker_warms_up_by_taking_the_image_in_the_background(tmp_path, monkeypatch):
+    shutil.copy(get_runtime().module_path, tmp_path)  # a new runtime, without compiling again
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    assert get_runtime().module_path.parent == tmp_path
+    assert get_runtime().boot_image.image is None
+    ReplPool.warm_up().join(timeout=60)
+    assert get_runtime().boot_image.image is not None
