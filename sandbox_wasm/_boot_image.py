@@ -70,7 +70,7 @@ class BootImage:
         return sum(len(data) for _offset, data in self.changes)
 
     @classmethod
-    def take(cls, caller: Any, fresh: bytes) -> BootImage:
+    def take(cls, caller: Any, fresh: bytearray) -> BootImage:
         """Image the guest calling the host now (`fresh`: a fresh instance's memory)."""
         memory = caller["memory"]
         data = memory.read(caller, 0, memory.data_len(caller))
@@ -152,9 +152,8 @@ class BootImageSlot:
             self._failures += 1
             self._image = None
             self._state = "off" if self._failures >= self.MAX_FAILURES else "empty"
-            state = self._state
-        log.warning("sandbox_boot_image_failed", reason=reason, failures=self._failures,
-                    images=state)
+            failures, state = self._failures, self._state
+        log.warning("sandbox_boot_image_failed", reason=reason, failures=failures, images=state)
 
 
 def with_image_exports(wasm: bytes) -> bytes:

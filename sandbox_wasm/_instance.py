@@ -116,7 +116,7 @@ class GuestInstance:
         self._shim.bind(store, instance, runtime.trampoline)
         self._exports: Any = instance.exports(store)
         # What an image is told apart from: a fresh instance's memory.
-        self._fresh = bytes(self._exports["memory"].read(store)) if take_image else None
+        self._fresh = self._exports["memory"].read(store) if take_image else None
         self._store: wasmtime.Store | None = store
         self._thread = threading.Thread(target=self._run, name="sandbox-guest", daemon=True)
 
