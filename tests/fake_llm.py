@@ -272,6 +272,12 @@ class FakeLLM:
         with self._lock:
             return self._peak_working
 
+    def take_peak_in_flight(self) -> int:
+        """`peak_in_flight`, then start counting the peak afresh (rules and log kept)."""
+        with self._lock:
+            peak, self._peak_working = self._peak_working, self._working
+            return peak
+
     def reset(self) -> None:
         """Forget all rules, the request log and the bill."""
         with self._lock:
