@@ -118,7 +118,9 @@ class BootImageSlot:
 
     A guest that fails to be imaged or to start from the image drops it (the
     next guest boots from scratch and takes a new one); after MAX_FAILURES
-    the runtime stops trying and every guest boots from scratch."""
+    in a row the runtime stops trying and every guest boots from scratch. A
+    guest that starts from the image ends the row: a worker that lives for
+    weeks keeps its images through the odd boot that timed out under load."""
 
     MAX_FAILURES = 3
 
@@ -145,6 +147,12 @@ class BootImageSlot:
             self._image, self._state = image, "ready"
         log.info("sandbox_boot_image", memory_mb=round(image.memory_bytes / 2**20, 1),
                  changed_mb=round(image.changed_bytes / 2**20, 2), runs=len(image.changes))
+
+    def started(self) -> None:
+        """A guest started from the image."""
+        if self._failures:
+            with self._lock:
+                self._failures = 0
 
     def failed(self, reason: str) -> None:
         """Imaging, or a start from the image, failed: drop the image."""

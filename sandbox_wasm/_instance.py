@@ -309,6 +309,9 @@ def boot_guest(runtime: Runtime, limits: SandboxLimits) -> GuestInstance:
             raise
         images.failed(str(exc))
         instance = _boot(runtime, limits, None, False)
+    else:
+        if image is not None:
+            images.started()
     if take:
         assert instance.taken_image is not None  # boot() raises otherwise
         images.publish(instance.taken_image)

@@ -84,6 +84,11 @@ def test_an_image_that_fails_is_dropped_and_the_next_guest_takes_a_new_one():
         assert images.image is not None and images.image is not bad
         with ReplSession(limits=LIMITS).start() as session:  # from the new image
             assert session.run_cell("'again'").value_repr == "'again'"
+        # That start ended the row of failures: as many more as it takes to
+        # stop imaging, less one, leave the slot ready to take an image again.
+        for failure in range(BootImageSlot.MAX_FAILURES - 1):
+            images.failed(f"failure {failure}")
+        assert images.claim()
     finally:
         images.publish(good)
 
@@ -94,6 +99,16 @@ def test_images_stop_after_repeated_failures():
         assert images.claim()
         images.failed(f"failure {failure}")
     assert not images.claim() and images.image is None
+
+
+def test_a_start_from_the_image_ends_a_row_of_failures():
+    images = BootImageSlot()
+    for _ in range(3):  # never MAX_FAILURES in a row
+        for failure in range(BootImageSlot.MAX_FAILURES - 1):
+            assert images.claim()
+            images.failed(f"failure {failure}")
+        images.started()
+    assert images.claim()
 
 
 def test_the_module_carries_the_two_image_exports():
