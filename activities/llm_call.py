@@ -96,8 +96,15 @@ class LlmCallActivity:
         lanes: asyncio.Semaphore,
     ) -> LlmCallResult:
         try:
+            prompt = None
+            if inp.attempt == 1:  # a retry may be answered from its record: read nothing first
+                # Read before the call waits for a lane, so that a lane goes
+                # from one reply straight to its next request (an S3 read of
+                # a 200K-character prompt took 7 ms, p90 17 ms, with 32 in flight).
+                async with asyncio.timeout(deadline_s):
+                    prompt = await self._read_prompt(inp)
             async with lanes, asyncio.timeout(deadline_s):
-                out = await self._call(inp, http_timeout_s, recorder, finder, retried=False)
+                out = await self._call(inp, http_timeout_s, recorder, finder, retried=False, prompt=prompt)
         except TimeoutError as exc:
             # As the single-call activity's start-to-close timeout: may be billed.
             error = to_application_error(exc, model=inp.model)
@@ -106,20 +113,34 @@ class LlmCallActivity:
             return LlmCallResult(call_id=inp.call_id, failure=_failure(exc))
         return LlmCallResult(call_id=inp.call_id, output=out)
 
+    async def _read_prompt(self, inp: LlmCallInput) -> str:
+        try:
+            return await self._rt.io(self._prompt, inp)
+        except Exception as exc:
+            # Nothing was sent: the attempt cost nothing.
+            raise to_application_error(exc, sent=False) from exc
+
     async def _call(
-        self, inp: LlmCallInput, timeout_s: float, recorder: CallRecorder, finder: RecordFinder, *, retried: bool
+        self,
+        inp: LlmCallInput,
+        timeout_s: float,
+        recorder: CallRecorder,
+        finder: RecordFinder,
+        *,
+        retried: bool,
+        prompt: str | None = None,
     ) -> LlmCallOutput:
-        """One attempt; raises the ApplicationError the workflow reads."""
+        """One attempt (`prompt`: read already); raises the ApplicationError the workflow reads."""
         if inp.attempt > 1 or retried:
             # An earlier attempt may have finished unseen (timed out, worker died).
             done = await finder.find(inp)
             if done is not None:
                 return done
+        if prompt is None:
+            prompt = await self._read_prompt(inp)
         try:
-            prompt = await self._rt.io(self._prompt, inp)
             spec = self._rt.models.resolve(inp.model)
         except Exception as exc:
-            # Nothing was sent: the attempt cost nothing.
             raise to_application_error(exc, sent=False) from exc
         try:
             reply = await complete(spec, [{"role": "user", "content": prompt}], max_tokens=inp.max_tokens, timeout_s=timeout_s)

@@ -206,6 +206,26 @@ def test_the_direct_client_follows_no_redirect_and_reads_no_huge_reply(
     assert error.type == "MalformedReply" and not error.non_retryable
 
 
+def test_a_long_prompt_of_any_script_arrives_as_sent(llm: FakeLLM, root: ModelSpec) -> None:
+    # Lines, quotes, backslashes, accents, CJK and an emoji: what JSON must escape or carry as UTF-8.
+    prompt = "chunk 7:\n" + ('Zoë said "naïve" \\ 東京 \t \U0001F600\n' * 8_000)
+    llm.add_rule("chunk 7:", "read")
+    assert ask(root, prompt).text == "read"
+    assert llm.requests()[-1].messages[-1]["content"] == prompt
+
+
+def test_the_direct_client_escapes_what_is_not_unicode() -> None:
+    import json
+
+    from activities._direct_openai import _request_body
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "é\n東京"}], "temperature": 0.2}
+    assert json.loads(_request_body(body)) == body
+    # A lone surrogate cannot be UTF-8: escaped as json.dumps escapes it, not an error.
+    odd = {"model": "m", "messages": [{"role": "user", "content": "a\ud800b"}]}
+    assert json.loads(_request_body(odd)) == odd
+
+
 def test_unmatched_prompt_fails_loudly_naming_the_prompt(llm: FakeLLM, root: ModelSpec) -> None:
     error = failure(root, "a prompt nobody scripted")
     assert error.type == "ModelServerError"
