@@ -96,14 +96,17 @@ class LlmCallActivity:
         lanes: asyncio.Semaphore,
     ) -> LlmCallResult:
         try:
-            prompt = None
+            prompt, spent = None, 0.0
             if inp.attempt == 1:  # a retry may be answered from its record: read nothing first
                 # Read before the call waits for a lane, so that a lane goes
                 # from one reply straight to its next request (an S3 read of
                 # a 200K-character prompt took 7 ms, p90 17 ms, with 32 in flight).
+                # The read counts against the call's deadline, as when it ran in the lane.
+                started = asyncio.get_running_loop().time()
                 async with asyncio.timeout(deadline_s):
                     prompt = await self._read_prompt(inp)
-            async with lanes, asyncio.timeout(deadline_s):
+                spent = asyncio.get_running_loop().time() - started
+            async with lanes, asyncio.timeout(deadline_s - spent):
                 out = await self._call(inp, http_timeout_s, recorder, finder, retried=False, prompt=prompt)
         except TimeoutError as exc:
             # As the single-call activity's start-to-close timeout: may be billed.
