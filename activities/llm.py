@@ -6,7 +6,8 @@ Everything the engine needs from a model call lives behind this module:
   worker-side `ModelSpec`, and gives workflows a secret-free `ModelInfo`.
 - `complete()` makes one call (litellm `acompletion`, no retries of its own:
   the workflow retries, attempt by attempt) and returns text, tokens and USD.
-  A reply without `usage` is counted at the budget's upper bound
+  A count a reply does not report, or not believably (missing, negative,
+  not finite, a prompt of 0 tokens), is counted at the budget's upper bound
   (`workflows.budget.token_bound`, flagged); `content: null` is "".
 - `to_application_error()` maps any failure to a Temporal ApplicationError:
   configuration and request mistakes are non-retryable, transient failures
@@ -171,21 +172,35 @@ def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, outp
     if not overridden and not estimated and spec.litellm_model not in _ENTERED:
         # litellm's own pricing knows cached-token discounts and tiered prices;
         # it priced the reply on arrival, so read that before pricing it again.
-        if (cost := _litellm_price(response)) is not None and cost > 0:
+        if (cost := _litellm_price(response)) is not None and 0 < cost < math.inf:
             return cost
         try:
-            return float(litellm.completion_cost(completion_response=response, model=spec.litellm_model))
+            cost = float(litellm.completion_cost(completion_response=response, model=spec.litellm_model))
+            if 0 <= cost < math.inf:
+                return cost
         except Exception:  # noqa: BLE001 - ModelNotMappedError for local/scripted models
             pass
     return prompt * info.usd_per_input_token + output * info.usd_per_output_token
 
 
+def _usage_count(usage: object, name: str) -> int | None:
+    """A token count the provider reported, or None when it sent none we can
+    trust (missing, null, negative, not a finite number): such a count is
+    estimated instead, so a reply never lowers what the budget counts."""
+    value = getattr(usage, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return int(value)
+
+
 def _reported_usage(spec: ModelSpec, info: ModelInfo, response: object) -> dict | None:
-    """Usage sent with a reply we cannot use (a malformed one), priced; None if none."""
+    """Usage sent with a reply we cannot use (a malformed one), priced; None
+    (the attempt is charged its whole reservation) unless both counts are usable."""
     usage = getattr(response, "usage", None)
-    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-    output = int(getattr(usage, "completion_tokens", 0) or 0)
-    if prompt == 0 and output == 0:
+    prompt, output = _usage_count(usage, "prompt_tokens"), _usage_count(usage, "completion_tokens")
+    if prompt is None or output is None or prompt == 0:
         return None
     usd = _price(spec, info, response, prompt, output, estimated=True)
     return {"prompt_tokens": prompt, "completion_tokens": output, "usd": usd}
@@ -260,12 +275,15 @@ async def _complete(
     content = choice.message.content
     text = content if isinstance(content, str) else ("" if content is None else str(content))
     usage = getattr(response, "usage", None)
-    prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-    estimated = prompt_tokens == 0 and completion_tokens == 0
-    if estimated:
-        # No usage reported (some local servers): count the most it can be, never 0.
+    prompt_tokens = _usage_count(usage, "prompt_tokens")
+    completion_tokens = _usage_count(usage, "completion_tokens")
+    # A count not reported (some local servers send none, some only one) or
+    # not believable (a prompt of 0 tokens, a reply of text in 0): the most
+    # it can be, never less than was sent or received.
+    estimated = not prompt_tokens or completion_tokens is None or (completion_tokens == 0 and bool(text))
+    if not prompt_tokens:
         prompt_tokens = messages_token_bound(messages)
+    if completion_tokens is None or (completion_tokens == 0 and text):
         completion_tokens = token_bound(len(text.encode()))
     usd = _price(spec, info, response, prompt_tokens, completion_tokens, estimated)
     log.debug(

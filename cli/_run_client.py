@@ -36,7 +36,7 @@ from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_
 from cli._temporal_http import HttpApiError, HttpUnavailable, TemporalHttp
 from workflows.budget import Caps, Ledger, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
-from workflows.request import MAX_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest
+from workflows.request import MAX_STEP_SECONDS, MIN_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest
 from workflows.result import RunResult
 from workflows.summaries import run_static_details, run_static_summary
 
@@ -238,8 +238,11 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
         # One llama.cpp server answers one request at a time.
         caps_given.setdefault("max_concurrency", 1)
     caps = _caps_from_flags(caps_given)
-    if not 0 < opts.cell_timeout_s <= MAX_STEP_SECONDS:
-        raise RunError(f"--cell-timeout: must be more than 0 and at most {MAX_STEP_SECONDS:g} seconds, got {opts.cell_timeout_s:g}")
+    if not MIN_STEP_SECONDS <= opts.cell_timeout_s <= MAX_STEP_SECONDS:
+        raise RunError(
+            f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
+            f"got {opts.cell_timeout_s:g}"
+        )
     check_models(root, sub or root, caps)
     return opts, caps
 

@@ -428,7 +428,9 @@ class FakeLLM:
             return _error(rule.status, reply or f"scripted error {rule.status}", rule.headers)
         if isinstance(reply, dict):
             usage = reply.get("usage") or {}
-            self._bill(request, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+            # A scripted reply may carry usage no provider should send (null, negative, partial).
+            counts = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
+            self._bill(request, *(int(c) if isinstance(c, int) and c > 0 else 0 for c in counts))
             response = web.json_response(reply, headers=rule.headers)
         else:
             body = self._completion(request, reply)

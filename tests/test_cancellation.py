@@ -36,6 +36,12 @@ def test_cancel_closes_the_provider_requests_of_sub_calls_in_flight(settings, co
         release.set()
     assert result.status == "cancelled" and result.reason == "user stop"
     assert llm.billed().requests == 1  # the root turn; no sub-call was answered or billed
+    # Yet the run cannot know that a provider did not bill a request it had
+    # sent: its reported spend (what a parent settles a child by) counts the
+    # three sub-calls in flight at their reservations, as calls lost with a worker.
+    assert result.spend.calls == 4, result.spend
+    assert result.spend.tokens > 3 * 3, result.spend
+    assert result.usage.by_model[SUB].calls == 3, result.usage
 
 
 def test_cancel_stops_a_cell_that_catches_everything(settings, context_store, llm):

@@ -39,6 +39,22 @@ GOOD = {"question": "q?", "context": "some text", "models": {"root": ROOT}}
         ({"models": {"root": ROOT, "per_depth": {"0": SUB}}}, ["models.per_depth.0.[key]: "]),
         ({"models": {"root": ROOT, "per_depth": {"1": ""}}}, ["models.per_depth.1: "]),
         ({"on_unreadable": "ignore"}, ["on_unreadable: "]),
+        # A misplaced or misspelt field is refused, not dropped: `max_usd` at
+        # the top level would otherwise start a run with no money cap.
+        ({"max_usd": 0.5}, ["max_usd: Extra inputs are not permitted"]),
+        ({"budget": {"max_usd": 0.5}}, ["budget: Extra inputs are not permitted"]),
+        ({"limits": {"cell_timeout": 5}}, ["limits.cell_timeout: Extra inputs are not permitted"]),
+        ({"models": {"root": ROOT, "sub_model": SUB}}, ["models.sub_model: Extra inputs are not permitted"]),
+        # A timeout under a second cannot be met (and under a microsecond is none to Temporal).
+        ({"limits": {"model_call_timeout_s": 1e-7, "tool_call_timeout_s": 0.5}}, ["limits.model_call_timeout_s: ", "limits.tool_call_timeout_s: "]),
+        ({"limits": {"tool_call_timeout_s": 1e300}}, ["limits.tool_call_timeout_s: Input should be less than or equal to 86400"]),
+        # Depth is the tree's to give: a caller starts at 0, a child never past the deepest tree.
+        ({"depth": 16}, ["depth is 16: a run started by a caller has depth 0"]),
+        ({"depth": 10**30}, ["depth: "]),
+        (
+            {"depth": 15, "caps": {"max_depth": 2}, "parent": {"parent_workflow_id": "p", "root_workflow_id": "p", "call_id": "c"}},
+            ["depth 15 plus caps.max_depth 2 is more than 16 levels"],
+        ),
     ],
 )
 def test_bad_caps_limits_and_model_names_are_named_by_field(change, fields):
@@ -93,7 +109,8 @@ def test_rlm_run_refuses_unknown_models_and_bad_caps_before_starting(s, llm, tmp
         (["--model", ROOT, "--max-usd", "-1"], "--max-usd: Input should be greater than or equal to 0"),
         (["--model", ROOT, "--max-turns", "0"], "--max-turns: must be at least 1"),
         (["--model", ROOT, "--max-concurrency", "0"], "--max-concurrency: "),
-        (["--model", ROOT, "--cell-timeout", "0"], "--cell-timeout: must be more than 0 and at most 86400 seconds"),
+        (["--model", ROOT, "--cell-timeout", "0"], "--cell-timeout: must be at least 1 and at most 86400 seconds"),
+        (["--model", ROOT, "--cell-timeout", "0.2"], "--cell-timeout: must be at least 1 and at most 86400 seconds"),
     ]
     for args, expected in cases:
         proc = _rlm(s, llm.url, "run", "q", "--context", str(doc), *args, timeout=60)
@@ -101,3 +118,37 @@ def test_rlm_run_refuses_unknown_models_and_bad_caps_before_starting(s, llm, tmp
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], (args, proc.stderr[-2000:])
     assert llm.count() == 0
+
+
+def test_a_json_run_with_a_misplaced_cap_fails_naming_it_and_calls_no_model(settings, llm):
+    """A caller in another language who puts `max_usd` beside `caps` instead
+    of under it gets the run refused, not a run without a money cap."""
+    s = isolated(settings)
+    misplaced = {**GOOD, "max_usd": 0.5, "limits": {"cell_timeout": 5}}
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, misplaced)
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(handle.result(), 60)
+            return failed.value.cause
+
+    cause = asyncio.run(go())
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidRunRequest", cause
+    assert "max_usd: Extra inputs are not permitted" in cause.message, cause.message
+    assert "limits.cell_timeout: Extra inputs are not permitted" in cause.message, cause.message
+    assert llm.count() == 0
+
+
+def test_unknown_fields_are_told_apart_from_other_mistakes():
+    """Runs started before unknown fields were refused replay with them left
+    out (workflows/run.py); any other mistake still makes the request invalid."""
+    from workflows.request import RunRequest, without_unknown_fields
+
+    kept = without_unknown_fields(RunRequest, {**GOOD, "max_usd": 0.5, "limits": {"cell_timeout": 5, "output_chars": 500}})
+    assert kept is not None
+    request, refusal = kept
+    assert request.limits.output_chars == 500 and request.caps.max_usd is None
+    assert "max_usd: Extra inputs are not permitted" in refusal and "limits.cell_timeout" in refusal
+    assert without_unknown_fields(RunRequest, {**GOOD, "max_usd": 0.5, "question": ""}) is None
+    assert without_unknown_fields(RunRequest, GOOD) is None

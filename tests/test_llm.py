@@ -110,6 +110,54 @@ def test_missing_usage_is_estimated_and_still_priced(llm: FakeLLM, root: ModelSp
     )
 
 
+def _reply_with_usage(usage: dict):
+    def reply(request) -> dict:
+        return {
+            "id": "chatcmpl-usage", "object": "chat.completion", "created": 0, "model": request.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 30}, "finish_reason": "stop"}],
+            "usage": usage,
+        }  # fmt: skip
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"completion_tokens": 150},
+        {"prompt_tokens": None, "completion_tokens": 150, "total_tokens": 150},
+        {"prompt_tokens": -5000, "completion_tokens": 150, "total_tokens": -4850},
+        {"prompt_tokens": 0, "completion_tokens": 150, "total_tokens": 150},
+    ],
+    ids=["prompt-missing", "prompt-null", "prompt-negative", "prompt-zero"],
+)
+def test_a_prompt_count_the_reply_leaves_out_or_gets_wrong_is_estimated(llm: FakeLLM, root: ModelSpec, usage) -> None:
+    """A provider that reports only some usage (or a negative count) must not
+    lower what the budget counts: the prompt is counted at its upper bound."""
+    llm.add_rule(None, _reply_with_usage(usage))
+    prompt = "count " * 700
+    reply = ask(root, prompt)
+    assert reply.usage_estimated
+    assert reply.prompt_tokens >= len(prompt.encode())
+    assert reply.completion_tokens == 150
+    assert reply.usd == pytest.approx(
+        reply.prompt_tokens * FAKE_USD_PER_INPUT_TOKEN + 150 * FAKE_USD_PER_OUTPUT_TOKEN
+    )
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"prompt_tokens": 40}, {"prompt_tokens": 40, "completion_tokens": -7}, {"prompt_tokens": 40, "completion_tokens": 0}],
+    ids=["reply-missing", "reply-negative", "reply-zero-for-text"],
+)
+def test_a_reply_count_left_out_or_wrong_is_estimated(llm: FakeLLM, root: ModelSpec, usage) -> None:
+    llm.add_rule(None, _reply_with_usage(usage))
+    reply = ask(root, "hello")
+    assert reply.usage_estimated and reply.prompt_tokens == 40
+    assert reply.completion_tokens == len(("word " * 30).encode())
+    assert reply.usd > 0
+
+
 CONTEXT_MESSAGE = "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens."
 
 

@@ -284,3 +284,38 @@ def test_tree_spend_stays_under_cap_and_per_depth_models(settings, context_store
     assert llm.count() == result.spend.calls  # every call the server saw was accounted for
     assert llm.count("child-root") >= 4 and all(r.model == SUB for r in llm.requests() if _question(r).startswith("w"))
     assert result.usage.by_depth[1].calls >= 4
+
+
+def test_a_child_that_cannot_start_gives_its_slice_back_and_the_cell_an_error_string(settings, context_store, llm):
+    """A run stopped with set_caps(max_turns=0) while its cell runs has no
+    turn to give a child: the child is not started, its slice of the budget
+    goes back, and the cell reads why (as for any sub-call error)."""
+    ctx = context_store.put_value("abc")
+    release = threading.Event()
+    cell = 'print(llm_query("wait"))\nanswer = rlm_query("deep", context="x")\nllm_query("echo " + answer)'
+    llm.add_rule("Turn 1 of", repl(cell), model=ROOT)
+    llm.add_rule("wait", "ok", model=SUB, name="held", hold=release)
+    llm.add_rule("echo ", "echoed", model=SUB, name="echo")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("top", ctx, caps={"max_depth": 1, "max_usd": 1.0}))
+            await asyncio.to_thread(llm.wait_for_count, 1, "held", 60)
+            await handle.execute_update(UPDATE_SET_CAPS, {"max_turns": 0})
+            release.set()
+            return await asyncio.wait_for(handle.result(), 60)
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        release.set()
+    assert result.status != "failed", result.reason
+    assert result.children == []
+    [echo] = [r for r in llm.requests(SUB) if "echo " in r.last_user_text]
+    assert "Error: child run not started: caps: " in echo.last_user_text, echo.last_user_text
+    assert "max_turns must be at least 1" in echo.last_user_text
+    # Nothing of the child's $1 slice is counted: only the calls the model server saw.
+    assert result.spend.calls == llm.count(), (result.spend, llm.count())
+    assert result.spend.usd < 0.01, result.spend
+    assert not [r for r in llm.requests(ROOT) if _question(r) == "deep"]

@@ -11,6 +11,7 @@ what the activity reports when it ends:
 - a failure that may have been billed (the default, and any Temporal timeout,
   e.g. a worker that died mid-call): the usage the provider reported, or else
   the attempt's whole reservation;
+- cancelled in flight (the run is ending): the whole reservation;
 - a failure the activity marks as refused before any work (429, 401, 400,
   unknown model, missing key; details `{"billable": false}`): nothing.
 
@@ -19,6 +20,7 @@ The decisions come from the run's history, so replays make the same ones.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Protocol, TypeVar
@@ -87,6 +89,14 @@ async def paid_model_call(
             return Refusal(cap=refusal.cap, message=refusal.message + note)
         try:
             out = await run_attempt(attempt)
+        except asyncio.CancelledError:
+            # The run is ending with this attempt in flight (a cancel, the run's
+            # end): its request may be out and billed, so it counts whole, as an
+            # attempt lost with its worker does; the run's reported spend (which
+            # a parent settles its child by) then covers it.
+            charged = ledger.charge(this_id)
+            _record(usage, model.name, depth, prompt_tokens, max_output_tokens, charged.usd)
+            raise
         except ActivityError as exc:
             _count_failure(ledger, usage, this_id, model.name, depth, exc, prompt_tokens, max_output_tokens)
             if attempt == MODEL_CALL_ATTEMPTS or not _retryable(exc):

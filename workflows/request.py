@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from workflows.budget import Caps
 from workflows.refs import ContextRef, ContextURI, JsonList
@@ -28,6 +28,9 @@ root turn's activity input (Temporal refuses payloads over 2 MiB)."""
 
 MAX_STEP_SECONDS = 86_400.0
 """Longest `limits.cell_timeout_s` / `model_call_timeout_s`: a day."""
+MIN_STEP_SECONDS = 1.0
+"""Shortest step timeout: below it a model call or a cell cannot finish (and
+a timeout under a microsecond is no timeout to Temporal at all)."""
 MAX_CELL_MEMORY_MB = 64 * 1024
 """Largest `limits.cell_memory_mb`: the 32-bit WASM REPL addresses 4 GiB;
 the worker refuses what its memory budget cannot hold."""
@@ -52,8 +55,16 @@ ModelName = Annotated[
 ]
 
 
+# A caller's field that no model knows is refused, not dropped: a misplaced
+# `max_usd` (at the top level instead of under `caps`) would otherwise start
+# a run with no money cap (workflows/run.py refuses them for new runs only).
+_NO_UNKNOWN_FIELDS = ConfigDict(extra="forbid")
+
+
 class ModelChoice(BaseModel):
     """Which configured model plays which part of the run tree."""
+
+    model_config = _NO_UNKNOWN_FIELDS
 
     root: ModelName
     """Model that writes the REPL code at depth 0."""
@@ -87,7 +98,9 @@ class ModelChoice(BaseModel):
 class RunLimits(BaseModel):
     """Per-step limits: how long and how large one step may be."""
 
-    cell_timeout_s: float = Field(120.0, gt=0, le=MAX_STEP_SECONDS, allow_inf_nan=False)
+    model_config = _NO_UNKNOWN_FIELDS
+
+    cell_timeout_s: float = Field(120.0, ge=MIN_STEP_SECONDS, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Guest CPU/wall time for one cell; time waiting on sub-calls does not count."""
     cell_memory_mb: int = Field(2048, ge=1, le=MAX_CELL_MEMORY_MB)
     """Linear-memory cap of the WASM REPL."""
@@ -97,13 +110,13 @@ class RunLimits(BaseModel):
     """Cap on one root reply; None = the model's own maximum (at most 8192)."""
     sub_max_output_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     """Cap on one sub-call reply; None = the model's own maximum (at most 4096)."""
-    model_call_timeout_s: float = Field(300.0, gt=0, le=MAX_STEP_SECONDS, allow_inf_nan=False)
+    model_call_timeout_s: float = Field(300.0, ge=MIN_STEP_SECONDS, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Start-to-close timeout of one model call activity."""
     continue_after_updates: int = Field(1_000, ge=1)
     """Start a fresh run of the chain (continue-as-new) at the next turn
     boundary once this many sub-call updates were made (the server keeps at
     most 2,000 per run); also done when Temporal suggests it (history size)."""
-    tool_call_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    tool_call_timeout_s: float = Field(60.0, ge=MIN_STEP_SECONDS, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Start-to-close timeout of one custom-tool call (per attempt)."""
     history_events: int = Field(40_000, ge=200, le=50_000)
     """Events one run's history may reach before sub-calls are refused until
@@ -199,6 +212,8 @@ ContextRef is turned into one by the run's first step (`ingest_context`)."""
 class ParentLink(BaseModel):
     """Set on child runs: where they sit in the tree."""
 
+    model_config = _NO_UNKNOWN_FIELDS
+
     parent_workflow_id: str
     root_workflow_id: str
     call_id: str
@@ -206,6 +221,8 @@ class ParentLink(BaseModel):
 
 class RunRequest(BaseModel):
     """Input of the `RLMRun` workflow."""
+
+    model_config = _NO_UNKNOWN_FIELDS
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     context: ContextInput
@@ -222,7 +239,7 @@ class RunRequest(BaseModel):
     models: ModelChoice
     caps: Caps = Field(default_factory=Caps)
     limits: RunLimits = Field(default_factory=RunLimits)
-    depth: int = Field(0, ge=0)
+    depth: int = Field(0, ge=0, le=REQUEST_CAP_BOUNDS["max_depth"])
     """0 for a run started by a caller; children are parent depth + 1."""
     parent: ParentLink | None = None
     answer_schema: dict[str, Any] | None = None
@@ -262,6 +279,20 @@ class RunRequest(BaseModel):
         if too_large:
             raise ValueError("; ".join(too_large) + ": give a smaller cap, or leave a money cap out for no limit")
         return value
+
+
+    @model_validator(mode="after")
+    def _depth_fits_the_tree(self) -> RunRequest:
+        # A caller starts at depth 0; a child's depth plus the levels left
+        # below it never exceed the deepest tree (its models are named per depth).
+        if self.parent is None and self.depth != 0:
+            raise ValueError(f"depth is {self.depth}: a run started by a caller has depth 0 (children get theirs from the parent)")
+        deepest = REQUEST_CAP_BOUNDS["max_depth"]
+        if self.depth + self.caps.max_depth > deepest:
+            raise ValueError(
+                f"depth {self.depth} plus caps.max_depth {self.caps.max_depth} is more than {deepest:g} levels"
+            )
+        return self
 
 
 def check_question_text(value: str) -> str:
@@ -305,6 +336,30 @@ def parse_request(value: Any) -> RunRequest | str:
         return RunRequest.model_validate(value)
     except ValidationError as exc:
         return "invalid RunRequest: " + validation_errors(exc)
+
+
+def without_unknown_fields(model: type[BaseModel], value: Any) -> tuple[BaseModel, str] | None:
+    """For runs started before unknown fields were refused: `value` validated
+    with the fields `model` does not know left out, and the refusal those
+    fields get now; None when `value` is refused for another reason too."""
+    try:
+        model.model_validate(value)
+        return None
+    except ValidationError as exc:
+        errors, refusal = exc.errors(include_url=False, include_input=False), validation_errors(exc)
+    if not errors or any(e["type"] != "extra_forbidden" for e in errors):
+        return None
+    kept = json.loads(json.dumps(value))  # a copy (the input is JSON)
+    for error in errors:
+        *parents, name = error["loc"]
+        holder = kept
+        for key in parents:
+            holder = holder[key]
+        holder.pop(name, None)
+    try:
+        return model.model_validate(kept), refusal
+    except ValidationError:
+        return None
 
 
 def validation_errors(exc: ValidationError, limit: int = 20) -> str:

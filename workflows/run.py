@@ -17,11 +17,16 @@ from temporalio.common import RawValue, RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import ValidationError
-
     from workflows import names
     from workflows.budget import Caps, Ledger
-    from workflows.request import RunRequest, clip_noting_length, clip_utf8, parse_request, validation_errors
+    from workflows.caps_update import caps_change_problem
+    from workflows.request import (
+        RunRequest,
+        clip_noting_length,
+        clip_utf8,
+        parse_request,
+        without_unknown_fields,
+    )
     from workflows.result import RunResult, RunStatus, Usage, bounded_tree
     from workflows.run_state import RunState
     from workflows.refs import ContextRef, ContextURI
@@ -61,6 +66,9 @@ ROOT_KEY = SearchAttributeKey.for_keyword("RlmRootRunId")
 STATUS_KEY = SearchAttributeKey.for_keyword("RlmStatus")
 # Runs started since this patch resolve models and tools as local activities.
 RESOLVE_LOCALLY_PATCH = "resolve-locally"
+# Runs started since this patch fail on a request field no model knows;
+# older runs had such fields dropped and replay as they ran.
+UNKNOWN_FIELDS_PATCH = "refuse-unknown-request-fields"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -70,7 +78,7 @@ class RLMRun:
     # arguments") and the run would hang; this way it fails with the reason.
     @workflow.init
     def __init__(self, raw: RawValue) -> None:
-        request = _decode_request(raw)
+        request, self._unknown_fields = _decode_request(raw)
         self._invalid: str | None = None
         try:
             ledger = self._start_ledger(request) if isinstance(request, RunRequest) else None
@@ -101,6 +109,8 @@ class RLMRun:
     async def run(self, raw: RawValue) -> RunResult:
         if self._invalid is not None:
             raise ApplicationError(self._invalid, type="InvalidRunRequest", non_retryable=True)
+        if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
+            raise ApplicationError(self._unknown_fields, type="InvalidRunRequest", non_retryable=True)
         try:
             return await self._run(self._req)
         except FAILURE_TYPES as exc:
@@ -313,14 +323,10 @@ class RLMRun:
 
     @set_caps.validator
     def _validate_set_caps(self, changes: dict[str, Any]) -> None:
-        unknown = set(changes) - set(Caps.model_fields)
-        if unknown:
-            raise ValueError(f"unknown caps {sorted(unknown)}; known: {sorted(Caps.model_fields)}")
         # The handler must not fail after the update is accepted: try it here.
-        try:
-            Caps.model_validate({**self.state.ledger.caps.model_dump(), **changes})
-        except ValidationError as exc:
-            raise ValueError(f"caps refused: {validation_errors(exc)}") from None
+        child_of = self._root_id if self._req.parent is not None else None
+        if problem := caps_change_problem(self.state.ledger.caps, changes, root_workflow_id=child_of):
+            raise ValueError(problem)
 
     @property
     def cancel_requested(self) -> bool:
@@ -357,9 +363,14 @@ async def ingest_context(context: Any, on_unreadable: str = "fail") -> ContextRe
     )
 
 
-def _decode_request(raw: RawValue) -> RunRequest | str:
+def _decode_request(raw: RawValue) -> tuple[RunRequest | str, str | None]:
+    """The request or why it is invalid; and, for a request valid but for
+    fields no model knows, those fields' refusal (see UNKNOWN_FIELDS_PATCH)."""
     try:
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
-        return f"invalid RunRequest: the input is not JSON ({type(exc).__name__}: {exc})"
-    return parse_request(value)
+        return f"invalid RunRequest: the input is not JSON ({type(exc).__name__}: {exc})", None
+    request = parse_request(value)
+    if isinstance(request, str) and (dropped := without_unknown_fields(RunRequest, value)) is not None:
+        return dropped[0], f"invalid RunRequest: {dropped[1]}"  # type: ignore[return-value]
+    return request, None

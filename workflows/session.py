@@ -43,9 +43,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.budget import Caps, Ledger, Refusal, Spend
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, clip_noting_length, validation_errors
+    from workflows.request import RunRequest, clip_noting_length, validation_errors, without_unknown_fields
     from workflows.result import RunResult, Usage
-    from workflows.run import FAILURE_TYPES, ingest_context
+    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
         AskRecord,
@@ -72,7 +72,7 @@ class RLMSession:
     # cannot decode would otherwise fail every workflow task and hang.
     @workflow.init
     def __init__(self, raw: RawValue) -> None:
-        request = _decode_request(raw)
+        request, self._unknown_fields = _decode_request(raw)
         self._invalid = request if isinstance(request, str) else None
         if isinstance(request, str):
             request = SessionRequest.model_construct(resume=None, caps=SessionCaps(), continue_after_questions=1)
@@ -108,6 +108,8 @@ class RLMSession:
     async def run(self, raw: RawValue) -> SessionSummary:
         if self._invalid is not None:
             raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
+        if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
+            raise ApplicationError(self._unknown_fields, type="InvalidSessionRequest", non_retryable=True)
         if self._context is None:
             try:
                 self._context = await ingest_context(self._req.context)
@@ -352,12 +354,16 @@ def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") ->
     )
 
 
-def _decode_request(raw: RawValue) -> SessionRequest | str:
+def _decode_request(raw: RawValue) -> tuple[SessionRequest | str, str | None]:
+    """As workflows/run.py's: the request or why not; and the refusal of
+    fields no model knows, for a request valid but for them."""
     try:
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
-        return f"invalid SessionRequest: the input is not JSON ({type(exc).__name__}: {exc})"
+        return f"invalid SessionRequest: the input is not JSON ({type(exc).__name__}: {exc})", None
     try:
-        return SessionRequest.model_validate(value)
+        return SessionRequest.model_validate(value), None
     except ValidationError as exc:
-        return "invalid SessionRequest: " + validation_errors(exc)
+        if (dropped := without_unknown_fields(SessionRequest, value)) is not None:
+            return dropped[0], f"invalid SessionRequest: {dropped[1]}"  # type: ignore[return-value]
+        return "invalid SessionRequest: " + validation_errors(exc), None

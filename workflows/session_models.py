@@ -53,6 +53,9 @@ class SessionCaps(BaseModel):
 class SessionRequest(BaseModel):
     """Input of the `RLMSession` workflow."""
 
+    # As RunRequest: a field no model knows is refused, not dropped.
+    model_config = {"extra": "forbid"}
+
     context: ContextInput
     """As `RunRequest.context`: a ContextRef, inline text or texts, or an S3 URI."""
     models: ModelChoice

@@ -20,10 +20,12 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from workflows import names
     from workflows.admission import Admission
     from workflows.budget import Ledger, Refusal, Spend, equal_share
-    from workflows.request import ParentLink, RunRequest, clip_utf8
+    from workflows.request import ModelChoice, ParentLink, RunRequest, clip_utf8, validation_errors
     from workflows.result import ChildSummary, RunResult, Usage, bounded_tree
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
@@ -310,21 +312,13 @@ class SubcallRouter:
         )  # fmt: skip
         if not hasattr(grant, "max_turns"):
             return SubcallAnswer(error=f"Budget: {grant.message}")  # type: ignore[union-attr]
-        models = self._req.models
-        if batch.model is not None:
-            models = models.model_copy(update={"per_depth": {**models.per_depth, depth: model}})
-        request = RunRequest(
-            question=item.text or "",
-            context=item.context or self._req.context,
-            models=models,
-            caps=grant,  # type: ignore[arg-type]
-            limits=self._req.limits,
-            tools=self._req.tools,
-            depth=depth,
-            parent=ParentLink(
-                parent_workflow_id=info.workflow_id, root_workflow_id=self._root_id, call_id=call_id
-            ),
-        )
+        try:
+            request = self._child_request(item, grant, batch.model and model, depth, call_id)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            # Nothing started: the slice goes back (a run being stopped has no
+            # turns left to give; a forged depth has no model to name).
+            self._ledger.child_settle(child_id, Spend())
+            return SubcallAnswer(error=f"Error: child run not started: {validation_errors(exc)}")
         try:
             result: RunResult = await workflow.execute_child_workflow(
                 names.WORKFLOW_RLM_RUN,
@@ -366,6 +360,23 @@ class SubcallRouter:
             return SubcallAnswer(text_ref=result.answer_ref)
         # Too long for this reply: the cell reads it from the child's result.
         return SubcallAnswer(text=result.answer, child_workflow_id=child_id)
+
+    def _child_request(self, item: SubcallItem, grant: Any, model: str | None, depth: int, call_id: str) -> RunRequest:
+        """The child's request, validated as the child will validate it."""
+        models = self._req.models
+        if model is not None:
+            models = ModelChoice.model_validate({**models.model_dump(), "per_depth": {**models.per_depth, depth: model}})
+        info = workflow.info()
+        return RunRequest(
+            question=item.text or "",
+            context=item.context or self._req.context,
+            models=models,
+            caps=grant,
+            limits=self._req.limits,
+            tools=self._req.tools,
+            depth=depth,
+            parent=ParentLink(parent_workflow_id=info.workflow_id, root_workflow_id=self._root_id, call_id=call_id),
+        )
 
     def _child_wait(self, deadline: Any) -> timedelta:
         if deadline is None:
