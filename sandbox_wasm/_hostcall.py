@@ -12,7 +12,9 @@ Every pointer and length comes from untrusted guest code: each range is
 checked against the memory size before the host touches it, every count
 (iovecs, subscriptions) is bounded, a frame's announced size is checked
 against the instance's limit before anything is allocated for it, and its
-body is buffered only as its bytes actually arrive.
+body is buffered only as its bytes actually arrive. Decoding a frame is
+bounded too (`rlm_codec`: values per byte, dict keys, int digits): a frame
+over those bounds is refused with an errno, the REPL goes on.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from typing import Any
 
 import wasmtime
 
-from .guest.rlm_codec import FRAME_HEADER, decode, encode_frame
+from .guest.rlm_codec import FRAME_HEADER, CodecLimit, decode, encode_frame
 
 _WASI = "wasi_snapshot_preview1"
 _ERRNO_SUCCESS = 0
+_ERRNO_BADMSG = 9
 _ERRNO_FAULT = 21
 _ERRNO_INVAL = 28
 _ERRNO_MSGSIZE = 35
@@ -128,6 +131,10 @@ class WasiShim:
         self._size = 0
         self.refused_frames = 0
         """Frames turned down for their announced size (the guest got EMSGSIZE)."""
+        self.refused_contents = 0
+        """Frames turned down for their contents (the guest got EBADMSG)."""
+        self.last_refusal: str | None = None
+        """Why the last of those was turned down."""
         self._memory: wasmtime.Memory | None = None
         self._real_funcs: dict[str, Any] = {}  # WASI functions bound to the store
         self._real: dict[str, Any] = {}  # the same, called through the trampoline
@@ -301,6 +308,13 @@ class WasiShim:
                 body, self._body = self._body, None
                 try:
                     message = decode(body)
+                except CodecLimit as exc:
+                    # Well-formed but over the decoder's bounds (guest code
+                    # forged it: the guest's own encoder refuses such values
+                    # with a clear error). Dropped like an oversized frame.
+                    self.refused_contents += 1
+                    self.last_refusal = str(exc)
+                    raise _Refused(_ERRNO_BADMSG) from None
                 except ValueError as exc:
                     raise ProtocolViolation(str(exc)) from None
                 del body
