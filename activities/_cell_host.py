@@ -84,10 +84,10 @@ class CellHost:
         return self._batch("rlm", texts, ctxs, model) if texts else []
 
     def final_answer(self, answer: Any) -> None:
-        self.final = str(answer)
+        self.final = valid_text(str(answer))
 
     def final_var(self, name: str, value: Any) -> None:
-        self.final = str(value)
+        self.final = valid_text(str(value))
 
     def document_names(self) -> list[str]:
         """Every document's name in context order ([] for unnamed documents):
@@ -238,9 +238,21 @@ def _chunks(items: list[SubcallItem]) -> list[list[SubcallItem]]:
     return chunks
 
 
+def valid_text(text: str) -> str:
+    """`text` as valid UTF-8. Guest strings arrive as they were, lone
+    surrogates included (the codec passes them through), and neither the
+    data converter nor the store can encode those: each becomes its escape
+    (backslashreplace), so the model sees what its code produced."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _text(name: str, value: Any) -> str:
     if isinstance(value, str):
-        return value
+        return valid_text(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     raise TypeError(f"{name} must be a str, got {type(value).__name__}")

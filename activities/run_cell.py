@@ -17,7 +17,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities._cell_host import CellHost
+from activities._cell_host import CellHost, valid_text
 from activities._context_cache import ContextFileCache
 from activities._history_host import HistoryHost, history_docs
 from activities._tool_host import ToolHost, tool_docs
@@ -25,6 +25,7 @@ from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime, run_key
 from sandbox_wasm import CellInterrupted, CellResult, SandboxLimits
+from sandbox_wasm.session import SnapshotError
 from workflows.names import ACTIVITY_RUN_CELL
 from workflows.steps import CellInput, CellOutput
 
@@ -76,14 +77,17 @@ class RunCellActivity:
                         "the worker shut down while the cell waited on sub-calls; it runs again on another worker",
                         type="WorkerShutdown",
                     )
-                out = self._finish(inp, live, host, result)
+                out, saved = self._finish(inp, live, host, result)
             except BaseException as exc:
                 self._pool.discard(live)
                 if isinstance(exc, CellInterrupted) and activity.is_cancelled():
                     # Reported as a cancellation, which the run waits for.
                     raise CancelledError("the run was cancelled: the cell was stopped") from None
                 raise
-            self._pool.checkin(inp.workflow_id, live)
+            if saved:
+                self._pool.checkin(inp.workflow_id, live)
+            else:  # its state is not the one stored: the next cell restores that one
+                self._pool.discard(live)
         finally:
             stop.set()
         log.info(
@@ -121,9 +125,16 @@ class RunCellActivity:
             live.records = stored.locations
         live.snapshot_key = inp.snapshot_key
 
-    def _finish(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult) -> CellOutput:
+    def _finish(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult) -> tuple[CellOutput, bool]:
+        """The cell's output, and whether its state was saved."""
         began = time.perf_counter()
-        snapshot = live.session.snapshot()
+        try:
+            snapshot = live.session.snapshot()
+        except SnapshotError as exc:
+            # The cell's own objects (a __reduce__ that loops or fails, a state
+            # too large to send): the model's error to fix, not the worker's,
+            # so not a failure to retry. The run keeps the state before the cell.
+            return self._unsaved(inp, live, host, result, str(exc)), False
         if snapshot.unchanged and live.snapshot_key is not None:
             # The cell changed no variable: the state is still the one this
             # session was restored from or saved last, already stored.
@@ -140,37 +151,65 @@ class RunCellActivity:
             state_bytes=len(snapshot.data),
             new_record_bytes=sum(len(v) for v in snapshot.new_records.values()),
         )
-        output = result.output
-        output_key = None
-        if len(result.full_output) > len(result.output):
-            output_key = run_key(inp.workflow_id, "outputs", f"{inp.cell_id}.txt")
-            self._rt.store.put_bytes(output_key, result.full_output.encode())
+        out = self._output(inp, host, result)
         if snapshot.unsaved:
-            output += (
+            out.output += (
                 "\n[note: these variables cannot be saved and will be lost if the REPL restarts: "
                 + ", ".join(snapshot.unsaved)
                 + "]"
             )
+        out.snapshot_key, out.unsaved = snapshot_key, list(snapshot.unsaved)
+        return _for_workflow(out), True
+
+    def _unsaved(self, inp: CellInput, live: LiveRepl, host: CellHost, result: CellResult, reason: str) -> CellOutput:
+        log.info("run_cell.snapshot_failed", workflow_id=inp.workflow_id, cell_id=inp.cell_id, reason=reason[:500])
+        out = self._output(inp, host, result)
+        message = (
+            f"SnapshotError: the REPL state could not be saved: {reason}; the variables are back "
+            "to what they were before this cell. Keep objects that loop, call host functions or "
+            "take long when pickled (e.g. in __reduce__) out of the REPL's variables."
+        )
+        out.error = f"{out.error}\n\n{message}" if out.error else message
+        out.snapshot_key = live.snapshot_key
+        return _for_workflow(out)
+
+    def _output(self, inp: CellInput, host: CellHost, result: CellResult) -> CellOutput:
+        output_key = None
+        if len(result.full_output) > len(result.output):
+            output_key = run_key(inp.workflow_id, "outputs", f"{inp.cell_id}.txt")
+            self._rt.store.put_bytes(output_key, valid_text(result.full_output).encode())
         final, final_ref = host.final, None
         if final is not None and len(final) > FINAL_INLINE_CHARS:
-            final_ref = self._rt.store.put_blob(final.encode())
+            final_ref = self._rt.store.put_blob(valid_text(final).encode())
             final = final[:FINAL_INLINE_CHARS]
         error = result.error
         if result.traceback and error:
             error = result.traceback.strip()[-4000:]
         return CellOutput(
-            output=output,
+            output=result.output,
             output_key=output_key,
             error=error,
             limit=result.limit.message if result.limit else None,
             restored_names=list(result.restored_names),
             final=final,
             final_ref=final_ref,
-            snapshot_key=snapshot_key,
-            unsaved=list(snapshot.unsaved),
             duration_s=result.duration_s,
             subcalls=host.subcalls,
         )
+
+
+def _for_workflow(out: CellOutput) -> CellOutput:
+    """Every text of the output as valid UTF-8: the one place all the texts
+    the cell made (output, error, final answer, variable names) pass on
+    their way to the workflow, whose data converter cannot encode a lone
+    surrogate (the activity would fail, and fail again when retried)."""
+    update: dict[str, object] = {}
+    for name, value in out:
+        if isinstance(value, str):
+            update[name] = valid_text(value)
+        elif isinstance(value, list):
+            update[name] = [valid_text(v) if isinstance(v, str) else v for v in value]
+    return out.model_copy(update=update)
 
 
 def _heartbeat(ctx: contextvars.Context, stop: threading.Event, running: list[LiveRepl]) -> None:

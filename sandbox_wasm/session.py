@@ -11,6 +11,7 @@ from typing import Any, Literal
 import structlog
 
 from ._context_anchors import ContextIndex
+from ._guest_results import SnapshotError, is_record_name, report_text, snapshot_parts
 from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest, boot_guest
 from ._output import cap_output
@@ -25,8 +26,6 @@ HostFunction = Callable[..., Any]
 # The session thread waits for the guest in slices this long, so an exception
 # raised into it from another thread (an activity's cancellation) lands promptly.
 _WAIT_SLICE_S = 0.2
-# Guest-reported texts (error, traceback) are cut to this before they are kept.
-_MAX_REPORT_CHARS = 20_000
 _MAX_RESTORED_NAMES = 100
 
 
@@ -59,8 +58,9 @@ class ReplSession:
         self._last_snapshot: bytes | None = None
         self._last_records: dict[str, bytes] = {}  # the records the last snapshot refers to
         self._index = ContextIndex()  # of the context files, for recognising slices
-        self._needs_restart = False
+        self._needs_restart: str | None = None  # why the next use must restart the guest
         self._interrupted: str | None = None
+        self._seq = 0  # numbers the commands; the guest's driver echoes it in each result
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> ReplSession:
@@ -133,27 +133,25 @@ class ReplSession:
 
     def snapshot(self) -> Snapshot:
         """Pickle the user globals (context by reference, large values as
-        records); also kept as the state to fall back to after a trap."""
+        records); also kept as the state to fall back to after a trap.
+        Raises SnapshotError when the cell's objects cannot be saved."""
         anchors = self._index.unsent()
-        result = self._admin(["snapshot", anchors])
-        data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
-        refs, records = result.get("refs"), result.get("records")
-        # Guest-made values: check their types (bytes(n) of an int would allocate n bytes).
-        if not (isinstance(data, bytes) and isinstance(saved, list) and isinstance(unsaved, dict)
-                and isinstance(refs, list) and isinstance(records, dict)
-                and all(isinstance(n, str) for n in saved)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in unsaved.items())
-                and all(_is_record_name(d) for d in refs)
-                and all(isinstance(v, bytes) for v in records.values())
-                and set(records) <= set(refs)):
-            self._needs_restart = True
-            raise SandboxError("snapshot failed: the guest sent a malformed snapshot")
-        missing = [d for d in refs if d not in records and d not in self._last_records]
-        if missing:
-            # The guest claims the host holds a value it never sent.
-            self._needs_restart = True
-            raise SandboxError(f"snapshot failed: the guest referred to {len(missing)} value "
-                               "record(s) it never sent")
+        try:
+            # Pickling runs the cell's own code (__reduce__, __getstate__): it
+            # gets the cell's time limit, not the long one of admin commands.
+            result = self._admin(["snapshot", anchors],
+                                 min(self.limits.cell_timeout_s, self.limits.admin_timeout_s))
+            return self._take_snapshot(result)
+        except CellInterrupted:
+            raise
+        except SandboxError as exc:
+            # The guest may still hold the unsaved state: go back to the last
+            # saved one at the next use, as after a trap.
+            self._needs_restart = "the previous cell's state could not be saved"
+            raise SnapshotError(str(exc)) from None
+
+    def _take_snapshot(self, result: dict[str, Any]) -> Snapshot:
+        data, saved, unsaved, refs, records = snapshot_parts(result, self._last_records)
         unchanged = (not records and data == self._last_snapshot
                      and set(refs) == set(self._last_records))
         snap = Snapshot(data=data, saved=saved, unsaved=sorted(unsaved), unsaved_reasons=unsaved,
@@ -172,7 +170,7 @@ class ReplSession:
             raise TypeError(f"restore() needs the snapshot bytes, got {type(data).__name__}")
         kept = {}
         for digest, value in (records or {}).items():
-            if not (_is_record_name(digest) and isinstance(value, (bytes, bytearray))):
+            if not (is_record_name(digest) and isinstance(value, (bytes, bytearray))):
                 raise TypeError("restore() records must map record names (40 hex digits) to bytes")
             kept[digest] = bytes(value)
         self._admin(["restore", bytes(data), kept])
@@ -191,18 +189,17 @@ class ReplSession:
         self._interrupted = None
         if self._needs_restart:
             restarted = True
-            reason = "the previous cell was interrupted on the host side"
+            reason = self._needs_restart
             notes += [reason, self._restart(reason)]
             instance = self._require()
         limits = self.limits
         began = time.perf_counter()
         instance.output.reset()
-        instance.send(["exec", code, limits.cell_timeout_s, limits.output_chars],
-                      limits.cell_timeout_s)
-        event = self._pump(instance, limits.cell_timeout_s, max_calls=limits.max_host_calls)
+        event = self._command(instance, ["exec", code, limits.cell_timeout_s, limits.output_chars],
+                              limits.cell_timeout_s, max_calls=limits.max_host_calls)
         duration = time.perf_counter() - began
         if event.interrupted:
-            self._needs_restart = True
+            self._needs_restart = _HOST_STOPPED
             raise CellInterrupted(f"the cell was interrupted: {event.payload}")
         text, dropped = instance.output.take()
         full_output = text
@@ -217,9 +214,9 @@ class ReplSession:
                                     f"({cut:,} more chars not shown)")
         if event.kind == "done":
             payload = event.payload
-            result.error = _report_text(payload.get("error"))
-            result.traceback = _report_text(payload.get("traceback"))
-            result.value_repr = _report_text(payload.get("value_repr"), limits.output_chars + 100)
+            result.error = report_text(payload.get("error"))
+            result.traceback = report_text(payload.get("traceback"))
+            result.value_repr = report_text(payload.get("value_repr"), limits.output_chars + 100)
             restored = payload.get("restored")
             result.restored_names = ([str(n)[:100] for n in restored[:_MAX_RESTORED_NAMES]]
                                      if isinstance(restored, list) else [])
@@ -277,7 +274,7 @@ class ReplSession:
 
     def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
         sources = [FileSource(f, s) for f, s in zip(files, sizes)]
-        result = self._admin(["load_context", kind, sizes], sources)
+        result = self._admin(["load_context", kind, sizes], sources=sources)
         if result.get("error"):
             raise SandboxError(f"loading the context failed: {result['error']}")
 
@@ -287,7 +284,7 @@ class ReplSession:
         old, self._instance = self._instance, None
         if old is not None:
             old.close()
-        self._needs_restart = False
+        self._needs_restart = None
         self._interrupted = None
         self._boot()
         if self._context is not None:
@@ -297,37 +294,51 @@ class ReplSession:
             return "the REPL was restarted and its state restored from the last snapshot"
         return "the REPL was restarted; no snapshot existed, so earlier variables are gone"
 
-    def _admin(self, message: list[Any], sources: list[Any] | None = None) -> dict[str, Any]:
+    def _admin(self, message: list[Any], timeout_s: float | None = None,
+               sources: list[Any] | None = None) -> dict[str, Any]:
         instance = self._require()
         if self._needs_restart:
-            self._restart("the previous cell was interrupted on the host side")
+            self._restart(self._needs_restart)
             instance = self._require()
-        instance.send(message, self.limits.admin_timeout_s, sources)
-        event = self._pump(instance, self.limits.admin_timeout_s)
+        event = self._command(instance, message, timeout_s or self.limits.admin_timeout_s,
+                              sources, admin=True)
         if event.kind != "done":
             reason = "deadline" if event.timed_out else event.payload
-            self._needs_restart = True
+            self._needs_restart = _HOST_STOPPED
             if event.interrupted:
                 raise CellInterrupted(f"{message[0]} was interrupted: {reason}")
+            if event.timed_out and timeout_s is not None:
+                reason = f"it ran longer than {timeout_s:g} s and was stopped"
             raise SandboxError(f"the sandbox died during {message[0]}: {reason}")
         payload = event.payload
-        if isinstance(payload, dict) and payload.get("error") and message[0] != "load_context":
-            raise SandboxError(f"{message[0]} failed in the guest: {payload['error']}")
+        if payload.get("error") and message[0] != "load_context":
+            raise SandboxError(f"{message[0]} failed in the guest: {report_text(payload['error'])}")
         return payload
 
+    def _command(self, instance: GuestInstance, message: list[Any], timeout_s: float,
+                 sources: list[Any] | None = None, max_calls: int | None = None,
+                 admin: bool = False) -> Event:
+        """Send one command and serve the guest until it reports its result."""
+        self._seq += 1
+        # The number goes right after the command's name; the driver echoes
+        # it in the result (see _serve).
+        instance.send([message[0], self._seq, *message[1:]], timeout_s, sources)
+        return self._pump(instance, timeout_s, max_calls, message[0] if admin else None)
+
     def _pump(self, instance: GuestInstance, timeout_s: float,
-              max_calls: int | None = None) -> Event:
+              max_calls: int | None = None, admin: str | None = None) -> Event:
         """Serve host-function calls until the command finishes or the guest dies."""
         try:
-            return self._serve(instance, timeout_s, max_calls)
+            return self._serve(instance, timeout_s, max_calls, admin)
         except BaseException:
             # Cancellation raised into this thread, or a host function's
             # BaseException: the guest is mid-command; stop it now.
             instance.interrupt("the host stopped waiting for it")
-            self._needs_restart = True
+            self._needs_restart = _HOST_STOPPED
             raise
 
-    def _serve(self, instance: GuestInstance, timeout_s: float, max_calls: int | None) -> Event:
+    def _serve(self, instance: GuestInstance, timeout_s: float, max_calls: int | None,
+               admin: str | None) -> Event:
         hard_deadline = time.monotonic() + timeout_s + self.limits.hang_grace_s
         calls = 0
         while True:
@@ -341,11 +352,28 @@ class ReplSession:
                     continue  # only this slice ran out
                 instance.abort()
                 return Event("dead", "hung", timed_out=True)
-            if event.kind == "done" and not isinstance(event.payload, dict):
+            if event.kind == "done" and not (isinstance(event.payload, dict)
+                                             and event.payload.get("seq") == self._seq):
+                # Only the driver, once the command's handler returned, answers
+                # with this command's number. A 'done' without it was written
+                # by the cell's code (Channel().request(['done', ...])): taken,
+                # the next command would go to that code and the driver's own
+                # result would answer the command after it.
                 instance.abort()
-                return Event("dead", "the guest broke the host-call protocol (bad result)")
+                return Event("dead", "the guest broke the host-call protocol (a result that "
+                                     "does not answer this command: the code wrote to the "
+                                     "REPL's own channel)")
             if event.kind != "call":
                 return event
+            if admin is not None:
+                # Only the cell's code calls host functions, from an object's
+                # __reduce__ or __setstate__ here: outside a cell, where the
+                # cell's call cap does not hold. Refused; the time the refused
+                # calls take still counts (the deadline is not extended).
+                instance.reply(["err", f"host functions cannot be called during {admin} (e.g. "
+                                       "from an object's __reduce__, __getstate__ or "
+                                       "__setstate__): only while a cell runs"])
+                continue
             calls += 1
             if max_calls is not None and calls > max_calls:
                 instance.abort()
@@ -378,21 +406,4 @@ class ReplSession:
 
 
 _TOO_MANY_CALLS = "too many host calls"
-_HEX = frozenset("0123456789abcdef")
-
-
-def _is_record_name(value: Any) -> bool:
-    """A record name as the guest makes them (rlm_snapshot.record_name)."""
-    return isinstance(value, str) and len(value) == 40 and _HEX.issuperset(value)
-
-
-def _report_text(value: Any, limit: int = _MAX_REPORT_CHARS) -> str | None:
-    """A text the guest reported (error, traceback, repr), as str and bounded."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else repr(value)[:limit]
-    if len(text) > limit:
-        # Keep both ends: a traceback's last lines say what happened.
-        half = limit // 2
-        text = f"{text[:half]}\n... [{len(text) - limit:,} chars cut] ...\n{text[-half:]}"
-    return text
+_HOST_STOPPED = "the previous cell was interrupted on the host side"

@@ -246,11 +246,12 @@ def _serve(repl):
                 "exec": repl.exec_cell, "snapshot": repl.snapshot, "restore": repl.restore,
                 "image": _stand_still}
     result = {"python": sys.version, "boot_s": time.perf_counter()}
+    seq = None
     while True:
         try:
             command = channel.request(["done", result])
         except FrameTooLarge as exc:  # e.g. a snapshot larger than the host accepts
-            result = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            result = {"error": "%s: %s" % (type(exc).__name__, exc), "seq": seq}
             del exc
             continue
         # The previous result (a snapshot's records) is sent: free it before the next command.
@@ -261,8 +262,17 @@ def _serve(repl):
             # function kept the guest thread and its memory alive), and
             # finalizing the heap cost ~7 ms of the ~8 ms a close took.
             os._exit(0)
+        # The session numbers its commands (the instance's own "image" has no
+        # number); the result echoes it, so the host can tell it from a
+        # 'done' the cell's code wrote to the channel itself.
+        seq, args = (None, command[1:]) if command[0] == "image" else (command[1], command[2:])
+        if command[0] != "exec":
+            # Commands other than a cell run the cell's code only through its
+            # objects (__reduce__, __setstate__): no time to sleep in.
+            repl.clock.start(0.0)
         try:
-            result = handlers[command[0]](*command[1:])
+            result = handlers[command[0]](*args)
         except BaseException as exc:
             result = {"error": "%s: %s" % (type(exc).__name__, exc)}
             del exc
+        result["seq"] = seq
