@@ -76,3 +76,20 @@ def test_runs_since_the_in_lanes_patch_send_groups_with_lanes_under_their_own_na
     assert activity_runs(load(HISTORIES / "windowed.json"), "llm_calls_in_lanes") == (0, 0)
     assert activity_runs(load(HISTORIES / "in_lanes.json"), "llm_calls") == (0, 0)
     assert activity_runs(load(HISTORIES / "in_lanes.json"), "llm_calls_in_lanes") == (2, 0)
+
+
+def test_a_run_started_with_an_unknown_field_before_they_were_refused_replays():
+    """Runs in flight when unknown request fields began to be refused had
+    such a field dropped; they replay as they ran (workflows/run.py,
+    UNKNOWN_FIELDS_PATCH), while a new run with one fails at once
+    (tests/test_edge_validation.py)."""
+    import base64
+
+    record = json.loads((HISTORIES / "plain.json").read_text())
+    started = record["history"]["events"][0]["workflowExecutionStartedEventAttributes"]
+    payload = started["input"]["payloads"][0]
+    request = json.loads(base64.b64decode(payload["data"]))
+    request["max_usd"] = 0.5  # beside `caps` instead of under it: once dropped, now refused
+    request.setdefault("limits", {})["cell_timeout"] = 5
+    payload["data"] = base64.b64encode(json.dumps(request).encode()).decode()
+    replay(WorkflowHistory.from_json(record["workflow_id"], record["history"]))
