@@ -277,9 +277,9 @@ async def _complete(
     usage = getattr(response, "usage", None)
     prompt_tokens = _usage_count(usage, "prompt_tokens")
     completion_tokens = _usage_count(usage, "completion_tokens")
-    # A count not reported (some local servers send none, some only one) or
-    # not believable (a prompt of 0 tokens, a reply of text in 0): the most
-    # it can be, never less than was sent or received.
+    # A count not reported (some local servers send none, some only one;
+    # litellm fills a missing one with 0) or not believable (no prompt is 0
+    # tokens, no text is): the most it can be, never less than was sent or received.
     estimated = not prompt_tokens or completion_tokens is None or (completion_tokens == 0 and bool(text))
     if not prompt_tokens:
         prompt_tokens = messages_token_bound(messages)

@@ -456,7 +456,8 @@ class FakeLLM:
             if isinstance(max_tokens, int) and _rough_tokens(text) > max_tokens:
                 text, finish_reason = _cut_to_tokens(text, max_tokens), "length"
         prompt_tokens = _prompt_tokens(request)
-        completion_tokens = _rough_tokens(text or "")
+        # As a real tokenizer: any text is at least one token.
+        completion_tokens = max(1, _rough_tokens(text)) if text else 0
         body: dict[str, Any] = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",

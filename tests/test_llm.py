@@ -147,8 +147,13 @@ def test_a_prompt_count_the_reply_leaves_out_or_gets_wrong_is_estimated(llm: Fak
 
 @pytest.mark.parametrize(
     "usage",
-    [{"prompt_tokens": 40}, {"prompt_tokens": 40, "completion_tokens": -7}, {"prompt_tokens": 40, "completion_tokens": 0}],
-    ids=["reply-missing", "reply-negative", "reply-zero-for-text"],
+    [
+        {"prompt_tokens": 40},
+        {"prompt_tokens": 40, "completion_tokens": -7},
+        {"prompt_tokens": 40, "completion_tokens": None},
+        {"prompt_tokens": 40, "completion_tokens": 0},
+    ],
+    ids=["reply-missing", "reply-negative", "reply-null", "reply-zero-for-text"],
 )
 def test_a_reply_count_left_out_or_wrong_is_estimated(llm: FakeLLM, root: ModelSpec, usage) -> None:
     llm.add_rule(None, _reply_with_usage(usage))
