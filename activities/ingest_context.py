@@ -5,7 +5,8 @@ ContextRef. It stores the context through the same ContextStore as
 goes on with a ContextRef exactly as if the caller had stored it.
 
 S3 objects are read with the worker's endpoint and credentials (any bucket
-they may read), downloaded to a private directory and stored as files, so a
+they may read, but not the engine's own objects in its bucket: other runs'
+snapshots, prompts and transcripts), downloaded to a private directory and stored as files, so a
 large object never sits in memory. PDF, DOCX, XLSX, PPTX, HTML and EML
 objects are converted to text (activities/documents); any other object must
 be UTF-8 text. An object that cannot be read is refused with the reason,
@@ -52,6 +53,9 @@ _HEARTBEAT_EVERY_S = 1.0
 # The caller's mistake: retrying cannot help. Anything else (endpoint down,
 # a corrupt read) is retried by the workflow's retry policy.
 _CALLER_ERRORS = (ContextInputError, ObjectMissingError, S3BucketMissingError, S3AuthError)
+# Where the engine keeps its own objects in its bucket: one run's caller must
+# not read another's snapshots, prompts, replies or transcripts as a context.
+ENGINE_PREFIXES = ("runs/", "blobs/", "contexts/")
 
 
 class _Heartbeat:
@@ -93,9 +97,16 @@ class IngestContextActivity:
         return ref
 
     def _put_uri(self, uri: ContextURI, on_unreadable: str) -> ContextRef:
+        own = uri.bucket == self._rt.store.bucket
+        if own and _engine_key(uri.key):
+            raise ContextInputError(
+                f"{uri.uri} is the engine's own storage (other runs' snapshots, prompts and "
+                f"transcripts under {', '.join(ENGINE_PREFIXES)} in bucket {uri.bucket!r}): "
+                "give your files a key outside those prefixes"
+            )
         source = ObjectStore(self._rt.store.client, uri.bucket, endpoint=self._rt.store.endpoint)
         beat = _Heartbeat()
-        keys = _visible(self._list(source, uri, beat), uri) if uri.is_prefix else [uri.key]
+        keys = _visible(self._list(source, uri, beat), uri, skip_engine=own) if uri.is_prefix else [uri.key]
         scratch = Path(self._rt.settings.data_dir) / "cache" / "ingest"
         scratch.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix="ctx-", dir=scratch))
@@ -178,12 +189,22 @@ def _s3_error(exc: S3Error, source: ObjectStore, uri: ContextURI, what: str) -> 
     return StorageError(f"reading {what} failed on {source.endpoint}: {exc.code}: {exc.message}")
 
 
-def _visible(keys: list[str], uri: ContextURI) -> list[str]:
+def _engine_key(key: str) -> bool:
+    """A key (or prefix) inside the engine's own objects; "" is the whole bucket, not inside."""
+    return any(key.startswith(prefix) or (key and prefix.startswith(key) and key.endswith("/")) for prefix in ENGINE_PREFIXES)
+
+
+def _visible(keys: list[str], uri: ContextURI, *, skip_engine: bool = False) -> list[str]:
     """Keys under the prefix without a hidden part (`.git/...`), in the
-    order a local folder's files get (sorted by path parts)."""
+    order a local folder's files get (sorted by path parts); in the engine's
+    own bucket (`skip_engine`), without its own objects."""
     shown = [k for k in keys if not any(p.startswith(".") for p in k[len(uri.key) :].split("/"))]
+    if skip_engine:
+        shown = [k for k in shown if not _engine_key(k)]
     if not shown:
-        raise ContextInputError(f"no objects under {uri.uri} but hidden ones (a part starting with '.')")
+        raise ContextInputError(
+            f"no objects under {uri.uri} but hidden ones (a part starting with '.') or the engine's own"
+        )
     return sorted(shown, key=lambda k: PurePosixPath(k).parts)
 
 

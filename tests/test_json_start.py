@@ -132,6 +132,10 @@ def test_bad_contexts_end_the_run_with_the_field_named(settings, object_store, l
         "empty": f"s3://{bucket}/{empty}",
         "binary": f"s3://{bucket}/{binary}",
         "empty prefix": f"s3://{bucket}/nothing-{uuid.uuid4().hex[:8]}/",
+        # Other runs' snapshots, prompts and transcripts are not a caller's to read.
+        "engine runs": f"s3://{bucket}/runs/",
+        "engine blob": f"s3://{bucket}/blobs/{'0' * 64}",
+        "engine prefix": f"s3://{bucket}/cont",
     }
     too_large = "x" * (MAX_INLINE_CONTEXT_BYTES + 1)
     s = isolated(settings)
@@ -161,7 +165,21 @@ def test_bad_contexts_end_the_run_with_the_field_named(settings, object_store, l
     # A .pdf is converted (issue 12): this one is named with why it cannot be.
     assert f"s3://{bucket}/{binary} cannot be converted to text: not a readable PDF" in results["binary"].reason
     assert "no objects" in results["empty prefix"].reason
+    for name in ("engine runs", "engine blob"):
+        assert "is the engine's own storage" in results[name].reason, (name, results[name].reason)
+    assert "not found" in results["engine prefix"].reason  # a key, not a prefix: no object has it
     assert llm.count() == 0
+
+
+def test_a_whole_bucket_context_leaves_out_the_engines_own_objects():
+    from activities.ingest_context import _engine_key, _visible
+    from workflows.refs import ContextURI
+
+    keys = ["invoices/a.txt", "runs/wf/snapshots/t1c1.bin", "blobs/ab", "contexts/chunks/cd", "runsheet.txt"]
+    assert _visible(keys, ContextURI(uri="s3://rlm/"), skip_engine=True) == ["invoices/a.txt", "runsheet.txt"]
+    assert _visible(keys, ContextURI(uri="s3://other/")) == sorted(keys, key=lambda k: k.split("/"))
+    assert _engine_key("runs/") and _engine_key("contexts/chunks/x") and _engine_key("blobs/")
+    assert not _engine_key("") and not _engine_key("runsheet.txt") and not _engine_key("run")
 
 
 def test_a_list_of_texts_becomes_the_context_rlm_context_put_would_store(settings, context_store, llm):
