@@ -10,7 +10,7 @@ import time
 import types
 
 from rlm_channel import FrameTooLarge
-from rlm_codec import CodecError
+from rlm_codec import CodecError, CodecLimit
 
 STANDARD_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
                   "FINAL", "FINAL_VAR", "SHOW_VARS", "document", "document_names")
@@ -85,6 +85,8 @@ def build_api(channel, user_globals, registered, clock, context_docs=tuple, docs
         began = time.monotonic()
         try:
             reply = channel.request(["call", name, list(args), kwargs])
+        except CodecLimit as exc:  # a value of a type it takes, but too large or too many
+            raise ValueError("%s(): %s" % (name, exc)) from None
         except CodecError as exc:
             raise TypeError("%s(): %s" % (name, exc)) from None
         except FrameTooLarge as exc:

@@ -14,6 +14,7 @@ import types
 
 import rlm_api
 from rlm_channel import Channel, FrameTooLarge
+from rlm_codec import CodecError
 
 _REPR_MARKER = "... [repr truncated: %s more chars]"
 # Error texts sent back after a cell; the host cuts them too.
@@ -250,7 +251,7 @@ def _serve(repl):
     while True:
         try:
             command = channel.request(["done", result])
-        except FrameTooLarge as exc:  # e.g. a snapshot larger than the host accepts
+        except (FrameTooLarge, CodecError) as exc:  # e.g. a snapshot larger, or of more values, than the host accepts
             result = {"error": "%s: %s" % (type(exc).__name__, exc), "seq": seq}
             del exc
             continue

@@ -57,11 +57,13 @@ def _cloudpickle():
 
 def record_name(obj, data):
     """Name of a record: crc32 of its bytes, the object's own hash (32 bits
-    on wasm32, seeded per instance) and the length, as 40 hex digits. sha256
+    on wasm32; seeded once per boot image, so the guests started from one
+    share the seed) and the length, as 40 hex digits. sha256
     runs at ~15 MB/s in this guest, crc32 and hash() at ~250-500 MB/s. Names
     are only compared within one run's snapshots (the host keeps records
     under the run's prefix), so accidental collisions are what matters:
-    64 bits plus the length."""
+    64 bits plus the length. A run's own code could craft a collision (it
+    computes hash() itself), which would only confuse that run's own state."""
     from zlib import crc32
 
     return "%08x%08x%024x" % (crc32(data), hash(obj) & 0xFFFFFFFF, len(data))
