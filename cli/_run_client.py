@@ -243,7 +243,7 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
             f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
             f"got {opts.cell_timeout_s:g}"
         )
-    check_models(root, sub or root, caps)
+    check_models(root, sub or root, caps, progress)
     return opts, caps
 
 
@@ -282,11 +282,12 @@ def _caps_from_flags(given: dict[str, Any]) -> Caps:
     return caps
 
 
-def check_models(root: str, sub: str, caps: Caps) -> None:
+def check_models(root: str, sub: str, caps: Caps, progress: ProgressPrinter | None = None) -> None:
     """Refuse what the model configuration alone shows to be wrong: a bad
     RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
-    budget that cannot pay for the first call. Names that only litellm
-    knows are checked by the worker at the run's first step."""
+    budget that cannot pay for the first call; and warn (on `progress`) of a
+    money cap that cannot bind a configured model with no price. Names that
+    only litellm knows are checked by the worker at the run's first step."""
     from activities._model_registry import ModelRegistry, check_credentials, fully_configured
 
     try:
@@ -299,6 +300,13 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
             check_credentials(spec, offline=True)
     except Exception as exc:
         raise RunError(str(exc)) from None
+    if caps.max_usd is not None and progress is not None:
+        for unpriced in (s.name for s in configured if not _priced(registry.info(s.name))):
+            progress.note(
+                f"warning: model {unpriced!r} has no price, so --max-usd does not limit its calls "
+                "(their tokens still count against --max-tokens): give it usd_per_input_token and "
+                "usd_per_output_token in RLM_MODELS_JSON"
+            )
     spec = next((s for s in configured if s.name == root), None)
     if spec is None or not fully_configured(spec):
         return
@@ -309,6 +317,10 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
     refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
     if refusal is not None:
         raise RunError(f"budget too small to start: {refusal.message}")
+
+
+def _priced(info: Any) -> bool:
+    return bool(info.usd_per_input_token or info.usd_per_output_token)
 
 
 def _size(paths: list[Path]) -> str:

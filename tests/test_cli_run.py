@@ -129,3 +129,26 @@ def test_default_model_choice(monkeypatch):
     monkeypatch.setenv("RLM_MODEL", "mine")
     assert choose_models(None, None, None) == ("mine", None)
     assert choose_models("explicit", None, None) == ("explicit", None)
+
+
+def test_a_money_cap_over_a_model_with_no_price_is_warned_of(llm, monkeypatch):
+    """A model with no price counts $0, so --max-usd cannot stop its calls:
+    `rlm run` / `submit` say so before starting (tokens still count)."""
+    import io
+
+    from cli._progress import ProgressPrinter
+    from cli._run_client import check_models
+    from workflows.budget import Caps
+
+    def warnings(caps: Caps, **prices: object) -> list[str]:
+        monkeypatch.setenv("RLM_MODELS_JSON", models_json(llm.url, **prices))
+        out = io.StringIO()
+        check_models(ROOT, SUB, caps, ProgressPrinter(out))
+        return [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
+
+    unpriced = {"usd_per_input_token": None, "usd_per_output_token": None}
+    lines = warnings(Caps(max_usd=1.0), **unpriced)
+    assert [line.split("'")[1] for line in lines] == [ROOT, SUB], lines
+    assert "--max-usd does not limit its calls" in lines[0] and "RLM_MODELS_JSON" in lines[0]
+    assert warnings(Caps(max_usd=1.0)) == []  # priced
+    assert warnings(Caps(max_tokens=10_000), **unpriced) == []  # no money cap to miss
