@@ -280,11 +280,13 @@ async def _complete(
     # A count not reported (some local servers send none, some only one;
     # litellm fills a missing one with 0) or not believable (no prompt is 0
     # tokens, no text is): the most it can be, never less than was sent or received.
-    estimated = not prompt_tokens or completion_tokens is None or (completion_tokens == 0 and bool(text))
-    if not prompt_tokens:
+    prompt_unknown = not prompt_tokens
+    reply_unknown = completion_tokens is None or (completion_tokens == 0 and bool(text))
+    if prompt_unknown:
         prompt_tokens = messages_token_bound(messages)
-    if completion_tokens is None or (completion_tokens == 0 and text):
+    if reply_unknown:
         completion_tokens = token_bound(len(text.encode()))
+    estimated = prompt_unknown or reply_unknown
     usd = _price(spec, info, response, prompt_tokens, completion_tokens, estimated)
     log.debug(
         "llm.call",

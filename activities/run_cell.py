@@ -180,7 +180,7 @@ class RunCellActivity:
             self._rt.store.put_bytes(output_key, valid_text(result.full_output).encode())
         final, final_ref = host.final, None
         if final is not None and len(final) > FINAL_INLINE_CHARS:
-            final_ref = self._rt.store.put_blob(valid_text(final).encode())
+            final_ref = self._rt.store.put_blob(final.encode())  # valid already (CellHost.final_answer)
             final = final[:FINAL_INLINE_CHARS]
         error = result.error
         if result.traceback and error:

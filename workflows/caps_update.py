@@ -2,7 +2,7 @@
 
 The validator refuses a change before it is accepted, so the handler never
 fails after it: a value the request itself would refuse (a cap past
-REQUEST_CAP_BOUNDS overflows the deadline's arithmetic), a concurrency the
+the request's bounds overflows the deadline's arithmetic), a concurrency the
 run's lanes were sized by when it started, and, on a child run, any raise of
 a cap its slice of the tree's budget bounds (its parent reserved only that
 slice, so a raise there would let the tree spend past the root's caps).
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from workflows.budget import Caps
-from workflows.request import REQUEST_CAP_BOUNDS, validation_errors
+from workflows.request import caps_past_bounds, validation_errors
 
 # Caps that bound the whole tree below a run: a child's are its grant.
 TREE_CAPS = ("max_usd", "max_tokens", "max_calls", "max_tool_calls", "max_wall_s", "deadline", "max_depth")
@@ -31,12 +31,7 @@ def caps_change_problem(current: Caps, changes: dict[str, Any], *, root_workflow
         new = Caps.model_validate({**current.model_dump(), **changes})
     except ValidationError as exc:
         return f"caps refused: {validation_errors(exc)}"
-    too_large = [
-        f"{name} is {getattr(new, name):,} (at most {bound:,g})"
-        for name, bound in REQUEST_CAP_BOUNDS.items()
-        if name in changes and getattr(new, name) is not None and getattr(new, name) > bound
-    ]
-    if too_large:
+    if too_large := caps_past_bounds(new, changes):
         return "caps refused: " + "; ".join(too_large)
     if new.max_concurrency != current.max_concurrency:
         return (

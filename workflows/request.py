@@ -9,6 +9,7 @@ only: no secrets, no large text.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -271,15 +272,9 @@ class RunRequest(BaseModel):
         # (set_caps lowers it to stop a run), a request may not start with it.
         if value.max_turns < 1:
             raise ValueError("caps.max_turns must be at least 1 (a run needs a turn to answer)")
-        too_large = [
-            f"caps.{name} is {getattr(value, name):,} (at most {bound:,g})"
-            for name, bound in REQUEST_CAP_BOUNDS.items()
-            if getattr(value, name) is not None and getattr(value, name) > bound
-        ]
-        if too_large:
+        if too_large := caps_past_bounds(value, prefix="caps."):
             raise ValueError("; ".join(too_large) + ": give a smaller cap, or leave a money cap out for no limit")
         return value
-
 
     @model_validator(mode="after")
     def _depth_fits_the_tree(self) -> RunRequest:
@@ -293,6 +288,16 @@ class RunRequest(BaseModel):
                 f"depth {self.depth} plus caps.max_depth {self.caps.max_depth} is more than {deepest:g} levels"
             )
         return self
+
+
+def caps_past_bounds(caps: Caps, names: Iterable[str] = REQUEST_CAP_BOUNDS, prefix: str = "") -> list[str]:
+    """`<prefix><name> is <value> (at most <bound>)` for each of `names` whose
+    cap is past REQUEST_CAP_BOUNDS (a request's caps, a set_caps change)."""
+    return [
+        f"{prefix}{name} is {getattr(caps, name):,} (at most {REQUEST_CAP_BOUNDS[name]:,g})"
+        for name in REQUEST_CAP_BOUNDS
+        if name in names and getattr(caps, name) is not None and getattr(caps, name) > REQUEST_CAP_BOUNDS[name]
+    ]
 
 
 def check_question_text(value: str) -> str:

@@ -313,7 +313,9 @@ class SubcallRouter:
         if not hasattr(grant, "max_turns"):
             return SubcallAnswer(error=f"Budget: {grant.message}")  # type: ignore[union-attr]
         try:
-            request = self._child_request(item, grant, batch.model and model, depth, call_id)  # type: ignore[arg-type]
+            # A model the batch names is the child's root model at its depth.
+            named = model if batch.model is not None else None
+            request = self._child_request(item, grant, named, depth, call_id)  # type: ignore[arg-type]
         except ValidationError as exc:
             # Nothing started: the slice goes back (a run being stopped has no
             # turns left to give; a forged depth has no model to name).
