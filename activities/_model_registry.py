@@ -184,6 +184,8 @@ def model_info(spec: ModelSpec) -> ModelInfo:
         max_output_tokens=int(output or DEFAULT_MAX_OUTPUT_TOKENS),
         usd_per_input_token=float(in_price if in_price is not None else known.get("input_cost_per_token") or 0.0),
         usd_per_output_token=float(out_price if out_price is not None else known.get("output_cost_per_token") or 0.0),
+        priced=(in_price is not None or known.get("input_cost_per_token") is not None)
+        and (out_price is not None or known.get("output_cost_per_token") is not None),
         prompt_profile=spec.prompt_profile,
         stop=list(spec.stop),
     )

@@ -34,7 +34,7 @@ from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
 from cli._temporal_http import HttpApiError, HttpUnavailable, TemporalHttp
-from workflows.budget import Caps, Ledger, worst_case
+from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.request import MAX_STEP_SECONDS, MIN_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest
 from workflows.result import RunResult
@@ -243,7 +243,7 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
             f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
             f"got {opts.cell_timeout_s:g}"
         )
-    check_models(root, sub or root, caps, progress)
+    check_models(root, sub or root, caps)
     return opts, caps
 
 
@@ -282,12 +282,12 @@ def _caps_from_flags(given: dict[str, Any]) -> Caps:
     return caps
 
 
-def check_models(root: str, sub: str, caps: Caps, progress: ProgressPrinter | None = None) -> None:
-    """Refuse what the model configuration alone shows to be wrong: a bad
+def check_models(root: str, sub: str, caps: Caps) -> None:
+    """Refuse what the model configuration shows to be wrong: a bad
     RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
-    budget that cannot pay for the first call; and warn (on `progress`) of a
-    money cap that cannot bind a configured model with no price. Names that
-    only litellm knows are checked by the worker at the run's first step."""
+    money cap over a configured model with no known price, a budget that
+    cannot pay for the first call. Names that only litellm knows are checked
+    by the worker at the run's first step (which refuses the same things)."""
     from activities._model_registry import ModelRegistry, check_credentials, fully_configured
 
     try:
@@ -300,13 +300,10 @@ def check_models(root: str, sub: str, caps: Caps, progress: ProgressPrinter | No
             check_credentials(spec, offline=True)
     except Exception as exc:
         raise RunError(str(exc)) from None
-    if caps.max_usd is not None and progress is not None:
-        for unpriced in (s.name for s in configured if not _priced(registry.info(s.name))):
-            progress.note(
-                f"warning: model {unpriced!r} has no price, so --max-usd does not limit its calls "
-                "(their tokens still count against --max-tokens): give it usd_per_input_token and "
-                "usd_per_output_token in RLM_MODELS_JSON"
-            )
+    if caps.max_usd is not None:
+        unpriced = [s.name for s in configured if not registry.info(s.name).priced]
+        if unbound := money_cap_problem(caps.max_usd, unpriced, field="--max-usd"):
+            raise RunError(unbound)
     spec = next((s for s in configured if s.name == root), None)
     if spec is None or not fully_configured(spec):
         return
@@ -317,10 +314,6 @@ def check_models(root: str, sub: str, caps: Caps, progress: ProgressPrinter | No
     refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
     if refusal is not None:
         raise RunError(f"budget too small to start: {refusal.message}")
-
-
-def _priced(info: Any) -> bool:
-    return bool(info.usd_per_input_token or info.usd_per_output_token)
 
 
 def _size(paths: list[Path]) -> str:

@@ -65,3 +65,15 @@ def test_a_child_run_may_lower_its_caps_and_change_its_own_turns():
     earlier = CHILD_CAPS.deadline - timedelta(hours=1)
     changes = {"max_usd": 0.1, "max_calls": 5, "deadline": earlier, "max_turns": 30, "max_errors": 3}
     assert caps_change_problem(CHILD_CAPS, changes, root_workflow_id="rlm-root") is None
+
+
+def test_a_money_cap_is_refused_over_a_model_with_no_known_price():
+    """Its calls count $0, so the cap would not bind: setting one is refused,
+    naming the model; other caps, or lifting the money cap, stay allowed."""
+    uncapped = ROOT_CAPS.model_copy(update={"max_usd": None})
+    problem = caps_change_problem(uncapped, {"max_usd": 0.5}, root_workflow_id=None, unpriced=["free-ish"])
+    assert problem is not None and "caps.max_usd: cannot limit model 'free-ish'" in problem, problem
+    assert "usd_per_input_token" in problem
+    assert caps_change_problem(uncapped, {"max_tokens": 10}, root_workflow_id=None, unpriced=["free-ish"]) is None
+    assert caps_change_problem(ROOT_CAPS, {"max_usd": None}, root_workflow_id=None, unpriced=["free-ish"]) is None
+    assert caps_change_problem(uncapped, {"max_usd": 0.5}, root_workflow_id=None, unpriced=[]) is None

@@ -131,24 +131,27 @@ def test_default_model_choice(monkeypatch):
     assert choose_models("explicit", None, None) == ("explicit", None)
 
 
-def test_a_money_cap_over_a_model_with_no_price_is_warned_of(llm, monkeypatch):
-    """A model with no price counts $0, so --max-usd cannot stop its calls:
-    `rlm run` / `submit` say so before starting (tokens still count)."""
-    import io
-
-    from cli._progress import ProgressPrinter
+def test_a_money_cap_over_a_model_with_no_price_is_refused(llm, monkeypatch):
+    """A model with no price counts $0, so --max-usd could not stop its calls:
+    `rlm run` / `submit` refuse before starting, naming the model and the fix
+    (a free model is priced 0); tokens or calls may still be capped."""
+    from cli._run_by_id import RunError
     from cli._run_client import check_models
     from workflows.budget import Caps
 
-    def warnings(caps: Caps, **prices: object) -> list[str]:
+    def refusal(caps: Caps, **prices: object) -> str | None:
         monkeypatch.setenv("RLM_MODELS_JSON", models_json(llm.url, **prices))
-        out = io.StringIO()
-        check_models(ROOT, SUB, caps, ProgressPrinter(out))
-        return [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
+        try:
+            check_models(ROOT, SUB, caps)
+        except RunError as exc:
+            return str(exc)
+        return None
 
     unpriced = {"usd_per_input_token": None, "usd_per_output_token": None}
-    lines = warnings(Caps(max_usd=1.0), **unpriced)
-    assert [line.split("'")[1] for line in lines] == [ROOT, SUB], lines
-    assert "--max-usd does not limit its calls" in lines[0] and "RLM_MODELS_JSON" in lines[0]
-    assert warnings(Caps(max_usd=1.0)) == []  # priced
-    assert warnings(Caps(max_tokens=10_000), **unpriced) == []  # no money cap to miss
+    message = refusal(Caps(max_usd=1.0), **unpriced)
+    assert message is not None and message.startswith(f"--max-usd: cannot limit model '{ROOT}', '{SUB}'"), message
+    assert "usd_per_input_token" in message and "RLM_MODELS_JSON" in message
+    assert refusal(Caps(max_usd=1.0)) is None  # priced
+    assert refusal(Caps(max_usd=1.0), usd_per_input_token=0.0, usd_per_output_token=0.0) is None  # free, said so
+    assert refusal(Caps(max_usd=1.0), usd_per_output_token=None) is not None  # half a price is none
+    assert refusal(Caps(max_tokens=10_000), **unpriced) is None  # no money cap to miss

@@ -152,3 +152,22 @@ def test_unknown_fields_are_told_apart_from_other_mistakes():
     assert "max_usd: Extra inputs are not permitted" in refusal and "limits.cell_timeout" in refusal
     assert without_unknown_fields(RunRequest, {**GOOD, "max_usd": 0.5, "question": ""}) is None
     assert without_unknown_fields(RunRequest, GOOD) is None
+
+
+def test_a_json_run_with_a_money_cap_over_an_unpriced_model_fails_at_once(settings, llm):
+    """A caller in another language can name a model the worker has no price
+    for: its calls would count $0 and `max_usd` would not bind. The run's
+    first step refuses it, before any model call; without the money cap the
+    same models run."""
+    s = isolated(settings)
+    registry = fake_registry(llm, usd_per_input_token=None, usd_per_output_token=None)
+    capped = {**GOOD, "models": {"root": ROOT, "sub": SUB}, "caps": {"max_usd": 0.5}}
+
+    async def go():
+        async with running_worker(s, registry) as client:
+            return await asyncio.wait_for((await start(client, s, capped)).result(), 60)
+
+    result = asyncio.run(go())
+    assert result.status == "failed" and result.turns == 0, result
+    assert result.reason.startswith(f"caps.max_usd: cannot limit model '{ROOT}', '{SUB}'"), result.reason
+    assert llm.count() == 0

@@ -93,3 +93,23 @@ def test_a_run_started_with_an_unknown_field_before_they_were_refused_replays():
     request.setdefault("limits", {})["cell_timeout"] = 5
     payload["data"] = base64.b64encode(json.dumps(request).encode()).decode()
     replay(WorkflowHistory.from_json(record["workflow_id"], record["history"]))
+
+
+def test_a_session_ask_accepted_with_an_unknown_field_before_they_were_refused_replays():
+    """Asks accepted when unknown fields were still dropped replay as they
+    ran: the fields are kept on decode (AskRequest allows them) and refused
+    only by the update's validator, which a replay does not run."""
+    import base64
+
+    record = json.loads((HISTORIES / "session_1.json").read_text())
+    accepted = [
+        e["workflowExecutionUpdateAcceptedEventAttributes"]["acceptedRequest"]["input"]["args"]["payloads"][0]
+        for e in record["history"]["events"]
+        if "workflowExecutionUpdateAcceptedEventAttributes" in e
+    ]
+    assert accepted, "session_1.json has no accepted ask"
+    for payload in accepted:
+        ask = json.loads(base64.b64decode(payload["data"]))
+        ask["max_usd"] = 0.5  # beside `caps` instead of under it: once dropped, now refused
+        payload["data"] = base64.b64encode(json.dumps(ask).encode()).decode()
+    replay(WorkflowHistory.from_json(record["workflow_id"], record["history"]))

@@ -32,6 +32,13 @@ def test_ask_caps_are_checked_against_the_session_caps_and_named():
         AskRequest(question="   ")
     with pytest.raises(ValidationError, match="answer_schema"):
         AskRequest(question="q", answer_schema={"type": 5})
+    # A misplaced cap is named, not dropped (the update's validator refuses it).
+    misplaced = AskRequest.model_validate({"question": "q", "max_usd": 0.5, "budget": {}})
+    assert misplaced.unknown_fields_problem() == (
+        "budget: Extra inputs are not permitted; max_usd: Extra inputs are not permitted "
+        "(an ask has question, answer_schema, caps)"
+    )
+    assert AskRequest(question="q", caps={"max_usd": 0.5}).unknown_fields_problem() is None
 
 
 def test_session_request_fields_are_named():

@@ -175,13 +175,17 @@ def test_per_question_caps_given_with_the_ask(settings, llm, context_store):
                 await handle.execute_update(
                     UPDATE_ASK, {"question": "x", "caps": {"max_dollars": 1}}, result_type=RunResult
                 )
+            # A caller in another language putting the cap beside `caps`: refused, not an uncapped ask.
+            with pytest.raises(WorkflowUpdateFailedError) as misplaced:
+                await handle.execute_update(UPDATE_ASK, {"question": "x", "max_calls": 1}, result_type=RunResult)
             await close(handle)
-            return limited, bad.value, unknown.value
+            return limited, bad.value, unknown.value, misplaced.value
 
-    limited, bad, unknown = asyncio.run(go())
+    limited, bad, unknown, misplaced = asyncio.run(go())
     assert limited.status == "budget_exhausted" and limited.spend.calls == 1
     assert "max_turns" in str(bad.cause)
     assert "max_dollars" in str(unknown.cause)
+    assert "max_calls: Extra inputs are not permitted" in str(misplaced.cause), misplaced.cause
 
 
 def test_a_concurrent_ask_waits_for_the_running_one(settings, llm, context_store):

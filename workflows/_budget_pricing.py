@@ -76,3 +76,19 @@ def equal_share(index: int, size: int) -> float:
     if not 0 <= index < size:
         raise LedgerError(f"equal_share: need 0 <= index < size, got index={index}, size={size}")
     return 1.0 / (size - index)
+
+
+def money_cap_problem(max_usd: float | None, unpriced: list[str], field: str = "caps.max_usd") -> str | None:
+    """Why a money cap (the request's `field`) cannot hold over these models, or None.
+
+    A model with no known price counts $0 a call, so `max_usd` would let its
+    calls run without limit: a cap that silently does not bind is refused
+    rather than trusted (a free model is priced 0 in its configuration)."""
+    if max_usd is None or not unpriced:
+        return None
+    names = ", ".join(repr(n) for n in unpriced)
+    return (
+        f"{field}: cannot limit model {names}: it has no known price, so its calls would count $0; "
+        "give it usd_per_input_token and usd_per_output_token in the models configuration "
+        "(RLM_MODELS_JSON or RLM_MODELS_FILE; 0 for a free model), or cap tokens or calls instead"
+    )

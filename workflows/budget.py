@@ -51,6 +51,7 @@ from workflows._budget_pricing import (
     actual,
     equal_share,
     messages_token_bound,
+    money_cap_problem,
     token_bound,
     worst_case,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "equal_share",
     "token_bound",
     "messages_token_bound",
+    "money_cap_problem",
 ]
 
 

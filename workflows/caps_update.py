@@ -14,16 +14,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from workflows.budget import Caps
+from workflows.budget import Caps, money_cap_problem
 from workflows.request import caps_past_bounds, validation_errors
 
 # Caps that bound the whole tree below a run: a child's are its grant.
 TREE_CAPS = ("max_usd", "max_tokens", "max_calls", "max_tool_calls", "max_wall_s", "deadline", "max_depth")
 
 
-def caps_change_problem(current: Caps, changes: dict[str, Any], *, root_workflow_id: str | None) -> str | None:
+def caps_change_problem(
+    current: Caps, changes: dict[str, Any], *, root_workflow_id: str | None, unpriced: list[str] | None = None
+) -> str | None:
     """Why `changes` may not be applied to a run with caps `current`, or None.
-    `root_workflow_id`: set for a child run (where to raise caps instead)."""
+    `root_workflow_id`: set for a child run (where to raise caps instead);
+    `unpriced`: the run's models with no known price (a money cap cannot bind them)."""
     unknown = set(changes) - set(Caps.model_fields)
     if unknown:
         return f"unknown caps {sorted(unknown)}; known: {sorted(Caps.model_fields)}"
@@ -33,6 +36,8 @@ def caps_change_problem(current: Caps, changes: dict[str, Any], *, root_workflow
         return f"caps refused: {validation_errors(exc)}"
     if too_large := caps_past_bounds(new, changes):
         return "caps refused: " + "; ".join(too_large)
+    if "max_usd" in changes and (unbound := money_cap_problem(new.max_usd, unpriced or [])):
+        return "caps refused: " + unbound
     if new.max_concurrency != current.max_concurrency:
         return (
             f"caps refused: max_concurrency is fixed when a run starts (this one runs {current.max_concurrency} "

@@ -18,7 +18,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Caps, Ledger
+    from workflows.budget import Caps, Ledger, money_cap_problem
     from workflows.caps_update import caps_change_problem
     from workflows.request import (
         RunRequest,
@@ -69,6 +69,9 @@ RESOLVE_LOCALLY_PATCH = "resolve-locally"
 # Runs started since this patch fail on a request field no model knows;
 # older runs had such fields dropped and replay as they ran.
 UNKNOWN_FIELDS_PATCH = "refuse-unknown-request-fields"
+# Runs started since this patch refuse a money cap over a model with no known
+# price; older histories (which may hold such a run going on) replay without it.
+UNPRICED_CAP_PATCH = "refuse-usd-cap-over-unpriced-model"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -144,6 +147,10 @@ class RLMRun:
             if isinstance(cause, ApplicationError) and cause.type == "UnknownModel":
                 return self._result("failed", cause.message, None)
             return self._result("failed", error_text(exc), None)
+        # Checked when a run starts, not again after continue-as-new: a chain already running keeps going.
+        if not request.resume and (unbound := money_cap_problem(request.caps.max_usd, self._unpriced_models())):
+            if workflow.patched(UNPRICED_CAP_PATCH):
+                return self._result("failed", unbound, None)
         if not isinstance(request.context, ContextRef):
             try:
                 ref = await self._ingest_context()
@@ -325,8 +332,13 @@ class RLMRun:
     def _validate_set_caps(self, changes: dict[str, Any]) -> None:
         # The handler must not fail after the update is accepted: try it here.
         child_of = self._root_id if self._req.parent is not None else None
-        if problem := caps_change_problem(self.state.ledger.caps, changes, root_workflow_id=child_of):
+        unpriced = self._unpriced_models()
+        if problem := caps_change_problem(self.state.ledger.caps, changes, root_workflow_id=child_of, unpriced=unpriced):
             raise ValueError(problem)
+
+    def _unpriced_models(self) -> list[str]:
+        """The run's models with no known price (a money cap cannot bind them)."""
+        return [name for name, info in self.state.models.items() if not info.priced]
 
     @property
     def cancel_requested(self) -> bool:

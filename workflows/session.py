@@ -158,6 +158,8 @@ class RLMSession:
             raise ValueError(f"session {workflow.info().workflow_id} is closed: start a new session")
         if self._invalid is not None:
             raise ValueError(self._invalid)
+        if problem := ask.unknown_fields_problem():
+            raise ValueError(problem)
         ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
 
     async def _answer(self, ask: AskRequest) -> RunResult:

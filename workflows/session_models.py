@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
 from workflows.request import (
@@ -85,6 +85,12 @@ class SessionRequest(BaseModel):
 class AskRequest(BaseModel):
     """Input of the `ask` update."""
 
+    # Unknown fields are kept, not dropped, so that the update's validator can
+    # refuse them (`unknown_fields_problem`): a `max_usd` beside `caps` would
+    # otherwise ask with no money cap of its own. Refusing them while decoding
+    # instead would also break the replay of asks accepted before.
+    model_config = ConfigDict(extra="allow")
+
     question: str = Field(min_length=1, max_length=MAX_SESSION_QUESTION_CHARS)
     answer_schema: dict[str, Any] | None = None
     """As `RunRequest.answer_schema`, for this question: the answer must be
@@ -104,6 +110,14 @@ class AskRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown caps {unknown}; known: {sorted(Caps.model_fields)}")
         return value
+
+    def unknown_fields_problem(self) -> str | None:
+        """The fields of this ask no model knows, named, or None."""
+        if not self.model_extra:
+            return None
+        return "; ".join(f"{name}: Extra inputs are not permitted" for name in sorted(self.model_extra)) + (
+            f" (an ask has {', '.join(type(self).model_fields)})"
+        )
 
     def caps_over(self, base: Caps) -> Caps:
         """This question's caps: `base` with the changes in `caps` (ValueError

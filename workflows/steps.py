@@ -29,6 +29,10 @@ class ModelInfo(BaseModel):
     """0.0 when the price is unknown (calls still count tokens)."""
     usd_per_output_token: float
     """0.0 when the price is unknown."""
+    priced: bool = True
+    """False when neither the model's configuration nor litellm's price map
+    gives both prices: its calls then count $0, so a money cap cannot limit
+    them (histories from before this field read as priced)."""
     prompt_profile: Literal["full", "compact"] = "full"
     """System prompt style for this model."""
     stop: list[str] = Field(default_factory=list)
