@@ -1,9 +1,9 @@
 """What leaves a cell for the workflow, and what cell code may do outside its cell.
 
-Real wasmtime guests. `RunCellActivity._finish` runs with the real session
-and a stand-in store, so the CellOutput checked is the one the activity
-returns; it is encoded with Temporal's pydantic data converter, as the
-worker does.
+Real wasmtime guests. `CellFinisher.finish` (what the `run_cell` activity
+calls after the cell) runs with the real session and a stand-in store, so
+the CellOutput checked is the one the activity returns; it is encoded with
+Temporal's pydantic data converter, as the worker does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities._cell_host import CellHost
-from activities.run_cell import FINAL_INLINE_CHARS, RunCellActivity
+from activities._cell_output import FINAL_INLINE_CHARS, CellFinisher
 from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
 from sandbox_wasm.session import SnapshotError
 from workflows.refs import BlobRef
@@ -39,11 +39,9 @@ class _Store:
         return BlobRef(key=f"blobs/{len(self.blobs)}", size=len(data), sha256="0" * 64)
 
 
-def _activity() -> RunCellActivity:
-    activity = object.__new__(RunCellActivity)
-    activity._rt = SimpleNamespace(store=_Store())
-    activity._snapshots = SimpleNamespace(save=lambda key, snapshot, records: {})
-    return activity
+class _Snapshots:
+    def save(self, key: str, snap: object, held: dict) -> dict:
+        return {}
 
 
 class _Cell:
@@ -58,13 +56,13 @@ class _Cell:
         self.session.run_cell("marker = 'kept'")
         self.live = SimpleNamespace(session=self.session, snapshot_key=PREVIOUS, records={})
         self.session.snapshot()
-        self.activity = _activity()
+        self.store = _Store()
+        self.finisher = CellFinisher(self.store, _Snapshots())
 
     def run(self, code: str) -> tuple[CellOutput, bool]:
         self.host.final = None
-        inp = SimpleNamespace(workflow_id="wf", cell_id="c1")  # what _finish reads of a CellInput
         result = self.session.run_cell(code)
-        return self.activity._finish(inp, self.live, self.host, result)  # type: ignore[arg-type]
+        return self.finisher.finish("wf", "c1", self.live, self.host, result)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -102,7 +100,7 @@ def test_lone_surrogates_reach_the_workflow_escaped(cell, code, field, shown):
 def test_long_final_with_a_surrogate_is_stored(cell):
     out, saved = cell.run(f"FINAL('\\ud800' + 'a' * {FINAL_INLINE_CHARS})")
     assert saved and out.final_ref is not None and out.final_ref.size == FINAL_INLINE_CHARS + 6
-    assert cell.activity._rt.store.blobs[-1].startswith(b"\\ud800aaa")
+    assert cell.store.blobs[-1].startswith(b"\\ud800aaa")
     assert _through_workflow(out).final.startswith("\\ud800a")
 
 
