@@ -25,7 +25,7 @@ from cli.schema_commands import SCHEMA_FILE, schema_text
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, running_worker, start
 from workflows.names import WORKFLOW_RLM_RUN
-from workflows.request import MAX_INLINE_CONTEXT_BYTES
+from workflows.context_input import MAX_INLINE_CONTEXT_BYTES
 from workflows.result import RunResult
 
 REPO = Path(__file__).resolve().parent.parent

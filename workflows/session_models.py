@@ -15,9 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workflows.budget import Caps, Spend
+from workflows.context_input import ContextInput
 from workflows.request import (
     MAX_QUESTION_CHARS,
-    ContextInput,
     ModelChoice,
     RunLimits,
     check_answer_schema_field,
