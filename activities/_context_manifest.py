@@ -9,22 +9,27 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workflows.refs import NAME_CHARS_HEAD, NAMES_HEAD, SKIPPED_HEAD, ContextRef, SkippedDocument
+from workflows.refs import (
+    NAME_CHARS_HEAD,
+    NAMES_HEAD,
+    SKIPPED_HEAD,
+    ContextRef,
+    SkippedDocument,
+    chunk_key_for,
+    manifest_key_for,
+    sha256_problem,
+)
 
 __all__ = [
-    "CHUNK_PREFIX",
     "MANIFEST_FORMAT",
-    "MANIFEST_PREFIX",
     "Manifest",
     "ManifestChunk",
     "ManifestDocument",
 ]
 
 MANIFEST_FORMAT = "durable-rlm/context-manifest/v1"
-CHUNK_PREFIX = "contexts/chunks"
-MANIFEST_PREFIX = "contexts/manifests"
 _DOC_CHARS_HEAD = 100
 
 
@@ -52,8 +57,24 @@ class ManifestChunk(BaseModel):
 
     key: str
     sha256: str
-    offset: int
-    bytes: int
+    offset: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+    # A manifest read back is checked as a caller's input would be: a chunk
+    # key that is not its sha256's would let a forged manifest read any
+    # object of the bucket (another run's transcript) as context.
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str) -> str:
+        if problem := sha256_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _key_is_the_sha256s(self) -> ManifestChunk:
+        if self.key != chunk_key_for(self.sha256):
+            raise ValueError(f"chunk key must be {chunk_key_for(self.sha256)!r}, got {self.key[:200]!r}")
+        return self
 
 
 class Manifest(BaseModel):
@@ -70,6 +91,26 @@ class Manifest(BaseModel):
     chunks: list[ManifestChunk]
     skipped: list[SkippedDocument] = []
     """Files left out as unreadable (`on_unreadable: "skip"`), with the reason."""
+
+    @model_validator(mode="after")
+    def _chunks_tile_the_stream(self) -> Manifest:
+        """Chunks follow each other from byte 0 to `total_bytes`, none longer
+        than `chunk_bytes`, and every document lies inside: what reading
+        relies on (and bounds each chunk's download by)."""
+        offset = 0
+        for chunk in self.chunks:
+            if chunk.offset != offset or not 0 < chunk.bytes <= self.chunk_bytes:
+                raise ValueError(
+                    f"chunk at offset {chunk.offset} of {chunk.bytes} bytes does not follow the one before "
+                    f"(expected offset {offset}, 1 to {self.chunk_bytes} bytes)"
+                )
+            offset += chunk.bytes
+        if offset != self.total_bytes:
+            raise ValueError(f"chunks hold {offset} bytes, the manifest says {self.total_bytes}")
+        for doc in self.documents:
+            if doc.offset < 0 or doc.bytes < 0 or doc.offset + doc.bytes > self.total_bytes:
+                raise ValueError(f"document at offset {doc.offset} of {doc.bytes} bytes is outside the {self.total_bytes}-byte stream")
+        return self
 
     def to_json_bytes(self) -> bytes:
         """Canonical JSON: sorted keys, no spaces, so equal content hashes equal.
@@ -89,7 +130,7 @@ class Manifest(BaseModel):
         digest = hashlib.sha256(data).hexdigest()
         ref = ContextRef(
             sha256=digest,
-            manifest_key=f"{MANIFEST_PREFIX}/{digest}.json",
+            manifest_key=manifest_key_for(digest),
             kind=self.kind,
             total_chars=self.total_chars,
             total_bytes=self.total_bytes,

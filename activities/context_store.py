@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
+from pydantic import ValidationError
 
 from activities._context_copy import DocumentCopy, document_files
 from activities._context_input import (
@@ -28,8 +29,6 @@ from activities._context_input import (
 )
 from activities._context_sources import file_sources
 from activities._context_manifest import (
-    CHUNK_PREFIX,
-    MANIFEST_PREFIX,
     Manifest,
     ManifestChunk,
     ManifestDocument,
@@ -40,7 +39,8 @@ from activities.object_store import (
     ObjectStore,
     StorageError,
 )
-from workflows.refs import ContextRef, SkippedDocument
+from workflows.refs import ContextRef, SkippedDocument, chunk_key_for, manifest_key_for
+from workflows.request import validation_errors
 
 __all__ = [
     "ContextInputError",
@@ -258,7 +258,7 @@ class ContextStore:
 
     def _store_chunk(self, data: bytes, offset: int, uploaded_new: list[int]) -> ManifestChunk:
         digest = hashlib.sha256(data).hexdigest()
-        key = f"{CHUNK_PREFIX}/{digest}"
+        key = chunk_key_for(digest)
         if not self.store.exists(key):
             self.store.put_bytes(key, data)
             uploaded_new[0] += 1  # a race only skews a log figure
@@ -273,19 +273,21 @@ class ContextStore:
             if cached is not None:
                 self._manifests.move_to_end(ref.sha256)
                 return cached
+        key = manifest_key_for(ref.sha256)  # never another key a reference names
         try:
-            data = self.store.get_bytes(ref.manifest_key)
+            data = self.store.get_bytes(key)
         except ObjectMissingError:
             raise ContextMissingError(
-                f"context {ref.sha256[:16]} not found: no manifest {ref.manifest_key!r} in bucket "
+                f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
                 f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
             ) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != ref.sha256:
-            raise ContextIntegrityError(
-                f"manifest {ref.manifest_key!r} is corrupt: sha256 {digest} != {ref.sha256}"
-            )
-        manifest = Manifest.model_validate_json(data)
+            raise ContextIntegrityError(f"manifest {key!r} is corrupt: sha256 {digest} != {ref.sha256}")
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError as exc:
+            raise ContextIntegrityError(f"manifest {key!r} is not a context manifest: {validation_errors(exc, 3)}") from None
         self._remember(ref.sha256, manifest)
         return manifest
 
@@ -312,7 +314,7 @@ class ContextStore:
         """Rebuild the reference of a stored context from its sha256."""
         probe = ContextRef(
             sha256=sha256,
-            manifest_key=f"{MANIFEST_PREFIX}/{sha256}.json",
+            manifest_key=manifest_key_for(sha256),
             kind="str",
             total_chars=0,
             total_bytes=0,
@@ -324,7 +326,9 @@ class ContextStore:
 
     def _fetch_chunk(self, ref: ContextRef, chunk: ManifestChunk) -> bytes:
         try:
-            data = self.store.get_bytes(chunk.key)
+            # One byte past the chunk's length shows an object too long
+            # without downloading all of it.
+            data = self.store.get_range(chunk.key, 0, chunk.bytes + 1)
         except ObjectMissingError:
             raise ContextIntegrityError(
                 f"chunk {chunk.key!r} of context {ref.sha256[:16]} is missing from bucket "

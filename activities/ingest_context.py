@@ -28,7 +28,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._context_input import NamedFile
-from activities.context_store import ContextInputError
+from activities.context_store import ContextInputError, ContextIntegrityError, ContextMissingError
 from activities.object_store import (
     ObjectMissingError,
     ObjectStore,
@@ -52,7 +52,9 @@ _DOWNLOAD_BYTES = 8 << 20
 _HEARTBEAT_EVERY_S = 1.0
 # The caller's mistake: retrying cannot help. Anything else (endpoint down,
 # a corrupt read) is retried by the workflow's retry policy.
-_CALLER_ERRORS = (ContextInputError, ObjectMissingError, S3BucketMissingError, S3AuthError)
+_CALLER_ERRORS = (
+    ContextInputError, ContextMissingError, ContextIntegrityError, ObjectMissingError, S3BucketMissingError, S3AuthError
+)  # fmt: skip
 # Where the engine keeps its own objects in its bucket: one run's caller must
 # not read another's snapshots, prompts, replies or transcripts as a context.
 ENGINE_PREFIXES = ("runs/", "blobs/", "contexts/")
@@ -81,7 +83,9 @@ class IngestContextActivity:
         uploading chunks is blocking work), heartbeating as it goes."""
         field = "context.uri" if inp.uri is not None else "context"
         try:
-            if inp.text is not None:
+            if inp.ref is not None:
+                ref = self._rt.contexts.ref_for(inp.ref.sha256)
+            elif inp.text is not None:
                 ref = self._rt.contexts.put_text(inp.text)
             elif inp.texts is not None:
                 ref = self._rt.contexts.put_documents(inp.texts)
@@ -157,8 +161,18 @@ class IngestContextActivity:
     def _download(self, source: ObjectStore, uri: ContextURI, key: str, dest: Path, beat: _Heartbeat) -> None:
         """Copy one object to `dest` in ranges (never whole in memory)."""
         size = self._size(source, uri, key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with dest.open("wb") as out:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            out = dest.open("wb")
+        except OSError as exc:
+            # S3 allows keys `p/a` and `p/a/b` side by side; a file system does
+            # not (nor a key part over 255 bytes).
+            raise ContextInputError(
+                f"object key {key!r} under {uri.uri} cannot be read as a file ({exc.strerror or type(exc).__name__}): "
+                "S3 allows a key that is also the folder of other keys, and key parts over 255 bytes; a file "
+                "system does not: rename the object"
+            ) from None
+        with out:
             offset = 0
             while offset < size:
                 block = source.get_range(key, offset, min(_DOWNLOAD_BYTES, size - offset))

@@ -245,8 +245,13 @@ def _cmd_trigger(args: argparse.Namespace, settings) -> int:
             if now.info.num_actions_skipped_overlap > skipped:
                 raise UserError(f"schedule {args.name!r} skipped the run: its last run still runs (overlap policy)")
             await asyncio.sleep(0.2)
-        print(f"triggered {args.name}; its run is not listed yet (see `rlm schedule list`)", file=sys.stderr)
-        return 0
+        # Temporal names a schedule's runs by the second they start: a second
+        # trigger in the same second is dropped as a duplicate of the first.
+        raise UserError(
+            f"schedule {args.name!r} reported no new run within {_TRIGGER_WAIT_S:g} s of the trigger: another "
+            "run of it may have started in the same second (runs are named by the second), or the server is slow; "
+            "see `rlm schedule list`, and trigger again if no run is listed"
+        )
 
     return asyncio.run(go())
 

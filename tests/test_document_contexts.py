@@ -8,11 +8,13 @@ that cannot be converted ends the run with it named, or with
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from activities.context_store import ContextInputError, ContextStore
 from tests.document_files import make_all, make_hostile
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, isolated, repl, running_worker
+from tests.run_harness import ROOT, isolated, repl, running_worker, start
 from workflows.names import WORKFLOW_RLM_RUN
 from workflows.result import RunResult
 
@@ -140,3 +142,42 @@ def test_a_run_over_an_s3_prefix_reads_a_document_by_name(settings, object_store
     first = llm.requests(model=ROOT)[0].all_text
     assert "contract.docx (" in first and "more/ledger.xlsx (" in first and "`document(name)`" in first
     assert "1 unreadable file(s) were left out: scans/broken.pdf (not a readable PDF" in first
+
+
+def test_odd_objects_under_a_prefix_are_named_or_skipped_not_a_run_failure(settings, object_store, llm):
+    """S3 allows what a file system does not (a key that is also the folder of
+    other keys), and an extensionless object may be a damaged zip that breaks
+    zipfile with NotImplementedError: the first fails the run naming the key
+    (it was an OSError with the worker's scratch path, retried), the second is
+    skipped when the caller allows it (it failed the run as `zip file version 14.4`)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("word/document.xml", "<w/>")
+    damaged = bytearray(buffer.getvalue())
+    central = damaged.index(b"PK\x01\x02")
+    damaged[central + 6 : central + 8] = (144).to_bytes(2, "little")
+    clash, odd = (f"{name}-{uuid.uuid4().hex[:8]}/" for name in ("clash", "odd"))
+    object_store.put_bytes(clash + "a", b"a file")
+    object_store.put_bytes(clash + "a/b", b"a file in a folder named like it")
+    object_store.put_bytes(odd + "scan0001", bytes(damaged))
+    object_store.put_bytes(odd + "ok.txt", b"readable text")
+    llm.add_rule(None, repl("FINAL(document_names())"), model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            results = []
+            for prefix in (clash, odd):
+                payload = {
+                    "question": "q?", "context": {"uri": f"s3://{object_store.bucket}/{prefix}"},
+                    "models": {"root": ROOT}, "on_unreadable": "skip",
+                }  # fmt: skip
+                results.append(await asyncio.wait_for((await start(client, s, payload)).result(), 120))
+            return results
+
+    clashed, skipped = asyncio.run(go())
+    assert clashed.status == "failed" and clashed.reason.startswith("context.uri: object key "), clashed
+    assert f"{clash}a" in clashed.reason and "also the folder of other keys" in clashed.reason
+    assert "/cache/ingest/" not in clashed.reason
+    assert skipped.status == "completed" and skipped.answer == "['ok.txt']", skipped
+    assert [(d.name, d.reason[:27]) for d in skipped.skipped_documents] == [("scan0001", "not a readable zip archive ")]

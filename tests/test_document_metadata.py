@@ -5,7 +5,7 @@ accessors, and the files left out with why. Pure prompt building."""
 from __future__ import annotations
 
 from workflows.prompts import ContextMeta, first_user_message
-from workflows.refs import ContextRef, SkippedDocument
+from workflows.refs import ContextRef, SkippedDocument, manifest_key_for
 
 
 def _first(meta: ContextMeta) -> str:
@@ -44,7 +44,7 @@ def test_skipped_files_are_listed_with_the_reason_then_counted():
 
 def test_metadata_comes_from_the_ref_alone():
     ref = ContextRef(
-        sha256="0" * 64, manifest_key="m", kind="list", total_chars=3, total_bytes=3, doc_count=2,
+        sha256="0" * 64, manifest_key=manifest_key_for("0" * 64), kind="list", total_chars=3, total_bytes=3, doc_count=2,
         doc_chars_head=[1, 2], doc_names_head=["x", "y"],
         skipped=[SkippedDocument(name="z.pdf", reason="no text")], skipped_count=1,
     )  # fmt: skip

@@ -94,6 +94,28 @@ def test_kind_is_found_from_the_first_bytes_when_the_name_has_no_extension(sampl
         kind_of(archive)
 
 
+def test_a_bare_zip_is_sized_up_before_it_is_listed(tmp_path):
+    """Sniffing runs in the worker, outside the converter's bounded process:
+    a zip declaring more members than a document may have is refused from
+    its last bytes (listing a million members cost 336 MB), and a damaged
+    one is a DocumentError whatever zipfile raises (it was a run failure)."""
+    many = tmp_path / "many"
+    with zipfile.ZipFile(many, "w") as z:
+        for i in range(20_001):
+            z.writestr(str(i), "")
+    with pytest.raises(DocumentError, match="a zip archive of 20,001 members \\(a document has at most 20,000\\)"):
+        kind_of(many)
+    future = tmp_path / "future"
+    with zipfile.ZipFile(future, "w") as z:
+        z.writestr("word/document.xml", "<w/>")
+    data = bytearray(future.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6 : central + 8] = (144).to_bytes(2, "little")  # "needs zip version 14.4"
+    future.write_bytes(bytes(data))
+    with pytest.raises(DocumentError, match="not a readable zip archive \\(NotImplementedError: zip file version 14.4"):
+        kind_of(future)
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_hostile(tmp_path_factory.mktemp("hostile"))

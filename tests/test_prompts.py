@@ -22,7 +22,7 @@ from workflows.prompts import (
     system_prompt,
     turn_message,
 )
-from workflows.refs import ContextRef
+from workflows.refs import ContextRef, manifest_key_for
 
 
 def full(**kw):
@@ -146,7 +146,7 @@ def test_first_message_after_continue_as_new_does_not_claim_a_first_look():
 
 def test_context_meta_from_ref():
     ref = ContextRef(
-        sha256="ab" * 32, manifest_key="contexts/ab/manifest.json", kind="list",
+        sha256="ab" * 32, manifest_key=manifest_key_for("ab" * 32), kind="list",
         total_chars=300, total_bytes=300, doc_count=3, doc_chars_head=[100, 100, 100],
     )
     assert ContextMeta.from_ref(ref) == ContextMeta("list", 300, 3, [100, 100, 100])

@@ -375,3 +375,71 @@ def test_every_question_of_a_session_may_call_the_sessions_tools(settings, llm, 
     # Each question's model was shown the tool (the session passes it to every run).
     prompts = [r.all_text for r in llm.requests(ROOT) if asked("first")(r) or asked("second")(r)]
     assert prompts and all("ledger_lookup(id: int) -> dict" in p for p in prompts)
+
+
+def test_an_ask_past_a_runs_cap_bounds_is_refused_and_holds_no_budget(settings, llm, context_store):
+    """A question runs as a RunRequest: caps past its bounds used to pass the
+    ask's validator, then fail inside the update after the session's whole
+    remaining budget was held for it, so that every later question was
+    refused as over budget. A session's money cap past a run's bound (no
+    limit in practice) is given to each question at the bound."""
+    ctx = context_store.put_value("abc")
+    llm.add_rule(None, "FINAL(ok)", model=ROOT)
+    s = isolated(settings)
+
+    async def raw_ask(handle, body):
+        return await asyncio.wait_for(handle.execute_update(UPDATE_ASK, body, result_type=RunResult), TIMEOUT_S)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            capped = await start_session(client, s, session_request(ctx, caps={"max_usd": 1.0, "max_calls": 50}))
+            with pytest.raises(WorkflowUpdateFailedError) as past:
+                await raw_ask(capped, {"question": "bad?", "caps": {"max_turns": 20_000}})
+            after = await asyncio.wait_for(ask(capped, "good?"), TIMEOUT_S)
+            await close(capped)
+            deep = await start_session(client, s, session_request(ctx, question_caps={"max_depth": 17}))
+            with pytest.raises(WorkflowUpdateFailedError) as too_deep:
+                await raw_ask(deep, {"question": "q?"})
+            allowed = await raw_ask(deep, {"question": "q?", "caps": {"max_depth": 2}})
+            await close(deep)
+            rich = await start_session(client, s, session_request(ctx, caps={"max_usd": 2_000_000.0}))
+            one, two = await raw_ask(rich, {"question": "one?"}), await raw_ask(rich, {"question": "two?"})
+            return past.value, after, too_deep.value, allowed, one, two, await close(rich)
+
+    past, after, too_deep, allowed, one, two, rich = asyncio.run(go())
+    assert "caps.max_turns is 20,000 (at most 10,000)" in str(past.cause), past.cause
+    assert after.status == "completed", after.reason
+    assert "the session's question_caps.max_depth is 17 (at most 16)" in str(too_deep.cause), too_deep.cause
+    assert allowed.status == "completed", allowed.reason
+    assert (one.status, two.status) == ("completed", "completed"), (one.reason, two.reason)
+    assert rich.questions == 2
+
+
+def test_cancels_that_reach_a_finished_question_do_not_fail_the_session(settings, llm, context_store):
+    """Many cancel signals while a question ends: those handled after its run
+    finished find no run to signal. The session ends closed with its summary
+    (it used to fail, and its result with it)."""
+    ctx = context_store.put_value("abc")
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx))
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            for i in range(60):
+                try:
+                    await handle.signal(SIGNAL_CANCEL, f"stop {i}")
+                except RPCError:  # the session has ended (closed, or failed: checked below)
+                    break
+            first = await asyncio.wait_for(one, TIMEOUT_S)
+            return first, await asyncio.wait_for(handle.result(), TIMEOUT_S)
+
+    try:
+        first, final = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "cancelled", first
+    assert final.state == "closed" and final.questions == 1, final

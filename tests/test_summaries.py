@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workflows.budget import Caps
-from workflows.refs import ContextRef
+from workflows.refs import ContextRef, manifest_key_for
 from workflows.request import ModelChoice, ParentLink, RunRequest
 from workflows.summaries import (
     MAX_DETAILS_CHARS,
@@ -25,7 +25,7 @@ from workflows.summaries import (
 
 def _request(question: str = "Which vendor was paid twice in March?", **kw) -> RunRequest:
     ctx = ContextRef(
-        sha256="ab" * 32, manifest_key="m", kind="list", total_chars=40_000_000, total_bytes=40_100_000,
+        sha256="ab" * 32, manifest_key=manifest_key_for("ab" * 32), kind="list", total_chars=40_000_000, total_bytes=40_100_000,
         doc_count=12, doc_chars_head=[1] * 12,
     )
     return RunRequest(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # Inline values up to this size travel in Temporal payloads; larger ones are
 # stored and passed as a BlobRef (Temporal warns at 512 KiB, fails at 2 MiB).
@@ -32,6 +32,30 @@ server: `{"a": []}` is stored as `{"a": null}`), so a JSON caller's `[]`
 arrives as `null`, and a result read back through them holds `null`."""
 
 
+CONTEXT_MANIFEST_PREFIX = "contexts/manifests"
+"""Where a context's manifest is stored: under its own sha256 (`manifest_key_for`)."""
+CONTEXT_CHUNK_PREFIX = "contexts/chunks"
+"""Where a context's chunks are stored, each under its sha256."""
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def manifest_key_for(sha256: str) -> str:
+    """The one key a context's manifest may have: its sha256 names it."""
+    return f"{CONTEXT_MANIFEST_PREFIX}/{sha256}.json"
+
+
+def chunk_key_for(sha256: str) -> str:
+    """The one key a context chunk may have: its sha256 names it."""
+    return f"{CONTEXT_CHUNK_PREFIX}/{sha256}"
+
+
+def sha256_problem(value: str) -> str | None:
+    """Why `value` is not a sha256 as the engine writes them (64 lowercase hex digits), or None."""
+    if _SHA256_HEX.fullmatch(value):
+        return None
+    return f"must be a sha256 of 64 lowercase hex digits, got {value[:80]!r}"
+
+
 NAMES_HEAD = 100
 """Document names a ContextRef carries (the manifest holds them all)."""
 NAME_CHARS_HEAD = 200
@@ -46,12 +70,14 @@ class ContextRef(BaseModel):
     sha256: str
     """Hash of the manifest: the context's identity (same content, same hash)."""
     manifest_key: str
-    """Object key of the manifest (documents, lengths, chunk keys)."""
+    """Object key of the manifest (documents, lengths, chunk keys): always
+    `contexts/manifests/<sha256>.json`, so that a reference a caller writes
+    can name no other object of the bucket."""
     kind: Literal["str", "list"]
     """`str`: one document, loaded as a `str`; `list`: several, as `list[str]`."""
-    total_chars: int
-    total_bytes: int
-    doc_count: int
+    total_chars: int = Field(ge=0)
+    total_bytes: int = Field(ge=0)
+    doc_count: int = Field(ge=0)
     doc_chars_head: JsonList[int]
     """Character length of the first documents (at most 100), for the prompt."""
     doc_names_head: JsonList[str] = Field(default_factory=list)
@@ -63,6 +89,22 @@ class ContextRef(BaseModel):
     it with `on_unreadable: "skip"`): the first 50, with the reason."""
     skipped_count: int = 0
     """Every file left out, listed in `skipped` or not."""
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str) -> str:
+        if problem := sha256_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _manifest_key_is_the_sha256s(self) -> ContextRef:
+        if self.manifest_key != manifest_key_for(self.sha256):
+            raise ValueError(
+                f"manifest_key must be {manifest_key_for(self.sha256)!r} (the manifest's key follows from "
+                f"its sha256), got {self.manifest_key[:200]!r}"
+            )
+        return self
 
 
 class SkippedDocument(BaseModel):

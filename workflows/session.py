@@ -34,7 +34,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -43,9 +43,15 @@ with workflow.unsafe.imports_passed_through():
     from workflows.budget import Caps, Ledger, Refusal, Spend
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, clip_noting_length, validation_errors, without_unknown_fields
+    from workflows.request import (
+        REQUEST_CAP_BOUNDS,
+        RunRequest,
+        clip_noting_length,
+        validation_errors,
+        without_unknown_fields,
+    )
     from workflows.result import RunResult, Usage
-    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, ingest_context
+    from workflows.run import CHECK_CONTEXT_REF_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
         AskRecord,
@@ -62,6 +68,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
     from workflows.summaries import clip
 
+# Sessions started since these patches give back the budget held for a
+# question whose run could not start, and survive a cancel that reaches a
+# question's run after it ended (both used to fail the session's update or
+# the session itself); older histories replay as they ran.
+SETTLE_UNSTARTED_QUESTION_PATCH = "settle-unstarted-question"
+LATE_CANCEL_PATCH = "survive-late-question-cancel"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
@@ -110,13 +122,12 @@ class RLMSession:
             raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidSessionRequest", non_retryable=True)
-        if self._context is None:
+        # A caller's ContextRef is checked as in a run (not again after continue-as-new).
+        if self._context is None or (self._req.resume is None and workflow.patched(CHECK_CONTEXT_REF_PATCH)):
             try:
                 self._context = await ingest_context(self._req.context)
-            except ActivityError as exc:
-                cause = exc.cause
-                reason = cause.message if isinstance(cause, ApplicationError) else error_text(exc)
-                raise ApplicationError(reason, type="InvalidContext", non_retryable=True) from None
+            except FailureError as exc:
+                raise ApplicationError(failure_message(exc), type="InvalidContext", non_retryable=True) from None
         self._show()
         while True:
             await workflow.wait_condition(lambda: self._closed or self._should_continue())
@@ -195,21 +206,33 @@ class RLMSession:
         bounded: dict[str, Any] = {}
         for dim in ("usd", "tokens", "calls"):
             own, left = getattr(mine, f"max_{dim}"), getattr(grant, f"max_{dim}")
-            bounded[f"max_{dim}"] = left if own is None else own if left is None else min(own, left)
+            cap = left if own is None else own if left is None else min(own, left)
+            # A session's money caps are not bounded as a run's are: a question
+            # gets at most what a run may have (more is no limit anyway).
+            bound = REQUEST_CAP_BOUNDS[f"max_{dim}"]
+            bounded[f"max_{dim}"] = None if cap is None else min(cap, type(cap)(bound))
         return mine.model_copy(update=bounded)
 
     async def _run_question(self, ask: AskRequest, number: int, child_id: str, caps: Caps) -> RunResult:
         assert self._context is not None
-        request = RunRequest(
-            question=session_question(ask.question, number),
-            context=self._context,
-            models=self._req.models,
-            caps=caps,
-            limits=self._req.limits,
-            repl_snapshot_key=self._snapshot_key,
-            answer_schema=ask.answer_schema,
-            tools=self._req.tools,
-        )
+        try:
+            request = RunRequest(
+                question=session_question(ask.question, number),
+                context=self._context,
+                models=self._req.models,
+                caps=caps,
+                limits=self._req.limits,
+                repl_snapshot_key=self._snapshot_key,
+                answer_schema=ask.answer_schema,
+                tools=self._req.tools,
+            )
+        except ValidationError as exc:
+            # Anything the ask's validator did not foresee: the question does
+            # not run, and the session's budget held for it is given back.
+            if not workflow.patched(SETTLE_UNSTARTED_QUESTION_PATCH):
+                raise
+            self._ledger.child_settle(child_id, Spend())
+            return _not_run(child_id, f"the question's run could not start: {validation_errors(exc)}", status="failed")
         try:
             self._question = await workflow.start_child_workflow(
                 names.WORKFLOW_RLM_RUN,
@@ -282,7 +305,14 @@ class RLMSession:
         self._cancel_reason = reason or "cancelled by request"
         self._closing = True
         if self._question is not None:
-            await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+            try:
+                await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+            except FailureError as exc:
+                # The question's run ended meanwhile (a cancel sent twice, or as
+                # it finished): nothing left to cancel, and no reason to fail the session.
+                if not workflow.patched(LATE_CANCEL_PATCH):
+                    raise
+                workflow.logger.info("cancel of the question's run not delivered: %s", exc)
         async with self._asking:
             self._closed = True
         self._show()

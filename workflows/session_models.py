@@ -18,6 +18,8 @@ from workflows.budget import Caps, Spend
 from workflows.context_input import ContextInput
 from workflows.request import (
     MAX_QUESTION_CHARS,
+    REQUEST_CAP_BOUNDS,
+    caps_past_bounds,
     ModelChoice,
     RunLimits,
     check_answer_schema_field,
@@ -126,6 +128,13 @@ class AskRequest(BaseModel):
             caps = Caps.model_validate({**base.model_dump(), **self.caps})
         except ValidationError as exc:
             raise ValueError("caps: " + validation_errors(exc)) from None
+        # The question runs as a RunRequest: caps past its bounds (given here or
+        # in the session's question_caps) would fail it after it was accepted.
+        too_large = caps_past_bounds(caps, self.caps.keys(), prefix="caps.") + caps_past_bounds(
+            caps, REQUEST_CAP_BOUNDS.keys() - self.caps.keys(), prefix="the session's question_caps."
+        )
+        if too_large:
+            raise ValueError("; ".join(too_large))
         return _allow_a_turn(caps, "caps")
 
 

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
-from activities.documents._limits import MAX_DOCUMENT_CHARS, Budget, DocumentError
+from activities.documents._limits import MAX_ARCHIVE_MEMBERS, MAX_DOCUMENT_CHARS, Budget, DocumentError
 
 __all__ = ["Budget", "DocumentError", "Kind", "MAX_DOCUMENT_CHARS", "convert", "kind_of"]
 
@@ -52,16 +52,50 @@ def kind_of(path: Path) -> Kind:
     if head.startswith(b"%PDF-"):
         return "pdf"
     if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = set(archive.namelist())
-        except zipfile.BadZipFile:
-            names = set()
+        names = _zip_names(path)
         for part, kind in _ZIP_PARTS.items():
             if part in names:
                 return kind
         raise DocumentError("a zip archive that is not a DOCX, XLSX or PPTX: unpack it and give its files")
     return "text"
+
+
+def _zip_names(path: Path) -> set[str]:
+    """The member names of a zip, read only when it declares no more members
+    than a document may have: Python's zipfile holds an object per member
+    (a 90 MB zip of a million empty members cost 336 MB to list), and this
+    runs in the worker, before the converter's own bounded process."""
+    declared = _zip_declared_members(path)
+    if declared is None or declared > MAX_ARCHIVE_MEMBERS:
+        shown = "more than 65,535" if declared is None else f"{declared:,}"
+        raise DocumentError(
+            f"a zip archive of {shown} members (a document has at most {MAX_ARCHIVE_MEMBERS:,}): "
+            "unpack it and give its files"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return set(archive.namelist())
+    except Exception as exc:  # noqa: BLE001 - a damaged zip breaks zipfile in many ways (NotImplementedError, ...)
+        raise DocumentError(f"not a readable zip archive ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+_EOCD = b"PK\x05\x06"
+_EOCD_SIZE = 22
+_MAX_ZIP_COMMENT = 0xFFFF
+
+
+def _zip_declared_members(path: Path) -> int | None:
+    """Members the zip's end-of-central-directory record declares (0 when it
+    has none: zipfile then says why); None for a ZIP64 count (over 65,535)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(max(0, size - _EOCD_SIZE - _MAX_ZIP_COMMENT))
+        tail = handle.read()
+    at = tail.rfind(_EOCD)
+    if at < 0 or at + _EOCD_SIZE > len(tail):
+        return 0
+    count = int.from_bytes(tail[at + 10 : at + 12], "little")
+    return None if count == 0xFFFF else count
 
 
 def convert(path: Path, kind: Kind, budget: Budget | None = None, *, depth: int = 0) -> str:
