@@ -28,7 +28,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._context_input import NamedFile
-from activities.context_store import ContextInputError, ContextIntegrityError, ContextMissingError
+from activities.context_store import ContextInputError
 from activities.object_store import (
     ObjectMissingError,
     ObjectStore,
@@ -52,9 +52,7 @@ _DOWNLOAD_BYTES = 8 << 20
 _HEARTBEAT_EVERY_S = 1.0
 # The caller's mistake: retrying cannot help. Anything else (endpoint down,
 # a corrupt read) is retried by the workflow's retry policy.
-_CALLER_ERRORS = (
-    ContextInputError, ContextMissingError, ContextIntegrityError, ObjectMissingError, S3BucketMissingError, S3AuthError
-)  # fmt: skip
+_CALLER_ERRORS = (ContextInputError, ObjectMissingError, S3BucketMissingError, S3AuthError)
 # Where the engine keeps its own objects in its bucket: one run's caller must
 # not read another's snapshots, prompts, replies or transcripts as a context.
 ENGINE_PREFIXES = ("runs/", "blobs/", "contexts/")
@@ -83,9 +81,7 @@ class IngestContextActivity:
         uploading chunks is blocking work), heartbeating as it goes."""
         field = "context.uri" if inp.uri is not None else "context"
         try:
-            if inp.ref is not None:
-                ref = self._rt.contexts.ref_for(inp.ref.sha256)
-            elif inp.text is not None:
+            if inp.text is not None:
                 ref = self._rt.contexts.put_text(inp.text)
             elif inp.texts is not None:
                 ref = self._rt.contexts.put_documents(inp.texts)

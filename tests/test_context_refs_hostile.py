@@ -99,17 +99,16 @@ def test_a_chunk_longer_than_its_manifest_says_is_refused(context_store: Context
         ContextStore(object_store).read_all(ref)
 
 
-def test_json_runs_with_a_forged_or_unknown_context_ref_fail_before_any_model_call(settings, llm, object_store):
-    """The attack end to end: the forged ref is refused as an invalid request;
-    a well-formed ref to nothing fails the run's first step, naming it, where
-    it used to run (and bill) turns whose every cell failed."""
+def test_a_json_run_with_a_forged_context_ref_is_refused_before_it_starts(settings, llm, object_store):
+    """The attack end to end: a fake manifest stored as inline text, then a
+    ref whose manifest_key names that chunk. The ref is refused as an invalid
+    request; the first run, which only stored the text, reads nothing else."""
     llm.add_rule(None, repl("FINAL(context)"), model=ROOT)
     victim_key = f"runs/victim-{uuid.uuid4().hex[:8]}/outputs/c1.txt"
     object_store.put_bytes(victim_key, b"the password is hunter2")
     planted = json.dumps(_manifest(victim_key, "c" * 64, 23))
     planted_sha = hashlib.sha256(planted.encode()).hexdigest()
     forged = _ref_fields(planted_sha, manifest_key=chunk_key_for(planted_sha))
-    unknown = _ref_fields(hashlib.sha256(uuid.uuid4().bytes).hexdigest())
     s = isolated(settings)
 
     async def go():
@@ -118,31 +117,10 @@ def test_json_runs_with_a_forged_or_unknown_context_ref_fail_before_any_model_ca
             handle = await start(client, s, {"question": "q", "context": forged, "models": {"root": ROOT}})
             with pytest.raises(WorkflowFailureError) as refused:
                 await asyncio.wait_for(handle.result(), 60)
-            missing = await asyncio.wait_for((await start(client, s, {"question": "q", "context": unknown, "models": {"root": ROOT}})).result(), 60)
-            return stored, refused.value.cause, missing
+            return stored, refused.value.cause
 
-    stored, refused, missing = asyncio.run(go())
+    stored, refused = asyncio.run(go())
     assert stored.status == "completed" and "hunter2" not in (stored.answer or "")
     assert isinstance(refused, ApplicationError) and refused.type == "InvalidRunRequest", refused
     assert "manifest_key must be" in refused.message, refused.message
-    assert missing.status == "failed" and missing.turns == 0, missing
-    assert missing.reason.startswith(f"context: context {unknown['sha256'][:16]} not found"), missing.reason
-    assert llm.count() == 1  # the first run's one turn; none for the other two
-
-
-def test_a_callers_ref_is_replaced_by_the_stored_one(settings, llm, context_store):
-    """A ref whose numbers disagree with its manifest (a caller's typo or a
-    lie) does not reach the prompt: the run uses the stored context's."""
-    ref = context_store.put_documents(["alpha", "beta gamma"])
-    lying = ref.model_dump(mode="json") | {"kind": "str", "total_chars": 10**9, "doc_count": 7, "doc_chars_head": [1]}
-    llm.add_rule(None, repl("FINAL(str(type(context).__name__) + ' ' + str(len(context)))"), model=ROOT)
-    s = isolated(settings)
-
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            return await asyncio.wait_for((await start(client, s, {"question": "q", "context": lying, "models": {"root": ROOT}})).result(), 60)
-
-    result = asyncio.run(go())
-    assert result.status == "completed" and result.answer == "list 2", result
-    prompt = llm.requests(model=ROOT)[-1].all_text
-    assert "1,000,000,000" not in prompt and "10000000" not in prompt
+    assert llm.count() == 1  # the first run's one turn; none for the forged one

@@ -72,8 +72,6 @@ UNKNOWN_FIELDS_PATCH = "refuse-unknown-request-fields"
 # Runs started since this patch refuse a money cap over a model with no known
 # price; older histories (which may hold such a run going on) replay without it.
 UNPRICED_CAP_PATCH = "refuse-usd-cap-over-unpriced-model"
-# Runs started since this patch check a caller's ContextRef in their first step.
-CHECK_CONTEXT_REF_PATCH = "check-callers-context-ref"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -153,10 +151,7 @@ class RLMRun:
         if not request.resume and (unbound := money_cap_problem(request.caps.max_usd, self._unpriced_models())):
             if workflow.patched(UNPRICED_CAP_PATCH):
                 return self._result("failed", unbound, None)
-        # A caller's ContextRef (not a parent's, not the chain's own) is
-        # checked as any other context: one naming nothing fails the run now.
-        callers_ref = isinstance(request.context, ContextRef) and request.parent is None and not request.resume
-        if not isinstance(request.context, ContextRef) or (callers_ref and workflow.patched(CHECK_CONTEXT_REF_PATCH)):
+        if not isinstance(request.context, ContextRef):
             try:
                 ref = await self._ingest_context()
             except FailureError as exc:
@@ -364,21 +359,8 @@ def failure_message(exc: FailureError) -> str:
 
 async def ingest_context(context: Any, on_unreadable: str = "fail") -> ContextRef:
     """Store a context given as JSON (text, texts, S3 URI) in the chunked
-    store: the first step of a run (and of a session) not given a ContextRef.
-    Given a caller's ContextRef, check that it is stored instead (the ref
-    the store rebuilds is returned)."""
+    store: the first step of a run (and of a session) not given a ContextRef."""
     workflow_id = workflow.info().workflow_id
-    if isinstance(context, ContextRef):
-        # One small read (the manifest): done inside the workflow task that
-        # starts the run, as the model lookups are; a failure arrives as itself.
-        return await workflow.execute_local_activity(
-            names.ACTIVITY_INGEST_CONTEXT,
-            IngestContextInput(workflow_id=workflow_id, ref=context),
-            result_type=ContextRef,
-            summary=f"check context · {context.sha256[:16]}",
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-        )
     if isinstance(context, ContextURI):
         inp = IngestContextInput(workflow_id=workflow_id, uri=context, on_unreadable=on_unreadable)
         what = context.uri

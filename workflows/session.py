@@ -51,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
         without_unknown_fields,
     )
     from workflows.result import RunResult, Usage
-    from workflows.run import CHECK_CONTEXT_REF_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
+    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
         AskRecord,
@@ -122,8 +122,7 @@ class RLMSession:
             raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidSessionRequest", non_retryable=True)
-        # A caller's ContextRef is checked as in a run (not again after continue-as-new).
-        if self._context is None or (self._req.resume is None and workflow.patched(CHECK_CONTEXT_REF_PATCH)):
+        if self._context is None:
             try:
                 self._context = await ingest_context(self._req.context)
             except FailureError as exc:

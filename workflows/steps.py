@@ -58,10 +58,6 @@ class IngestContextInput(BaseModel):
     text: str | None = None
     texts: list[str] | None = None
     uri: ContextURI | None = None
-    ref: ContextRef | None = None
-    """A caller's ContextRef, to check before the run relies on it: its
-    manifest must be stored; the reference the store rebuilds from it is
-    returned (so the run's idea of the context is the stored one)."""
     on_unreadable: Literal["fail", "skip"] = "fail"
     """`RunRequest.on_unreadable`: what a file that cannot be converted does."""
 
