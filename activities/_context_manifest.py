@@ -9,17 +9,17 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workflows.refs import (
     NAME_CHARS_HEAD,
     NAMES_HEAD,
     SKIPPED_HEAD,
     ContextRef,
+    Sha256Hex,
     SkippedDocument,
     chunk_key_for,
     manifest_key_for,
-    sha256_problem,
 )
 
 __all__ = [
@@ -56,20 +56,13 @@ class ManifestChunk(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key: str
-    sha256: str
+    sha256: Sha256Hex
     offset: int = Field(ge=0)
     bytes: int = Field(ge=0)
 
     # A manifest read back is checked as a caller's input would be: a chunk
     # key that is not its sha256's would let a forged manifest read any
     # object of the bucket (another run's transcript) as context.
-    @field_validator("sha256")
-    @classmethod
-    def _sha256_is_hex(cls, value: str) -> str:
-        if problem := sha256_problem(value):
-            raise ValueError(problem)
-        return value
-
     @model_validator(mode="after")
     def _key_is_the_sha256s(self) -> ManifestChunk:
         if self.key != chunk_key_for(self.sha256):

@@ -279,7 +279,11 @@ def test_inline_text_context_and_a_bad_request(settings, llm):
     assert "continue_after_questions" in str(failed.cause)
 
 
-def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, context_store):
+# 60 signals: those handled after the question's run finished find no run to
+# signal; the session still ends closed with its summary (it used to fail,
+# and its result with it).
+@pytest.mark.parametrize("signals", [1, 60])
+def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, context_store, signals):
     ctx = context_store.put_value("numbers: 3 4 5")
     held = threading.Event()
     rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
@@ -290,7 +294,13 @@ def test_cancel_ends_the_session_and_the_question_it_answers(settings, llm, cont
             handle = await start_session(client, s, session_request(ctx))
             one = asyncio.ensure_future(ask(handle, "first?"))
             await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
-            await handle.signal(SIGNAL_CANCEL, "stop now")
+            for i in range(signals):
+                try:
+                    await handle.signal(SIGNAL_CANCEL, "stop now")
+                except RPCError:  # a later one: the session has ended (closed, or failed: checked below)
+                    if i == 0:
+                        raise
+                    break
             first = await asyncio.wait_for(one, TIMEOUT_S)
             return first, await asyncio.wait_for(handle.result(), TIMEOUT_S)
 
@@ -413,33 +423,3 @@ def test_an_ask_past_a_runs_cap_bounds_is_refused_and_holds_no_budget(settings, 
     assert allowed.status == "completed", allowed.reason
     assert (one.status, two.status) == ("completed", "completed"), (one.reason, two.reason)
     assert rich.questions == 2
-
-
-def test_cancels_that_reach_a_finished_question_do_not_fail_the_session(settings, llm, context_store):
-    """Many cancel signals while a question ends: those handled after its run
-    finished find no run to signal. The session ends closed with its summary
-    (it used to fail, and its result with it)."""
-    ctx = context_store.put_value("abc")
-    held = threading.Event()
-    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
-    s = isolated(settings)
-
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            handle = await start_session(client, s, session_request(ctx))
-            one = asyncio.ensure_future(ask(handle, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
-            for i in range(60):
-                try:
-                    await handle.signal(SIGNAL_CANCEL, f"stop {i}")
-                except RPCError:  # the session has ended (closed, or failed: checked below)
-                    break
-            first = await asyncio.wait_for(one, TIMEOUT_S)
-            return first, await asyncio.wait_for(handle.result(), TIMEOUT_S)
-
-    try:
-        first, final = asyncio.run(go())
-    finally:
-        held.set()
-    assert first.status == "cancelled", first
-    assert final.state == "closed" and final.questions == 1, final

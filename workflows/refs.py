@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # Inline values up to this size travel in Temporal payloads; larger ones are
 # stored and passed as a BlobRef (Temporal warns at 512 KiB, fails at 2 MiB).
@@ -49,11 +49,15 @@ def chunk_key_for(sha256: str) -> str:
     return f"{CONTEXT_CHUNK_PREFIX}/{sha256}"
 
 
-def sha256_problem(value: str) -> str | None:
-    """Why `value` is not a sha256 as the engine writes them (64 lowercase hex digits), or None."""
-    if _SHA256_HEX.fullmatch(value):
-        return None
-    return f"must be a sha256 of 64 lowercase hex digits, got {value[:80]!r}"
+def _check_sha256(value: str) -> str:
+    if not _SHA256_HEX.fullmatch(value):
+        raise ValueError(f"must be a sha256 of 64 lowercase hex digits, got {value[:80]!r}")
+    return value
+
+
+Sha256Hex = Annotated[str, AfterValidator(_check_sha256)]
+"""A sha256 as the engine writes them (64 lowercase hex digits): a key is
+built from it, so nothing else may pass for one."""
 
 
 NAMES_HEAD = 100
@@ -67,7 +71,7 @@ class ContextRef(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    sha256: str
+    sha256: Sha256Hex
     """Hash of the manifest: the context's identity (same content, same hash)."""
     manifest_key: str
     """Object key of the manifest (documents, lengths, chunk keys): always
@@ -89,13 +93,6 @@ class ContextRef(BaseModel):
     it with `on_unreadable: "skip"`): the first 50, with the reason."""
     skipped_count: int = 0
     """Every file left out, listed in `skipped` or not."""
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha256_is_hex(cls, value: str) -> str:
-        if problem := sha256_problem(value):
-            raise ValueError(problem)
-        return value
 
     @model_validator(mode="after")
     def _manifest_key_is_the_sha256s(self) -> ContextRef:
