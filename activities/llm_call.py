@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._call_records import CallRecorder, RecordFinder
+from activities.context_store import ContextIntegrityError, ContextMissingError
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES, ACTIVITY_RESOLVE_MODELS
@@ -33,6 +35,8 @@ from workflows.steps import (
     ResolveModelsOutput,
 )
 
+log = structlog.get_logger(__name__)
+
 
 class LlmCallActivity:
     def __init__(self, runtime: WorkerRuntime) -> None:
@@ -41,7 +45,8 @@ class LlmCallActivity:
     @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
     async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
         """Check every model of a run before its first call: known (an
-        unknown one is reported by the request field that names it), key present."""
+        unknown one is reported by the request field that names it), key
+        present; and a caller's ContextRef, if given: stored and sound."""
         unknown = self._rt.models.unknown_fields(inp.fields)
         if unknown is not None:
             # The caller's mistake: retrying cannot help.
@@ -54,7 +59,16 @@ class LlmCallActivity:
             except Exception as exc:
                 raise to_application_error(exc) from exc
             models[name] = self._rt.models.info(name)
-        return ResolveModelsOutput(models=models)
+        if inp.context is None:
+            return ResolveModelsOutput(models=models)
+        try:
+            ref = await asyncio.to_thread(self._rt.contexts.ref_for, inp.context.sha256)
+        except (ContextMissingError, ContextIntegrityError) as exc:
+            return ResolveModelsOutput(models=models, context_problem=f"context: {exc}")
+        except Exception as exc:  # noqa: BLE001 - storage down: the run's own steps retry their reads
+            log.warning("context_check_skipped", sha256=inp.context.sha256[:16], error=str(exc)[:300])
+            return ResolveModelsOutput(models=models)
+        return ResolveModelsOutput(models=models, context=ref)
 
     @activity.defn(name=ACTIVITY_LLM_CALL)
     async def llm_call(self, inp: LlmCallInput) -> LlmCallOutput:

@@ -99,16 +99,23 @@ def test_a_chunk_longer_than_its_manifest_says_is_refused(context_store: Context
         ContextStore(object_store).read_all(ref)
 
 
-def test_a_json_run_with_a_forged_context_ref_is_refused_before_it_starts(settings, llm, object_store):
+def test_json_runs_with_a_forged_unknown_or_corrupt_context_ref_fail_before_any_model_call(settings, llm, object_store):
     """The attack end to end: a fake manifest stored as inline text, then a
-    ref whose manifest_key names that chunk. The ref is refused as an invalid
-    request; the first run, which only stored the text, reads nothing else."""
+    ref whose manifest_key names that chunk: refused as an invalid request;
+    the first run, which only stored the text, reads nothing else. A
+    well-formed ref to nothing, or to a manifest that is not what its sha256
+    says, fails the run's first step, naming the context, where it used to
+    run (and bill) turns whose every cell failed."""
     llm.add_rule(None, repl("FINAL(context)"), model=ROOT)
     victim_key = f"runs/victim-{uuid.uuid4().hex[:8]}/outputs/c1.txt"
     object_store.put_bytes(victim_key, b"the password is hunter2")
     planted = json.dumps(_manifest(victim_key, "c" * 64, 23))
     planted_sha = hashlib.sha256(planted.encode()).hexdigest()
     forged = _ref_fields(planted_sha, manifest_key=chunk_key_for(planted_sha))
+    unknown = _ref_fields(hashlib.sha256(uuid.uuid4().bytes).hexdigest())
+    corrupt_sha = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    object_store.put_bytes(manifest_key_for(corrupt_sha), planted.encode())  # stored under another's name
+    corrupt = _ref_fields(corrupt_sha)
     s = isolated(settings)
 
     async def go():
@@ -117,10 +124,36 @@ def test_a_json_run_with_a_forged_context_ref_is_refused_before_it_starts(settin
             handle = await start(client, s, {"question": "q", "context": forged, "models": {"root": ROOT}})
             with pytest.raises(WorkflowFailureError) as refused:
                 await asyncio.wait_for(handle.result(), 60)
-            return stored, refused.value.cause
+            failed = []
+            for ref in (unknown, corrupt):
+                handle = await start(client, s, {"question": "q", "context": ref, "models": {"root": ROOT}})
+                failed.append(await asyncio.wait_for(handle.result(), 60))
+            return stored, refused.value.cause, failed
 
-    stored, refused = asyncio.run(go())
+    stored, refused, (missing, damaged) = asyncio.run(go())
     assert stored.status == "completed" and "hunter2" not in (stored.answer or "")
     assert isinstance(refused, ApplicationError) and refused.type == "InvalidRunRequest", refused
     assert "manifest_key must be" in refused.message, refused.message
-    assert llm.count() == 1  # the first run's one turn; none for the forged one
+    assert missing.status == "failed" and missing.turns == 0, missing
+    assert missing.reason.startswith(f"context: context {unknown['sha256'][:16]} not found"), missing.reason
+    assert damaged.status == "failed" and damaged.turns == 0, damaged
+    assert damaged.reason.startswith("context: ") and corrupt_sha[:16] in damaged.reason, damaged.reason
+    assert llm.count() == 1  # the first run's one turn; none for the other three
+
+
+def test_a_callers_ref_is_replaced_by_the_stored_one(settings, llm, context_store):
+    """A ref whose numbers disagree with its manifest (a caller's typo or a
+    lie) does not reach the prompt: the run uses the stored context's."""
+    ref = context_store.put_documents(["alpha", "beta gamma"])
+    lying = ref.model_dump(mode="json") | {"kind": "str", "total_chars": 10**9, "doc_count": 7, "doc_chars_head": [1]}
+    llm.add_rule(None, repl("FINAL(str(type(context).__name__) + ' ' + str(len(context)))"), model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            return await asyncio.wait_for((await start(client, s, {"question": "q", "context": lying, "models": {"root": ROOT}})).result(), 60)
+
+    result = asyncio.run(go())
+    assert result.status == "completed" and result.answer == "list 2", result
+    prompt = llm.requests(model=ROOT)[-1].all_text
+    assert "1,000,000,000" not in prompt and "1000000000" not in prompt

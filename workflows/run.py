@@ -33,7 +33,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.step_common import ERROR_CHARS, error_text
     from workflows.steps import (
         IngestContextInput,
-        ModelInfo,
         ResolveModelsInput,
         ResolveModelsOutput,
         SubcallBatch,
@@ -135,8 +134,13 @@ class RLMRun:
                 STATUS_KEY.value_set("running"),
             ]
         )
+        # A caller's ContextRef (not a parent's, not the chain's own) is checked
+        # as any other context, in the same local step as the models.
+        callers = isinstance(request.context, ContextRef) and request.parent is None and not request.resume
+        callers_ref = request.context if callers else None
         try:
-            self.state.models = await self._resolve_models()
+            resolved = await self._resolve_models(callers_ref)
+            self.state.models = resolved.models
             # Checked once per chain: a run naming a tool no worker has fails now.
             tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
         except FailureError as exc:
@@ -147,6 +151,10 @@ class RLMRun:
             if isinstance(cause, ApplicationError) and cause.type == "UnknownModel":
                 return self._result("failed", cause.message, None)
             return self._result("failed", error_text(exc), None)
+        if resolved.context_problem is not None:
+            return self._result("failed", resolved.context_problem, None)
+        if resolved.context is not None:
+            request = self._req = request.model_copy(update={"context": resolved.context})
         # Checked when a run starts, not again after continue-as-new: a chain already running keeps going.
         if not request.resume and (unbound := money_cap_problem(request.caps.max_usd, self._unpriced_models())):
             if workflow.patched(UNPRICED_CAP_PATCH):
@@ -194,14 +202,14 @@ class RLMRun:
             return Ledger.model_validate(request.resume.ledger)
         return Ledger.root(request.caps, workflow.now(), depth=request.depth)
 
-    async def _resolve_models(self) -> dict[str, ModelInfo]:
-        out: ResolveModelsOutput = await self._resolve(
+    async def _resolve_models(self, context: ContextRef | None) -> ResolveModelsOutput:
+        allowed = self._req.models.allowed()
+        return await self._resolve(
             names.ACTIVITY_RESOLVE_MODELS,
-            ResolveModelsInput(names=self._req.models.allowed(), fields=self._req.models.fields()),
+            ResolveModelsInput(names=allowed, fields=self._req.models.fields(), context=context),
             ResolveModelsOutput,
-            "resolve models · " + ", ".join(self._req.models.allowed())[:160],
+            "resolve models · " + ", ".join(allowed)[:160],
         )
-        return out.models
 
     async def _resolve_tools(self) -> list[ToolSpec]:
         out: ResolveToolsOutput = await self._resolve(

@@ -44,10 +44,21 @@ class ResolveModelsInput(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict)
     """The request's field of each name (`models.root`, `models.sub`,
     `models.per_depth.1`), so an unknown model is reported by its field."""
+    context: ContextRef | None = None
+    """A caller's ContextRef, checked in the same step (one small read: its
+    manifest), so a run given a ref that names nothing fails before its first
+    turn. Folded into this step rather than a step of its own: a run started
+    with a ref then still costs one local step and no new patch."""
 
 
 class ResolveModelsOutput(BaseModel):
     models: dict[str, ModelInfo]
+    context: ContextRef | None = None
+    """The stored context's reference, rebuilt from its manifest, when a
+    caller's ref was checked (its numbers, not the caller's, reach the prompt)."""
+    context_problem: str | None = None
+    """Why a caller's ContextRef cannot be used (no such context, a corrupt
+    manifest): the run fails with it."""
 
 
 class IngestContextInput(BaseModel):

@@ -15,7 +15,8 @@ from temporalio.common import RawValue, RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.run import FAILURE_TYPES, RLMRun
-    from workflows.steps import ModelInfo, ResolveModelsInput, ResolveModelsOutput
+    from workflows.refs import ContextRef
+    from workflows.steps import ResolveModelsInput, ResolveModelsOutput
 
 PATCH = "check-models-twice"
 
@@ -26,7 +27,7 @@ class RLMRunUpgraded(RLMRun):
     async def run(self, raw: RawValue):
         return await super().run(raw)
 
-    async def _resolve_models(self) -> dict[str, ModelInfo]:
+    async def _resolve_models(self, context: ContextRef | None) -> ResolveModelsOutput:
         if workflow.patched(PATCH):
             # New runs (and runs continued as new) take the new step; runs in
             # flight replay their history without it.
@@ -37,7 +38,7 @@ class RLMRunUpgraded(RLMRun):
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=3),
             )
-        return await super()._resolve_models()
+        return await super()._resolve_models(context)
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from temporalio.common import RawValue
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.run import FAILURE_TYPES, RLMRun
-    from workflows.steps import ModelInfo
+    from workflows.refs import ContextRef
+    from workflows.steps import ResolveModelsOutput
 
 NEW_STEP = "check_models_again"  # no worker has this activity: replay never runs it
 
@@ -29,9 +30,9 @@ class RLMRunChangedCarelessly(RLMRun):
     async def run(self, raw: RawValue):
         return await super().run(raw)
 
-    async def _resolve_models(self) -> dict[str, ModelInfo]:
+    async def _resolve_models(self, context: ContextRef | None) -> ResolveModelsOutput:
         await _new_step()
-        return await super()._resolve_models()
+        return await super()._resolve_models(context)
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -40,7 +41,7 @@ class RLMRunChangedBehindPatch(RLMRun):
     async def run(self, raw: RawValue):
         return await super().run(raw)
 
-    async def _resolve_models(self) -> dict[str, ModelInfo]:
+    async def _resolve_models(self, context: ContextRef | None) -> ResolveModelsOutput:
         if workflow.patched("ingest-before-models"):
             await _new_step()  # runs started by a worker with this code
-        return await super()._resolve_models()  # runs in flight carry on as before
+        return await super()._resolve_models(context)  # runs in flight carry on as before
