@@ -4,9 +4,12 @@ byte streams, one per document, without holding large files in memory."""
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "ContextInputError",
@@ -15,6 +18,8 @@ __all__ = [
     "expand_paths",
     "file_blocks",
     "named_files",
+    "open_regular_file",
+    "shown_path",
     "text_blocks",
 ]
 
@@ -52,26 +57,45 @@ def text_blocks(text: str, stats: DocumentStats, *, label: str) -> Iterator[byte
         yield bytes(view[start : start + _READ_BLOCK])
 
 
+def shown_path(path: Path | str) -> str:
+    """A path as text that can be printed and stored: a name that is not
+    UTF-8 (Linux allows any bytes) shows its bad bytes as `\\xe9`, where the
+    raw name would fail later (in JSON, in a Temporal payload, on a terminal)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """`path` opened for reading, refused unless it is a regular file when
+    opened: it may have been swapped since it was listed, and a FIFO would
+    block the read forever, a directory or a vanished file raise a raw OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ContextInputError(f"file {shown_path(path)} does not exist; check the path") from None
+    except OSError as exc:
+        raise ContextInputError(f"cannot read {shown_path(path)}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ContextInputError(f"{shown_path(path)} is not a regular file (was it replaced after it was listed?)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
     """Validated UTF-8 blocks of a file: a NUL byte (binary file), bytes
     that are not UTF-8, or a UTF-16 file stop with the offset of the problem."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    shown = shown_path(path)
     consumed = 0
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise ContextInputError(f"file {path} does not exist; check the path") from None
-    except OSError as exc:
-        raise ContextInputError(f"cannot read {path}: {exc.strerror}") from None
-    with handle:
+    with open_regular_file(path) as handle:
         first = True
         while block := handle.read(_READ_BLOCK):
             if first:
                 first = False
                 if block.startswith(_UTF16_BOMS):
                     raise ContextInputError(
-                        f"file {path} is UTF-16 (byte-order mark at offset 0); contexts must be "
-                        f"UTF-8: convert it, e.g. `iconv -f UTF-16 -t UTF-8 {path}`"
+                        f"file {shown} is UTF-16 (byte-order mark at offset 0); contexts must be "
+                        f"UTF-8: convert it, e.g. `iconv -f UTF-16 -t UTF-8 {shown}`"
                     )
                 if block.startswith(_UTF8_BOM):
                     # The BOM is an encoding marker, not text: drop it, record it.
@@ -81,7 +105,7 @@ def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
             nul = block.find(b"\x00")
             if nul >= 0:
                 raise ContextInputError(
-                    f"file {path} looks binary (NUL byte at offset {consumed + nul}); "
+                    f"file {shown} looks binary (NUL byte at offset {consumed + nul}); "
                     "contexts must be UTF-8 text files"
                 )
             pending = len(decoder.getstate()[0])
@@ -91,8 +115,8 @@ def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
                 offset = consumed - pending + exc.start
                 bad = exc.object[exc.start : exc.start + 1].hex()
                 raise ContextInputError(
-                    f"file {path} is not valid UTF-8: byte 0x{bad} at offset {offset}; "
-                    f"convert it to UTF-8, e.g. `iconv -f latin1 -t UTF-8 {path}`"
+                    f"file {shown} is not valid UTF-8: byte 0x{bad} at offset {offset}; "
+                    f"convert it to UTF-8, e.g. `iconv -f latin1 -t UTF-8 {shown}`"
                 ) from None
             consumed += len(block)
             stats.bytes += len(block)
@@ -101,7 +125,7 @@ def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise ContextInputError(
-                f"file {path} is not valid UTF-8: it ends inside a multi-byte character "
+                f"file {shown} is not valid UTF-8: it ends inside a multi-byte character "
                 f"(offset {consumed - len(decoder.getstate()[0])}); the file may be truncated"
             ) from None
 
@@ -116,6 +140,12 @@ class NamedFile:
     shown: str
     """How messages call it (the path or URI the caller gave)."""
 
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError as exc:
+            raise ContextInputError(f"cannot read {self.shown}: {exc.strerror}") from None
+
 
 def named_files(paths: list[Path]) -> list[NamedFile]:
     """`expand_paths` with names: a file under a directory argument is named
@@ -124,31 +154,70 @@ def named_files(paths: list[Path]) -> list[NamedFile]:
     for path in paths:
         for file in expand_paths([path]):
             name = file.relative_to(path).as_posix() if path.is_dir() else str(path)
-            out.append(NamedFile(file, name, str(file)))
+            out.append(NamedFile(file, shown_path(name), shown_path(file)))
     return out
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
     """Files named directly, plus every non-hidden file under each directory
     (recursively, sorted by relative path); hidden entries such as .git are
-    skipped because they are tooling, not text."""
+    skipped because they are tooling, not text. A directory that cannot be
+    listed is an error, not a silent gap in an audit; a symbolic link under
+    a directory is followed only to a file inside it (a link in an untrusted
+    folder must not pull in ~/.aws/credentials), and named otherwise."""
     if not paths:
         raise ContextInputError("no paths given: name at least one file or directory")
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            found = sorted(_walk(path))
             if not found:
-                raise ContextInputError(f"directory {path} contains no (non-hidden) files")
+                raise ContextInputError(f"directory {shown_path(path)} contains no (non-hidden) files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         elif not path.exists():
-            raise ContextInputError(f"file {path} does not exist; check the path")
+            raise ContextInputError(f"file {shown_path(path)} does not exist; check the path")
         else:
-            raise ContextInputError(f"{path} is neither a regular file nor a directory")
+            raise ContextInputError(f"{shown_path(path)} is neither a regular file nor a directory")
     return files
+
+
+def _walk(top: Path) -> Iterator[Path]:
+    """The non-hidden regular files under `top`, links checked (see `expand_paths`)."""
+    root = top.resolve()
+
+    def unlistable(exc: OSError) -> None:
+        raise ContextInputError(
+            f"cannot list directory {shown_path(exc.filename)}: {exc.strerror}; "
+            "fix its permissions or leave it out (a folder left unread would be a gap in the context)"
+        )
+
+    for folder, dirs, names in os.walk(top, onerror=unlistable):
+        base = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _outside_link(base / d, root, top)]
+        for name in names:
+            if name.startswith("."):
+                continue
+            entry = base / name
+            if _outside_link(entry, root, top) or not entry.is_file():
+                continue  # a FIFO, a socket, a device or a dangling link holds no text
+            yield entry
+
+
+def _outside_link(entry: Path, root: Path, top: Path) -> bool:
+    """False for anything but a symbolic link; a link to a file inside the
+    directory is followed (True for a linked directory, whose files inside
+    are listed anyway, or a link loop); a link out of it is an error."""
+    if not entry.is_symlink():
+        return False
+    try:
+        target = entry.resolve()
+    except (RuntimeError, OSError):  # a link loop (RuntimeError before Python 3.13)
+        return True
+    if target != root and root not in target.parents:
+        raise ContextInputError(
+            f"{shown_path(entry)} is a symbolic link to {shown_path(target)}, outside {shown_path(top)}: "
+            "links out of a folder are not followed; give that file itself to include it"
+        )
+    return target.is_dir() or not target.exists()

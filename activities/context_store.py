@@ -152,7 +152,7 @@ class ContextStore:
         and listed in the manifest's `skipped` (the rest must hold text)."""
         if on_unreadable not in ("fail", "skip"):
             raise ContextInputError(f"on_unreadable must be 'fail' or 'skip', got {on_unreadable!r}")
-        if kind == "str" and files and files[0].path.stat().st_size == 0:
+        if kind == "str" and files and files[0].size() == 0:
             raise ContextInputError(f"file {files[0].shown} is empty: a context needs some text")
         skipped: list[SkippedDocument] = []
         sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
@@ -405,3 +405,4 @@ class ContextStore:
         document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref)
         return document_files(manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks))
+

@@ -8,6 +8,8 @@ import sys
 
 import structlog
 
+from activities.terminal_text import escape_log_values
+
 
 def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
     """`json=None` picks JSON unless stderr is a terminal (RLM_LOG_JSON overrides)."""
@@ -21,6 +23,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
+            *([] if json else [escape_log_values]),  # the JSON renderer escapes by itself
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),

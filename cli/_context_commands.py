@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from activities.settings import Settings
+from activities.terminal_text import json_text, printable_if_terminal
 from cli._errors import UserError
 
 if TYPE_CHECKING:  # the stores pull in the S3 client (minio): imported by the commands that use them
@@ -45,10 +45,15 @@ class _Progress:
 
 
 def _input_size(paths: list[Path]) -> int:
+    """For the progress line only: what cannot be listed or sized counts 0
+    (storing the files then says why)."""
     total = 0
     for path in paths:
-        files = path.rglob("*") if path.is_dir() else [path]
-        total += sum(p.stat().st_size for p in files if p.is_file())
+        for file in path.rglob("*") if path.is_dir() else [path]:
+            try:
+                total += file.stat().st_size if file.is_file() else 0
+            except OSError:
+                pass
     return total
 
 
@@ -91,13 +96,13 @@ def _get(args: argparse.Namespace, settings: Settings) -> int:
     store = ContextStore(ObjectStore.from_settings(settings))
     ref = _parse_ref(sys.stdin.read() if args.ref == "-" else args.ref, store)
     if args.doc is not None:
-        sys.stdout.write(store.read_document(ref, args.doc))
+        sys.stdout.write(printable_if_terminal(store.read_document(ref, args.doc)))
         return 0
     value = store.read_all(ref)
     if isinstance(value, str):
-        sys.stdout.write(value)
+        sys.stdout.write(printable_if_terminal(value))
     else:
-        sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_text(value) + "\n")
     return 0
 
 

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from activities.terminal_text import escape_log_values
+
 __all__ = ["configure_logging"]
 
 
@@ -33,6 +35,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            escape_log_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from activities.settings import Settings
+from activities.terminal_text import printable
 
 if TYPE_CHECKING:  # the launcher is imported by the commands that use it, not by every `rlm`
     from cli import services
@@ -40,7 +41,7 @@ def _print_status(status: services.ServicesStatus, settings: Settings, as_json: 
     if as_json:
         sys.stdout.write(json.dumps(status.to_dict(), indent=2) + "\n")
     else:
-        sys.stdout.write(_render(status, settings) + "\n")
+        sys.stdout.write(printable(_render(status, settings)) + "\n")
     return 0 if status.healthy else 1
 
 

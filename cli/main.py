@@ -15,6 +15,7 @@ import os
 import sys
 
 from activities.settings import load_settings
+from activities.terminal_text import printable
 from cli import _context_commands, _service_commands
 from cli._errors import UserError, describe, is_expected
 from cli._logging import configure_logging
@@ -63,7 +64,7 @@ def _run(argv: list[str] | None) -> int:
     except Exception as exc:
         if not is_expected(exc):
             raise
-        sys.stderr.write(f"error: {describe(exc)}\n")
+        sys.stderr.write(f"error: {printable(describe(exc))}\n")
         return 1
 
 

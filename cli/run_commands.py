@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from activities.terminal_text import json_text, printable
 from cli._demo import register as register_demo
 from cli._progress import ProgressPrinter
 
@@ -193,17 +194,17 @@ def print_result(result, link: str, *, as_json: bool) -> None:
         print(json.dumps({**result.model_dump(mode="json"), "ui": link}, indent=2))
         return
     if result.answer_value is not None:  # a typed answer: its JSON, normalised
-        print(json.dumps(result.answer_value, ensure_ascii=False))
+        print(json_text(result.answer_value))
     else:
-        print(result.answer if result.answer is not None else "(no answer)")
+        print(printable(result.answer) if result.answer is not None else "(no answer)")
     spend = result.spend
     print(
-        f"\nstatus: {result.status}" + (f" ({result.reason})" if result.reason else "")
+        f"\nstatus: {result.status}" + (f" ({printable(result.reason)})" if result.reason else "")
         + f" | turns: {result.turns} | calls: {spend.calls} | tokens: {spend.tokens:,} | cost: ${spend.usd:.4f}",
         file=sys.stderr,
     )
     for name, u in result.usage.by_model.items():
-        print(f"  {name}: {u.calls} calls, {u.prompt_tokens:,} in / {u.completion_tokens:,} out, ${u.usd:.4f}", file=sys.stderr)
+        print(f"  {printable(name)}: {u.calls} calls, {u.prompt_tokens:,} in / {u.completion_tokens:,} out, ${u.usd:.4f}", file=sys.stderr)
     for depth, u in sorted(result.usage.by_depth.items()):
         print(f"  depth {depth}: {u.calls} calls, ${u.usd:.4f}", file=sys.stderr)
     if result.children:
@@ -211,5 +212,5 @@ def print_result(result, link: str, *, as_json: bool) -> None:
     if result.skipped_count:
         print(f"  unreadable files left out: {result.skipped_count}", file=sys.stderr)
         for skipped in result.skipped_documents[:20]:
-            print(f"    {skipped.name}: {skipped.reason}", file=sys.stderr)
+            print(f"    {printable(skipped.name)}: {printable(skipped.reason)}", file=sys.stderr)
     print(f"run: {link}", file=sys.stderr)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from activities.terminal_text import printable
 from cli._errors import UserError
 from cli._progress import ProgressPrinter
 from cli.run_commands import answer_schema_from_file, caps_of, model_and_cap_arguments, print_result
@@ -184,7 +185,7 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
             try:
                 result = await client.ask(session_id, question)
             except UserError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {printable(str(exc))}", file=sys.stderr)
                 continue
             print_result(result, client.ui_link(result.workflow_id), as_json=False)
             _print_totals(await client.summary(session_id))
@@ -215,5 +216,5 @@ def _print_summary(summary: SessionSummary, *, as_json: bool) -> None:
         return
     print(f"session {summary.session_id}: {summary.state}, {summary.questions} question(s)")
     for ask in summary.recent:
-        print(f"  q{ask.number} [{ask.status}] {ask.question[:80]} (${ask.spend.usd:.4f}, {ask.turns} turns)")
+        print(f"  q{ask.number} [{ask.status}] {printable(ask.question[:80])} (${ask.spend.usd:.4f}, {ask.turns} turns)")
     _print_totals(summary)

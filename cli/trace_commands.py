@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
+
+from activities.terminal_text import json_text, printable
 
 __all__ = ["register"]
 
@@ -44,10 +45,9 @@ def _cmd_show(args: argparse.Namespace, settings) -> int:
 
     trace = asyncio.run(go())
     if args.json:
-        json.dump(trace, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_text(trace, indent=2) + "\n")
     else:
-        print(render(trace, settings.s3_bucket))
+        print(printable(render(trace, settings.s3_bucket)))
     return 0
 
 
@@ -61,7 +61,7 @@ def _cmd_export(args: argparse.Namespace, settings) -> int:
         return await asyncio.to_thread(export_lines, reader, trace)
 
     lines = asyncio.run(go())
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    text = "".join(json_text(line) + "\n" for line in lines)
     if args.output is None:
         sys.stdout.write(text)
     else:

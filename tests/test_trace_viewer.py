@@ -19,7 +19,8 @@ import threading
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
-from urllib.request import urlopen
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import pytest
 
@@ -189,6 +190,25 @@ def test_sub_call_texts_load_on_demand(finished_run, viewer):
     batch = tree["turns"][0]["cells"][0]["batches"][0]
     full = _get(f"{viewer}api/item?id={wid}&batch={quote(batch['id'], safe='')}&index=1")
     assert full == {"prompt": "say beta", "reply": "reply to say beta", "error": None}
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("attacker.example:{port}", False), ("127.0.0.1.attacker.example", False), ("", False),
+    ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("LOCALHOST", True),
+])  # fmt: skip
+def test_the_viewer_answers_only_to_local_host_names(finished_run, viewer, host, allowed):
+    """A page elsewhere that rebinds its own name to 127.0.0.1 (DNS rebinding)
+    is same-origin to itself: only the Host header tells it from the viewer's own page."""
+    _, result = finished_run
+    port = viewer.rstrip("/").rsplit(":", 1)[1]
+    request = Request(f"{viewer}api/run?id={quote(result.workflow_id, safe='')}", headers={"Host": host.format(port=port)})
+    try:
+        with urlopen(request, timeout=60) as r:
+            status, body = r.status, r.read().decode()
+    except HTTPError as exc:
+        status, body = exc.code, exc.read().decode()
+    assert (status == 200) == allowed, (status, body[:300])
+    assert allowed or "answers only to 127.0.0.1 or localhost" in body
 
 
 def test_screenshots_for_the_readme(finished_run, viewer, tmp_path):

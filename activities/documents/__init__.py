@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
+from activities._context_input import open_regular_file
 from activities.documents._limits import MAX_ARCHIVE_MEMBERS, MAX_DOCUMENT_CHARS, Budget, DocumentError
 
 __all__ = ["Budget", "DocumentError", "Kind", "MAX_DOCUMENT_CHARS", "convert", "kind_of"]
@@ -39,7 +40,8 @@ _ZIP_PARTS: dict[str, Kind] = {"word/document.xml": "docx", "xl/workbook.xml": "
 def kind_of(path: Path) -> Kind:
     """What `path` holds, by its extension, else by its first bytes (an S3
     key often has no extension). Anything else is text (checked as UTF-8
-    when stored). Raises DocumentError for a format that has no converter."""
+    when stored). Raises DocumentError for a format that has no converter,
+    ContextInputError for a file that cannot be opened as a regular file."""
     suffix = path.suffix.lower()
     if suffix in _BY_SUFFIX:
         return _BY_SUFFIX[suffix]
@@ -47,7 +49,7 @@ def kind_of(path: Path) -> Kind:
         raise DocumentError(
             f"{suffix} is a legacy binary Office format with no converter here: save it as {_LEGACY[suffix]}"
         )
-    with path.open("rb") as handle:
+    with open_regular_file(path) as handle:  # a FIFO swapped in must not block
         head = handle.read(8)
     if head.startswith(b"%PDF-"):
         return "pdf"

@@ -70,7 +70,8 @@ class ConverterProcess:
         proc = self._process()
         self._jobs += 1
         out = Path(self._workdir()) / f"{self._jobs}.txt"
-        job = {"path": str(path), "kind": kind, "out": str(out), "max_seconds": self.max_seconds}
+        # The child runs in a scratch directory of its own: a relative path would name nothing there.
+        job = {"path": os.path.abspath(path), "kind": kind, "out": str(out), "max_seconds": self.max_seconds}
         try:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -179,6 +180,8 @@ def _serve(replies_fd: int, max_bytes: int) -> None:
             reply = {"error": str(exc)}
         except MemoryError:
             reply = {"error": f"converting it needs more than {max_bytes >> 20:,} MiB of memory"}
+        except OSError as exc:  # gone or unreadable since it was listed: a reply, not a dead child
+            reply = {"error": f"cannot read the file: {exc.strerror}"}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 

@@ -20,6 +20,7 @@ import copy
 import webbrowser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -130,6 +131,19 @@ def _param(request: web.Request, name: str) -> str:
     return value
 
 
+# The names a browser on this machine uses for the viewer. Any other Host is
+# a page elsewhere that rebound its own name to 127.0.0.1 (DNS rebinding) to
+# read runs, prompts and cell outputs through the viewer: refused.
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@web.middleware
+async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
+    if urlsplit("//" + request.headers.get("Host", "")).hostname not in _LOCAL_HOSTS:
+        raise web.HTTPForbidden(text="the run viewer answers only to 127.0.0.1 or localhost")
+    return await handler(request)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Expected failures reach the page as a 4xx/5xx with one line of text."""
@@ -145,7 +159,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def build_app(reader: TraceReader) -> web.Application:
     viewer = Viewer(reader)
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_local_only, _errors])
     app.router.add_get("/api/runs", viewer.runs)
     app.router.add_get("/api/run", viewer.run)
     app.router.add_get("/api/item", viewer.item)
