@@ -31,6 +31,7 @@ import pydantic_core
 
 from activities._litellm_setup import litellm
 from activities._model_registry import DIRECT_PROVIDER, direct_model
+from workflows.budget import MAX_BELIEVABLE_TOKENS
 
 __all__ = ["register"]
 
@@ -162,25 +163,47 @@ def _fill(model_response: Any, raw: bytes | None, model: str) -> Any:
         data = json.loads(raw)  # type: ignore[arg-type] - None raises TypeError
         first = data["choices"][0]
         message = first["message"]
-        content = message.get("content")
+        content = _content_text(message.get("content"))
+        finish_reason = first.get("finish_reason")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         model_response.choices = []
         return model_response
     model_response.choices = [
-        Choices(index=0, finish_reason=first.get("finish_reason"), message=Message(content=content, role="assistant"))
-    ]
+        Choices(
+            index=0, finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+            message=Message(content=content, role="assistant"),
+        )
+    ]  # fmt: skip
     usage = data.get("usage")
     if isinstance(usage, dict):
-        model_response.usage = Usage(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            total_tokens=int(usage.get("total_tokens") or 0),
-        )
+        # 0 is "not reported": activities.llm then counts the most it can be.
+        model_response.usage = Usage(**{name: _count(usage.get(name)) for name in _USAGE_FIELDS})
     model_response.model = data.get("model") or model
     if isinstance(data.get("id"), str):
         model_response.id = data["id"]
     _stamp_price(model_response, model)
     return model_response
+
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, null, or (as some servers send) a list of
+    parts whose text parts are joined; anything else is not a chat reply."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise TypeError(f"message content is a {type(content).__name__}")
+
+
+def _count(value: Any) -> int:
+    """A usage count as sent, or 0 (not reported) for one that is not a
+    believable count: a string, NaN, infinite, negative, above any model's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return int(value) if 0 <= value <= MAX_BELIEVABLE_TOKENS else 0
 
 
 def _stamp_price(model_response: Any, model: str) -> None:

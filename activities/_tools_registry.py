@@ -23,7 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 from workflows.request import validation_errors
-from workflows.tool_steps import MAX_TOOL_DESCRIPTION_CHARS, MAX_TOOL_JSON_BYTES, ToolSpec, tool_name_problem
+from workflows.tool_steps import (
+    MAX_TOOL_DESCRIPTION_CHARS,
+    MAX_TOOL_JSON_BYTES,
+    SHADOWED_NAMES,
+    ToolSpec,
+    tool_name_problem,
+)
 
 
 class ToolRegistrationError(ValueError):
@@ -127,6 +133,11 @@ def register(name: str, fn: Callable[..., Any]) -> RegisteredTool:
     """One tool, checked: see the module docstring for what is refused."""
     if problem := tool_name_problem(name):
         raise ToolRegistrationError(f"tool {name!r}: {problem}")
+    if name in SHADOWED_NAMES:
+        raise ToolRegistrationError(
+            f"tool {name!r}: a cell already has {name!r} (a Python builtin or a REPL function); "
+            "a tool of that name would replace it in every cell: name the tool otherwise"
+        )
     if not callable(fn):
         raise ToolRegistrationError(f"tool {name!r}: {fn!r} is not callable")
     doc = inspect.getdoc(fn)

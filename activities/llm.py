@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import re
 import time
 
 import structlog
@@ -51,7 +52,7 @@ from activities._model_registry import (
     model_info_known,
 )
 from activities.local_model import embedded_server_down
-from workflows.budget import messages_token_bound, token_bound
+from workflows.budget import MAX_BELIEVABLE_TOKENS, messages_token_bound, token_bound
 
 __all__ = [
     "Completion",
@@ -183,6 +184,20 @@ def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, outp
     return prompt * info.usd_per_input_token + output * info.usd_per_output_token
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    """A reply as valid Unicode: a lone surrogate (JSON may carry `\\udfff`,
+    UTF-8 cannot) becomes U+FFFD, as a decoder shows a bad byte; kept, it
+    failed every later step (the transcript's S3 write, the batch it was in)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 def _usage_count(usage: object, name: str) -> int | None:
     """A token count the provider reported, or None when it sent none we can
     trust (missing, null, negative, not a finite number): such a count is
@@ -190,7 +205,7 @@ def _usage_count(usage: object, name: str) -> int | None:
     value = getattr(usage, name, None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or value < 0 or value > MAX_BELIEVABLE_TOKENS:
         return None
     return int(value)
 
@@ -273,7 +288,7 @@ async def _complete(
         )
     choice = choices[0]
     content = choice.message.content
-    text = content if isinstance(content, str) else ("" if content is None else str(content))
+    text = _valid_text(content if isinstance(content, str) else ("" if content is None else str(content)))
     usage = getattr(response, "usage", None)
     prompt_tokens = _usage_count(usage, "prompt_tokens")
     completion_tokens = _usage_count(usage, "completion_tokens")

@@ -128,6 +128,8 @@ class LlmCallActivity:
             return LlmCallResult(call_id=inp.call_id, failure=_failure(error))
         except ApplicationError as exc:
             return LlmCallResult(call_id=inp.call_id, failure=_failure(exc))
+        except Exception as exc:  # noqa: BLE001 - one call's surprise is its own, not its group's
+            return LlmCallResult(call_id=inp.call_id, failure=_failure(to_application_error(exc, model=inp.model)))
         return LlmCallResult(call_id=inp.call_id, output=out)
 
     async def _read_prompt(self, inp: LlmCallInput) -> str:

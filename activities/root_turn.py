@@ -13,11 +13,16 @@ from temporalio import activity
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_ROOT_TURN
-from workflows.parsing import parse_reply
+from workflows.parsing import MAX_REPLY_CHARS, parse_reply
 from workflows.prompts import merge_consecutive
+from workflows.request import clip_utf8
 from workflows.steps import RootTurnInput, RootTurnOutput
 
 log = structlog.get_logger(__name__)
+# A root reply is kept up to the parser's bound, one character past it (so the
+# parser still tells the model its reply was cut), and at most this many
+# UTF-8 bytes: well under Temporal's 4 MB payload limit (2 MB warns).
+ROOT_REPLY_BYTES = 1536 * 1024
 
 
 class RootTurnActivity:
@@ -44,8 +49,14 @@ class RootTurnActivity:
             reply = await heartbeating(complete(spec, messages, max_tokens=inp.max_tokens, stop=inp.stop or None, timeout_s=call_timeout_s()))
         except Exception as exc:  # mapped in one place: activities/llm.py
             raise to_application_error(exc) from exc
+        text = reply.text
+        if len(text) > MAX_REPLY_CHARS or len(text.encode()) > ROOT_REPLY_BYTES:
+            # A reply travels in the activity's result: one past Temporal's
+            # payload limit failed every attempt (each charged) and the run.
+            log.warning("root_turn.reply_clipped", workflow_id=inp.workflow_id, turn=inp.turn, chars=len(text))
+            text = clip_utf8(text[: MAX_REPLY_CHARS + 1], ROOT_REPLY_BYTES)
         result = {
-            "reply": reply.text,
+            "reply": text,
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
             "usd": reply.usd,
@@ -53,7 +64,7 @@ class RootTurnActivity:
         }
         # The transcript keeps the reply as parsed: an invented "User:" turn
         # that the parser cut must never be shown back to the model.
-        kept = parse_reply(reply.text).text
+        kept = parse_reply(text).text
         record = {"messages": messages + [{"role": "assistant", "content": kept}], "result": result}
         await self._rt.io(self._rt.put_json, key, record)
         log.info(

@@ -17,6 +17,7 @@ from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
 from activities.object_store import ObjectMissingError, ObjectStore, StorageError
 from activities.settings import Settings
+from activities._tool_threads import ToolThreads
 from activities._tools_registry import ToolRegistry
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class WorkerRuntime:
     )
     """Threads for blocking object-storage calls of async activities: sized for
     a full batch of parallel sub-calls (asyncio's default pool has cores + 4)."""
+    tool_threads: ToolThreads = field(default_factory=ToolThreads)
+    """Threads of the sync custom tools, apart from `io_pool` (a hung tool keeps its thread)."""
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking storage call off the event loop."""

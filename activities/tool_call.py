@@ -15,11 +15,15 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._tool_threads import ToolThreadsBusy
 from activities.runtime import WorkerRuntime, heartbeating, run_key
 from workflows.names import ACTIVITY_RESOLVE_TOOLS, ACTIVITY_TOOL_CALL
 from workflows.tool_steps import ResolveToolsInput, ResolveToolsOutput, ToolCallInput, ToolCallOutput
 
 log = structlog.get_logger(__name__)
+# What a call keeps of its start-to-close timeout to record and report its
+# answer: a call that times out in the activity is answered, not retried.
+_REPORT_S = 2.0
 
 
 class ToolCallActivity:
@@ -54,16 +58,24 @@ class ToolCallActivity:
         if tool is None:
             # Workers of one task queue should register the same tools; another may have it.
             raise ApplicationError(f"this worker has no tool named {inp.name!r}", type="UnknownTool")
+        seconds = _answer_within_s()
         try:
             kwargs = tool.arguments(inp.args_json)
-            if tool.is_async:
-                value = await heartbeating(tool.fn(**kwargs))
-            else:
-                call = functools.partial(tool.fn, **kwargs)
-                value = await heartbeating(asyncio.get_running_loop().run_in_executor(self._rt.io_pool, call))
+            async with asyncio.timeout(seconds):
+                if tool.is_async:
+                    value = await heartbeating(tool.fn(**kwargs))
+                else:
+                    value = await heartbeating(self._rt.tool_threads.run(functools.partial(tool.fn, **kwargs)))
             out = ToolCallOutput(result_json=tool.result_json(value))
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            # Its answer, as a raise is: a timed-out call that Temporal retried
+            # ran the tool (and its side effects) again, up to three times.
+            log.info("tool_call.timed_out", tool=inp.name, call_id=inp.call_id, seconds=seconds)
+            out = ToolCallOutput(error=f"TimeoutError: the tool did not return within {seconds:g} s; it is not called again")
+        except ToolThreadsBusy as exc:
+            out = ToolCallOutput(error=f"ToolThreadsBusy: {exc}")
         except Exception as exc:
             # The tool's own failure is its answer (the guest gets a ToolError);
             # running a tool with side effects again because it raised could repeat them.
@@ -71,3 +83,12 @@ class ToolCallActivity:
             out = ToolCallOutput(error=f"{type(exc).__name__}: {exc}"[:4000])
         await self._rt.io(self._rt.put_json, key, out.model_dump(mode="json"))
         return out
+
+
+def _answer_within_s() -> float | None:
+    """The tool's share of this attempt's start-to-close timeout (None: none set)."""
+    limit = activity.info().start_to_close_timeout
+    if not limit:
+        return None
+    seconds = limit.total_seconds()
+    return max(seconds / 2, seconds - _REPORT_S)

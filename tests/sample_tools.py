@@ -1,5 +1,5 @@
 """Custom tools for tests (`--tools tests.sample_tools:TOOLS`): a ledger and a
-vendor registry, and an audit service that always fails. Every call is
+vendor registry, an audit service that always fails, and an archive that never answers. Every call is
 appended to the file named by RLM_TEST_TOOL_CALLS (when set), so a test can
 count the calls a worker in another process made."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 CALLS_FILE_ENV = "RLM_TEST_TOOL_CALLS"
 
@@ -53,6 +54,19 @@ def audit_flag(entry_id: int, reason: str) -> str:
 
 
 TOOLS = [ledger_lookup, vendor_registry, audit_flag]
+
+HUNG_RELEASE = threading.Event()
+"""Set by a test when it is done: the hung calls' threads may then end."""
+
+
+def hung_export(batch: int) -> str:
+    """Export a batch to the archive (this archive never answers)."""
+    _count("hung_export", batch=batch)
+    HUNG_RELEASE.wait(120)
+    return "exported"
+
+
+HUNG_TOOLS = [hung_export]
 
 
 class Opaque:

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import EventType
 
+from activities._tool_threads import TOOL_THREADS
 from activities._tools_registry import ToolRegistrationError, ToolRegistry
 from tests import sample_tools
 from tests.fixtures_llm import fake_registry
@@ -76,6 +77,11 @@ def run_with_tools(s, llm, req):
 
 
 # -- registration (no servers) ------------------------------------------------
+def ledger_lookup_like(id: int) -> dict:
+    """A documented tool with a JSON signature."""
+    return {"id": id}
+
+
 def test_registry_derives_a_json_schema_and_refuses_what_json_cannot_carry():
     registry = ToolRegistry.from_setting(TOOLS)
     assert registry.names() == ["audit_flag", "ledger_lookup", "vendor_registry"]
@@ -109,6 +115,10 @@ def test_registry_derives_a_json_schema_and_refuses_what_json_cannot_carry():
         with pytest.raises(ToolRegistrationError, match=words) as info:
             ToolRegistry.from_functions([fn])
         assert repr(fn.__name__) in str(info.value)
+    # A name a cell already has: a tool `print` made every print a tool call.
+    for name in ("print", "len", "document", "document_names"):
+        with pytest.raises(ToolRegistrationError, match=f"tool '{name}': a cell already has '{name}'"):
+            ToolRegistry.from_functions({name: ledger_lookup_like})
     with pytest.raises(ToolRegistrationError, match=r"tool 'takes_opaque': parameter 'thing' \(Opaque\) is not JSON"):
         ToolRegistry.from_setting("tests.sample_tools:BAD_TOOLS")
 
@@ -212,6 +222,43 @@ def test_a_raising_tool_raises_tool_error_in_the_guest(settings, context_store, 
     assert "True" in shown
     # The tool's own exception is its answer: it was called once, not retried.
     assert len(sample_tools.calls(calls_file)) == 1 and len(summaries) == 1
+
+
+def test_a_hung_tool_is_answered_at_its_timeout_and_keeps_to_its_own_threads(settings, context_store, llm, calls_file):
+    """A sync tool that never returns: each call is answered with a
+    TimeoutError at its timeout and not called again; once every tool thread
+    holds a hung call, the next fails at once; the worker's other work goes
+    on. On the worker's storage threads, 64 hung calls failed every run of
+    the worker, and each timed-out call was retried (run again) twice."""
+    code = (
+        "seen = []\n"
+        f"for i in range({TOOL_THREADS + 2}):\n"
+        "    try:\n        hung_export(i)\n"
+        "    except ToolError as e:\n        seen.append(str(e).split(':')[1].strip())\n"
+        "print('SEEN', seen)"
+    )
+    llm.add_rule("Turn 1 of", repl(code), model=ROOT)
+    llm.add_rule(lambda r: "SEEN" in r.last_user_text, "FINAL(done)", model=ROOT, name="final")
+    llm.add_rule("second run", repl("print('still serving')"), model=ROOT)
+    llm.add_rule("still serving", "FINAL(served)", model=ROOT)
+    s = isolated(settings).model_copy(update={"tools": "tests.sample_tools:HUNG_TOOLS"})
+    hung = tool_request("q?", context_store.put_value("x"), ["hung_export"], limits={"tool_call_timeout_s": 1, "cell_timeout_s": 120})
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            try:
+                first = await asyncio.wait_for((await start(client, s, hung)).result(), 180)
+                # Every tool thread still holds a hung call here.
+                second = await asyncio.wait_for((await start(client, s, request("second run", context_store.put_value("y")))).result(), 60)
+            finally:
+                sample_tools.HUNG_RELEASE.set()
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert first.status == "completed" and second.status == "completed" and second.answer == "served", (first, second)
+    shown = [r for r in llm.requests(ROOT) if r.matched_rule and r.matched_rule.name == "final"][0].last_user_text
+    assert f"SEEN {['TimeoutError'] * TOOL_THREADS + ['ToolThreadsBusy'] * 2}" in shown, shown[-800:]
+    assert len(sample_tools.calls(calls_file, "hung_export")) == TOOL_THREADS  # each once: none retried
 
 
 def test_max_tool_calls_refuses_before_calling(settings, context_store, llm, calls_file):

@@ -11,6 +11,10 @@ from workflows._budget_models import LedgerError, Spend
 # prompt that some templates insert once per request (Qwen2.5's, Llama 3.1's
 # date header: under 48). Counting it per message keeps the bound additive.
 TOKENS_PER_MESSAGE = 64
+MAX_BELIEVABLE_TOKENS = 10**12
+"""More tokens than any model reads or writes in one call: a count a server
+reports above it is a broken or hostile server's (1.7e308 overflowed a run's
+totals and failed the workflow), estimated as a missing one is."""
 
 
 def token_bound(utf8_bytes: int, messages: int = 0) -> int:

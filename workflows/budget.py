@@ -48,6 +48,7 @@ from workflows._budget_models import (
     require_aware,
 )
 from workflows._budget_pricing import (
+    MAX_BELIEVABLE_TOKENS,
     actual,
     equal_share,
     messages_token_bound,
@@ -68,6 +69,7 @@ __all__ = [
     "actual",
     "equal_share",
     "token_bound",
+    "MAX_BELIEVABLE_TOKENS",
     "messages_token_bound",
     "money_cap_problem",
 ]

@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
 MODEL_CALL_ATTEMPTS = 5
 FIRST_RETRY_DELAY = timedelta(seconds=1)
 MAX_RETRY_DELAY = timedelta(seconds=60)
+# Runs since this patch wait for a retry at most until their wall-time deadline.
+RETRY_UNTIL_DEADLINE_PATCH = "retry-wait-ends-at-deadline"
 # Each attempt is one activity execution; `paid_model_call` retries.
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
@@ -102,7 +104,7 @@ async def paid_model_call(
             if attempt == MODEL_CALL_ATTEMPTS or not _retryable(exc):
                 raise
             last = exc
-            await workflow.sleep(_retry_delay(exc, attempt))
+            await workflow.sleep(_retry_wait(ledger, exc, attempt))
             continue
         if out.replayed:
             # The record of an earlier attempt that finished unseen (its worker
@@ -156,6 +158,17 @@ def _retryable(exc: ActivityError) -> bool:
     if isinstance(cause, CancelledError):
         return False
     return not (isinstance(cause, ApplicationError) and cause.non_retryable)
+
+
+def _retry_wait(ledger: Ledger, exc: ActivityError, attempt: int) -> timedelta:
+    """`_retry_delay`, but never past the run's wall-time deadline: there the
+    next attempt's reservation is refused (wall time), naming this failure.
+    A 429 saying "Retry-After: 100000" overran a 5 s cap by 55 s before."""
+    delay = _retry_delay(exc, attempt)
+    deadline, now = ledger.deadline, workflow.now()
+    if deadline is not None and now + delay > deadline and workflow.patched(RETRY_UNTIL_DEADLINE_PATCH):
+        return max(deadline - now, timedelta(milliseconds=1))
+    return delay
 
 
 def _retry_delay(exc: ActivityError, attempt: int) -> timedelta:
