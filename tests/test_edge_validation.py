@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, running_worker, start
 from tests.test_cli_run import _rlm
-from workflows.request import parse_request
+from workflows.request import not_json_problem, parse_request
 
 GOOD = {"question": "q?", "context": "some text", "models": {"root": ROOT}}
 
@@ -171,3 +173,18 @@ def test_a_json_run_with_a_money_cap_over_an_unpriced_model_fails_at_once(settin
     assert result.status == "failed" and result.turns == 0, result
     assert result.reason.startswith(f"caps.max_usd: cannot limit model '{ROOT}', '{SUB}'"), result.reason
     assert llm.count() == 0
+
+
+def test_a_lone_surrogate_escape_in_a_json_start_is_named_as_such():
+    """Another language's client can send `"\\ud800"`: valid JSON syntax, no
+    Unicode text. The strict decoder's "unexpected end of hex escape" sent a
+    caller looking for a syntax error."""
+    for data, expected in [
+        (b'{"question": "a\\ud800b", "context": "x"}', "a string holds a lone UTF-16 surrogate escape"),
+        (b'{"question": "a", "context": ', "the input is not JSON (ValidationError"),
+    ]:
+        payload = Payload(metadata={"encoding": b"json/plain"}, data=data)
+        with pytest.raises(Exception) as decoding:
+            pydantic_data_converter.payload_converter.from_payload(payload)
+        problem = not_json_problem("RunRequest", data, decoding.value)
+        assert problem.startswith("invalid RunRequest: ") and expected in problem, problem

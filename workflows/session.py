@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         REQUEST_CAP_BOUNDS,
         RunRequest,
         clip_noting_length,
+        not_json_problem,
         validation_errors,
         without_unknown_fields,
     )
@@ -391,7 +392,7 @@ def _decode_request(raw: RawValue) -> tuple[SessionRequest | str, str | None]:
     try:
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
-        return f"invalid SessionRequest: the input is not JSON ({type(exc).__name__}: {exc})", None
+        return not_json_problem("SessionRequest", raw.payload.data, exc), None
     try:
         return SessionRequest.model_validate(value), None
     except ValidationError as exc:
