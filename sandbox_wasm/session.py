@@ -137,10 +137,7 @@ class ReplSession:
         Raises SnapshotError when the cell's objects cannot be saved."""
         anchors = self._index.unsent()
         try:
-            # Pickling runs the cell's own code (__reduce__, __getstate__): it
-            # gets the cell's time limit, not the long one of admin commands.
-            result = self._admin(["snapshot", anchors],
-                                 min(self.limits.cell_timeout_s, self.limits.admin_timeout_s))
+            result = self._admin(["snapshot", anchors], self._user_code_timeout_s())
             return self._take_snapshot(result)
         except CellInterrupted:
             raise
@@ -173,7 +170,7 @@ class ReplSession:
             if not (is_record_name(digest) and isinstance(value, (bytes, bytearray))):
                 raise TypeError("restore() records must map record names (40 hex digits) to bytes")
             kept[digest] = bytes(value)
-        self._admin(["restore", bytes(data), kept])
+        self._admin(["restore", bytes(data), kept], self._user_code_timeout_s())
         self._last_snapshot = bytes(data)
         self._last_records = kept
 
@@ -290,9 +287,15 @@ class ReplSession:
         if self._context is not None:
             self._load_context(*self._context)
         if self._last_snapshot is not None:
-            self._admin(["restore", self._last_snapshot, self._last_records])
+            self._admin(["restore", self._last_snapshot, self._last_records], self._user_code_timeout_s())
             return "the REPL was restarted and its state restored from the last snapshot"
         return "the REPL was restarted; no snapshot existed, so earlier variables are gone"
+
+    def _user_code_timeout_s(self) -> float:
+        """Time for an admin command that runs the cell's own code: pickling
+        (`__reduce__`) and unpickling (`__setstate__`) get the cell's limit,
+        not the long one of admin commands (a loop held a restore 120 s)."""
+        return min(self.limits.cell_timeout_s, self.limits.admin_timeout_s)
 
     def _admin(self, message: list[Any], timeout_s: float | None = None,
                sources: list[Any] | None = None) -> dict[str, Any]:

@@ -141,6 +141,18 @@ def test_host_calls_are_refused_while_the_state_is_restored(cell):
     assert cell.echoed == []
 
 
+def test_a_restore_that_loops_is_bounded_by_the_cell_timeout(cell):
+    # Unpickling runs the object's own code: it had the admin commands' 60 s here (120 s by default).
+    cell.session.run_cell("class Slow:\n    def __setstate__(self, state):\n        while True: pass\n"
+                          "x = Slow()\nx.a = 1")
+    snapshot = cell.session.snapshot()
+    began = time.monotonic()
+    with pytest.raises(SandboxError):
+        cell.session.restore(snapshot.data, dict(snapshot.new_records))
+    took = time.monotonic() - began
+    assert took < LIMITS.cell_timeout_s + LIMITS.hang_grace_s + 2, took
+
+
 def test_a_forged_done_kills_the_guest(cell):
     forged = cell.session.run_cell(
         "from rlm_channel import Channel\n"
