@@ -19,6 +19,7 @@ __all__ = [
     "file_blocks",
     "named_files",
     "open_regular_file",
+    "paths_bytes",
     "shown_path",
     "text_blocks",
 ]
@@ -139,6 +140,9 @@ class NamedFile:
     """The document's name: its path under the folder (or prefix) given."""
     shown: str
     """How messages call it (the path or URI the caller gave)."""
+    refused: str | None = None
+    """Why it is left out unread (a link out of its folder): listed among the
+    context's skipped documents, whatever `on_unreadable` says."""
 
     def size(self) -> int:
         try:
@@ -148,43 +152,54 @@ class NamedFile:
 
 
 def named_files(paths: list[Path]) -> list[NamedFile]:
-    """`expand_paths` with names: a file under a directory argument is named
-    by its path relative to that directory, a file argument by the path given."""
-    out: list[NamedFile] = []
-    for path in paths:
-        for file in expand_paths([path]):
-            name = file.relative_to(path).as_posix() if path.is_dir() else str(path)
-            out.append(NamedFile(file, shown_path(name), shown_path(file)))
-    return out
-
-
-def expand_paths(paths: list[Path]) -> list[Path]:
     """Files named directly, plus every non-hidden file under each directory
-    (recursively, sorted by relative path); hidden entries such as .git are
-    skipped because they are tooling, not text. A directory that cannot be
-    listed is an error, not a silent gap in an audit; a symbolic link under
-    a directory is followed only to a file inside it (a link in an untrusted
-    folder must not pull in ~/.aws/credentials), and named otherwise."""
+    (recursively, sorted by relative path), each named by its path under the
+    directory (a file argument by the path given). Hidden entries such as
+    .git are skipped: tooling, not text. A directory that cannot be listed is
+    an error, not a silent gap in an audit. A symbolic link under a
+    directory is followed only to a file inside it: a link out (an untrusted
+    folder's link to ~/.aws/credentials; a virtualenv's python) is not read,
+    and is listed as skipped with the reason."""
     if not paths:
         raise ContextInputError("no paths given: name at least one file or directory")
-    files: list[Path] = []
+    out: list[NamedFile] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(_walk(path))
+            found = sorted(_walk(path), key=lambda entry: entry[0])
             if not found:
                 raise ContextInputError(f"directory {shown_path(path)} contains no (non-hidden) files")
-            files.extend(found)
+            for file, refused in found:
+                out.append(NamedFile(file, shown_path(file.relative_to(path).as_posix()), shown_path(file), refused))
         elif path.is_file():
-            files.append(path)
+            out.append(NamedFile(path, shown_path(path), shown_path(path)))
         elif not path.exists():
             raise ContextInputError(f"file {shown_path(path)} does not exist; check the path")
         else:
             raise ContextInputError(f"{shown_path(path)} is neither a regular file nor a directory")
-    return files
+    return out
 
 
-def _walk(top: Path) -> Iterator[Path]:
-    """The non-hidden regular files under `top`, links checked (see `expand_paths`)."""
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """The files `named_files` reads (links out of a folder left out)."""
+    return [file.path for file in named_files(paths) if file.refused is None]
+
+
+def paths_bytes(paths: list[Path]) -> int:
+    """About how many bytes `paths` hold, for progress lines only: what
+    cannot be listed or sized counts 0 (storing the files then says why)."""
+    total = 0
+    for path in paths:
+        for file in path.rglob("*") if path.is_dir() else [path]:
+            try:
+                total += file.stat().st_size if file.is_file() else 0
+            except OSError:
+                pass
+    return total
+
+
+def _walk(top: Path) -> Iterator[tuple[Path, str | None]]:
+    """The non-hidden regular files under `top`, each with why it is refused
+    (a link out of `top`) or None (see `named_files`)."""
     root = top.resolve()
 
     def unlistable(exc: OSError) -> None:
@@ -195,29 +210,39 @@ def _walk(top: Path) -> Iterator[Path]:
 
     for folder, dirs, names in os.walk(top, onerror=unlistable):
         base = Path(folder)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _outside_link(base / d, root, top)]
-        for name in names:
+        kept_dirs = []
+        for name in dirs:
             if name.startswith("."):
                 continue
+            link = _link(base / name, root, top)
+            if link is None:
+                kept_dirs.append(name)  # a real folder: walked
+            elif link != "inside":
+                yield base / name, link  # a linked folder out of `top`; one inside is walked where it is
+        dirs[:] = kept_dirs
+        for name in names:
             entry = base / name
-            if _outside_link(entry, root, top) or not entry.is_file():
-                continue  # a FIFO, a socket, a device or a dangling link holds no text
-            yield entry
+            if name.startswith("."):
+                continue
+            link = _link(entry, root, top)
+            if link is not None and link != "inside":
+                yield entry, link
+            elif entry.is_file():  # not a FIFO, a socket, a device, a dangling link or a loop
+                yield entry, None
 
 
-def _outside_link(entry: Path, root: Path, top: Path) -> bool:
-    """False for anything but a symbolic link; a link to a file inside the
-    directory is followed (True for a linked directory, whose files inside
-    are listed anyway, or a link loop); a link out of it is an error."""
+def _link(entry: Path, root: Path, top: Path) -> str | None:
+    """None for anything but a symbolic link; "inside" for one to something
+    inside `top` (or a loop, or nothing); else why it is not followed."""
     if not entry.is_symlink():
-        return False
+        return None
     try:
         target = entry.resolve()
     except (RuntimeError, OSError):  # a link loop (RuntimeError before Python 3.13)
-        return True
-    if target != root and root not in target.parents:
-        raise ContextInputError(
-            f"{shown_path(entry)} is a symbolic link to {shown_path(target)}, outside {shown_path(top)}: "
-            "links out of a folder are not followed; give that file itself to include it"
-        )
-    return target.is_dir() or not target.exists()
+        return "inside"
+    if target == root or root in target.parents or not target.exists():
+        return "inside"
+    return (
+        f"a symbolic link to {shown_path(target)}, outside {shown_path(top)}: links out of a folder are not "
+        "followed; give that file itself to include it"
+    )

@@ -33,6 +33,10 @@ def _sources(
     files: list[NamedFile], converter: ConverterProcess, *, skip: bool, skipped: list[SkippedDocument]
 ) -> Iterator[tuple[DocumentStats, Iterator[bytes], str]]:
     for file in files:
+        if file.refused is not None:
+            skipped.append(SkippedDocument(name=file.name, reason=file.refused))
+            log.info("document skipped", name=file.name[:200], reason=file.refused[:300])
+            continue
         stats = DocumentStats()
         try:
             doc_kind = kind_of(file.path)

@@ -23,6 +23,7 @@ from time import time as _now
 from typing import TYPE_CHECKING
 
 from activities._litellm_setup import litellm_exceptions as _E
+from activities.terminal_text import without_surrogates
 
 if TYPE_CHECKING:
     from temporalio.exceptions import ApplicationError
@@ -264,7 +265,8 @@ def classify(exc: BaseException, *, model: str | None = None, secrets: tuple[str
     kind = _kind(exc)
     error_type, non_retryable, fix = _KINDS[kind]
     status = _status(exc)
-    detail = _one_line(str(exc) or type(exc).__name__, secrets)
+    # A provider's text may hold a lone surrogate: it must still fit a Temporal failure.
+    detail = without_surrogates(_one_line(str(exc) or type(exc).__name__, secrets))
     where = f"model '{model}'" if model else "model call"
     status_text = f" (HTTP {status})" if status else ""
     retry_after = None if non_retryable else retry_after_seconds(exc)

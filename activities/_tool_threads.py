@@ -11,7 +11,6 @@ behind calls that may never end.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,17 +28,13 @@ class ToolThreadsBusy(RuntimeError):
 class ToolThreads:
     def __init__(self, size: int = TOOL_THREADS) -> None:
         self.size = size
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="rlm-tool")
         self._lock = threading.Lock()
         self._taken = 0
 
-    @property
-    def taken(self) -> int:
-        """Threads running a call now (a call that timed out holds one until it returns)."""
-        return self._taken
-
     async def run(self, fn: Callable[[], Any]) -> Any:
-        """`fn()` on a tool thread; raises ToolThreadsBusy when none is free."""
+        """`fn()` on a thread of its own; raises ToolThreadsBusy when `size`
+        calls are still running. Daemon threads: a hung call must not keep
+        the worker from exiting (a pool's threads are joined at exit)."""
         with self._lock:
             if self._taken >= self.size:
                 raise ToolThreadsBusy(
@@ -47,16 +42,35 @@ class ToolThreads:
                     "(calls that passed their timeout keep their thread until they return): the tool was not called"
                 )
             self._taken += 1
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(value)
+
+        def call() -> None:
+            value, error = None, None
+            try:
+                value = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting call
+                error = exc
+            finally:
+                with self._lock:
+                    self._taken -= 1
+            try:
+                loop.call_soon_threadsafe(settle, value, error)
+            except RuntimeError:  # the worker's loop is closed: nobody waits any more
+                pass
 
         try:
-            future = self._pool.submit(fn)
+            threading.Thread(target=call, name="rlm-tool", daemon=True).start()
         except BaseException:
-            self._release(None)
+            with self._lock:
+                self._taken -= 1
             raise
-        # Released when the call ends, or when it is cancelled before it started.
-        future.add_done_callback(self._release)
-        return await asyncio.wrap_future(future)
-
-    def _release(self, _future: concurrent.futures.Future | None) -> None:
-        with self._lock:
-            self._taken -= 1
+        return await done

@@ -12,6 +12,7 @@ discover it mid-cell.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import inspect
 import json
@@ -23,13 +24,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 from workflows.request import validation_errors
-from workflows.tool_steps import (
-    MAX_TOOL_DESCRIPTION_CHARS,
-    MAX_TOOL_JSON_BYTES,
-    SHADOWED_NAMES,
-    ToolSpec,
-    tool_name_problem,
-)
+from workflows.tool_steps import MAX_TOOL_DESCRIPTION_CHARS, MAX_TOOL_JSON_BYTES, ToolSpec, tool_name_problem
+
+
+SHADOWED_NAMES = frozenset({"document", "document_names", *dir(builtins)})
+"""More names a cell already has than `tool_steps.RESERVED_NAMES` (REPL
+functions, Python builtins): a tool `print` turned every print into a tool
+call, a tool `document_names` broke `document()`. Refused here, where a
+tool is registered, not in a run's request, so a run already going that
+names one still replays."""
 
 
 class ToolRegistrationError(ValueError):

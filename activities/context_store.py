@@ -405,4 +405,3 @@ class ContextStore:
         document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref)
         return document_files(manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks))
-

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import re
 import time
 
 import structlog
@@ -52,6 +51,7 @@ from activities._model_registry import (
     model_info_known,
 )
 from activities.local_model import embedded_server_down
+from activities.terminal_text import without_surrogates
 from workflows.budget import MAX_BELIEVABLE_TOKENS, messages_token_bound, token_bound
 
 __all__ = [
@@ -184,20 +184,6 @@ def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, outp
     return prompt * info.usd_per_input_token + output * info.usd_per_output_token
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _valid_text(text: str) -> str:
-    """A reply as valid Unicode: a lone surrogate (JSON may carry `\\udfff`,
-    UTF-8 cannot) becomes U+FFFD, as a decoder shows a bad byte; kept, it
-    failed every later step (the transcript's S3 write, the batch it was in)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
-
-
 def _usage_count(usage: object, name: str) -> int | None:
     """A token count the provider reported, or None when it sent none we can
     trust (missing, null, negative, not a finite number): such a count is
@@ -288,7 +274,7 @@ async def _complete(
         )
     choice = choices[0]
     content = choice.message.content
-    text = _valid_text(content if isinstance(content, str) else ("" if content is None else str(content)))
+    text = without_surrogates(content if isinstance(content, str) else ("" if content is None else str(content)))
     usage = getattr(response, "usage", None)
     prompt_tokens = _usage_count(usage, "prompt_tokens")
     completion_tokens = _usage_count(usage, "completion_tokens")

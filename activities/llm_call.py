@@ -62,7 +62,7 @@ class LlmCallActivity:
         if inp.context is None:
             return ResolveModelsOutput(models=models)
         try:
-            ref = await asyncio.to_thread(self._rt.contexts.ref_for, inp.context.sha256)
+            ref = await self._rt.io(self._rt.contexts.ref_for, inp.context.sha256)
         except (ContextMissingError, ContextIntegrityError) as exc:
             return ResolveModelsOutput(models=models, context_problem=f"context: {exc}")
         except Exception as exc:  # noqa: BLE001 - storage down: the run's own steps retry their reads

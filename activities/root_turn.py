@@ -7,6 +7,8 @@ call that already completed and returns it instead of calling the model again.
 
 from __future__ import annotations
 
+import json
+
 import structlog
 from temporalio import activity
 
@@ -15,14 +17,14 @@ from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_
 from workflows.names import ACTIVITY_ROOT_TURN
 from workflows.parsing import MAX_REPLY_CHARS, parse_reply
 from workflows.prompts import merge_consecutive
-from workflows.request import clip_utf8
 from workflows.steps import RootTurnInput, RootTurnOutput
 
 log = structlog.get_logger(__name__)
-# A root reply is kept up to the parser's bound, one character past it (so the
-# parser still tells the model its reply was cut), and at most this many
-# UTF-8 bytes: well under Temporal's 4 MB payload limit (2 MB warns).
-ROOT_REPLY_BYTES = 1536 * 1024
+ROOT_REPLY_JSON_BYTES = 1536 * 1024
+"""The most a root reply takes in the activity's result, as JSON: well under
+Temporal's 4 MB payload limit (2 MB warns). A reply travels inline, and one
+past the limit failed every attempt (each charged), then the run."""
+_NOTE_CHARS = 200
 
 
 class RootTurnActivity:
@@ -49,12 +51,9 @@ class RootTurnActivity:
             reply = await heartbeating(complete(spec, messages, max_tokens=inp.max_tokens, stop=inp.stop or None, timeout_s=call_timeout_s()))
         except Exception as exc:  # mapped in one place: activities/llm.py
             raise to_application_error(exc) from exc
-        text = reply.text
-        if len(text) > MAX_REPLY_CHARS or len(text.encode()) > ROOT_REPLY_BYTES:
-            # A reply travels in the activity's result: one past Temporal's
-            # payload limit failed every attempt (each charged) and the run.
-            log.warning("root_turn.reply_clipped", workflow_id=inp.workflow_id, turn=inp.turn, chars=len(text))
-            text = clip_utf8(text[: MAX_REPLY_CHARS + 1], ROOT_REPLY_BYTES)
+        text = kept_reply(reply.text)
+        if text is not reply.text:
+            log.warning("root_turn.reply_clipped", workflow_id=inp.workflow_id, turn=inp.turn, chars=len(reply.text))
         result = {
             "reply": text,
             "prompt_tokens": reply.prompt_tokens,
@@ -76,3 +75,22 @@ class RootTurnActivity:
             completion_tokens=reply.completion_tokens,
         )
         return RootTurnOutput(transcript_key=key, **result)
+
+
+def kept_reply(text: str) -> str:
+    """`text` itself, or (past the parser's MAX_REPLY_CHARS, or past
+    ROOT_REPLY_JSON_BYTES as JSON, where a control character takes 6 bytes)
+    its head with a note saying how much was cut, which the model then sees."""
+    if len(text) * 6 <= ROOT_REPLY_JSON_BYTES - 2:  # fits even if all of it were escaped
+        return text
+    if len(text) <= MAX_REPLY_CHARS and _json_bytes(text) <= ROOT_REPLY_JSON_BYTES:
+        return text
+    budget = ROOT_REPLY_JSON_BYTES - 6 * _NOTE_CHARS
+    kept = text[: MAX_REPLY_CHARS - _NOTE_CHARS]
+    while (size := _json_bytes(kept)) > budget:
+        kept = kept[: min(len(kept) - 1, int(len(kept) * budget / size))]
+    return kept + f"\n[the worker kept the first {len(kept):,} of this reply's {len(text):,} characters]"
+
+
+def _json_bytes(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())

@@ -82,7 +82,9 @@ class WorkerRuntime:
             return None
 
     def put_json(self, key: str, value: Any) -> None:
-        self.store.put_bytes(key, json.dumps(value, ensure_ascii=False).encode())
+        # backslashreplace: a lone surrogate (only ever inside a string) is
+        # written as its JSON escape, so the record reads back the same.
+        self.store.put_bytes(key, json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace"))
 
 
 def run_key(workflow_id: str, *parts: str) -> str:

@@ -1,5 +1,5 @@
 """Text from models and contexts, made safe to print (by the CLI and the
-logs' console renderers).
+logs' console renderers) and to carry (`without_surrogates`).
 
 An answer, a cell's output, a provider's error or a document's name is text
 an attacker may write (a prompt injection in an audited document is enough).
@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Any, TextIO
 
-__all__ = ["escape_log_values", "json_text", "printable", "printable_if_terminal"]
+__all__ = ["escape_log_values", "json_text", "printable", "printable_if_terminal", "without_surrogates"]
 
 # C0 controls but \t and \n, a \r not ending a line, DEL, C1 controls (U+009B
 # is a one-character CSI), bidi embeddings, overrides and isolates, and lone
@@ -28,6 +28,21 @@ __all__ = ["escape_log_values", "json_text", "printable", "printable_if_terminal
 _UNSAFE = re.compile("\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 # Inside JSON text (json escaped C0 already; any of these is inside a string).
 _UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """`text` as valid Unicode: a lone surrogate (a JSON `\\udfff` escape, a
+    file name's undecodable byte) becomes U+FFFD, as a decoder shows a bad
+    byte. Kept, it fails whatever stores or sends the text as UTF-8 (a
+    transcript's S3 write, a Temporal failure, a batch's result)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from datetime import datetime, timezone
 
 import structlog
 from temporalio import activity
@@ -17,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities._tool_threads import ToolThreadsBusy
 from activities.runtime import WorkerRuntime, heartbeating, run_key
+from activities.terminal_text import without_surrogates
 from workflows.names import ACTIVITY_RESOLVE_TOOLS, ACTIVITY_TOOL_CALL
 from workflows.tool_steps import ResolveToolsInput, ResolveToolsOutput, ToolCallInput, ToolCallOutput
 
@@ -59,9 +61,10 @@ class ToolCallActivity:
             # Workers of one task queue should register the same tools; another may have it.
             raise ApplicationError(f"this worker has no tool named {inp.name!r}", type="UnknownTool")
         seconds = _answer_within_s()
+        limit: asyncio.Timeout | None = None
         try:
             kwargs = tool.arguments(inp.args_json)
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(seconds) as limit:
                 if tool.is_async:
                     value = await heartbeating(tool.fn(**kwargs))
                 else:
@@ -69,26 +72,41 @@ class ToolCallActivity:
             out = ToolCallOutput(result_json=tool.result_json(value))
         except asyncio.CancelledError:
             raise
-        except TimeoutError:
-            # Its answer, as a raise is: a timed-out call that Temporal retried
-            # ran the tool (and its side effects) again, up to three times.
-            log.info("tool_call.timed_out", tool=inp.name, call_id=inp.call_id, seconds=seconds)
-            out = ToolCallOutput(error=f"TimeoutError: the tool did not return within {seconds:g} s; it is not called again")
+        except TimeoutError as exc:
+            if limit is None or not limit.expired():  # the tool's own (a socket's): its answer, as any raise
+                out = _raised(inp, exc)
+            else:
+                # Its answer too: a timed-out call that Temporal retried ran the
+                # tool (and its side effects) again, up to three times.
+                log.info("tool_call.timed_out", tool=inp.name, call_id=inp.call_id, seconds=seconds)
+                within = f"{_timeout_s():g} s"
+                out = ToolCallOutput(error=f"TimeoutError: the tool did not return within {within}; it is not called again")
         except ToolThreadsBusy as exc:
             out = ToolCallOutput(error=f"ToolThreadsBusy: {exc}")
         except Exception as exc:
-            # The tool's own failure is its answer (the guest gets a ToolError);
-            # running a tool with side effects again because it raised could repeat them.
-            log.info("tool_call.raised", tool=inp.name, call_id=inp.call_id, error=repr(exc)[:500])
-            out = ToolCallOutput(error=f"{type(exc).__name__}: {exc}"[:4000])
+            out = _raised(inp, exc)
         await self._rt.io(self._rt.put_json, key, out.model_dump(mode="json"))
         return out
 
 
-def _answer_within_s() -> float | None:
-    """The tool's share of this attempt's start-to-close timeout (None: none set)."""
+def _raised(inp: ToolCallInput, exc: Exception) -> ToolCallOutput:
+    """The tool's own failure is its answer (the guest gets a ToolError):
+    running a tool with side effects again because it raised could repeat them."""
+    log.info("tool_call.raised", tool=inp.name, call_id=inp.call_id, error=repr(exc)[:500])
+    return ToolCallOutput(error=without_surrogates(f"{type(exc).__name__}: {exc}"[:4000]))
+
+
+def _timeout_s() -> float | None:
     limit = activity.info().start_to_close_timeout
-    if not limit:
+    return limit.total_seconds() if limit else None
+
+
+def _answer_within_s() -> float | None:
+    """What is left of this attempt's start-to-close timeout, less what the
+    call needs to record and report its answer (None: no timeout set)."""
+    info, seconds = activity.info(), _timeout_s()
+    if seconds is None:
         return None
-    seconds = limit.total_seconds()
-    return max(seconds / 2, seconds - _REPORT_S)
+    share = max(seconds / 2, seconds - _REPORT_S)
+    spent = (datetime.now(timezone.utc) - info.started_time).total_seconds()
+    return max(0.05, share - max(0.0, spent))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from activities._context_input import paths_bytes
 from activities.settings import Settings
 from activities.terminal_text import json_text, printable_if_terminal
 from cli._errors import UserError
@@ -44,31 +45,18 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _input_size(paths: list[Path]) -> int:
-    """For the progress line only: what cannot be listed or sized counts 0
-    (storing the files then says why)."""
-    total = 0
-    for path in paths:
-        for file in path.rglob("*") if path.is_dir() else [path]:
-            try:
-                total += file.stat().st_size if file.is_file() else 0
-            except OSError:
-                pass
-    return total
-
-
 def _put(args: argparse.Namespace, settings: Settings) -> int:
     from activities.context_store import ContextStore
     from activities.object_store import ObjectStore
 
     store = ContextStore(ObjectStore.from_settings(settings))
     paths = [Path(p) for p in args.paths]
-    progress = _Progress(_input_size([p for p in paths if p.exists()]))
+    progress = _Progress(paths_bytes(paths))
     try:
         ref = store.put_paths(paths, progress=progress, on_unreadable="skip" if args.skip_unreadable else "fail")
     finally:
         progress.finish()
-    sys.stdout.write(ref.model_dump_json() + "\n")
+    sys.stdout.write(json_text(ref.model_dump(mode="json")) + "\n")
     return 0
 
 

@@ -12,6 +12,8 @@ import random
 import sys
 from pathlib import Path
 
+from activities.terminal_text import printable
+
 __all__ = ["make_task", "register"]
 
 _WORDS = (
@@ -83,7 +85,7 @@ def _cmd_demo(args: argparse.Namespace, settings) -> int:
         opts = RunOptions(question=question, context_paths=[path], model=args.model, sub_model=None)
         result = await client.run(opts)
         ok = is_correct(args.kind, result.answer, expected)
-        print(result.answer if result.answer is not None else "(no answer)")
+        print(printable(result.answer) if result.answer is not None else "(no answer)")
         print(
             f"\nexpected: {expected} -> {'correct' if ok else 'WRONG'} | status: {result.status} | "
             f"turns: {result.turns} | tokens: {result.spend.tokens:,} | model calls: {result.spend.calls}",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
@@ -122,7 +123,7 @@ class RunClient:
         store = ObjectStore.from_settings(self.settings)
         store.ensure_bucket()
         if self.progress:
-            self.progress.note(f"uploading context ({_size(opts.context_paths)})")
+            self.progress.note(f"uploading context ({paths_bytes(opts.context_paths) / 1e6:.1f} MB)")
         # The embedded worker shares this machine and data dir: it finds the
         # context in its cache instead of downloading what we just uploaded.
         copy_to = self.settings.context_cache_dir if embedded(self.settings) else None
@@ -314,16 +315,6 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
     refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
     if refusal is not None:
         raise RunError(f"budget too small to start: {refusal.message}")
-
-
-def _size(paths: list[Path]) -> str:
-    total = 0
-    for p in paths:
-        if p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        elif p.exists():
-            total += p.stat().st_size
-    return f"{total / 1e6:.1f} MB"
 
 
 # A hosted default per provider key: a strong root model and a cheaper sub model.

@@ -66,7 +66,13 @@ def hung_export(batch: int) -> str:
     return "exported"
 
 
-HUNG_TOOLS = [hung_export]
+def archive_path(batch: int) -> str:
+    """The archive path of a batch (an archive whose file names are not UTF-8)."""
+    _count("archive_path", batch=batch)
+    raise LookupError(f"no file /archive/caf\udce9-{batch}.pdf")  # a name read with surrogateescape
+
+
+HUNG_TOOLS = [hung_export, archive_path]
 
 
 class Opaque:

@@ -181,10 +181,12 @@ def test_a_lone_surrogate_escape_in_a_json_start_is_named_as_such():
     caller looking for a syntax error."""
     for data, expected in [
         (b'{"question": "a\\ud800b", "context": "x"}', "a string holds a lone UTF-16 surrogate escape"),
+        (b'{"question": "a\\udc00b", "context": "x"}', "a string holds a lone UTF-16 surrogate escape"),
         (b'{"question": "a", "context": ', "the input is not JSON (ValidationError"),
+        (b"[" * 300 + b"]" * 300, "the input is not JSON (ValidationError"),  # deeper than the decoder goes
     ]:
         payload = Payload(metadata={"encoding": b"json/plain"}, data=data)
         with pytest.raises(Exception) as decoding:
             pydantic_data_converter.payload_converter.from_payload(payload)
-        problem = not_json_problem("RunRequest", data, decoding.value)
+        problem = not_json_problem("RunRequest", decoding.value)
         assert problem.startswith("invalid RunRequest: ") and expected in problem, problem

@@ -261,6 +261,18 @@ def test_a_hung_tool_is_answered_at_its_timeout_and_keeps_to_its_own_threads(set
     assert len(sample_tools.calls(calls_file, "hung_export")) == TOOL_THREADS  # each once: none retried
 
 
+def test_a_tool_error_naming_a_file_that_is_not_utf8_is_its_answer(settings, context_store, llm, calls_file):
+    # The surrogate in its message failed the record's write: the activity failed and the tool ran three times.
+    llm.add_rule("Turn 1 of", repl("try:\n    archive_path(7)\nexcept ToolError as e:\n    print('caught', e)"), model=ROOT)
+    llm.add_rule(lambda r: "caught" in r.last_user_text, "FINAL(done)", model=ROOT, name="final")
+    s = isolated(settings).model_copy(update={"tools": "tests.sample_tools:HUNG_TOOLS"})
+    result, _ = run_with_tools(s, llm, tool_request("q?", context_store.put_value("x"), ["archive_path"]))
+    assert result.status == "completed", result.reason
+    shown = [r for r in llm.requests(ROOT) if r.matched_rule and r.matched_rule.name == "final"][0].last_user_text
+    assert "caught archive_path(): LookupError: no file /archive/caf\ufffd-7.pdf" in shown, shown[-500:]
+    assert len(sample_tools.calls(calls_file, "archive_path")) == 1
+
+
 def test_max_tool_calls_refuses_before_calling(settings, context_store, llm, calls_file):
     ctx = context_store.put_value("x")
     llm.add_rule("Turn 1 of", repl("for i in (1, 3, 1):\n    print(ledger_lookup(i))"), model=ROOT)

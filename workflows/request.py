@@ -283,19 +283,21 @@ def without_unknown_fields(model: type[BaseModel], value: Any) -> tuple[BaseMode
         return None
 
 
-def not_json_problem(what: str, data: bytes, exc: Exception) -> str:
+def not_json_problem(what: str, exc: Exception) -> str:
     """Why a start's input could not be decoded, in the caller's terms. The
     strict decoder refuses a lone UTF-16 surrogate escape (`"\\ud800"` with no
     pair: valid JSON syntax, no Unicode text) with "unexpected end of hex
-    escape", which sends a caller looking for a syntax error."""
-    try:
-        json.loads(data)
-    except ValueError:
-        return f"invalid {what}: the input is not JSON ({type(exc).__name__}: {exc})"
-    return (
-        f"invalid {what}: a string holds a lone UTF-16 surrogate escape (such as \\ud800 without its pair), "
-        "which is no Unicode character: send valid text (a JSON encoder given a real string never writes one)"
-    )
+    escape" (or "lone leading surrogate in hex escape"), which sends a caller
+    looking for a syntax error."""
+    # The decoder's own message, not str(exc): that quotes the input, which may say anything.
+    errors = exc.errors(include_input=False) if isinstance(exc, ValidationError) else []
+    reason = str(errors[0].get("msg", "")) if errors else str(exc)
+    if "surrogate" in reason or "hex escape" in reason:
+        return (
+            f"invalid {what}: a string holds a lone UTF-16 surrogate escape (such as \\ud800 without its pair), "
+            "which is no Unicode character: send valid text (a JSON encoder given a real string never writes one)"
+        )
+    return f"invalid {what}: the input is not JSON ({type(exc).__name__}: {exc})"
 
 
 def validation_errors(exc: ValidationError, limit: int = 20) -> str:

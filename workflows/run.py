@@ -395,7 +395,7 @@ def _decode_request(raw: RawValue) -> tuple[RunRequest | str, str | None]:
     try:
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
-        return not_json_problem("RunRequest", raw.payload.data, exc), None
+        return not_json_problem("RunRequest", exc), None
     request = parse_request(value)
     if isinstance(request, str) and (dropped := without_unknown_fields(RunRequest, value)) is not None:
         return dropped[0], f"invalid RunRequest: {dropped[1]}"  # type: ignore[return-value]

@@ -392,7 +392,7 @@ def _decode_request(raw: RawValue) -> tuple[SessionRequest | str, str | None]:
     try:
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
-        return not_json_problem("SessionRequest", raw.payload.data, exc), None
+        return not_json_problem("SessionRequest", exc), None
     try:
         return SessionRequest.model_validate(value), None
     except ValidationError as exc:

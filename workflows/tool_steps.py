@@ -10,7 +10,6 @@ lookup in an approved system, not a way to move documents.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import keyword
 from typing import Any
@@ -31,11 +30,6 @@ RESERVED_NAMES = frozenset(
      "FINAL", "FINAL_VAR", "SHOW_VARS", "HostCallError", "ToolError", "call_tool"}
 )
 """Names of the REPL that a tool may not take."""
-SHADOWED_NAMES = frozenset({"document", "document_names", *dir(builtins)})
-"""More names a cell already has (REPL functions, Python builtins): a tool
-`print` turned every print into a tool call, a tool `document_names` broke
-`document()`. Refused where a tool is registered, not in a run's request, so
-a run already going that names one still replays."""
 
 
 def tool_name_problem(name: Any) -> str | None:

@@ -139,7 +139,11 @@ _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 @web.middleware
 async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
-    if urlsplit("//" + request.headers.get("Host", "")).hostname not in _LOCAL_HOSTS:
+    try:
+        host = urlsplit("//" + request.headers.get("Host", "")).hostname
+    except ValueError:  # not a host at all ("[")
+        host = None
+    if host not in _LOCAL_HOSTS:
         raise web.HTTPForbidden(text="the run viewer answers only to 127.0.0.1 or localhost")
     return await handler(request)
 
