@@ -6,6 +6,7 @@ it has). Real worker, Temporal, S3 and WASM; models scripted through litellm."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 from tests.fixtures_llm import fake_registry
@@ -75,3 +76,38 @@ async def _until_cell_runs(handle) -> None:
         ):
             return
         await asyncio.sleep(0.1)
+
+
+def _question(r) -> str:
+    found = re.search(r"Question: (\S+)", r.all_text)
+    return found.group(1) if found else ""
+
+
+def test_a_run_cancelled_with_children_queued_reports_what_they_billed(settings, context_store, llm):
+    """Three children, two running (concurrency 2), one queued for a slot;
+    then a cancel. The queued one ended at once and the batch with it, and
+    the run reported before the running children had settled: 1 call of 5
+    billed (found by review). The run now waits for them to stop."""
+    release = threading.Event()
+    code = 'print(rlm_query_batched(["c0", "c1", "c2"], contexts=["x", "y", "z"]))'
+    llm.add_rule(lambda r: _question(r) == "top", repl(code), model=ROOT)
+    llm.add_rule(lambda r: _question(r).startswith("c"), repl("print(llm_query('wait'))"), model=ROOT)
+    llm.add_rule(None, "ok", model=SUB, name="held", hold=release)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            caps = {"max_depth": 1, "max_concurrency": 2, "max_usd": 1.0}
+            handle = await start(client, s, request("top", context_store.put_value("abc"), caps=caps))
+            await asyncio.to_thread(llm.wait_for_count, 2, "held", 60)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            return await asyncio.wait_for(handle.result(), 120)
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        release.set()
+    llm.wait_idle(30)
+    billed = llm.billed()
+    assert result.status == "cancelled", result
+    assert result.spend.calls >= billed.requests and result.spend.tokens >= billed.tokens, (result.spend, billed)

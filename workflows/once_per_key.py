@@ -36,6 +36,10 @@ class OncePerKey(Generic[T]):
             task.add_done_callback(lambda t, k=key: self._finished(k, t))
         return task
 
+    def running(self) -> int:
+        """Steps started and not yet ended (a cancelled one runs until it stops)."""
+        return len(self._running)
+
     def cancel_running(self) -> None:
         for task in list(self._running.values()):
             task.cancel()

@@ -18,7 +18,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
-    from workflows.budget import Caps, Ledger, money_cap_problem
+    from workflows.budget import Caps, Ledger, Spend, money_cap_problem
     from workflows.caps_update import caps_change_problem
     from workflows.request import (
         RunRequest,
@@ -106,6 +106,7 @@ class RLMRun:
         self._cancel_reason: str | None = None
         self._driver: TurnDriver | None = None
         self._loop_task: asyncio.Task | None = None
+        self._unsettled = False
 
     # -- the run -------------------------------------------------------------
     @workflow.run
@@ -195,6 +196,8 @@ class RLMRun:
         self.state.router.cancel_all()
         self.state.tools.cancel_all()
         await workflow.wait_condition(workflow.all_handlers_finished)
+        # What did not stop in time is counted at what it holds: never report less than was billed.
+        self._unsettled = not await self.state.router.settled()
         return self._result(status, reason, answer)
 
     @staticmethod
@@ -252,7 +255,7 @@ class RLMRun:
             status=status,
             reason=clip_noting_length(reason, ERROR_CHARS) if reason is not None else None,
             turns=self.state.turn,
-            spend=self.state.ledger.spent(),
+            spend=self.state.ledger.spent() + (self.state.ledger.reserved() if self._unsettled else Spend()),
             usage=self.state.usage,
             workflow_id=info.workflow_id,
             run_id=info.run_id,

@@ -62,6 +62,9 @@ REPLY_INLINE_BUDGET = 512 * 1024
 HISTORY_BYTES_BUDGET = 40 * 1024 * 1024
 EVENTS_PER_UPDATE, EVENTS_PER_ITEM, BYTES_PER_ITEM = 11, 6, 2_048
 # A parent waits for a child at most this long (the parent's cell gives up then).
+# Runs since this patch wait for their cancelled calls and children to settle before they report.
+SETTLE_BEFORE_RESULT_PATCH = "settle-subcalls-before-result"
+SETTLE_WAIT = timedelta(minutes=2)
 CHILD_MAX_WAIT = timedelta(hours=6)
 # Time a child gets past the tree's deadline to ask for its last answer and report.
 CHILD_DEADLINE_GRACE = timedelta(minutes=5)
@@ -158,6 +161,19 @@ class SubcallRouter:
     def cancel_all(self) -> None:
         self.closed = True
         self._once.cancel_running()
+
+    async def settled(self) -> bool:
+        """Wait (at most SETTLE_WAIT) for cancelled calls and child runs to
+        stop: each settles its spend as it ends, and a result reported
+        before leaves it out (a run cancelled with children queued reported
+        1 call of 5 billed). False when some are still running."""
+        if not self._once.running() or not workflow.patched(SETTLE_BEFORE_RESULT_PATCH):
+            return True
+        try:
+            await workflow.wait_condition(lambda: not self._once.running(), timeout=SETTLE_WAIT)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     # -- one item ------------------------------------------------------------
     async def _run_item(
