@@ -140,6 +140,47 @@ except HostCallError as exc:
     assert 0 < llm.count("sub") < 100 * 20
 
 
+def test_child_runs_whose_results_would_overfill_the_history_are_refused(settings, context_store, llm):
+    """Each child's result lands in its parent's history (up to 64 KB of
+    answer and its tree); the check counted 2 KB a child and not the updates
+    still running, so 260 children after 38 MB of replies got the run
+    terminated by the server ("history size exceeds limit": no result, no
+    spend). Found by review."""
+    cell = (
+        "for i in range(46):\n    llm_query('fill %d' % i)\n"
+        "try:\n    rlm_query_batched(['k%d' % i for i in range(260)])\n"
+        "except HostCallError as exc:\n    print('children refused:', exc)"
+    )
+    llm.add_rule(lambda r: "Question: top" in r.all_text and "Turn 1 of" in r.last_user_text, repl(cell), model=ROOT)
+    llm.add_rule(lambda r: "children refused" in r.last_user_text, "FINAL(end)", model=ROOT, name="saw")
+    llm.add_rule(lambda r: re.search(r"Question: k\d", r.all_text) is not None, "FINAL(" + "y" * 65_000 + ")", model=ROOT, name="child")
+    llm.add_rule(lambda r: "fill" in r.last_user_text, "x" * 400_000, model=SUB, name="fill")
+    s = isolated(settings)
+    registry = fake_registry(llm, max_output_tokens=200_000, context_window=1_000_000)
+    limits = {"root_max_output_tokens": 65_536, "sub_max_output_tokens": 200_000, "cell_timeout_s": 600}
+
+    async def go():
+        async with running_worker(s, registry) as client:
+            return await run(client, s, request("top", context_store.put_value("abc"), caps={"max_depth": 1}, limits=limits), 600)
+
+    result = asyncio.run(go())
+    assert result.status == "completed" and result.answer == "end", result
+    [shown] = [r.last_user_text for r in llm.requests(ROOT) if r.matched_rule.name == "saw"]
+    assert "filled the run's history" in shown and "260 more sub-calls do not fit" in shown, shown[-500:]
+    assert llm.count("fill") == 46 and llm.count("child") == 0
+
+
+def test_a_final_in_the_reply_past_the_inline_bound_says_it_was_cut(settings, context_store, llm):
+    # It was cut to 64 KiB with no answer_ref and no word of it (found by review).
+    answer = " ".join("w%05d" % i for i in range(15_000))
+    llm.add_rule("Turn 1 of", repl("x = 1"), model=ROOT)
+    llm.add_rule("Turn 2 of", "FINAL(" + answer + ")", model=ROOT)
+    result = run_once(isolated(settings), fake_registry(llm, max_output_tokens=65_536),
+                      request("q", context_store.put_value("abc"), limits={"root_max_output_tokens": 65_536}))  # fmt: skip
+    assert result.status == "completed" and answer.startswith(result.answer) and len(result.answer) == 64 * 1024
+    assert result.reason.startswith(f"the answer has {len(answer):,} characters; this result holds its first 65,536 bytes")
+
+
 def _tree(width: int, depth: int, prefix: str = "w") -> list[ChildSummary]:
     if depth == 0:
         return []

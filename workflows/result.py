@@ -16,8 +16,14 @@ from workflows.budget import Spend
 from workflows.refs import BlobRef, JsonList, SkippedDocument
 
 __all__ = [
-    "MAX_TREE_NODES_INLINE", "ChildSummary", "ModelUsage", "RunResult", "RunStatus", "Usage", "bounded_tree",
+    "ANSWER_INLINE_BYTES", "CHILD_RESULT_BYTES", "MAX_TREE_NODES_INLINE", "ChildSummary", "ModelUsage", "RunResult", "RunStatus", "Usage", "bounded_tree",
 ]  # fmt: skip
+
+ANSWER_INLINE_BYTES = 64 * 1024
+"""UTF-8 bytes of the answer inline in a result; the whole answer is at answer_ref."""
+CHILD_RESULT_BYTES = ANSWER_INLINE_BYTES + 160 * 1024
+"""Most a child's RunResult adds to its parent's history: the inline answer,
+and the tree of up to MAX_TREE_NODES_INLINE runs (200 x ~500 bytes), usage."""
 
 RunStatus = Literal["completed", "budget_exhausted", "max_turns", "max_errors", "cancelled", "failed"]
 

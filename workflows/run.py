@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         parse_request,
         without_unknown_fields,
     )
-    from workflows.result import RunResult, RunStatus, Usage, bounded_tree
+    from workflows.result import ANSWER_INLINE_BYTES, RunResult, RunStatus, Usage, bounded_tree
     from workflows.run_state import RunState
     from workflows.refs import ContextRef, ContextURI
     from workflows.step_common import ERROR_CHARS, error_text
@@ -45,8 +45,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.summaries import progress_details
     from workflows.turn import ContinueAsNew, RunEnded, TurnDriver
 
-# UTF-8 bytes of the answer inline in a result; the whole answer is at answer_ref.
-ANSWER_INLINE_BYTES = 64 * 1024
 # Errors of our own code or data fail the run (or the update) with a reason
 # instead of failing the workflow task, which the SDK retries forever
 # (DESIGN.md section 9). Non-determinism is left out on purpose: that is a
@@ -247,10 +245,17 @@ class RLMRun:
     def _result(self, status: RunStatus, reason: str | None, answer: str | None) -> RunResult:
         info = workflow.info()
         context = self._req.context
+        answer_ref = self._driver.answer_ref if self._driver else None
+        if answer is not None and answer_ref is None and len(answer.encode()) > ANSWER_INLINE_BYTES and reason is None:
+            # A FINAL written in the reply has no stored copy: say it was cut, never cut silently.
+            reason = (
+                f"the answer has {len(answer):,} characters; this result holds its first {ANSWER_INLINE_BYTES:,} "
+                "bytes (the whole answer is the last reply in the transcript)"
+            )
         workflow.upsert_search_attributes([STATUS_KEY.value_set(status)])
         return RunResult(
             answer=clip_utf8(answer, ANSWER_INLINE_BYTES) if answer is not None else None,
-            answer_ref=self._driver.answer_ref if self._driver else None,
+            answer_ref=answer_ref,
             answer_value=self._driver.answer_value if self._driver else None,
             status=status,
             reason=clip_noting_length(reason, ERROR_CHARS) if reason is not None else None,

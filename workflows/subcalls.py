@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.admission import Admission
     from workflows.budget import Ledger, Refusal, Spend, equal_share
     from workflows.request import ModelChoice, ParentLink, RunRequest, clip_utf8, validation_errors
-    from workflows.result import ChildSummary, RunResult, Usage, bounded_tree
+    from workflows.result import CHILD_RESULT_BYTES, ChildSummary, RunResult, Usage, bounded_tree
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         error_text,
@@ -61,10 +61,10 @@ REPLY_INLINE_BUDGET = 512 * 1024
 # prompt is stored twice (update, activity input).
 HISTORY_BYTES_BUDGET = 40 * 1024 * 1024
 EVENTS_PER_UPDATE, EVENTS_PER_ITEM, BYTES_PER_ITEM = 11, 6, 2_048
-# A parent waits for a child at most this long (the parent's cell gives up then).
 # Runs since this patch wait for their cancelled calls and children to settle before they report.
 SETTLE_BEFORE_RESULT_PATCH = "settle-subcalls-before-result"
 SETTLE_WAIT = timedelta(minutes=2)
+# A parent waits for a child at most this long (the parent's cell gives up then).
 CHILD_MAX_WAIT = timedelta(hours=6)
 # Time a child gets past the tree's deadline to ask for its last answer and report.
 CHILD_DEADLINE_GRACE = timedelta(minutes=5)
@@ -90,6 +90,7 @@ class SubcallRouter:
         self._once: OncePerKey[SubcallAnswer] = OncePerKey()
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
         self._queued = 0
+        self._history_promised = 0
         """Items waiting for a concurrency slot."""
         self._admission: Admission | None = None
         """Set for runs that admit calls past the cap into windows; they use it instead of `_sem`."""
@@ -135,8 +136,8 @@ class SubcallRouter:
         limits before the turn ends (a cell must finish inside one run)."""
         info = workflow.info()
         events = info.get_current_history_length() + EVENTS_PER_UPDATE + EVENTS_PER_ITEM * len(batch.items)
-        inline = sum(len(item.text or "") * 2 + BYTES_PER_ITEM for item in batch.items)
-        if events > self._req.limits.history_events or info.get_current_history_size() + inline > HISTORY_BYTES_BUDGET:
+        promised = info.get_current_history_size() + self._history_promised + history_bytes(batch)
+        if events > self._req.limits.history_events or promised > HISTORY_BYTES_BUDGET:
             raise ValueError(
                 f"this turn has filled the run's history ({info.get_current_history_length():,} events, "
                 f"{info.get_current_history_size():,} bytes); {len(batch.items):,} more sub-calls do not fit. "
@@ -146,6 +147,16 @@ class SubcallRouter:
 
     async def handle(self, batch: SubcallBatch) -> SubcallReply:
         self.updates += 1
+        # What accepted updates still running will add: the validator checks
+        # the next batch against it, not against the history so far alone.
+        promised = history_bytes(batch)
+        self._history_promised += promised
+        try:
+            return await self._handle(batch)
+        finally:
+            self._history_promised -= promised
+
+    async def _handle(self, batch: SubcallBatch) -> SubcallReply:
         inline_limit = max(256, REPLY_INLINE_BUDGET // len(batch.items))
         waits = []
         for index, (item, digest) in enumerate(zip(batch.items, batch.item_digests())):
@@ -415,3 +426,14 @@ def _bounded(answer: SubcallAnswer, inline_limit: int) -> SubcallAnswer:
         fits = answer.text is not None and len(answer.text.encode()) <= inline_limit
         return SubcallAnswer(text=answer.text) if fits else SubcallAnswer(child_workflow_id=answer.child_workflow_id)
     return answer
+
+
+def history_bytes(batch: SubcallBatch) -> int:
+    """The most one update of `batch` adds to the run's history: each inline
+    prompt twice (the update, the activity input), each child's result, and
+    the inline replies twice (activity results, the update's reply)."""
+    per_item = sum(
+        len(item.text or "") * 2 + BYTES_PER_ITEM + (CHILD_RESULT_BYTES if batch.kind == "rlm" else 0)
+        for item in batch.items
+    )
+    return per_item + 2 * REPLY_INLINE_BUDGET
