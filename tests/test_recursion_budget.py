@@ -7,6 +7,8 @@ import asyncio
 import re
 import threading
 
+import pytest
+
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, UPDATE_SET_CAPS
@@ -184,6 +186,22 @@ def test_wall_time_cap(settings, context_store, llm):
     result = run_once(s, fake_registry(llm), request("q", ctx, caps={"max_wall_s": 2.0}))
     assert result.status == "budget_exhausted"
     assert "wall" in (result.reason or "").lower() or "time" in (result.reason or "").lower()
+    assert llm.count("root") == 1
+
+
+@pytest.mark.parametrize("step", ["cell", "sub-call"])
+def test_a_step_started_before_the_deadline_ends_at_it(settings, context_store, llm, step):
+    """Caps are checked before a step starts; a looping cell (timeout 60 s)
+    or a slow sub-call ran past a 3 s cap by its whole timeout (found by
+    review). Each step's timeout is now the time left, when that is shorter."""
+    code = "x = 0\nwhile True:\n    x += 1" if step == "cell" else "print(llm_query('slow'))"
+    llm.add_rule(None, repl(code), model=ROOT, name="root")
+    llm.add_rule(None, "late", model=SUB, delay_s=60)
+    limits = {"cell_timeout_s": 60.0, "model_call_timeout_s": 60.0}
+    result = run_once(isolated(settings), fake_registry(llm), request("q", context_store.put_value("abc"), caps={"max_wall_s": 3.0}, limits=limits))
+    assert result.status == "budget_exhausted" and "wall time" in result.reason, result
+    late = float(re.search(r"passed ([0-9.]+) s ago", result.reason).group(1))
+    assert late < 10, result.reason  # not the step's 60 s
     assert llm.count("root") == 1
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -37,7 +37,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.model_attempts import ONE_ATTEMPT
-    from workflows.step_common import MODEL_CALL_HEARTBEAT_TIMEOUT
+    from workflows.step_common import MODEL_CALL_HEARTBEAT_TIMEOUT, until_deadline_s
     from workflows.steps import LlmCallFailure, LlmCallInput, LlmCallOutput, LlmCallsInput, LlmCallsOutput
     from workflows.summaries import llm_calls_summary
 
@@ -93,6 +93,7 @@ class CallGroups:
         *,
         lanes: int | None = None,
         lanes_activity: str = names.ACTIVITY_LLM_CALLS,
+        deadline: Callable[[], datetime | None] = lambda: None,
     ) -> None:
         """`more_queued` says whether calls of the run wait for a concurrency
         slot; None keeps every group at CALLS_PER_ACTIVITY (runs started
@@ -101,8 +102,10 @@ class CallGroups:
         lane and calls wait here for a lane; None (runs started before call
         windows), each call's concurrency slot is its lane. `lanes_activity`
         is the activity that carries groups with lanes (runs started before
-        its own name keep `llm_calls`)."""
+        its own name keep `llm_calls`). `deadline`: the run's wall-time
+        deadline, which no group's calls run past."""
         self._call_timeout_s = call_timeout_s
+        self._deadline = deadline
         self._more_queued = more_queued
         self._free = lanes
         self._lanes_activity = lanes_activity
@@ -190,15 +193,16 @@ class CallGroups:
         ]
         # A lane runs its calls one after another.
         rounds = -(-len(calls) // group.lanes) if group.lanes else 1
+        call_timeout_s = until_deadline_s(self._deadline(), self._call_timeout_s)
         try:
             out: LlmCallsOutput = await workflow.execute_activity(
                 names.ACTIVITY_LLM_CALLS if group.lanes is None else self._lanes_activity,
                 LlmCallsInput(
-                    calls=inputs, call_timeout_s=self._call_timeout_s, records=group.records, lanes=group.lanes
+                    calls=inputs, call_timeout_s=call_timeout_s, records=group.records, lanes=group.lanes
                 ),
                 result_type=LlmCallsOutput,
                 summary=llm_calls_summary([c.place for c in calls], [c.inp.model for c in calls]),
-                start_to_close_timeout=timedelta(seconds=self._call_timeout_s * rounds) + GROUP_TIMEOUT_MARGIN,
+                start_to_close_timeout=timedelta(seconds=call_timeout_s * rounds) + GROUP_TIMEOUT_MARGIN,
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
             )

@@ -5,7 +5,7 @@ workflows/model_attempts.py.)"""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
@@ -18,6 +18,16 @@ MODEL_CALL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # Longest error text that travels in a payload (update reply, result reason,
 # a prompt): a child's or a provider's message may be of any length.
 ERROR_CHARS = 4_000
+
+
+def until_deadline_s(deadline: datetime | None, seconds: float) -> float:
+    """`seconds`, or the time left to the run's wall-time deadline when that
+    is shorter (at least 1 s). Caps are checked before a step starts; a step
+    started just before the deadline ran past it by its whole timeout (a
+    looping cell 30 s past a 3 s cap, a slow sub-call 20 s)."""
+    if deadline is None:
+        return seconds
+    return max(1.0, min(seconds, (deadline - workflow.now()).total_seconds()))
 
 
 def raise_if_cancelled(exc: ActivityError | ChildWorkflowError) -> None:

@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         error_text,
         raise_if_cancelled,
+        until_deadline_s,
     )
     from workflows.call_groups import CallGroups
     from workflows.subcall_plan import LlmPlan, pick_model, plan_llm_call, refuse_text
@@ -281,7 +282,9 @@ class SubcallRouter:
                 call,
                 result_type=LlmCallOutput,
                 summary=llm_call_summary(index + 1, count, plan.model),
-                start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
+                start_to_close_timeout=timedelta(
+                    seconds=until_deadline_s(self._ledger.deadline, self._req.limits.model_call_timeout_s)
+                ),
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
             )
@@ -315,10 +318,12 @@ class SubcallRouter:
                         lambda: admission.waiting > 0,
                         lanes=self._req.caps.max_concurrency,
                         lanes_activity=names.ACTIVITY_LLM_CALLS_IN_LANES if in_lanes else names.ACTIVITY_LLM_CALLS,
+                        deadline=lambda: self._ledger.deadline,
                     )
                 else:
                     self._groups = CallGroups(
-                        self._req.limits.model_call_timeout_s, (lambda: self._queued > 0) if whole else None
+                        self._req.limits.model_call_timeout_s, (lambda: self._queued > 0) if whole else None,
+                        deadline=lambda: self._ledger.deadline,
                     )
         return self._groups
 

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         error_text,
         raise_if_cancelled,
+        until_deadline_s,
     )
     from workflows.steps import CellInput, CellOutput, RootTurnInput, RootTurnOutput
     from workflows.summaries import cell_summary, root_turn_summary
@@ -327,7 +328,9 @@ class TurnDriver:
                     attempt=number,
                 ),
                 result_type=RootTurnOutput,
-                start_to_close_timeout=timedelta(seconds=self._req.limits.model_call_timeout_s),
+                start_to_close_timeout=timedelta(
+                    seconds=until_deadline_s(run.state.ledger.deadline, self._req.limits.model_call_timeout_s)
+                ),
                 retry_policy=ONE_ATTEMPT,
                 heartbeat_timeout=MODEL_CALL_HEARTBEAT_TIMEOUT,
                 summary=root_turn_summary(turn, self._root_model, self._prompt_tokens),
@@ -354,6 +357,7 @@ class TurnDriver:
         run.set_phase(f"cell {cell_id}")
         run.state.cells += 1
         limits = self._req.limits
+        cell_timeout_s = until_deadline_s(run.state.ledger.deadline, limits.cell_timeout_s)
         try:
             cell = await execute_cell(
                 CellInput(
@@ -362,14 +366,14 @@ class TurnDriver:
                     code=code,
                     context=self._req.context,
                     snapshot_key=self.snapshot_key,
-                    timeout_s=limits.cell_timeout_s,
+                    timeout_s=cell_timeout_s,
                     memory_mb=limits.cell_memory_mb,
                     output_chars=limits.output_chars,
                     tools=self._req.tools,
                     history_key=self.window.history_key,
                 ),
                 summary=cell_summary(cell_id, code),
-                start_to_close=cell_start_to_close(run.state.ledger.deadline, limits.cell_timeout_s),
+                start_to_close=cell_start_to_close(run.state.ledger.deadline, cell_timeout_s),
                 wait_until_stopped=True,
             )
         except ActivityError as exc:
