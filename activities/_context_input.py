@@ -14,9 +14,11 @@ from typing import BinaryIO
 __all__ = [
     "ContextInputError",
     "DocumentStats",
+    "FileIdentity",
     "NamedFile",
     "expand_paths",
     "file_blocks",
+    "file_identity",
     "named_files",
     "open_regular_file",
     "paths_bytes",
@@ -65,30 +67,51 @@ def shown_path(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def open_regular_file(path: Path) -> BinaryIO:
+FileIdentity = tuple[int, int]
+"""(st_dev, st_ino): which file a path named when it was listed."""
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """The identity of the file `path` names now (links followed)."""
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def open_regular_file(path: Path, identity: FileIdentity | None = None) -> BinaryIO:
     """`path` opened for reading, refused unless it is a regular file when
     opened: it may have been swapped since it was listed, and a FIFO would
-    block the read forever, a directory or a vanished file raise a raw OSError."""
+    block the read forever, a directory or a vanished file raise a raw OSError.
+    `identity`: the file listed; another one found at the path (a file or a
+    link in the folder replaced after the listing, say by a link to
+    ~/.aws/credentials) is refused, not read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ContextInputError(f"file {shown_path(path)} does not exist; check the path") from None
     except OSError as exc:
         raise ContextInputError(f"cannot read {shown_path(path)}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
         os.close(fd)
         raise ContextInputError(f"{shown_path(path)} is not a regular file (was it replaced after it was listed?)")
+    if identity is not None and (found.st_dev, found.st_ino) != identity:
+        os.close(fd)
+        raise ContextInputError(
+            f"{shown_path(path)} is not the file that was listed (replaced or re-linked since): not read; "
+            "store the context again once the folder has stopped changing"
+        )
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
-def file_blocks(path: Path, stats: DocumentStats) -> Iterator[bytes]:
-    """Validated UTF-8 blocks of a file: a NUL byte (binary file), bytes
-    that are not UTF-8, or a UTF-16 file stop with the offset of the problem."""
+def file_blocks(path: Path, stats: DocumentStats, identity: FileIdentity | None = None) -> Iterator[bytes]:
+    """Validated UTF-8 blocks of a file (`identity`: the one listed): a NUL
+    byte (binary file), bytes that are not UTF-8, or a UTF-16 file stop with
+    the offset of the problem."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     shown = shown_path(path)
     consumed = 0
-    with open_regular_file(path) as handle:
+    with open_regular_file(path, identity) as handle:
         first = True
         while block := handle.read(_READ_BLOCK):
             if first:
@@ -143,6 +166,8 @@ class NamedFile:
     refused: str | None = None
     """Why it is left out unread (a link out of its folder): listed among the
     context's skipped documents, whatever `on_unreadable` says."""
+    identity: FileIdentity | None = None
+    """The file the path named when it was listed; what is read must be it."""
 
     def size(self) -> int:
         try:
@@ -169,9 +194,10 @@ def named_files(paths: list[Path]) -> list[NamedFile]:
             if not found:
                 raise ContextInputError(f"directory {shown_path(path)} contains no (non-hidden) files")
             for file, refused in found:
-                out.append(NamedFile(file, shown_path(file.relative_to(path).as_posix()), shown_path(file), refused))
+                name = shown_path(file.relative_to(path).as_posix())
+                out.append(NamedFile(file, name, shown_path(file), refused, None if refused else _identity(file)))
         elif path.is_file():
-            out.append(NamedFile(path, shown_path(path), shown_path(path)))
+            out.append(NamedFile(path, shown_path(path), shown_path(path), identity=_identity(path)))
         elif not path.exists():
             raise ContextInputError(f"file {shown_path(path)} does not exist; check the path")
         else:
@@ -195,6 +221,13 @@ def paths_bytes(paths: list[Path]) -> int:
             except OSError:
                 pass
     return total
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None  # gone already: opening it says so
 
 
 def _walk(top: Path) -> Iterator[tuple[Path, str | None]]:

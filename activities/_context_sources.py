@@ -39,14 +39,14 @@ def _sources(
             continue
         stats = DocumentStats()
         try:
-            doc_kind = kind_of(file.path)
+            doc_kind = kind_of(file.path, file.identity)
             if doc_kind == "text":
                 if skip:  # read it through once: a bad byte must not stop the stream later
-                    for _ in file_blocks(file.path, DocumentStats()):
+                    for _ in file_blocks(file.path, DocumentStats(), file.identity):
                         pass
-                yield stats, file_blocks(file.path, stats), file.name
+                yield stats, file_blocks(file.path, stats, file.identity), file.name
                 continue
-            text = converter.convert(file.path, doc_kind)
+            text = converter.convert(file.path, doc_kind, file.identity)
         except (DocumentError, ContextInputError) as exc:
             reason = str(exc)
             if not skip:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from activities._context_input import NamedFile, expand_paths
+from activities._context_input import NamedFile, expand_paths, named_files
 from activities.context_store import ContextInputError, ContextStore
-from tests.document_files import make_all
+from tests.document_files import make_all, make_xlsx
 
 
 def test_a_relative_path_to_a_converted_format_is_read(context_store: ContextStore, tmp_path: Path, monkeypatch):
@@ -112,6 +112,51 @@ def test_links_in_a_folder_stay_inside_it(context_store: ContextStore, tmp_path:
     # A link given as the argument itself is the caller's own choice.
     ref = context_store.put_paths([folder / "sub" / "real.txt", outside / "credentials"])
     assert ref.doc_count == 2 and ref.skipped_count == 0
+
+
+@pytest.mark.parametrize("swap", ["text-file", "inside-link", "converted-file"])
+def test_a_file_relinked_out_of_its_folder_after_the_listing_is_not_read(
+    context_store: ContextStore, tmp_path: Path, swap
+):
+    # The listing checks links; a file or a link replaced after it (by a
+    # link to ~/.aws/credentials) was read all the same. What is read must
+    # be the file listed: compared by device and inode when it is opened.
+    outside = tmp_path / "home"
+    outside.mkdir()
+    secret = outside / ("credentials.xlsx" if swap == "converted-file" else "credentials")
+    if swap == "converted-file":
+        make_xlsx(secret)
+    else:
+        secret.write_text("aws_secret_access_key = hunter2")
+    folder = tmp_path / "untrusted"
+    folder.mkdir()
+    (folder / "a.txt").write_text("kept")
+    (folder / "b.txt").write_text("listed text")
+    (folder / "c.xlsx").write_bytes(make_xlsx(tmp_path / "listed.xlsx").read_bytes())
+    if swap == "inside-link":
+        (folder / "link.txt").symlink_to(folder / "b.txt")
+    files = named_files([folder])
+    assert all(f.refused is None for f in files)
+    swapped = {"text-file": "b.txt", "inside-link": "link.txt", "converted-file": "c.xlsx"}[swap]
+    (folder / swapped).unlink()
+    (folder / swapped).symlink_to(secret)
+    with pytest.raises(ContextInputError, match=rf"{swapped} is not the file that was listed"):
+        context_store.put_files(files, kind="list")
+    ref = context_store.put_files(files, kind="list", on_unreadable="skip")
+    assert [s.name for s in ref.skipped] == [swapped] and "not the file that was listed" in ref.skipped[0].reason
+    stored = "".join(context_store.read_all(ref))
+    assert "hunter2" not in stored and "kept" in stored
+
+
+def test_a_converted_file_without_a_suffix_in_a_folder_is_read(context_store: ContextStore, tmp_path: Path):
+    # Sniffed as XLSX by its first bytes; the converter reads a private copy
+    # named with the kind's suffix (openpyxl refuses a name without one).
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "ledger").write_bytes(make_xlsx(tmp_path / "ledger.xlsx").read_bytes())
+    ref = context_store.put_paths([folder])
+    assert ref.skipped_count == 0 and ref.doc_names_head == ["ledger"]
+    assert "|" in context_store.read_all(ref)[0]  # table rows as Markdown
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_not_a_gap(tmp_path: Path, monkeypatch):

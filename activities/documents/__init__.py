@@ -13,12 +13,13 @@ the reason, within the bounds of `_limits`.
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
-from activities._context_input import open_regular_file
+from activities._context_input import FileIdentity, open_regular_file
 from activities.documents._limits import MAX_ARCHIVE_MEMBERS, MAX_DOCUMENT_CHARS, Budget, DocumentError
 
 __all__ = ["Budget", "DocumentError", "Kind", "MAX_DOCUMENT_CHARS", "convert", "kind_of"]
@@ -37,11 +38,12 @@ _LEGACY = {".doc": "DOCX", ".xls": "XLSX", ".ppt": "PPTX"}
 _ZIP_PARTS: dict[str, Kind] = {"word/document.xml": "docx", "xl/workbook.xml": "xlsx", "ppt/presentation.xml": "pptx"}
 
 
-def kind_of(path: Path) -> Kind:
+def kind_of(path: Path, identity: FileIdentity | None = None) -> Kind:
     """What `path` holds, by its extension, else by its first bytes (an S3
     key often has no extension). Anything else is text (checked as UTF-8
     when stored). Raises DocumentError for a format that has no converter,
-    ContextInputError for a file that cannot be opened as a regular file."""
+    ContextInputError for a file that cannot be opened as a regular file
+    (or, with `identity`, is not the file listed)."""
     suffix = path.suffix.lower()
     if suffix in _BY_SUFFIX:
         return _BY_SUFFIX[suffix]
@@ -49,25 +51,26 @@ def kind_of(path: Path) -> Kind:
         raise DocumentError(
             f"{suffix} is a legacy binary Office format with no converter here: save it as {_LEGACY[suffix]}"
         )
-    with open_regular_file(path) as handle:  # a FIFO swapped in must not block
+    # One handle for every read: a FIFO swapped in between two opens must not block.
+    with open_regular_file(path, identity) as handle:
         head = handle.read(8)
-    if head.startswith(b"%PDF-"):
-        return "pdf"
-    if head.startswith(b"PK\x03\x04"):
-        names = _zip_names(path)
-        for part, kind in _ZIP_PARTS.items():
-            if part in names:
-                return kind
-        raise DocumentError("a zip archive that is not a DOCX, XLSX or PPTX: unpack it and give its files")
+        if head.startswith(b"%PDF-"):
+            return "pdf"
+        if head.startswith(b"PK\x03\x04"):
+            names = _zip_names(handle)
+            for part, kind in _ZIP_PARTS.items():
+                if part in names:
+                    return kind
+            raise DocumentError("a zip archive that is not a DOCX, XLSX or PPTX: unpack it and give its files")
     return "text"
 
 
-def _zip_names(path: Path) -> set[str]:
+def _zip_names(handle: BinaryIO) -> set[str]:
     """The member names of a zip, read only when it declares no more members
     than a document may have: Python's zipfile holds an object per member
     (a 90 MB zip of a million empty members cost 336 MB to list), and this
     runs in the worker, before the converter's own bounded process."""
-    declared = _zip_declared_members(path)
+    declared = _zip_declared_members(handle)
     if declared is None or declared > MAX_ARCHIVE_MEMBERS:
         shown = "more than 65,535" if declared is None else f"{declared:,}"
         raise DocumentError(
@@ -75,7 +78,8 @@ def _zip_names(path: Path) -> set[str]:
             "unpack it and give its files"
         )
     try:
-        with zipfile.ZipFile(path) as archive:
+        handle.seek(0)
+        with zipfile.ZipFile(handle) as archive:
             return set(archive.namelist())
     except Exception as exc:  # noqa: BLE001 - a damaged zip breaks zipfile in many ways (NotImplementedError, ...)
         raise DocumentError(f"not a readable zip archive ({type(exc).__name__}: {str(exc)[:200]})") from None
@@ -86,13 +90,12 @@ _EOCD_SIZE = 22
 _MAX_ZIP_COMMENT = 0xFFFF
 
 
-def _zip_declared_members(path: Path) -> int | None:
+def _zip_declared_members(handle: BinaryIO) -> int | None:
     """Members the zip's end-of-central-directory record declares (0 when it
     has none: zipfile then says why); None for a ZIP64 count (over 65,535)."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        handle.seek(max(0, size - _EOCD_SIZE - _MAX_ZIP_COMMENT))
-        tail = handle.read()
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, size - _EOCD_SIZE - _MAX_ZIP_COMMENT))
+    tail = handle.read()
     at = tail.rfind(_EOCD)
     if at < 0 or at + _EOCD_SIZE > len(tail):
         return 0

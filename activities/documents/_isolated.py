@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from activities._context_input import FileIdentity, open_regular_file
 from activities.documents._limits import MAX_DOCUMENT_SECONDS, DocumentError
 
 __all__ = ["HARD_DEADLINE_GRACE_S", "MAX_CONVERTER_BYTES", "ConverterProcess"]
@@ -33,6 +35,7 @@ HARD_DEADLINE_GRACE_S = 10.0
 """Time past the soft limit (checked between pages) before the process is killed."""
 MAX_CONVERTER_BYTES = 2 << 30
 """Address space of the converter process (parsers, the file's objects, its text)."""
+_COPY_BLOCK = 1 << 20
 _POLL_S = 1.0  # the caller's `tick` (an activity heartbeat) runs this often while a file converts
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -65,13 +68,37 @@ class ConverterProcess:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def convert(self, path: Path, kind: str) -> str:
-        """The text of `path`; raises DocumentError with the reason."""
-        proc = self._process()
+    def convert(self, path: Path, kind: str, identity: FileIdentity | None = None) -> str:
+        """The text of `path`; raises DocumentError with the reason.
+        `identity`: the file listed (ContextInputError for another one)."""
         self._jobs += 1
         out = Path(self._workdir()) / f"{self._jobs}.txt"
+        copy = None
+        if identity is not None:
+            # The parsers open the path themselves, maybe more than once: they
+            # get a private copy of the file listed, so a link swapped in
+            # meanwhile (to a file outside the folder) is never what they read.
+            # Its suffix is the kind's where the name has none (openpyxl wants one).
+            copy = Path(self._workdir()) / f"{self._jobs}{path.suffix or '.' + kind}"
+            try:
+                with open_regular_file(path, identity) as source, copy.open("wb") as target:
+                    shutil.copyfileobj(source, target, _COPY_BLOCK)
+            except BaseException:
+                copy.unlink(missing_ok=True)
+                raise
         # The child runs in a scratch directory of its own: a relative path would name nothing there.
-        job = {"path": os.path.abspath(path), "kind": kind, "out": str(out), "max_seconds": self.max_seconds}
+        job = {"path": str(copy or os.path.abspath(path)), "kind": kind, "out": str(out), "max_seconds": self.max_seconds}
+        try:
+            return self._run(self._process(), job, out)
+        except DocumentError as exc:
+            if copy is None:
+                raise
+            raise DocumentError(str(exc).replace(str(copy), str(path))) from None
+        finally:
+            if copy is not None:
+                copy.unlink(missing_ok=True)
+
+    def _run(self, proc: subprocess.Popen[bytes], job: dict, out: Path) -> str:
         try:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(job).encode() + b"\n")
