@@ -15,7 +15,8 @@ from temporalio import activity
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating, run_key
 from workflows.names import ACTIVITY_ROOT_TURN
-from workflows.parsing import MAX_REPLY_CHARS, parse_reply
+from workflows.parsing import MAX_REPLY_CHARS, ParsedReply, parse_reply
+from workflows.result import ANSWER_INLINE_BYTES
 from workflows.prompts import merge_consecutive
 from workflows.steps import RootTurnInput, RootTurnOutput
 
@@ -54,17 +55,18 @@ class RootTurnActivity:
         text = kept_reply(reply.text)
         if text is not reply.text:
             log.warning("root_turn.reply_clipped", workflow_id=inp.workflow_id, turn=inp.turn, chars=len(reply.text))
+        parsed = parse_reply(text)
         result = {
             "reply": text,
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
             "usd": reply.usd,
             "usage_estimated": reply.usage_estimated,
+            "final_ref": await self._long_final(parsed),
         }
         # The transcript keeps the reply as parsed: an invented "User:" turn
         # that the parser cut must never be shown back to the model.
-        kept = parse_reply(text).text
-        record = {"messages": messages + [{"role": "assistant", "content": kept}], "result": result}
+        record = {"messages": messages + [{"role": "assistant", "content": parsed.text}], "result": result}
         await self._rt.io(self._rt.put_json, key, record)
         log.info(
             "root_turn.done",
@@ -75,6 +77,15 @@ class RootTurnActivity:
             completion_tokens=reply.completion_tokens,
         )
         return RootTurnOutput(transcript_key=key, **result)
+
+    async def _long_final(self, parsed: ParsedReply) -> dict | None:
+        """A `FINAL(...)` answer longer than a result holds inline, stored
+        whole (it used to be cut at 64 KiB, the rest only in the transcript)."""
+        final = parsed.final
+        if final is None or final.kind != "answer" or len(final.value.encode()) <= ANSWER_INLINE_BYTES:
+            return None
+        ref = await self._rt.io(self._rt.store.put_blob, final.value.encode())
+        return ref.model_dump(mode="json")
 
 
 def kept_reply(text: str) -> str:

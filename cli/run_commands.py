@@ -19,7 +19,14 @@ from cli._progress import ProgressPrinter
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
     from cli._run_client import RunOptions
 
-__all__ = ["answer_schema_from_file", "caps_of", "model_and_cap_arguments", "print_result", "register"]
+__all__ = [
+    "answer_schema_from_file",
+    "caps_of",
+    "model_and_cap_arguments",
+    "print_result",
+    "register",
+    "with_whole_answer",
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,7 +142,7 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
         result = await client.run(opts)
-        print_result(result, client.ui_link(result.workflow_id), as_json=args.json)
+        print_result(result, client.ui_link(result.workflow_id), as_json=args.json, settings=settings)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
         return 0 if result.status == "completed" and typed_ok else 3
@@ -164,7 +171,7 @@ def _cmd_result(args: argparse.Namespace, settings) -> int:
     from cli import _run_by_id
 
     result = asyncio.run(_run_by_id.result(settings, args.run_id, ProgressPrinter(sys.stderr)))
-    print_result(result, _run_by_id.ui_link(settings, result.workflow_id), as_json=args.json)
+    print_result(result, _run_by_id.ui_link(settings, result.workflow_id), as_json=args.json, settings=settings)
     return 0 if result.status == "completed" else 3
 
 
@@ -189,7 +196,10 @@ def _cmd_worker(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def print_result(result, link: str, *, as_json: bool) -> None:
+def print_result(result, link: str, *, as_json: bool, settings) -> None:
+    """The result as `rlm run` / `rlm result` show it, its whole answer
+    included (`answer` holds the first 64 KiB; the rest is at `answer_ref`)."""
+    result = with_whole_answer(result, settings)
     if as_json:
         print(json.dumps({**result.model_dump(mode="json"), "ui": link}, indent=2))
         return
@@ -214,3 +224,24 @@ def print_result(result, link: str, *, as_json: bool) -> None:
         for skipped in result.skipped_documents[:20]:
             print(f"    {printable(skipped.name)}: {printable(skipped.reason)}", file=sys.stderr)
     print(f"run: {link}", file=sys.stderr)
+
+
+def with_whole_answer(result, settings):
+    """`result` with its whole answer: past ANSWER_INLINE_BYTES a result
+    holds the head inline and the whole answer in object storage
+    (`answer_ref`), and a report cut at 64 KiB on the terminal loses the rest."""
+    ref = result.answer_ref
+    if ref is None or result.answer is None or len(result.answer.encode()) >= ref.size:
+        return result
+    from activities.object_store import ObjectStore
+
+    try:
+        whole = ObjectStore.from_settings(settings).get_blob(ref).decode("utf-8", "replace")
+    except Exception as exc:  # noqa: BLE001 - the head is still worth printing
+        print(
+            f"warning: the whole answer ({ref.size:,} bytes, {ref.key}) could not be read: "
+            f"{printable(str(exc)[:300])}; shown: its first {len(result.answer.encode()):,} bytes",
+            file=sys.stderr,
+        )
+        return result
+    return result.model_copy(update={"answer": whole})

@@ -134,7 +134,7 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
         client = await _open(settings)
         given = {k: v for k, v in caps.items() if v is not None}
         result = await client.ask(args.session_id, args.question, given, answer_schema=schema)
-        print_result(result, client.ui_link(result.workflow_id), as_json=args.json)
+        print_result(result, client.ui_link(result.workflow_id), as_json=args.json, settings=settings)
         if not args.json:
             _print_totals(await client.summary(args.session_id))
         # As `rlm run`: a typed answer that never validated is no answer a program can read.
@@ -187,7 +187,7 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
             except UserError as exc:
                 print(f"error: {printable(str(exc))}", file=sys.stderr)
                 continue
-            print_result(result, client.ui_link(result.workflow_id), as_json=False)
+            print_result(result, client.ui_link(result.workflow_id), as_json=False, settings=settings)
             _print_totals(await client.summary(session_id))
         print(file=sys.stderr)
         _print_summary(await client.close(session_id), as_json=False)

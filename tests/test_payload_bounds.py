@@ -15,7 +15,7 @@ from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once,
 from workflows.budget import Spend
 from workflows.model_attempts import MODEL_CALL_ATTEMPTS
 from workflows.request import clip_utf8, parse_request
-from workflows.result import ChildSummary, RunResult, bounded_tree
+from workflows.result import ChildSummary, RunResult, Usage, bounded_tree
 
 MIB = 1024 * 1024
 SMALL_REPL = {"cell_memory_mb": 256}
@@ -170,15 +170,35 @@ def test_child_runs_whose_results_would_overfill_the_history_are_refused(setting
     assert llm.count("fill") == 46 and llm.count("child") == 0
 
 
-def test_a_final_in_the_reply_past_the_inline_bound_says_it_was_cut(settings, context_store, llm):
-    # It was cut to 64 KiB with no answer_ref and no word of it (found by review).
+def test_a_final_in_the_reply_past_the_inline_bound_is_stored_whole(settings, context_store, object_store, llm):
+    # It was cut to 64 KiB with no answer_ref and no word of it (found by
+    # review); then the reason said so. Now the root turn stores it whole, as
+    # FINAL_VAR's large values are, and the CLI prints all of it.
+    from cli.run_commands import with_whole_answer
+
     answer = " ".join("w%05d" % i for i in range(15_000))
     llm.add_rule("Turn 1 of", repl("x = 1"), model=ROOT)
     llm.add_rule("Turn 2 of", "FINAL(" + answer + ")", model=ROOT)
-    result = run_once(isolated(settings), fake_registry(llm, max_output_tokens=65_536),
+    s = isolated(settings)
+    result = run_once(s, fake_registry(llm, max_output_tokens=65_536),
                       request("q", context_store.put_value("abc"), limits={"root_max_output_tokens": 65_536}))  # fmt: skip
-    assert result.status == "completed" and answer.startswith(result.answer) and len(result.answer) == 64 * 1024
-    assert result.reason.startswith(f"the answer has {len(answer):,} characters; this result holds its first 65,536 bytes")
+    assert result.status == "completed" and result.reason is None, result.reason
+    assert answer.startswith(result.answer) and len(result.answer) == 64 * 1024
+    assert result.answer_ref is not None and object_store.get_blob(result.answer_ref).decode() == answer
+    assert with_whole_answer(result, s).answer == answer
+
+
+def test_the_cli_prints_the_head_and_says_so_when_the_whole_answer_is_gone(settings, capsys):
+    from cli.run_commands import with_whole_answer
+    from workflows.refs import BlobRef
+
+    missing = BlobRef(key="blobs/" + "0" * 64, size=100_000, sha256="0" * 64)
+    result = RunResult(
+        answer="head", answer_ref=missing, status="completed", turns=1, spend=Spend(), usage=Usage(),
+        workflow_id="w", run_id="r", root_workflow_id="w", depth=0,
+    )  # fmt: skip
+    assert with_whole_answer(result, settings).answer == "head"
+    assert "the whole answer (100,000 bytes, blobs/000" in capsys.readouterr().err
 
 
 def _tree(width: int, depth: int, prefix: str = "w") -> list[ChildSummary]:

@@ -171,8 +171,8 @@ class RLMRun:
         )
         self.state.tools = ToolRouter(request=request, ledger=self.state.ledger)
         if request.resume:
-            self.state.router.children = list(request.resume.children)
-            self.state.router.runs_below = request.resume.runs_below
+            self.state.router.child_runs.children = list(request.resume.children)
+            self.state.router.child_runs.runs_below = request.resume.runs_below
         self._driver = TurnDriver(self, request, tools=tool_specs)
         refusal = self._driver.check_start()
         if refusal is not None:
@@ -247,7 +247,7 @@ class RLMRun:
         context = self._req.context
         answer_ref = self._driver.answer_ref if self._driver else None
         if answer is not None and answer_ref is None and len(answer.encode()) > ANSWER_INLINE_BYTES and reason is None:
-            # A FINAL written in the reply has no stored copy: say it was cut, never cut silently.
+            # No stored copy (a root turn of a worker from before final_ref): say it was cut, never silently.
             reason = (
                 f"the answer has {len(answer):,} characters; this result holds its first {ANSWER_INLINE_BYTES:,} "
                 "bytes (the whole answer is the last reply in the transcript)"
@@ -267,8 +267,8 @@ class RLMRun:
             root_workflow_id=self._root_id,
             depth=self._req.depth,
             transcript_key=self._driver.transcript_key if self._driver else None,
-            children=bounded_tree(self.state.router.children) if self.state.router else [],
-            runs_below=self.state.router.runs_below if self.state.router else 0,
+            children=bounded_tree(self.state.router.child_runs.children) if self.state.router else [],
+            runs_below=self.state.router.child_runs.runs_below if self.state.router else 0,
             skipped_documents=list(context.skipped) if isinstance(context, ContextRef) else [],
             skipped_count=context.skipped_count if isinstance(context, ContextRef) else 0,
             snapshot_key=self._driver.snapshot_key if self._driver else None,

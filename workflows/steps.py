@@ -98,6 +98,9 @@ class RootTurnOutput(BaseModel):
     usage_estimated: bool = False
     replayed: bool = False
     """Read from an earlier attempt's record: no model call was made now."""
+    final_ref: BlobRef | None = None
+    """The reply's `FINAL(...)` answer, stored whole when it is longer than a
+    result holds inline (ANSWER_INLINE_BYTES): the run's `answer_ref`."""
 
 
 class CellInput(BaseModel):

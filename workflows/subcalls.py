@@ -1,5 +1,5 @@
 """Sub-calls made from cell code: `llm_query*` become `llm_call` activities,
-`rlm_query*` become child `RLMRun` workflows.
+`rlm_query*` become child `RLMRun` workflows (workflows/child_run.py).
 
 A cell's host function sends each batch to its own workflow as the
 `subcalls` update (DESIGN.md section 3). Here the workflow checks each item
@@ -17,16 +17,14 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import ValidationError
-
     from workflows import names
     from workflows.admission import Admission
-    from workflows.budget import Ledger, Refusal, Spend, equal_share
-    from workflows.request import ModelChoice, ParentLink, RunRequest, clip_utf8, validation_errors
-    from workflows.result import CHILD_RESULT_BYTES, ChildSummary, RunResult, Usage, bounded_tree
+    from workflows.budget import Ledger, Refusal
+    from workflows.request import RunRequest, clip_utf8
+    from workflows.result import CHILD_RESULT_BYTES, Usage
     from workflows.step_common import (
         MODEL_CALL_HEARTBEAT_TIMEOUT,
         error_text,
@@ -34,7 +32,8 @@ with workflow.unsafe.imports_passed_through():
         until_deadline_s,
     )
     from workflows.call_groups import CallGroups
-    from workflows.subcall_plan import LlmPlan, pick_model, plan_llm_call, refuse_text
+    from workflows.child_run import ChildRuns
+    from workflows.subcall_plan import LlmPlan, plan_llm_call, refuse_text
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.once_per_key import OncePerKey
     from workflows.steps import (
@@ -48,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
         SubcallReply,
         batch_digest,
     )
-    from workflows.summaries import child_run_summary, llm_call_summary, run_static_details
+    from workflows.summaries import llm_call_summary
 
 # The server keeps at most 2,000 updates per run; leave room for control updates.
 MAX_SUBCALL_UPDATES = 1_800
@@ -65,10 +64,6 @@ EVENTS_PER_UPDATE, EVENTS_PER_ITEM, BYTES_PER_ITEM = 11, 6, 2_048
 # Runs since this patch wait for their cancelled calls and children to settle before they report.
 SETTLE_BEFORE_RESULT_PATCH = "settle-subcalls-before-result"
 SETTLE_WAIT = timedelta(minutes=2)
-# A parent waits for a child at most this long (the parent's cell gives up then).
-CHILD_MAX_WAIT = timedelta(hours=6)
-# Time a child gets past the tree's deadline to ask for its last answer and report.
-CHILD_DEADLINE_GRACE = timedelta(minutes=5)
 
 
 class SubcallRouter:
@@ -87,7 +82,7 @@ class SubcallRouter:
         self._models = models
         self._ledger = ledger
         self._usage = usage
-        self._root_id = root_workflow_id
+        self.child_runs = ChildRuns(request=request, ledger=ledger, usage=usage, root_workflow_id=root_workflow_id)
         self._once: OncePerKey[SubcallAnswer] = OncePerKey()
         self._sem = asyncio.Semaphore(max(1, request.caps.max_concurrency))
         self._queued = 0
@@ -99,9 +94,6 @@ class SubcallRouter:
         self._groups: CallGroups | None = None
         """Set on the first `llm_query` of a run that carries calls in groups."""
         self._grouped: bool | None = None
-        self.children: list[ChildSummary] = []
-        self.runs_below = 0
-        """Runs in the tree below this one (`children` is the summary of it)."""
         self.updates = 0
         self.open_calls = 0
         self.done_calls = 0
@@ -204,7 +196,7 @@ class SubcallRouter:
             with self._open_call():
                 # caps.max_depth counts down: what is left below this run.
                 if batch.kind == "rlm" and self._ledger.caps.max_depth >= 1:
-                    return await self._child_run(batch, item, call_id, index)
+                    return await self.child_runs.run(batch, item, call_id, index)
                 return await self._llm_call(batch, item, call_id, inline_limit, index)
         finally:
             self._sem.release()
@@ -244,7 +236,7 @@ class SubcallRouter:
         try:
             with self._open_call():
                 if call is None:
-                    return await self._child_run(batch, item, call_id, index)
+                    return await self.child_runs.run(batch, item, call_id, index)
                 return await self._llm_attempts(call, call_id, inline_limit, index, len(batch.items))
         finally:
             admission.leave(kind, windowed)
@@ -327,99 +319,9 @@ class SubcallRouter:
                     )
         return self._groups
 
-    async def _child_run(self, batch: SubcallBatch, item: SubcallItem, call_id: str, index: int) -> SubcallAnswer:
-        model = pick_model(self._req, batch, "rlm")
-        if isinstance(model, SubcallAnswer):
-            return model
-        info = workflow.info()
-        depth = self._req.depth + 1
-        # Readable and deterministic: parent id, depth, cell and what it asks.
-        child_id = f"{info.workflow_id}/d{depth}-{call_id.replace(':', '-')}"
-        # Siblings of one batch share what remains equally (they run in parallel).
-        count = len(batch.items)
-        grant = self._ledger.child_grant(
-            child_id, workflow.now(), share=equal_share(index, count),
-            # The batch's children run at once and share this run's concurrency.
-            parallel=min(count, self._ledger.caps.max_concurrency),
-        )  # fmt: skip
-        if not hasattr(grant, "max_turns"):
-            return SubcallAnswer(error=f"Budget: {grant.message}")  # type: ignore[union-attr]
-        try:
-            # A model the batch names is the child's root model at its depth.
-            named = model if batch.model is not None else None
-            request = self._child_request(item, grant, named, depth, call_id)  # type: ignore[arg-type]
-        except ValidationError as exc:
-            # Nothing started: the slice goes back (a run being stopped has no
-            # turns left to give; a forged depth has no model to name).
-            self._ledger.child_settle(child_id, Spend())
-            return SubcallAnswer(error=f"Error: child run not started: {validation_errors(exc)}")
-        try:
-            result: RunResult = await workflow.execute_child_workflow(
-                names.WORKFLOW_RLM_RUN,
-                request,
-                id=child_id,
-                result_type=RunResult,
-                task_queue=info.task_queue,
-                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-                static_summary=child_run_summary(request.question, depth, index + 1, count),
-                static_details=run_static_details(request),
-                # Never wait past the tree's deadline (plus time to report).
-                execution_timeout=self._child_wait(grant.deadline),  # type: ignore[union-attr]
-            )
-        except ChildWorkflowError as exc:
-            # It reported nothing: count its whole slice, the most it could spend.
-            self._ledger.child_settle(child_id, None)
-            raise_if_cancelled(exc)
-            self.children.append(
-                ChildSummary(workflow_id=child_id, question=request.question[:200], status="failed", spend=Spend())
-            )
-            self.runs_below += 1
-            return SubcallAnswer(error=f"Error: child run failed: {error_text(exc)}")
-        self._ledger.child_settle(child_id, result.spend)
-        self._usage.merge(result.usage)
-        self.children.append(
-            ChildSummary(
-                workflow_id=child_id,
-                question=request.question[:200],
-                status=result.status,
-                spend=result.spend,
-                children=bounded_tree(result.children),
-                runs_below=result.runs_below,
-            )
-        )
-        self.runs_below += 1 + result.runs_below
-        if result.answer is None and result.answer_ref is None:
-            return SubcallAnswer(error=f"Error: child run ended {result.status}: {result.reason}")
-        if result.answer_ref is not None:
-            return SubcallAnswer(text_ref=result.answer_ref)
-        # Too long for this reply: the cell reads it from the child's result.
-        return SubcallAnswer(text=result.answer, child_workflow_id=child_id)
-
-    def _child_request(self, item: SubcallItem, grant: Any, model: str | None, depth: int, call_id: str) -> RunRequest:
-        """The child's request, validated as the child will validate it."""
-        models = self._req.models
-        if model is not None:
-            models = ModelChoice.model_validate({**models.model_dump(), "per_depth": {**models.per_depth, depth: model}})
-        info = workflow.info()
-        return RunRequest(
-            question=item.text or "",
-            context=item.context or self._req.context,
-            models=models,
-            caps=grant,
-            limits=self._req.limits,
-            tools=self._req.tools,
-            depth=depth,
-            parent=ParentLink(parent_workflow_id=info.workflow_id, root_workflow_id=self._root_id, call_id=call_id),
-        )
-
-    def _child_wait(self, deadline: Any) -> timedelta:
-        if deadline is None:
-            return CHILD_MAX_WAIT
-        left = deadline - workflow.now() + CHILD_DEADLINE_GRACE
-        return max(timedelta(seconds=1), min(left, CHILD_MAX_WAIT))
-
     def progress(self) -> dict[str, Any]:
-        return {"open_subcalls": self.open_calls, "done_subcalls": self.done_calls, "children": len(self.children)}
+        children = len(self.child_runs.children)
+        return {"open_subcalls": self.open_calls, "done_subcalls": self.done_calls, "children": children}
 
 
 def _bounded(answer: SubcallAnswer, inline_limit: int) -> SubcallAnswer:

@@ -90,6 +90,7 @@ class TurnDriver:
         self.snapshot_key: str | None = resume.snapshot_key if resume else request.repl_snapshot_key
         self.transcript_key: str | None = resume.transcript_key if resume else None
         self.answer_ref: BlobRef | None = None
+        self._reply_final_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False
         # Typed answers (answer_schema): the parsed value, and whether an
         # invalid answer was already sent back (only once per run chain).
@@ -234,8 +235,8 @@ class TurnDriver:
             prompt_tokens=self._prompt_tokens,
             usage=run.state.usage,
             ledger=run.state.ledger.compacted().model_dump(mode="json"),
-            children=bounded_tree(run.state.router.children) if run.state.router else [],
-            runs_below=run.state.router.runs_below if run.state.router else 0,
+            children=bounded_tree(run.state.router.child_runs.children) if run.state.router else [],
+            runs_below=run.state.router.child_runs.runs_below if run.state.router else 0,
             warned_unseen=self._warned_unseen,
             answer_sent_back=self._sent_back,
             errors_in_a_row=self._errors_in_a_row,
@@ -267,7 +268,7 @@ class TurnDriver:
             return status, refusal.message, None
         parsed = parse_reply(reply)
         if parsed.final is not None and parsed.final.kind == "answer":
-            answer = parsed.final.value
+            answer = self._reply_answer(parsed.final.value)
         elif parsed.final is not None:
             answer = await self._resolve_final("var", parsed.final.value, [])
         else:
@@ -297,9 +298,17 @@ class TurnDriver:
             return False, None
         return True, f"answer_schema: the answer was sent back once and is still invalid: {error}"
 
+    def _reply_answer(self, value: str) -> str:
+        """A `FINAL(...)` answer of the last reply; stored whole by the root
+        turn when it is long, which makes that copy the run's `answer_ref`."""
+        ref = self._reply_final_ref
+        if ref is not None and ref.size == len(value.encode()):
+            self.answer_ref = ref
+        return value
+
     async def _resolve_final(self, kind: str, value: str, notes: list[str]) -> str | None:
         if kind == "answer":
-            return value
+            return self._reply_answer(value)
         # FINAL_VAR outside code: the variable lives in the REPL, read it there.
         cell = await self._run_cell(f"t{self._run.state.turn}v", f"FINAL_VAR({value!r})")
         if cell.final is None:
@@ -347,6 +356,7 @@ class TurnDriver:
         if isinstance(out, Refusal):
             return out
         self.transcript_key = out.transcript_key
+        self._reply_final_ref = out.final_ref
         # The transcript keeps (at most) the reply as the next prompt's last message.
         self._prompt_tokens += token_bound(len(out.reply.encode()), 1)
         self.window.transcript_tokens = 0 if out.usage_estimated else out.prompt_tokens + out.completion_tokens
