@@ -193,11 +193,15 @@ def named_files(paths: list[Path]) -> list[NamedFile]:
             found = sorted(_walk(path), key=lambda entry: entry[0])
             if not found:
                 raise ContextInputError(f"directory {shown_path(path)} contains no (non-hidden) files")
-            for file, refused in found:
+            for file, refused, identity in found:
                 name = shown_path(file.relative_to(path).as_posix())
-                out.append(NamedFile(file, name, shown_path(file), refused, None if refused else _identity(file)))
+                out.append(NamedFile(file, name, shown_path(file), refused, identity))
         elif path.is_file():
-            out.append(NamedFile(path, shown_path(path), shown_path(path), identity=_identity(path)))
+            try:
+                identity = file_identity(path)
+            except OSError as exc:
+                raise ContextInputError(f"cannot read {shown_path(path)}: {exc.strerror}") from None
+            out.append(NamedFile(path, shown_path(path), shown_path(path), identity=identity))
         elif not path.exists():
             raise ContextInputError(f"file {shown_path(path)} does not exist; check the path")
         else:
@@ -223,45 +227,82 @@ def paths_bytes(paths: list[Path]) -> int:
     return total
 
 
-def _identity(path: Path) -> FileIdentity | None:
-    try:
-        return file_identity(path)
-    except OSError:
-        return None  # gone already: opening it says so
-
-
-def _walk(top: Path) -> Iterator[tuple[Path, str | None]]:
+def _walk(top: Path) -> Iterator[tuple[Path, str | None, FileIdentity | None]]:
     """The non-hidden regular files under `top`, each with why it is refused
-    (a link out of `top`) or None (see `named_files`)."""
+    (a link out of `top`) or None, and its identity (see `named_files`).
+
+    The walk holds each folder open (os.fwalk) and never follows a link to
+    a folder, and a file's identity is taken from the same lstat that found
+    it a regular file: a file or folder swapped for a link while the walk
+    runs yields an identity the later open will not find. A link to a file
+    is read only when its target is one of the files the walk found."""
     root = top.resolve()
+    found: set[FileIdentity] = set()
+    links: list[Path] = []
 
-    def unlistable(exc: OSError) -> None:
-        raise ContextInputError(
-            f"cannot list directory {shown_path(exc.filename)}: {exc.strerror}; "
-            "fix its permissions or leave it out (a folder left unread would be a gap in the context)"
-        )
+    def unlistable(exc: OSError) -> None:  # fwalk names only the folder's own name: a fallback
+        raise _unlistable(exc.filename or top, exc)
 
-    for folder, dirs, names in os.walk(top, onerror=unlistable):
-        base = Path(folder)
+    # The resolved folder is walked (fwalk does not enter a top that is a
+    # link); entries are named under `top` as given.
+    for folder, dirs, names, dir_fd in os.fwalk(root, onerror=unlistable, follow_symlinks=False):
+        base = top / os.path.relpath(folder, root)
         kept_dirs = []
         for name in dirs:
             if name.startswith("."):
                 continue
             link = _link(base / name, root, top)
             if link is None:
+                _check_listable(base / name, name, dir_fd)
                 kept_dirs.append(name)  # a real folder: walked
             elif link != "inside":
-                yield base / name, link  # a linked folder out of `top`; one inside is walked where it is
+                yield base / name, link, None  # a linked folder out of `top`; one inside is walked where it is
         dirs[:] = kept_dirs
         for name in names:
-            entry = base / name
             if name.startswith("."):
                 continue
-            link = _link(entry, root, top)
-            if link is not None and link != "inside":
-                yield entry, link
-            elif entry.is_file():  # not a FIFO, a socket, a device, a dangling link or a loop
-                yield entry, None
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue  # gone since the folder was read
+            if stat.S_ISREG(info.st_mode):
+                found.add((info.st_dev, info.st_ino))
+                yield base / name, None, (info.st_dev, info.st_ino)
+            elif stat.S_ISLNK(info.st_mode):
+                links.append(base / name)
+            # else a FIFO, a socket or a device: not a document
+    for entry in links:
+        link = _link(entry, root, top)
+        if link is not None and link != "inside":
+            yield entry, link, None
+            continue
+        try:
+            target = file_identity(entry)
+        except OSError:
+            continue  # dangling, or a loop: nothing to read
+        if target in found:
+            yield entry, None, target
+        elif entry.is_file():
+            yield entry, (
+                f"a symbolic link to {shown_path(entry.resolve())}, which is not one of the folder's files "
+                "(hidden, or changed while the folder was listed): not followed"
+            ), None
+
+
+def _check_listable(folder: Path, name: str, parent_fd: int) -> None:
+    """A folder that cannot be listed is an error naming it (fwalk's own
+    error would name it without its parent)."""
+    try:
+        os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd))
+    except OSError as exc:
+        raise _unlistable(folder, exc) from None
+
+
+def _unlistable(folder: Path | str, exc: OSError) -> ContextInputError:
+    return ContextInputError(
+        f"cannot list directory {shown_path(folder)}: {exc.strerror}; "
+        "fix its permissions or leave it out (a folder left unread would be a gap in the context)"
+    )
 
 
 def _link(entry: Path, root: Path, top: Path) -> str | None:

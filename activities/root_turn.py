@@ -84,7 +84,11 @@ class RootTurnActivity:
         final = parsed.final
         if final is None or final.kind != "answer" or len(final.value.encode()) <= ANSWER_INLINE_BYTES:
             return None
-        ref = await self._rt.io(self._rt.store.put_blob, final.value.encode())
+        try:
+            ref = await self._rt.io(self._rt.store.put_blob, final.value.encode())
+        except Exception as exc:  # noqa: BLE001 - the reply is paid for: keep it, cut (the result says so)
+            log.warning("root_turn.final_not_stored", error=str(exc)[:300], chars=len(final.value))
+            return None
         return ref.model_dump(mode="json")
 
 

@@ -198,10 +198,12 @@ def _cmd_worker(args: argparse.Namespace, settings) -> int:
 
 def print_result(result, link: str, *, as_json: bool, settings) -> None:
     """The result as `rlm run` / `rlm result` show it, its whole answer
-    included (`answer` holds the first 64 KiB; the rest is at `answer_ref`)."""
-    result = with_whole_answer(result, settings)
+    included up to WHOLE_ANSWER_MAX_BYTES (a result holds the first 64 KiB;
+    the whole answer is at `answer_ref`)."""
+    result, complete = with_whole_answer(result, settings)
     if as_json:
-        print(json.dumps({**result.model_dump(mode="json"), "ui": link}, indent=2))
+        # `answer_complete`: false when `answer` is only the head (see stderr).
+        print(json.dumps({**result.model_dump(mode="json"), "answer_complete": complete, "ui": link}, indent=2))
         return
     if result.answer_value is not None:  # a typed answer: its JSON, normalised
         print(json_text(result.answer_value))
@@ -226,22 +228,33 @@ def print_result(result, link: str, *, as_json: bool, settings) -> None:
     print(f"run: {link}", file=sys.stderr)
 
 
+WHOLE_ANSWER_MAX_BYTES = 64 << 20
+"""The largest answer the CLI reads from object storage to print; a larger
+one is shown by its head and where it is (a FINAL_VAR value may be GBs)."""
+
+
 def with_whole_answer(result, settings):
-    """`result` with its whole answer: past ANSWER_INLINE_BYTES a result
-    holds the head inline and the whole answer in object storage
-    (`answer_ref`), and a report cut at 64 KiB on the terminal loses the rest."""
+    """`(result, complete)`: `result` with its whole answer, and whether the
+    answer is whole. Past ANSWER_INLINE_BYTES a result holds the head inline
+    and the whole answer in object storage (`answer_ref`): a report cut at
+    64 KiB on the terminal lost the rest."""
     ref = result.answer_ref
-    if ref is None or result.answer is None or len(result.answer.encode()) >= ref.size:
-        return result
+    head = len(result.answer.encode()) if result.answer is not None else 0
+    if ref is None or result.answer is None or head >= ref.size:
+        return result, True
+    where = f"s3://{settings.s3_bucket}/{ref.key}"
+    if ref.size > WHOLE_ANSWER_MAX_BYTES:
+        print(f"note: the answer has {ref.size:,} bytes; shown: its first {head:,}; all of it: {where}", file=sys.stderr)
+        return result, False
     from activities.object_store import ObjectStore
 
     try:
         whole = ObjectStore.from_settings(settings).get_blob(ref).decode("utf-8", "replace")
     except Exception as exc:  # noqa: BLE001 - the head is still worth printing
         print(
-            f"warning: the whole answer ({ref.size:,} bytes, {ref.key}) could not be read: "
-            f"{printable(str(exc)[:300])}; shown: its first {len(result.answer.encode()):,} bytes",
+            f"warning: the whole answer ({ref.size:,} bytes, {where}) could not be read: "
+            f"{printable(str(exc)[:300])}; shown: its first {head:,} bytes",
             file=sys.stderr,
         )
-        return result
-    return result.model_copy(update={"answer": whole})
+        return result, False
+    return result.model_copy(update={"answer": whole}), True

@@ -148,6 +148,39 @@ def test_a_file_relinked_out_of_its_folder_after_the_listing_is_not_read(
     assert "hunter2" not in stored and "kept" in stored
 
 
+def test_a_link_is_read_only_to_a_file_the_walk_found(tmp_path: Path):
+    # Identities come from the walk itself (os.fwalk, lstat of each entry);
+    # a link inside the folder is read only when its target is one of the
+    # files walked, so repointing it mid-walk cannot pass. A hidden file is
+    # not walked: a link to it is left out, with the reason.
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    (folder / ".env").write_text("TOKEN=hunter2")
+    (folder / "a.txt").write_text("a")
+    (folder / "to-a.txt").symlink_to(folder / "a.txt")
+    (folder / "to-env.txt").symlink_to(folder / ".env")
+    files = {f.name: f for f in named_files([folder])}
+    assert files["to-a.txt"].refused is None and files["to-a.txt"].identity == files["a.txt"].identity
+    assert "not one of the folder's files" in (files["to-env.txt"].refused or "")
+    # A folder given through a link is walked (fwalk does not enter a top that is a link).
+    (tmp_path / "linked").symlink_to(folder)
+    assert sorted(f.name for f in named_files([tmp_path / "linked"])) == ["a.txt", "to-a.txt", "to-env.txt"]
+
+
+def test_a_file_too_large_to_convert_is_refused_before_it_is_copied(context_store: ContextStore, tmp_path: Path):
+    # The converter reads a private copy; a sparse file declaring a terabyte
+    # cost its author nothing and filled the scratch disk.
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    with (folder / "huge.pdf").open("wb") as f:
+        f.write(b"%PDF-1.4\n")
+        f.truncate(1 << 40)
+    (folder / "a.txt").write_text("kept")
+    ref = context_store.put_paths([folder], on_unreadable="skip")
+    [skipped] = ref.skipped
+    assert skipped.name == "huge.pdf" and "1,099,511,627,776 bytes, more than the 512 MiB" in skipped.reason
+
+
 def test_a_converted_file_without_a_suffix_in_a_folder_is_read(context_store: ContextStore, tmp_path: Path):
     # Sniffed as XLSX by its first bytes; the converter reads a private copy
     # named with the kind's suffix (openpyxl refuses a name without one).
@@ -163,13 +196,13 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_a_gap(tmp_path: Path, mo
     folder = tmp_path / "audit"
     (folder / "locked").mkdir(parents=True)
     (folder / "a.txt").write_text("a")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path):  # EACCES on one folder, which a root test runner cannot get from chmod
+    def open_(path, flags, *args, **kwargs):  # EACCES on one folder, which a root test runner cannot get from chmod
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)
     with pytest.raises(ContextInputError, match=r"cannot list directory .*audit/locked: Permission denied"):
         expand_paths([folder])

@@ -185,20 +185,27 @@ def test_a_final_in_the_reply_past_the_inline_bound_is_stored_whole(settings, co
     assert result.status == "completed" and result.reason is None, result.reason
     assert answer.startswith(result.answer) and len(result.answer) == 64 * 1024
     assert result.answer_ref is not None and object_store.get_blob(result.answer_ref).decode() == answer
-    assert with_whole_answer(result, s).answer == answer
+    assert with_whole_answer(result, s)[0].answer == answer
 
 
-def test_the_cli_prints_the_head_and_says_so_when_the_whole_answer_is_gone(settings, capsys):
+def test_the_cli_prints_the_head_and_says_so_when_the_whole_answer_is_gone_or_huge(settings, capsys):
     from cli.run_commands import with_whole_answer
     from workflows.refs import BlobRef
 
-    missing = BlobRef(key="blobs/" + "0" * 64, size=100_000, sha256="0" * 64)
-    result = RunResult(
-        answer="head", answer_ref=missing, status="completed", turns=1, spend=Spend(), usage=Usage(),
-        workflow_id="w", run_id="r", root_workflow_id="w", depth=0,
-    )  # fmt: skip
-    assert with_whole_answer(result, settings).answer == "head"
-    assert "the whole answer (100,000 bytes, blobs/000" in capsys.readouterr().err
+    def result(size: int) -> RunResult:
+        return RunResult(
+            answer="head", answer_ref=BlobRef(key="blobs/" + "0" * 64, size=size, sha256="0" * 64),
+            status="completed", turns=1, spend=Spend(), usage=Usage(), workflow_id="w", run_id="r",
+            root_workflow_id="w", depth=0,
+        )  # fmt: skip
+
+    shown, complete = with_whole_answer(result(100_000), settings)
+    assert shown.answer == "head" and not complete
+    assert f"the whole answer (100,000 bytes, s3://{settings.s3_bucket}/blobs/000" in capsys.readouterr().err
+    # A FINAL_VAR value may be gigabytes: not read into the CLI, said where it is.
+    shown, complete = with_whole_answer(result(5 << 30), settings)
+    assert shown.answer == "head" and not complete
+    assert "the answer has 5,368,709,120 bytes; shown: its first 4; all of it: s3://" in capsys.readouterr().err
 
 
 def _tree(width: int, depth: int, prefix: str = "w") -> list[ChildSummary]:

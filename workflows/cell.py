@@ -1,4 +1,5 @@
-"""One REPL cell as a durable step: the `run_cell` activity and its options.
+"""One REPL cell as a durable step: the `run_cell` activity and its options,
+and what the root model sees of a cell afterwards (`cell_report`).
 
 A turn runs the cells of the root model's reply (workflows/turn.py); a session
 appends its answers to the REPL's `session_history` with one
@@ -16,9 +17,15 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
+    from workflows.prompts import CellReport
+    from workflows.request import MAX_OUTPUT_CHARS
     from workflows.steps import CellInput, CellOutput
 
-__all__ = ["cell_start_to_close", "execute_cell"]
+__all__ = ["TURN_OUTPUT_CHARS", "cell_report", "cell_start_to_close", "execute_cell"]
+
+# Printed output of all cells of one turn together: it travels inline in the
+# next root turn's activity input (payloads fail above 2 MiB, 4 bytes a char).
+TURN_OUTPUT_CHARS = MAX_OUTPUT_CHARS
 
 # run_cell heartbeats every second; a dead worker is noticed after this.
 CELL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
@@ -61,4 +68,21 @@ async def execute_cell(
             if wait_until_stopped
             else workflow.ActivityCancellationType.TRY_CANCEL
         ),
+    )
+
+
+def cell_report(code: str, cell: CellOutput, room: int) -> CellReport:
+    """What the model sees of a cell; `room` is what is left of the turn's output."""
+    preview = code if len(code) <= 400 else code[:400] + " ..."
+    output, limit = cell.output, cell.limit
+    if len(output) > max(room, 0):
+        output = output[: max(room, 0)]
+        cut = f"the cells of one turn show at most {TURN_OUTPUT_CHARS:,} characters of output together"
+        limit = f"{limit}; {cut}" if limit else cut
+    return CellReport(
+        code_preview=preview,
+        output=output,
+        error=cell.error,
+        limit=limit,
+        restored_names=list(cell.restored_names),
     )

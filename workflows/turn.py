@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Refusal, messages_token_bound, token_bound, worst_case
-    from workflows.cell import cell_start_to_close, execute_cell
+    from workflows.cell import TURN_OUTPUT_CHARS, cell_report, cell_start_to_close, execute_cell
     from workflows.compaction import TranscriptWindow, compact, compacted_message
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.parsing import parse_reply
@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
         turn_message,
     )
     from workflows.refs import BlobRef
-    from workflows.request import MAX_OUTPUT_CHARS, ResumeState, RunRequest, clip_noting_length
+    from workflows.request import ResumeState, RunRequest, clip_noting_length
     from workflows.result import RunStatus, bounded_tree
     from workflows.step_common import (
         ERROR_CHARS,
@@ -51,10 +51,6 @@ with workflow.unsafe.imports_passed_through():
 
 if TYPE_CHECKING:
     from workflows.run import RLMRun
-
-# Printed output of all cells of one turn together: it travels inline in the
-# next root turn's activity input (payloads fail above 2 MiB, 4 bytes a char).
-TURN_OUTPUT_CHARS = MAX_OUTPUT_CHARS
 
 Outcome = tuple[RunStatus, "str | None", "str | None"]
 
@@ -159,7 +155,7 @@ class TurnDriver:
             shown = 0
             for index, code in enumerate(parsed.code_blocks):
                 cell = await self._run_cell(f"t{run.state.turn}c{index + 1}", code)
-                reports.append(_report(code, cell, TURN_OUTPUT_CHARS - shown))
+                reports.append(cell_report(code, cell, TURN_OUTPUT_CHARS - shown))
                 shown += len(reports[-1].output)
                 failed = failed or cell.error is not None or cell.limit is not None
                 self._errors_in_a_row = self._errors_in_a_row + 1 if cell.error is not None else 0
@@ -402,21 +398,4 @@ class TurnDriver:
         if cell.final_ref is not None:
             self.answer_ref = cell.final_ref
         return cell
-
-
-def _report(code: str, cell: CellOutput, room: int) -> CellReport:
-    """What the model sees of a cell; `room` is what is left of the turn's output."""
-    preview = code if len(code) <= 400 else code[:400] + " ..."
-    output, limit = cell.output, cell.limit
-    if len(output) > max(room, 0):
-        output = output[: max(room, 0)]
-        cut = f"the cells of one turn show at most {TURN_OUTPUT_CHARS:,} characters of output together"
-        limit = f"{limit}; {cut}" if limit else cut
-    return CellReport(
-        code_preview=preview,
-        output=output,
-        error=cell.error,
-        limit=limit,
-        restored_names=list(cell.restored_names),
-    )
 

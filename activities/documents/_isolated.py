@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from activities._context_input import FileIdentity, open_regular_file
-from activities.documents._limits import MAX_DOCUMENT_SECONDS, DocumentError
+from activities._context_input import ContextInputError, FileIdentity, open_regular_file, shown_path
+from activities.documents._limits import MAX_CONVERTED_FILE_BYTES, MAX_DOCUMENT_SECONDS, DocumentError
 
 __all__ = ["HARD_DEADLINE_GRACE_S", "MAX_CONVERTER_BYTES", "ConverterProcess"]
 
@@ -78,14 +78,9 @@ class ConverterProcess:
             # The parsers open the path themselves, maybe more than once: they
             # get a private copy of the file listed, so a link swapped in
             # meanwhile (to a file outside the folder) is never what they read.
-            # Its suffix is the kind's where the name has none (openpyxl wants one).
-            copy = Path(self._workdir()) / f"{self._jobs}{path.suffix or '.' + kind}"
-            try:
-                with open_regular_file(path, identity) as source, copy.open("wb") as target:
-                    shutil.copyfileobj(source, target, _COPY_BLOCK)
-            except BaseException:
-                copy.unlink(missing_ok=True)
-                raise
+            # Named by its kind: openpyxl refuses a name whose suffix it does not know.
+            copy = Path(self._workdir()) / f"{self._jobs}.{kind}"
+            self._copy(path, identity, copy)
         # The child runs in a scratch directory of its own: a relative path would name nothing there.
         job = {"path": str(copy or os.path.abspath(path)), "kind": kind, "out": str(out), "max_seconds": self.max_seconds}
         try:
@@ -97,6 +92,26 @@ class ConverterProcess:
         finally:
             if copy is not None:
                 copy.unlink(missing_ok=True)
+
+    @staticmethod
+    def _copy(path: Path, identity: FileIdentity, copy: Path) -> None:
+        try:
+            with open_regular_file(path, identity) as source:
+                size = os.fstat(source.fileno()).st_size
+                if size > MAX_CONVERTED_FILE_BYTES:
+                    # A sparse file declares terabytes at no cost to its author.
+                    raise DocumentError(
+                        f"the file has {size:,} bytes, more than the {MAX_CONVERTED_FILE_BYTES >> 20:,} MiB "
+                        "a file to convert may have: split it"
+                    )
+                with copy.open("wb") as target:
+                    shutil.copyfileobj(source, target, _COPY_BLOCK)
+        except OSError as exc:  # no space left, an I/O error: the file's, not the run's
+            copy.unlink(missing_ok=True)
+            raise ContextInputError(f"cannot copy {shown_path(path)} to convert it: {exc.strerror}") from None
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
 
     def _run(self, proc: subprocess.Popen[bytes], job: dict, out: Path) -> str:
         try:

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_ARCHIVE_EXPANDED_BYTES",
     "MAX_ARCHIVE_MEMBERS",
     "MAX_COMPRESSION_RATIO",
+    "MAX_CONVERTED_FILE_BYTES",
     "MAX_DOCUMENT_CHARS",
     "MAX_DOCUMENT_SECONDS",
     "Budget",
@@ -31,6 +32,9 @@ MAX_COMPRESSION_RATIO = 200
 """Beyond this ratio a member larger than 1 MiB is taken for a zip bomb
 (real Office XML compresses 5-20x)."""
 _RATIO_MIN_BYTES = 1 << 20
+MAX_CONVERTED_FILE_BYTES = 512 << 20
+"""A file to convert (PDF, DOCX, ...): the converter works within 2 GiB of
+address space, and the file is first copied to its scratch directory."""
 MAX_DOCUMENT_CHARS = 64 << 20
 """Converted text of one file; a larger one should be split by the caller."""
 MAX_DOCUMENT_SECONDS = 120.0
