@@ -120,8 +120,11 @@ class RunCellActivity:
         live.session.load_context(paths, inp.context.kind)
         if inp.snapshot_key is not None:
             stored = self._snapshots.load(inp.snapshot_key)
-            live.session.restore(stored.state, stored.records)
-            live.records = stored.locations
+            # A state that cannot be restored (its own code fails on load)
+            # would fail every retry and every later cell: the cell starts
+            # empty instead, its output saying so.
+            if live.session.restore_or_start_empty(stored.state, stored.records):
+                live.records = stored.locations
         live.snapshot_key = inp.snapshot_key
 
 

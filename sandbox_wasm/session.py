@@ -60,6 +60,7 @@ class ReplSession:
         self._index = ContextIndex()  # of the context files, for recognising slices
         self._needs_restart: str | None = None  # why the next use must restart the guest
         self._interrupted: str | None = None
+        self._notes: list[str] = []  # said in the next cell's output (a state that could not be restored)
         self._seq = 0  # numbers the commands; the guest's driver echoes it in each result
 
     # -- lifecycle ---------------------------------------------------------------
@@ -174,6 +175,21 @@ class ReplSession:
         self._last_snapshot = bytes(data)
         self._last_records = kept
 
+    def restore_or_start_empty(self, data: bytes, records: Mapping[str, bytes] | None = None) -> bool:
+        """`restore`, or, when the snapshot cannot be brought back (a value's
+        own unpickling code raises, loops or exits; it needs more memory than
+        the guest has), a fresh REPL with the context loaded and a note in the
+        next cell's output. Such a state fails the same way every time: it
+        must not fail every later cell of the run. True when restored."""
+        try:
+            self.restore(data, records)
+            return True
+        except CellInterrupted:
+            raise
+        except SandboxError as exc:
+            self._notes.append(self._start_empty(str(exc)))
+            return False
+
     # -- cells -----------------------------------------------------------------------
     def run_cell(self, code: str) -> CellResult:
         """Run one cell against the persistent globals; never raises for the
@@ -181,7 +197,7 @@ class ReplSession:
         if not isinstance(code, str):
             raise TypeError(f"code must be str, got {type(code).__name__}")
         instance = self._require()
-        notes: list[str] = []
+        notes, self._notes = self._notes, []
         restarted = False
         self._interrupted = None
         if self._needs_restart:
@@ -287,9 +303,31 @@ class ReplSession:
         if self._context is not None:
             self._load_context(*self._context)
         if self._last_snapshot is not None:
-            self._admin(["restore", self._last_snapshot, self._last_records], self._user_code_timeout_s())
+            try:
+                self._admin(["restore", self._last_snapshot, self._last_records], self._user_code_timeout_s())
+            except CellInterrupted:
+                raise
+            except SandboxError as exc:
+                return self._start_empty(str(exc))
             return "the REPL was restarted and its state restored from the last snapshot"
         return "the REPL was restarted; no snapshot existed, so earlier variables are gone"
+
+    def _start_empty(self, reason: str) -> str:
+        """A fresh instance with the context and no variables, after a
+        snapshot failed to restore; the note says so."""
+        log.warning("sandbox_restore_failed", reason=reason[:300])
+        old, self._instance = self._instance, None
+        if old is not None:
+            old.close()
+        self._needs_restart = None
+        self._interrupted = None
+        self._last_snapshot, self._last_records = None, {}
+        self._boot()
+        if self._context is not None:
+            self._load_context(*self._context)
+        loaded = ", the context loaded" if self._context is not None else ""
+        return (f"the saved state could not be restored ({reason[:500]}); the REPL starts empty{loaded}: "
+                "earlier variables are gone")
 
     def _user_code_timeout_s(self) -> float:
         """Time for an admin command that runs the cell's own code: pickling

@@ -157,6 +157,25 @@ def test_cell_timeout_is_reported_and_repl_goes_on(settings, context_store, llm)
     assert "time" in turn2.last_user_text.lower()
 
 
+def test_a_saved_state_that_cannot_be_restored_does_not_stop_the_run(settings, context_store, llm):
+    # A value whose unpickling raises saves fine; when a later cell's state
+    # cannot be saved (its pickling loops), the worker drops that REPL and
+    # the next cell restores the last saved state, which fails every time:
+    # each retry and every later cell failed, and FINAL never ran. Now the
+    # cell starts with an empty REPL and is told so.
+    ctx = context_store.put_value("abc")
+    poison = "class P:\n    def __reduce__(self):\n        return (int, ('not a number',))\np = P()\nkept = 41"
+    stuck = "class L:\n    def __reduce__(self):\n        while True:\n            pass\nl = L()"
+    llm.add_rule("Turn 1 of", repl(poison), model=ROOT)
+    llm.add_rule("Turn 2 of", repl(stuck), model=ROOT)
+    llm.add_rule("Turn 3 of", repl("print('context', len(context), 'kept' in globals())"), model=ROOT)
+    llm.add_rule(lambda r: "Turn 4 of" in r.last_user_text, "FINAL(done)", model=ROOT, name="end")
+    result = run_once(isolated(settings), fake_registry(llm), request("q?", ctx, limits={"cell_timeout_s": 2.0}))
+    assert result.status == "completed" and result.answer == "done", result
+    [seen] = [r.last_user_text for r in llm.requests(ROOT) if r.matched_rule.name == "end"]
+    assert "context 3 False" in seen and "the saved state could not be restored" in seen, seen[-1500:]
+
+
 def test_model_errors(settings, context_store, llm):
     """A sub-call error is a string for that item; a root-model auth error ends the run clearly."""
     ctx = context_store.put_value("abc")

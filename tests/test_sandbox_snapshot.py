@@ -146,6 +146,63 @@ def test_trap_restores_last_snapshot_automatically(context_files):
         assert session.run_cell("f(), len(context)").value_repr == "(1, 2)"
 
 
+_POISON = {  # a value whose unpickling fails every time: its snapshot saves fine
+    "raises": "class P:\n    def __reduce__(self):\n        return (int, ('not a number',))\n",
+    "loops": "class P:\n    def __reduce__(self):\n        return (eval, ('[0 for _ in iter(int, 1)]',))\n",
+    "exits": "import os\nclass P:\n    def __reduce__(self):\n        return (os._exit, (3,))\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_POISON))
+def test_a_state_that_cannot_be_restored_starts_the_repl_empty_and_says_so(context_files, kind):
+    # It failed every restore: the activity's retries, then every later cell
+    # of the run (each restoring the same snapshot), so FINAL never ran.
+    # Found by review.
+    with fresh(context_files) as first:
+        first.run_cell(_POISON[kind] + "p = P()\nkept = 42")
+        poisoned = first.snapshot()
+        dead = first.run_cell("import os\nos._exit(1)")  # a trap: the restart restores the last snapshot
+        assert dead.restarted and "the saved state could not be restored" in dead.output, dead.output
+        assert first.run_cell("len(context), 'kept' in globals()").value_repr == "(2, False)"
+    with fresh(context_files) as other:  # another worker, or the cell's retry
+        assert other.restore_or_start_empty(poisoned.data, poisoned.new_records) is False
+        cell = other.run_cell("print(len(context))")
+        assert cell.error is None and cell.output.startswith("2\n")
+        assert "[sandbox: the saved state could not be restored" in cell.output, cell.output
+        assert "earlier variables are gone" in cell.output
+        assert "[sandbox:" not in other.run_cell("print(1)").output  # said once
+
+
+def test_a_value_rebinding_protected_names_while_it_is_pickled_does_not_reach_the_next_cell(context_files):
+    with fresh(context_files) as session:
+        session.run_cell(
+            "class Sneaky:\n"
+            "    def __reduce__(self):\n"
+            "        globals()['FINAL_VAR'] = lambda name: 'forged'\n"
+            "        return (int, (1,))\n"
+            "s = Sneaky()"
+        )
+        session.snapshot()
+        cell = session.run_cell("FINAL_VAR.__module__")
+        assert cell.value_repr != "'__main__'" and not cell.restored_names, (cell.value_repr, cell.restored_names)
+
+
+def test_a_value_too_large_to_send_is_left_unsaved_alone(context_files):
+    # One value past the host's frame limit failed the whole snapshot: every
+    # variable of the cell was lost, the next cell restarting from the state
+    # before it. Found by review.
+    limits = SandboxLimits(cell_timeout_s=10.0, memory_bytes=512 * 1024**2, max_host_call_bytes=16 << 20)
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("kept = 'x' * 5_000_000\nbig = b'y' * 20_000_000\nsmall = 1")
+        snap = session.snapshot()
+        assert snap.saved == ["kept", "small"], snap.saved
+        assert snap.unsaved_reasons["big"].startswith("ValueError: too large to save: 25.0 MB of new values")
+    with fresh(context_files) as other:
+        other.restore(snap.data, snap.new_records)
+        assert other.run_cell("len(kept), small, 'big' in globals()").value_repr == "(5000000, 1, False)"
+
+
 def test_compiled_module_is_cached_on_disk(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv(_runtime.CACHE_DIR_ENV, str(cache))

@@ -19,6 +19,9 @@ from rlm_codec import CodecError
 _REPR_MARKER = "... [repr truncated: %s more chars]"
 # Error texts sent back after a cell; the host cuts them too.
 _MAX_ERROR_CHARS = 20_000
+# Of the host's frame limit, what a snapshot keeps for its pickle and framing
+# beside the new values it sends (a value past the rest is left unsaved).
+_SNAPSHOT_HEADROOM = 16 << 20
 _GUEST_DIR = "/rlm/guest/"
 # Imported before a boot image is taken. Each costs a guest this much CPU at
 # its first import otherwise: re 35 ms, json 47 ms, traceback 63 ms; the
@@ -87,6 +90,7 @@ class Repl:
         self.cell_count += 1
         filename = "<cell %d>" % self.cell_count
         result = {"error": None, "error_type": None, "traceback": None, "value_repr": None}
+        self._restore_protected()  # rebound between cells (a finaliser, say): the cell gets the real ones
         self.clock.start(timeout)
         try:
             self.sources[filename] = code
@@ -123,7 +127,12 @@ class Repl:
 
             self.slices = rlm_slices.ContextSlices(self.context_docs, anchors)
         names = [n for n in self.globals if not n.startswith("__") and n not in self.protected]
-        return rlm_snapshot.take(self._refs(), names)
+        try:
+            return rlm_snapshot.take(self._refs(), names)
+        finally:
+            # Pickling runs the cell's own __reduce__, which can rebind
+            # llm_query or FINAL_VAR for the next cell: put them back.
+            self._restore_protected()
 
     def restore(self, data, records=None):
         import rlm_snapshot
@@ -146,8 +155,10 @@ class Repl:
             import rlm_slices
 
             self.slices = rlm_slices.ContextSlices(self.context_docs)
+        limit = self.channel.max_frame
         return rlm_snapshot.References(self.globals, self.protected, self.context,
-                                       self.context_loaded, self.stored, self.slices)
+                                       self.context_loaded, self.stored, self.slices,
+                                       None if limit is None else limit - min(_SNAPSHOT_HEADROOM, limit // 4))
 
     def _restore_protected(self):
         restored = []

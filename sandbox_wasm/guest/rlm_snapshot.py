@@ -55,6 +55,10 @@ def _cloudpickle():
     return module
 
 
+def _mb(count):
+    return "%.1f MB" % (count / 1e6)
+
+
 def record_name(obj, data):
     """Name of a record: crc32 of its bytes, the object's own hash (32 bits
     on wasm32; seeded once per boot image, so the guests started from one
@@ -90,7 +94,7 @@ class References:
     """Objects pickled by reference, and how to find them again."""
 
     def __init__(self, user_globals, protected, context, context_loaded, stored=None,
-                 slices=None):
+                 slices=None, max_new_bytes=None):
         self.user_globals = user_globals
         self.protected = protected
         self.context = context
@@ -100,6 +104,10 @@ class References:
         self.docs = (tuple(context) if isinstance(context, list) else (context,)) \
             if context_loaded else ()
         self.new_records = {}  # record name -> bytes, not yet sent to the host
+        # What one snapshot may send (the host's frame limit): a value past it
+        # is left unsaved on its own, not the whole snapshot with it.
+        self.max_new_bytes = max_new_bytes
+        self.new_bytes = 0
         self.pending = {}  # id -> (value, pid) named during this take(), held until it ends
         self.seen = {}  # id -> Stored entry, for the values in the last dump
         self.used = set()  # record names the last dump refers to
@@ -142,13 +150,23 @@ class References:
             elif found is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
                 digest = record_name(obj, data)
-                self.new_records.setdefault(digest, data)
+                if digest not in self.new_records:
+                    self._count_new(len(data))
+                    self.new_records[digest] = data
                 pid = ("r", digest, "s" if kind is str else "b")
             self.pending[id(obj)] = (obj, pid)
         if pid[0] == "r":
             self.used.add(pid[1])
         self.seen[id(obj)] = (obj, pid)
         return pid
+
+    def _count_new(self, size):
+        if self.max_new_bytes is not None and self.new_bytes + size > self.max_new_bytes:
+            raise ValueError(
+                "too large to save: %s of new values in this snapshot, at most %s go to the host at "
+                "once; it stays in memory until the REPL restarts (split it, or save less per cell)"
+                % (_mb(self.new_bytes + size), _mb(self.max_new_bytes)))
+        self.new_bytes += size
 
     def persistent_load(self, pid, records, loaded):
         if isinstance(pid, tuple) and pid and pid[0] in ("r", "c", "x"):
