@@ -74,9 +74,11 @@ class CellFinisher:
         )
         out = self._output(workflow_id, cell_id, host, result)
         if snapshot.unsaved:
+            reasons = snapshot.unsaved_reasons or {}
             out.output += (
                 "\n[note: these variables cannot be saved and will be lost if the REPL restarts: "
-                + ", ".join(snapshot.unsaved)
+                + "; ".join(f"{name} ({str(reasons.get(name, ''))[:200]})" if reasons.get(name) else name
+                            for name in snapshot.unsaved)
                 + "]"
             )
         out.snapshot_key, out.unsaved = snapshot_key, list(snapshot.unsaved)

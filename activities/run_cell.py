@@ -120,11 +120,17 @@ class RunCellActivity:
         live.session.load_context(paths, inp.context.kind)
         if inp.snapshot_key is not None:
             stored = self._snapshots.load(inp.snapshot_key)
-            # A state that cannot be restored (its own code fails on load)
-            # would fail every retry and every later cell: the cell starts
-            # empty instead, its output saying so.
-            if live.session.restore_or_start_empty(stored.state, stored.records):
-                live.records = stored.locations
+            if activity.info().attempt == 1:
+                # A first failure may be this worker's (load, a trap): retried.
+                live.session.restore(stored.state, stored.records)
+            elif not live.session.restore_or_start_empty(stored.state, stored.records):
+                # A state that cannot be restored (its own code fails on load,
+                # it needs more memory than the guest has) would fail every
+                # retry and every later cell: this cell starts empty, its
+                # output saying so, and its snapshot replaces that state.
+                live.snapshot_key = None
+                return
+            live.records = stored.locations
         live.snapshot_key = inp.snapshot_key
 
 

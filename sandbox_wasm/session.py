@@ -27,6 +27,7 @@ HostFunction = Callable[..., Any]
 # raised into it from another thread (an activity's cancellation) lands promptly.
 _WAIT_SLICE_S = 0.2
 _MAX_RESTORED_NAMES = 100
+_RESTORE_MIN_S = 30.0
 
 
 class ReplSession:
@@ -171,7 +172,7 @@ class ReplSession:
             if not (is_record_name(digest) and isinstance(value, (bytes, bytearray))):
                 raise TypeError("restore() records must map record names (40 hex digits) to bytes")
             kept[digest] = bytes(value)
-        self._admin(["restore", bytes(data), kept], self._user_code_timeout_s())
+        self._admin(["restore", bytes(data), kept], self._restore_timeout_s())
         self._last_snapshot = bytes(data)
         self._last_records = kept
 
@@ -180,7 +181,9 @@ class ReplSession:
         own unpickling code raises, loops or exits; it needs more memory than
         the guest has), a fresh REPL with the context loaded and a note in the
         next cell's output. Such a state fails the same way every time: it
-        must not fail every later cell of the run. True when restored."""
+        must not fail every later cell of the run. Call it only once a
+        restore already failed (a retry): a first failure may be the
+        worker's, not the state's. True when restored."""
         try:
             self.restore(data, records)
             return True
@@ -304,7 +307,7 @@ class ReplSession:
             self._load_context(*self._context)
         if self._last_snapshot is not None:
             try:
-                self._admin(["restore", self._last_snapshot, self._last_records], self._user_code_timeout_s())
+                self._admin(["restore", self._last_snapshot, self._last_records], self._restore_timeout_s())
             except CellInterrupted:
                 raise
             except SandboxError as exc:
@@ -329,6 +332,13 @@ class ReplSession:
         return (f"the saved state could not be restored ({reason[:500]}); the REPL starts empty{loaded}: "
                 "earlier variables are gone")
 
+    def _restore_timeout_s(self) -> float:
+        """A restore runs the state's own code too, but a restore cut short
+        can cost the whole state (it falls back to an empty REPL): it gets at
+        least _RESTORE_MIN_S (a cell's limit may be cut to 1 s near the
+        run's deadline; 30 MB of values took 2.2 s to restore)."""
+        return min(self.limits.admin_timeout_s, max(self.limits.cell_timeout_s, _RESTORE_MIN_S))
+
     def _user_code_timeout_s(self) -> float:
         """Time for an admin command that runs the cell's own code: pickling
         (`__reduce__`) and unpickling (`__setstate__`) get the cell's limit,
@@ -339,7 +349,7 @@ class ReplSession:
                sources: list[Any] | None = None) -> dict[str, Any]:
         instance = self._require()
         if self._needs_restart:
-            self._restart(self._needs_restart)
+            self._notes.append(self._restart(self._needs_restart))  # said in the next cell's output
             instance = self._require()
         event = self._command(instance, message, timeout_s or self.limits.admin_timeout_s,
                               sources, admin=True)

@@ -201,6 +201,11 @@ def test_a_value_too_large_to_send_is_left_unsaved_alone(context_files):
     with fresh(context_files) as other:
         other.restore(snap.data, snap.new_records)
         assert other.run_cell("len(kept), small, 'big' in globals()").value_repr == "(5000000, 1, False)"
+    with ReplSession(limits=limits).start() as session:
+        # What a value that cannot be saved held is not sent, so it does not count.
+        session.run_cell("a = ['x' * 8_000_000, (i for i in [])]\nb = 'y' * 8_000_000")
+        snap = session.snapshot()
+        assert snap.saved == ["b"] and "generator" in snap.unsaved_reasons["a"], snap.unsaved_reasons
 
 
 def test_compiled_module_is_cached_on_disk(tmp_path, monkeypatch):

@@ -108,6 +108,7 @@ class References:
         # is left unsaved on its own, not the whole snapshot with it.
         self.max_new_bytes = max_new_bytes
         self.new_bytes = 0
+        self._kept = set()  # new records of the dumps that succeeded
         self.pending = {}  # id -> (value, pid) named during this take(), held until it ends
         self.seen = {}  # id -> Stored entry, for the values in the last dump
         self.used = set()  # record names the last dump refers to
@@ -159,6 +160,20 @@ class References:
             self.used.add(pid[1])
         self.seen[id(obj)] = (obj, pid)
         return pid
+
+    def forget_new(self):
+        """Undo what dumps since the last one that succeeded named: their new
+        records and byte count (the per-name search of `take` dumps again)."""
+        for key, (obj, pid) in list(self.pending.items()):
+            if pid[0] == "r" and pid[1] in self.new_records and pid[1] not in self._kept:
+                del self.pending[key]
+        for digest in [d for d in self.new_records if d not in self._kept]:
+            del self.new_records[digest]
+        self.new_bytes = sum(len(self.new_records[d]) for d in self._kept)
+
+    def keep_new(self):
+        """The records named so far belong to a dump that succeeded."""
+        self._kept = set(self.new_records)
 
     def _count_new(self, size):
         if self.max_new_bytes is not None and self.new_bytes + size > self.max_new_bytes:
@@ -285,11 +300,15 @@ def take(refs, names):
         data = _dumps(refs, state)
     except Exception:
         # Find the culprits one by one, then save everything else together so
-        # shared references between the saved values are kept.
+        # shared references between the saved values are kept. What a failed
+        # dump named is forgotten: it is not sent, and must not count.
+        refs.forget_new()
         for name, value in state.items():
             try:
                 _dumps(refs, value)
+                refs.keep_new()
             except Exception as exc:
+                refs.forget_new()
                 unsaved[name] = _reason(exc)
         for name in unsaved:
             del state[name]
