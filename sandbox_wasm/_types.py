@@ -43,6 +43,12 @@ class SandboxLimits:
     """Hard ceiling of `CellResult.full_output`, which protects the host's memory."""
     admin_timeout_s: float = 120.0
     """Wall-clock seconds allowed for load_context, snapshot and restore."""
+    restore_min_s: float = 30.0
+    """A snapshot runs the cell's own code (`__reduce__`) and gets the cell's
+    limit; a restore (`__setstate__`) gets at least this long (at most
+    `admin_timeout_s`): one cut short costs the whole state, which then falls
+    back to an empty REPL, and a cell's limit may be cut to 1 s near the
+    run's deadline (30 MB of values took 2.2 s to restore)."""
     hang_grace_s: float = 5.0
     """Extra seconds the host waits past a deadline before it abandons an instance
     stuck in a blocking system call that the deadline cannot interrupt."""
@@ -64,8 +70,8 @@ class SandboxLimits:
                 f"memory_bytes must be between 16 MiB and 4 GiB (wasm32), got {self.memory_bytes}")
         if self.output_chars < 0 or self.full_output_chars < self.output_chars:
             raise ValueError("need 0 <= output_chars <= full_output_chars")
-        if not self.admin_timeout_s > 0 or self.hang_grace_s < 0:
-            raise ValueError("admin_timeout_s must be > 0 and hang_grace_s >= 0")
+        if not self.admin_timeout_s > 0 or self.hang_grace_s < 0 or not self.restore_min_s > 0:
+            raise ValueError("admin_timeout_s and restore_min_s must be > 0 and hang_grace_s >= 0")
         if self.max_host_call_bytes < 1024**2 or self.max_host_calls < 1:
             raise ValueError("need max_host_call_bytes >= 1 MiB and max_host_calls >= 1")
 

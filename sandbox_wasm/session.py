@@ -27,7 +27,6 @@ HostFunction = Callable[..., Any]
 # raised into it from another thread (an activity's cancellation) lands promptly.
 _WAIT_SLICE_S = 0.2
 _MAX_RESTORED_NAMES = 100
-_RESTORE_MIN_S = 30.0
 
 
 class ReplSession:
@@ -333,11 +332,8 @@ class ReplSession:
                 "earlier variables are gone")
 
     def _restore_timeout_s(self) -> float:
-        """A restore runs the state's own code too, but a restore cut short
-        can cost the whole state (it falls back to an empty REPL): it gets at
-        least _RESTORE_MIN_S (a cell's limit may be cut to 1 s near the
-        run's deadline; 30 MB of values took 2.2 s to restore)."""
-        return min(self.limits.admin_timeout_s, max(self.limits.cell_timeout_s, _RESTORE_MIN_S))
+        """The cell's limit, but at least `limits.restore_min_s` (see there)."""
+        return min(self.limits.admin_timeout_s, max(self.limits.cell_timeout_s, self.limits.restore_min_s))
 
     def _user_code_timeout_s(self) -> float:
         """Time for an admin command that runs the cell's own code: pickling

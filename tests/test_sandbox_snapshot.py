@@ -7,7 +7,7 @@ import pytest
 from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
 from sandbox_wasm import _runtime
 
-LIMITS = SandboxLimits(cell_timeout_s=2.0, memory_bytes=512 * 1024**2)
+LIMITS = SandboxLimits(cell_timeout_s=2.0, memory_bytes=512 * 1024**2, restore_min_s=2.0)
 
 
 @pytest.fixture()
