@@ -10,13 +10,13 @@ from typing import Any, Literal
 
 import structlog
 
+from ._cell_result import TOO_MANY_CALLS, cell_result
 from ._context_anchors import ContextIndex
 from ._guest_results import SnapshotError, is_record_name, report_text, snapshot_parts
 from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest, boot_guest
-from ._output import cap_output
 from ._runtime import get_runtime
-from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
+from ._types import CellInterrupted, CellResult, SandboxError, SandboxLimits, Snapshot, ToolError
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
@@ -26,7 +26,6 @@ HostFunction = Callable[..., Any]
 # The session thread waits for the guest in slices this long, so an exception
 # raised into it from another thread (an activity's cancellation) lands promptly.
 _WAIT_SLICE_S = 0.2
-_MAX_RESTORED_NAMES = 100
 
 
 class ReplSession:
@@ -217,49 +216,10 @@ class ReplSession:
             self._needs_restart = _HOST_STOPPED
             raise CellInterrupted(f"the cell was interrupted: {event.payload}")
         text, dropped = instance.output.take()
-        full_output = text
-        if dropped:
-            full_output += f"\n... [full output truncated: {dropped:,} more chars]"
-        output, cut = cap_output(text, dropped, limits.output_chars)
-        result = CellResult(output=output, full_output=full_output, error=None, traceback=None,
-                            value_repr=None, duration_s=duration, restarted=restarted)
-        if cut:
-            result.limit = LimitHit("output", limits.output_chars,
-                                    f"output cut to {limits.output_chars:,} chars "
-                                    f"({cut:,} more chars not shown)")
-        if event.kind == "done":
-            payload = event.payload
-            result.error = report_text(payload.get("error"))
-            result.traceback = report_text(payload.get("traceback"))
-            result.value_repr = report_text(payload.get("value_repr"), limits.output_chars + 100)
-            restored = payload.get("restored")
-            result.restored_names = ([str(n)[:100] for n in restored[:_MAX_RESTORED_NAMES]]
-                                     if isinstance(restored, list) else [])
-            if payload.get("error_type") == "MemoryError":
-                result.limit = LimitHit("memory", limits.memory_bytes,
-                                        f"the cell ran out of memory (cap {limits.memory_bytes:,} "
-                                        "bytes); free large variables or process in chunks")
-            if result.restored_names:
-                notes.append("the cell overwrote protected name(s) "
-                             f"{', '.join(result.restored_names)}; they were restored")
-        else:
-            if event.timed_out:
-                message = (f"the cell ran longer than {limits.cell_timeout_s:g} s and was stopped")
-                result.limit = LimitHit("timeout", limits.cell_timeout_s, message)
-                result.error = f"TimeoutError: {message}"
-            elif event.payload == _TOO_MANY_CALLS:
-                message = (f"the cell made more than {limits.max_host_calls:,} host-function calls "
-                           "and was stopped; batch the work (e.g. llm_query_batched) instead of "
-                           "calling in a loop")
-                result.limit = LimitHit("host_calls", limits.max_host_calls, message)
-                result.error = f"HostCallLimit: {message}"
-            else:
-                message = str(event.payload)
-                result.limit = LimitHit("trap", 0, message)
-                result.error = f"SandboxCrash: {message}"
-            result.restarted = True
-            notes.append(message)
-            notes.append(self._restart(message))
+        result, cell_notes, stopped = cell_result(event, text, dropped, limits, duration, restarted)
+        notes += cell_notes
+        if stopped is not None:
+            notes.append(self._restart(stopped))
         if notes:
             suffix = "".join(f"\n[sandbox: {note}]" for note in notes)
             result.output += suffix
@@ -424,7 +384,7 @@ class ReplSession:
             calls += 1
             if max_calls is not None and calls > max_calls:
                 instance.abort()
-                return Event("dead", _TOO_MANY_CALLS)
+                return Event("dead", TOO_MANY_CALLS)
             called = time.monotonic()
             answer = self._call_host(*event.payload)
             try:
@@ -452,5 +412,4 @@ class ReplSession:
             return ["err", f"{name}() failed on the host: {type(exc).__name__}: {exc}"]
 
 
-_TOO_MANY_CALLS = "too many host calls"
 _HOST_STOPPED = "the previous cell was interrupted on the host side"
