@@ -75,10 +75,11 @@ class CellFinisher:
         out = self._output(workflow_id, cell_id, host, result)
         if snapshot.unsaved:
             reasons = snapshot.unsaved_reasons or {}
+            named = (f"{name} ({reason[:200]})" if (reason := str(reasons.get(name) or "")) else name
+                     for name in snapshot.unsaved)
             out.output += (
                 "\n[note: these variables cannot be saved and will be lost if the REPL restarts: "
-                + "; ".join(f"{name} ({str(reasons.get(name, ''))[:200]})" if reasons.get(name) else name
-                            for name in snapshot.unsaved)
+                + "; ".join(named)
                 + "]"
             )
         out.snapshot_key, out.unsaved = snapshot_key, list(snapshot.unsaved)

@@ -82,12 +82,13 @@ class RootTurnActivity:
         """A `FINAL(...)` answer longer than a result holds inline, stored
         whole (it used to be cut at 64 KiB, the rest only in the transcript)."""
         final = parsed.final
-        if final is None or final.kind != "answer" or len(final.value.encode()) <= ANSWER_INLINE_BYTES:
+        answer = final.value.encode() if final is not None and final.kind == "answer" else b""
+        if len(answer) <= ANSWER_INLINE_BYTES:
             return None
         try:
-            ref = await self._rt.io(self._rt.store.put_blob, final.value.encode())
+            ref = await self._rt.io(self._rt.store.put_blob, answer)
         except Exception as exc:  # noqa: BLE001 - the reply is paid for: keep it, cut (the result says so)
-            log.warning("root_turn.final_not_stored", error=str(exc)[:300], chars=len(final.value))
+            log.warning("root_turn.final_not_stored", error=str(exc)[:300], bytes=len(answer))
             return None
         return ref.model_dump(mode="json")
 

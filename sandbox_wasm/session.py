@@ -256,14 +256,7 @@ class ReplSession:
     def _restart(self, reason: str) -> str:
         """Boot a fresh instance and bring back context and the last snapshot."""
         log.warning("sandbox_restart", reason=reason)
-        old, self._instance = self._instance, None
-        if old is not None:
-            old.close()
-        self._needs_restart = None
-        self._interrupted = None
-        self._boot()
-        if self._context is not None:
-            self._load_context(*self._context)
+        self._fresh_instance()
         if self._last_snapshot is not None:
             try:
                 self._admin(["restore", self._last_snapshot, self._last_records], self._restore_timeout_s())
@@ -278,18 +271,22 @@ class ReplSession:
         """A fresh instance with the context and no variables, after a
         snapshot failed to restore; the note says so."""
         log.warning("sandbox_restore_failed", reason=reason[:300])
+        self._last_snapshot, self._last_records = None, {}
+        self._fresh_instance()
+        loaded = ", the context loaded" if self._context is not None else ""
+        return (f"the saved state could not be restored ({reason[:500]}); the REPL starts empty{loaded}: "
+                "earlier variables are gone")
+
+    def _fresh_instance(self) -> None:
+        """The old instance closed, a new one booted with the context loaded."""
         old, self._instance = self._instance, None
         if old is not None:
             old.close()
         self._needs_restart = None
         self._interrupted = None
-        self._last_snapshot, self._last_records = None, {}
         self._boot()
         if self._context is not None:
             self._load_context(*self._context)
-        loaded = ", the context loaded" if self._context is not None else ""
-        return (f"the saved state could not be restored ({reason[:500]}); the REPL starts empty{loaded}: "
-                "earlier variables are gone")
 
     def _restore_timeout_s(self) -> float:
         """The cell's limit, but at least `limits.restore_min_s` (see there)."""
