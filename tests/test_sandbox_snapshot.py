@@ -235,3 +235,31 @@ def test_runtime_file_with_wrong_hash_is_refused(monkeypatch):
     monkeypatch.setattr(_runtime, "_verified_wasm", set())
     with pytest.raises(SandboxError, match="refusing to run"):
         _runtime.verified_wasm_path()
+
+
+def test_values_pickled_inline_past_the_frame_limit_are_left_unsaved_alone(context_files):
+    # Values that are not str or bytes (a bytearray, a list of many small
+    # strings) are pickled inside the state itself, not as records: a state
+    # past the host's frame limit failed the whole snapshot (every variable
+    # of the cell lost), though each value but one fit.
+    limits = SandboxLimits(cell_timeout_s=10.0, memory_bytes=512 * 1024**2, max_host_call_bytes=16 << 20)
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell(
+            "kept = bytearray(b'k' * 6_000_000)\n"
+            "big = bytearray(b'y' * 20_000_000)\n"
+            "words = ['w%d' % i for i in range(400_000)]\n"
+            "small = 1"
+        )
+        snap = session.snapshot()
+        assert snap.saved == ["kept", "small", "words"], (snap.saved, snap.unsaved_reasons)
+        assert "too large to save" in snap.unsaved_reasons["big"], snap.unsaved_reasons
+    with fresh(context_files) as other:
+        other.restore(snap.data, snap.new_records)
+        cell = other.run_cell("len(kept), len(words), words[-1], small, 'big' in globals()")
+        assert cell.value_repr == "(6000000, 400000, 'w399999', 1, False)", cell
+    with ReplSession(limits=limits).start() as session:
+        # Two values that fit alone but not together: one is saved.
+        session.run_cell("a = bytearray(10_000_000)\nb = bytearray(10_000_000)")
+        snap = session.snapshot()
+        assert len(snap.saved) == 1 and len(snap.unsaved) == 1, (snap.saved, snap.unsaved_reasons)

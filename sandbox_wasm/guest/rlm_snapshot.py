@@ -30,6 +30,8 @@ MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
 _LEGACY_MAGIC = b"RLMSNAP1"
 RECORD_MIN = 4096
+# What a name adds to the state pickle beside its value (key, opcodes, memo).
+_PER_NAME_BYTES = 16
 _CLOUDPICKLE_DIR = "/rlm/cloudpickle"
 
 
@@ -176,12 +178,18 @@ class References:
         self._kept = set(self.new_records)
 
     def _count_new(self, size):
-        if self.max_new_bytes is not None and self.new_bytes + size > self.max_new_bytes:
+        self.check_fits(size)
+        self.new_bytes += size
+
+    def check_fits(self, size, inline=0):
+        """Raise unless `size` more bytes, beside the new records and `inline`
+        bytes of pickled state, fit in what one snapshot may send."""
+        total = self.new_bytes + inline + size
+        if self.max_new_bytes is not None and total > self.max_new_bytes:
             raise ValueError(
                 "too large to save: %s of new values in this snapshot, at most %s go to the host at "
                 "once; it stays in memory until the REPL restarts (split it, or save less per cell)"
-                % (_mb(self.new_bytes + size), _mb(self.max_new_bytes)))
-        self.new_bytes += size
+                % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
         if isinstance(pid, tuple) and pid and pid[0] in ("r", "c", "x"):
@@ -298,15 +306,21 @@ def take(refs, names):
     unsaved = {}
     try:
         data = _dumps(refs, state)
+        # Values other than str and bytes (a bytearray, a long list) are
+        # pickled into the state itself, which goes in the same frame.
+        refs.check_fits(len(data))
     except Exception:
         # Find the culprits one by one, then save everything else together so
         # shared references between the saved values are kept. What a failed
         # dump named is forgotten: it is not sent, and must not count.
         refs.forget_new()
+        inline = 0
         for name, value in state.items():
             try:
-                _dumps(refs, value)
+                part = len(_dumps(refs, value)) + len(name) + _PER_NAME_BYTES
+                refs.check_fits(part, inline)
                 refs.keep_new()
+                inline += part
             except Exception as exc:
                 refs.forget_new()
                 unsaved[name] = _reason(exc)
@@ -314,6 +328,7 @@ def take(refs, names):
             del state[name]
         try:
             data = _dumps(refs, state)
+            refs.check_fits(len(data))
         except Exception as exc:  # a failure only visible in combination
             for name in list(state):
                 unsaved[name] = "could not be saved together with the others: " + _reason(exc)
