@@ -63,6 +63,8 @@ class CellFinisher:
         else:
             snapshot_key = run_key(workflow_id, "snapshots", f"{cell_id}.bin")
             live.records = self._snapshots.save(snapshot_key, snapshot, live.records)
+        # Stored: the session need not hold its own copy of the large values.
+        live.session.keep_records_elsewhere(self._snapshots.record_source(lambda: live.records))
         live.snapshot_key = snapshot_key
         log.debug(
             "run_cell.snapshot",

@@ -112,6 +112,13 @@ class ReplPool:
         with self._lock:
             return self._held
 
+    @property
+    def idle_record_bytes(self) -> int:
+        """Bytes of large REPL values the idle sessions hold on the host, beside
+        their guests (0 while every state's records are in object storage)."""
+        with self._lock:
+            return sum(live.session.held_record_bytes for live in self._idle.values())
+
     def checkout(
         self,
         workflow_id: str,

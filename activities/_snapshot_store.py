@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import struct
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from activities.object_store import ObjectStore
-from sandbox_wasm import Snapshot
+from sandbox_wasm import RecordSource, Snapshot
 
 MAGIC = b"RLMSNAPM"
 _LENGTH = struct.Struct("<Q")
@@ -83,12 +84,22 @@ class SnapshotStore:
         self._store.put_segments(key, encode_manifest(snap.data, locations))
         return locations
 
+    def record_source(self, live_records: Callable[[], dict[str, RecordLocation]]) -> RecordSource:
+        """What a live session reads its dropped records back from (a
+        restart after a trap): where `live_records()` says they are stored."""
+
+        def read(names: list[str]) -> dict[str, bytes]:
+            where = live_records()
+            return self.fetch_records({d: where[d] for d in names})
+
+        return read
+
     def load(self, key: str) -> StoredSnapshot:
         raw = self._store.get_bytes(key)
         state, locations = decode_manifest(raw, key)
-        return StoredSnapshot(state=state, records=self._fetch(locations), locations=locations)
+        return StoredSnapshot(state=state, records=self.fetch_records(locations), locations=locations)
 
-    def _fetch(self, locations: dict[str, RecordLocation]) -> dict[str, bytes]:
+    def fetch_records(self, locations: dict[str, RecordLocation]) -> dict[str, bytes]:
         """Read the records: per pack, one ranged read spanning the records needed."""
         by_pack: dict[str, list[tuple[str, RecordLocation]]] = {}
         for digest, where in locations.items():

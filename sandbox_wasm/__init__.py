@@ -6,7 +6,8 @@ and output limits. See `ReplSession`.
 """
 
 from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
+from ._saved_state import RecordSource, RecordsUnavailable
 from .session import ReplSession
 
-__all__ = ["CellInterrupted", "CellResult", "LimitHit", "ReplSession", "SandboxError",
+__all__ = ["CellInterrupted", "CellResult", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession", "SandboxError",
            "SandboxLimits", "Snapshot", "ToolError"]

@@ -3,6 +3,7 @@ checked before the host uses them."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ._types import SandboxError
@@ -18,7 +19,7 @@ class SnapshotError(SandboxError):
     next use, so the state it runs from is always one that was saved."""
 
 
-def snapshot_parts(result: dict[str, Any], held: dict[str, bytes]) -> tuple[
+def snapshot_parts(result: dict[str, Any], held: Collection[str]) -> tuple[
         bytes, list[str], dict[str, str], list[str], dict[str, bytes]]:
     """(data, saved, unsaved, refs, records) of a snapshot's result, checked
     against the records the host already `held`; SandboxError if malformed."""

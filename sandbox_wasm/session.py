@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import keyword
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,15 +12,15 @@ import structlog
 from ._cell_result import TOO_MANY_CALLS, cell_result
 from ._context_anchors import ContextIndex
 from ._guest_results import SnapshotError, is_record_name, report_text, snapshot_parts
+from ._host_functions import HostFunction, call_host, checked_host_functions
 from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest, boot_guest
 from ._runtime import get_runtime
-from ._types import CellInterrupted, CellResult, SandboxError, SandboxLimits, Snapshot, ToolError
+from ._saved_state import RecordSource, SavedState
+from ._types import CellInterrupted, CellResult, SandboxError, SandboxLimits, Snapshot
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
-
-HostFunction = Callable[..., Any]
 
 # The session thread waits for the guest in slices this long, so an exception
 # raised into it from another thread (an activity's cancellation) lands promptly.
@@ -42,20 +41,11 @@ class ReplSession:
                  host_functions: Mapping[str, HostFunction] | None = None,
                  cache_dir: str | Path | None = None):
         self.limits = limits or SandboxLimits()
-        self._host_functions = dict(host_functions or {})
-        for name, fn in self._host_functions.items():
-            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) \
-                    or name.startswith("_"):
-                raise ValueError(f"host function name {name!r} must be a public Python identifier")
-            if name == "SHOW_VARS":
-                raise ValueError("SHOW_VARS is provided by the guest; do not register it")
-            if not callable(fn):
-                raise TypeError(f"host function {name!r} is not callable: {fn!r}")
+        self._host_functions = checked_host_functions(host_functions or {})
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._instance: GuestInstance | None = None
         self._context: tuple[list[Path], list[int], str] | None = None
-        self._last_snapshot: bytes | None = None
-        self._last_records: dict[str, bytes] = {}  # the records the last snapshot refers to
+        self._saved = SavedState()  # what a restart goes back to
         self._index = ContextIndex()  # of the context files, for recognising slices
         self._needs_restart: str | None = None  # why the next use must restart the guest
         self._interrupted: str | None = None
@@ -83,6 +73,12 @@ class ReplSession:
         returns: only the guest's own code grows its memory."""
         instance = self._instance
         return instance.memory_bytes if instance is not None else 0
+
+    @property
+    def held_record_bytes(self) -> int:
+        """Bytes of large values the host holds for a restart (0 once they are
+        kept elsewhere: `keep_records_elsewhere`)."""
+        return self._saved.held_bytes
 
     def interrupt(self, reason: str) -> None:
         """Stop the command running now, from any thread (e.g. a cancelled cell).
@@ -148,13 +144,10 @@ class ReplSession:
             raise SnapshotError(str(exc)) from None
 
     def _take_snapshot(self, result: dict[str, Any]) -> Snapshot:
-        data, saved, unsaved, refs, records = snapshot_parts(result, self._last_records)
-        unchanged = (not records and data == self._last_snapshot
-                     and set(refs) == set(self._last_records))
+        data, saved, unsaved, refs, records = snapshot_parts(result, self._saved.names)
         snap = Snapshot(data=data, saved=saved, unsaved=sorted(unsaved), unsaved_reasons=unsaved,
-                        refs=refs, new_records=records, unchanged=unchanged)
-        self._last_snapshot = data
-        self._last_records = {d: records.get(d) or self._last_records[d] for d in refs}
+                        refs=refs, new_records=records, unchanged=self._saved.unchanged(data, refs, records))
+        self._saved.update(data, refs, records)
         if records:
             self._index.build()  # large values the guest could not place: help the next snapshot
         return snap
@@ -171,8 +164,15 @@ class ReplSession:
                 raise TypeError("restore() records must map record names (40 hex digits) to bytes")
             kept[digest] = bytes(value)
         self._admin(["restore", bytes(data), kept], self._restore_timeout_s())
-        self._last_snapshot = bytes(data)
-        self._last_records = kept
+        self._saved.replace(bytes(data), kept)
+
+    def keep_records_elsewhere(self, source: RecordSource) -> None:
+        """The records of the last snapshot or restore are stored durably and
+        `source` reads them back: the session drops its copies (they can be as
+        large as the guest's memory) and reads them only to restart after a
+        trap. Call it again after each snapshot whose new records were stored.
+        A restart whose source fails raises RecordsUnavailable."""
+        self._saved.records_elsewhere(source)
 
     def restore_or_start_empty(self, data: bytes, records: Mapping[str, bytes] | None = None) -> bool:
         """`restore`, or, when the snapshot cannot be brought back (a value's
@@ -256,10 +256,17 @@ class ReplSession:
     def _restart(self, reason: str) -> str:
         """Boot a fresh instance and bring back context and the last snapshot."""
         log.warning("sandbox_restart", reason=reason)
+        records = None
+        if self._saved.data is not None:
+            # Read first, before anything changes, and outside the fallback
+            # below: records out of reach (storage down) are not a state that
+            # fails to restore. The session still needs its restart then.
+            self._needs_restart = reason
+            records = self._saved.records()
         self._fresh_instance()
-        if self._last_snapshot is not None:
+        if records is not None:
             try:
-                self._admin(["restore", self._last_snapshot, self._last_records], self._restore_timeout_s())
+                self._admin(["restore", self._saved.data, records], self._restore_timeout_s())
             except CellInterrupted:
                 raise
             except SandboxError as exc:
@@ -271,7 +278,7 @@ class ReplSession:
         """A fresh instance with the context and no variables, after a
         snapshot failed to restore; the note says so."""
         log.warning("sandbox_restore_failed", reason=reason[:300])
-        self._last_snapshot, self._last_records = None, {}
+        self._saved.clear()
         self._fresh_instance()
         loaded = ", the context loaded" if self._context is not None else ""
         return (f"the saved state could not be restored ({reason[:500]}); the REPL starts empty{loaded}: "
@@ -383,30 +390,13 @@ class ReplSession:
                 instance.abort()
                 return Event("dead", TOO_MANY_CALLS)
             called = time.monotonic()
-            answer = self._call_host(*event.payload)
+            answer = call_host(self._host_functions, *event.payload)
             try:
                 instance.reply(answer)
             except CodecError as exc:
                 instance.reply(["err", f"host function {event.payload[0]!r} returned a value "
                                        f"that cannot be sent to the sandbox: {exc}"])
             hard_deadline += time.monotonic() - called
-
-    def _call_host(self, name: Any, args: Any, kwargs: Any) -> list[Any]:
-        # The call's shape comes from guest code: check it before using it.
-        if not (isinstance(name, str) and isinstance(args, list) and isinstance(kwargs, dict)
-                and all(isinstance(k, str) for k in kwargs)):
-            return ["err", "malformed host-function call (name must be a str, arguments a "
-                           "list, keyword arguments a dict with str keys)"]
-        fn = self._host_functions.get(name)
-        if fn is None:
-            return ["err", f"{name[:100]}() is not available: the host registered no such function"]
-        try:
-            return ["ok", fn(*args, **kwargs)]
-        except ToolError as exc:
-            return ["err", str(exc), "ToolError"]
-        except Exception as exc:
-            log.info("sandbox_host_function_failed", name=name, error=repr(exc)[:500])
-            return ["err", f"{name}() failed on the host: {type(exc).__name__}: {exc}"]
 
 
 _HOST_STOPPED = "the previous cell was interrupted on the host side"

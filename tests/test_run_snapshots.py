@@ -74,3 +74,47 @@ print(len(chunks))
     assert object_store.count(prefix) == 3
     stored = sum(o.size for o in object_store.client.list_objects(object_store.bucket, prefix, recursive=True))
     assert stored < 300_000  # the 2 MB of chunks and 2 MB of prompts are not in it
+
+
+def test_a_trap_restores_large_values_from_storage_not_a_host_copy(settings, context_store, llm):
+    # Idle REPLs held a copy of their large values on the worker, outside the
+    # guest memory budget; they are read back from storage when a cell traps.
+    ctx = context_store.put_value(prose(300_000))
+    pools, held = [], []
+    llm.add_rule(
+        "Turn 1 of",
+        repl("made = ''.join(reversed(context[:200_000]))\nnote = 'n' * 50_000\nprint(len(made))"),
+        model=ROOT,
+        name="turn1",
+    )
+
+    def turn2(_request):
+        held.append(pools[0].idle_record_bytes)
+        return repl("import os\nos._exit(3)")
+
+    llm.add_rule("Turn 2 of", turn2, model=ROOT, name="turn2")
+    llm.add_rule(
+        "Turn 3 of",
+        repl("FINAL(str((made == ''.join(reversed(context[:200_000])), len(note))))"),
+        model=ROOT,
+        name="turn3",
+    )
+    s = isolated(settings)
+
+    async def go():
+        client = await connect(s)
+        worker, pool = build_worker(client, s, models=fake_registry(llm, context_window=1_000_000))
+        pools.append(pool)
+        try:
+            async with worker:
+                handle = await start(client, s, request("Keep the values.", ctx))
+                return await asyncio.wait_for(handle.result(), 120)
+        finally:
+            pool.close()
+
+    result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert held == [0]  # the idle session after turn 1 held no copy
+    assert result.answer == "(True, 50000)"
+    turn3 = next(r for r in llm.requests() if r.matched_rule is not None and r.matched_rule.name == "turn3")
+    assert "restored from the last snapshot" in turn3.all_text

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 
@@ -133,6 +133,47 @@ def test_a_trap_restores_records_from_the_host_copy(context_files):
         assert check.value_repr == "(300000, True)"
         # The new instance learned what the host holds from the restore.
         assert session.snapshot().new_records == {}
+
+
+def test_records_kept_elsewhere_are_read_back_only_for_a_restart(context_files):
+    # Every idle session held a copy of its guest's large values on the host,
+    # outside the guest memory budget. Once stored, they are dropped and read
+    # back from the caller's source when a trap needs them.
+    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
+    asked: list[list[str]] = []
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("note = 'n' * 50_000\nblob = b'b' * 60_000")
+        stored = dict(session.snapshot().new_records)
+        assert len(stored) == 2
+        session.keep_records_elsewhere(lambda names: asked.append(sorted(names)) or {d: stored[d] for d in names})
+        session.run_cell("extra = 'e' * 70_000")  # a new record, held until it is stored too
+        snap = session.snapshot()
+        assert snap.saved == ["blob", "extra", "note"] and len(snap.new_records) == 1 and not asked
+        dead = session.run_cell("import os\nos._exit(7)")
+        assert "restored from the last snapshot" in dead.output and asked == [sorted(stored)]
+        assert session.run_cell("len(note), len(blob), len(extra)").value_repr == "(50000, 60000, 70000)"
+
+
+def test_records_out_of_reach_at_a_restart_fail_the_cell_and_keep_the_state(context_files):
+    # Storage down is not a state that cannot be restored: starting the REPL
+    # empty would let the next snapshot replace the stored state.
+    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("note = 'n' * 50_000")
+        session.snapshot()
+
+        def down(names):
+            raise ConnectionError("S3 is down")
+
+        session.keep_records_elsewhere(down)
+        with pytest.raises(RecordsUnavailable, match="S3 is down"):
+            session.run_cell("import os\nos._exit(7)")
+        with pytest.raises(RecordsUnavailable):  # the next use still restarts first: no cell runs on an empty REPL
+            session.run_cell("note = 'lost'")
+        session.keep_records_elsewhere(lambda names: {names[0]: b"n" * 50_000})
+        assert session.run_cell("len(note)").value_repr == "50000"
 
 
 def test_restore_without_a_needed_record_fails_clearly(context_files):
