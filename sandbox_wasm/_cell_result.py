@@ -17,10 +17,11 @@ _MAX_RESTORED_NAMES = 100
 
 
 def cell_result(event: Event, text: str, dropped: int, limits: SandboxLimits, duration: float,
-                restarted: bool) -> tuple[CellResult, list[str], str | None]:
+                restarted: bool, refusal: str | None = None) -> tuple[CellResult, list[str], str | None]:
     """`(result, notes, stopped)`: the cell's result, notes for its output,
     and why the guest was stopped (None when the cell ended by itself: the
-    REPL goes on; else the session restarts it)."""
+    REPL goes on; else the session restarts it). `refusal`: why the host
+    last refused a write of the cell on fd 0."""
     full_output = text
     if dropped:
         full_output += f"\n... [full output truncated: {dropped:,} more chars]"
@@ -44,6 +45,9 @@ def cell_result(event: Event, text: str, dropped: int, limits: SandboxLimits, du
             result.limit = LimitHit("memory", limits.memory_bytes,
                                     f"the cell ran out of memory (cap {limits.memory_bytes:,} "
                                     "bytes); free large variables or process in chunks")
+        if refusal and refusal not in (result.error or "") + text:
+            # Raw bytes the cell wrote to fd 0 itself: its OSError has only an errno.
+            notes.append(f"the host channel (fd 0) refused a write: {refusal}")
         if result.restored_names:
             notes.append("the cell overwrote protected name(s) "
                           f"{', '.join(result.restored_names)}; they were restored")

@@ -15,6 +15,13 @@ against the instance's limit before anything is allocated for it, and its
 body is buffered only as its bytes actually arrive. Decoding a frame is
 bounded too (`rlm_codec`: values per byte, dict keys, int digits): a frame
 over those bounds is refused with an errno, the REPL goes on.
+
+A refusal also leaves a ["refused", reason] reply to be read, so the guest's
+channel can raise an exception that says why (a bare errno does not). Bytes
+that are not a whole frame by the time the guest reads fd 0 are dropped and
+refused the same way; the guest's channel reads fd 0 (for nothing) before it
+sends, so what cell code left half-written there is dropped instead of being
+taken for the start of the next message.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import wasmtime
 
@@ -46,6 +53,11 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _SUBSCRIPTION_SIZE = 48
 _SLEEP_SLACK_NS = 20_000_000
+
+
+def _size(count: int) -> str:
+    """As the guest's channel writes sizes (rlm_channel._size)."""
+    return f"{count / 1e6:.1f} MB" if count >= 10**6 else f"{count:,} bytes"
 
 
 class ProtocolViolation(Exception):
@@ -134,7 +146,8 @@ class WasiShim:
         self.refused_contents = 0
         """Frames turned down for their contents (the guest got EBADMSG)."""
         self.last_refusal: str | None = None
-        """Why the last of those was turned down."""
+        """Why the last refusal (those, or an incomplete frame dropped) was made;
+        reset by whoever reports it (GuestInstance.take_refusal)."""
         self._memory: wasmtime.Memory | None = None
         self._real_funcs: dict[str, Any] = {}  # WASI functions bound to the store
         self._real: dict[str, Any] = {}  # the same, called through the trampoline
@@ -212,6 +225,10 @@ class WasiShim:
                     # A view of guest memory: the collector copies only what it keeps.
                     self._on_output(chunk)
                 total += length
+            if fd == 0 and self._header:
+                # The channel writes a header whole: a write ending inside
+                # one is not the channel's (and would garble the next frame).
+                self._drop_stray()
             self._put_u32(caller, out, total)
         except _Fault:
             return _ERRNO_FAULT
@@ -223,6 +240,9 @@ class WasiShim:
         if fd != 0:
             return self._real["fd_read"](caller, fd, iovs, count, out)
         try:
+            if self._header or self._body is not None:
+                # The guest reads only once its message is whole: these bytes are none.
+                self._drop_stray()
             total = 0
             # One source per call: a read never spans a frame and a file.
             while self._pending and self._pending[0].exhausted():
@@ -280,6 +300,25 @@ class WasiShim:
                 _U64.pack_into(table, base + 24, now + budget)
 
     # -- framing -----------------------------------------------------------------
+    def _refuse(self, errno: int, reason: str) -> NoReturn:
+        """Turn the message down: the guest gets `errno`, then may read why."""
+        self.last_refusal = reason
+        self._pending.clear()
+        self._pending.append(frame_source(["refused", reason]))
+        raise _Refused(errno)
+
+    def _drop_stray(self) -> NoReturn:
+        """Drop an incomplete frame (written by cell code, not by the channel)."""
+        if self._body is None:
+            count, what = len(self._header), f"{len(self._header)} of a frame header's 8 bytes"
+        else:
+            count = FRAME_HEADER.size + len(self._body)
+            what = f"a frame header announcing {self._size:,} bytes, then {len(self._body):,} of them"
+        self._header, self._body = bytearray(), None
+        self._refuse(_ERRNO_BADMSG, f"{count:,} bytes written to fd 0 were not a whole message "
+                                    f"({what}) and were dropped; fd 0 is the sandbox's channel "
+                                    "to the host, not a file (print, or write to fd 1)")
+
     def _feed(self, chunk: memoryview, caller: Any) -> None:
         while len(chunk):
             if self._body is None:
@@ -295,7 +334,8 @@ class WasiShim:
                     # write is dropped with it, and the guest's channel turns
                     # the errno into a clear exception.
                     self.refused_frames += 1
-                    raise _Refused(_ERRNO_MSGSIZE)
+                    self._refuse(_ERRNO_MSGSIZE, f"a frame of {_size(size)} exceeds the "
+                                                 f"{_size(self._max_frame)} limit of one message")
                 # Grown as bytes arrive (not bytearray(size)): a header alone
                 # costs nothing, and the body can only be as large as what the
                 # guest really wrote.
@@ -313,8 +353,7 @@ class WasiShim:
                     # forged it: the guest's own encoder refuses such values
                     # with a clear error). Dropped like an oversized frame.
                     self.refused_contents += 1
-                    self.last_refusal = str(exc)
-                    raise _Refused(_ERRNO_BADMSG) from None
+                    self._refuse(_ERRNO_BADMSG, f"the host refused the message: {exc}")
                 except ValueError as exc:
                     raise ProtocolViolation(str(exc)) from None
                 del body

@@ -165,6 +165,15 @@ class GuestInstance:
         shim = self._shim
         return shim.refused_frames if shim is not None else 0
 
+    def take_refusal(self) -> str | None:
+        """Why the host last refused a write on fd 0, once (then None until
+        the next refusal): cell code writing raw bytes there sees only an errno."""
+        shim = self._shim
+        if shim is None:
+            return None
+        reason, shim.last_refusal = shim.last_refusal, None
+        return reason
+
     def abort(self) -> None:
         """Kill the guest at its next host callback (used when the session gives up)."""
         self.alive = False

@@ -209,6 +209,7 @@ class ReplSession:
         limits = self.limits
         began = time.perf_counter()
         instance.output.reset()
+        instance.take_refusal()  # one of an earlier command is not this cell's
         event = self._command(instance, ["exec", code, limits.cell_timeout_s, limits.output_chars],
                               limits.cell_timeout_s, max_calls=limits.max_host_calls)
         duration = time.perf_counter() - began
@@ -216,7 +217,8 @@ class ReplSession:
             self._needs_restart = _HOST_STOPPED
             raise CellInterrupted(f"the cell was interrupted: {event.payload}")
         text, dropped = instance.output.take()
-        result, cell_notes, stopped = cell_result(event, text, dropped, limits, duration, restarted)
+        result, cell_notes, stopped = cell_result(event, text, dropped, limits, duration, restarted,
+                                                  instance.take_refusal())
         notes += cell_notes
         if stopped is not None:
             notes.append(self._restart(stopped))

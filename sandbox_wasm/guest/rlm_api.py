@@ -9,7 +9,7 @@ import builtins
 import time
 import types
 
-from rlm_channel import FrameTooLarge
+from rlm_channel import ChannelRefused, FrameTooLarge
 from rlm_codec import CodecError, CodecLimit
 
 STANDARD_NAMES = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
@@ -91,6 +91,8 @@ def build_api(channel, user_globals, registered, clock, context_docs=tuple, docs
             raise TypeError("%s(): %s" % (name, exc)) from None
         except FrameTooLarge as exc:
             raise ValueError("%s(): %s" % (name, exc)) from None
+        except ChannelRefused as exc:  # the host's reason: nothing was called
+            raise HostCallError("%s(): %s; the call was not made" % (name, exc)) from None
         finally:
             clock.paused += time.monotonic() - began
         if reply[0] == "ok":

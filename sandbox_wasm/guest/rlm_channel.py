@@ -3,6 +3,9 @@
 The host shadows the WASI `fd_write` / `fd_read` imports for fd 0, so a write
 here is delivered to the host synchronously and the host's reply is waiting
 to be read right after. Nothing here blocks on the host except the write.
+
+A message the host refuses fails with an errno, and the host's reply is then
+["refused", reason]: read, so the exception raised here says why.
 """
 
 import errno
@@ -18,6 +21,11 @@ _FIRST_READ = 64 * 1024
 
 class FrameTooLarge(ValueError):
     """A message larger than the host accepts in one call."""
+
+
+class ChannelRefused(OSError):
+    """A message the host refused (or bytes the cell's code left on fd 0 that
+    the host dropped before it): the text is the host's reason."""
 
 
 def _size(count):
@@ -40,15 +48,12 @@ class Channel:
                 "time (split it, or store it in a variable and pass pieces)"
                 % (_size(total - FRAME_HEADER.size), _size(self.max_frame)))
         views = [memoryview(s).cast("B") for s in segments if len(s)]
+        # A read of nothing first: what the cell's code left half-written on
+        # fd 0 is dropped (and refused) by the host, not taken for the start
+        # of this message.
+        self._refusable(os.readv, [memoryview(self._buf)[:0]], total)
         while views:
-            try:
-                written = os.writev(_FD, views[:_IOV_BATCH])
-            except OSError as exc:
-                if exc.errno == errno.EMSGSIZE:
-                    raise FrameTooLarge(
-                        "the host refused a message of %s: it is larger than this sandbox "
-                        "may send in one call" % _size(total - FRAME_HEADER.size)) from None
-                raise
+            written = self._refusable(os.writev, views[:_IOV_BATCH], total)
             if written <= 0:
                 raise OSError("host channel refused a write")
             while written and views:
@@ -58,6 +63,30 @@ class Channel:
                 else:
                     views[0] = views[0][written:]
                     written = 0
+
+    def _refusable(self, io, views, total):
+        """`io(fd 0, views)`; a refusal is raised with the host's reason."""
+        try:
+            return io(_FD, views)
+        except OSError as exc:
+            code = exc.errno
+            if code not in (errno.EMSGSIZE, errno.EBADMSG):
+                raise
+        reason = self._refusal()
+        if code == errno.EMSGSIZE:
+            raise FrameTooLarge("the host refused a message of %s: %s"
+                                % (_size(total - FRAME_HEADER.size), reason))
+        raise ChannelRefused(reason)
+
+    def _refusal(self):
+        """The host's reason for the refusal just made (its pending reply)."""
+        try:
+            reply = self.recv()
+        except (OSError, EOFError, ValueError):
+            reply = None
+        if isinstance(reply, list) and len(reply) == 2 and reply[0] == "refused":
+            return str(reply[1])
+        return "no reason given"
 
     def recv(self):
         view = memoryview(self._buf)

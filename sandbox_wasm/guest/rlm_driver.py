@@ -13,7 +13,7 @@ import time
 import types
 
 import rlm_api
-from rlm_channel import Channel, FrameTooLarge
+from rlm_channel import Channel, ChannelRefused, FrameTooLarge
 from rlm_codec import CodecError
 
 _REPR_MARKER = "... [repr truncated: %s more chars]"
@@ -262,7 +262,10 @@ def _serve(repl):
     while True:
         try:
             command = channel.request(["done", result])
-        except (FrameTooLarge, CodecError) as exc:  # e.g. a snapshot larger, or of more values, than the host accepts
+        except (FrameTooLarge, CodecError, ChannelRefused) as exc:
+            # E.g. a snapshot larger, or of more values, than the host accepts;
+            # or bytes the cell's code left on fd 0, dropped by the host before
+            # this result (which then reports that instead).
             result = {"error": "%s: %s" % (type(exc).__name__, exc), "seq": seq}
             del exc
             continue
