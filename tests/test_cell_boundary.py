@@ -16,7 +16,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities._cell_host import CellHost
 from activities._cell_output import FINAL_INLINE_CHARS, CellFinisher
-from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import ReplSession, SandboxError, SandboxLimits, Snapshot
 from sandbox_wasm.session import SnapshotError
 from workflows.refs import BlobRef
 from workflows.steps import CellOutput
@@ -40,8 +40,17 @@ class _Store:
 
 
 class _Snapshots:
-    def save(self, key: str, snap: object, held: dict) -> dict:
-        return {}
+    """Keeps the records in memory, where the real store keeps them in S3."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, bytes] = {}
+
+    def save(self, key: str, snap: Snapshot, held: dict) -> dict:
+        self.records.update(snap.new_records)
+        return {digest: digest for digest in snap.refs}
+
+    def record_source(self, live_records: object) -> object:
+        return lambda names: {name: self.records[name] for name in names}
 
 
 class _Cell:
