@@ -66,3 +66,23 @@ def test_the_question_tells_the_model_what_the_repl_holds():
     assert "question 1 of a session" in session_question("q?", 1)
     later = session_question("q?", 3)
     assert later.startswith("q?\n\n") and f"`{SESSION_HISTORY_VAR}`" in later and "question 3" in later
+
+
+def test_history_cell_names_no_builtin_the_model_may_have_rebound():
+    answers = [QuestionAnswer(question="a", answer="1", status="completed")]
+    ns: dict = {"list": ["x"], "isinstance": None, "globals": "mine", "type": 3}
+    exec(history_code(answers), ns)
+    exec(history_code(answers), ns)
+    assert ns[SESSION_HISTORY_VAR] == [{"question": "a", "answer": "1", "status": "completed"}] * 2
+
+
+def test_answers_waiting_for_the_history_cell_are_bounded():
+    from workflows.session import newest_that_fit
+    from workflows.session_models import MAX_UNRECORDED_CHARS
+
+    big = [QuestionAnswer(question=f"q{i} " + "\x01" * 60_000, answer="a", status="completed") for i in range(40)]
+    kept = newest_that_fit(big)
+    assert kept == big[-len(kept):] and 1 < len(kept) < len(big)
+    assert len(history_code(kept)) <= MAX_UNRECORDED_CHARS + 500
+    huge = [QuestionAnswer(question="q", answer="\x02" * 300_000, status="completed")] * 2
+    assert newest_that_fit(huge) == huge[-1:]  # the newest is kept whatever its size

@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
+        MAX_UNRECORDED_CHARS,
         AskRecord,
         AskRequest,
         QuestionAnswer,
@@ -193,6 +194,7 @@ class RLMSession:
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
         if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
             self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))
+            self._unrecorded = newest_that_fit(self._unrecorded)
             await self._record(f"q{number}r")
         self._show()
         return result
@@ -363,10 +365,32 @@ def session_question(question: str, number: int) -> str:
 
 def history_code(answers: list[QuestionAnswer]) -> str:
     """A cell that appends `answers` to the REPL's `session_history` (made
-    a list again if the model's code rebound the name)."""
-    items = repr([qa.model_dump(mode="json") for qa in answers])
+    a list again if the model's code rebound the name). It names no builtin
+    (`list`, `isinstance`, `globals`): model code that rebound one (`list =
+    context.split()`) failed this cell for the rest of the session."""
+    items = _history_items(answers)
     name = SESSION_HISTORY_VAR
-    return f"if not isinstance(globals().get({name!r}), list):\n    {name} = []\n{name}.extend({items})\n"
+    return (
+        f"try:\n    {name} = {name} if [].__class__.__instancecheck__({name}) else []\n"
+        f"except:  # not defined yet\n    {name} = []\n"
+        f"[].__class__.extend({name}, {items})\n"
+    )
+
+
+def _history_items(answers: list[QuestionAnswer]) -> str:
+    return repr([qa.model_dump(mode="json") for qa in answers])
+
+
+def newest_that_fit(answers: list[QuestionAnswer]) -> list[QuestionAnswer]:
+    """The newest of `answers` whose cell code stays within MAX_UNRECORDED_CHARS
+    (the newest one always: a question and its inline answer are well below)."""
+    kept, size = 0, 0
+    for qa in reversed(answers):
+        size += len(_history_items([qa]))
+        if kept and size > MAX_UNRECORDED_CHARS:
+            break
+        kept += 1
+    return answers[len(answers) - kept:]
 
 
 def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:

@@ -1,0 +1,66 @@
+"""Sessions against a hostile (or careless) model and caller: real Temporal
+dev server, real S3, real wasmtime REPLs, the scripted model server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, isolated, repl, running_worker
+from tests.session_harness import ask, asked, close, session_request, start_session
+
+TIMEOUT_S = 120.0
+
+
+def test_session_history_survives_model_code_that_shadows_builtins(settings, llm, context_store):
+    """Model code often names a variable `list` (or `globals`): the cell that
+    appends to `session_history` must not depend on those names."""
+    ctx = context_store.put_value("numbers: 3 4 5")
+    llm.add_rule(asked("first"), repl("list = context.split()\nglobals = 'mine'\nprint('listed', len(list))"), model=ROOT)
+    llm.add_rule("listed 4", "FINAL(four)", model=ROOT)
+    llm.add_rule(asked("second"), repl("print('history', len(session_history), session_history[0]['answer'])"), model=ROOT)
+    llm.add_rule("history 1 four", "FINAL(seen)", model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx, question_caps={"max_turns": 3}))
+            first = await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
+            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+            await close(handle)
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert (first.status, first.answer) == ("completed", "four"), first.reason
+    assert (second.status, second.answer) == ("completed", "seen"), second.reason
+
+
+def test_answers_whose_history_cell_keeps_failing_do_not_end_the_session(settings, llm, context_store):
+    """Each answer whose `session_history` cell failed is kept to be appended
+    with the next. The cell failed for good once model code rebound `list`,
+    and that list grew until the cell's input passed Temporal's payload limit
+    (12 questions of 60,000 control characters): every workflow task of the
+    session failed from then on (PayloadsTooLarge), every ask timed out."""
+    ctx = context_store.put_value("numbers: 3 4 5")
+    llm.add_rule(asked("first"), repl("list = 1\nprint('shadowed')"), model=ROOT)
+    llm.add_rule("shadowed", "FINAL(ok)", model=ROOT)
+    llm.add_rule(asked("big", None), "FINAL(fine)", model=ROOT)
+    s = isolated(settings)
+    filler = "\x01" * 60_000  # 4 characters each in the cell's code
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx))
+            results = [await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)]
+            try:
+                for i in range(30):
+                    results.append(await asyncio.wait_for(ask(handle, f"big {i} {filler}"), TIMEOUT_S))
+                await close(handle)
+                return results, await handle.result(), None
+            except Exception as exc:  # the session ended under us
+                return results, None, f"{type(exc).__name__}: {exc} / {getattr(exc, 'cause', None)}"
+
+    results, final, error = asyncio.run(go())
+    assert error is None, f"after {len(results)} questions: {error}"
+    assert [r.status for r in results] == ["completed"] * 31, [(r.status, r.reason) for r in results][:3]
+    assert final.questions == 31
