@@ -15,7 +15,11 @@ __all__ = ["DYNAMIC_CONFIG", "temporal_spec"]
 
 # Server limits raised for RLM runs (production clusters need the same
 # values in their dynamic config; see README). Defaults are 10 in-flight
-# and 2,000 total updates per run, and a 2 MiB payload error threshold.
+# and 2,000 total updates per run, and a 2 MiB payload error threshold;
+# updates waiting are sent to the worker in one task, which past gRPC's 4 MB
+# got the workflow terminated (GrpcMessageTooLarge), so their payloads are
+# held to 2 MiB (the server default is 20 MiB; more waits are refused as
+# RESOURCE_EXHAUSTED, which clients retry).
 # The transfer queue (which hands every new workflow and activity task to
 # matching) polls at most 20 times a second per history shard by default; the
 # dev server has one shard, so after ~1.5 s of steady work each task waited
@@ -24,6 +28,7 @@ __all__ = ["DYNAMIC_CONFIG", "temporal_spec"]
 DYNAMIC_CONFIG: dict[str, object] = {
     "history.maxInFlightUpdates": 64,
     "history.maxTotalUpdates": 10_000,
+    "history.maxInFlightUpdatePayloads": 2 * 1024 * 1024,
     "limit.blobSize.warn": 512 * 1024,
     "limit.blobSize.error": 4 * 1024 * 1024,
     "history.transferProcessorMaxPollRPS": 10_000,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+from temporalio.client import WorkflowUpdateFailedError
+
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
+from workflows.result import RunResult
 from tests.session_harness import ask, asked, close, session_request, start_session
 
 TIMEOUT_S = 120.0
@@ -64,3 +67,32 @@ def test_answers_whose_history_cell_keeps_failing_do_not_end_the_session(setting
     assert error is None, f"after {len(results)} questions: {error}"
     assert [r.status for r in results] == ["completed"] * 31, [(r.status, r.reason) for r in results][:3]
     assert final.questions == 31
+
+
+def test_a_burst_of_large_asks_does_not_end_the_session(settings, llm, context_store):
+    """A session continues as new only between questions: asks sent back to
+    back all land in one run's history, 1 MB each for questions of 60,000
+    control characters. 14 at once were delivered to the worker in one task
+    past gRPC's 4 MB (terminated: GrpcMessageTooLarge); 60 passed the history's
+    50 MB (terminated: history size exceeds limit). Now asks past the budget are
+    refused, to be sent again, and the session goes on."""
+    ctx = context_store.put_value("numbers: 3 4 5")
+    llm.add_rule(asked("big", None), "FINAL(fine)", model=ROOT)
+    s = isolated(settings)
+    filler = "\x01" * 60_000  # 6 bytes each as JSON
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx, continue_after_questions=5))
+            asks = [asyncio.ensure_future(ask(handle, f"big {i} {filler}")) for i in range(60)]
+            results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 900)
+            again = await asyncio.wait_for(ask(handle, f"big again {filler}"), TIMEOUT_S)
+            return results, again, await close(handle)
+
+    results, again, closed = asyncio.run(go())
+    refused = [r for r in results if isinstance(r, WorkflowUpdateFailedError)]
+    answered = [r for r in results if isinstance(r, RunResult)]
+    assert len(refused) + len(answered) == 60, [r for r in results if isinstance(r, BaseException)][:1]
+    assert all("ask again once they are answered" in str(r.cause) for r in refused), refused[0].cause
+    assert answered and all(r.status == "completed" for r in answered)
+    assert again.status == "completed" and closed.questions == len(answered) + 1

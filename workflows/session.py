@@ -51,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
         validation_errors,
         without_unknown_fields,
     )
-    from workflows.result import RunResult, Usage
+    from workflows.result import CHILD_RESULT_BYTES, RunResult, Usage
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
     from workflows.session_models import (
         MAX_RECENT_ASKS,
@@ -78,6 +78,14 @@ SETTLE_UNSTARTED_QUESTION_PATCH = "settle-unstarted-question"
 LATE_CANCEL_PATCH = "survive-late-question-cancel"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
+# A session continues as new only between questions, so asks accepted back to
+# back all land in one run's history: each adds its question about three times
+# (the update, the question's run, the history cell) and its result twice.
+# Past Temporal's history limit (50 MB by default) the server terminated the
+# session (45 asks of 60,000 control characters); an ask that would take the
+# history past this is refused instead, and can be sent again once those
+# waiting are answered (the session then continues as new).
+HISTORY_BUDGET_BYTES = 40 * 1024 * 1024
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_SESSION, failure_exception_types=FAILURE_TYPES)
@@ -108,6 +116,7 @@ class RLMSession:
         self._asking = asyncio.Lock()  # serialises asks (FIFO)
         self._cancel_reason: str | None = None
         self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
+        self._waiting_bytes = 0  # what the asks accepted and not yet answered may add to the history
 
     def _new_ledger(self) -> Ledger:
         caps = self._req.caps
@@ -160,9 +169,14 @@ class RLMSession:
     # -- asking ------------------------------------------------------------------
     @workflow.update(name=names.UPDATE_ASK)
     async def ask(self, ask: AskRequest) -> RunResult:
-        async with self._asking:  # a second ask waits for the first
-            await workflow.wait_condition(lambda: self._context is not None)
-            return await self._answer(ask)
+        held = _history_bytes(ask)
+        self._waiting_bytes += held
+        try:
+            async with self._asking:  # a second ask waits for the first
+                await workflow.wait_condition(lambda: self._context is not None)
+                return await self._answer(ask)
+        finally:
+            self._waiting_bytes -= held
 
     @ask.validator
     def _validate_ask(self, ask: AskRequest) -> None:
@@ -173,6 +187,11 @@ class RLMSession:
         if problem := ask.unknown_fields_problem():
             raise ValueError(problem)
         ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
+        if workflow.info().get_current_history_size() + self._waiting_bytes + _history_bytes(ask) > HISTORY_BUDGET_BYTES:
+            raise ValueError(
+                f"session {workflow.info().workflow_id} has too many questions waiting for its history: "
+                "ask again once they are answered"
+            )
 
     async def _answer(self, ask: AskRequest) -> RunResult:
         self._asked += 1
@@ -391,6 +410,11 @@ def newest_that_fit(answers: list[QuestionAnswer]) -> list[QuestionAnswer]:
             break
         kept += 1
     return answers[len(answers) - kept:]
+
+
+def _history_bytes(ask: AskRequest) -> int:
+    """The most an ask adds to the session's history (see HISTORY_BUDGET_BYTES)."""
+    return 3 * len(ask.model_dump_json()) + 2 * CHILD_RESULT_BYTES
 
 
 def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:
