@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import activity
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.runtime import WorkerRuntime
 from workflows.names import UPDATE_SUBCALLS
@@ -36,6 +38,8 @@ REF_BYTES_PER_PART = 4 * 1024 * 1024
 # limit of 10 in-flight updates per workflow execution (the dev server let
 # 30 through in tests/test_batch_parts.py; a production cluster may not).
 UPDATES_IN_FLIGHT = 8
+# Waits between sends of an update the server refused for now (until_admitted).
+ADMIT_RETRY_FIRST_S, ADMIT_RETRY_MAX_S = 0.5, 5.0
 
 
 class CellHost:
@@ -123,7 +127,11 @@ class CellHost:
                         items=items,
                         digest=batch_digest(kind, model, items),
                     )
-                    update = handle.execute_update(UPDATE_SUBCALLS, batch, id=batch.update_id(), result_type=SubcallReply)
+                    update = until_admitted(
+                        lambda batch=batch: handle.execute_update(
+                            UPDATE_SUBCALLS, batch, id=batch.update_id(), result_type=SubcallReply
+                        )
+                    )
                     waiting.append((len(items), asyncio.run_coroutine_threadsafe(update, self._rt.loop)))
             while waiting:
                 self._collect(*waiting.popleft(), out)
@@ -143,7 +151,7 @@ class CellHost:
         """Send this cell's run an update and wait for its result, as sub-calls
         do (custom tools use it: activities/_tool_host.py)."""
         handle = self._rt.client.get_workflow_handle(self._workflow_id)
-        return self._wait(handle.execute_update(update, arg, id=update_id, result_type=result_type))
+        return self._wait(until_admitted(lambda: handle.execute_update(update, arg, id=update_id, result_type=result_type)))
 
     def _text(self, answer: SubcallAnswer) -> str:
         if answer.text_ref is not None:
@@ -195,6 +203,25 @@ class CellHost:
             items.append(item.model_copy(update={"occurrence": self._asked[what]}))
             self._asked[what] += 1
         return items
+
+
+async def until_admitted(send: Callable[[], Awaitable[Any]]) -> Any:
+    """`send()` again while the server refuses it as RESOURCE_EXHAUSTED. The
+    server admits a run's updates only up to a payload size until its
+    workflow task accepts them (`history.maxInFlightUpdatePayloads`, 2 MiB
+    here: more in one task passed gRPC's 4 MB and got the workflow
+    terminated), and the client's own retries give up after ~10 s, e.g.
+    behind a slow task. Sent again under the same update id, an update is
+    never run twice. Ends with the cell (`_result` cancels it)."""
+    delay = ADMIT_RETRY_FIRST_S
+    while True:
+        try:
+            return await send()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, ADMIT_RETRY_MAX_S)
 
 
 def _parts(kind: str, texts: list[str]) -> list[tuple[list[int], list[bool]]]:

@@ -11,7 +11,7 @@ import structlog
 
 from activities._cell_host import CellHost, valid_text
 from activities._repl_pool import LiveRepl
-from activities._snapshot_store import RecordLocation
+from activities._snapshot_store import SnapshotSaver
 from activities.runtime import run_key
 from sandbox_wasm import CellResult, Snapshot
 from sandbox_wasm.session import SnapshotError
@@ -29,12 +29,6 @@ class OutputStore(Protocol):
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_blob(self, data: bytes) -> BlobRef: ...
-
-
-class SnapshotSaver(Protocol):
-    """Stores a snapshot and returns the record locations the session keeps (activities/_snapshot_store.py)."""
-
-    def save(self, key: str, snap: Snapshot, held: dict[str, RecordLocation]) -> dict[str, RecordLocation]: ...
 
 
 class CellFinisher:
@@ -64,7 +58,7 @@ class CellFinisher:
             snapshot_key = run_key(workflow_id, "snapshots", f"{cell_id}.bin")
             live.records = self._snapshots.save(snapshot_key, snapshot, live.records)
         # Stored: the session need not hold its own copy of the large values.
-        live.session.keep_records_elsewhere(self._snapshots.record_source(lambda: live.records))
+        live.records_stored_in(self._snapshots)
         live.snapshot_key = snapshot_key
         log.debug(
             "run_cell.snapshot",

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import structlog
 
-from activities._snapshot_store import RecordLocation
+from activities._snapshot_store import RecordLocation, SnapshotSaver
 from sandbox_wasm import ReplSession, SandboxLimits
 
 log = structlog.get_logger(__name__)
@@ -67,6 +67,11 @@ class LiveRepl:
     """Custom tools the guest has stubs for: name -> docstring (fixed at boot)."""
     idle_since: float = 0.0
     """time.monotonic() of its last checkin."""
+
+    def records_stored_in(self, snapshots: SnapshotSaver) -> None:
+        """Its state's records are stored in `snapshots` (at `records`): the
+        session drops its copies and reads them from there for a restart."""
+        self.session.keep_records_elsewhere(snapshots.record_source(lambda: self.records))
 
 
 class ReplPool:

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from activities.object_store import ObjectStore
 from sandbox_wasm import RecordSource, Snapshot
@@ -54,6 +55,15 @@ class StoredSnapshot:
     state: bytes
     records: dict[str, bytes]
     locations: dict[str, RecordLocation]
+
+
+class SnapshotSaver(Protocol):
+    """What a cell's end needs of the store: save a snapshot (returning where
+    each record of it is) and read records back (`SnapshotStore`)."""
+
+    def save(self, key: str, snap: Snapshot, held: dict[str, RecordLocation]) -> dict[str, RecordLocation]: ...
+
+    def record_source(self, live_records: Callable[[], dict[str, RecordLocation]]) -> RecordSource: ...
 
 
 class SnapshotStore:

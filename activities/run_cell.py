@@ -131,7 +131,7 @@ class RunCellActivity:
                 live.snapshot_key = None
                 return
             live.records = stored.locations
-            live.session.keep_records_elsewhere(self._snapshots.record_source(lambda: live.records))
+            live.records_stored_in(self._snapshots)
         live.snapshot_key = inp.snapshot_key
 
 

@@ -299,6 +299,11 @@ class WasiShim:
             if timeout - now > budget:
                 _U64.pack_into(table, base + 24, now + budget)
 
+    def take_refusal(self) -> str | None:
+        """Why the last refusal was made, once (then None until the next)."""
+        reason, self.last_refusal = self.last_refusal, None
+        return reason
+
     # -- framing -----------------------------------------------------------------
     def _refuse(self, errno: int, reason: str) -> NoReturn:
         """Turn the message down: the guest gets `errno`, then may read why."""

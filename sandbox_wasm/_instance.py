@@ -169,10 +169,7 @@ class GuestInstance:
         """Why the host last refused a write on fd 0, once (then None until
         the next refusal): cell code writing raw bytes there sees only an errno."""
         shim = self._shim
-        if shim is None:
-            return None
-        reason, shim.last_refusal = shim.last_refusal, None
-        return reason
+        return shim.take_refusal() if shim is not None else None
 
     def abort(self) -> None:
         """Kill the guest at its next host callback (used when the session gives up)."""

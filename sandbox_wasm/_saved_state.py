@@ -4,7 +4,7 @@ The state pickle is kept on the host (it is small: large values are records).
 The records, the large str/bytes values, can together be as large as the
 guest's own memory; a worker's idle sessions each held a copy of them beside
 the guest itself, outside the guest memory budget. Once the caller has
-stored them durably it says where to read them back (`records_elsewhere`),
+stored them durably it says where to read them back (`keep_records_elsewhere`),
 and the session drops its copies: they are read again only for a restart.
 """
 
@@ -37,7 +37,7 @@ class SavedState:
         return self._records.keys()
 
     @property
-    def held_bytes(self) -> int:
+    def held_record_bytes(self) -> int:
         """Bytes of records held here (not dropped)."""
         return sum(len(value) for value in self._records.values() if value is not None)
 
@@ -57,7 +57,7 @@ class SavedState:
     def clear(self) -> None:
         self.data, self._records, self._source = None, {}, None
 
-    def records_elsewhere(self, source: RecordSource) -> None:
+    def keep_records_elsewhere(self, source: RecordSource) -> None:
         """Every record of the state is stored where `source` reads it: drop the copies."""
         self._records = dict.fromkeys(self._records)
         self._source = source
@@ -67,7 +67,7 @@ class SavedState:
         missing = [d for d, value in self._records.items() if value is None]
         if not missing:
             return dict(self._records)  # type: ignore[arg-type] - none is None
-        assert self._source is not None  # only records_elsewhere drops them
+        assert self._source is not None  # only keep_records_elsewhere drops them
         try:
             fetched = self._source(missing)
             out = {d: value if value is not None else fetched[d] for d, value in self._records.items()}

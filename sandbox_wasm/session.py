@@ -49,6 +49,7 @@ class ReplSession:
         self._index = ContextIndex()  # of the context files, for recognising slices
         self._needs_restart: str | None = None  # why the next use must restart the guest
         self._interrupted: str | None = None
+        self._interrupts = 0  # interrupt() calls so far: one during a restart's reads must not be lost
         self._notes: list[str] = []  # said in the next cell's output (a state that could not be restored)
         self._seq = 0  # numbers the commands; the guest's driver echoes it in each result
 
@@ -78,7 +79,7 @@ class ReplSession:
     def held_record_bytes(self) -> int:
         """Bytes of large values the host holds for a restart (0 once they are
         kept elsewhere: `keep_records_elsewhere`)."""
-        return self._saved.held_bytes
+        return self._saved.held_record_bytes
 
     def interrupt(self, reason: str) -> None:
         """Stop the command running now, from any thread (e.g. a cancelled cell).
@@ -88,6 +89,7 @@ class ReplSession:
         `CellInterrupted`. The next use of the session starts a new instance
         from the last snapshot."""
         self._interrupted = reason
+        self._interrupts += 1
         instance = self._instance
         if instance is not None:
             instance.interrupt(reason)
@@ -172,7 +174,7 @@ class ReplSession:
         large as the guest's memory) and reads them only to restart after a
         trap. Call it again after each snapshot whose new records were stored.
         A restart whose source fails raises RecordsUnavailable."""
-        self._saved.records_elsewhere(source)
+        self._saved.keep_records_elsewhere(source)
 
     def restore_or_start_empty(self, data: bytes, records: Mapping[str, bytes] | None = None) -> bool:
         """`restore`, or, when the snapshot cannot be brought back (a value's
@@ -264,7 +266,11 @@ class ReplSession:
             # below: records out of reach (storage down) are not a state that
             # fails to restore. The session still needs its restart then.
             self._needs_restart = reason
+            interrupts = self._interrupts
             records = self._saved.records()
+            if self._interrupts != interrupts:
+                # It reached the old instance only, and the new one must not run past it.
+                raise CellInterrupted(f"the restart was interrupted: {self._interrupted}")
         self._fresh_instance()
         if records is not None:
             try:

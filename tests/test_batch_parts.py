@@ -11,6 +11,7 @@ import re
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities import _cell_host
 from activities._cell_host import BATCH_INLINE_BUDGET, REF_BYTES_PER_PART, UPDATES_IN_FLIGHT, _parts
@@ -47,6 +48,29 @@ def test_inline_budget_is_the_whole_batch_s_not_each_part_s():
 def test_rlm_questions_are_never_cut_by_reference_bytes():
     parts = _parts("rlm", ["q" * 1000] * 50)
     assert len(parts) == 1 and all(parts[0][1])
+
+
+def test_an_update_refused_for_now_is_sent_again_until_admitted(monkeypatch):
+    """The server refuses a run's updates past its in-flight payload limit
+    (RESOURCE_EXHAUSTED) until a workflow task accepts the earlier ones; the
+    client's own retries stop after ~10 s, which failed the part's sub-calls.
+    Other errors are not retried."""
+    monkeypatch.setattr(_cell_host, "ADMIT_RETRY_FIRST_S", 0.001)
+    sent: list[int] = []
+
+    async def send():
+        sent.append(1)
+        if len(sent) < 4:
+            raise RPCError("in-flight update payloads", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+        return "answers"
+
+    assert asyncio.run(_cell_host.until_admitted(send)) == "answers" and len(sent) == 4
+
+    async def refused():
+        raise RPCError("no such workflow", RPCStatusCode.NOT_FOUND, b"")
+
+    with pytest.raises(RPCError, match="no such workflow"):
+        asyncio.run(_cell_host.until_admitted(refused))
 
 
 def _tag(request) -> str:

@@ -9,13 +9,13 @@ Temporal's pydantic data converter, as the worker does.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities._cell_host import CellHost
 from activities._cell_output import FINAL_INLINE_CHARS, CellFinisher
+from activities._repl_pool import LiveRepl
 from sandbox_wasm import ReplSession, SandboxError, SandboxLimits, Snapshot
 from sandbox_wasm.session import SnapshotError
 from workflows.refs import BlobRef
@@ -63,7 +63,7 @@ class _Cell:
                      "echo": self.echoed.append}
         self.session = ReplSession(limits=LIMITS, host_functions=functions).start()
         self.session.run_cell("marker = 'kept'")
-        self.live = SimpleNamespace(session=self.session, snapshot_key=PREVIOUS, records={})
+        self.live = LiveRepl(self.session, LIMITS, PREVIOUS)
         self.session.snapshot()
         self.store = _Store()
         self.finisher = CellFinisher(self.store, _Snapshots())

@@ -146,7 +146,6 @@ def test_trap_restores_last_snapshot_automatically(context_files):
         assert session.run_cell("f(), len(context)").value_repr == "(1, 2)"
 
 
-
 _POISON = {  # a value whose unpickling fails every time: its snapshot saves fine
     "raises": "class P:\n    def __reduce__(self):\n        return (int, ('not a number',))\n",
     "loops": "class P:\n    def __reduce__(self):\n        return (eval, ('[0 for _ in iter(int, 1)]',))\n",

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sandbox_wasm import RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import CellInterrupted, RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 
@@ -175,6 +175,26 @@ def test_records_out_of_reach_at_a_restart_fail_the_cell_and_keep_the_state(cont
         session.keep_records_elsewhere(lambda names: {names[0]: b"n" * 50_000})
         assert session.run_cell("len(note)").value_repr == "50000"
 
+
+
+def test_a_cancel_while_a_restart_reads_its_records_is_not_lost(context_files):
+    # The heartbeat thread's interrupt() reached only the dead instance while
+    # the restart read from storage; the new one then ran the rest unchecked.
+    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
+    with ReplSession(limits=limits).start() as session:
+        session.load_context(context_files, "list")
+        session.run_cell("note = 'n' * 50_000")
+        stored = dict(session.snapshot().new_records)
+
+        def read_while_cancelled(names):
+            session.interrupt("the run was cancelled")
+            return {d: stored[d] for d in names}
+
+        session.keep_records_elsewhere(read_while_cancelled)
+        with pytest.raises(CellInterrupted, match="the run was cancelled"):
+            session.run_cell("import os\nos._exit(7)")
+        session.keep_records_elsewhere(lambda names: {d: stored[d] for d in names})
+        assert session.run_cell("len(note)").value_repr == "50000"
 
 def test_restore_without_a_needed_record_fails_clearly(context_files):
     with fresh(context_files) as session:

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from workflows.budget import Caps
 from workflows.request import parse_request
-from workflows.session import history_code, session_question
+from workflows.session import session_question
+from workflows.session_history import MAX_UNRECORDED_BYTES, history_code, newest_that_fit
 from workflows.session_models import SESSION_HISTORY_VAR, AskRequest, QuestionAnswer, SessionRequest
 
 
@@ -77,12 +78,12 @@ def test_history_cell_names_no_builtin_the_model_may_have_rebound():
 
 
 def test_answers_waiting_for_the_history_cell_are_bounded():
-    from workflows.session import newest_that_fit
-    from workflows.session_models import MAX_UNRECORDED_CHARS
-
     big = [QuestionAnswer(question=f"q{i} " + "\x01" * 60_000, answer="a", status="completed") for i in range(40)]
     kept = newest_that_fit(big)
     assert kept == big[-len(kept):] and 1 < len(kept) < len(big)
-    assert len(history_code(kept)) <= MAX_UNRECORDED_CHARS + 500
+    assert len(history_code(kept).encode()) <= MAX_UNRECORDED_BYTES + 500
     huge = [QuestionAnswer(question="q", answer="\x02" * 300_000, status="completed")] * 2
     assert newest_that_fit(huge) == huge[-1:]  # the newest is kept whatever its size
+    # Bytes, not characters: CJK text is three bytes a character in the payload.
+    wide = [QuestionAnswer(question="\u6f22" * 200_000, answer="a", status="completed")] * 3
+    assert len(newest_that_fit(wide)) == 1

@@ -51,11 +51,11 @@ with workflow.unsafe.imports_passed_through():
         validation_errors,
         without_unknown_fields,
     )
-    from workflows.result import CHILD_RESULT_BYTES, RunResult, Usage
+    from workflows.result import RunResult, Usage
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
+    from workflows.session_history import HISTORY_BUDGET_BYTES, ask_history_bytes, history_code, newest_that_fit
     from workflows.session_models import (
         MAX_RECENT_ASKS,
-        MAX_UNRECORDED_CHARS,
         AskRecord,
         AskRequest,
         QuestionAnswer,
@@ -78,14 +78,6 @@ SETTLE_UNSTARTED_QUESTION_PATCH = "settle-unstarted-question"
 LATE_CANCEL_PATCH = "survive-late-question-cancel"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
-# A session continues as new only between questions, so asks accepted back to
-# back all land in one run's history: each adds its question about three times
-# (the update, the question's run, the history cell) and its result twice.
-# Past Temporal's history limit (50 MB by default) the server terminated the
-# session (45 asks of 60,000 control characters); an ask that would take the
-# history past this is refused instead, and can be sent again once those
-# waiting are answered (the session then continues as new).
-HISTORY_BUDGET_BYTES = 40 * 1024 * 1024
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_SESSION, failure_exception_types=FAILURE_TYPES)
@@ -169,7 +161,7 @@ class RLMSession:
     # -- asking ------------------------------------------------------------------
     @workflow.update(name=names.UPDATE_ASK)
     async def ask(self, ask: AskRequest) -> RunResult:
-        held = _history_bytes(ask)
+        held = ask_history_bytes(ask, self._unrecorded)
         self._waiting_bytes += held
         try:
             async with self._asking:  # a second ask waits for the first
@@ -187,7 +179,7 @@ class RLMSession:
         if problem := ask.unknown_fields_problem():
             raise ValueError(problem)
         ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
-        if workflow.info().get_current_history_size() + self._waiting_bytes + _history_bytes(ask) > HISTORY_BUDGET_BYTES:
+        if workflow.info().get_current_history_size() + self._waiting_bytes + ask_history_bytes(ask, self._unrecorded) > HISTORY_BUDGET_BYTES:
             raise ValueError(
                 f"session {workflow.info().workflow_id} has too many questions waiting for its history: "
                 "ask again once they are answered"
@@ -213,7 +205,6 @@ class RLMSession:
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
         if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
             self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))
-            self._unrecorded = newest_that_fit(self._unrecorded)
             await self._record(f"q{number}r")
         self._show()
         return result
@@ -283,6 +274,8 @@ class RLMSession:
     async def _record(self, cell_id: str) -> None:
         """Append the answers not yet recorded to the REPL's `session_history`."""
         assert self._context is not None
+        # Bounded here too: a session resumed with more (before the bound) was stuck.
+        self._unrecorded = newest_that_fit(self._unrecorded)
         limits = self._req.limits
         try:
             cell = await execute_cell(
@@ -380,41 +373,6 @@ def session_question(question: str, number: int) -> str:
             "oldest first, as dicts with keys 'question', 'answer' and 'status'.)"
         )
     return f"{question}\n\n{note}"
-
-
-def history_code(answers: list[QuestionAnswer]) -> str:
-    """A cell that appends `answers` to the REPL's `session_history` (made
-    a list again if the model's code rebound the name). It names no builtin
-    (`list`, `isinstance`, `globals`): model code that rebound one (`list =
-    context.split()`) failed this cell for the rest of the session."""
-    items = _history_items(answers)
-    name = SESSION_HISTORY_VAR
-    return (
-        f"try:\n    {name} = {name} if [].__class__.__instancecheck__({name}) else []\n"
-        f"except:  # not defined yet\n    {name} = []\n"
-        f"[].__class__.extend({name}, {items})\n"
-    )
-
-
-def _history_items(answers: list[QuestionAnswer]) -> str:
-    return repr([qa.model_dump(mode="json") for qa in answers])
-
-
-def newest_that_fit(answers: list[QuestionAnswer]) -> list[QuestionAnswer]:
-    """The newest of `answers` whose cell code stays within MAX_UNRECORDED_CHARS
-    (the newest one always: a question and its inline answer are well below)."""
-    kept, size = 0, 0
-    for qa in reversed(answers):
-        size += len(_history_items([qa]))
-        if kept and size > MAX_UNRECORDED_CHARS:
-            break
-        kept += 1
-    return answers[len(answers) - kept:]
-
-
-def _history_bytes(ask: AskRequest) -> int:
-    """The most an ask adds to the session's history (see HISTORY_BUDGET_BYTES)."""
-    return 3 * len(ask.model_dump_json()) + 2 * CHILD_RESULT_BYTES
 
 
 def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:

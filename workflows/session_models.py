@@ -36,11 +36,6 @@ SESSION_HISTORY_VAR = "session_history"
 (not `history`: that name is the compacted transcript of a run)."""
 MAX_RECENT_ASKS = 50
 """Questions listed in a session's summary (all are counted in `questions`)."""
-MAX_UNRECORDED_CHARS = 1024 * 1024
-"""Most code the answers waiting for `session_history` may make (their cell
-failed): past it the oldest are dropped. They travel in that cell's input and
-in the continue-as-new input; a cell failing for good let them grow past
-Temporal's payload limit, and every task of the session failed from then on."""
 SESSION_NOTE_CHARS = 400
 """Room kept in a question for the note that tells the model it is in a session."""
 MAX_SESSION_QUESTION_CHARS = MAX_QUESTION_CHARS - SESSION_NOTE_CHARS
