@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from temporalio import activity
-from temporalio.service import RPCError, RPCStatusCode
 
 from activities.runtime import WorkerRuntime
+from activities.temporal_client import until_admitted
 from workflows.names import UPDATE_SUBCALLS
 from workflows.refs import INLINE_LIMIT_BYTES, ContextRef
 from workflows.request import MAX_QUESTION_CHARS
@@ -38,8 +37,6 @@ REF_BYTES_PER_PART = 4 * 1024 * 1024
 # limit of 10 in-flight updates per workflow execution (the dev server let
 # 30 through in tests/test_batch_parts.py; a production cluster may not).
 UPDATES_IN_FLIGHT = 8
-# Waits between sends of an update the server refused for now (until_admitted).
-ADMIT_RETRY_FIRST_S, ADMIT_RETRY_MAX_S = 0.5, 5.0
 
 
 class CellHost:
@@ -203,25 +200,6 @@ class CellHost:
             items.append(item.model_copy(update={"occurrence": self._asked[what]}))
             self._asked[what] += 1
         return items
-
-
-async def until_admitted(send: Callable[[], Awaitable[Any]]) -> Any:
-    """`send()` again while the server refuses it as RESOURCE_EXHAUSTED. The
-    server admits a run's updates only up to a payload size until its
-    workflow task accepts them (`history.maxInFlightUpdatePayloads`, 2 MiB
-    here: more in one task passed gRPC's 4 MB and got the workflow
-    terminated), and the client's own retries give up after ~10 s, e.g.
-    behind a slow task. Sent again under the same update id, an update is
-    never run twice. Ends with the cell (`_result` cancels it)."""
-    delay = ADMIT_RETRY_FIRST_S
-    while True:
-        try:
-            return await send()
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, ADMIT_RETRY_MAX_S)
 
 
 def _parts(kind: str, texts: list[str]) -> list[tuple[list[int], list[bool]]]:

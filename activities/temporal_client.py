@@ -1,4 +1,5 @@
-"""The one way every process (worker, CLI, tests) connects to Temporal.
+"""The one way every process (worker, CLI, tests) connects to Temporal, and
+sends a run an update the server may refuse for now.
 
 Kept apart from worker.py so client commands connect without importing the
 worker's activities (litellm alone costs seconds of CPU to import).
@@ -6,12 +7,20 @@ worker's activities (litellm alone costs seconds of CPU to import).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settings import Settings
 
-__all__ = ["connect"]
+__all__ = ["connect", "until_admitted"]
+
+# Waits between sends of an update the server refused for now (until_admitted).
+ADMIT_RETRY_FIRST_S, ADMIT_RETRY_MAX_S = 0.5, 5.0
 
 
 async def connect(settings: Settings) -> Client:
@@ -20,3 +29,26 @@ async def connect(settings: Settings) -> Client:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
     )
+
+
+async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: float | None = None) -> Any:
+    """`send()` again while the server refuses it as RESOURCE_EXHAUSTED. The
+    server admits a run's updates only up to a payload size until its
+    workflow task accepts them (`history.maxInFlightUpdatePayloads`, 2 MiB
+    here: more in one task passed gRPC's 4 MB and got the workflow
+    terminated), and the client's own retries give up after ~10 s, e.g.
+    behind a slow task. Sent again under the same update id, an update is
+    never run twice. Ends when its caller cancels it (a cell's
+    `_result` does when the cell ends) or `give_up_after_s` has passed
+    (the last refusal is raised then)."""
+    delay = ADMIT_RETRY_FIRST_S
+    loop = asyncio.get_running_loop()
+    deadline = None if give_up_after_s is None else loop.time() + give_up_after_s
+    while True:
+        try:
+            return await send()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED or (deadline is not None and loop.time() >= deadline):
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, ADMIT_RETRY_MAX_S)

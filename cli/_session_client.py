@@ -16,12 +16,17 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from activities.settings import Settings
+from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
 from workflows.names import QUERY_PROGRESS, QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 from workflows.summaries import clip
+
+# How long an ask refused for now (others waiting hold the session's in-flight
+# update payloads) is sent again before the refusal is reported.
+ASK_ADMIT_WAIT_S = 300.0
 
 
 @dataclass
@@ -102,7 +107,12 @@ class SessionClient:
         handle = self._handle(session_id)
         watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
         try:
-            return await handle.execute_update(UPDATE_ASK, ask, result_type=RunResult)
+            # One id for every send: an ask the server refused for now (RESOURCE_EXHAUSTED:
+            # others waiting hold its in-flight update payloads) is sent again, never run twice.
+            ask_id = f"ask-{uuid.uuid4().hex}"
+            return await until_admitted(
+                lambda: handle.execute_update(UPDATE_ASK, ask, id=ask_id, result_type=RunResult), ASK_ADMIT_WAIT_S
+            )
         except WorkflowUpdateFailedError as exc:
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:

@@ -13,7 +13,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities import _cell_host
+from activities import _cell_host, temporal_client
 from activities._cell_host import BATCH_INLINE_BUDGET, REF_BYTES_PER_PART, UPDATES_IN_FLIGHT, _parts
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
@@ -55,7 +55,7 @@ def test_an_update_refused_for_now_is_sent_again_until_admitted(monkeypatch):
     (RESOURCE_EXHAUSTED) until a workflow task accepts the earlier ones; the
     client's own retries stop after ~10 s, which failed the part's sub-calls.
     Other errors are not retried."""
-    monkeypatch.setattr(_cell_host, "ADMIT_RETRY_FIRST_S", 0.001)
+    monkeypatch.setattr(temporal_client, "ADMIT_RETRY_FIRST_S", 0.001)
     sent: list[int] = []
 
     async def send():
@@ -64,13 +64,17 @@ def test_an_update_refused_for_now_is_sent_again_until_admitted(monkeypatch):
             raise RPCError("in-flight update payloads", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
         return "answers"
 
-    assert asyncio.run(_cell_host.until_admitted(send)) == "answers" and len(sent) == 4
+    assert asyncio.run(temporal_client.until_admitted(send)) == "answers" and len(sent) == 4
 
     async def refused():
         raise RPCError("no such workflow", RPCStatusCode.NOT_FOUND, b"")
 
     with pytest.raises(RPCError, match="no such workflow"):
-        asyncio.run(_cell_host.until_admitted(refused))
+        asyncio.run(temporal_client.until_admitted(refused))
+    sent.clear()
+    with pytest.raises(RPCError, match="in-flight"):  # a caller's bound
+        asyncio.run(temporal_client.until_admitted(send, give_up_after_s=0.0))
+    assert len(sent) == 1
 
 
 def _tag(request) -> str:

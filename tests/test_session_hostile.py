@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
@@ -91,8 +92,13 @@ def test_a_burst_of_large_asks_does_not_end_the_session(settings, llm, context_s
 
     results, again, closed = asyncio.run(go())
     refused = [r for r in results if isinstance(r, WorkflowUpdateFailedError)]
+    # Refused for now by the server's in-flight update payload limit, past the
+    # client's own retries (the CLI sends those again: cli/_session_client.py).
+    held_back = [r for r in results if isinstance(r, RPCError) and r.status == RPCStatusCode.RESOURCE_EXHAUSTED]
     answered = [r for r in results if isinstance(r, RunResult)]
-    assert len(refused) + len(answered) == 60, [r for r in results if isinstance(r, BaseException)][:1]
+    assert len(refused) + len(held_back) + len(answered) == 60, [
+        r for r in results if isinstance(r, BaseException) and r not in held_back
+    ][:1]
     assert all("ask again once they are answered" in str(r.cause) for r in refused), refused[0].cause
     assert answered and all(r.status == "completed" for r in answered)
     assert again.status == "completed" and closed.questions == len(answered) + 1
