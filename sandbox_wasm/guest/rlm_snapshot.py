@@ -317,6 +317,8 @@ def take(refs, names):
         inline = 0
         for name, value in state.items():
             try:
+                # A value two names share counts for each here (once in the
+                # final dump): conservative, never past the frame.
                 part = len(_dumps(refs, value)) + len(name) + _PER_NAME_BYTES
                 refs.check_fits(part, inline)
                 refs.keep_new()
