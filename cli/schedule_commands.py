@@ -188,6 +188,13 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
         except RPCError as exc:
             what = f"--cron {args.cron!r}" + (f" / --time-zone {args.time_zone!r}" if args.time_zone else "")
             raise UserError(f"{what} refused by Temporal: {exc.message}") from None
+        # Temporal takes a cron that matches no date ("0 6 30 2 *": 30
+        # February) and the schedule would wait silently forever: refuse it
+        # here, where the mistake can still be seen (paused ones list theirs too).
+        handle = client.get_schedule_handle(name)
+        if not (await handle.describe()).info.next_action_times:
+            await handle.delete()
+            raise UserError(f"--cron {args.cron!r} never fires: it matches no date (check the day and month)")
         print(name)
         print(f"runs: {WORKFLOW_ID_PREFIX}{name}-<time>, reading {request.context.uri} at each start", file=sys.stderr)
         return 0
@@ -233,6 +240,7 @@ def _cmd_trigger(args: argparse.Namespace, settings) -> int:
         handle = client.get_schedule_handle(args.name)
         before = await _or_not_found(args.name, handle.describe())
         started, skipped = before.info.num_actions, before.info.num_actions_skipped_overlap
+        buffered = before.raw_description.info.buffer_size
         await handle.trigger()
         # The schedule starts the run on its own: wait until it reports it.
         deadline = asyncio.get_running_loop().time() + _TRIGGER_WAIT_S
@@ -244,6 +252,20 @@ def _cmd_trigger(args: argparse.Namespace, settings) -> int:
                 return 0
             if now.info.num_actions_skipped_overlap > skipped:
                 raise UserError(f"schedule {args.name!r} skipped the run: its last run still runs (overlap policy)")
+            overlap = now.schedule.policy.overlap.name.lower()
+            if overlap.startswith("buffer_") and now.raw_description.info.buffer_size > buffered:
+                # The run starts when the running one ends, maybe hours from
+                # now: said at once, not as a lost trigger (triggering again
+                # would queue one more paid run). cancel_other/terminate_other
+                # also buffer, for a moment: their run's id is worth the wait.
+                running = ", ".join(a.workflow_id for a in now.info.running_actions) or "the running run"
+                again = "queues one more run" if overlap == "buffer_all" else "is skipped while this one waits"
+                print(
+                    f"queued: schedule {args.name!r} starts the run when {running} ends "
+                    f"(overlap {overlap}); triggering again {again}",
+                    file=sys.stderr,
+                )
+                return 0
             await asyncio.sleep(0.2)
         # Temporal names a schedule's runs by the second they start: a second
         # trigger in the same second is dropped as a duplicate of the first.
@@ -297,7 +319,10 @@ async def _describe(client: Client, name: str) -> dict[str, Any] | None:
         [request] = await client.data_converter.decode(list(action.args), [RunRequest])
     except Exception:
         request = None  # made by hand with another input: still list it
-    memo = await desc.memo()
+    try:
+        memo = await desc.memo()
+    except Exception:
+        memo = {}  # written by a client with a codec of its own (encryption): list it without its cron
     context = getattr(request.context, "uri", None) if request is not None else None
     return {
         "name": desc.id,
@@ -311,6 +336,7 @@ async def _describe(client: Client, name: str) -> dict[str, Any] | None:
         "note": desc.schedule.state.note or None,
         "runs": desc.info.num_actions,
         "skipped_overlap": desc.info.num_actions_skipped_overlap,
+        "queued": desc.raw_description.info.buffer_size,  # buffered by the overlap policy, not started yet
         "running": [a.workflow_id for a in desc.info.running_actions],
         "recent": [
             {"workflow_id": a.action.workflow_id, "scheduled_at": _iso(a.scheduled_at),
@@ -326,11 +352,21 @@ def _iso(when: datetime | None) -> str | None:
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
+    # A schedule's name, note and context are text any Temporal client may
+    # write: `printable` keeps their escape sequences off the terminal, and
+    # a newline in them is shown, not obeyed (it would forge a row).
+    from activities.terminal_text import printable
+
+    def one_line(text: str) -> str:
+        return printable(text).replace("\r\n", "\\r\\n").replace("\n", "\\n").replace("\t", "\\t")
+
     if not rows:
         print("no schedules (create one with `rlm schedule create NAME --cron EXPR QUESTION --context s3://...`)")
         return
     for r in rows:
         state = "paused" + (f" ({r['note']})" if r["note"] else "") if r["paused"] else "active"
         nxt = r["next"][0] if r["next"] and not r["paused"] else "-"
-        print(f"{r['name']}  [{state}]  cron {r['cron']!r}  overlap {r['overlap']}  runs {r['runs']}  next {nxt}")
-        print(f"    {r['question']!r} over {r['context']}")
+        queued = f" (+{r['queued']} queued)" if r["queued"] else ""
+        line = f"{r['name']}  [{state}]  cron {r['cron']!r}  overlap {r['overlap']}  runs {r['runs']}{queued}  next {nxt}"
+        print(one_line(line))
+        print("    " + one_line(f"{r['question']!r} over {r['context']}"))

@@ -138,6 +138,8 @@ def test_create_refuses_a_duplicate_name(s, llm, object_store, name):
         (["--context", "/srv/invoices/", "--cron", FAR_FUTURE_CRON], "--context '/srv/invoices/'"),
         (["--context", "s3://", "--cron", FAR_FUTURE_CRON], "--context: 's3://' is not an S3 URI"),
         (["--context", "s3://bucket/in/", "--cron", "every tuesday-ish"], "--cron 'every tuesday-ish'"),
+        (["--context", "s3://bucket/in/", "--cron", "0 6 30 2 *"], "--cron '0 6 30 2 *' never fires"),
+        (["--context", "s3://bucket/in/", "--cron", "0 6 30 2 *", "--paused"], "--cron '0 6 30 2 *' never fires"),
         (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-usd", "-1"], "--max-usd"),
         (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-turns", "0"],
          "--max-turns: caps.max_turns must be at least 1"),
@@ -192,3 +194,128 @@ def test_create_takes_the_run_flags_into_each_runs_request(monkeypatch, tmp_path
     assert request.on_unreadable == "skip" and request.answer_schema == schema
     assert (request.caps.max_errors, request.caps.max_tool_calls, request.tools) == (3, 10, ["ledger_lookup"])
     assert request.context.uri == "s3://bucket/in/"
+
+
+# -- schedules made by another client, and overlapping triggers --------------------
+def _with_client(s, body):
+    """Run `body(client)` with a Temporal client of the test's own, as another
+    service would (any SDK): the CLI's checks do not stand in its way."""
+    import asyncio
+
+    from activities.temporal_client import connect
+
+    async def go():
+        return await body(await connect(s))
+
+    return asyncio.run(go())
+
+
+def _foreign_schedule(s, name: str, request: dict, *, memo=None, note: str | None = None) -> None:
+    from temporalio.client import Schedule, ScheduleActionStartWorkflow, ScheduleSpec, ScheduleState
+
+    from workflows.names import WORKFLOW_RLM_RUN
+
+    async def body(client):
+        await client.create_schedule(
+            name,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    WORKFLOW_RLM_RUN, request, id=f"other-{name}", task_queue=s.task_queue
+                ),
+                spec=ScheduleSpec(cron_expressions=[FAR_FUTURE_CRON]),
+                state=ScheduleState(paused=note is not None, note=note),
+            ),
+            memo=memo,
+        )
+
+    _with_client(s, body)
+
+
+def test_list_escapes_what_another_client_wrote(s, llm, name):
+    """A schedule's context URI and pause note are text another client writes:
+    `list` must not hand their escape sequences to the operator's terminal."""
+    hostile_uri = "s3://bucket-a/\x1b]52;c;cm0gLXJmIH4=\x07in/"  # OSC 52: write the clipboard
+    request = {"question": "q?", "context": {"uri": hostile_uri}, "models": {"root": ROOT}}
+    note = "\x1b[8mhidden\u202e\nforged  [active]"
+    _foreign_schedule(s, name, request, memo={"rlm_cron": "\x1b[2J" + FAR_FUTURE_CRON}, note=note)
+    text = _ok(_rlm(s, llm.url, "schedule", "list"))
+    line = next(line for line in text.splitlines() if name in line)
+    assert "[paused" in line, text
+    for bad in ("\x1b", "\x07", "\u202e"):
+        assert bad not in text, repr(text)
+    assert "\\x1b]52" in text  # shown, escaped
+    assert "\\nforged" in line and not any(x.startswith("forged") for x in text.splitlines()), text  # no forged row
+
+
+def test_list_survives_a_memo_it_cannot_decode(s, llm, name):
+    """Another service whose client has a payload codec (encryption) writes a
+    memo the CLI cannot decode: `list` still lists every schedule."""
+    from temporalio.api.common.v1 import Payload
+
+    request = {"question": "q?", "context": {"uri": "s3://bucket-a/in/"}, "models": {"root": ROOT}}
+    encrypted = Payload(metadata={"encoding": b"binary/encrypted"}, data=b"\x00\x01opaque")
+    _foreign_schedule(s, name, request, memo={"rlm_cron": encrypted})
+    rows = json.loads(_ok(_rlm(s, llm.url, "schedule", "list", "--json")))
+    row = next(r for r in rows if r["name"] == name)
+    assert row["cron"] is None and row["question"] == "q?", row
+    assert name in _ok(_rlm(s, llm.url, "schedule", "list"))
+
+
+def test_trigger_while_a_run_is_in_flight_says_the_new_run_is_queued(s, llm, object_store, name):
+    """With a buffer overlap policy a trigger during a run queues a run that
+    starts when the first ends: `trigger` says so at once (it used to wait
+    30 s and suggest triggering again, which queues yet another paid run)."""
+    import threading
+    import time
+
+    hold = threading.Event()
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold)
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    object_store.put_bytes(prefix + "a.txt", b"one invoice")
+    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
+             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "buffer_all"))  # fmt: skip
+    try:
+        first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+        started = time.monotonic()
+        queued = _rlm(s, llm.url, "schedule", "trigger", name)
+        took = time.monotonic() - started
+        assert queued.returncode == 0, queued.stdout + queued.stderr[-3000:]
+        assert queued.stdout == "" and "queued" in queued.stderr and first in queued.stderr, queued.stderr
+        assert took < 20, took
+        assert _row(s, llm.url, name)["queued"] == 1
+        assert "runs 1 (+1 queued)" in _ok(_rlm(s, llm.url, "schedule", "list"))
+    finally:
+        hold.set()
+    assert _run_answer(s, llm.url, first) == "done"
+    deadline = time.monotonic() + 60
+    while (row := _row(s, llm.url, name))["runs"] < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert row["runs"] == 2, row  # the queued run started once the first ended
+
+
+def test_trigger_under_cancel_other_cancels_the_running_run_and_starts_its_own(s, llm, object_store, name):
+    import threading
+    import time
+
+    hold = threading.Event()
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold)
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    object_store.put_bytes(prefix + "a.txt", b"one invoice")
+    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
+             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "cancel_other"))  # fmt: skip
+    try:
+        first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+        deadline = time.monotonic() + 60
+        while llm.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first run's root call is in flight (held)
+        assert llm.count() == 1
+        llm.add_rule(None, repl("FINAL('second')"), model=ROOT, name="root2")
+        second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+    finally:
+        hold.set()
+    assert second != first
+    ended = _rlm(s, llm.url, "result", first, "--json")
+    assert ended.returncode == 3, ended.stderr[-3000:]  # a run that did not complete
+    result = json.loads(ended.stdout)
+    assert result["status"] == "cancelled" and result["spend"]["calls"] == 1, result  # what it billed is kept
+    assert _run_answer(s, llm.url, second) == "second"
