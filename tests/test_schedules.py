@@ -319,3 +319,51 @@ def test_trigger_under_cancel_other_cancels_the_running_run_and_starts_its_own(s
     result = json.loads(ended.stdout)
     assert result["status"] == "cancelled" and result["spend"]["calls"] == 1, result  # what it billed is kept
     assert _run_answer(s, llm.url, second) == "second"
+
+
+def test_a_run_after_its_files_were_deleted_fails_naming_the_prefix(s, llm, object_store, name):
+    """A schedule runs for months: once its files are gone, each run fails
+    at its first step, naming the prefix, and costs no model call."""
+    llm.add_rule(None, repl("FINAL('DOCS=' + ' | '.join(context))"), model=ROOT, name="root")
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    uri = f"s3://{object_store.bucket}/{prefix}"
+    object_store.put_bytes(prefix + "a.txt", b"first invoice")
+    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
+             "--context", uri))  # fmt: skip
+    assert _run_answer(s, llm.url, _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()) == "DOCS=first invoice"
+    object_store.client.remove_object(object_store.bucket, prefix + "a.txt")
+    second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+    assert f"context.uri: no objects under {uri}" in _one_error(_rlm(s, llm.url, "result", second, "--json"))
+    assert llm.count() == 1
+
+
+def test_a_run_cancelled_by_the_overlap_policy_before_its_first_turn_ends_with_a_result(s, llm, object_store, name):
+    """cancel_other cancels the running run through Temporal, maybe while it
+    still reads its context: it ends `cancelled` with a result, and its
+    RlmStatus no longer says `running` (it did, for good, on a closed run)."""
+    import threading
+
+    from workflows.run import STATUS_KEY
+
+    hold = threading.Event()  # the first call (the first run's, if it gets one) waits for the cancel
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root")
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold, times=1)
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    for i in range(40):  # reading them keeps the first run before its first turn a while
+        object_store.put_bytes(f"{prefix}{i:02}.txt", b"one invoice")
+    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
+             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "cancel_other"))  # fmt: skip
+    first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+    second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()  # at once: the first has no turn yet
+    ended = _rlm(s, llm.url, "result", first, "--json")
+    hold.set()
+    assert ended.returncode == 3, ended.stderr[-3000:]
+    result = json.loads(ended.stdout)
+    assert result["status"] == "cancelled", result
+
+    async def body(client):
+        described = await client.get_workflow_handle(first).describe()
+        return described.typed_search_attributes.get(STATUS_KEY)
+
+    assert _with_client(s, body) == "cancelled"
+    assert _run_answer(s, llm.url, second) == "done"

@@ -70,6 +70,10 @@ UNKNOWN_FIELDS_PATCH = "refuse-unknown-request-fields"
 # Runs started since this patch refuse a money cap over a model with no known
 # price; older histories (which may hold such a run going on) replay without it.
 UNPRICED_CAP_PATCH = "refuse-usd-cap-over-unpriced-model"
+# Runs started since this patch end a Temporal cancel that lands before the
+# turn loop (a schedule's cancel_other overlap, the UI's Cancel) with a
+# `cancelled` result; older ones replay as they ended (workflow cancelled).
+EARLY_CANCEL_PATCH = "result-on-cancel-before-the-loop"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -115,6 +119,14 @@ class RLMRun:
             raise ApplicationError(self._unknown_fields, type="InvalidRunRequest", non_retryable=True)
         try:
             return await self._run(self._req)
+        except asyncio.CancelledError:
+            # Cancelled by Temporal while the run checked its models or read its
+            # context: the loop, which turns a cancel into a result, had not
+            # started. Ended raw, the run had no result and its RlmStatus
+            # stayed `running` for good. (Once the loop ran, a cancel is its.)
+            if self._loop_task is not None or not workflow.patched(EARLY_CANCEL_PATCH):
+                raise
+            return self._result("cancelled", self._cancel_reason or "cancelled by request", None)
         except FAILURE_TYPES as exc:
             # A bug or a value no validator caught: end with a reason, never hang.
             workflow.logger.exception("run failed inside workflow code")
