@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settings import Settings
 
-__all__ = ["connect", "until_admitted"]
+__all__ = ["connect", "refused_for_now", "until_admitted"]
 
 # Waits between sends of an update the server refused for now (until_admitted).
 ADMIT_RETRY_FIRST_S, ADMIT_RETRY_MAX_S = 0.5, 5.0
@@ -32,7 +32,7 @@ async def connect(settings: Settings) -> Client:
 
 
 async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: float | None = None) -> Any:
-    """`send()` again while the server refuses it as RESOURCE_EXHAUSTED. The
+    """`send()` again while the server refuses it for now (`refused_for_now`). The
     server admits a run's updates only up to a payload size until its
     workflow task accepts them (`history.maxInFlightUpdatePayloads`, 2 MiB
     here: more in one task passed gRPC's 4 MB and got the workflow
@@ -48,7 +48,16 @@ async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: fl
         try:
             return await send()
         except RPCError as exc:
-            if exc.status != RPCStatusCode.RESOURCE_EXHAUSTED or (deadline is not None and loop.time() >= deadline):
+            if not refused_for_now(exc) or (deadline is not None and loop.time() >= deadline):
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, ADMIT_RETRY_MAX_S)
+
+
+def refused_for_now(exc: RPCError) -> bool:
+    """An update the run did not take, which it may take if sent again:
+    RESOURCE_EXHAUSTED (past its in-flight update payload limit), or aborted
+    while still waiting to be accepted when the run continued as new (a
+    session between questions; its handler never ran, and the next run of
+    the chain takes it)."""
+    return exc.status == RPCStatusCode.RESOURCE_EXHAUSTED or "update was aborted" in exc.message
