@@ -52,7 +52,8 @@ with workflow.unsafe.imports_passed_through():
         without_unknown_fields,
     )
     from workflows.result import RunResult, Usage
-    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH, failure_message, ingest_context
+    from workflows.context_ingest import failure_message, ingest_context
+    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
     from workflows.session_history import HISTORY_BUDGET_BYTES, ask_history_bytes, history_code, newest_that_fit
     from workflows.session_models import (
         MAX_RECENT_ASKS,
