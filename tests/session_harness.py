@@ -3,18 +3,22 @@ and the recorded session history)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 
 from activities.settings import Settings
-from tests.run_harness import ROOT, SUB
+from tests.run_harness import ROOT, SUB, running_worker
 from workflows.names import QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
 from workflows.refs import ContextRef
 from workflows.request import ModelChoice, RunLimits
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
+
+TIMEOUT_S = 120.0
+"""How long a test waits for one question's answer."""
 
 
 def session_request(context: ContextRef, *, caps: dict[str, Any] | None = None,
@@ -59,3 +63,18 @@ def asked(word: str, turn_text: str | None = "Turn 1 of"):
         return f"Question: {word}" in r.all_text and (turn_text is None or turn_text in r.last_user_text)
 
     return match
+
+
+def first_and_second(settings: Settings, models: Any, req: SessionRequest) -> tuple[RunResult, RunResult]:
+    """A session of `req` on a real worker (`models`: its model registry),
+    asked "first?" then "second?", then closed: both results."""
+
+    async def go() -> tuple[RunResult, RunResult]:
+        async with running_worker(settings, models) as client:
+            handle = await start_session(client, settings, req)
+            first = await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
+            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+            await close(handle)
+            return first, second
+
+    return asyncio.run(go())

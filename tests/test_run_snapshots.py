@@ -10,8 +10,7 @@ import random
 from activities.object_store import ObjectStore
 from activities.runtime import run_key
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, isolated, repl, request, start
-from worker import build_worker, connect
+from tests.run_harness import ROOT, isolated, repl, request, start, worker_and_pool
 
 
 def prose(chars: int) -> str:
@@ -55,15 +54,10 @@ print(len(chunks))
     s = isolated(settings)
 
     async def go():
-        client = await connect(s)
-        worker, pool = build_worker(client, s, models=fake_registry(llm, context_window=1_000_000))
-        pools.append(pool)
-        try:
-            async with worker:
-                handle = await start(client, s, request("Check the chunks.", ctx))
-                return handle.id, await asyncio.wait_for(handle.result(), 120)
-        finally:
-            pool.close()
+        async with worker_and_pool(s, fake_registry(llm, context_window=1_000_000)) as (client, pool):
+            pools.append(pool)
+            handle = await start(client, s, request("Check the chunks.", ctx))
+            return handle.id, await asyncio.wait_for(handle.result(), 120)
 
     workflow_id, result = asyncio.run(go())
     assert result.status == "completed", result.reason
@@ -102,15 +96,10 @@ def test_a_trap_restores_large_values_from_storage_not_a_host_copy(settings, con
     s = isolated(settings)
 
     async def go():
-        client = await connect(s)
-        worker, pool = build_worker(client, s, models=fake_registry(llm, context_window=1_000_000))
-        pools.append(pool)
-        try:
-            async with worker:
-                handle = await start(client, s, request("Keep the values.", ctx))
-                return await asyncio.wait_for(handle.result(), 120)
-        finally:
-            pool.close()
+        async with worker_and_pool(s, fake_registry(llm, context_window=1_000_000)) as (client, pool):
+            pools.append(pool)
+            handle = await start(client, s, request("Keep the values.", ctx))
+            return await asyncio.wait_for(handle.result(), 120)
 
     result = asyncio.run(go())
     assert result.status == "completed", result.reason

@@ -139,10 +139,8 @@ def test_records_kept_elsewhere_are_read_back_only_for_a_restart(context_files):
     # Every idle session held a copy of its guest's large values on the host,
     # outside the guest memory budget. Once stored, they are dropped and read
     # back from the caller's source when a trap needs them.
-    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
     asked: list[list[str]] = []
-    with ReplSession(limits=limits).start() as session:
-        session.load_context(context_files, "list")
+    with fresh(context_files) as session:
         session.run_cell("note = 'n' * 50_000\nblob = b'b' * 60_000")
         stored = dict(session.snapshot().new_records)
         assert len(stored) == 2
@@ -158,9 +156,7 @@ def test_records_kept_elsewhere_are_read_back_only_for_a_restart(context_files):
 def test_records_out_of_reach_at_a_restart_fail_the_cell_and_keep_the_state(context_files):
     # Storage down is not a state that cannot be restored: starting the REPL
     # empty would let the next snapshot replace the stored state.
-    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
-    with ReplSession(limits=limits).start() as session:
-        session.load_context(context_files, "list")
+    with fresh(context_files) as session:
         session.run_cell("note = 'n' * 50_000")
         session.snapshot()
 
@@ -176,13 +172,10 @@ def test_records_out_of_reach_at_a_restart_fail_the_cell_and_keep_the_state(cont
         assert session.run_cell("len(note)").value_repr == "50000"
 
 
-
 def test_a_cancel_while_a_restart_reads_its_records_is_not_lost(context_files):
     # The heartbeat thread's interrupt() reached only the dead instance while
     # the restart read from storage; the new one then ran the rest unchecked.
-    limits = SandboxLimits(cell_timeout_s=1.0, memory_bytes=256 * 1024**2)
-    with ReplSession(limits=limits).start() as session:
-        session.load_context(context_files, "list")
+    with fresh(context_files) as session:
         session.run_cell("note = 'n' * 50_000")
         stored = dict(session.snapshot().new_records)
 
@@ -195,6 +188,7 @@ def test_a_cancel_while_a_restart_reads_its_records_is_not_lost(context_files):
             session.run_cell("import os\nos._exit(7)")
         session.keep_records_elsewhere(lambda names: {d: stored[d] for d in names})
         assert session.run_cell("len(note)").value_repr == "50000"
+
 
 def test_restore_without_a_needed_record_fails_clearly(context_files):
     with fresh(context_files) as session:

@@ -73,6 +73,20 @@ def _row(s, fake_url: str, name: str) -> dict | None:
     return next((r for r in rows if r["name"] == name), None)
 
 
+def _held_schedule(s, llm, object_store, name: str, overlap: str):
+    """A schedule `name` over one file with overlap policy `overlap`, whose
+    runs' root calls wait until the returned event is set."""
+    import threading
+
+    hold = threading.Event()
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold)
+    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
+    object_store.put_bytes(prefix + "a.txt", b"one invoice")
+    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
+             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", overlap))  # fmt: skip
+    return hold
+
+
 def _run_answer(s, fake_url: str, workflow_id: str) -> str:
     result = json.loads(_ok(_rlm(s, fake_url, "result", workflow_id, "--json")))
     assert result["status"] == "completed", result
@@ -265,15 +279,9 @@ def test_trigger_while_a_run_is_in_flight_says_the_new_run_is_queued(s, llm, obj
     """With a buffer overlap policy a trigger during a run queues a run that
     starts when the first ends: `trigger` says so at once (it used to wait
     30 s and suggest triggering again, which queues yet another paid run)."""
-    import threading
     import time
 
-    hold = threading.Event()
-    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold)
-    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
-    object_store.put_bytes(prefix + "a.txt", b"one invoice")
-    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
-             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "buffer_all"))  # fmt: skip
+    hold = _held_schedule(s, llm, object_store, name, "buffer_all")
     try:
         first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
         started = time.monotonic()
@@ -294,15 +302,9 @@ def test_trigger_while_a_run_is_in_flight_says_the_new_run_is_queued(s, llm, obj
 
 
 def test_trigger_under_cancel_other_cancels_the_running_run_and_starts_its_own(s, llm, object_store, name):
-    import threading
     import time
 
-    hold = threading.Event()
-    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold)
-    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
-    object_store.put_bytes(prefix + "a.txt", b"one invoice")
-    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
-             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "cancel_other"))  # fmt: skip
+    hold = _held_schedule(s, llm, object_store, name, "cancel_other")
     try:
         first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
         deadline = time.monotonic() + 60

@@ -11,10 +11,9 @@ from temporalio.service import RPCError
 from activities.temporal_client import refused_for_now
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker
-from tests.session_harness import ask, asked, close, session_request, start_session
+from tests.session_harness import TIMEOUT_S, ask, asked, close, first_and_second, session_request, start_session
 from workflows.result import RunResult
 
-TIMEOUT_S = 120.0
 
 
 def test_session_history_survives_model_code_that_shadows_builtins(settings, llm, context_store):
@@ -27,15 +26,7 @@ def test_session_history_survives_model_code_that_shadows_builtins(settings, llm
     llm.add_rule("history 1 four", "FINAL(seen)", model=ROOT)
     s = isolated(settings)
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            handle = await start_session(client, s, session_request(ctx, question_caps={"max_turns": 3}))
-            first = await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
-            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
-            await close(handle)
-            return first, second
-
-    first, second = asyncio.run(go())
+    first, second = first_and_second(s, fake_registry(llm), session_request(ctx, question_caps={"max_turns": 3}))
     assert (first.status, first.answer) == ("completed", "four"), first.reason
     assert (second.status, second.answer) == ("completed", "seen"), second.reason
 

@@ -15,12 +15,11 @@ from temporalio.service import RPCError
 
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker, worker_and_pool
-from tests.session_harness import ask, asked, close, session_request, start_session, summary
+from tests.session_harness import TIMEOUT_S, ask, asked, close, first_and_second, session_request, start_session, summary
 from workflows.names import SIGNAL_CANCEL, UPDATE_ASK, UPDATE_CLOSE
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionSummary
 
-TIMEOUT_S = 120.0
 
 
 def _script_two_questions(llm) -> None:
@@ -371,15 +370,7 @@ def test_every_question_of_a_session_may_call_the_sessions_tools(settings, llm, 
     llm.add_rule("both Acme Globex", "FINAL(Acme and Globex)", model=ROOT)
     s = isolated(settings).model_copy(update={"tools": "tests.sample_tools:TOOLS"})
 
-    async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            handle = await start_session(client, s, session_request(ctx, tools=["ledger_lookup"]))
-            first = await asyncio.wait_for(ask(handle, "first?"), TIMEOUT_S)
-            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
-            await close(handle)
-            return first, second
-
-    first, second = asyncio.run(go())
+    first, second = first_and_second(s, fake_registry(llm), session_request(ctx, tools=["ledger_lookup"]))
     assert (first.status, first.answer) == ("completed", "Acme"), first.reason
     assert (second.status, second.answer) == ("completed", "Acme and Globex"), second.reason
     # Each question's model was shown the tool (the session passes it to every run).
