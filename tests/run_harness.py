@@ -41,7 +41,7 @@ def isolated(settings: Settings) -> Settings:
 
 def request(
     question: str,
-    context: ContextRef,
+    context: ContextRef | str,
     *,
     caps: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,

@@ -9,9 +9,17 @@ import asyncio
 import re
 import threading
 
+import pytest
+from temporalio import activity
+from temporalio.worker import Worker
+
+from activities.temporal_client import connect
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
-from workflows.names import SIGNAL_CANCEL
+from workflows.names import ACTIVITY_INGEST_CONTEXT, ACTIVITY_RESOLVE_MODELS, SIGNAL_CANCEL
+from workflows.refs import ContextRef
+from workflows.run import STATUS_KEY, RLMRun
+from workflows.steps import IngestContextInput, ModelInfo, ResolveModelsInput, ResolveModelsOutput
 
 
 def test_cancel_closes_the_provider_requests_of_sub_calls_in_flight(settings, context_store, llm):
@@ -111,3 +119,89 @@ def test_a_run_cancelled_with_children_queued_reports_what_they_billed(settings,
     billed = llm.billed()
     assert result.status == "cancelled", result
     assert result.spend.calls >= billed.requests and result.spend.tokens >= billed.tokens, (result.spend, billed)
+
+
+
+
+class _FirstStepsThatNeverEnd:
+    """The two steps a run takes before its turn loop, as fakes registered
+    under the real names: the one named `stuck` never ends (only a cancel
+    ends it), the other answers at once."""
+
+    def __init__(self, stuck: str) -> None:
+        self.stuck = stuck
+        self.reached = asyncio.Event()
+
+    async def _maybe_forever(self, step: str) -> None:
+        if step != self.stuck:
+            return
+        self.reached.set()
+        while True:
+            if not activity.info().is_local:  # a local step's cancel waits for its workflow task (8 s)
+                activity.heartbeat()
+            await asyncio.sleep(0.5)
+
+    @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
+    async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
+        await self._maybe_forever("models")
+        free = {"context_window": 100_000, "max_output_tokens": 1_000, "usd_per_input_token": 0.0}
+        return ResolveModelsOutput(models={n: ModelInfo(name=n, usd_per_output_token=0.0, **free) for n in inp.names})
+
+    @activity.defn(name=ACTIVITY_INGEST_CONTEXT)
+    async def ingest_context(self, inp: IngestContextInput) -> ContextRef:
+        await self._maybe_forever("context")
+        raise AssertionError("not reached: the test cancels the run first")
+
+
+@pytest.mark.parametrize("stuck", ["models", "context"])
+def test_a_run_cancelled_by_temporal_before_its_first_turn_ends_with_a_result(settings, stuck):
+    """A Temporal cancel (a schedule's cancel_other, the UI's Cancel) that lands
+    before the turn loop, while the models are checked (a local step) or the
+    context is read: the run ends `cancelled` with a result, and its RlmStatus
+    says so (the first ended `failed: Cancelled`, before that the run stayed
+    `running` for good). Fakes stand for the two steps, so the cancel lands
+    exactly there; Temporal and the workflow are real."""
+    s = isolated(settings)
+    steps = _FirstStepsThatNeverEnd(stuck)
+
+    async def go():
+        client = await connect(s)
+        activities = [steps.resolve_models, steps.ingest_context]
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMRun], activities=activities):
+            handle = await start(client, s, request("q", "an inline context, stored by the fake"))
+            await asyncio.wait_for(steps.reached.wait(), 60)
+            await handle.cancel()
+            result = await asyncio.wait_for(handle.result(), 60)
+            return result, (await handle.describe()).typed_search_attributes.get(STATUS_KEY)
+
+    result, status = asyncio.run(go())
+    assert result.status == "cancelled", result
+    assert status == "cancelled"
+
+
+def test_a_session_cancelled_by_temporal_while_it_stores_its_context_ends_cancelled(settings):
+    """As a run: a session cancelled while its context is stored ends
+    cancelled, as one cancelled later does (it ended failed, `InvalidContext:
+    Cancelled`, blaming the caller's context)."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import CancelledError
+
+    from tests.session_harness import session_request, start_session
+    from workflows.session import RLMSession
+
+    s = isolated(settings)
+    steps = _FirstStepsThatNeverEnd("context")
+
+    async def go():
+        client = await connect(s)
+        activities = [steps.resolve_models, steps.ingest_context]
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=activities):
+            handle = await start_session(client, s, session_request("an inline context, stored by the fake"))
+            await asyncio.wait_for(steps.reached.wait(), 60)
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError) as ended:
+                await asyncio.wait_for(handle.result(), 60)
+            return ended.value
+
+    ended = asyncio.run(go())
+    assert isinstance(ended.cause, CancelledError), ended.cause

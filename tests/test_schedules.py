@@ -339,26 +339,39 @@ def test_a_run_after_its_files_were_deleted_fails_naming_the_prefix(s, llm, obje
     assert llm.count() == 1
 
 
-def test_a_run_cancelled_by_the_overlap_policy_before_its_first_turn_ends_with_a_result(s, llm, object_store, name):
-    """cancel_other cancels the running run through Temporal, maybe while it
-    still reads its context: it ends `cancelled` with a result, and its
-    RlmStatus no longer says `running` (it did, for good, on a closed run)."""
+def test_a_run_cancelled_by_the_overlap_policy_ends_with_a_result_and_the_next_starts(s, llm, object_store, name):
+    """cancel_other cancels the running run through Temporal: it ends
+    `cancelled` with a result, its RlmStatus no longer says `running`, and the
+    triggered run starts once it has. (A cancel that lands before the first
+    turn, while the context is read, is tests/test_cancellation.py's.)"""
+    import datetime
     import threading
+    import time
 
     from workflows.run import STATUS_KEY
 
-    hold = threading.Event()  # the first call (the first run's, if it gets one) waits for the cancel
+    hold = threading.Event()  # the first run's first call waits, so the cancel finds it running
     llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root")
-    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root", hold=hold, times=1)
+    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="held", hold=hold, times=1)
     prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
-    for i in range(40):  # reading them keeps the first run before its first turn a while
-        object_store.put_bytes(f"{prefix}{i:02}.txt", b"one invoice")
+    object_store.put_bytes(prefix + "a.txt", b"one invoice")
     _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
              "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "cancel_other"))  # fmt: skip
-    first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
-    second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()  # at once: the first has no turn yet
-    ended = _rlm(s, llm.url, "result", first, "--json")
-    hold.set()
+    try:
+        first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+        llm.wait_for_count(1, "held", timeout_s=60)
+        # Runs are named by the second they are triggered in: a trigger in the
+        # first's second would name its run as the first (`rlm result` would
+        # follow the newer run), so the second trigger waits for the next second.
+        named = datetime.datetime.fromisoformat(first[-len("2026-12-05T21:15:12Z") :])
+        while datetime.datetime.now(datetime.timezone.utc) < named + datetime.timedelta(seconds=1):
+            time.sleep(0.05)
+        second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+        assert second != first
+        ended = _rlm(s, llm.url, "result", first, "--json")
+        llm.wait_abandoned(1, timeout_s=60)  # its held model call is closed, not left to bill
+    finally:
+        hold.set()
     assert ended.returncode == 3, ended.stderr[-3000:]
     result = json.loads(ended.stdout)
     assert result["status"] == "cancelled", result

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.result import ANSWER_INLINE_BYTES, RunResult, RunStatus, Usage, bounded_tree
     from workflows.run_state import RunState
     from workflows.refs import ContextRef
-    from workflows.step_common import ERROR_CHARS, error_text
+    from workflows.step_common import ERROR_CHARS, error_text, is_cancellation
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.steps import (
         ResolveModelsInput,
@@ -72,7 +72,8 @@ UNKNOWN_FIELDS_PATCH = "refuse-unknown-request-fields"
 UNPRICED_CAP_PATCH = "refuse-usd-cap-over-unpriced-model"
 # Runs started since this patch end a Temporal cancel that lands before the
 # turn loop (a schedule's cancel_other overlap, the UI's Cancel) with a
-# `cancelled` result; older ones replay as they ended (workflow cancelled).
+# `cancelled` result; older ones replay as they ended (workflow cancelled, or
+# `failed: Cancelled` when the cancel arrived as the failure of the step in flight).
 EARLY_CANCEL_PATCH = "result-on-cancel-before-the-loop"
 
 
@@ -156,6 +157,8 @@ class RLMRun:
             # Checked once per chain: a run naming a tool no worker has fails now.
             tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
         except FailureError as exc:
+            if is_cancellation(exc) and workflow.patched(EARLY_CANCEL_PATCH):
+                raise asyncio.CancelledError() from exc  # run() ends it `cancelled`
             # A local activity's failure arrives as itself (an ApplicationError,
             # a timeout), an activity's wrapped in an ActivityError.
             cause = exc.cause if isinstance(exc, ActivityError) else exc
@@ -175,6 +178,8 @@ class RLMRun:
             try:
                 ref = await self._ingest_context()
             except FailureError as exc:
+                if is_cancellation(exc) and workflow.patched(EARLY_CANCEL_PATCH):
+                    raise asyncio.CancelledError() from exc  # run() ends it `cancelled`
                 return self._result("failed", failure_message(exc), None)
             # From here on (turns, sub-calls, continue-as-new) the context is a ref.
             request = self._req = request.model_copy(update={"context": ref})

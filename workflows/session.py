@@ -66,7 +66,7 @@ with workflow.unsafe.imports_passed_through():
         SessionResume,
         SessionSummary,
     )
-    from workflows.step_common import ERROR_CHARS, error_text
+    from workflows.step_common import ERROR_CHARS, error_text, is_cancellation
     from workflows.steps import CellInput
     from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
     from workflows.summaries import clip
@@ -77,6 +77,10 @@ with workflow.unsafe.imports_passed_through():
 # the session itself); older histories replay as they ran.
 SETTLE_UNSTARTED_QUESTION_PATCH = "settle-unstarted-question"
 LATE_CANCEL_PATCH = "survive-late-question-cancel"
+# Sessions started since this patch end a Temporal cancel that lands while
+# their context is stored as cancelled (as one landing later does), not as
+# failed with `InvalidContext: Cancelled`.
+INGEST_CANCEL_PATCH = "cancel-while-storing-the-context"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
@@ -130,6 +134,8 @@ class RLMSession:
             try:
                 self._context = await ingest_context(self._req.context)
             except FailureError as exc:
+                if is_cancellation(exc) and workflow.patched(INGEST_CANCEL_PATCH):
+                    raise asyncio.CancelledError() from exc
                 raise ApplicationError(failure_message(exc), type="InvalidContext", non_retryable=True) from None
         self._show()
         while True:

@@ -8,7 +8,7 @@ import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, CancelledError, ChildWorkflowError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.request import clip_noting_length
@@ -30,11 +30,18 @@ def until_deadline_s(deadline: datetime | None, seconds: float) -> float:
     return max(1.0, min(seconds, (deadline - workflow.now()).total_seconds()))
 
 
+def is_cancellation(exc: FailureError) -> bool:
+    """The step failed because this run is being cancelled: the SDK turns the
+    cancel of an awaited activity or child into an ActivityError /
+    ChildWorkflowError caused by a CancelledError (a local activity's into
+    the CancelledError itself)."""
+    return isinstance(exc, CancelledError) or isinstance(exc.cause, CancelledError)
+
+
 def raise_if_cancelled(exc: ActivityError | ChildWorkflowError) -> None:
     """A step that failed because this run is being cancelled ends the run,
-    it is not an error to report to the model (the SDK turns the cancel of an
-    awaited activity or child into an ActivityError / ChildWorkflowError)."""
-    if isinstance(exc.cause, CancelledError):
+    it is not an error to report to the model."""
+    if is_cancellation(exc):
         raise asyncio.CancelledError() from exc
 
 
