@@ -302,24 +302,41 @@ def test_trigger_while_a_run_is_in_flight_says_the_new_run_is_queued(s, llm, obj
 
 
 def test_trigger_under_cancel_other_cancels_the_running_run_and_starts_its_own(s, llm, object_store, name):
+    """cancel_other cancels the running run through Temporal: it ends
+    `cancelled` with a result that keeps what it billed, its RlmStatus no
+    longer says `running`, its provider request is closed, and the triggered
+    run starts once it has. (A cancel that lands before the first turn, while
+    the context is read, is tests/test_cancellation.py's.)"""
+    import datetime
     import time
+
+    from workflows.run import STATUS_KEY
 
     hold = _held_schedule(s, llm, object_store, name, "cancel_other")
     try:
         first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
-        deadline = time.monotonic() + 60
-        while llm.count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)  # the first run's root call is in flight (held)
-        assert llm.count() == 1
+        llm.wait_for_count(1, "root", timeout_s=60)  # the first run's root call is in flight (held)
         llm.add_rule(None, repl("FINAL('second')"), model=ROOT, name="root2")
+        # Runs are named by the second they are triggered in: a trigger in the
+        # first's second would name its run as the first's (and `rlm result`
+        # would follow the newer run), so this one comes in a later second.
+        named = datetime.datetime.fromisoformat(first[-len("2026-12-05T21:15:12Z") :])
+        while datetime.datetime.now(datetime.timezone.utc) < named + datetime.timedelta(seconds=1):
+            time.sleep(0.05)
         second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
+        ended = _rlm(s, llm.url, "result", first, "--json")
+        llm.wait_abandoned(1, timeout_s=60)  # its held model call is closed, not left to bill
     finally:
         hold.set()
     assert second != first
-    ended = _rlm(s, llm.url, "result", first, "--json")
     assert ended.returncode == 3, ended.stderr[-3000:]  # a run that did not complete
     result = json.loads(ended.stdout)
     assert result["status"] == "cancelled" and result["spend"]["calls"] == 1, result  # what it billed is kept
+
+    async def body(client):
+        return (await client.get_workflow_handle(first).describe()).typed_search_attributes.get(STATUS_KEY)
+
+    assert _with_client(s, body) == "cancelled"
     assert _run_answer(s, llm.url, second) == "second"
 
 
@@ -338,47 +355,3 @@ def test_a_run_after_its_files_were_deleted_fails_naming_the_prefix(s, llm, obje
     assert f"context.uri: no objects under {uri}" in _one_error(_rlm(s, llm.url, "result", second, "--json"))
     assert llm.count() == 1
 
-
-def test_a_run_cancelled_by_the_overlap_policy_ends_with_a_result_and_the_next_starts(s, llm, object_store, name):
-    """cancel_other cancels the running run through Temporal: it ends
-    `cancelled` with a result, its RlmStatus no longer says `running`, and the
-    triggered run starts once it has. (A cancel that lands before the first
-    turn, while the context is read, is tests/test_cancellation.py's.)"""
-    import datetime
-    import threading
-    import time
-
-    from workflows.run import STATUS_KEY
-
-    hold = threading.Event()  # the first run's first call waits, so the cancel finds it running
-    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="root")
-    llm.add_rule(None, repl("FINAL('done')"), model=ROOT, name="held", hold=hold, times=1)
-    prefix = f"inbox-{uuid.uuid4().hex[:8]}/"
-    object_store.put_bytes(prefix + "a.txt", b"one invoice")
-    _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", FAR_FUTURE_CRON, "--model", ROOT,
-             "--context", f"s3://{object_store.bucket}/{prefix}", "--overlap", "cancel_other"))  # fmt: skip
-    try:
-        first = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
-        llm.wait_for_count(1, "held", timeout_s=60)
-        # Runs are named by the second they are triggered in: a trigger in the
-        # first's second would name its run as the first (`rlm result` would
-        # follow the newer run), so the second trigger waits for the next second.
-        named = datetime.datetime.fromisoformat(first[-len("2026-12-05T21:15:12Z") :])
-        while datetime.datetime.now(datetime.timezone.utc) < named + datetime.timedelta(seconds=1):
-            time.sleep(0.05)
-        second = _ok(_rlm(s, llm.url, "schedule", "trigger", name)).strip()
-        assert second != first
-        ended = _rlm(s, llm.url, "result", first, "--json")
-        llm.wait_abandoned(1, timeout_s=60)  # its held model call is closed, not left to bill
-    finally:
-        hold.set()
-    assert ended.returncode == 3, ended.stderr[-3000:]
-    result = json.loads(ended.stdout)
-    assert result["status"] == "cancelled", result
-
-    async def body(client):
-        described = await client.get_workflow_handle(first).describe()
-        return described.typed_search_attributes.get(STATUS_KEY)
-
-    assert _with_client(s, body) == "cancelled"
-    assert _run_answer(s, llm.url, second) == "done"
