@@ -11,15 +11,36 @@ import threading
 
 import pytest
 from temporalio import activity
+from temporalio.client import WorkflowUpdateStage
 from temporalio.worker import Worker
 
 from activities.temporal_client import connect
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
-from workflows.names import ACTIVITY_INGEST_CONTEXT, ACTIVITY_RESOLVE_MODELS, SIGNAL_CANCEL
+from workflows.names import (
+    ACTIVITY_INGEST_CONTEXT,
+    ACTIVITY_RESOLVE_MODELS,
+    ACTIVITY_ROOT_TURN,
+    ACTIVITY_RUN_CELL,
+    SIGNAL_CANCEL,
+    UPDATE_SUBCALLS,
+)
 from workflows.refs import ContextRef
 from workflows.run import STATUS_KEY, RLMRun
-from workflows.steps import IngestContextInput, ModelInfo, ResolveModelsInput, ResolveModelsOutput
+from workflows.steps import (
+    CellInput,
+    CellOutput,
+    IngestContextInput,
+    ModelInfo,
+    ResolveModelsInput,
+    ResolveModelsOutput,
+    RootTurnInput,
+    RootTurnOutput,
+    SubcallBatch,
+    SubcallItem,
+    SubcallReply,
+    batch_digest,
+)
 
 
 def test_cancel_closes_the_provider_requests_of_sub_calls_in_flight(settings, context_store, llm):
@@ -121,6 +142,9 @@ def test_a_run_cancelled_with_children_queued_reports_what_they_billed(settings,
     assert result.spend.calls >= billed.requests and result.spend.tokens >= billed.tokens, (result.spend, billed)
 
 
+def _free_models(inp: ResolveModelsInput) -> ResolveModelsOutput:
+    free = {"context_window": 100_000, "max_output_tokens": 1_000, "usd_per_input_token": 0.0}
+    return ResolveModelsOutput(models={n: ModelInfo(name=n, usd_per_output_token=0.0, **free) for n in inp.names})
 
 
 class _FirstStepsThatNeverEnd:
@@ -144,8 +168,7 @@ class _FirstStepsThatNeverEnd:
     @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
     async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
         await self._maybe_forever("models")
-        free = {"context_window": 100_000, "max_output_tokens": 1_000, "usd_per_input_token": 0.0}
-        return ResolveModelsOutput(models={n: ModelInfo(name=n, usd_per_output_token=0.0, **free) for n in inp.names})
+        return _free_models(inp)
 
     @activity.defn(name=ACTIVITY_INGEST_CONTEXT)
     async def ingest_context(self, inp: IngestContextInput) -> ContextRef:
@@ -205,3 +228,81 @@ def test_a_session_cancelled_by_temporal_while_it_stores_its_context_ends_cancel
 
     ended = asyncio.run(go())
     assert isinstance(ended.cause, CancelledError), ended.cause
+
+
+class _AParentWhoseChildIsSlowToStop:
+    """Fakes under the real step names for a run with one child run. The
+    parent's cell asks for the child (a `subcalls` update it does not wait
+    for) and answers FINAL once the child's cell runs: the parent's loop
+    ends `completed` while the child still runs. The child's cell, once
+    cancelled, does not stop until `release` is set, so the parent is held
+    where it waits for its sub-calls to stop before it reports."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.child_cell_runs = asyncio.Event()
+        self.child_cell_cancelled = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @activity.defn(name=ACTIVITY_RESOLVE_MODELS)
+    async def resolve_models(self, inp: ResolveModelsInput) -> ResolveModelsOutput:
+        return _free_models(inp)
+
+    @activity.defn(name=ACTIVITY_ROOT_TURN)
+    async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
+        return RootTurnOutput(reply=repl("ask()"), prompt_tokens=1, completion_tokens=1, usd=0.0, transcript_key="t")
+
+    @activity.defn(name=ACTIVITY_RUN_CELL)
+    async def run_cell(self, inp: CellInput) -> CellOutput:
+        if "/d1-" in inp.workflow_id:
+            return await self._child_cell()
+        items = [SubcallItem(text="child question", text_chars=14)]
+        batch = SubcallBatch(cell_id=inp.cell_id, seq=1, kind="rlm", items=items, digest=batch_digest("rlm", None, items))
+        parent = self.client.get_workflow_handle(inp.workflow_id)
+        await parent.start_update(
+            UPDATE_SUBCALLS, batch, id=batch.update_id(), wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=SubcallReply
+        )
+        while not self.child_cell_runs.is_set():
+            activity.heartbeat()
+            await asyncio.sleep(0.2)
+        return CellOutput(output="", final="done")
+
+    async def _child_cell(self) -> CellOutput:
+        self.child_cell_runs.set()
+        while not self.release.is_set():
+            activity.heartbeat()
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                self.child_cell_cancelled.set()  # and goes on: slow to stop
+        return CellOutput(output="stopped late")
+
+
+def test_a_run_cancelled_by_temporal_while_its_sub_calls_stop_keeps_its_answer(settings, context_store):
+    """A Temporal cancel that lands after the turn loop ended, while the run
+    waits for its cancelled sub-calls (here a child run) to stop before it
+    reports: the run ends at once with the result its loop reached (here its
+    answer), and its RlmStatus says so. It ended as a bare cancelled
+    workflow: no result, the answer lost, RlmStatus `running` for good."""
+    s = isolated(settings)
+    ctx = context_store.put_value("abc")
+
+    async def go():
+        client = await connect(s)
+        steps = _AParentWhoseChildIsSlowToStop(client)
+        activities = [steps.resolve_models, steps.root_turn, steps.run_cell]
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMRun], activities=activities):
+            try:  # the worker's shutdown waits for the child's cell, which waits for `release`
+                handle = await start(client, s, request("q", ctx, caps={"max_depth": 1}))
+                # The parent's loop has ended and cancelled its child, which has not stopped.
+                await asyncio.wait_for(steps.child_cell_cancelled.wait(), 60)
+                await handle.cancel()
+                result = await asyncio.wait_for(handle.result(), 30)  # the child is still held
+                return result, (await handle.describe()).typed_search_attributes.get(STATUS_KEY)
+            finally:
+                steps.release.set()
+
+    result, status = asyncio.run(go())
+    assert (result.status, result.answer) == ("completed", "done"), result
+    assert status == "completed"
+

@@ -9,6 +9,7 @@ is deterministic: time is `workflow.now()`, I/O happens in activities.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -75,6 +76,10 @@ UNPRICED_CAP_PATCH = "refuse-usd-cap-over-unpriced-model"
 # `cancelled` result; older ones replay as they ended (workflow cancelled, or
 # `failed: Cancelled` when the cancel arrived as the failure of the step in flight).
 EARLY_CANCEL_PATCH = "result-on-cancel-before-the-loop"
+# Runs started since this patch end a Temporal cancel that lands after the
+# loop, as they wait for their sub-calls to stop, with the loop's result;
+# older ones replay as they ended (bare cancelled: the answer lost, RlmStatus `running`).
+LATE_CANCEL_PATCH = "result-on-cancel-after-the-loop"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -198,6 +203,7 @@ class RLMRun:
             return self._result("cancelled", self._cancel_reason, None)
         # The loop runs as a task so a cancel signal can stop it at any await.
         self._loop_task = asyncio.ensure_future(self._driver.loop())
+        waited = True  # False once a Temporal cancel ended a wait: the run then reports at once
         try:
             status, reason, answer = await self._loop_task
         except asyncio.CancelledError:
@@ -206,14 +212,29 @@ class RLMRun:
         except RunEnded as ended:
             status, reason, answer = ended.status, ended.reason, ended.answer
         except ContinueAsNew as chain:
-            await workflow.wait_condition(workflow.all_handlers_finished)
-            workflow.continue_as_new(chain.request)
+            waited = await self._unless_cancelled(workflow.wait_condition(workflow.all_handlers_finished))
+            if waited:
+                workflow.continue_as_new(chain.request)
+            status, reason, answer = "cancelled", self._cancel_reason or "cancelled by request", None
         self.state.router.cancel_all()
         self.state.tools.cancel_all()
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        # What did not stop in time is counted at what it holds: never report less than was billed.
-        self._unsettled = not await self.state.router.settled()
+        # What did not stop in time, or when a cancel ended the wait, is counted
+        # at what it holds: never report less than was billed.
+        waited = waited and await self._unless_cancelled(workflow.wait_condition(workflow.all_handlers_finished))
+        self._unsettled = not (waited and await self._unless_cancelled(self.state.router.settled()))
         return self._result(status, reason, answer)
+
+    @staticmethod
+    async def _unless_cancelled(wait: Coroutine[Any, Any, bool | None]) -> bool:
+        """False when `wait` (for sub-steps to stop) returns False or a Temporal
+        cancel lands meanwhile. That cancel is the run's only one (one during the
+        loop ends the loop) and means stop now: the run reports what it has."""
+        try:
+            return await wait is not False
+        except asyncio.CancelledError:
+            if not workflow.patched(LATE_CANCEL_PATCH):
+                raise
+            return False
 
     @staticmethod
     def _start_ledger(request: RunRequest) -> Ledger:
