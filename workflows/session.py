@@ -81,6 +81,11 @@ LATE_CANCEL_PATCH = "survive-late-question-cancel"
 # their context is stored as cancelled (as one landing later does), not as
 # failed with `InvalidContext: Cancelled`.
 INGEST_CANCEL_PATCH = "cancel-while-storing-the-context"
+# Sessions started since this patch meet a Temporal cancel as the `cancel`
+# signal first (the question being answered is cancelled, its ask answered
+# `cancelled`), then end cancelled; older ones replay as they ended (at once:
+# the ask failed, its run went on until Temporal cancelled it).
+TEMPORAL_CANCEL_PATCH = "temporal-cancel-as-the-signal"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
@@ -138,13 +143,23 @@ class RLMSession:
                     raise asyncio.CancelledError() from exc
                 raise ApplicationError(failure_message(exc), type="InvalidContext", non_retryable=True) from None
         self._show()
-        while True:
-            await workflow.wait_condition(lambda: self._closed or self._should_continue())
-            # Only between questions: every accepted ask (and close) has finished.
-            await workflow.wait_condition(workflow.all_handlers_finished)
-            if self._closed:
-                return self._summary()
-            workflow.continue_as_new(self._next_request())
+        try:
+            while True:
+                await workflow.wait_condition(lambda: self._closed or self._should_continue())
+                # Only between questions: every accepted ask (and close) has finished.
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self._closed:
+                    return self._summary()
+                workflow.continue_as_new(self._next_request())
+        except asyncio.CancelledError:
+            # Cancelled by Temporal (the UI's Cancel), which cancels this task
+            # only: the asks (update handlers) would be cut off unanswered.
+            if not workflow.patched(TEMPORAL_CANCEL_PATCH):
+                raise
+            if self._cancel_reason is None:
+                await self.cancel()
+            await workflow.wait_condition(lambda: self._closed and workflow.all_handlers_finished())
+            raise
 
     def _should_continue(self) -> bool:
         return (
