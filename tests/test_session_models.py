@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from workflows.budget import Caps
 from workflows.request import parse_request
-from workflows.session import session_question
+from workflows.session_history import session_question
 from workflows.session_history import MAX_UNRECORDED_BYTES, history_code, newest_that_fit
 from workflows.session_models import SESSION_HISTORY_VAR, AskRequest, QuestionAnswer, SessionRequest
 

@@ -25,10 +25,8 @@ with workflow.unsafe.imports_passed_through():
         RunRequest,
         clip_noting_length,
         clip_utf8,
-        not_json_problem,
-        parse_request,
-        without_unknown_fields,
     )
+    from workflows.request_decoding import decode_request
     from workflows.result import ANSWER_INLINE_BYTES, RunResult, RunStatus, Usage, bounded_tree
     from workflows.run_state import RunState
     from workflows.refs import ContextRef
@@ -89,7 +87,7 @@ class RLMRun:
     # arguments") and the run would hang; this way it fails with the reason.
     @workflow.init
     def __init__(self, raw: RawValue) -> None:
-        request, self._unknown_fields = _decode_request(raw)
+        request, self._unknown_fields = decode_request(raw, RunRequest)
         self._invalid: str | None = None
         try:
             ledger = self._start_ledger(request) if isinstance(request, RunRequest) else None
@@ -403,15 +401,3 @@ class RLMRun:
         if self._loop_task is not None:
             self._loop_task.cancel()
 
-
-def _decode_request(raw: RawValue) -> tuple[RunRequest | str, str | None]:
-    """The request or why it is invalid; and, for a request valid but for
-    fields no model knows, those fields' refusal (see UNKNOWN_FIELDS_PATCH)."""
-    try:
-        value = workflow.payload_converter().from_payload(raw.payload)
-    except Exception as exc:  # any encoding a JSON caller could not mean
-        return not_json_problem("RunRequest", exc), None
-    request = parse_request(value)
-    if isinstance(request, str) and (dropped := without_unknown_fields(RunRequest, value)) is not None:
-        return dropped[0], f"invalid RunRequest: {dropped[1]}"  # type: ignore[return-value]
-    return request, None

@@ -47,20 +47,24 @@ with workflow.unsafe.imports_passed_through():
         REQUEST_CAP_BOUNDS,
         RunRequest,
         clip_noting_length,
-        not_json_problem,
         validation_errors,
-        without_unknown_fields,
     )
+    from workflows.request_decoding import decode_request
     from workflows.result import RunResult, Usage
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
-    from workflows.session_history import HISTORY_BUDGET_BYTES, ask_history_bytes, history_code, newest_that_fit
+    from workflows.session_history import (
+        HISTORY_BUDGET_BYTES,
+        ask_history_bytes,
+        history_code,
+        newest_that_fit,
+        session_question,
+    )
     from workflows.session_models import (
         MAX_RECENT_ASKS,
         AskRecord,
         AskRequest,
         QuestionAnswer,
-        SESSION_HISTORY_VAR,
         SessionCaps,
         SessionRequest,
         SessionResume,
@@ -96,7 +100,7 @@ class RLMSession:
     # cannot decode would otherwise fail every workflow task and hang.
     @workflow.init
     def __init__(self, raw: RawValue) -> None:
-        request, self._unknown_fields = _decode_request(raw)
+        request, self._unknown_fields = decode_request(raw, SessionRequest)
         self._invalid = request if isinstance(request, str) else None
         if isinstance(request, str):
             request = SessionRequest.model_construct(resume=None, caps=SessionCaps(), continue_after_questions=1)
@@ -381,21 +385,6 @@ class RLMSession:
         )
 
 
-def session_question(question: str, number: int) -> str:
-    """The question as the model sees it: with a note on what the REPL holds."""
-    if number == 1:
-        note = (
-            "(This is question 1 of a session: variables you define in the REPL stay there "
-            "for the questions that follow.)"
-        )
-    else:
-        note = (
-            f"(This is question {number} of a session: the REPL still holds every variable defined "
-            f"for earlier questions, and `{SESSION_HISTORY_VAR}` is the list of earlier questions and answers, "
-            "oldest first, as dicts with keys 'question', 'answer' and 'status'.)"
-        )
-    return f"{question}\n\n{note}"
-
 
 def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:
     """The result of a question whose run did not start or did not report."""
@@ -413,17 +402,3 @@ def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") ->
         depth=0,
     )
 
-
-def _decode_request(raw: RawValue) -> tuple[SessionRequest | str, str | None]:
-    """As workflows/run.py's: the request or why not; and the refusal of
-    fields no model knows, for a request valid but for them."""
-    try:
-        value = workflow.payload_converter().from_payload(raw.payload)
-    except Exception as exc:  # any encoding a JSON caller could not mean
-        return not_json_problem("SessionRequest", exc), None
-    try:
-        return SessionRequest.model_validate(value), None
-    except ValidationError as exc:
-        if (dropped := without_unknown_fields(SessionRequest, value)) is not None:
-            return dropped[0], f"invalid SessionRequest: {dropped[1]}"  # type: ignore[return-value]
-        return "invalid SessionRequest: " + validation_errors(exc), None

@@ -1,6 +1,7 @@
-"""What a session's history costs: the cell that appends answers to the
-REPL's `session_history`, the answers waiting for it, and what an ask may
-add to the session's Temporal history. Pure functions (workflow-safe)."""
+"""A session's history: how a question tells the model of it, the cell that
+appends answers to the REPL's `session_history`, the answers waiting for it,
+and what an ask may add to the session's Temporal history. Pure functions
+(workflow-safe)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ def ask_history_bytes(ask: AskRequest, unrecorded: list[QuestionAnswer]) -> int:
     """The most an ask adds to the session's history (see HISTORY_BUDGET_BYTES)."""
     waiting = 2 * len(history_code(unrecorded).encode()) if unrecorded else 0
     return 3 * len(ask.model_dump_json().encode()) + 2 * CHILD_RESULT_BYTES + waiting
+
+
+def session_question(question: str, number: int) -> str:
+    """The question as the model sees it: with a note on what the REPL holds."""
+    if number == 1:
+        note = (
+            "(This is question 1 of a session: variables you define in the REPL stay there "
+            "for the questions that follow.)"
+        )
+    else:
+        note = (
+            f"(This is question {number} of a session: the REPL still holds every variable defined "
+            f"for earlier questions, and `{SESSION_HISTORY_VAR}` is the list of earlier questions and answers, "
+            "oldest first, as dicts with keys 'question', 'answer' and 'status'.)"
+        )
+    return f"{question}\n\n{note}"
