@@ -95,3 +95,46 @@ def test_a_burst_of_large_asks_does_not_end_the_session(settings, llm, context_s
     assert all("ask again once they are answered" in str(r.cause) for r in refused), refused[0].cause
     assert answered and all(r.status == "completed" for r in answered)
     assert again.status == "completed" and closed.questions == len(answered) + 1
+
+
+def test_an_ask_sent_again_under_its_id_after_the_session_continued_as_new_is_not_run_again(settings, llm, context_store):
+    """A caller that lost the reply to its ask (its process or connection
+    died) sends it again under the same update id. Temporal answers that
+    from the first within one run of the session only: once the session had
+    continued as new, the question ran a second time (billed twice, and in
+    `session_history` twice). Now it is refused, naming the run that answered."""
+    from tests.session_harness import summary
+    from workflows.names import UPDATE_ASK
+    from workflows.session_models import AskRequest
+
+    ctx = context_store.put_value("numbers: 3 4 5")
+    llm.add_rule(asked("first", None), "FINAL(one)", model=ROOT, name="first")
+    llm.add_rule(asked("second", None), repl("print('seen', len(session_history))"), model=ROOT)
+    llm.add_rule("seen ", lambda r: f"FINAL({r.last_user_text.split('seen ')[1].split()[0]})", model=ROOT)
+    s = isolated(settings)
+    first_ask = AskRequest(question="first?")
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(ctx, continue_after_questions=1))
+            first = await asyncio.wait_for(
+                handle.execute_update(UPDATE_ASK, first_ask, id="ask-first", result_type=RunResult), TIMEOUT_S
+            )
+            while (await summary(handle)).runs < 2:  # the session continued as new after its question
+                await asyncio.sleep(0.1)  # polling for an observed fact, not a fixed wait
+            try:
+                again = await asyncio.wait_for(
+                    handle.execute_update(UPDATE_ASK, first_ask, id="ask-first", result_type=RunResult), TIMEOUT_S
+                )
+            except WorkflowUpdateFailedError as exc:
+                again = exc
+            second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
+            return first, again, second, await close(handle)
+
+    first, again, second, closed = asyncio.run(go())
+    assert (first.status, first.answer) == ("completed", "one"), first.reason
+    assert isinstance(again, WorkflowUpdateFailedError), again
+    assert "was answered already, as question 1" in str(again.cause) and f"{closed.session_id}/q1" in str(again.cause)
+    assert llm.count("first") == 1
+    assert second.answer == "1", second.reason  # session_history holds the first question once
+    assert closed.questions == 2

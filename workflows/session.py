@@ -192,7 +192,7 @@ class RLMSession:
         try:
             async with self._asking:  # a second ask waits for the first
                 await workflow.wait_condition(lambda: self._context is not None)
-                return await self._answer(ask)
+                return await self._answer(ask, workflow.current_update_info().id)  # type: ignore[union-attr]
         finally:
             self._waiting_bytes -= held
 
@@ -204,6 +204,15 @@ class RLMSession:
             raise ValueError(self._invalid)
         if problem := ask.unknown_fields_problem():
             raise ValueError(problem)
+        # Sent again under the id of an ask answered before the session continued
+        # as new (a caller retrying once it lost the first reply): Temporal's own
+        # dedup of update ids holds within one run only, and it would run again.
+        update = workflow.current_update_info()
+        if update is not None and (done := next((r for r in self._recent if r.ask_id == update.id), None)):
+            raise ValueError(
+                f"ask {update.id} was answered already, as question {done.number} ({done.status}): "
+                f"its result is that of run {done.workflow_id} (`rlm result {done.workflow_id}`)"
+            )
         ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
         if workflow.info().get_current_history_size() + self._waiting_bytes + ask_history_bytes(ask, self._unrecorded) > HISTORY_BUDGET_BYTES:
             raise ValueError(
@@ -211,7 +220,7 @@ class RLMSession:
                 "ask again once they are answered"
             )
 
-    async def _answer(self, ask: AskRequest) -> RunResult:
+    async def _answer(self, ask: AskRequest, ask_id: str) -> RunResult:
         self._asked += 1
         self._asked_here += 1
         number = self._asked
@@ -227,7 +236,7 @@ class RLMSession:
             result = await self._run_question(ask, number, child_id, caps)
         self._recent = (self._recent + [
             AskRecord(number=number, question=ask.question[:200], workflow_id=child_id,
-                      status=result.status, spend=result.spend, turns=result.turns)
+                      status=result.status, spend=result.spend, turns=result.turns, ask_id=ask_id)
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
         if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
             self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))

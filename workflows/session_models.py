@@ -164,6 +164,10 @@ class AskRecord(BaseModel):
     status: RunStatus
     spend: Spend
     turns: int
+    ask_id: str | None = None
+    """The `ask` update's id. Temporal answers an update sent again under its
+    id only within one run of the session: sent again after the session
+    continued as new, it is refused by this record, not run a second time."""
 
 
 class SessionResume(BaseModel):
