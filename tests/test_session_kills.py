@@ -42,6 +42,7 @@ pytestmark = pytest.mark.chaos
 
 HOLD_CELL = "q1r"  # the cell that appends question 1 to `session_history` (workflows/session.py)
 FIRST = AskRequest(question="first?")
+SEEN = re.compile(r"seen \d+ \d+ total \d+")  # what the second question's cell prints
 
 
 @pytest.mark.parametrize("point", ["start", "stored"])
@@ -53,7 +54,7 @@ def test_worker_killed_between_an_answer_and_its_history_record(point, settings,
     record = {"question": "first?", "answer": "twelve", "status": "completed"}
     llm.add_rule(asked("second"), repl(f"print('seen', session_history.count({record!r}), len(session_history), 'total', total)"),
                  model=ROOT, name="second")  # fmt: skip
-    llm.add_rule(lambda r: "seen " in r.last_user_text, _final_seen, model=ROOT, name="second-final")
+    llm.add_rule(lambda r: SEEN.search(r.last_user_text) is not None, _final_seen, model=ROOT, name="second-final")
     s = isolated(settings)
     marker = tmp_path / "held"
     hold = {"RLM_TEST_HOLD_CELL": HOLD_CELL, "RLM_TEST_HOLD_AT": point, "RLM_TEST_HOLD_FILE": str(marker)}
@@ -118,8 +119,7 @@ def test_worker_killed_between_an_answer_and_its_history_record(point, settings,
 
 def _final_seen(r) -> str:
     """FINAL of what the second question's cell printed."""
-    seen = re.search(r"seen \d+ \d+ total \d+", r.last_user_text)
-    return f"FINAL({seen.group() if seen else 'nothing printed'})"
+    return f"FINAL({SEEN.search(r.last_user_text).group()})"  # type: ignore[union-attr]
 
 
 def _cell_attempts(history) -> list[int]:
