@@ -17,12 +17,13 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities._litellm_setup import preload as preload_litellm
 from activities._repl_pool import ReplPool, guest_memory_budget
@@ -59,10 +60,12 @@ def build_worker(
     *,
     identity: str | None = None,
     tools: ToolRegistry | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> tuple[Worker, ReplPool]:
     """A worker with the workflow and all activities; the caller runs it.
     `identity` (a code digest) is shown in Temporal's poller list; `tools`
-    default to the setting `tools` (a bad tool raises ToolRegistrationError)."""
+    default to the setting `tools` (a bad tool raises ToolRegistrationError);
+    `interceptors` wrap its workflows and activities (tracing, metrics)."""
     # Before polling: a first model call must not block the event loop on the import.
     preload_litellm()
     models = models or ModelRegistry.from_env()
@@ -103,6 +106,7 @@ def build_worker(
         # A restarted worker takes over a run's workflow tasks in ~1 s, not 10 s.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=1),
         graceful_shutdown_timeout=timedelta(seconds=5),
+        interceptors=interceptors,
         **({"identity": f"{os.getpid()}@{socket.gethostname()} code {identity}"} if identity else {}),
     )
     return worker, pool

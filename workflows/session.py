@@ -90,6 +90,10 @@ INGEST_CANCEL_PATCH = "cancel-while-storing-the-context"
 # `cancelled`), then end cancelled; older ones replay as they ended (at once:
 # the ask failed, its run went on until Temporal cancelled it).
 TEMPORAL_CANCEL_PATCH = "temporal-cancel-as-the-signal"
+# Sessions started since this patch cancel a question's run that was starting
+# when the session's cancel came (the cancel found no run to signal, and the
+# question ran to its end); older ones replay as they ran.
+CANCEL_STARTING_QUESTION_PATCH = "cancel-the-question-run-that-was-starting"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
@@ -291,6 +295,9 @@ class RLMSession:
                 static_summary=f"session question {number} · " + clip(ask.question, MAX_SUMMARY_CHARS - 30),
                 static_details=run_static_details(request),
             )
+            if self._cancel_reason is not None and workflow.patched(CANCEL_STARTING_QUESTION_PATCH):
+                # The cancel came while the run started: it found no run to cancel.
+                await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
             result: RunResult = await self._question
         except ChildWorkflowError as exc:
             # It reported nothing: count its caps, the most it could spend (its

@@ -1,0 +1,81 @@
+"""Cancelling a session (its `cancel` signal, or Temporal's cancel: the UI's
+Cancel) stops the question it is answering, whenever the cancel lands, and
+answers that question's ask `cancelled`. Real worker, Temporal, S3 and WASM;
+models scripted through litellm."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import CancelledError
+
+from activities.temporal_client import connect
+from tests.fixtures_llm import fake_registry
+from tests.run_harness import ROOT, isolated, repl, running_worker
+from tests.session_harness import TIMEOUT_S, ask, asked, session_request, start_session
+from tests.session_start_race import QuestionStartOutlastsCancel
+from worker import build_worker
+from workflows.names import SIGNAL_CANCEL
+
+
+def test_a_session_cancelled_by_temporal_answers_the_question_it_was_answering(settings, llm, context_store):
+    """A Temporal cancel of a session (the UI's Cancel) while it answers a
+    question: as the `cancel` signal does, the question's run is cancelled
+    and the ask answered `cancelled`; then the session ends cancelled. The
+    session ended at once: the ask failed (the workflow completed before
+    the update) and the question's run went on until Temporal cancelled it."""
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            await handle.cancel()
+            first = await asyncio.wait_for(one, TIMEOUT_S)
+            with pytest.raises(WorkflowFailureError) as ended:
+                await asyncio.wait_for(handle.result(), TIMEOUT_S)
+            return first, ended.value
+
+    try:
+        first, ended = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "cancelled" and first.workflow_id.endswith("/q1"), first
+    assert isinstance(ended.cause, CancelledError), ended.cause
+
+
+def test_a_session_cancelled_while_its_question_run_starts_cancels_that_run(settings, llm, context_store):
+    """A cancel that lands while the question's run is being started finds
+    no run to signal (an interceptor makes that window last until the cancel
+    came): the run is cancelled once started, and the ask answered
+    `cancelled`. It ran to its end, paid, while the session waited for it."""
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        client = await connect(s)
+        worker, pool = build_worker(client, s, models=fake_registry(llm), interceptors=[QuestionStartOutlastsCancel()])
+        try:
+            async with worker:
+                handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+                one = asyncio.ensure_future(ask(handle, "first?"))
+                await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+                await handle.signal(SIGNAL_CANCEL, "user stop")
+                # Its held model call is closed: the run was cancelled, not left to finish.
+                await asyncio.to_thread(llm.wait_abandoned, 1, 60)
+                return await asyncio.wait_for(one, TIMEOUT_S)
+        finally:
+            pool.close()
+
+    try:
+        first = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "cancelled" and first.reason == "user stop", first
