@@ -34,6 +34,8 @@ WORKFLOW_ID_PREFIX = "rlm-sched-"
 OVERLAP_CHOICES = ("skip", "buffer_one", "buffer_all", "cancel_other", "terminate_other", "allow_all")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MEMO_CRON = "rlm_cron"
+# Temporal's bounds of a catchup window (its shortest is 10 s; a year is its default).
+_MIN_CATCHUP_S, _MAX_CATCHUP_S = 10.0, 366 * 86_400.0
 # How long `trigger` waits for the schedule to report the run it started.
 _TRIGGER_WAIT_S = 30.0
 # Request fields as the user spells them on the command line (caps.X is --X).
@@ -66,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="a JSON Schema file: each run's answer must be JSON that validates")
     create.add_argument("--overlap", choices=OVERLAP_CHOICES, default="skip",
                         help="when a run is due while the last still runs (default: skip it)")
+    create.add_argument("--catchup-window", type=float, default=None, metavar="SECONDS",
+                        help="how late a run missed while Temporal was down may still start (default: the "
+                             "shortest time between two of its runs, so an outage costs at most one late run)")
     create.add_argument("--time-zone", default=None, help="IANA zone of the cron (default UTC)")
     create.add_argument("--paused", action="store_true", help="create it paused")
     create.set_defaults(handler=_cmd_create)
@@ -165,6 +170,8 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
     from workflows.names import WORKFLOW_RLM_RUN
 
     name = _check_name(args.name)
+    if args.catchup_window is not None and not _MIN_CATCHUP_S <= args.catchup_window <= _MAX_CATCHUP_S:
+        raise UserError(f"--catchup-window {args.catchup_window:g}: give {_MIN_CATCHUP_S:g} to {_MAX_CATCHUP_S:g} seconds")
     request = schedule_request(args)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
@@ -192,14 +199,33 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
         # February) and the schedule would wait silently forever: refuse it
         # here, where the mistake can still be seen (paused ones list theirs too).
         handle = client.get_schedule_handle(name)
-        if not (await handle.describe()).info.next_action_times:
+        upcoming = (await handle.describe()).info.next_action_times
+        if not upcoming:
             await handle.delete()
             raise UserError(f"--cron {args.cron!r} never fires: it matches no date (check the day and month)")
+        await handle.update(lambda given: _with_catchup_window(given.description.schedule, args.catchup_window, upcoming))
         print(name)
         print(f"runs: {WORKFLOW_ID_PREFIX}{name}-<time>, reading {request.context.uri} at each start", file=sys.stderr)
         return 0
 
     return asyncio.run(go())
+
+
+def _with_catchup_window(schedule: Any, seconds: float | None, upcoming: list[datetime]) -> Any:
+    """`schedule` with its catchup window: `seconds`, or the shortest time
+    between two of its upcoming runs. Temporal's own default (a year) starts
+    every run missed while the server was down once it is back: after a day
+    down, a schedule firing each minute under buffer_all or allow_all would
+    start 1,440 paid runs."""
+    from datetime import timedelta
+
+    from temporalio.client import ScheduleUpdate
+
+    if seconds is None:
+        gaps = [(b - a).total_seconds() for a, b in zip(upcoming, upcoming[1:])]
+        seconds = min(gaps, default=_MAX_CATCHUP_S)
+    schedule.policy.catchup_window = timedelta(seconds=min(max(seconds, _MIN_CATCHUP_S), _MAX_CATCHUP_S))
+    return ScheduleUpdate(schedule=schedule)
 
 
 def _cmd_list(args: argparse.Namespace, settings) -> int:
@@ -332,6 +358,7 @@ async def _describe(client: Client, name: str) -> dict[str, Any] | None:
         "model": request.models.root if request is not None else None,
         "task_queue": action.task_queue,
         "overlap": desc.schedule.policy.overlap.name.lower(),
+        "catchup_window_s": window.total_seconds() if (window := desc.schedule.policy.catchup_window) else None,
         "paused": desc.schedule.state.paused,
         "note": desc.schedule.state.note or None,
         "runs": desc.info.num_actions,

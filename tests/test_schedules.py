@@ -355,3 +355,26 @@ def test_a_run_after_its_files_were_deleted_fails_naming_the_prefix(s, llm, obje
     assert f"context.uri: no objects under {uri}" in _one_error(_rlm(s, llm.url, "result", second, "--json"))
     assert llm.count() == 1
 
+
+
+def test_a_run_missed_while_temporal_was_down_is_caught_up_once_at_most(s, llm, name):
+    """Temporal's default catchup window (a year) starts every run missed
+    while the server was down once it is back: after a day down, a schedule
+    firing each minute under allow_all would start 1,440 paid runs. A
+    schedule's window is the shortest time between two of its runs, or
+    `--catchup-window`; a window Temporal cannot keep is refused."""
+    uri = "s3://rlm/inbox/"
+    second = f"{name}-b"
+    try:
+        _ok(_rlm(s, llm.url, "schedule", "create", name, "q?", "--cron", "*/5 * * * *", "--model", ROOT,
+                 "--context", uri, "--overlap", "allow_all", "--paused"))  # fmt: skip
+        assert _row(s, llm.url, name)["catchup_window_s"] == 300
+        _ok(_rlm(s, llm.url, "schedule", "create", second, "q?", "--cron", "0 6 * * 1-5", "--model", ROOT,
+                 "--context", uri, "--catchup-window", "3600", "--paused"))  # fmt: skip
+        assert _row(s, llm.url, second)["catchup_window_s"] == 3600
+    finally:
+        _rlm(s, llm.url, "schedule", "delete", second, timeout=60)
+    for bad in ("5", "-1", "nan"):
+        refused = _one_error(_rlm(s, llm.url, "schedule", "create", f"{name}-c", "q?", "--cron", "*/5 * * * *",
+                                  "--model", ROOT, "--context", uri, "--catchup-window", bad))  # fmt: skip
+        assert "--catchup-window" in refused and "10 to" in refused, refused
