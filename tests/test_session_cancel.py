@@ -11,6 +11,7 @@ import threading
 import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import CancelledError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.temporal_client import connect
 from tests.fixtures_llm import fake_registry
@@ -19,6 +20,7 @@ from tests.session_harness import TIMEOUT_S, ask, asked, session_request, start_
 from tests.session_start_race import QuestionStartOutlastsCancel
 from worker import build_worker
 from workflows.names import SIGNAL_CANCEL
+from workflows.result import RunResult
 
 
 def test_a_session_cancelled_by_temporal_answers_the_question_it_was_answering(settings, llm, context_store):
@@ -79,3 +81,41 @@ def test_a_session_cancelled_while_its_question_run_starts_cancels_that_run(sett
     finally:
         held.set()
     assert first.status == "cancelled" and first.reason == "user stop", first
+
+
+def test_a_session_cancelled_while_a_question_run_starts_that_ends_at_once_answers_its_ask(settings, llm, context_store):
+    """As above, but the question's run ended before the session's cancel
+    could reach it (here its budget is too small to start: it ends in its
+    first step). Nothing is left to cancel: the ask is answered with that
+    run's result. It failed: the undeliverable cancel was raised to the ask."""
+    s = isolated(settings)
+
+    async def go():
+        client = await connect(s)
+        worker, pool = build_worker(client, s, models=fake_registry(llm), interceptors=[QuestionStartOutlastsCancel()])
+        try:
+            async with worker:
+                handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+                one = asyncio.ensure_future(ask(handle, "first?", max_tokens=10))
+                run = client.get_workflow_handle(f"{handle.id}/q1", result_type=RunResult)
+                ended = await asyncio.wait_for(_once_it_exists(run.result), TIMEOUT_S)
+                await handle.signal(SIGNAL_CANCEL, "user stop")
+                return ended, await asyncio.wait_for(one, TIMEOUT_S)
+        finally:
+            pool.close()
+
+    ended, first = asyncio.run(go())
+    assert ended.status == "budget_exhausted", ended
+    assert first == ended
+    assert llm.count() == 0
+
+
+async def _once_it_exists(call):
+    """`call()` again while the workflow it reads has not been started yet."""
+    while True:
+        try:
+            return await call()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        await asyncio.sleep(0.2)  # polling for an observed fact (the run exists), not a fixed wait

@@ -297,7 +297,7 @@ class RLMSession:
             )
             if self._cancel_reason is not None and workflow.patched(CANCEL_STARTING_QUESTION_PATCH):
                 # The cancel came while the run started: it found no run to cancel.
-                await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+                await self._cancel_question(self._question)
             result: RunResult = await self._question
         except ChildWorkflowError as exc:
             # It reported nothing: count its caps, the most it could spend (its
@@ -361,17 +361,22 @@ class RLMSession:
         self._cancel_reason = reason or "cancelled by request"
         self._closing = True
         if self._question is not None:
-            try:
-                await self._question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
-            except FailureError as exc:
-                # The question's run ended meanwhile (a cancel sent twice, or as
-                # it finished): nothing left to cancel, and no reason to fail the session.
-                if not workflow.patched(LATE_CANCEL_PATCH):
-                    raise
-                workflow.logger.info("cancel of the question's run not delivered: %s", exc)
+            await self._cancel_question(self._question)
         async with self._asking:
             self._closed = True
         self._show()
+
+    async def _cancel_question(self, question: workflow.ChildWorkflowHandle) -> None:
+        try:
+            await question.signal(names.SIGNAL_CANCEL, self._cancel_reason)
+        except FailureError as exc:
+            # The question's run ended meanwhile (a cancel sent twice, one landing
+            # as it finished, or a run that ended in its first step, its budget too
+            # small to start): nothing left to cancel, and no reason to fail the
+            # session, or the ask waiting for that run's result.
+            if not workflow.patched(LATE_CANCEL_PATCH):
+                raise
+            workflow.logger.info("cancel of the question's run not delivered: %s", exc)
 
     @workflow.query(name=names.QUERY_SESSION)
     def session(self) -> SessionSummary:
