@@ -205,12 +205,17 @@ def test_a_run_cancelled_by_temporal_before_its_first_turn_ends_with_a_result(se
 def test_a_session_cancelled_by_temporal_while_it_stores_its_context_ends_cancelled(settings):
     """As a run: a session cancelled while its context is stored ends
     cancelled, as one cancelled later does (it ended failed, `InvalidContext:
-    Cancelled`, blaming the caller's context)."""
+    Cancelled`, blaming the caller's context); an ask accepted meanwhile,
+    waiting for that context, is answered `cancelled` (it failed: the
+    workflow completed before the update)."""
     from temporalio.client import WorkflowFailureError
     from temporalio.exceptions import CancelledError
 
     from tests.session_harness import session_request, start_session
+    from workflows.names import UPDATE_ASK
+    from workflows.result import RunResult
     from workflows.session import RLMSession
+    from workflows.session_models import AskRequest
 
     s = isolated(settings)
     steps = _FirstStepsThatNeverEnd("context")
@@ -221,13 +226,17 @@ def test_a_session_cancelled_by_temporal_while_it_stores_its_context_ends_cancel
         async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=activities):
             handle = await start_session(client, s, session_request("an inline context, stored by the fake"))
             await asyncio.wait_for(steps.reached.wait(), 60)
+            waiting = await handle.start_update(
+                UPDATE_ASK, AskRequest(question="q?"), wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=RunResult
+            )
             await handle.cancel()
             with pytest.raises(WorkflowFailureError) as ended:
                 await asyncio.wait_for(handle.result(), 60)
-            return ended.value
+            return ended.value, await asyncio.wait_for(waiting.result(), 60)
 
-    ended = asyncio.run(go())
+    ended, asked = asyncio.run(go())
     assert isinstance(ended.cause, CancelledError), ended.cause
+    assert (asked.status, asked.turns, asked.spend.calls) == ("cancelled", 0, 0), asked
 
 
 class _AParentWhoseChildIsSlowToStop:

@@ -87,8 +87,9 @@ LATE_CANCEL_PATCH = "survive-late-question-cancel"
 INGEST_CANCEL_PATCH = "cancel-while-storing-the-context"
 # Sessions started since this patch meet a Temporal cancel as the `cancel`
 # signal first (the question being answered is cancelled, its ask answered
-# `cancelled`), then end cancelled; older ones replay as they ended (at once:
-# the ask failed, its run went on until Temporal cancelled it).
+# `cancelled`; asks waiting for the context being stored answered `cancelled`
+# too), then end cancelled; older ones replay as they ended (at once: the ask
+# failed, its run went on until Temporal cancelled it).
 TEMPORAL_CANCEL_PATCH = "temporal-cancel-as-the-signal"
 # Sessions started since this patch cancel a question's run that was starting
 # when the session's cancel came (the cancel found no run to signal, and the
@@ -126,6 +127,7 @@ class RLMSession:
         self._asking = asyncio.Lock()  # serialises asks (FIFO)
         self._cancel_reason: str | None = None
         self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
+        self._no_context = False  # cancelled while the context was stored: the asks waiting for it end
         self._waiting_bytes = 0  # what the asks accepted and not yet answered may add to the history
 
     def _new_ledger(self) -> Ledger:
@@ -148,6 +150,10 @@ class RLMSession:
                 self._context = await ingest_context(self._req.context)
             except FailureError as exc:
                 if is_cancellation(exc) and workflow.patched(INGEST_CANCEL_PATCH):
+                    if workflow.patched(TEMPORAL_CANCEL_PATCH):
+                        # The asks accepted meanwhile wait for the context: it will not come.
+                        self._no_context = True
+                        await self._answer_asks_cancelled()
                     raise asyncio.CancelledError() from exc
                 raise ApplicationError(failure_message(exc), type="InvalidContext", non_retryable=True) from None
         self._show()
@@ -160,14 +166,18 @@ class RLMSession:
                     return self._summary()
                 workflow.continue_as_new(self._next_request())
         except asyncio.CancelledError:
-            # Cancelled by Temporal (the UI's Cancel), which cancels this task
-            # only: the asks (update handlers) would be cut off unanswered.
             if not workflow.patched(TEMPORAL_CANCEL_PATCH):
                 raise
-            if self._cancel_reason is None:
-                await self.cancel()
-            await workflow.wait_condition(lambda: self._closed and workflow.all_handlers_finished())
+            await self._answer_asks_cancelled()
             raise
+
+    async def _answer_asks_cancelled(self) -> None:
+        """Meet a Temporal cancel (the UI's Cancel) as the `cancel` signal:
+        Temporal cancels this task only, and the asks (update handlers) would
+        be cut off unanswered, the question's run left to go on."""
+        if self._cancel_reason is None:
+            await self.cancel()
+        await workflow.wait_condition(lambda: self._closed and workflow.all_handlers_finished())
 
     def _should_continue(self) -> bool:
         return (
@@ -195,7 +205,7 @@ class RLMSession:
         self._waiting_bytes += held
         try:
             async with self._asking:  # a second ask waits for the first
-                await workflow.wait_condition(lambda: self._context is not None)
+                await workflow.wait_condition(lambda: self._context is not None or self._no_context)
                 return await self._answer(ask, workflow.current_update_info().id)  # type: ignore[union-attr]
         finally:
             self._waiting_bytes -= held
