@@ -19,7 +19,14 @@ from activities.settings import Settings
 from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
-from workflows.names import QUERY_PROGRESS, QUERY_SESSION, UPDATE_ASK, UPDATE_CLOSE, WORKFLOW_RLM_SESSION
+from workflows.names import (
+    ASK_ANSWERED_ALREADY,
+    QUERY_PROGRESS,
+    QUERY_SESSION,
+    UPDATE_ASK,
+    UPDATE_CLOSE,
+    WORKFLOW_RLM_SESSION,
+)
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 from workflows.summaries import clip
@@ -98,8 +105,17 @@ class SessionClient:
 
     # -- asking and closing ------------------------------------------------------
     async def ask(
-        self, session_id: str, question: str, caps: dict[str, Any] | None = None, answer_schema: dict | None = None
+        self,
+        session_id: str,
+        question: str,
+        caps: dict[str, Any] | None = None,
+        answer_schema: dict | None = None,
+        ask_id: str | None = None,
     ) -> RunResult:
+        """The answer to `question`. `ask_id` (the update id; a new one by
+        default) makes the ask idempotent: sent again under it, it returns
+        the first answer, also after the session continued as new (for its
+        last 50 questions)."""
         try:
             ask = AskRequest(question=question, caps=caps or {}, answer_schema=answer_schema)
         except ValueError as exc:
@@ -109,11 +125,17 @@ class SessionClient:
         try:
             # One id for every send: an ask the server refused for now (RESOURCE_EXHAUSTED:
             # others waiting hold its in-flight update payloads) is sent again, never run twice.
-            ask_id = f"ask-{uuid.uuid4().hex}"
+            ask_id = ask_id or f"ask-{uuid.uuid4().hex}"
             return await until_admitted(
                 lambda: handle.execute_update(UPDATE_ASK, ask, id=ask_id, result_type=RunResult), ASK_ADMIT_WAIT_S
             )
         except WorkflowUpdateFailedError as exc:
+            if (answered_by := _answered_by(exc)) is not None:
+                # Sent again after the session continued as new: the run that answered it holds the answer.
+                try:
+                    return await self.client.get_workflow_handle(answered_by, result_type=RunResult).result()
+                except Exception as again:
+                    raise RunError(f"session {session_id}: {_cause(exc)}; reading it: {again}") from None
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:
             raise RunError(f"session {session_id} is not open: {exc}") from None
@@ -158,6 +180,16 @@ class SessionClient:
                 with contextlib.suppress(Exception):
                     self.progress.update(await run.query(QUERY_PROGRESS))  # type: ignore[union-attr]
                 await asyncio.sleep(0.5)
+
+
+def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
+    """The run that answered an ask refused as answered already, or None."""
+    from temporalio.exceptions import ApplicationError
+
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.type == ASK_ANSWERED_ALREADY and cause.details:
+        return str(cause.details[0])
+    return None
 
 
 def _cause(exc: WorkflowUpdateFailedError) -> str:

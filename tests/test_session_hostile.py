@@ -103,8 +103,10 @@ def test_an_ask_sent_again_under_its_id_after_the_session_continued_as_new_is_no
     from the first within one run of the session only: once the session had
     continued as new, the question ran a second time (billed twice, and in
     `session_history` twice). Now it is refused, naming the run that answered."""
+    from cli._run_client import RunClient
+    from cli._session_client import SessionClient
     from tests.session_harness import summary
-    from workflows.names import UPDATE_ASK
+    from workflows.names import ASK_ANSWERED_ALREADY, UPDATE_ASK
     from workflows.session_models import AskRequest
 
     ctx = context_store.put_value("numbers: 3 4 5")
@@ -128,13 +130,18 @@ def test_an_ask_sent_again_under_its_id_after_the_session_continued_as_new_is_no
                 )
             except WorkflowUpdateFailedError as exc:
                 again = exc
+            # Our client reads the answering run's result instead: the retry is transparent.
+            sessions = SessionClient(RunClient(s, client, progress=None))
+            by_client = await asyncio.wait_for(sessions.ask(handle.id, "first?", ask_id="ask-first"), TIMEOUT_S)
             second = await asyncio.wait_for(ask(handle, "second?"), TIMEOUT_S)
-            return first, again, second, await close(handle)
+            return first, again, by_client, second, await close(handle)
 
-    first, again, second, closed = asyncio.run(go())
+    first, again, by_client, second, closed = asyncio.run(go())
     assert (first.status, first.answer) == ("completed", "one"), first.reason
     assert isinstance(again, WorkflowUpdateFailedError), again
     assert "was answered already, as question 1" in str(again.cause) and f"{closed.session_id}/q1" in str(again.cause)
+    assert again.cause.type == ASK_ANSWERED_ALREADY and list(again.cause.details) == [f"{closed.session_id}/q1"]
+    assert (by_client.answer, by_client.workflow_id) == ("one", f"{closed.session_id}/q1"), by_client
     assert llm.count("first") == first.turns  # no model call for it since
     assert second.answer == "1", second.reason  # session_history holds the first question once
     assert closed.questions == 2

@@ -35,6 +35,9 @@ QUERY_PROGRESS = "progress"
 UPDATE_ASK = "ask"
 UPDATE_CLOSE = "close"
 QUERY_SESSION = "session"
+# The failure type of an `ask` refused because its update id was answered
+# before the session continued as new; its details hold the answering run's id.
+ASK_ANSWERED_ALREADY = "AskAnsweredAlready"
 
 # Search attributes registered on the embedded server (`rlm up`) and set by
 # RLMRun; production clusters register them once with

@@ -223,9 +223,13 @@ class RLMSession:
         # dedup of update ids holds within one run only, and it would run again.
         update = workflow.current_update_info()
         if update is not None and (done := next((r for r in self._recent if r.ask_id == update.id), None)):
-            raise ValueError(
+            # Typed, with the run: a client reads that run's result as the ask's (cli/_session_client.py).
+            raise ApplicationError(
                 f"ask {update.id} was answered already, as question {done.number} ({done.status}): "
-                f"its result is that of run {done.workflow_id} (`rlm result {done.workflow_id}`)"
+                f"its result is that of run {done.workflow_id} (`rlm result {done.workflow_id}`)",
+                done.workflow_id,
+                type=names.ASK_ANSWERED_ALREADY,
+                non_retryable=True,
             )
         ask.caps_over(self._req.question_caps)  # refuse bad caps before the ask is accepted
         if workflow.info().get_current_history_size() + self._waiting_bytes + ask_history_bytes(ask, self._unrecorded) > HISTORY_BUDGET_BYTES:
