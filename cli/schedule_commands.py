@@ -16,7 +16,7 @@ import asyncio
 import json
 import re
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,7 +171,9 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
 
     name = _check_name(args.name)
     if args.catchup_window is not None and not _MIN_CATCHUP_S <= args.catchup_window <= _MAX_CATCHUP_S:
-        raise UserError(f"--catchup-window {args.catchup_window:g}: give {_MIN_CATCHUP_S:g} to {_MAX_CATCHUP_S:g} seconds")
+        raise UserError(
+            f"--catchup-window {args.catchup_window:g}: give {_MIN_CATCHUP_S:g} to {_MAX_CATCHUP_S:,.0f} seconds (a year)"
+        )
     request = schedule_request(args)
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
@@ -182,7 +184,10 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
             static_summary=f"RLM schedule {name}: {request.question[:150]}",
         ),
         spec=ScheduleSpec(cron_expressions=[args.cron], time_zone_name=args.time_zone),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy[args.overlap.upper()]),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy[args.overlap.upper()],
+            catchup_window=timedelta(seconds=args.catchup_window) if args.catchup_window is not None else None,
+        ),
         state=ScheduleState(paused=args.paused, note="created paused" if args.paused else None),
     )
 
@@ -203,7 +208,12 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
         if not upcoming:
             await handle.delete()
             raise UserError(f"--cron {args.cron!r} never fires: it matches no date (check the day and month)")
-        await handle.update(lambda given: _with_catchup_window(given.description.schedule, args.catchup_window, upcoming))
+        if args.catchup_window is None:
+            try:
+                await handle.update(lambda given: _with_catchup_window(given.description.schedule, upcoming))
+            except RPCError as exc:
+                await handle.delete()  # not left with Temporal's year-long window
+                raise UserError(f"schedule {name!r} not created: setting its catchup window: {exc.message}") from None
         print(name)
         print(f"runs: {WORKFLOW_ID_PREFIX}{name}-<time>, reading {request.context.uri} at each start", file=sys.stderr)
         return 0
@@ -211,19 +221,17 @@ def _cmd_create(args: argparse.Namespace, settings) -> int:
     return asyncio.run(go())
 
 
-def _with_catchup_window(schedule: Any, seconds: float | None, upcoming: list[datetime]) -> Any:
-    """`schedule` with its catchup window: `seconds`, or the shortest time
-    between two of its upcoming runs. Temporal's own default (a year) starts
-    every run missed while the server was down once it is back: after a day
-    down, a schedule firing each minute under buffer_all or allow_all would
-    start 1,440 paid runs."""
-    from datetime import timedelta
-
+def _with_catchup_window(schedule: Any, upcoming: list[datetime]) -> Any:
+    """`schedule` with the default catchup window: the shortest time between
+    two of its upcoming runs (the ~10 Temporal lists), so an outage costs at
+    most one late run. Temporal's own default (a year) starts every run
+    missed while the server was down once it is back: after a day down, a
+    schedule firing each minute under buffer_all or allow_all would start
+    1,440 paid runs."""
     from temporalio.client import ScheduleUpdate
 
-    if seconds is None:
-        gaps = [(b - a).total_seconds() for a, b in zip(upcoming, upcoming[1:])]
-        seconds = min(gaps, default=_MAX_CATCHUP_S)
+    gaps = [(b - a).total_seconds() for a, b in zip(upcoming, upcoming[1:])]
+    seconds = min(gaps, default=_MAX_CATCHUP_S)
     schedule.policy.catchup_window = timedelta(seconds=min(max(seconds, _MIN_CATCHUP_S), _MAX_CATCHUP_S))
     return ScheduleUpdate(schedule=schedule)
 
