@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue
@@ -43,16 +42,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.budget import Caps, Ledger, Refusal, Spend
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
-    from workflows.request import (
-        REQUEST_CAP_BOUNDS,
-        RunRequest,
-        clip_noting_length,
-        validation_errors,
-    )
+    from workflows.request import RunRequest, clip_noting_length, validation_errors
     from workflows.request_decoding import decode_request
     from workflows.result import RunResult, Usage
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
+    from workflows.session_questions import not_run, question_caps
     from workflows.session_history import (
         HISTORY_BUDGET_BYTES,
         ask_history_bytes,
@@ -245,11 +240,11 @@ class RLMSession:
         child_id = f"{workflow.info().workflow_id}/q{number}"
         if self._cancel_reason is None and self._unrecorded:  # an earlier answer whose cell failed
             await self._record(f"q{number}p")
-        caps = self._question_caps(ask, child_id) if self._cancel_reason is None else None
+        caps = question_caps(ask, self._req.question_caps, self._ledger, child_id) if self._cancel_reason is None else None
         if caps is None:  # accepted before a cancel: not run
-            result = _not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
+            result = not_run(child_id, f"the session was cancelled: {self._cancel_reason}", status="cancelled")
         elif isinstance(caps, Refusal):
-            result = _not_run(child_id, f"session budget: {caps.message}")
+            result = not_run(child_id, f"session budget: {caps.message}")
         else:
             result = await self._run_question(ask, number, child_id, caps)
         self._recent = (self._recent + [
@@ -261,22 +256,6 @@ class RLMSession:
             await self._record(f"q{number}r")
         self._show()
         return result
-
-    def _question_caps(self, ask: AskRequest, child_id: str) -> Caps | Refusal:
-        """The question's caps, its money caps bounded by what the session has left."""
-        mine = ask.caps_over(self._req.question_caps)
-        grant = self._ledger.child_grant(child_id, workflow.now())
-        if isinstance(grant, Refusal):
-            return grant
-        bounded: dict[str, Any] = {}
-        for dim in ("usd", "tokens", "calls"):
-            own, left = getattr(mine, f"max_{dim}"), getattr(grant, f"max_{dim}")
-            cap = left if own is None else own if left is None else min(own, left)
-            # A session's money caps are not bounded as a run's are: a question
-            # gets at most what a run may have (more is no limit anyway).
-            bound = REQUEST_CAP_BOUNDS[f"max_{dim}"]
-            bounded[f"max_{dim}"] = None if cap is None else min(cap, type(cap)(bound))
-        return mine.model_copy(update=bounded)
 
     async def _run_question(self, ask: AskRequest, number: int, child_id: str, caps: Caps) -> RunResult:
         assert self._context is not None
@@ -297,7 +276,7 @@ class RLMSession:
             if not workflow.patched(SETTLE_UNSTARTED_QUESTION_PATCH):
                 raise
             self._ledger.child_settle(child_id, Spend())
-            return _not_run(child_id, f"the question's run could not start: {validation_errors(exc)}", status="failed")
+            return not_run(child_id, f"the question's run could not start: {validation_errors(exc)}", status="failed")
         try:
             self._question = await workflow.start_child_workflow(
                 names.WORKFLOW_RLM_RUN,
@@ -318,7 +297,7 @@ class RLMSession:
             # slice is all the session had left; unlimited dimensions count 0).
             most = Spend(usd=caps.max_usd or 0.0, tokens=caps.max_tokens or 0, calls=caps.max_calls or 0)
             self._ledger.child_settle(child_id, most)
-            return _not_run(child_id, f"the question's run failed: {error_text(exc)}", status="failed")
+            return not_run(child_id, f"the question's run failed: {error_text(exc)}", status="failed")
         finally:
             self._question = None
         self._ledger.child_settle(child_id, result.spend)
@@ -418,22 +397,3 @@ class RLMSession:
             f"**session** {state} · {self._asked} question(s) · "
             f"spent ${spent.usd:.4f}, {spent.tokens:,} tokens, {spent.calls} calls"
         )
-
-
-
-def _not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> RunResult:
-    """The result of a question whose run did not start or did not report."""
-    session_id = workflow.info().workflow_id
-    return RunResult(
-        answer=None,
-        status=status,  # type: ignore[arg-type]
-        reason=clip_noting_length(reason, ERROR_CHARS),
-        turns=0,
-        spend=Spend(),
-        usage=Usage(),
-        workflow_id=workflow_id,
-        run_id="",
-        root_workflow_id=session_id,
-        depth=0,
-    )
-
