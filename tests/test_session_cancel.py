@@ -6,10 +6,12 @@ models scripted through litellm."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -52,6 +54,19 @@ def test_a_session_cancelled_by_temporal_answers_the_question_it_was_answering(s
     assert isinstance(ended.cause, CancelledError), ended.cause
 
 
+
+@contextlib.asynccontextmanager
+async def _question_starts_outlast_cancels(s, llm) -> AsyncIterator[Client]:
+    """A real worker whose sessions get their question's run only once their
+    cancel came (tests/session_start_race.py)."""
+    client = await connect(s)
+    worker, pool = build_worker(client, s, models=fake_registry(llm), interceptors=[QuestionStartOutlastsCancel()])
+    try:
+        async with worker:
+            yield client
+    finally:
+        pool.close()
+
 def test_a_session_cancelled_while_its_question_run_starts_cancels_that_run(settings, llm, context_store):
     """A cancel that lands while the question's run is being started finds
     no run to signal (an interceptor makes that window last until the cancel
@@ -62,19 +77,14 @@ def test_a_session_cancelled_while_its_question_run_starts_cancels_that_run(sett
     s = isolated(settings)
 
     async def go():
-        client = await connect(s)
-        worker, pool = build_worker(client, s, models=fake_registry(llm), interceptors=[QuestionStartOutlastsCancel()])
-        try:
-            async with worker:
-                handle = await start_session(client, s, session_request(context_store.put_value("abc")))
-                one = asyncio.ensure_future(ask(handle, "first?"))
-                await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
-                await handle.signal(SIGNAL_CANCEL, "user stop")
-                # Its held model call is closed: the run was cancelled, not left to finish.
-                await asyncio.to_thread(llm.wait_abandoned, 1, 60)
-                return await asyncio.wait_for(one, TIMEOUT_S)
-        finally:
-            pool.close()
+        async with _question_starts_outlast_cancels(s, llm) as client:
+            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            # Its held model call is closed: the run was cancelled, not left to finish.
+            await asyncio.to_thread(llm.wait_abandoned, 1, 60)
+            return await asyncio.wait_for(one, TIMEOUT_S)
 
     try:
         first = asyncio.run(go())
@@ -91,18 +101,13 @@ def test_a_session_cancelled_while_a_question_run_starts_that_ends_at_once_answe
     s = isolated(settings)
 
     async def go():
-        client = await connect(s)
-        worker, pool = build_worker(client, s, models=fake_registry(llm), interceptors=[QuestionStartOutlastsCancel()])
-        try:
-            async with worker:
-                handle = await start_session(client, s, session_request(context_store.put_value("abc")))
-                one = asyncio.ensure_future(ask(handle, "first?", max_tokens=10))
-                run = client.get_workflow_handle(f"{handle.id}/q1", result_type=RunResult)
-                ended = await asyncio.wait_for(_once_it_exists(run.result), TIMEOUT_S)
-                await handle.signal(SIGNAL_CANCEL, "user stop")
-                return ended, await asyncio.wait_for(one, TIMEOUT_S)
-        finally:
-            pool.close()
+        async with _question_starts_outlast_cancels(s, llm) as client:
+            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+            one = asyncio.ensure_future(ask(handle, "first?", max_tokens=10))
+            run = client.get_workflow_handle(f"{handle.id}/q1", result_type=RunResult)
+            ended = await asyncio.wait_for(_once_it_exists(run.result), TIMEOUT_S)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            return ended, await asyncio.wait_for(one, TIMEOUT_S)
 
     ended, first = asyncio.run(go())
     assert ended.status == "budget_exhausted", ended
