@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -249,14 +249,18 @@ def check_tool_names(value: list[str]) -> list[str]:
     return value
 
 
-def parse_request(value: Any) -> RunRequest | str:
-    """The request, or why it is not one: every invalid field with its message."""
-    if isinstance(value, RunRequest):
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def parse_request(value: Any, model: type[Request] = RunRequest) -> Request | str:  # type: ignore[assignment]
+    """The request (a RunRequest, or `model`: a session's), or why it is
+    not one: every invalid field with its message."""
+    if isinstance(value, model):
         return value
     try:
-        return RunRequest.model_validate(value)
+        return model.model_validate(value)
     except ValidationError as exc:
-        return "invalid RunRequest: " + validation_errors(exc)
+        return f"invalid {model.__name__}: " + validation_errors(exc)
 
 
 def without_unknown_fields(model: type[BaseModel], value: Any) -> tuple[BaseModel, str] | None:

@@ -3,15 +3,10 @@ request, or why it is not one. One decoder for `RLMRun` and `RLMSession`."""
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from pydantic import BaseModel, ValidationError
 from temporalio import workflow
 from temporalio.common import RawValue
 
-from workflows.request import not_json_problem, validation_errors, without_unknown_fields
-
-Request = TypeVar("Request", bound=BaseModel)
+from workflows.request import Request, not_json_problem, parse_request, without_unknown_fields
 
 
 def decode_request(raw: RawValue, model: type[Request]) -> tuple[Request | str, str | None]:
@@ -24,9 +19,7 @@ def decode_request(raw: RawValue, model: type[Request]) -> tuple[Request | str, 
         value = workflow.payload_converter().from_payload(raw.payload)
     except Exception as exc:  # any encoding a JSON caller could not mean
         return not_json_problem(what, exc), None
-    try:
-        return model.model_validate(value), None
-    except ValidationError as exc:
-        if (dropped := without_unknown_fields(model, value)) is not None:
-            return dropped[0], f"invalid {what}: {dropped[1]}"  # type: ignore[return-value]
-        return f"invalid {what}: " + validation_errors(exc), None
+    request = parse_request(value, model)
+    if isinstance(request, str) and (dropped := without_unknown_fields(model, value)) is not None:
+        return dropped[0], f"invalid {what}: {dropped[1]}"  # type: ignore[return-value]
+    return request, None

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.result import ANSWER_INLINE_BYTES, RunResult, RunStatus, Usage, bounded_tree
     from workflows.run_state import RunState
     from workflows.refs import ContextRef
-    from workflows.step_common import ERROR_CHARS, error_text, is_cancellation
+    from workflows.step_common import ERROR_CHARS, error_text, raise_if_cancelled
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.steps import (
         ResolveModelsInput,
@@ -160,8 +160,7 @@ class RLMRun:
             # Checked once per chain: a run naming a tool no worker has fails now.
             tool_specs = await self._resolve_tools() if request.tools and not request.resume else []
         except FailureError as exc:
-            if is_cancellation(exc) and workflow.patched(EARLY_CANCEL_PATCH):
-                raise asyncio.CancelledError() from exc  # run() ends it `cancelled`
+            raise_if_cancelled(exc, EARLY_CANCEL_PATCH)  # run() ends it `cancelled`
             # A local activity's failure arrives as itself (an ApplicationError,
             # a timeout), an activity's wrapped in an ActivityError.
             cause = exc.cause if isinstance(exc, ActivityError) else exc
@@ -181,8 +180,7 @@ class RLMRun:
             try:
                 ref = await self._ingest_context()
             except FailureError as exc:
-                if is_cancellation(exc) and workflow.patched(EARLY_CANCEL_PATCH):
-                    raise asyncio.CancelledError() from exc  # run() ends it `cancelled`
+                raise_if_cancelled(exc, EARLY_CANCEL_PATCH)  # run() ends it `cancelled`
                 return self._result("failed", failure_message(exc), None)
             # From here on (turns, sub-calls, continue-as-new) the context is a ref.
             request = self._req = request.model_copy(update={"context": ref})

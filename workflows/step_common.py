@@ -38,10 +38,12 @@ def is_cancellation(exc: FailureError) -> bool:
     return isinstance(exc, CancelledError) or isinstance(exc.cause, CancelledError)
 
 
-def raise_if_cancelled(exc: ActivityError | ChildWorkflowError) -> None:
+def raise_if_cancelled(exc: FailureError, patch: str | None = None) -> None:
     """A step that failed because this run is being cancelled ends the run,
-    it is not an error to report to the model."""
-    if is_cancellation(exc):
+    it is not an error to report to the model. `patch`: where this check came
+    later than the step, the patch that gates it (histories from before it
+    replay as they ran)."""
+    if is_cancellation(exc) and (patch is None or workflow.patched(patch)):
         raise asyncio.CancelledError() from exc
 
 
