@@ -138,7 +138,7 @@ class SessionClient:
                     raise RunError(f"session {session_id}: {_cause(exc)}; reading it: {again}") from None
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:
-            raise RunError(f"session {session_id} is not open: {exc}") from None
+            raise RunError(f"session {session_id} is not open: {await _why_ended(handle) or exc}") from None
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -182,6 +182,22 @@ class SessionClient:
                 await asyncio.sleep(0.5)
 
 
+async def _why_ended(handle: WorkflowHandle) -> str | None:
+    """How a session that refused an ask ended (closed, cancelled, failed and
+    why), or None when it has not ended."""
+    from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+
+    try:
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            return None
+        await handle.result()
+    except WorkflowFailureError as exc:
+        return f"it ended: {_cause(exc)}"
+    except Exception:  # noqa: BLE001 - the refusal's own message stands
+        return None
+    return "it was closed; start a new session"
+
+
 def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
     """The run that answered an ask refused as answered already, or None."""
     from temporalio.exceptions import ApplicationError
@@ -192,7 +208,7 @@ def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
     return None
 
 
-def _cause(exc: WorkflowUpdateFailedError) -> str:
+def _cause(exc: Exception) -> str:
     cause = exc.cause
     while getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[union-attr]

@@ -315,3 +315,63 @@ def test_a_run_cancelled_by_temporal_while_its_sub_calls_stop_keeps_its_answer(s
     assert (result.status, result.answer) == ("completed", "done"), result
     assert status == "completed"
 
+
+
+class _AContextThatCannotBeStored:
+    """The session's ingest step as a fake under the real name: it fails, as
+    for a URI naming no object, once the test has its ask accepted."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self.fail = asyncio.Event()
+
+    @activity.defn(name=ACTIVITY_INGEST_CONTEXT)
+    async def ingest_context(self, inp: IngestContextInput) -> ContextRef:
+        from temporalio.exceptions import ApplicationError
+
+        self.reached.set()
+        await self.fail.wait()
+        raise ApplicationError("context.uri: s3://audits/q3.txt: no such object", type="InvalidContext", non_retryable=True)
+
+
+def test_asks_waiting_for_a_context_that_cannot_be_stored_are_told_why(settings):
+    """A session whose context cannot be stored (a URI naming nothing, sent by
+    another service) fails `InvalidContext`; an ask accepted while it was
+    being stored is told why (it was cut off: "workflow completed before the
+    update"), and so is an ask sent after the session ended (it read "not
+    open: workflow execution already completed")."""
+    from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+
+    from cli._run_client import RunClient, RunError
+    from cli._session_client import SessionClient
+    from tests.session_harness import session_request, start_session
+    from workflows.names import UPDATE_ASK
+    from workflows.result import RunResult
+    from workflows.session import RLMSession
+    from workflows.session_models import AskRequest
+
+    s = isolated(settings)
+    steps = _AContextThatCannotBeStored()
+
+    async def go():
+        client = await connect(s)
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=[steps.ingest_context]):
+            handle = await start_session(client, s, session_request("an inline context the fake cannot store"))
+            await asyncio.wait_for(steps.reached.wait(), 60)
+            waiting = await handle.start_update(
+                UPDATE_ASK, AskRequest(question="q?"), wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=RunResult
+            )
+            steps.fail.set()
+            with pytest.raises(WorkflowUpdateFailedError) as asked:
+                await asyncio.wait_for(waiting.result(), 60)
+            with pytest.raises(WorkflowFailureError) as ended:
+                await asyncio.wait_for(handle.result(), 60)
+            with pytest.raises(RunError) as later:
+                await SessionClient(RunClient(s, client, progress=None)).ask(handle.id, "and now?")
+            return asked.value, ended.value, later.value
+
+    asked, ended, later = asyncio.run(go())
+    assert "could not store its context: context.uri: s3://audits/q3.txt: no such object" in asked.cause.message, asked.cause
+    assert asked.cause.type == "InvalidContext"
+    assert ended.cause.type == "InvalidContext", ended.cause
+    assert "s3://audits/q3.txt: no such object" in str(later), later

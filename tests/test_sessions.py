@@ -13,6 +13,8 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.service import RPCError
 
+from cli._run_client import RunClient, RunError
+from cli._session_client import SessionClient
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, isolated, repl, running_worker, worker_and_pool
 from tests.session_harness import TIMEOUT_S, ask, asked, close, first_and_second, session_request, start_session, summary
@@ -238,14 +240,17 @@ def test_close_waits_for_the_running_ask_and_refuses_later_ones(settings, llm, c
             final = await handle.result()
             with pytest.raises(RPCError):  # the session has ended
                 await ask(handle, "third?")
-            return first, refused.value, closed, final
+            with pytest.raises(RunError) as later:  # our client says how
+                await SessionClient(RunClient(s, client, progress=None)).ask(handle.id, "fourth?")
+            return first, refused.value, closed, final, later.value
 
     try:
-        first, refused, closed, final = asyncio.run(go())
+        first, refused, closed, final, later = asyncio.run(go())
     finally:
         held.set()
     assert first.answer == "12"
     assert "is closed" in str(refused.cause)
+    assert "is not open: it was closed; start a new session" in str(later), later
     assert closed.state == "closed" and closed.questions == 1
     assert final.state == "closed" and final.questions == 1
 

@@ -47,6 +47,14 @@ with workflow.unsafe.imports_passed_through():
     from workflows.result import RunResult, Usage
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
+    from workflows.session_patches import (
+        CANCEL_STARTING_QUESTION_PATCH,
+        INGEST_CANCEL_PATCH,
+        INGEST_FAILURE_PATCH,
+        LATE_CANCEL_PATCH,
+        SETTLE_UNSTARTED_QUESTION_PATCH,
+        TEMPORAL_CANCEL_PATCH,
+    )
     from workflows.session_questions import not_run, question_caps
     from workflows.session_history import (
         HISTORY_BUDGET_BYTES,
@@ -70,26 +78,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.summaries import MAX_SUMMARY_CHARS, run_static_details
     from workflows.summaries import clip
 
-# Sessions started since these patches give back the budget held for a
-# question whose run could not start, and survive a cancel that reaches a
-# question's run after it ended (both used to fail the session's update or
-# the session itself); older histories replay as they ran.
-SETTLE_UNSTARTED_QUESTION_PATCH = "settle-unstarted-question"
-LATE_CANCEL_PATCH = "survive-late-question-cancel"
-# Sessions started since this patch end a Temporal cancel that lands while
-# their context is stored as cancelled (as one landing later does), not as
-# failed with `InvalidContext: Cancelled`.
-INGEST_CANCEL_PATCH = "cancel-while-storing-the-context"
-# Sessions started since this patch meet a Temporal cancel as the `cancel`
-# signal first (the question being answered is cancelled, its ask answered
-# `cancelled`; asks waiting for the context being stored answered `cancelled`
-# too), then end cancelled; older ones replay as they ended (at once: the ask
-# failed, its run went on until Temporal cancelled it).
-TEMPORAL_CANCEL_PATCH = "temporal-cancel-as-the-signal"
-# Sessions started since this patch cancel a question's run that was starting
-# when the session's cancel came (the cancel found no run to signal, and the
-# question ran to its end); older ones replay as they ran.
-CANCEL_STARTING_QUESTION_PATCH = "cancel-the-question-run-that-was-starting"
 # The cell that appends to `session_history` runs no model code: a few seconds at most.
 RECORD_CELL_TIMEOUT = timedelta(minutes=5)
 
@@ -123,6 +111,7 @@ class RLMSession:
         self._cancel_reason: str | None = None
         self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
         self._no_context = False  # cancelled while the context was stored: the asks waiting for it end
+        self._context_problem: str | None = None  # why the context could not be stored: asks are told
         self._waiting_bytes = 0  # what the asks accepted and not yet answered may add to the history
 
     def _new_ledger(self) -> Ledger:
@@ -150,7 +139,11 @@ class RLMSession:
                         self._no_context = True
                         await self._answer_asks_cancelled()
                     raise asyncio.CancelledError() from exc
-                raise ApplicationError(failure_message(exc), type="InvalidContext", non_retryable=True) from None
+                problem = failure_message(exc)
+                if workflow.patched(INGEST_FAILURE_PATCH):
+                    self._context_problem = problem
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                raise ApplicationError(problem, type="InvalidContext", non_retryable=True) from None
         self._show()
         try:
             while True:
@@ -200,7 +193,11 @@ class RLMSession:
         self._waiting_bytes += held
         try:
             async with self._asking:  # a second ask waits for the first
-                await workflow.wait_condition(lambda: self._context is not None or self._no_context)
+                await workflow.wait_condition(
+                    lambda: self._context is not None or self._no_context or self._context_problem is not None
+                )
+                if self._context_problem is not None:
+                    raise ApplicationError(self._no_context_message(), type="InvalidContext", non_retryable=True)
                 return await self._answer(ask, workflow.current_update_info().id)  # type: ignore[union-attr]
         finally:
             self._waiting_bytes -= held
@@ -211,6 +208,8 @@ class RLMSession:
             raise ValueError(f"session {workflow.info().workflow_id} is closed: start a new session")
         if self._invalid is not None:
             raise ValueError(self._invalid)
+        if self._context_problem is not None:
+            raise ValueError(self._no_context_message())
         if problem := ask.unknown_fields_problem():
             raise ValueError(problem)
         # Sent again under the id of an ask answered before the session continued
@@ -232,6 +231,9 @@ class RLMSession:
                 f"session {workflow.info().workflow_id} has too many questions waiting for its history: "
                 "ask again once they are answered"
             )
+
+    def _no_context_message(self) -> str:
+        return f"session {workflow.info().workflow_id} could not store its context: {self._context_problem}"
 
     async def _answer(self, ask: AskRequest, ask_id: str) -> RunResult:
         self._asked += 1
