@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from activities.settings import Settings
@@ -148,8 +148,9 @@ class SessionClient:
 
     async def close(self, session_id: str) -> SessionSummary:
         handle = self._handle(session_id)
+        closed: SessionSummary | None = None
         try:
-            await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
+            closed = await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
         except WorkflowUpdateFailedError as exc:
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError:
@@ -158,8 +159,10 @@ class SessionClient:
             return await handle.result()
         except RPCError as exc:
             raise RunError(f"session {session_id}: {exc}") from None
-        except Exception as exc:
-            raise RunError(f"session {session_id} ended without a summary: {exc}") from None
+        except WorkflowFailureError as exc:
+            if closed is not None:  # a cancel overtook the close, which had its summary
+                return closed
+            raise RunError(f"session {session_id} ended without a summary: {_ended_how(exc)}") from None
 
     async def summary(self, session_id: str) -> SessionSummary:
         handle = self._handle(session_id)
@@ -185,17 +188,27 @@ class SessionClient:
 async def _why_ended(handle: WorkflowHandle) -> str | None:
     """How a session that refused an ask ended (closed, cancelled, failed and
     why), or None when it has not ended."""
-    from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+    from temporalio.client import WorkflowExecutionStatus
 
     try:
         if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
             return None
         await handle.result()
     except WorkflowFailureError as exc:
-        return f"it ended: {_cause(exc)}"
+        return _ended_how(exc)
     except Exception:  # noqa: BLE001 - the refusal's own message stands
         return None
     return "it was closed; start a new session"
+
+
+def _ended_how(exc: WorkflowFailureError) -> str:
+    from temporalio.exceptions import CancelledError, TerminatedError
+
+    if isinstance(exc.cause, CancelledError):
+        return "it was cancelled"
+    if isinstance(exc.cause, TerminatedError):
+        return f"it was terminated: {_cause(exc)}"
+    return f"it ended: {_cause(exc)}"
 
 
 def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:

@@ -124,3 +124,42 @@ async def _once_it_exists(call):
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
         await asyncio.sleep(0.2)  # polling for an observed fact (the run exists), not a fixed wait
+
+
+def test_a_close_that_a_temporal_cancel_overtakes_returns_the_summary(settings, llm, context_store):
+    """`rlm session close` waits for the question being answered; a Temporal
+    cancel (the UI's Cancel) landing meanwhile cancels that question and
+    ends the session cancelled. The close still returns the session's
+    summary (its update did); it said "ended without a summary". A close
+    sent after such an end says the session was cancelled."""
+    from cli._run_client import RunClient, RunError
+    from cli._session_client import SessionClient
+    from tests.session_harness import summary
+
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            sessions = SessionClient(RunClient(s, client, progress=None))
+            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+            one = asyncio.ensure_future(ask(handle, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            closing = asyncio.ensure_future(sessions.close(handle.id))
+            while (await summary(handle)).state != "closed":  # the close was accepted
+                await asyncio.sleep(0.05)
+            await handle.cancel()
+            first = await asyncio.wait_for(one, TIMEOUT_S)
+            closed = await asyncio.wait_for(closing, TIMEOUT_S)
+            with pytest.raises(RunError) as again:
+                await sessions.close(handle.id)
+            return first, closed, again.value
+
+    try:
+        first, closed, again = asyncio.run(go())
+    finally:
+        held.set()
+    assert first.status == "cancelled", first
+    assert closed.state == "closed" and closed.questions == 1, closed
+    assert "was cancelled" in str(again), again
