@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from activities.settings import Settings
@@ -96,7 +97,7 @@ async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, 
     try:
         while True:
             try:
-                event = await asyncio.to_thread(http.close_event, workflow_id)
+                event = await _in_daemon_thread(http.close_event, workflow_id)
             except HttpApiError as exc:
                 if not exc.transient:
                     raise RunError(f"cannot read run {workflow_id}: {exc}") from None
@@ -120,6 +121,36 @@ async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, 
     from workflows.result import RunResult
 
     return checked_result(RunResult.model_validate(value))
+
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread of its own. For the long poll (up to
+    ~20 s): `asyncio.run` joins its executor's threads on the way out, so
+    after Ctrl-C the command sat until the poll returned."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.done():  # the waiter was cancelled
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        try:
+            value, exc = fn(*args), None
+        except BaseException as error:  # noqa: BLE001 - handed to the waiter
+            value, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, value, exc)
+
+    threading.Thread(target=target, name="rlm-long-poll", daemon=True).start()
+    return await future
 
 
 async def _watch(http: TemporalHttp, workflow_id: str, progress: ProgressPrinter) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,12 +176,16 @@ class RunClient:
             await self.start(request, opts.workflow_id)
         return opts.workflow_id
 
-    async def run(self, opts: RunOptions) -> RunResult:
+    async def run(self, opts: RunOptions, on_started: Callable[[str], None] | None = None) -> RunResult:
+        """Start the run and wait for its result; `on_started(run id)` once it
+        is started (from then on it runs whether or not this client waits)."""
         request = await asyncio.to_thread(self.build_request, opts)
         if self.http is not None:
             await self._start_http(self.http, request, opts.workflow_id)
         else:
             handle = await self.start(request, opts.workflow_id)
+        if on_started is not None:
+            on_started(opts.workflow_id)
         if self.progress:
             self.progress.note(f"run {opts.workflow_id}: {self.ui_link(opts.workflow_id)}")
         if self.http is not None:

@@ -139,15 +139,28 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     opts = _options(args)
     checked_options(opts)  # refused before any service or worker starts
 
+    started: list[str] = []
+
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
-        result = await client.run(opts)
+        result = await client.run(opts, on_started=started.append)
         print_result(result, client.ui_link(result.workflow_id), as_json=args.json, settings=settings)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
         return 0 if result.status == "completed" and typed_ok else 3
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        if not started:
+            raise
+        # Ctrl-C stops this command, not the durable run it started.
+        run_id = started[0]
+        sys.stderr.write(
+            f"\ninterrupted: run {run_id} goes on (`rlm result {run_id}` waits for its answer, "
+            f"`rlm cancel {run_id}` stops it)\n"
+        )
+        return 130
 
 
 def _cmd_submit(args: argparse.Namespace, settings) -> int:

@@ -155,3 +155,45 @@ def test_a_money_cap_over_a_model_with_no_price_is_refused(llm, monkeypatch):
     assert refusal(Caps(max_usd=1.0), usd_per_input_token=0.0, usd_per_output_token=0.0) is None  # free, said so
     assert refusal(Caps(max_usd=1.0), usd_per_output_token=None) is not None  # half a price is none
     assert refusal(Caps(max_tokens=10_000), **unpriced) is None  # no money cap to miss
+
+
+def test_ctrl_c_while_rlm_run_waits_leaves_the_run_going_and_says_so(s, llm, tmp_path):
+    """Ctrl-C while `rlm run` waits for the answer stops the command, not the
+    run (it is durable): the command says so and how to read or cancel it,
+    and exits at once (it said only "interrupted", after sitting ~20 s until
+    its long poll for the run's end returned)."""
+    import signal
+    import threading
+
+    from activities.temporal_client import connect
+    from temporalio.client import WorkflowExecutionStatus
+
+    held = threading.Event()
+    rule = llm.add_rule("Turn 1 of", repl("print(1)"), model=ROOT, hold=held)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("abc")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", "q", "--context", str(doc), "--model", ROOT, "--id", "cli-ctrl-c-1"],
+        env=rlm_env(s, llm.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        llm.wait_for_count(1, rule, 120)  # the run is under way: its first turn waits on the model
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)  # the old exit took ~20 s
+    finally:
+        held.set()
+        proc.kill()
+
+    async def status():
+        client = await connect(s)
+        handle = client.get_workflow_handle("cli-ctrl-c-1")
+        found = (await handle.describe()).status
+        await handle.cancel()
+        return found
+
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "run cli-ctrl-c-1 goes on" in err and "rlm result cli-ctrl-c-1" in err and "rlm cancel cli-ctrl-c-1" in err, err[-2000:]
+    import asyncio
+
+    assert asyncio.run(status()) == WorkflowExecutionStatus.RUNNING
