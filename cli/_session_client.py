@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.service import RPCError
 
 from activities.settings import Settings
@@ -139,6 +144,16 @@ class SessionClient:
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:
             raise RunError(f"session {session_id} is not open: {await _why_ended(handle) or exc}") from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Ctrl-C: the SDK turns the cancel into this error, which would
+                # escape as a traceback instead of a KeyboardInterrupt.
+                raise asyncio.CancelledError() from None
+            raise RunError(
+                f"session {session_id}: no answer from Temporal in time; the same ask with its key "
+                f"(`--ask-id {ask_id}`) waits for the answer without asking again"
+            ) from None
         finally:
             if watcher is not None:
                 watcher.cancel()

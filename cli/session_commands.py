@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:  # the session client pulls in temporalio and minio: import it
     from workflows.session_models import SessionSummary
 
 __all__ = ["register"]
+
+# An ask's key is its update id in the session's history.
+MAX_ASK_ID_CHARS = 200
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
                      help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
     ask.add_argument("--json", action="store_true", help="print the question's RunResult as JSON")
+    ask.add_argument("--ask-id", default=None, metavar="KEY",
+                     help="idempotency key: the same command with the same key waits for the first answer "
+                          "instead of asking again (for the session's last 50 questions)")
     ask.set_defaults(handler=_cmd_ask)
 
     close = commands.add_parser("close", help="close a session and print its totals")
@@ -129,11 +136,12 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
     }
 
     schema = answer_schema_from_file(args.answer_schema)
+    ask_id = _checked_ask_id(args.ask_id) if args.ask_id is not None else f"ask-{uuid.uuid4().hex}"
 
     async def go() -> int:
         client = await _open(settings)
         given = {k: v for k, v in caps.items() if v is not None}
-        result = await client.ask(args.session_id, args.question, given, answer_schema=schema)
+        result = await client.ask(args.session_id, args.question, given, answer_schema=schema, ask_id=ask_id)
         print_result(result, client.ui_link(result.workflow_id), as_json=args.json, settings=settings)
         if not args.json:
             _print_totals(await client.summary(args.session_id))
@@ -141,7 +149,22 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
         typed_ok = schema is None or result.answer_value is not None
         return 0 if result.status == "completed" and typed_ok else 3
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        # Ctrl-C stops this command, not the session: a question it received is
+        # answered (and paid) anyway. Asking again would pay twice; the key does not.
+        sys.stderr.write(
+            f"\ninterrupted: if session {args.session_id} received the question it answers it anyway; "
+            f"the same command with `--ask-id {ask_id}` waits for that answer instead of asking again\n"
+        )
+        return 130
+
+
+def _checked_ask_id(key: str) -> str:
+    if not key or len(key) > MAX_ASK_ID_CHARS or not key.isprintable():
+        raise UserError(f"--ask-id: 1 to {MAX_ASK_ID_CHARS} printable characters, got {printable(key[:80])!r}")
+    return key
 
 
 def _cmd_close(args: argparse.Namespace, settings) -> int:
@@ -166,13 +189,14 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
     if args.session_id is None and not args.context:
         raise UserError("rlm chat needs --context PATH (a new session) or --session ID (an open one)")
 
-    async def go() -> int:
+    async def go(opened: list[str]) -> int:
         client = await _open(settings)
         if args.context:
             session_id = await client.start(_options(args))
         else:
             session_id = args.session_id
             await client.summary(session_id)  # says clearly when it does not exist
+        opened.append(session_id)
         print(f"session {session_id}: one question per line; Ctrl-D closes it", file=sys.stderr)
         while True:
             print("? ", end="", file=sys.stderr, flush=True)
@@ -193,7 +217,17 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
         _print_summary(await client.close(session_id), as_json=False)
         return 0
 
-    return asyncio.run(go())
+    opened: list[str] = []  # the session, once known
+    try:
+        return asyncio.run(go(opened))
+    except KeyboardInterrupt:
+        if not opened:
+            raise
+        sys.stderr.write(
+            f"\ninterrupted: session {opened[0]} stays open and answers a question it received "
+            f"(`rlm chat --session {opened[0]}` goes on with it, `rlm session close {opened[0]}` ends it)\n"
+        )
+        return 130
 
 
 def _print_totals(summary: SessionSummary) -> None:

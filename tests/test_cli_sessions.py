@@ -120,3 +120,73 @@ def test_session_bad_inputs_give_one_line_errors(s, llm, tmp_path):
         assert proc.returncode == 1, (args, proc.stderr[-2000:])
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_ctrl_c_during_an_ask_says_how_to_wait_for_its_answer_without_asking_again(s, llm, tmp_path):
+    """Ctrl-C while `rlm session ask` waits stops the command, not the session:
+    the question is answered (and paid) anyway. The command says so and
+    gives its key; the same command with `--ask-id KEY` then returns that
+    answer instead of asking (and paying) again. It said only "interrupted"."""
+    import signal
+    import threading
+
+    held = threading.Event()
+    turn = llm.add_rule(asked("first"), repl("words = context.split()\nprint('count', len(words))"), model=ROOT, hold=held)
+    llm.add_rule("count 3", "FINAL(3 words)", model=ROOT)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    start = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT, "--json")
+    assert start.returncode == 0, start.stderr[-3000:]
+    session_id = json.loads(start.stdout)["session_id"]
+    args = ["session", "ask", session_id, "first: how many words?", "--ask-id", "audit-q1"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=rlm_env(s, llm.url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        llm.wait_for_count(1, turn, 120)  # the question's run waits on the model
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        held.set()
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert f"session {session_id} received the question it answers it anyway" in err, err[-2000:]
+    assert "`--ask-id audit-q1`" in err, err[-2000:]
+
+    again = _rlm(s, llm.url, *args, "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["answer"] == "3 words" and result["workflow_id"] == f"{session_id}/q1", result
+    assert llm.count(turn) == 1  # asked once
+    show = _rlm(s, llm.url, "session", "show", session_id, "--json")
+    assert json.loads(show.stdout)["questions"] == 1
+
+    bad = _rlm(s, llm.url, "session", "ask", session_id, "q", "--ask-id", "")
+    assert bad.returncode == 1 and "--ask-id: 1 to 200 printable characters" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_ctrl_c_at_the_chat_prompt_leaves_at_once_and_the_session_open(s, llm, tmp_path):
+    """Ctrl-C while `rlm chat` waits for the next question ends the command
+    at once (the line being read must not hold it) and leaves the session open."""
+    import signal
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    start = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT, "--json")
+    assert start.returncode == 0, start.stderr[-3000:]
+    session_id = json.loads(start.stdout)["session_id"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "chat", "--session", session_id], env=rlm_env(s, llm.url),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "one question per line" not in seen:  # the chat is reading its first question
+            line = proc.stderr.readline()
+            assert line, seen
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)  # stdin stays open: a read must not hold the exit
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert f"session {session_id} stays open" in err and f"rlm chat --session {session_id}" in err, err[-2000:]
+    show = _rlm(s, llm.url, "session", "show", session_id, "--json")
+    assert json.loads(show.stdout)["state"] == "open"
