@@ -145,12 +145,7 @@ class SessionClient:
         except RPCError as exc:
             raise RunError(f"session {session_id} is not open: {await _why_ended(handle) or exc}") from None
         except WorkflowUpdateRPCTimeoutOrCancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Ctrl-C: the SDK turns the cancel into this error, which would
-                # escape as a traceback instead of a KeyboardInterrupt.
-                raise asyncio.CancelledError() from None
-            raise RunError(
+            raise _cancelled_or(
                 f"session {session_id}: no answer from Temporal in time; the same ask with its key "
                 f"(`--ask-id {ask_id}`) waits for the answer without asking again"
             ) from None
@@ -168,6 +163,8 @@ class SessionClient:
             closed = await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
         except WorkflowUpdateFailedError as exc:
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise _cancelled_or(f"session {session_id}: no answer from Temporal in time; close it again") from None
         except RPCError:
             pass  # ended before (closed): its result is the summary
         try:
@@ -214,6 +211,16 @@ async def _why_ended(handle: WorkflowHandle) -> str | None:
     except Exception:  # noqa: BLE001 - the refusal's own message stands
         return None
     return "it was closed; start a new session"
+
+
+def _cancelled_or(message: str) -> BaseException:
+    """What to raise for WorkflowUpdateRPCTimeoutOrCancelledError: the SDK
+    turns a Ctrl-C (this task cancelled) into it, which would escape as a
+    traceback instead of a KeyboardInterrupt; otherwise the call timed out."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return RunError(message)
 
 
 def _ended_how(exc: WorkflowFailureError) -> str:
