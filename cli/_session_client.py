@@ -141,6 +141,8 @@ class SessionClient:
                     return await self.client.get_workflow_handle(answered_by, result_type=RunResult).result()
                 except Exception as again:
                     raise RunError(f"session {session_id}: {_cause(exc)}; reading it: {again}") from None
+            if _cut_off(exc) and (why := await _why_ended(handle)):
+                raise RunError(f"session {session_id} ended before answering: {why}") from None
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:
             raise RunError(f"session {session_id} is not open: {await _why_ended(handle) or exc}") from None
@@ -162,7 +164,9 @@ class SessionClient:
         try:
             closed = await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
         except WorkflowUpdateFailedError as exc:
-            raise RunError(f"session {session_id}: {_cause(exc)}") from None
+            if not _cut_off(exc):
+                raise RunError(f"session {session_id}: {_cause(exc)}") from None
+            # The session ended (terminated) while the close waited: its result says how.
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             raise _cancelled_or(f"session {session_id}: no answer from Temporal in time; close it again") from None
         except RPCError:
@@ -172,7 +176,7 @@ class SessionClient:
         except RPCError as exc:
             raise RunError(f"session {session_id}: {exc}") from None
         except WorkflowFailureError as exc:
-            if closed is not None:  # a cancel overtook the close, which had its summary
+            if closed is not None and _ended_from_outside(exc):  # a cancel overtook the close, which had its summary
                 return closed
             raise RunError(f"session {session_id} ended without a summary: {_ended_how(exc)}") from None
 
@@ -223,6 +227,14 @@ def _cancelled_or(message: str) -> BaseException:
     return RunError(message)
 
 
+def _ended_from_outside(exc: WorkflowFailureError) -> bool:
+    """Cancelled or terminated, not failed on its own (a context that could
+    not be stored): a close that had its summary stands only then."""
+    from temporalio.exceptions import CancelledError, TerminatedError
+
+    return isinstance(exc.cause, (CancelledError, TerminatedError))
+
+
 def _ended_how(exc: WorkflowFailureError) -> str:
     from temporalio.exceptions import CancelledError, TerminatedError
 
@@ -231,6 +243,14 @@ def _ended_how(exc: WorkflowFailureError) -> str:
     if isinstance(exc.cause, TerminatedError):
         return f"it was terminated: {_cause(exc)}"
     return f"it ended: {_cause(exc)}"
+
+
+def _cut_off(exc: WorkflowUpdateFailedError) -> bool:
+    """An accepted ask or close that the session's end cut off (terminated,
+    timed out): the server's failure says only that the workflow completed."""
+    from temporalio.exceptions import ApplicationError
+
+    return isinstance(exc.cause, ApplicationError) and exc.cause.type == "AcceptedUpdateCompletedWorkflow"
 
 
 def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
@@ -243,7 +263,7 @@ def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
     return None
 
 
-def _cause(exc: Exception) -> str:
+def _cause(exc: WorkflowUpdateFailedError | WorkflowFailureError) -> str:
     cause = exc.cause
     while getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[union-attr]

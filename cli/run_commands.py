@@ -139,11 +139,12 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     opts = _options(args)
     checked_options(opts)  # refused before any service or worker starts
 
-    started: list[str] = []
+    going_on: list[str] = []  # the run, once started and until it ended
 
     async def go() -> int:
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr))
-        result = await client.run(opts, on_started=started.append)
+        result = await client.run(opts, on_started=going_on.append)
+        going_on.clear()  # a Ctrl-C while the result prints leaves no run going on
         print_result(result, client.ui_link(result.workflow_id), as_json=args.json, settings=settings)
         # A typed answer that never validated is no answer a program can read.
         typed_ok = args.answer_schema is None or result.answer_value is not None
@@ -152,10 +153,10 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
     try:
         return asyncio.run(go())
     except KeyboardInterrupt:
-        if not started:
+        if not going_on:
             raise
         # Ctrl-C stops this command, not the durable run it started.
-        run_id = started[0]
+        run_id = going_on[0]
         sys.stderr.write(
             f"\ninterrupted: run {run_id} goes on (`rlm result {run_id}` waits for its answer, "
             f"`rlm cancel {run_id}` stops it)\n"

@@ -375,3 +375,33 @@ def test_asks_waiting_for_a_context_that_cannot_be_stored_are_told_why(settings)
     assert asked.cause.type == "InvalidContext"
     assert ended.cause.type == "InvalidContext", ended.cause
     assert "s3://audits/q3.txt: no such object" in str(later), later
+
+
+def test_a_close_waiting_for_a_context_that_cannot_be_stored_says_why(settings):
+    """`rlm session close` sent while the context is stored: the context
+    cannot be stored, and the session fails `InvalidContext`. The close is
+    told so (it returned the summary its update gave, as if the session had
+    closed)."""
+    from cli._run_client import RunClient, RunError
+    from cli._session_client import SessionClient
+    from tests.session_harness import session_request, start_session, summary
+    from workflows.session import RLMSession
+
+    s = isolated(settings)
+    steps = _AContextThatCannotBeStored()
+
+    async def go():
+        client = await connect(s)
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=[steps.ingest_context]):
+            handle = await start_session(client, s, session_request("an inline context the fake cannot store"))
+            await asyncio.wait_for(steps.reached.wait(), 60)
+            closing = asyncio.ensure_future(SessionClient(RunClient(s, client, progress=None)).close(handle.id))
+            while (await summary(handle)).state != "closed":  # the close was accepted
+                await asyncio.sleep(0.05)
+            steps.fail.set()
+            with pytest.raises(RunError) as told:
+                await asyncio.wait_for(closing, 60)
+            return told.value
+
+    told = asyncio.run(go())
+    assert "s3://audits/q3.txt: no such object" in str(told), told

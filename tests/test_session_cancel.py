@@ -163,3 +163,42 @@ def test_a_close_that_a_temporal_cancel_overtakes_returns_the_summary(settings, 
     assert first.status == "cancelled", first
     assert closed.state == "closed" and closed.questions == 1, closed
     assert "was cancelled" in str(again), again
+
+
+def test_an_ask_and_a_close_cut_off_by_a_terminate_say_the_session_was_terminated(settings, llm, context_store):
+    """An ask answering and a close waiting for it when the session is
+    terminated (`temporal workflow terminate`, or the server past a limit):
+    our client says the session was terminated and why, as it does for an
+    ask sent after that end (it said "the Workflow completed before the
+    Update completed")."""
+    from cli._run_client import RunClient, RunError
+    from cli._session_client import SessionClient
+    from tests.session_harness import summary
+
+    held = threading.Event()
+    rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            sessions = SessionClient(RunClient(s, client, progress=None))
+            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+            one = asyncio.ensure_future(sessions.ask(handle.id, "first?"))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+            closing = asyncio.ensure_future(sessions.close(handle.id))
+            while (await summary(handle)).state != "closed":  # the close was accepted
+                await asyncio.sleep(0.05)
+            await handle.terminate(reason="operator stop")
+            errors = []
+            for waiting in (one, closing):
+                with pytest.raises(RunError) as cut:
+                    await asyncio.wait_for(waiting, TIMEOUT_S)
+                errors.append(str(cut.value))
+            return errors
+
+    try:
+        asked_error, close_error = asyncio.run(go())
+    finally:
+        held.set()
+    assert "terminated: operator stop" in asked_error, asked_error
+    assert "terminated: operator stop" in close_error, close_error
