@@ -34,6 +34,7 @@ from workflows.names import (
 )
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
+from workflows.session_questions import ask_id_reused
 from workflows.summaries import clip
 
 # How long an ask refused for now (others waiting hold the session's in-flight
@@ -127,13 +128,17 @@ class SessionClient:
             raise RunError(f"ask: {exc}") from None
         handle = self._handle(session_id)
         watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
+        keyed = ask_id is not None
         try:
             # One id for every send: an ask the server refused for now (RESOURCE_EXHAUSTED:
             # others waiting hold its in-flight update payloads) is sent again, never run twice.
             ask_id = ask_id or f"ask-{uuid.uuid4().hex}"
-            return await until_admitted(
+            result = await until_admitted(
                 lambda: handle.execute_update(UPDATE_ASK, ask, id=ask_id, result_type=RunResult), ASK_ADMIT_WAIT_S
             )
+            if keyed:  # Temporal answers an id sent again with its first outcome, whatever was asked
+                await _check_same_question(handle, ask_id, question)
+            return result
         except WorkflowUpdateFailedError as exc:
             if (answered_by := _answered_by(exc)) is not None:
                 # Sent again after the session continued as new: the run that answered it holds the answer.
@@ -215,6 +220,19 @@ async def _why_ended(handle: WorkflowHandle) -> str | None:
     except Exception:  # noqa: BLE001 - the refusal's own message stands
         return None
     return "it was closed; start a new session"
+
+
+async def _check_same_question(handle: WorkflowHandle, ask_id: str, question: str) -> None:
+    """Refuse an answer Temporal gave from an earlier ask under the same id
+    that asked something else (the session's validator refuses that once it
+    continued as new; within one run the server answers without asking it)."""
+    try:
+        summary: SessionSummary = await handle.query(QUERY_SESSION, result_type=SessionSummary)
+    except RPCError:
+        return  # ended meanwhile: nothing to check against
+    done = next((r for r in summary.recent if r.ask_id == ask_id), None)
+    if done is not None and not done.asks(question):
+        raise RunError(f"session {handle.id}: {ask_id_reused(ask_id, done)}")
 
 
 def _cancelled_or(message: str) -> BaseException:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
@@ -145,3 +147,41 @@ def test_an_ask_sent_again_under_its_id_after_the_session_continued_as_new_is_no
     assert llm.count("first") == first.turns  # no model call for it since
     assert second.answer == "1", second.reason  # session_history holds the first question once
     assert closed.questions == 2
+
+
+def test_an_ask_id_reused_for_another_question_is_refused_not_answered_with_the_first(settings, llm, context_store):
+    """An ask id is an idempotency key: sent again with *another* question
+    (a script that reuses its key by mistake), Temporal would answer it with
+    the first question's result within one run of the session, and the
+    session's record would after it continued as new. Both are refused,
+    naming the question the id was used for; nothing is asked twice."""
+    from cli._run_client import RunClient, RunError
+    from cli._session_client import SessionClient
+    from tests.session_harness import summary
+
+    ctx = context_store.put_value("numbers: 3 4 5")
+    llm.add_rule(asked("first", None), "FINAL(one)", model=ROOT, name="first")
+    llm.add_rule(asked("other", None), "FINAL(other)", model=ROOT, name="other")
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            sessions = SessionClient(RunClient(s, client, progress=None))
+            handle = await start_session(client, s, session_request(ctx, continue_after_questions=2))
+            first = await asyncio.wait_for(sessions.ask(handle.id, "first?", ask_id="key-1"), TIMEOUT_S)
+            with pytest.raises(RunError) as same_run:  # within the run: Temporal's dedup would answer it
+                await asyncio.wait_for(sessions.ask(handle.id, "other: a different question", ask_id="key-1"), TIMEOUT_S)
+            again = await asyncio.wait_for(sessions.ask(handle.id, "first?", ask_id="key-1"), TIMEOUT_S)  # a true retry
+            fill = await asyncio.wait_for(sessions.ask(handle.id, "other: to fill the run", ask_id="key-2"), TIMEOUT_S)
+            while (await summary(handle)).runs < 2:  # the session continued as new
+                await asyncio.sleep(0.1)  # polling for an observed fact, not a fixed wait
+            with pytest.raises(RunError) as next_run:  # after it: the session's record refuses it
+                await asyncio.wait_for(sessions.ask(handle.id, "other: a different question", ask_id="key-1"), TIMEOUT_S)
+            return first, again, fill, same_run.value, next_run.value, await summary(handle)
+
+    first, again, fill, same_run, next_run, state = asyncio.run(go())
+    assert first.answer == "one" and (again.answer, again.workflow_id) == ("one", first.workflow_id)
+    for refused in (same_run, next_run):
+        assert "ask id key-1 was used for another question (question 1: 'first?')" in str(refused), refused
+    assert llm.count("first") == first.turns and llm.count("other") == fill.turns  # nothing asked twice
+    assert state.questions == 2

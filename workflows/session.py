@@ -55,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         SETTLE_UNSTARTED_QUESTION_PATCH,
         TEMPORAL_CANCEL_PATCH,
     )
-    from workflows.session_questions import not_run, question_caps
+    from workflows.session_questions import ask_id_reused, not_run, question_caps
     from workflows.session_history import (
         HISTORY_BUDGET_BYTES,
         ask_history_bytes,
@@ -217,6 +217,8 @@ class RLMSession:
         # dedup of update ids holds within one run only, and it would run again.
         update = workflow.current_update_info()
         if update is not None and (done := next((r for r in self._recent if r.ask_id == update.id), None)):
+            if not done.asks(ask.question):
+                raise ValueError(ask_id_reused(update.id, done))
             # Typed, with the run: a client reads that run's result as the ask's (cli/_session_client.py).
             raise ApplicationError(
                 f"ask {update.id} was answered already, as question {done.number} ({done.status}): "
@@ -250,7 +252,7 @@ class RLMSession:
         else:
             result = await self._run_question(ask, number, child_id, caps)
         self._recent = (self._recent + [
-            AskRecord(number=number, question=ask.question[:200], workflow_id=child_id,
+            AskRecord(number=number, question=AskRecord.cut(ask.question), workflow_id=child_id,
                       status=result.status, spend=result.spend, turns=result.turns, ask_id=ask_id)
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
         if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL

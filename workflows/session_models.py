@@ -36,6 +36,8 @@ SESSION_HISTORY_VAR = "session_history"
 (not `history`: that name is the compacted transcript of a run)."""
 MAX_RECENT_ASKS = 50
 """Questions listed in a session's summary (all are counted in `questions`)."""
+RECORDED_QUESTION_CHARS = 200
+"""What a session's summary keeps of each question."""
 SESSION_NOTE_CHARS = 400
 """Room kept in a question for the note that tells the model it is in a session."""
 MAX_SESSION_QUESTION_CHARS = MAX_QUESTION_CHARS - SESSION_NOTE_CHARS
@@ -158,7 +160,7 @@ class AskRecord(BaseModel):
     number: int
     """1-based, over the whole session (continue-as-new included)."""
     question: str
-    """Cut to 200 characters."""
+    """Cut to RECORDED_QUESTION_CHARS characters."""
     workflow_id: str
     """The question's own run (`<session id>/q<number>`)."""
     status: RunStatus
@@ -168,6 +170,15 @@ class AskRecord(BaseModel):
     """The `ask` update's id. Temporal answers an update sent again under its
     id only within one run of the session: sent again after the session
     continued as new, it is refused by this record, not run a second time."""
+
+    @classmethod
+    def cut(cls, question: str) -> str:
+        return question[:RECORDED_QUESTION_CHARS]
+
+    def asks(self, question: str) -> bool:
+        """`question` is this record's (as far as the record holds it): an id
+        sent again with another question is a caller's mistake, not a retry."""
+        return self.question == self.cut(question)
 
 
 class SessionResume(BaseModel):

@@ -11,7 +11,7 @@ from temporalio import workflow
 from workflows.budget import Caps, Ledger, Refusal, Spend
 from workflows.request import REQUEST_CAP_BOUNDS, clip_noting_length
 from workflows.result import RunResult, Usage
-from workflows.session_models import AskRequest
+from workflows.session_models import AskRecord, AskRequest
 from workflows.step_common import ERROR_CHARS
 
 
@@ -47,4 +47,13 @@ def not_run(workflow_id: str, reason: str, status: str = "budget_exhausted") -> 
         run_id="",
         root_workflow_id=workflow.info().workflow_id,
         depth=0,
+    )
+
+
+def ask_id_reused(ask_id: str, done: AskRecord) -> str:
+    """Why an ask sent under the id of another question is refused: answering
+    it with that question's result would be silently wrong."""
+    return (
+        f"ask id {ask_id} was used for another question (question {done.number}: {done.question[:80]!r}): "
+        "send this one under a new id"
     )
