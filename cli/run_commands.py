@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from activities.terminal_text import json_text, printable
 from cli._demo import register as register_demo
+from cli._ids import checked_id
 from cli._progress import ProgressPrinter
 
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
@@ -64,7 +65,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out files that cannot be converted to text (listed in the result) "
                         "instead of refusing the run")
     model_and_cap_arguments(p)
-    p.add_argument("--id", dest="workflow_id", default=None, help="workflow id (default: rlm-<random>)")
+    p.add_argument("--id", dest="workflow_id", default=None,
+                   help="workflow id: 1-200 printable characters, no spaces (default: rlm-<random>)")
     p.add_argument("--answer-schema", type=Path, default=None, metavar="FILE",
                    help="a JSON Schema file: the answer must be JSON that validates (printed as JSON)")
 
@@ -101,7 +103,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         answer_schema=answer_schema_from_file(args.answer_schema),
         tools=list(args.tools),
         on_unreadable="skip" if args.skip_unreadable else "fail",
-        **({"workflow_id": args.workflow_id} if args.workflow_id else {}),
+        **({"workflow_id": checked_id(args.workflow_id, "--id")} if args.workflow_id is not None else {}),
     )
 
 

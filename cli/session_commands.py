@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from activities.terminal_text import printable
 from cli._errors import UserError
+from cli._ids import checked_id
 from cli._progress import ProgressPrinter
 from cli.run_commands import answer_schema_from_file, caps_of, model_and_cap_arguments, print_result
 
@@ -29,9 +30,6 @@ if TYPE_CHECKING:  # the session client pulls in temporalio and minio: import it
 
 __all__ = ["register"]
 
-# An ask's key is its update id in the session's history.
-MAX_ASK_ID_CHARS = 200
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     session = sub.add_parser("session", help="questions over one context, REPL state kept between them")
@@ -39,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     start = commands.add_parser("start", help="start a session and print its id")
     _start_arguments(start)
-    start.add_argument("--id", dest="session_id", default=None, help="session id (default: rlm-session-<random>)")
+    start.add_argument("--id", dest="session_id", default=None,
+                       help="session id: 1-200 printable characters, no spaces (default: rlm-session-<random>)")
     start.add_argument("--json", action="store_true", help="print {session_id, ui} as JSON")
     start.set_defaults(handler=_cmd_start)
 
@@ -102,7 +101,7 @@ def _options(args: argparse.Namespace) -> SessionOptions:
         cell_timeout_s=args.cell_timeout,
         tools=list(args.tools),
         continue_after_questions=args.continue_after,
-        **({"session_id": args.session_id} if args.session_id else {}),
+        **({"session_id": checked_id(args.session_id, "--id")} if args.session_id is not None else {}),
     )
 
 
@@ -113,9 +112,11 @@ async def _open(settings, **kwargs: Any) -> SessionClient:
 
 
 def _cmd_start(args: argparse.Namespace, settings) -> int:
+    opts = _options(args)  # a bad flag is refused before any service starts
+
     async def go() -> int:
         client = await _open(settings)
-        session_id = await client.start(_options(args))
+        session_id = await client.start(opts)
         if args.json:
             print(json.dumps({"session_id": session_id, "ui": client.ui_link(session_id)}))
         else:
@@ -136,7 +137,7 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
     }
 
     schema = answer_schema_from_file(args.answer_schema)
-    ask_id = _checked_ask_id(args.ask_id) if args.ask_id is not None else f"ask-{uuid.uuid4().hex}"
+    ask_id = checked_id(args.ask_id, "--ask-id") if args.ask_id is not None else f"ask-{uuid.uuid4().hex}"
 
     async def go() -> int:
         client = await _open(settings)
@@ -161,12 +162,6 @@ def _cmd_ask(args: argparse.Namespace, settings) -> int:
         return 130
 
 
-def _checked_ask_id(key: str) -> str:
-    if not key or len(key) > MAX_ASK_ID_CHARS or not key.isprintable():
-        raise UserError(f"--ask-id: 1 to {MAX_ASK_ID_CHARS} printable characters, got {printable(key[:80])!r}")
-    return key
-
-
 def _cmd_close(args: argparse.Namespace, settings) -> int:
     async def go() -> int:
         client = await _open(settings, start_services=False)
@@ -189,10 +184,12 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
     if args.session_id is None and not args.context:
         raise UserError("rlm chat needs --context PATH (a new session) or --session ID (an open one)")
 
+    opts = _options(args) if args.context else None  # a bad flag is refused before any service starts
+
     async def go(opened: list[str]) -> int:
         client = await _open(settings)
-        if args.context:
-            session_id = await client.start(_options(args))
+        if opts is not None:
+            session_id = await client.start(opts)
         else:
             session_id = args.session_id
             await client.summary(session_id)  # says clearly when it does not exist

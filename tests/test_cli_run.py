@@ -78,6 +78,8 @@ def test_rlm_run_bad_inputs_give_one_line_errors(s, llm, tmp_path):
         (["--context", str(binary), "--model", ROOT], "blob.bin"),
         (["--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
         (["--context", str(doc), "--model", ROOT, "--max-tokens", "10"], "too small to start"),
+        (["--context", str(doc), "--model", ROOT, "--id", "two\nlines"], "--id: 1 to 200"),
+        (["--context", str(doc), "--model", ROOT, "--id", "y" * 1200], "(1200 characters)"),
     ]
     for args, expected in cases:
         proc = _rlm(s, llm.url, "run", "q", *args, timeout=60)
