@@ -10,10 +10,12 @@ to the id, hence the lower bound here.
 
 from __future__ import annotations
 
+import argparse
+
 from activities.terminal_text import printable
 from cli._errors import UserError
 
-__all__ = ["MAX_ID_CHARS", "checked_id"]
+__all__ = ["MAX_ID_CHARS", "checked_id", "existing_id"]
 
 MAX_ID_CHARS = 200
 
@@ -27,3 +29,19 @@ def checked_id(value: str, flag: str) -> str:
     raise UserError(
         f"{flag}: 1 to {MAX_ID_CHARS} printable characters without spaces, got {shown!r} ({len(value)} characters)"
     )
+
+
+
+# Temporal's own limit: an id read back (a run or session started by any
+# client) may be anything up to it.
+_TEMPORAL_ID_CHARS = 1000
+
+
+def existing_id(value: str) -> str:
+    """argparse type of an id that names a run or session already there
+    (`rlm result ID`, `rlm session ask ID`): any id Temporal takes, so an
+    empty one is refused here instead of reaching the server as a broken
+    request (a traceback)."""
+    if value.strip() and len(value) <= _TEMPORAL_ID_CHARS and value.isprintable():
+        return value
+    raise argparse.ArgumentTypeError(f"not an id: {printable(value[:80])!r} (1 to {_TEMPORAL_ID_CHARS} printable characters)")

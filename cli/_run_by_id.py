@@ -83,6 +83,8 @@ async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter
         return await client.result(workflow_id)
     except NotFound:
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
+    except HttpApiError as exc:
+        raise RunError(f"cannot read run {workflow_id}: {exc}") from None
     return await follow_http(http, settings, workflow_id, progress)
 
 
@@ -173,3 +175,5 @@ async def cancel(settings: Settings, workflow_id: str, reason: str | None) -> No
         await client.cancel(workflow_id, reason)
     except NotFound:
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
+    except HttpApiError as exc:
+        raise RunError(f"cannot cancel run {workflow_id}: {exc}") from None

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
 
 from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
@@ -38,7 +37,17 @@ from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_
 from cli._temporal_http import HttpApiError, HttpUnavailable, TemporalHttp
 from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
-from workflows.request import MAX_STEP_SECONDS, MIN_STEP_SECONDS, REQUEST_CAP_BOUNDS, ModelChoice, RunLimits, RunRequest
+from workflows.refs import ContextRef
+from workflows.request import (
+    MAX_STEP_SECONDS,
+    MIN_STEP_SECONDS,
+    REQUEST_CAP_BOUNDS,
+    ModelChoice,
+    RunLimits,
+    RunRequest,
+    question_problem,
+    validation_errors,
+)
 from workflows.result import RunResult
 from workflows.summaries import run_static_details, run_static_summary
 
@@ -134,6 +143,13 @@ class RunClient:
             )
         except Exception as exc:
             raise RunError(str(exc)) from None
+        try:
+            return self._request(opts, ref, caps, local)
+        except ValidationError as exc:  # what checked_options does not foresee
+            raise RunError(f"invalid run request: {validation_errors(exc)}") from None
+
+    @staticmethod
+    def _request(opts: RunOptions, ref: ContextRef, caps: Caps, local: bool) -> RunRequest:
         return RunRequest(
             question=opts.question,
             context=ref,
@@ -237,6 +253,8 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
     """The options with the models chosen, and the caps; a RunError naming
     the flag for an unknown model, a bad cap or a budget too small to start.
     `rlm run` and `rlm submit` call it before starting anything."""
+    if problem := question_problem(opts.question):  # before anything is uploaded
+        raise RunError(problem)
     root, sub = choose_models(opts.model, opts.sub_model, progress)
     opts = dataclasses.replace(opts, model=root, sub_model=sub)
     caps_given = {k: v for k, v in opts.caps.items() if v is not None}
@@ -266,8 +284,6 @@ _CAP_FLAGS = {
 
 def _caps_from_flags(given: dict[str, Any]) -> Caps:
     """The caps, or a RunError naming each bad flag (not the field)."""
-    from pydantic import ValidationError
-
     try:
         caps = Caps(**given)
     except ValidationError as exc:

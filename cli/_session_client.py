@@ -18,6 +18,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
+from pydantic import ValidationError
 from temporalio.service import RPCError
 
 from activities.settings import Settings
@@ -32,6 +33,7 @@ from workflows.names import (
     UPDATE_CLOSE,
     WORKFLOW_RLM_SESSION,
 )
+from workflows.request import validation_errors
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 from workflows.session_questions import ask_id_reused
@@ -124,8 +126,8 @@ class SessionClient:
         last 50 questions)."""
         try:
             ask = AskRequest(question=question, caps=caps or {}, answer_schema=answer_schema)
-        except ValueError as exc:
-            raise RunError(f"ask: {exc}") from None
+        except ValidationError as exc:
+            raise RunError(f"ask: {validation_errors(exc)}") from None
         handle = self._handle(session_id)
         watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
         keyed = ask_id is not None

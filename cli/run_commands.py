@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from activities.terminal_text import json_text, printable
 from cli._demo import register as register_demo
-from cli._ids import checked_id
+from cli._ids import checked_id, existing_id
 from cli._progress import ProgressPrinter
 
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
@@ -41,12 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=_cmd_submit)
 
     result = sub.add_parser("result", help="wait for a run and print its result")
-    result.add_argument("run_id")
+    result.add_argument("run_id", type=existing_id)
     result.add_argument("--json", action="store_true")
     result.set_defaults(handler=_cmd_result)
 
     cancel = sub.add_parser("cancel", help="cancel a run (and its child runs)")
-    cancel.add_argument("run_id")
+    cancel.add_argument("run_id", type=existing_id)
     cancel.add_argument("--reason", default=None)
     cancel.set_defaults(handler=_cmd_cancel)
 

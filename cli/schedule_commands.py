@@ -140,7 +140,7 @@ def _flag_names(errors: str) -> str:
         flag = "--context" if field.startswith("context") else _FLAGS.get(field)
         if flag is None and field.startswith("caps."):
             flag = "--" + field.removeprefix("caps.").replace("_", "-")
-        out.append(f"{flag or field}{sep}{message.removeprefix('Value error, ')}")
+        out.append(f"{flag or field}{sep}{message}")
     return "invalid schedule: " + "; ".join(out)
 
 

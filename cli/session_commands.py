@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from activities.terminal_text import printable
 from cli._errors import UserError
-from cli._ids import checked_id
+from cli._ids import checked_id, existing_id
 from cli._progress import ProgressPrinter
 from cli.run_commands import answer_schema_from_file, caps_of, model_and_cap_arguments, print_result
 
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     start.set_defaults(handler=_cmd_start)
 
     ask = commands.add_parser("ask", help="ask a session a question and print the answer")
-    ask.add_argument("session_id")
+    ask.add_argument("session_id", type=existing_id)
     ask.add_argument("question")
     for flag, kind in (("--max-usd", float), ("--max-tokens", int), ("--max-calls", int), ("--max-turns", int)):
         ask.add_argument(flag, type=kind, default=None, help="this question only (default: the session's)")
@@ -57,18 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.set_defaults(handler=_cmd_ask)
 
     close = commands.add_parser("close", help="close a session and print its totals")
-    close.add_argument("session_id")
+    close.add_argument("session_id", type=existing_id)
     close.add_argument("--json", action="store_true", help="print the SessionSummary as JSON")
     close.set_defaults(handler=_cmd_close)
 
     show = commands.add_parser("show", help="print a session's state and totals")
-    show.add_argument("session_id")
+    show.add_argument("session_id", type=existing_id)
     show.add_argument("--json", action="store_true", help="print the SessionSummary as JSON")
     show.set_defaults(handler=_cmd_show)
 
     chat = sub.add_parser("chat", help="an interactive session: one question per line, Ctrl-D closes")
     _start_arguments(chat, context_required=False)
-    chat.add_argument("--session", dest="session_id", default=None, help="continue this open session instead")
+    chat.add_argument("--session", dest="session_id", default=None, type=existing_id, help="continue this open session instead")
     chat.set_defaults(handler=_cmd_chat)
 
 

@@ -13,19 +13,21 @@ import sys
 from pathlib import Path
 
 from activities.terminal_text import json_text, printable
+from cli._errors import UserError
+from cli._ids import existing_id
 
 __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", help="print a run (and its child runs) as a tree")
-    show.add_argument("run_id")
+    show.add_argument("run_id", type=existing_id)
     show.add_argument("--json", action="store_true", help="the same tree as JSON")
     show.add_argument("--no-children", action="store_true", help="do not load child runs")
     show.set_defaults(handler=_cmd_show)
 
     export = sub.add_parser("export", help="write a run (and its child runs) as JSONL, close to the rlms logger format")
-    export.add_argument("run_id")
+    export.add_argument("run_id", type=existing_id)
     export.add_argument("-o", "--output", type=Path, default=None, help="file to write (default: stdout)")
     export.set_defaults(handler=_cmd_export)
 
@@ -55,6 +57,9 @@ def _cmd_export(args: argparse.Namespace, settings) -> int:
     from cli._export import export_lines
     from cli._trace import TraceReader
 
+    if args.output is not None and not args.output.parent.is_dir():  # before the run is read
+        raise UserError(f"-o {args.output}: no directory {args.output.parent}")
+
     async def go() -> list[dict]:
         reader = await TraceReader.open(settings)
         trace = await reader.load(args.run_id)
@@ -65,7 +70,10 @@ def _cmd_export(args: argparse.Namespace, settings) -> int:
     if args.output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as exc:
+            raise UserError(f"-o {args.output}: {exc.strerror or exc}") from None
         print(f"wrote {len(lines)} lines to {args.output}", file=sys.stderr)
     return 0
 

@@ -79,10 +79,15 @@ def test_rlm_run_bad_inputs_give_one_line_errors(s, llm, tmp_path):
         (["--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
         (["--context", str(doc), "--model", ROOT, "--max-tokens", "10"], "too small to start"),
         (["--context", str(doc), "--model", ROOT, "--id", "two\nlines"], "--id: 1 to 200"),
+        # The question, before the upload (it said "invalid settings: RLM_QUESTION").
+        ([" ", "--context", str(doc), "--model", ROOT], "the question is blank"),
+        (["q" * 70_000, "--context", str(doc), "--model", ROOT], "at most 65,536"),
         (["--context", str(doc), "--model", ROOT, "--id", "y" * 1200], "(1200 characters)"),
     ]
     for args, expected in cases:
-        proc = _rlm(s, llm.url, "run", "q", *args, timeout=60)
+        if args[0].startswith("--"):
+            args = ["q", *args]  # the question, unless the case is about it
+        proc = _rlm(s, llm.url, "run", *args, timeout=60)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr[-2000:])
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], (args, proc.stderr[-2000:])

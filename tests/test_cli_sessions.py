@@ -120,6 +120,7 @@ def test_session_bad_inputs_give_one_line_errors(s, llm, tmp_path):
         (["session", "start", "--context", str(doc), "--model", ROOT, "--id", "x" * 1200], "(1200 characters)"),
         (["session", "start", "--context", str(doc), "--model", ROOT, "--id", ""], "--id: 1 to 200"),
         (["session", "ask", "rlm-session-nope", "q", "--ask-id", "a key"], "--ask-id: 1 to 200"),
+        (["session", "ask", "rlm-session-nope", " "], "ask: question: the question is blank"),  # was pydantic's 4-line dump
     ]
     for args, needle in cases:
         proc = _rlm(s, llm.url, *args)

@@ -86,6 +86,10 @@ def test_unknown_run_is_one_line_error(s, llm):
         proc = _rlm(s, llm.url, command, "no-such-run-xyz")
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1] == "error: no run no-such-run-xyz in namespace default"
+        # An empty id reached the server as a broken request: a traceback.
+        proc = _rlm(s, llm.url, command, " ")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == f"rlm {command}: error: argument run_id: not an id: ' ' (1 to 1000 printable characters)"
 
 
 def test_close_events_read_as_outcomes():

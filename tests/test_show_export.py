@@ -77,6 +77,18 @@ def test_show_unknown_run_is_one_line_error(settings):
     assert proc.stderr.startswith("error: no run 'no-such-run'") and "Traceback" not in proc.stderr
 
 
+def test_export_to_a_path_it_cannot_write_is_one_line_error(finished_run, tmp_path):
+    """Said before the run is read (it read the whole run, then failed with a traceback)."""
+    s, result = finished_run
+    missing = tmp_path / "no-such-dir" / "run.jsonl"
+    proc = _rlm(s, "export", result.workflow_id, "-o", str(missing))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: -o {missing}: no directory {missing.parent}"
+    proc = _rlm(s, "export", result.workflow_id, "-o", str(tmp_path))  # a directory, not a file
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith(f"error: -o {tmp_path}: ")
+
+
 def test_export_writes_rlms_logger_lines_with_children_nested(finished_run, tmp_path):
     s, result = finished_run
     out = tmp_path / "run.jsonl"

@@ -216,11 +216,27 @@ def caps_past_bounds(caps: Caps, names: Iterable[str] = REQUEST_CAP_BOUNDS, pref
     ]
 
 
+_BLANK_QUESTION = "the question is blank: ask something"
+
+
 def check_question_text(value: str) -> str:
     """A question (of a run or a session's ask): some text, not only blanks."""
     if not value.strip():
-        raise ValueError("the question is blank: ask something")
+        raise ValueError(_BLANK_QUESTION)
     return value
+
+
+def question_problem(question: str) -> str | None:
+    """Why a run's question would be refused, or None: what a client checks
+    before it uploads the context."""
+    if not question.strip():
+        return _BLANK_QUESTION
+    if len(question) > MAX_QUESTION_CHARS:
+        return (
+            f"the question has {len(question):,} characters, at most {MAX_QUESTION_CHARS:,}: "
+            "put long material in the context"
+        )
+    return None
 
 
 def check_answer_schema_field(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -304,10 +320,16 @@ def not_json_problem(what: str, exc: Exception) -> str:
     return f"invalid {what}: the input is not JSON ({type(exc).__name__}: {exc})"
 
 
+def error_message(error: Any) -> str:
+    """One pydantic error's message, without the "Value error, " that
+    pydantic puts before a validator's own text."""
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def validation_errors(exc: ValidationError, limit: int = 20) -> str:
     """`field.path: message` for each error of a pydantic validation, joined by '; '."""
     errors = exc.errors(include_url=False, include_input=False)
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in errors[:limit]]
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {error_message(e)}" for e in errors[:limit]]
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts)
