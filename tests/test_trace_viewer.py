@@ -254,3 +254,16 @@ def test_a_running_run_shows_live_status(settings, object_store, llm, viewer, tm
     turns = [d for d in main.find_all("details", "turn") if d.parent is not None and d.parent.tag == "main"]
     assert [t.summary().split(" · ")[0] for t in turns] == ["Turn 1", "Turn 2", "Turn 3"]
     assert "(waiting for the model)" in turns[2].text()
+
+
+def test_a_port_it_cannot_bind_is_one_line_error(finished_run, viewer):
+    """A port in use, or past 65535 (a traceback: bind()'s OverflowError)."""
+    s, _ = finished_run
+    env = {**os.environ, **s.to_env()}
+    in_use = viewer.rsplit(":", 1)[1].strip("/")
+    for port, why in ((in_use, "address already in use"), ("99999", "port must be 0-65535")):
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "ui", "--port", port], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and why in last, last
