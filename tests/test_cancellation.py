@@ -6,6 +6,7 @@ it has). Real worker, Temporal, S3 and WASM; models scripted through litellm."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 
@@ -333,6 +334,18 @@ class _AContextThatCannotBeStored:
         await self.fail.wait()
         raise ApplicationError("context.uri: s3://audits/q3.txt: no such object", type="InvalidContext", non_retryable=True)
 
+    @contextlib.asynccontextmanager
+    async def session_storing_it(self, s):
+        """A worker with this step and a session whose context it is storing: (client, session handle)."""
+        from tests.session_harness import session_request, start_session
+        from workflows.session import RLMSession
+
+        client = await connect(s)
+        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=[self.ingest_context]):
+            handle = await start_session(client, s, session_request("an inline context the fake cannot store"))
+            await asyncio.wait_for(self.reached.wait(), 60)
+            yield client, handle
+
 
 def test_asks_waiting_for_a_context_that_cannot_be_stored_are_told_why(settings):
     """A session whose context cannot be stored (a URI naming nothing, sent by
@@ -344,20 +357,15 @@ def test_asks_waiting_for_a_context_that_cannot_be_stored_are_told_why(settings)
 
     from cli._run_client import RunClient, RunError
     from cli._session_client import SessionClient
-    from tests.session_harness import session_request, start_session
     from workflows.names import UPDATE_ASK
     from workflows.result import RunResult
-    from workflows.session import RLMSession
     from workflows.session_models import AskRequest
 
     s = isolated(settings)
     steps = _AContextThatCannotBeStored()
 
     async def go():
-        client = await connect(s)
-        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=[steps.ingest_context]):
-            handle = await start_session(client, s, session_request("an inline context the fake cannot store"))
-            await asyncio.wait_for(steps.reached.wait(), 60)
+        async with steps.session_storing_it(s) as (client, handle):
             waiting = await handle.start_update(
                 UPDATE_ASK, AskRequest(question="q?"), wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=RunResult
             )
@@ -384,17 +392,13 @@ def test_a_close_waiting_for_a_context_that_cannot_be_stored_says_why(settings):
     closed)."""
     from cli._run_client import RunClient, RunError
     from cli._session_client import SessionClient
-    from tests.session_harness import session_request, start_session, summary
-    from workflows.session import RLMSession
+    from tests.session_harness import summary
 
     s = isolated(settings)
     steps = _AContextThatCannotBeStored()
 
     async def go():
-        client = await connect(s)
-        async with Worker(client, task_queue=s.task_queue, workflows=[RLMSession], activities=[steps.ingest_context]):
-            handle = await start_session(client, s, session_request("an inline context the fake cannot store"))
-            await asyncio.wait_for(steps.reached.wait(), 60)
+        async with steps.session_storing_it(s) as (client, handle):
             closing = asyncio.ensure_future(SessionClient(RunClient(s, client, progress=None)).close(handle.id))
             while (await summary(handle)).state != "closed":  # the close was accepted
                 await asyncio.sleep(0.05)

@@ -132,23 +132,15 @@ def test_a_close_that_a_temporal_cancel_overtakes_returns_the_summary(settings, 
     ends the session cancelled. The close still returns the session's
     summary (its update did); it said "ended without a summary". A close
     sent after such an end says the session was cancelled."""
-    from cli._run_client import RunClient, RunError
-    from cli._session_client import SessionClient
-    from tests.session_harness import summary
+    from cli._run_client import RunError
 
     held = threading.Event()
     rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
     s = isolated(settings)
 
     async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            sessions = SessionClient(RunClient(s, client, progress=None))
-            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
-            one = asyncio.ensure_future(ask(handle, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
-            closing = asyncio.ensure_future(sessions.close(handle.id))
-            while (await summary(handle)).state != "closed":  # the close was accepted
-                await asyncio.sleep(0.05)
+        async with _a_session_and_its_client(s, llm, context_store) as (handle, sessions):
+            one, closing = await _asked_and_closing(handle, sessions, lambda: ask(handle, "first?"), llm, rule)
             await handle.cancel()
             first = await asyncio.wait_for(one, TIMEOUT_S)
             closed = await asyncio.wait_for(closing, TIMEOUT_S)
@@ -171,23 +163,15 @@ def test_an_ask_and_a_close_cut_off_by_a_terminate_say_the_session_was_terminate
     our client says the session was terminated and why, as it does for an
     ask sent after that end (it said "the Workflow completed before the
     Update completed")."""
-    from cli._run_client import RunClient, RunError
-    from cli._session_client import SessionClient
-    from tests.session_harness import summary
+    from cli._run_client import RunError
 
     held = threading.Event()
     rule = llm.add_rule(asked("first"), repl("print(1)"), model=ROOT, hold=held)
     s = isolated(settings)
 
     async def go():
-        async with running_worker(s, fake_registry(llm)) as client:
-            sessions = SessionClient(RunClient(s, client, progress=None))
-            handle = await start_session(client, s, session_request(context_store.put_value("abc")))
-            one = asyncio.ensure_future(sessions.ask(handle.id, "first?"))
-            await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
-            closing = asyncio.ensure_future(sessions.close(handle.id))
-            while (await summary(handle)).state != "closed":  # the close was accepted
-                await asyncio.sleep(0.05)
+        async with _a_session_and_its_client(s, llm, context_store) as (handle, sessions):
+            one, closing = await _asked_and_closing(handle, sessions, lambda: sessions.ask(handle.id, "first?"), llm, rule)
             await handle.terminate(reason="operator stop")
             errors = []
             for waiting in (one, closing):
@@ -202,3 +186,27 @@ def test_an_ask_and_a_close_cut_off_by_a_terminate_say_the_session_was_terminate
         held.set()
     assert "terminated: operator stop" in asked_error, asked_error
     assert "terminated: operator stop" in close_error, close_error
+
+
+@contextlib.asynccontextmanager
+async def _a_session_and_its_client(s, llm, context_store):
+    """A real worker and a session on it: (its handle, our SessionClient)."""
+    from cli._run_client import RunClient
+    from cli._session_client import SessionClient
+
+    async with running_worker(s, fake_registry(llm)) as client:
+        handle = await start_session(client, s, session_request(context_store.put_value("abc")))
+        yield handle, SessionClient(RunClient(s, client, progress=None))
+
+
+async def _asked_and_closing(handle, sessions, asking, llm, rule):
+    """A question asked (its model call held by `rule`) and a close accepted
+    behind it: (the ask, the close) as tasks."""
+    from tests.session_harness import summary
+
+    one = asyncio.ensure_future(asking())
+    await asyncio.to_thread(llm.wait_for_count, 1, rule, TIMEOUT_S)
+    closing = asyncio.ensure_future(sessions.close(handle.id))
+    while (await summary(handle)).state != "closed":  # the close was accepted
+        await asyncio.sleep(0.05)  # polling for an observed fact, not a fixed wait
+    return one, closing
