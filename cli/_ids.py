@@ -31,7 +31,6 @@ def checked_id(value: str, flag: str) -> str:
     )
 
 
-
 # Temporal's own limit: an id read back (a run or session started by any
 # client) may be anything up to it.
 _TEMPORAL_ID_CHARS = 1000
@@ -44,4 +43,6 @@ def existing_id(value: str) -> str:
     request (a traceback)."""
     if value.strip() and len(value) <= _TEMPORAL_ID_CHARS and value.isprintable():
         return value
-    raise argparse.ArgumentTypeError(f"not an id: {printable(value[:80])!r} (1 to {_TEMPORAL_ID_CHARS} printable characters)")
+    raise argparse.ArgumentTypeError(
+        f"not an id: {printable(value[:80])!r} (1 to {_TEMPORAL_ID_CHARS} printable characters)"
+    )

@@ -185,7 +185,9 @@ async def start(settings: Settings, port: int = 0) -> tuple[web.AppRunner, str]:
     except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
         await runner.cleanup()
         why = getattr(exc, "strerror", None) or str(exc)
-        raise UserError(f"cannot serve on {HOST}:{port} ({why}): pass another --port (1-65535, or 0 for a free one)") from None
+        raise UserError(
+            f"cannot serve on {HOST}:{port} ({why}): pass another --port (1-65535, or 0 for a free one)"
+        ) from None
     bound = runner.addresses[0][1]
     return runner, f"http://{HOST}:{bound}/"
 
