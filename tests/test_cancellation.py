@@ -409,3 +409,36 @@ def test_a_close_waiting_for_a_context_that_cannot_be_stored_says_why(settings):
 
     told = asyncio.run(go())
     assert "s3://audits/q3.txt: no such object" in str(told), told
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [({"reason": "stop from the TypeScript client"}, "stop from the TypeScript client"), (42, "42"), (None, "cancelled by request")],
+)
+def test_a_cancel_whose_reason_is_not_text_still_cancels(settings, context_store, llm, sent, reason):
+    """A client in another language sends the cancel signal's argument as an
+    object naming it (`{"reason": ...}`), or a number: the SDK could not
+    decode it as the declared `str | None` and dropped the signal (a log line
+    on the worker), and the run went on. Now any shape cancels; a session too."""
+    from tests.session_harness import session_request, start_session
+
+    held = threading.Event()
+    rule = llm.add_rule("Turn 1 of", repl("print(1)"), model=ROOT, hold=held)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            run = await start(client, s, request("q", context_store.put_value("abc")))
+            await asyncio.to_thread(llm.wait_for_count, 1, rule, 60)
+            await run.signal(SIGNAL_CANCEL, sent)
+            ran = await asyncio.wait_for(run.result(), 60)
+            session = await start_session(client, s, session_request(context_store.put_value("abc")))
+            await session.signal(SIGNAL_CANCEL, sent)
+            return ran, await asyncio.wait_for(session.result(), 60)
+
+    try:
+        ran, ended = asyncio.run(go())
+    finally:
+        held.set()
+    assert (ran.status, ran.reason) == ("cancelled", reason), ran
+    assert ended.state == "closed", ended

@@ -20,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Caps, Ledger, Spend, money_cap_problem
+    from workflows.cancel_signal import cancel_reason
     from workflows.caps_update import caps_change_problem
     from workflows.request import (
         RunRequest,
@@ -394,8 +395,10 @@ class RLMRun:
         return self._cancel_reason is not None
 
     @workflow.signal(name=names.SIGNAL_CANCEL)
-    def cancel(self, reason: str | None = None) -> None:
-        self._cancel_reason = reason or "cancelled by request"
+    def cancel(self, reason: Any = None) -> None:
+        if (text := cancel_reason(reason)) is None:
+            return  # a reason that is not text, in a history from before it was taken
+        self._cancel_reason = text
         if self._loop_task is not None:
             self._loop_task.cancel()
 

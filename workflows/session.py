@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue
@@ -40,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
 
     from workflows import names
     from workflows.budget import Caps, Ledger, Refusal, Spend
+    from workflows.cancel_signal import cancel_reason
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
     from workflows.request import RunRequest, clip_noting_length, validation_errors
@@ -352,10 +354,12 @@ class RLMSession:
         return self._summary()
 
     @workflow.signal(name=names.SIGNAL_CANCEL)
-    async def cancel(self, reason: str | None = None) -> None:
+    async def cancel(self, reason: Any = None) -> None:
         """End the session now: the question being answered is cancelled (it
         ends `cancelled` with what it has), asks already waiting are not run."""
-        self._cancel_reason = reason or "cancelled by request"
+        if (text := cancel_reason(reason)) is None:
+            return  # a reason that is not text, in a history from before it was taken
+        self._cancel_reason = text
         self._closing = True
         if self._question is not None:
             await self._cancel_question(self._question)
