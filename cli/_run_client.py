@@ -304,12 +304,14 @@ def _caps_from_flags(given: dict[str, Any]) -> Caps:
     return caps
 
 
-def check_models(root: str, sub: str, caps: Caps) -> None:
+def check_models(root: str, sub: str, caps: Caps, *, thorough: bool = False) -> None:
     """Refuse what the model configuration shows to be wrong: a bad
     RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
     money cap over a configured model with no known price, a budget that
     cannot pay for the first call. Names that only litellm knows are checked
-    by the worker at the run's first step (which refuses the same things)."""
+    by the worker at the run's first step (which refuses the same things),
+    or with `thorough` here too, from litellm's price list (its import takes
+    seconds: for a schedule, whose every run would fail that first step)."""
     from activities._model_registry import ModelRegistry, check_credentials, fully_configured
 
     try:
@@ -327,9 +329,12 @@ def check_models(root: str, sub: str, caps: Caps) -> None:
         if unbound := money_cap_problem(caps.max_usd, unpriced, field="--max-usd"):
             raise RunError(unbound)
     spec = next((s for s in configured if s.name == root), None)
-    if spec is None or not fully_configured(spec):
+    if not thorough and (spec is None or not fully_configured(spec)):
         return
-    info = registry.info(root)
+    try:
+        info = registry.info(root)
+    except Exception:  # noqa: BLE001 - a name litellm does not know: the worker says so
+        return
     first = worst_case(
         FIRST_CALL_PROMPT_TOKENS, min(info.max_output_tokens, 8192), info.usd_per_input_token, info.usd_per_output_token
     )

@@ -128,7 +128,7 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
         )
     except ValidationError as exc:
         raise UserError(_flag_names(validation_errors(exc))) from None
-    check_models(request.models.root, request.models.sub_model(), request.caps)
+    check_models(request.models.root, request.models.sub_model(), request.caps, thorough=True)
     return request
 
 

@@ -165,6 +165,19 @@ def test_bad_create_gives_one_line_naming_the_field(s, llm, name, args, named):
     assert _row(s, llm.url, name) is None
 
 
+def test_a_budget_too_small_to_start_is_refused_at_create_for_a_model_only_litellm_knows(s, llm, name):
+    """`rlm run` leaves a model only litellm knows to the worker's first step
+    (the run ends there, at once, saying why). A schedule left so started a
+    run that failed that way at every firing (every second for `@every 1s`);
+    its create now reads litellm's price list and refuses it."""
+    env = _env(s, llm.url) | {"OPENAI_API_KEY": "sk-not-used"}  # the key is only checked to be set
+    args = ["schedule", "create", name, "q?", "--model", "gpt-4o-mini", "--cron", FAR_FUTURE_CRON,
+            "--context", "s3://bucket/in/", "--max-usd", "0"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert "budget too small to start" in _one_error(proc) and "max_usd" in proc.stderr
+    assert _row(s, llm.url, name) is None
+
+
 def test_bad_names_and_missing_schedules(s, llm):
     bad = _one_error(_rlm(s, llm.url, "schedule", "create", "no/slash", "q?", "--cron", FAR_FUTURE_CRON,
                           "--context", "s3://b/x/", "--model", ROOT))  # fmt: skip
