@@ -33,6 +33,9 @@ __all__ = [
 ENV_PREFIX = "RLM_"
 # Written by `rlm up` (mode 0600) into the data dir: the embedded S3 server's keys.
 CREDENTIALS_FILENAME = "s3-credentials.json"
+MAX_PORT = 65535
+# What RLM_LOG_LEVEL may say (any case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _default_data_dir() -> Path:
@@ -42,7 +45,7 @@ def _default_data_dir() -> Path:
 def split_host_port(address: str, *, what: str, env: str) -> tuple[str, int]:
     """Split `host:port`; a malformed value is reported with its env var."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
         raise ValueError(
             f"{what} {address!r} is not host:port (e.g. 127.0.0.1:7233); fix {env}"
         )
@@ -63,16 +66,16 @@ class Settings(BaseModel):
     temporal_address: str = "127.0.0.1:7233"
     """Temporal frontend gRPC address, host:port."""
 
-    temporal_namespace: str = "default"
+    temporal_namespace: str = Field(default="default", min_length=1)
     """Temporal namespace for runs (the embedded server creates it)."""
 
-    task_queue: str = TASK_QUEUE_DEFAULT
+    task_queue: str = Field(default=TASK_QUEUE_DEFAULT, min_length=1)
     """Task queue the workers poll and runs are started on."""
 
-    temporal_ui_port: int = 8233
+    temporal_ui_port: int = Field(default=8233, ge=1, le=MAX_PORT)
     """Port of the embedded Temporal Web UI (loopback)."""
 
-    temporal_http_port: int = 7243
+    temporal_http_port: int = Field(default=7243, ge=1, le=MAX_PORT)
     """Port of the embedded Temporal HTTP API, used to check readiness."""
 
     temporal_ui_url: str | None = None
@@ -105,7 +108,7 @@ class Settings(BaseModel):
     """Start the local model server with `rlm up` when the `local` extra is
     installed (Qwen2.5-Coder-1.5B, offline, 0 USD)."""
 
-    local_model_port: int = 8090
+    local_model_port: int = Field(default=8090, ge=1, le=MAX_PORT)
     """Loopback port of the local model's OpenAI-compatible server; the
     model is reached as the registry entry `local`."""
 
@@ -139,9 +142,17 @@ class Settings(BaseModel):
     or dict of functions (what `worker.py --tools` takes); the embedded
     worker of `rlm up` / `rlm run` reads it as RLM_TOOLS."""
 
-    seaweed_port_base: int = 17330
+    seaweed_port_base: int = Field(default=17330, ge=1, le=MAX_PORT - 8)
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        # Unknown levels were taken as "info" without a word.
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("temporal_address")
     @classmethod

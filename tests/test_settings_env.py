@@ -34,3 +34,30 @@ def test_a_bad_value_names_its_variable(monkeypatch):
     with pytest.raises(ValidationError) as caught:
         load_settings()
     assert describe(caught.value).startswith("invalid settings: RLM_TEMPORAL_UI_PORT:")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        # `rlm up` died with bind()'s OverflowError traceback on these.
+        ("RLM_TEMPORAL_UI_PORT", "99999", "less than or equal to 65535"),
+        ("RLM_SEAWEED_PORT_BASE", "70000", "less than or equal to 65527"),
+        ("RLM_LOCAL_MODEL_PORT", "0", "greater than or equal to 1"),
+        # Taken without a word: an empty task queue (no worker can poll it, no run can start
+        # on it), a log level nobody has (read as "info").
+        ("RLM_TASK_QUEUE", "", "at least 1 character"),
+        ("RLM_TEMPORAL_NAMESPACE", "", "at least 1 character"),
+        ("RLM_LOG_LEVEL", "loud", "'loud' is not a log level: one of debug, info, warning, error, critical"),
+    ],
+)
+def test_a_value_no_service_can_use_is_refused_naming_its_variable(monkeypatch, variable, value, says):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as caught:
+        load_settings()
+    message = describe(caught.value)
+    assert message.startswith(f"invalid settings: {variable}:") and says in message, message
+
+
+def test_a_log_level_in_any_case_is_taken(monkeypatch):
+    monkeypatch.setenv("RLM_LOG_LEVEL", "WARNING")
+    assert load_settings().log_level == "warning"
