@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,6 +37,9 @@ CREDENTIALS_FILENAME = "s3-credentials.json"
 MAX_PORT = 65535
 # What RLM_LOG_LEVEL may say (any case).
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# S3's rule for bucket names; the S3 client raised a bare ValueError (a
+# traceback) at first use.
+_S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def _default_data_dir() -> Path:
@@ -145,6 +149,16 @@ class Settings(BaseModel):
     seaweed_port_base: int = Field(default=17330, ge=1, le=MAX_PORT - 8)
     """First of nine consecutive loopback ports used internally by the
     embedded S3 server (master, volume, filer, admin and their gRPC ports)."""
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if not _S3_BUCKET_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, "
+                "starting and ending with a letter or digit"
+            )
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -48,6 +48,9 @@ def test_a_bad_value_names_its_variable(monkeypatch):
         ("RLM_TASK_QUEUE", "", "at least 1 character"),
         ("RLM_TEMPORAL_NAMESPACE", "", "at least 1 character"),
         ("RLM_LOG_LEVEL", "loud", "'loud' is not a log level: one of debug, info, warning, error, critical"),
+        # The S3 client raised a bare ValueError (a traceback) at first use.
+        ("RLM_S3_BUCKET", "", "'' is not an S3 bucket name: 3 to 63 lowercase letters"),
+        ("RLM_S3_BUCKET", "Audit_Files", "'Audit_Files' is not an S3 bucket name"),
     ],
 )
 def test_a_value_no_service_can_use_is_refused_naming_its_variable(monkeypatch, variable, value, says):
