@@ -20,7 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Caps, Ledger, Spend, money_cap_problem
-    from workflows.cancel_signal import cancel_reason
+    from workflows.cancel_signal import DEFAULT_CANCEL_REASON, cancel_reason
     from workflows.caps_update import caps_change_problem
     from workflows.request import (
         RunRequest,
@@ -131,7 +131,7 @@ class RLMRun:
             # stayed `running` for good. (Once the loop ran, a cancel is its.)
             if self._loop_task is not None or not workflow.patched(EARLY_CANCEL_PATCH):
                 raise
-            return self._result("cancelled", self._cancel_reason or "cancelled by request", None)
+            return self._result("cancelled", self._cancel_reason or DEFAULT_CANCEL_REASON, None)
         except FAILURE_TYPES as exc:
             # A bug or a value no validator caught: end with a reason, never hang.
             workflow.logger.exception("run failed inside workflow code")
@@ -205,14 +205,14 @@ class RLMRun:
             status, reason, answer = await self._loop_task
         except asyncio.CancelledError:
             # Cancelled by signal or by Temporal: end cleanly with a partial result.
-            status, reason, answer = "cancelled", self._cancel_reason or "cancelled by request", None
+            status, reason, answer = "cancelled", self._cancel_reason or DEFAULT_CANCEL_REASON, None
         except RunEnded as ended:
             status, reason, answer = ended.status, ended.reason, ended.answer
         except ContinueAsNew as chain:
             waited = await self._unless_cancelled(workflow.wait_condition(workflow.all_handlers_finished))
             if waited:
                 workflow.continue_as_new(chain.request)
-            status, reason, answer = "cancelled", self._cancel_reason or "cancelled by request", None
+            status, reason, answer = "cancelled", self._cancel_reason or DEFAULT_CANCEL_REASON, None
         self.state.router.cancel_all()
         self.state.tools.cancel_all()
         # What did not stop in time, or when a cancel ended the wait, is counted
