@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import (
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from pydantic import ValidationError
 from temporalio.service import RPCError
 
@@ -211,8 +213,6 @@ class SessionClient:
 async def _why_ended(handle: WorkflowHandle) -> str | None:
     """How a session that refused an ask ended (closed, cancelled, failed and
     why), or None when it has not ended."""
-    from temporalio.client import WorkflowExecutionStatus
-
     try:
         if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
             return None
@@ -250,14 +250,10 @@ def _cancelled_or(message: str) -> BaseException:
 def _ended_from_outside(exc: WorkflowFailureError) -> bool:
     """Cancelled or terminated, not failed on its own (a context that could
     not be stored): a close that had its summary stands only then."""
-    from temporalio.exceptions import CancelledError, TerminatedError
-
     return isinstance(exc.cause, (CancelledError, TerminatedError))
 
 
 def _ended_how(exc: WorkflowFailureError) -> str:
-    from temporalio.exceptions import CancelledError, TerminatedError
-
     if isinstance(exc.cause, CancelledError):
         return "it was cancelled"
     if isinstance(exc.cause, TerminatedError):
@@ -268,15 +264,11 @@ def _ended_how(exc: WorkflowFailureError) -> str:
 def _cut_off(exc: WorkflowUpdateFailedError) -> bool:
     """An accepted ask or close that the session's end cut off (terminated,
     timed out): the server's failure says only that the workflow completed."""
-    from temporalio.exceptions import ApplicationError
-
     return isinstance(exc.cause, ApplicationError) and exc.cause.type == "AcceptedUpdateCompletedWorkflow"
 
 
 def _answered_by(exc: WorkflowUpdateFailedError) -> str | None:
     """The run that answered an ask refused as answered already, or None."""
-    from temporalio.exceptions import ApplicationError
-
     cause = exc.cause
     if isinstance(cause, ApplicationError) and cause.type == ASK_ANSWERED_ALREADY and cause.details:
         return str(cause.details[0])
