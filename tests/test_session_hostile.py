@@ -163,6 +163,9 @@ def test_an_ask_id_reused_for_another_question_is_refused_not_answered_with_the_
     llm.add_rule(asked("first", None), "FINAL(one)", model=ROOT, name="first")
     llm.add_rule(asked("other", None), "FINAL(other)", model=ROOT, name="other")
     s = isolated(settings)
+    # A templated question: the same 300 characters, then another vendor.
+    template = "first? " + "Audit every invoice of the quarter against the purchase order. " * 5
+    templated = template + "Vendor: Acme."
 
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
@@ -171,17 +174,23 @@ def test_an_ask_id_reused_for_another_question_is_refused_not_answered_with_the_
             first = await asyncio.wait_for(sessions.ask(handle.id, "first?", ask_id="key-1"), TIMEOUT_S)
             with pytest.raises(RunError) as same_run:  # within the run: Temporal's dedup would answer it
                 await asyncio.wait_for(sessions.ask(handle.id, "other: a different question", ask_id="key-1"), TIMEOUT_S)
+            templ = await asyncio.wait_for(sessions.ask(handle.id, templated, ask_id="key-t"), TIMEOUT_S)
             again = await asyncio.wait_for(sessions.ask(handle.id, "first?", ask_id="key-1"), TIMEOUT_S)  # a true retry
             fill = await asyncio.wait_for(sessions.ask(handle.id, "other: to fill the run", ask_id="key-2"), TIMEOUT_S)
             while (await summary(handle)).runs < 2:  # the session continued as new
                 await asyncio.sleep(0.1)  # polling for an observed fact, not a fixed wait
             with pytest.raises(RunError) as next_run:  # after it: the session's record refuses it
                 await asyncio.wait_for(sessions.ask(handle.id, "other: a different question", ask_id="key-1"), TIMEOUT_S)
-            return first, again, fill, same_run.value, next_run.value, await summary(handle)
+            # The same template for another vendor: differs only past the 200
+            # characters the record keeps of the question.
+            with pytest.raises(RunError) as templated_run:
+                await asyncio.wait_for(sessions.ask(handle.id, template + "Vendor: Beta.", ask_id="key-t"), TIMEOUT_S)
+            return first, again, fill, templ, same_run.value, next_run.value, templated_run.value, await summary(handle)
 
-    first, again, fill, same_run, next_run, state = asyncio.run(go())
+    first, again, fill, templ, same_run, next_run, templated_run, state = asyncio.run(go())
     assert first.answer == "one" and (again.answer, again.workflow_id) == ("one", first.workflow_id)
     for refused in (same_run, next_run):
         assert "ask id key-1 was used for another question (question 1: 'first?')" in str(refused), refused
-    assert llm.count("first") == first.turns and llm.count("other") == fill.turns  # nothing asked twice
-    assert state.questions == 2
+    assert "ask id key-t was used for another question (question 2: 'first? Audit every" in str(templated_run)
+    assert llm.count("first") == first.turns + templ.turns and llm.count("other") == fill.turns  # nothing asked twice
+    assert state.questions == 3

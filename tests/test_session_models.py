@@ -87,3 +87,22 @@ def test_answers_waiting_for_the_history_cell_are_bounded():
     # Bytes, not characters: CJK text is three bytes a character in the payload.
     wide = [QuestionAnswer(question="\u6f22" * 200_000, answer="a", status="completed")] * 3
     assert len(newest_that_fit(wide)) == 1
+
+
+def test_an_ask_record_tells_questions_apart_past_the_characters_it_keeps():
+    """An ask id sent again is a retry only with the same question; templated
+    questions share long beginnings (the record keeps 200 characters)."""
+    from workflows.budget import Spend
+    from workflows.session_models import RECORDED_QUESTION_CHARS, AskRecord
+
+    template = "Audit the invoices against the purchase orders. " * 10
+    first, other = template + "Vendor: Acme.", template + "Vendor: Beta."
+    assert first[:RECORDED_QUESTION_CHARS] == other[:RECORDED_QUESTION_CHARS]
+    record = AskRecord(number=1, question=AskRecord.cut(first), workflow_id="s/q1", status="completed",
+                       spend=Spend(), turns=1, ask_id="k", question_sha256=AskRecord.digest(first))
+    assert record.asks(first) and not record.asks(other)
+    # Records made before the hash compare what they kept (a session started by older code).
+    older = record.model_copy(update={"question_sha256": None})
+    assert older.asks(first) and older.asks(other) and not older.asks("Something else.")
+    # Any text a caller can send hashes, lone surrogates included.
+    assert not record.asks(first + "\ud800")

@@ -9,6 +9,7 @@ references and summaries only.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
@@ -170,14 +171,24 @@ class AskRecord(BaseModel):
     """The `ask` update's id. Temporal answers an update sent again under its
     id only within one run of the session: sent again after the session
     continued as new, it is refused by this record, not run a second time."""
+    question_sha256: str | None = None
+    """sha256 of the whole question (None in records made before it, which
+    compare the cut `question`): templated questions often share far more
+    than RECORDED_QUESTION_CHARS characters before they differ."""
 
     @classmethod
     def cut(cls, question: str) -> str:
         return question[:RECORDED_QUESTION_CHARS]
 
+    @staticmethod
+    def digest(question: str) -> str:
+        return hashlib.sha256(question.encode("utf-8", "surrogatepass")).hexdigest()
+
     def asks(self, question: str) -> bool:
-        """`question` is this record's (as far as the record holds it): an id
-        sent again with another question is a caller's mistake, not a retry."""
+        """`question` is this record's: an id sent again with another question
+        is a caller's mistake, not a retry."""
+        if self.question_sha256 is not None:
+            return self.question_sha256 == self.digest(question)
         return self.question == self.cut(question)
 
 
