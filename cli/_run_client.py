@@ -34,7 +34,8 @@ from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
-from cli._temporal_http import HttpApiError, HttpUnavailable, TemporalHttp
+from cli._taken_id import ALREADY_EXISTS, REUSE_POLICY_JSON, differences, holder_sdk, status_word, taken_message
+from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp
 from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
@@ -162,51 +163,76 @@ class RunClient:
             tools=opts.tools,
         )
 
-    async def start(self, request: RunRequest, workflow_id: str) -> WorkflowHandle:
-        return await self.client.start_workflow(
-            WORKFLOW_RLM_RUN,
-            request,
-            id=workflow_id,
-            task_queue=self.settings.task_queue,
-            result_type=RunResult,
-            # What the Temporal UI shows for the run: question, context, models, caps.
-            static_summary=run_static_summary(request),
-            static_details=run_static_details(request),
-        )
+    async def start(self, request: RunRequest, workflow_id: str) -> str | None:
+        """Start the run. None when it started; when the same request holds
+        the id already (sent again: cli/_taken_id.py), that run's status."""
+        if self.http is not None:
+            return await self._start_http(self.http, request, workflow_id)
+        from temporalio.common import WorkflowIDReusePolicy
+        from temporalio.exceptions import WorkflowAlreadyStartedError
 
-    async def _start_http(self, http: TemporalHttp, request: RunRequest, workflow_id: str) -> None:
+        try:
+            await self.client.start_workflow(
+                WORKFLOW_RLM_RUN,
+                request,
+                id=workflow_id,
+                task_queue=self.settings.task_queue,
+                result_type=RunResult,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                # What the Temporal UI shows for the run: question, context, models, caps.
+                static_summary=run_static_summary(request),
+                static_details=run_static_details(request),
+            )
+            return None
+        except WorkflowAlreadyStartedError:
+            pass
+        return self._same_run(request, workflow_id, *await holder_sdk(self.client, workflow_id))
+
+    async def _start_http(self, http: TemporalHttp, request: RunRequest, workflow_id: str) -> str | None:
         try:
             await asyncio.to_thread(
                 http.start, WORKFLOW_RLM_RUN, request.model_dump(mode="json"), workflow_id=workflow_id,
                 task_queue=self.settings.task_queue, summary=run_static_summary(request),
-                details=run_static_details(request),
+                details=run_static_details(request), id_reuse_policy=REUSE_POLICY_JSON,
             )  # fmt: skip
+            return None
         except HttpApiError as exc:
-            raise RunError(f"cannot start run {workflow_id}: {exc}") from None
+            if exc.code != ALREADY_EXISTS:
+                raise RunError(f"cannot start run {workflow_id}: {exc}") from None
+        try:
+            existing = await asyncio.to_thread(http.started_input, workflow_id)
+            info = (await asyncio.to_thread(http.describe, workflow_id)).get("workflowExecutionInfo", {})
+        except (HttpApiError, NotFound) as exc:
+            raise RunError(f"cannot start run {workflow_id}: a run holds the id ({exc})") from None
+        return self._same_run(request, workflow_id, existing, info.get("status", ""))
 
-    async def submit(self, opts: RunOptions) -> str:
+    @staticmethod
+    def _same_run(request: RunRequest, workflow_id: str, existing: Any, status: str) -> str:
+        fields = differences(existing, request)
+        if fields:
+            raise RunError(taken_message(workflow_id, status_word(status), fields))
+        return status_word(status)
+
+    async def submit(self, opts: RunOptions) -> tuple[str, str | None]:
+        """(run id, None) once started; (run id, its status) when the same
+        run held the id already."""
         request = await asyncio.to_thread(self.build_request, opts)
-        if self.http is not None:
-            await self._start_http(self.http, request, opts.workflow_id)
-        else:
-            await self.start(request, opts.workflow_id)
-        return opts.workflow_id
+        return opts.workflow_id, await self.start(request, opts.workflow_id)
 
     async def run(self, opts: RunOptions, on_started: Callable[[str], None] | None = None) -> RunResult:
         """Start the run and wait for its result; `on_started(run id)` once it
         is started (from then on it runs whether or not this client waits)."""
         request = await asyncio.to_thread(self.build_request, opts)
-        if self.http is not None:
-            await self._start_http(self.http, request, opts.workflow_id)
-        else:
-            handle = await self.start(request, opts.workflow_id)
+        existing = await self.start(request, opts.workflow_id)
         if on_started is not None:
             on_started(opts.workflow_id)
         if self.progress:
+            if existing is not None:
+                self.progress.note(f"run {opts.workflow_id} was started already ({existing}): not started again")
             self.progress.note(f"run {opts.workflow_id}: {self.ui_link(opts.workflow_id)}")
         if self.http is not None:
             return await follow_http(self.http, self.settings, opts.workflow_id, self.progress)
-        return await self._follow(handle)
+        return await self._follow(self.client.get_workflow_handle(opts.workflow_id, result_type=RunResult))
 
     # -- following -------------------------------------------------------------
     async def result(self, workflow_id: str) -> RunResult:

@@ -19,7 +19,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, WorkflowAlreadyStartedError
 from pydantic import ValidationError
 from temporalio.service import RPCError
 
@@ -27,6 +27,7 @@ from activities.settings import Settings
 from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
+from cli._taken_id import differences, holder_sdk, status_word, taken_message
 from workflows.names import (
     ASK_ANSWERED_ALREADY,
     QUERY_PROGRESS,
@@ -101,17 +102,26 @@ class SessionClient:
             continue_after_questions=opts.continue_after_questions,
         )
 
-    async def start(self, opts: SessionOptions) -> str:
+    async def start(self, opts: SessionOptions) -> tuple[str, str | None]:
+        """(session id, None) once started; (session id, its status) when the
+        same session is open under the id already (sent again: cli/_taken_id.py)."""
         request = await asyncio.to_thread(self.build_request, opts)
-        await self.client.start_workflow(
-            WORKFLOW_RLM_SESSION,
-            request,
-            id=opts.session_id,
-            task_queue=self.runs.settings.task_queue,
-            result_type=SessionSummary,
-            static_summary=f"session · {request.models.root} · context {request.context.sha256[:12]}"[:200],
-        )
-        return opts.session_id
+        try:
+            await self.client.start_workflow(
+                WORKFLOW_RLM_SESSION,
+                request,
+                id=opts.session_id,
+                task_queue=self.runs.settings.task_queue,
+                result_type=SessionSummary,
+                static_summary=f"session · {request.models.root} · context {request.context.sha256[:12]}"[:200],
+            )
+            return opts.session_id, None
+        except WorkflowAlreadyStartedError:
+            pass
+        existing, status = await holder_sdk(self.client, opts.session_id)
+        if fields := differences(existing, request):
+            raise RunError(taken_message(opts.session_id, status_word(status), fields, what="session"))
+        return opts.session_id, status_word(status)
 
     # -- asking and closing ------------------------------------------------------
     async def ask(

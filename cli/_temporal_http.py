@@ -85,10 +85,13 @@ class TemporalHttp:
         self._call("GET", "")
 
     def start(self, workflow_type: str, arg: Any, *, workflow_id: str, task_queue: str,
-              summary: str | None = None, details: str | None = None) -> None:
+              summary: str | None = None, details: str | None = None, id_reuse_policy: str | None = None) -> None:
         """Start a run; `arg` is the workflow's input as JSON (what the
-        pydantic data converter would send), summary/details what the UI shows."""
+        pydantic data converter would send), summary/details what the UI
+        shows, `id_reuse_policy` the server's enum name (None: its default)."""
         body: dict[str, Any] = {"workflowType": {"name": workflow_type}, "taskQueue": {"name": task_queue}, "input": [arg]}
+        if id_reuse_policy is not None:
+            body["workflowIdReusePolicy"] = id_reuse_policy
         metadata = {k: v for k, v in (("summary", summary), ("details", details)) if v is not None}
         if metadata:
             body["userMetadata"] = metadata
@@ -96,6 +99,15 @@ class TemporalHttp:
 
     def describe(self, workflow_id: str) -> dict[str, Any]:
         return self._call("GET", f"/workflows/{quote(workflow_id, safe='')}")
+
+    def started_input(self, workflow_id: str) -> Any:
+        """The first argument the latest run of `workflow_id` was started
+        with, as JSON (None if it had none)."""
+        page = self._call("GET", f"/workflows/{quote(workflow_id, safe='')}/history?maximumPageSize=1")
+        events = page.get("history", {}).get("events", [])
+        attributes = events[0].get("workflowExecutionStartedEventAttributes", {}) if events else {}
+        values = attributes.get("input") or [None]
+        return values[0]
 
     def signal(self, workflow_id: str, name: str, arg: Any) -> None:
         self._call("POST", f"/workflows/{quote(workflow_id, safe='')}/signal/{quote(name, safe='')}", {"input": [arg]})

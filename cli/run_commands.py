@@ -175,8 +175,10 @@ def _cmd_submit(args: argparse.Namespace, settings) -> int:
     async def go() -> int:
         # A missing worker is started, not waited for: submit returns at once.
         client = await RunClient.open(settings, progress=ProgressPrinter(sys.stderr), wait_for_worker=False)
-        workflow_id = await client.submit(opts)
+        workflow_id, existing = await client.submit(opts)
         print(workflow_id)
+        if existing is not None:  # the same run sent again: it holds the id
+            print(f"run {workflow_id} was started already ({existing}): not started again", file=sys.stderr)
         print(f"watch: {client.ui_link(workflow_id)}", file=sys.stderr)
         return 0
 

@@ -116,7 +116,9 @@ def _cmd_start(args: argparse.Namespace, settings) -> int:
 
     async def go() -> int:
         client = await _open(settings)
-        session_id = await client.start(opts)
+        session_id, existing = await client.start(opts)
+        if existing is not None:  # the same session sent again: it holds the id
+            print(f"session {session_id} was started already ({existing}): not started again", file=sys.stderr)
         if args.json:
             print(json.dumps({"session_id": session_id, "ui": client.ui_link(session_id)}))
         else:
@@ -189,7 +191,7 @@ def _cmd_chat(args: argparse.Namespace, settings) -> int:
     async def go(opened: list[str]) -> int:
         client = await _open(settings)
         if opts is not None:
-            session_id = await client.start(opts)
+            session_id, _ = await client.start(opts)
         else:
             session_id = args.session_id
             await client.summary(session_id)  # says clearly when it does not exist

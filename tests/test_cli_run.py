@@ -114,6 +114,42 @@ def test_submit_then_result(s, llm, tmp_path):
     assert json.loads(result.stdout)["answer"] == "abc"
 
 
+def test_a_run_id_sent_again_gets_its_run_not_a_second_paid_one(s, llm, tmp_path):
+    """A run's id is an idempotency key: a script whose `rlm submit --id X`
+    is retried gets run X (running or ended, with its result) instead of a
+    second paid run (Temporal starts a new run under a completed run's id by
+    default); the same id with another request is refused, naming what differs."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("abc")
+    llm.add_rule("Turn 1 of", repl("print(context)"), model=ROOT, delay_s=6, name="root")
+    llm.add_rule("abc", "FINAL(done)", model=ROOT)
+    args = ["--context", str(doc), "--model", ROOT]
+
+    first = _rlm(s, llm.url, "submit", "q", *args, "--id", "cli-again-1")
+    again = _rlm(s, llm.url, "submit", "q", *args, "--id", "cli-again-1")
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr[-2000:]
+    assert again.stdout.strip() == "cli-again-1" and "run cli-again-1 was started already (" in again.stderr
+    other = _rlm(s, llm.url, "submit", "another question", *args, "--id", "cli-again-1")
+    assert other.returncode == 1 and "run id cli-again-1 is taken by a run" in other.stderr
+    assert "differs in question: use another --id" in other.stderr, other.stderr[-2000:]
+    capped = _rlm(s, llm.url, "submit", "q", *args, "--max-usd", "3", "--id", "cli-again-1")
+    assert capped.returncode == 1 and "differs in caps" in capped.stderr, capped.stderr[-2000:]
+    assert json.loads(_rlm(s, llm.url, "result", "cli-again-1", "--json").stdout)["answer"] == "done"
+    rerun = _rlm(s, llm.url, "run", "q", *args, "--id", "cli-again-1")  # ended: its answer, not a new run
+    assert rerun.returncode == 0 and rerun.stdout.strip().splitlines()[0] == "done", rerun.stderr[-2000:]
+    assert "was started already (ended): not started again" in rerun.stderr
+    assert llm.count("root") == 1
+
+    # A cancelled run ended too: sent again, it gives its own outcome.
+    assert _rlm(s, llm.url, "submit", "q", *args, "--id", "cli-again-2").returncode == 0
+    assert _rlm(s, llm.url, "cancel", "cli-again-2").returncode == 0
+    assert json.loads(_rlm(s, llm.url, "result", "cli-again-2", "--json").stdout)["status"] == "cancelled"
+    calls = llm.count("root")
+    retried = _rlm(s, llm.url, "run", "q", *args, "--id", "cli-again-2", "--json")
+    assert retried.returncode == 3 and json.loads(retried.stdout)["status"] == "cancelled", retried.stderr[-2000:]
+    assert llm.count("root") == calls
+
+
 def test_default_model_choice(monkeypatch):
     """--model, else RLM_MODEL, else a hosted model whose key is set, else the local model."""
     from cli import _local_model

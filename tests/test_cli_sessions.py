@@ -195,3 +195,25 @@ def test_ctrl_c_at_the_chat_prompt_leaves_at_once_and_the_session_open(s, llm, t
     assert f"session {session_id} stays open" in err and f"rlm chat --session {session_id}" in err, err[-2000:]
     show = _rlm(s, llm.url, "session", "show", session_id, "--json")
     assert json.loads(show.stdout)["state"] == "open"
+
+
+def test_a_session_started_again_under_its_id_is_the_same_session(s, llm, tmp_path):
+    """`rlm session start --id X` sent again while X is open (a script that
+    retries) printed a traceback; the same request now names the open
+    session, another one is refused naming what differs, and a closed
+    session's id opens a new one."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta gamma")
+    start = ["session", "start", "--context", str(doc), "--model", ROOT, "--id", "cli-session-again"]
+    first = _rlm(s, llm.url, *start)
+    again = _rlm(s, llm.url, *start)
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr[-3000:]
+    assert again.stdout.strip() == "cli-session-again"
+    assert "session cli-session-again was started already (running): not started again" in again.stderr
+    other = _rlm(s, llm.url, *start, "--max-usd", "2")
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "session id cli-session-again is taken by a session (running) that differs in question_caps" in other.stderr
+    assert _rlm(s, llm.url, "session", "close", "cli-session-again").returncode == 0
+    reopened = _rlm(s, llm.url, *start)
+    assert reopened.returncode == 0 and "started already" not in reopened.stderr, reopened.stderr[-3000:]
+    assert _rlm(s, llm.url, "session", "close", "cli-session-again").returncode == 0

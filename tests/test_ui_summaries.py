@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 
 from activities.context_store import ContextStore
@@ -74,7 +75,7 @@ def test_activities_children_and_the_run_explain_themselves(settings, object_sto
 
 
 def test_a_run_started_by_the_client_has_a_static_card(settings, object_store, llm):
-    from cli._run_client import RunClient
+    from cli._run_client import RunClient, RunError
     from workflows.summaries import run_static_details
 
     llm.add_rule("Turn 1 of", "```repl\nprint(len(context))\n```", model=ROOT)
@@ -86,11 +87,18 @@ def test_a_run_started_by_the_client_has_a_static_card(settings, object_store, l
     async def go():
         async with running_worker(s, fake_registry(llm)) as client:
             runner = RunClient(s, client, progress=None)
-            handle = await runner.start(req, "static-card-" + s.task_queue)
+            workflow_id = "static-card-" + s.task_queue
+            assert await runner.start(req, workflow_id) is None
+            handle = client.get_workflow_handle(workflow_id)
             await asyncio.wait_for(handle.result(), 60)
-            return await handle.describe()
+            # Sent again through the SDK (cli/_taken_id.py): the run holds its id.
+            again = await runner.start(req, workflow_id)
+            with pytest.raises(RunError, match="differs in question"):
+                await runner.start(req.model_copy(update={"question": "Other?"}), workflow_id)
+            return await handle.describe(), again
 
-    desc = asyncio.run(go())
+    desc, again = asyncio.run(go())
+    assert again == "ended"
     meta = desc.raw_description.execution_config.user_metadata
     assert _text(meta.summary) == run_static_summary(req)
     assert _text(meta.details) == run_static_details(req)

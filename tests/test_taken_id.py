@@ -1,0 +1,33 @@
+"""Pure logic of an id sent again (cli/_taken_id.py): when a request is the
+same as the one holding the id, and what the refusal names. No servers."""
+
+from __future__ import annotations
+
+from cli._taken_id import differences, status_word, taken_message
+from tests.run_harness import request
+
+
+def test_the_same_request_is_the_same_whatever_the_json_left_out():
+    ours = request("How long is it?", "some text")
+    assert differences(ours.model_dump(mode="json"), ours) == []
+    # A holder started by an older client or another language leaves defaults out.
+    sparse = {k: v for k, v in ours.model_dump(mode="json").items() if v is not None}
+    assert differences(sparse, ours) == []
+
+
+def test_what_differs_is_named_and_anything_unreadable_is_another_request():
+    ours = request("How long is it?", "some text")
+    theirs = request("How short is it?", "some text", caps={"max_usd": 3}).model_dump(mode="json")
+    assert differences(theirs, ours) == ["caps", "question"]
+    assert differences({"not": "a run request"}, ours) == ["request"]
+    assert differences(None, ours) == ["request"]
+    message = taken_message("audit-7", "ended", ["caps", "question"])
+    assert message.startswith("run id audit-7 is taken by a run (ended) that differs in caps, question: use another --id")
+    assert "session" in taken_message("s-1", "running", ["tools"], what="session") and "rlm result" not in taken_message(
+        "s-1", "running", ["tools"], what="session"
+    )
+
+
+def test_a_workflow_status_reads_running_or_ended():
+    assert [status_word(s) for s in ("WORKFLOW_EXECUTION_STATUS_RUNNING", "RUNNING", "CONTINUED_AS_NEW")] == ["running"] * 3
+    assert {status_word(s) for s in ("WORKFLOW_EXECUTION_STATUS_COMPLETED", "TERMINATED", "")} == {"ended"}
