@@ -22,6 +22,7 @@ from cli._errors import UserError
 from cli._pickup import no_worker_message, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp, close_outcome, waiting_task_key
+from cli._workflow_kind import kind_of, not_a
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter
     """Wait for the run (through continue-as-new) and return its result."""
     http = TemporalHttp(settings)
     try:
-        await asyncio.to_thread(http.describe, workflow_id)
+        described = await asyncio.to_thread(http.describe, workflow_id)
     except HttpUnavailable:
         from cli._run_client import RunClient
 
@@ -85,7 +86,13 @@ async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
     except HttpApiError as exc:
         raise RunError(f"cannot read run {workflow_id}: {exc}") from None
+    if problem := not_a(workflow_id, _type_name(described), "run"):
+        raise RunError(problem)  # a session's result would wait until it closes
     return await follow_http(http, settings, workflow_id, progress)
+
+
+def _type_name(described: dict[str, Any]) -> str:
+    return described.get("workflowExecutionInfo", {}).get("type", {}).get("name", "")
 
 
 async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
@@ -174,6 +181,18 @@ async def cancel(settings: Settings, workflow_id: str, reason: str | None) -> No
         client = await RunClient.open(settings, progress=None, start_services=False, sdk=True)
         await client.cancel(workflow_id, reason)
     except NotFound:
-        raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
+        raise RunError(await asyncio.to_thread(_nothing_to_cancel, settings, workflow_id)) from None
     except HttpApiError as exc:
         raise RunError(f"cannot cancel run {workflow_id}: {exc}") from None
+
+
+def _nothing_to_cancel(settings: Settings, workflow_id: str) -> str:
+    """Why a cancel found nothing running: the id names nothing, or a run
+    or session that has ended (a signal to it is "not found" as well)."""
+    try:
+        described = TemporalHttp(settings).describe(workflow_id)
+    except (NotFound, HttpApiError, HttpUnavailable):
+        return f"no run {workflow_id} in namespace {settings.temporal_namespace}"
+    kind = kind_of(_type_name(described))
+    how = f" (`rlm result {workflow_id}` says how)" if kind == "run" else ""
+    return f"{kind} {workflow_id} has ended: nothing to cancel{how}"

@@ -21,13 +21,14 @@ from temporalio.client import (
 )
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, WorkflowAlreadyStartedError
 from pydantic import ValidationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settings import Settings
 from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
 from cli._taken_id import differences, holder_sdk, status_word, taken_message
+from cli._workflow_kind import not_a
 from workflows.names import (
     ASK_ANSWERED_ALREADY,
     QUERY_PROGRESS,
@@ -140,7 +141,7 @@ class SessionClient:
             ask = AskRequest(question=question, caps=caps or {}, answer_schema=answer_schema)
         except ValidationError as exc:
             raise RunError(f"ask: {validation_errors(exc)}") from None
-        handle = self._handle(session_id)
+        handle = await self._session(session_id)
         watcher = asyncio.create_task(self._watch(handle)) if self.progress else None
         keyed = ask_id is not None
         try:
@@ -178,7 +179,7 @@ class SessionClient:
                 self.progress.done()  # type: ignore[union-attr]
 
     async def close(self, session_id: str) -> SessionSummary:
-        handle = self._handle(session_id)
+        handle = await self._session(session_id)
         closed: SessionSummary | None = None
         try:
             closed = await handle.execute_update(UPDATE_CLOSE, result_type=SessionSummary)
@@ -200,7 +201,7 @@ class SessionClient:
             raise RunError(f"session {session_id} ended without a summary: {_ended_how(exc)}") from None
 
     async def summary(self, session_id: str) -> SessionSummary:
-        handle = self._handle(session_id)
+        handle = await self._session(session_id)
         try:
             return await handle.query(QUERY_SESSION, result_type=SessionSummary)
         except RPCError as exc:
@@ -208,6 +209,19 @@ class SessionClient:
 
     def _handle(self, session_id: str) -> WorkflowHandle:
         return self.client.get_workflow_handle(session_id, result_type=SessionSummary)
+
+    async def _session(self, session_id: str) -> WorkflowHandle:
+        """The session's handle, once the id is known to name a session."""
+        handle = self._handle(session_id)
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunError(f"no session {session_id} in namespace {self.runs.settings.temporal_namespace}") from None
+            raise RunError(f"session {session_id}: {exc}") from None
+        if problem := not_a(session_id, described.workflow_type, "session"):
+            raise RunError(problem)
+        return handle
 
     async def _watch(self, handle: WorkflowHandle) -> None:
         """Show the progress of the question being answered (its own run)."""

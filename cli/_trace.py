@@ -19,6 +19,7 @@ from temporalio.client import Client
 from cli._history import assemble, cut, parse_history
 from cli._errors import UserError
 from cli._run_by_id import ui_link
+from cli._workflow_kind import not_a
 from workflows.names import QUERY_PROGRESS, WORKFLOW_RLM_RUN
 
 if TYPE_CHECKING:
@@ -83,6 +84,10 @@ class TraceReader:
                 if runs:
                     break  # an older run of the chain past retention: show what is left
                 raise UserError(f"no run {workflow_id!r} in namespace {self.settings.temporal_namespace!r}: {exc}") from None
+            if not runs and history.events:  # the newest run of the chain: is it a run at all?
+                started = history.events[0].workflow_execution_started_event_attributes
+                if problem := not_a(workflow_id, started.workflow_type.name, "run"):
+                    raise UserError(problem)
             run = parse_history(list(history.events))
             runs.insert(0, run)
             run_id = run.get("previous_run_id")

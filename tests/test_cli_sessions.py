@@ -217,3 +217,32 @@ def test_a_session_started_again_under_its_id_is_the_same_session(s, llm, tmp_pa
     reopened = _rlm(s, llm.url, *start)
     assert reopened.returncode == 0 and "started already" not in reopened.stderr, reopened.stderr[-3000:]
     assert _rlm(s, llm.url, "session", "close", "cli-session-again").returncode == 0
+
+
+def test_a_run_id_given_to_a_session_command_and_back_says_what_it_names(s, llm, tmp_path):
+    """`rlm result` on a session id waited until the session closed, `rlm
+    show` and `export` showed it as an empty run, `rlm session show` on a run
+    id printed a traceback, `session close` said "invalid settings", and
+    `rlm cancel` on a run that had ended said there was no such run. Each
+    names what the id is and the command that fits."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("abc")
+    llm.add_rule("Turn 1 of", repl("print(context)"), model=ROOT)
+    llm.add_rule("abc", "FINAL(abc)", model=ROOT)
+    session = _rlm(s, llm.url, "session", "start", "--context", str(doc), "--model", ROOT, "--id", "cli-kind-session")
+    run = _rlm(s, llm.url, "run", "How long?", "--context", str(doc), "--model", ROOT, "--id", "cli-kind-run")
+    assert (session.returncode, run.returncode) == (0, 0), run.stderr[-3000:]
+
+    for args in (["result", "cli-kind-session"], ["show", "cli-kind-session"], ["export", "cli-kind-session"]):
+        proc = _rlm(s, llm.url, *args, timeout=60)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert "cli-kind-session is a session, not a run: `rlm session show cli-kind-session`" in proc.stderr, args
+    for args in (["session", "ask", "cli-kind-run", "q?"], ["session", "show", "cli-kind-run"], ["session", "close", "cli-kind-run"]):
+        proc = _rlm(s, llm.url, *args, timeout=60)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        assert "cli-kind-run is a run, not a session: `rlm result cli-kind-run`" in proc.stderr, args
+    ended = _rlm(s, llm.url, "cancel", "cli-kind-run")
+    assert ended.returncode == 1 and "run cli-kind-run has ended: nothing to cancel" in ended.stderr, ended.stderr
+    missing = _rlm(s, llm.url, "session", "show", "cli-kind-nothing")
+    assert missing.returncode == 1 and "no session cli-kind-nothing in namespace" in missing.stderr, missing.stderr
+    assert _rlm(s, llm.url, "session", "close", "cli-kind-session").returncode == 0
