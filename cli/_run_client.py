@@ -36,6 +36,7 @@ from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
 from cli._taken_id import ALREADY_EXISTS, REUSE_POLICY_JSON, differences, holder_sdk, status_word, taken_message
 from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp
+from cli._workflow_kind import kind_of
 from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
@@ -186,7 +187,8 @@ class RunClient:
             return None
         except WorkflowAlreadyStartedError:
             pass
-        return self._same_run(request, workflow_id, *await holder_sdk(self.client, workflow_id))
+        existing, status, workflow_type = await holder_sdk(self.client, workflow_id)
+        return self._same_run(request, workflow_id, existing, status, workflow_type)
 
     async def _start_http(self, http: TemporalHttp, request: RunRequest, workflow_id: str) -> str | None:
         try:
@@ -204,13 +206,14 @@ class RunClient:
             info = (await asyncio.to_thread(http.describe, workflow_id)).get("workflowExecutionInfo", {})
         except (HttpApiError, NotFound) as exc:
             raise RunError(f"cannot start run {workflow_id}: a run holds the id ({exc})") from None
-        return self._same_run(request, workflow_id, existing, info.get("status", ""))
+        return self._same_run(request, workflow_id, existing, info.get("status", ""), info.get("type", {}).get("name", ""))
 
     @staticmethod
-    def _same_run(request: RunRequest, workflow_id: str, existing: Any, status: str) -> str:
-        fields = differences(existing, request)
+    def _same_run(request: RunRequest, workflow_id: str, existing: Any, status: str, workflow_type: str) -> str:
+        holder = kind_of(workflow_type)
+        fields = differences(existing, request) if holder == "run" else ["workflow type"]
         if fields:
-            raise RunError(taken_message(workflow_id, status_word(status), fields))
+            raise RunError(taken_message(workflow_id, status_word(status), fields, holder=holder))
         return status_word(status)
 
     async def submit(self, opts: RunOptions) -> tuple[str, str | None]:

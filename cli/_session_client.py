@@ -28,7 +28,7 @@ from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
 from cli._taken_id import differences, holder_sdk, status_word, taken_message
-from cli._workflow_kind import not_a
+from cli._workflow_kind import kind_of, not_a
 from workflows.names import (
     ASK_ANSWERED_ALREADY,
     QUERY_PROGRESS,
@@ -119,9 +119,10 @@ class SessionClient:
             return opts.session_id, None
         except WorkflowAlreadyStartedError:
             pass
-        existing, status = await holder_sdk(self.client, opts.session_id)
-        if fields := differences(existing, request):
-            raise RunError(taken_message(opts.session_id, status_word(status), fields, what="session"))
+        existing, status, workflow_type = await holder_sdk(self.client, opts.session_id)
+        holder = kind_of(workflow_type)
+        if fields := (differences(existing, request) if holder == "session" else ["workflow type"]):
+            raise RunError(taken_message(opts.session_id, status_word(status), fields, what="session", holder=holder))
         return opts.session_id, status_word(status)
 
     # -- asking and closing ------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from cli._workflow_kind import kind_of
+
 __all__ = ["ALREADY_EXISTS", "REUSE_POLICY_JSON", "differences", "holder_sdk", "status_word", "taken_message"]
 
 # The policy as the HTTP API spells it (the SDK: WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY).
@@ -38,7 +40,12 @@ def differences(existing: Any, request: BaseModel) -> list[str]:
     return sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
 
 
-def taken_message(workflow_id: str, status: str, fields: list[str], *, what: str = "run") -> str:
+def taken_message(workflow_id: str, status: str, fields: list[str], *, what: str = "run", holder: str | None = None) -> str:
+    """Why the id cannot be used: its `holder` (a run, a session; `what` by
+    default) differs in `fields`."""
+    holder = holder or what
+    if holder != what:
+        return f"{what} id {workflow_id} is taken by a {holder} ({status}): use another --id"
     hint = f" (`rlm result {workflow_id}` gives that run's answer)" if what == "run" else ""
     return f"{what} id {workflow_id} is taken by a {what} ({status}) that differs in {', '.join(fields)}: use another --id{hint}"
 
@@ -50,13 +57,13 @@ def status_word(raw: str) -> str:
     return "running" if raw.removeprefix("WORKFLOW_EXECUTION_STATUS_") in ("RUNNING", "CONTINUED_AS_NEW") else "ended"
 
 
-async def holder_sdk(client: Any, workflow_id: str) -> tuple[Any, str]:
-    """(first input as JSON, status name) of the latest run of `workflow_id`,
-    read through the SDK client."""
+async def holder_sdk(client: Any, workflow_id: str) -> tuple[Any, str, str]:
+    """(first input as JSON, status name, workflow type) of the latest run of
+    `workflow_id`, read through the SDK client."""
     handle = client.get_workflow_handle(workflow_id)
-    status = (await handle.describe()).status
-    name = status.name if status is not None else ""
+    described = await handle.describe()
+    name = described.status.name if described.status is not None else ""
     async for event in handle.fetch_history_events():
         payloads = event.workflow_execution_started_event_attributes.input.payloads
-        return ((await client.data_converter.decode(payloads))[0] if payloads else None), name
-    return None, name
+        return ((await client.data_converter.decode(payloads))[0] if payloads else None), name, described.workflow_type
+    return None, name, described.workflow_type

@@ -31,3 +31,12 @@ def test_what_differs_is_named_and_anything_unreadable_is_another_request():
 def test_a_workflow_status_reads_running_or_ended():
     assert [status_word(s) for s in ("WORKFLOW_EXECUTION_STATUS_RUNNING", "RUNNING", "CONTINUED_AS_NEW")] == ["running"] * 3
     assert {status_word(s) for s in ("WORKFLOW_EXECUTION_STATUS_COMPLETED", "TERMINATED", "")} == {"ended"}
+
+
+def test_an_id_held_by_the_other_kind_says_so():
+    assert taken_message("x-1", "running", ["workflow type"], holder="session") == (
+        "run id x-1 is taken by a session (running): use another --id"
+    )
+    assert taken_message("x-2", "ended", ["workflow type"], what="session", holder="run") == (
+        "session id x-2 is taken by a run (ended): use another --id"
+    )
