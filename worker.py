@@ -26,7 +26,8 @@ from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker
 
 from activities._litellm_setup import preload as preload_litellm
-from activities._repl_pool import ReplPool, guest_memory_budget
+from activities._machine_memory import guest_memory_budget
+from activities._repl_pool import ReplPool
 from activities._tools_registry import ToolRegistrationError, ToolRegistry
 from activities.compaction import CompactionActivity
 from activities.context_store import ContextStore
@@ -85,6 +86,7 @@ def build_worker(
     pool = ReplPool(memory_budget=guest_memory_budget(settings.guest_memory_share))
     llm = LlmCallActivity(runtime)
     tool_calls = ToolCallActivity(runtime)
+    cells = RunCellActivity(runtime, pool)
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -95,8 +97,8 @@ def build_worker(
             llm.llm_calls,
             llm.llm_calls_in_lanes,
             IngestContextActivity(runtime).ingest_context,
-            RootTurnActivity(runtime).root_turn,
-            RunCellActivity(runtime, pool).run_cell,
+            RootTurnActivity(runtime, prepare_repl=cells.prepare).root_turn,
+            cells.run_cell,
             tool_calls.resolve_tools,
             tool_calls.tool_call,
             CompactionActivity(runtime).compact_transcript,

@@ -21,17 +21,16 @@ session. With caps of 2 GiB and a 12 GiB budget, six cells ran at once and
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
+from activities._machine_memory import machine_memory_bytes
 from activities._snapshot_store import RecordLocation, SnapshotSaver
 from sandbox_wasm import ReplSession, SandboxLimits
 
@@ -40,6 +39,13 @@ log = structlog.get_logger(__name__)
 MIB = 1024 * 1024
 BUSY_WAIT_S = 30.0
 WARM_UP_MEMORY_BYTES = 64 * MIB  # a guest's boot needs ~10 MiB
+# A checkout waits this long at most for the session `prepare` is making for
+# its run (a 400 MB context loads in ~1 s), then makes its own.
+PREPARE_WAIT_S = 60.0
+# Sessions made ahead at once: they compete with cells for CPU, and one asked
+# for while this many are made is skipped, not queued (a queued one could
+# start after its cell and be made for nothing).
+MAX_PREPARING = 2
 
 
 class GuestMemoryBusy(RuntimeError):
@@ -93,6 +99,8 @@ class ReplPool:
         """Cells waiting for guest memory, first come first served."""
         self._resuming = 0
         """Guests back from a host call waiting to take back their cap."""
+        self._preparing: dict[str, threading.Event] = {}
+        """Sessions being made ahead of their cell (`prepare`), by workflow id."""
 
     @property
     def memory_budget(self) -> int:
@@ -143,6 +151,10 @@ class ReplPool:
                 f"budget of {self._budget // MIB} MiB; lower the run's memory limit or raise "
                 "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
             )
+        with self._lock:
+            preparing = self._preparing.get(workflow_id)
+        if preparing is not None:  # made ahead for this cell (prepare): use it
+            preparing.wait(PREPARE_WAIT_S)
         stale = None
         with self._lock:
             live = self._idle.pop(workflow_id, None)
@@ -159,6 +171,57 @@ class ReplPool:
         if live is not None:
             self._close([live])
         self._reserve(cap)
+        return self._make(cap, limits, start, tools), False
+
+    def prepare(
+        self,
+        workflow_id: str,
+        snapshot_key: str | None,
+        limits: SandboxLimits,
+        start: Callable[[LiveRepl], None],
+        tools: dict[str, str] | None = None,
+    ) -> Callable[[], bool] | None:
+        """Reserve, now, the session a run's next cell will check out, and
+        return the work that makes it (to run on a thread of its own while
+        the run's model answers; True once made), or None when nothing is to
+        be made: this worker holds a session in that state, a cell waits for
+        memory, MAX_PREPARING are being made, or the cap does not fit as
+        things are (nothing is closed or waited for). From now on a checkout
+        for the run waits for it; a failure is logged, and the cell makes
+        its own session."""
+        tools = dict(tools or {})
+        cap = limits.memory_bytes
+        with self._lock:
+            held = self._idle.get(workflow_id)
+            if (
+                (held is not None and held.snapshot_key == snapshot_key)
+                or (snapshot_key is not None and any(v.snapshot_key == snapshot_key for v in self._idle.values()))
+                or workflow_id in self._preparing
+                or len(self._preparing) >= MAX_PREPARING
+                or self._waiting
+                or self._resuming
+                or self._held + cap > self._budget
+            ):
+                return None
+            self._preparing[workflow_id] = ready = threading.Event()
+            self._held += cap
+
+        def make() -> bool:
+            try:
+                self.checkin(workflow_id, self._make(cap, limits, start, tools))
+                return True
+            except Exception:  # noqa: BLE001 - the cell makes its own session and reports what fails there
+                log.warning("repl_pool.prepare_failed", workflow_id=workflow_id, exc_info=True)
+                return False
+            finally:  # idle by now, where the waiting checkout looks
+                with self._lock:
+                    del self._preparing[workflow_id]
+                ready.set()
+
+        return make
+
+    def _make(self, cap: int, limits: SandboxLimits, start: Callable[[LiveRepl], None], tools: dict[str, str]) -> LiveRepl:
+        """A started session holding `cap` (reserved by the caller)."""
         host: dict[str, Any] = {}
         made: list[LiveRepl] = []  # the session's LiveRepl, once made
         # The session calls whichever host functions the current cell installed.
@@ -179,7 +242,7 @@ class ReplPool:
         except BaseException:
             self._close([live])  # a half-started session is freed, never kept
             raise
-        return live, False
+        return live
 
     def checkin(self, workflow_id: str, live: LiveRepl) -> None:
         evicted: list[LiveRepl] = []
@@ -365,34 +428,6 @@ def _warm_up() -> None:
             pass
     except Exception:  # the first cell boots as it would have; say why this did not
         log.exception("repl_pool.warm_up_failed")
-
-
-def machine_memory_bytes() -> int:
-    """Memory this process may use: MemTotal, or a smaller cgroup limit."""
-    total = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    if not total:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if raw.isdigit() and 0 < int(raw) < total:
-            total = int(raw)
-        break
-    return total
-
-
-def guest_memory_budget(share: float) -> int:
-    """Bytes the guests of one worker may hold: `share` of the machine."""
-    return int(machine_memory_bytes() * share)
 
 
 _HOST_NAMES = (

@@ -8,6 +8,7 @@ call that already completed and returns it instead of calling the model again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import structlog
 from temporalio import activity
@@ -18,7 +19,7 @@ from workflows.names import ACTIVITY_ROOT_TURN
 from workflows.parsing import MAX_REPLY_CHARS, ParsedReply, parse_reply
 from workflows.result import ANSWER_INLINE_BYTES
 from workflows.prompts import merge_consecutive
-from workflows.steps import RootTurnInput, RootTurnOutput
+from workflows.steps import CellInput, RootTurnInput, RootTurnOutput
 
 log = structlog.get_logger(__name__)
 ROOT_REPLY_JSON_BYTES = 1536 * 1024
@@ -29,11 +30,16 @@ _NOTE_CHARS = 200
 
 
 class RootTurnActivity:
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, prepare_repl: Callable[[CellInput], None] | None = None) -> None:
+        """`prepare_repl`: starts making the REPL a turn's `warm_repl` asks for
+        (RunCellActivity.prepare); None, the cell makes it."""
         self._rt = runtime
+        self._prepare_repl = prepare_repl
 
     @activity.defn(name=ACTIVITY_ROOT_TURN)
     async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
+        if inp.warm_repl is not None and self._prepare_repl is not None:
+            self._prepare_repl(inp.warm_repl)  # in the background, while the model answers
         key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
         done = None
         if inp.attempt > 1 or activity.info().attempt > 1:

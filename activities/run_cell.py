@@ -31,6 +31,10 @@ from workflows.steps import CellInput, CellOutput
 log = structlog.get_logger(__name__)
 
 HEARTBEAT_EVERY_S = 1.0
+# A fresh REPL over a smaller context starts in ~15 ms: made ahead, it saves
+# little, and on a worker other than its cell's it is made for nothing
+# (bench_many_runs, 4 MB contexts, two workers: ~1 s more CPU per 100 runs).
+PREPARE_MIN_BYTES = 8 * 1024 * 1024
 BUSY_RETRY_DELAY = timedelta(seconds=5)
 
 
@@ -46,11 +50,7 @@ class RunCellActivity:
 
     @activity.defn(name=ACTIVITY_RUN_CELL)
     def run_cell(self, inp: CellInput) -> CellOutput:
-        limits = SandboxLimits(
-            cell_timeout_s=inp.timeout_s,
-            memory_bytes=inp.memory_mb * 1024 * 1024,
-            output_chars=inp.output_chars,
-        )
+        limits = _limits(inp)
         stop = threading.Event()
         running: list[LiveRepl] = []  # the session to interrupt if the run is cancelled
         ticker = threading.Thread(
@@ -77,6 +77,7 @@ class RunCellActivity:
                         type="WorkerShutdown",
                     )
                 out, saved = self._finisher.finish(inp.workflow_id, inp.cell_id, live, host, result)
+                out.warm = warm
             except BaseException as exc:
                 self._pool.discard(live)
                 if isinstance(exc, CellInterrupted) and activity.is_cancelled():
@@ -101,10 +102,24 @@ class RunCellActivity:
         )
         return out
 
+    def prepare(self, inp: CellInput) -> None:
+        """Make the REPL of the run's next cell (`inp` without its code) in the
+        background, while the run's model answers: its boot, context load and
+        snapshot restore are then done when the cell comes (ReplPool.prepare)."""
+        if inp.snapshot_key is None and inp.context.total_bytes < PREPARE_MIN_BYTES:
+            return
+        make = self._pool.prepare(
+            inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1),
+            tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
+        )  # fmt: skip
+        if make is not None:
+            threading.Thread(target=make, name="repl-prepare", daemon=True).start()
+
     def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
+        attempt = activity.info().attempt
         try:
             return self._pool.checkout(
-                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp),
+                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp, attempt),
                 tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
             )  # fmt: skip
         except GuestMemoryBusy as exc:
@@ -113,14 +128,14 @@ class RunCellActivity:
         except GuestMemoryTooLarge as exc:
             raise ApplicationError(str(exc), type="GuestMemoryTooLarge", non_retryable=True) from None
 
-    def _start(self, live: LiveRepl, inp: CellInput) -> None:
+    def _start(self, live: LiveRepl, inp: CellInput, attempt: int) -> None:
         paths, release = self._files.acquire(inp.context)
         live.on_close.append(release)  # the files stay while the session may reload them
         live.session.start()
         live.session.load_context(paths, inp.context.kind)
         if inp.snapshot_key is not None:
             stored = self._snapshots.load(inp.snapshot_key)
-            if activity.info().attempt == 1:
+            if attempt == 1:
                 # A first failure may be this worker's (load, a trap): retried.
                 live.session.restore(stored.state, stored.records)
             elif not live.session.restore_or_start_empty(stored.state, stored.records):
@@ -133,6 +148,10 @@ class RunCellActivity:
             live.records = stored.locations
             live.records_stored_in(self._snapshots)
         live.snapshot_key = inp.snapshot_key
+
+
+def _limits(inp: CellInput) -> SandboxLimits:
+    return SandboxLimits(cell_timeout_s=inp.timeout_s, memory_bytes=inp.memory_mb * 1024 * 1024, output_chars=inp.output_chars)
 
 
 def _heartbeat(ctx: contextvars.Context, stop: threading.Event, running: list[LiveRepl]) -> None:

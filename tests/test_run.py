@@ -246,3 +246,35 @@ def test_continue_as_new_keeps_repl_state_transcript_and_spend(settings, context
     assert "second ONETWO" in third.last_user_text
     # The transcript carried over: the third turn's prompt holds the first turn's output.
     assert "first ONE" in third.all_text
+
+
+def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, context_store, llm):
+    """The run's first root turn asks its worker to make the REPL (boot,
+    context load) while the model answers; the first cell checks it out warm,
+    and the next cell keeps it."""
+    from temporalio.api.enums.v1 import EventType
+
+    from workflows.steps import CellOutput
+
+    ctx = context_store.put_value("x" * 9_000_000)  # over PREPARE_MIN_BYTES: worth making ahead
+    llm.add_rule("Turn 1 of", repl("print(len(context))"), model=ROOT, delay_s=0.5)
+    llm.add_rule("Turn 2 of", repl("print('again')"), model=ROOT)
+    llm.add_rule("again", "FINAL(9000000)", model=ROOT)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("How long?", ctx))
+            result = await asyncio.wait_for(handle.result(), 120)
+            return result, await handle.fetch_history()
+
+    result, history = asyncio.run(go())
+    assert (result.status, result.answer) == ("completed", "9000000"), result.reason
+    cells = [
+        pydantic_data_converter.payload_converter.from_payloads(e.activity_task_completed_event_attributes.result.payloads, [CellOutput])[0]
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED and e.activity_task_completed_event_attributes.result.payloads
+        and b"duration_s" in e.activity_task_completed_event_attributes.result.payloads[0].data
+    ]
+    assert [c.output.strip() for c in cells] == ["9000000", "again"]
+    assert [c.warm for c in cells] == [True, True]

@@ -54,3 +54,56 @@ def test_repls_idle_past_the_limit_are_closed(pool: ReplPool) -> None:
     again, warm = pool.checkout("run-b", None, CAP, _start)
     assert warm and again is b
     pool.checkin("run-b", b)
+
+
+def test_a_repl_prepared_while_the_model_answers_is_the_one_its_cell_checks_out(pool: ReplPool) -> None:
+    """`prepare` (the run's first root turn) makes the REPL its cell will need;
+    the cell checks it out warm. Nothing is prepared where a REPL in that
+    state is held already, or where its cap does not fit as things are."""
+    assert pool.prepare("run-p", None, CAP, _start)()
+    assert pool.prepare("run-p", None, CAP, _start) is None  # held already, idle
+    live, warm = pool.checkout("run-p", None, CAP, _start)
+    assert warm and live.session.run_cell("print(6 * 7)").output.strip() == "42"
+    big = SandboxLimits(cell_timeout_s=5.0, memory_bytes=500 * MIB)
+    assert pool.prepare("run-q", None, big, _start) is None  # 128 held + 500 > 600: no one is closed for it
+    assert pool.held_bytes == 128 * MIB
+    pool.checkin("run-p", live)
+
+
+def test_a_cell_waits_for_the_repl_being_prepared_for_it_instead_of_making_a_second(pool: ReplPool) -> None:
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_start(live: LiveRepl) -> None:  # a large context loading
+        live.session.start()
+        started.set()
+        release.wait(10)
+
+    make = pool.prepare("run-w", None, CAP, slow_start)
+    assert pool.prepare("run-w", None, CAP, slow_start) is None  # being made
+    preparing = threading.Thread(target=make)
+    preparing.start()
+    assert started.wait(10)
+    made: list[LiveRepl] = []
+    checkout = threading.Thread(target=lambda: made.append(pool.checkout("run-w", None, CAP, _start)))
+    checkout.start()
+    checkout.join(0.3)
+    assert checkout.is_alive()  # waiting for the prepared REPL, not booting its own
+    release.set()
+    preparing.join(10)
+    checkout.join(10)
+    live, warm = made[0]
+    assert warm and pool.held_bytes == 128 * MIB
+    pool.checkin("run-w", live)
+
+
+def test_a_prepare_that_fails_leaves_the_cell_to_make_its_repl(pool: ReplPool) -> None:
+    def broken(live: LiveRepl) -> None:
+        raise OSError("the context could not be read")
+
+    assert pool.prepare("run-f", None, CAP, broken)() is False
+    assert pool.held_bytes == 0
+    live, warm = pool.checkout("run-f", None, CAP, _start)
+    assert not warm and live.session.run_cell("print(1)").output.strip() == "1"
+    pool.checkin("run-f", live)

@@ -87,6 +87,11 @@ class RootTurnInput(BaseModel):
     attempt: int = 1
     """1 for the first attempt; a later one first looks for the record of an
     earlier attempt that finished unseen (workflows/model_attempts.py)."""
+    warm_repl: CellInput | None = None
+    """The REPL the run's next cell starts from (`code` unused), on the first
+    turn of a run chain: the worker makes it while the model answers, so the
+    cell finds its context loaded and its snapshot restored. None: nothing
+    to prepare (the worker keeps the REPL between a run's cells)."""
 
 
 class RootTurnOutput(BaseModel):
@@ -120,6 +125,10 @@ class CellInput(BaseModel):
     """Set once the run's transcript was compacted: `history()` reads it."""
 
 
+# RootTurnInput.warm_repl names CellInput, defined after it.
+RootTurnInput.model_rebuild()
+
+
 class CellOutput(BaseModel):
     output: str
     """Printed output, capped for the transcript."""
@@ -136,6 +145,10 @@ class CellOutput(BaseModel):
     unsaved: list[str] = Field(default_factory=list)
     duration_s: float = 0.0
     subcalls: int = 0
+    warm: bool = False
+    """The cell found its REPL ready on its worker (kept from the run's
+    previous cell, or made while the model answered): no boot, context load
+    or restore in its time."""
 
 
 class SubcallItem(BaseModel):

@@ -88,6 +88,7 @@ class TurnDriver:
         self.answer_ref: BlobRef | None = None
         self._reply_final_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False
+        self._repl_asked = False  # the first root call asks its worker to make the REPL
         # Typed answers (answer_schema): the parsed value, and whether an
         # invalid answer was already sent back (only once per run chain).
         self.answer_value: Any = None
@@ -318,6 +319,9 @@ class TurnDriver:
         self._prompt_tokens += messages_token_bound(append)
         call_id = f"root:{run.state.turn}" if count_turn else f"root:{run.state.turn}:final"
         turn = run.state.turn if count_turn else run.state.turn + 1
+        # The chain's first turn: its worker makes the REPL while the model answers.
+        warm_repl = None if self._repl_asked else self._cell_input("warm", "")
+        self._repl_asked = True
 
         async def attempt(number: int) -> RootTurnOutput:
             return await workflow.execute_activity(
@@ -331,6 +335,7 @@ class TurnDriver:
                     stop=info.stop or stop_sequences(info.prompt_profile),
                     transcript_prev_key=self.transcript_key,
                     attempt=number,
+                    warm_repl=warm_repl,
                 ),
                 result_type=RootTurnOutput,
                 start_to_close_timeout=timedelta(
@@ -362,22 +367,10 @@ class TurnDriver:
         run = self._run
         run.set_phase(f"cell {cell_id}")
         run.state.cells += 1
-        limits = self._req.limits
-        cell_timeout_s = until_deadline_s(run.state.ledger.deadline, limits.cell_timeout_s)
+        cell_timeout_s = until_deadline_s(run.state.ledger.deadline, self._req.limits.cell_timeout_s)
         try:
             cell = await execute_cell(
-                CellInput(
-                    workflow_id=workflow.info().workflow_id,
-                    cell_id=cell_id,
-                    code=code,
-                    context=self._req.context,
-                    snapshot_key=self.snapshot_key,
-                    timeout_s=cell_timeout_s,
-                    memory_mb=limits.cell_memory_mb,
-                    output_chars=limits.output_chars,
-                    tools=self._req.tools,
-                    history_key=self.window.history_key,
-                ),
+                self._cell_input(cell_id, code, cell_timeout_s),
                 summary=cell_summary(cell_id, code),
                 start_to_close=cell_start_to_close(run.state.ledger.deadline, cell_timeout_s),
                 wait_until_stopped=True,
@@ -398,4 +391,19 @@ class TurnDriver:
         if cell.final_ref is not None:
             self.answer_ref = cell.final_ref
         return cell
+
+    def _cell_input(self, cell_id: str, code: str, timeout_s: float | None = None) -> CellInput:
+        limits = self._req.limits
+        return CellInput(
+            workflow_id=workflow.info().workflow_id,
+            cell_id=cell_id,
+            code=code,
+            context=self._req.context,
+            snapshot_key=self.snapshot_key,
+            timeout_s=limits.cell_timeout_s if timeout_s is None else timeout_s,
+            memory_mb=limits.cell_memory_mb,
+            output_chars=limits.output_chars,
+            tools=self._req.tools,
+            history_key=self.window.history_key,
+        )
 
