@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import structlog
@@ -80,6 +80,19 @@ class LiveRepl:
         self.session.keep_records_elsewhere(snapshots.record_source(lambda: self.records))
 
 
+@dataclass
+class _Preparing:
+    """A session being made ahead of its cell (`ReplPool.prepare`)."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    """Its cell stopped waiting for it and made its own."""
+
+
+def _same_but_timeout(a: SandboxLimits, b: SandboxLimits) -> bool:
+    return replace(a, cell_timeout_s=b.cell_timeout_s) == b
+
+
 class ReplPool:
     """At most `size` live sessions whose caps sum to at most `memory_budget`
     bytes; least recently used idle sessions are closed first."""
@@ -99,7 +112,7 @@ class ReplPool:
         """Cells waiting for guest memory, first come first served."""
         self._resuming = 0
         """Guests back from a host call waiting to take back their cap."""
-        self._preparing: dict[str, threading.Event] = {}
+        self._preparing: dict[str, _Preparing] = {}
         """Sessions being made ahead of their cell (`prepare`), by workflow id."""
 
     @property
@@ -153,8 +166,8 @@ class ReplPool:
             )
         with self._lock:
             preparing = self._preparing.get(workflow_id)
-        if preparing is not None:  # made ahead for this cell (prepare): use it
-            preparing.wait(PREPARE_WAIT_S)
+        if preparing is not None and not preparing.ready.wait(PREPARE_WAIT_S):
+            preparing.abandoned = True  # made too late: this cell makes its own
         stale = None
         with self._lock:
             live = self._idle.pop(workflow_id, None)
@@ -166,7 +179,9 @@ class ReplPool:
                     stale, live = live, self._idle.pop(other)
         if stale is not None:
             self._close([stale])
-        if live is not None and live.snapshot_key == snapshot_key and live.limits == limits and live.tools == tools:
+        if live is not None and live.snapshot_key == snapshot_key and _same_but_timeout(live.limits, limits) and live.tools == tools:
+            # A cell's timeout shrinks near the run's deadline; the session reads it per cell.
+            live.limits = live.session.limits = limits
             return live, True
         if live is not None:
             self._close([live])
@@ -180,15 +195,14 @@ class ReplPool:
         limits: SandboxLimits,
         start: Callable[[LiveRepl], None],
         tools: dict[str, str] | None = None,
-    ) -> Callable[[], bool] | None:
-        """Reserve, now, the session a run's next cell will check out, and
-        return the work that makes it (to run on a thread of its own while
-        the run's model answers; True once made), or None when nothing is to
-        be made: this worker holds a session in that state, a cell waits for
-        memory, MAX_PREPARING are being made, or the cap does not fit as
-        things are (nothing is closed or waited for). From now on a checkout
-        for the run waits for it; a failure is logged, and the cell makes
-        its own session."""
+    ) -> bool:
+        """Start making, on a thread of its own, the session a run's next cell
+        will check out (while the run's model answers); True if started. Not
+        when this worker holds a session in that state, or its idle sessions
+        fill the pool, a cell waits for memory, MAX_PREPARING are being made,
+        or the cap does not fit as things are (nothing is closed or waited
+        for). A checkout for the run waits for it; a failure is logged, and
+        the cell makes its own session."""
         tools = dict(tools or {})
         cap = limits.memory_bytes
         with self._lock:
@@ -196,29 +210,44 @@ class ReplPool:
             if (
                 (held is not None and held.snapshot_key == snapshot_key)
                 or (snapshot_key is not None and any(v.snapshot_key == snapshot_key for v in self._idle.values()))
+                or len(self._idle) >= self._size
                 or workflow_id in self._preparing
                 or len(self._preparing) >= MAX_PREPARING
                 or self._waiting
                 or self._resuming
                 or self._held + cap > self._budget
             ):
-                return None
-            self._preparing[workflow_id] = ready = threading.Event()
+                return False
+            self._preparing[workflow_id] = preparing = _Preparing()
             self._held += cap
 
-        def make() -> bool:
+        def make() -> None:
             try:
-                self.checkin(workflow_id, self._make(cap, limits, start, tools))
-                return True
+                live = self._make(cap, limits, start, tools)
             except Exception:  # noqa: BLE001 - the cell makes its own session and reports what fails there
                 log.warning("repl_pool.prepare_failed", workflow_id=workflow_id, exc_info=True)
-                return False
-            finally:  # idle by now, where the waiting checkout looks
-                with self._lock:
-                    del self._preparing[workflow_id]
-                ready.set()
+                self._prepared(workflow_id, preparing)
+                return
+            with self._lock:  # a cell that gave up waiting made its own, maybe newer
+                kept = not preparing.abandoned and workflow_id not in self._idle
+            if kept:
+                self.checkin(workflow_id, live)
+            else:
+                self._close([live])
+            self._prepared(workflow_id, preparing)  # idle by now, where the waiting checkout looks
 
-        return make
+        try:
+            threading.Thread(target=make, name="repl-prepare", daemon=True).start()
+        except RuntimeError:  # no thread to be had: give the reservation back
+            self._release_cap(cap)
+            self._prepared(workflow_id, preparing)
+            return False
+        return True
+
+    def _prepared(self, workflow_id: str, preparing: _Preparing) -> None:
+        with self._lock:
+            self._preparing.pop(workflow_id, None)
+        preparing.ready.set()
 
     def _make(self, cap: int, limits: SandboxLimits, start: Callable[[LiveRepl], None], tools: dict[str, str]) -> LiveRepl:
         """A started session holding `cap` (reserved by the caller)."""

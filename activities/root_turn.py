@@ -39,7 +39,10 @@ class RootTurnActivity:
     @activity.defn(name=ACTIVITY_ROOT_TURN)
     async def root_turn(self, inp: RootTurnInput) -> RootTurnOutput:
         if inp.warm_repl is not None and self._prepare_repl is not None:
-            self._prepare_repl(inp.warm_repl)  # in the background, while the model answers
+            try:
+                self._prepare_repl(inp.warm_repl)  # in the background, while the model answers
+            except Exception:  # noqa: BLE001 - only ever a head start: the cell reports what is wrong
+                log.warning("root_turn.prepare_skipped", workflow_id=inp.workflow_id, exc_info=True)
         key = run_key(inp.workflow_id, "transcript", f"{inp.turn:04d}.json")
         done = None
         if inp.attempt > 1 or activity.info().attempt > 1:

@@ -108,12 +108,10 @@ class RunCellActivity:
         snapshot restore are then done when the cell comes (ReplPool.prepare)."""
         if inp.snapshot_key is None and inp.context.total_bytes < PREPARE_MIN_BYTES:
             return
-        make = self._pool.prepare(
+        self._pool.prepare(
             inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1),
             tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
         )  # fmt: skip
-        if make is not None:
-            threading.Thread(target=make, name="repl-prepare", daemon=True).start()
 
     def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
         attempt = activity.info().attempt

@@ -34,9 +34,9 @@ from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
-from cli._taken_id import ALREADY_EXISTS, REUSE_POLICY_JSON, differences, holder_sdk, status_word, taken_message
+from cli._taken_id import REUSE_POLICY_JSON, check_taken, holder_http, holder_sdk
 from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp
-from cli._workflow_kind import kind_of
+from cli._workflow_kind import not_a
 from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
@@ -187,8 +187,7 @@ class RunClient:
             return None
         except WorkflowAlreadyStartedError:
             pass
-        existing, status, workflow_type = await holder_sdk(self.client, workflow_id)
-        return self._same_run(request, workflow_id, existing, status, workflow_type)
+        return check_taken(workflow_id, request, await holder_sdk(self.client, workflow_id), what="run")
 
     async def _start_http(self, http: TemporalHttp, request: RunRequest, workflow_id: str) -> str | None:
         try:
@@ -199,22 +198,13 @@ class RunClient:
             )  # fmt: skip
             return None
         except HttpApiError as exc:
-            if exc.code != ALREADY_EXISTS:
+            if not exc.already_exists:
                 raise RunError(f"cannot start run {workflow_id}: {exc}") from None
         try:
-            existing = await asyncio.to_thread(http.started_input, workflow_id)
-            info = (await asyncio.to_thread(http.describe, workflow_id)).get("workflowExecutionInfo", {})
+            holder = await asyncio.to_thread(holder_http, http, workflow_id)
         except (HttpApiError, NotFound) as exc:
-            raise RunError(f"cannot start run {workflow_id}: a run holds the id ({exc})") from None
-        return self._same_run(request, workflow_id, existing, info.get("status", ""), info.get("type", {}).get("name", ""))
-
-    @staticmethod
-    def _same_run(request: RunRequest, workflow_id: str, existing: Any, status: str, workflow_type: str) -> str:
-        holder = kind_of(workflow_type)
-        fields = differences(existing, request) if holder == "run" else ["workflow type"]
-        if fields:
-            raise RunError(taken_message(workflow_id, status_word(status), fields, holder=holder))
-        return status_word(status)
+            raise RunError(f"cannot start run {workflow_id}: the workflow holding the id cannot be read ({exc})") from None
+        return check_taken(workflow_id, request, holder, what="run")
 
     async def submit(self, opts: RunOptions) -> tuple[str, str | None]:
         """(run id, None) once started; (run id, its status) when the same
@@ -241,7 +231,16 @@ class RunClient:
     async def result(self, workflow_id: str) -> RunResult:
         if self.http is not None:
             return await follow_http(self.http, self.settings, workflow_id, self.progress)
-        return await self._follow(self.client.get_workflow_handle(workflow_id, result_type=RunResult))
+        from temporalio.service import RPCError
+
+        handle = self.client.get_workflow_handle(workflow_id, result_type=RunResult)
+        try:
+            workflow_type = (await handle.describe()).workflow_type
+        except RPCError as exc:
+            raise RunError(f"cannot read run {workflow_id}: {exc}") from None
+        if problem := not_a(workflow_id, workflow_type, "run"):
+            raise RunError(problem)  # a session's result would wait until it closes
+        return await self._follow(handle)
 
     async def _follow(self, handle: WorkflowHandle) -> RunResult:
         from temporalio.client import WorkflowFailureError

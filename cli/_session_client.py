@@ -27,8 +27,8 @@ from activities.settings import Settings
 from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_client import RunClient, RunError, RunOptions
-from cli._taken_id import differences, holder_sdk, status_word, taken_message
-from cli._workflow_kind import kind_of, not_a
+from cli._taken_id import check_taken, holder_sdk
+from cli._workflow_kind import not_a
 from workflows.names import (
     ASK_ANSWERED_ALREADY,
     QUERY_PROGRESS,
@@ -119,11 +119,7 @@ class SessionClient:
             return opts.session_id, None
         except WorkflowAlreadyStartedError:
             pass
-        existing, status, workflow_type = await holder_sdk(self.client, opts.session_id)
-        holder = kind_of(workflow_type)
-        if fields := (differences(existing, request) if holder == "session" else ["workflow type"]):
-            raise RunError(taken_message(opts.session_id, status_word(status), fields, what="session", holder=holder))
-        return opts.session_id, status_word(status)
+        return opts.session_id, check_taken(opts.session_id, request, await holder_sdk(self.client, opts.session_id), what="session")
 
     # -- asking and closing ------------------------------------------------------
     async def ask(

@@ -15,18 +15,39 @@ session is open (a closed one's id may open a new session, as before).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from cli._run_by_id import RunError
 from cli._workflow_kind import kind_of
 
-__all__ = ["ALREADY_EXISTS", "REUSE_POLICY_JSON", "differences", "holder_sdk", "status_word", "taken_message"]
+__all__ = ["REUSE_POLICY_JSON", "Holder", "check_taken", "differences", "holder_http", "holder_sdk", "status_word", "taken_message"]
 
 # The policy as the HTTP API spells it (the SDK: WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY).
 REUSE_POLICY_JSON = "WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE_FAILED_ONLY"
-# gRPC ALREADY_EXISTS: a run with the id runs, or completed under this policy.
-ALREADY_EXISTS = 6
+
+
+@dataclass
+class Holder:
+    """The workflow that holds an id: the request its chain was started with
+    (its first run's input: a run that continued as new carries its state in
+    later inputs), its status and its type."""
+
+    request: Any
+    status: str
+    workflow_type: str
+
+
+def check_taken(workflow_id: str, request: BaseModel, holder: Holder, *, what: str) -> str:
+    """`running` or `ended` when `holder` is the same `what` (run, session)
+    with the same request; a RunError naming what differs otherwise."""
+    kind = kind_of(holder.workflow_type)
+    fields = differences(holder.request, request) if kind == what else ["workflow type"]
+    if fields:
+        raise RunError(taken_message(workflow_id, status_word(holder.status), fields, what=what, holder=kind))
+    return status_word(holder.status)
 
 
 def differences(existing: Any, request: BaseModel) -> list[str]:
@@ -57,13 +78,26 @@ def status_word(raw: str) -> str:
     return "running" if raw.removeprefix("WORKFLOW_EXECUTION_STATUS_") in ("RUNNING", "CONTINUED_AS_NEW") else "ended"
 
 
-async def holder_sdk(client: Any, workflow_id: str) -> tuple[Any, str, str]:
-    """(first input as JSON, status name, workflow type) of the latest run of
-    `workflow_id`, read through the SDK client."""
-    handle = client.get_workflow_handle(workflow_id)
-    described = await handle.describe()
-    name = described.status.name if described.status is not None else ""
-    async for event in handle.fetch_history_events():
-        payloads = event.workflow_execution_started_event_attributes.input.payloads
-        return ((await client.data_converter.decode(payloads))[0] if payloads else None), name, described.workflow_type
-    return None, name, described.workflow_type
+def holder_http(http: Any, workflow_id: str) -> Holder:
+    """The holder of `workflow_id`, read over the HTTP API (blocking)."""
+    info = http.describe(workflow_id).get("workflowExecutionInfo", {})
+    request = http.started_input(workflow_id, run_id=info.get("firstRunId") or None)
+    return Holder(request, info.get("status", ""), info.get("type", {}).get("name", ""))
+
+
+async def holder_sdk(client: Any, workflow_id: str) -> Holder:
+    """The holder of `workflow_id`, read through the SDK client."""
+    from temporalio.service import RPCError
+
+    try:
+        described = await client.get_workflow_handle(workflow_id).describe()
+        first = described.raw_description.workflow_execution_info.first_run_id or None
+        request = None
+        async for event in client.get_workflow_handle(workflow_id, run_id=first).fetch_history_events(page_size=1):
+            payloads = event.workflow_execution_started_event_attributes.input.payloads
+            request = (await client.data_converter.decode(payloads))[0] if payloads else None
+            break
+    except RPCError as exc:  # deleted or past retention in between
+        raise RunError(f"{workflow_id}: the workflow holding the id cannot be read ({exc})") from None
+    status = described.status.name if described.status is not None else ""
+    return Holder(request, status, described.workflow_type)

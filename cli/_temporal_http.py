@@ -50,9 +50,15 @@ class HttpApiError(Exception):
         """Worth another try: "Workflow is busy" (RESOURCE_EXHAUSTED) or UNAVAILABLE."""
         return self.code in _TRANSIENT_CODES
 
+    @property
+    def already_exists(self) -> bool:
+        """A start refused: a workflow with the id runs (or, by the reuse policy, has run)."""
+        return self.code == _ALREADY_EXISTS
+
 
 # gRPC status codes the server gives when it is overloaded, not when the call is wrong.
 _TRANSIENT_CODES = (8, 14)
+_ALREADY_EXISTS = 6
 
 
 class TemporalHttp:
@@ -100,10 +106,11 @@ class TemporalHttp:
     def describe(self, workflow_id: str) -> dict[str, Any]:
         return self._call("GET", f"/workflows/{quote(workflow_id, safe='')}")
 
-    def started_input(self, workflow_id: str) -> Any:
-        """The first argument the latest run of `workflow_id` was started
-        with, as JSON (None if it had none)."""
-        page = self._call("GET", f"/workflows/{quote(workflow_id, safe='')}/history?maximumPageSize=1")
+    def started_input(self, workflow_id: str, run_id: str | None = None) -> Any:
+        """The first argument a run of `workflow_id` (its latest, or `run_id`)
+        was started with, as JSON (None if it had none)."""
+        run = f"&execution.runId={quote(run_id, safe='')}" if run_id else ""
+        page = self._call("GET", f"/workflows/{quote(workflow_id, safe='')}/history?maximumPageSize=1{run}")
         events = page.get("history", {}).get("events", [])
         attributes = events[0].get("workflowExecutionStartedEventAttributes", {}) if events else {}
         values = attributes.get("input") or [None]

@@ -5,6 +5,8 @@ past a limit are closed, so an idle session holds no guest memory."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from activities._repl_pool import LiveRepl, ReplPool
@@ -58,16 +60,21 @@ def test_repls_idle_past_the_limit_are_closed(pool: ReplPool) -> None:
 
 def test_a_repl_prepared_while_the_model_answers_is_the_one_its_cell_checks_out(pool: ReplPool) -> None:
     """`prepare` (the run's first root turn) makes the REPL its cell will need;
-    the cell checks it out warm. Nothing is prepared where a REPL in that
-    state is held already, or where its cap does not fit as things are."""
-    assert pool.prepare("run-p", None, CAP, _start)()
-    assert pool.prepare("run-p", None, CAP, _start) is None  # held already, idle
-    live, warm = pool.checkout("run-p", None, CAP, _start)
+    the cell checks it out warm, also when the run's deadline cut the cell's
+    timeout. Nothing is prepared where a REPL in that state is held already,
+    or where its cap does not fit as things are."""
+    assert pool.prepare("run-p", None, CAP, _start)
+    live, warm = pool.checkout("run-p", None, CAP, _start)  # waits for it
     assert warm and live.session.run_cell("print(6 * 7)").output.strip() == "42"
-    big = SandboxLimits(cell_timeout_s=5.0, memory_bytes=500 * MIB)
-    assert pool.prepare("run-q", None, big, _start) is None  # 128 held + 500 > 600: no one is closed for it
-    assert pool.held_bytes == 128 * MIB
     pool.checkin("run-p", live)
+    assert not pool.prepare("run-p", None, CAP, _start)  # held already, idle
+    cut = SandboxLimits(cell_timeout_s=1.5, memory_bytes=CAP.memory_bytes)
+    again, warm = pool.checkout("run-p", None, cut, _start)
+    assert warm and again is live and again.session.limits.cell_timeout_s == 1.5
+    big = SandboxLimits(cell_timeout_s=5.0, memory_bytes=500 * MIB)
+    assert not pool.prepare("run-q", None, big, _start)  # 128 held + 500 > 600: no one is closed for it
+    assert pool.held_bytes == 128 * MIB
+    pool.checkin("run-p", again)
 
 
 def test_a_cell_waits_for_the_repl_being_prepared_for_it_instead_of_making_a_second(pool: ReplPool) -> None:
@@ -80,30 +87,47 @@ def test_a_cell_waits_for_the_repl_being_prepared_for_it_instead_of_making_a_sec
         started.set()
         release.wait(10)
 
-    make = pool.prepare("run-w", None, CAP, slow_start)
-    assert pool.prepare("run-w", None, CAP, slow_start) is None  # being made
-    preparing = threading.Thread(target=make)
-    preparing.start()
+    assert pool.prepare("run-w", None, CAP, slow_start)
+    assert not pool.prepare("run-w", None, CAP, slow_start)  # being made
     assert started.wait(10)
-    made: list[LiveRepl] = []
+    made: list[tuple[LiveRepl, bool]] = []
     checkout = threading.Thread(target=lambda: made.append(pool.checkout("run-w", None, CAP, _start)))
     checkout.start()
     checkout.join(0.3)
     assert checkout.is_alive()  # waiting for the prepared REPL, not booting its own
     release.set()
-    preparing.join(10)
     checkout.join(10)
     live, warm = made[0]
     assert warm and pool.held_bytes == 128 * MIB
     pool.checkin("run-w", live)
 
 
-def test_a_prepare_that_fails_leaves_the_cell_to_make_its_repl(pool: ReplPool) -> None:
+def test_a_prepare_that_fails_or_comes_too_late_leaves_the_cell_its_own_repl(pool: ReplPool, monkeypatch) -> None:
+    import threading
+
+    from activities import _repl_pool
+
     def broken(live: LiveRepl) -> None:
         raise OSError("the context could not be read")
 
-    assert pool.prepare("run-f", None, CAP, broken)() is False
-    assert pool.held_bytes == 0
-    live, warm = pool.checkout("run-f", None, CAP, _start)
+    assert pool.prepare("run-f", None, CAP, broken)
+    live, warm = pool.checkout("run-f", None, CAP, _start)  # waits, then makes its own
     assert not warm and live.session.run_cell("print(1)").output.strip() == "1"
+    assert pool.held_bytes == 128 * MIB
     pool.checkin("run-f", live)
+
+    # A cell that stops waiting makes its own; the late one is closed, not kept over it.
+    monkeypatch.setattr(_repl_pool, "PREPARE_WAIT_S", 0.05)
+    release = threading.Event()
+    assert pool.prepare("run-l", None, CAP, lambda live: (live.session.start(), release.wait(10)))
+    own, warm = pool.checkout("run-l", None, CAP, _start)
+    assert not warm
+    pool.checkin("run-l", own)
+    release.set()
+    deadline = time.monotonic() + 10
+    while pool.held_bytes != 2 * 128 * MIB:  # polling for an observed fact: the late session closed (run-f's stays)
+        assert time.monotonic() < deadline, pool.held_bytes
+        time.sleep(0.01)
+    again, warm = pool.checkout("run-l", None, CAP, _start)
+    assert warm and again is own
+    pool.checkin("run-l", again)

@@ -256,7 +256,7 @@ class RLMSession:
         self._recent = (self._recent + [
             AskRecord(number=number, question=AskRecord.cut(ask.question), workflow_id=child_id,
                       status=result.status, spend=result.spend, turns=result.turns, ask_id=ask_id,
-                      question_sha256=AskRecord.digest(ask.question) if ask_id is not None else None)
+                      question_sha256=AskRecord.digest(ask.question))
         ])[-MAX_RECENT_ASKS:]  # fmt: skip
         if self._cancel_reason is None:  # a cancelled session asks nothing more of its REPL
             self._unrecorded.append(QuestionAnswer(question=ask.question, answer=result.answer, status=result.status))

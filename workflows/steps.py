@@ -88,8 +88,8 @@ class RootTurnInput(BaseModel):
     """1 for the first attempt; a later one first looks for the record of an
     earlier attempt that finished unseen (workflows/model_attempts.py)."""
     warm_repl: CellInput | None = None
-    """The REPL the run's next cell starts from (`code` unused), on the first
-    turn of a run chain: the worker makes it while the model answers, so the
+    """The REPL the run's next cell starts from (`code` unused), on each
+    run's first turn: the worker makes it while the model answers, so the
     cell finds its context loaded and its snapshot restored. None: nothing
     to prepare (the worker keeps the REPL between a run's cells)."""
 

@@ -88,7 +88,7 @@ class TurnDriver:
         self.answer_ref: BlobRef | None = None
         self._reply_final_ref: BlobRef | None = None
         self._warned_unseen = resume.warned_unseen if resume else False
-        self._repl_asked = False  # the first root call asks its worker to make the REPL
+        self._repl_asked = False  # each run's first root call asks its worker to make the REPL
         # Typed answers (answer_schema): the parsed value, and whether an
         # invalid answer was already sent back (only once per run chain).
         self.answer_value: Any = None
@@ -319,7 +319,9 @@ class TurnDriver:
         self._prompt_tokens += messages_token_bound(append)
         call_id = f"root:{run.state.turn}" if count_turn else f"root:{run.state.turn}:final"
         turn = run.state.turn if count_turn else run.state.turn + 1
-        # The chain's first turn: its worker makes the REPL while the model answers.
+        # The run's first turn (also after continue-as-new, where the worker
+        # most likely holds the REPL and skips it): its worker makes the REPL
+        # while the model answers.
         warm_repl = None if self._repl_asked else self._cell_input("warm", "")
         self._repl_asked = True
 
@@ -406,4 +408,3 @@ class TurnDriver:
             tools=self._req.tools,
             history_key=self.window.history_key,
         )
-
