@@ -278,3 +278,14 @@ def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, c
     ]
     assert [c.output.strip() for c in cells] == ["9000000", "again"]
     assert [c.warm for c in cells] == [True, True]
+
+
+def test_a_repl_that_cannot_be_made_ahead_never_fails_the_root_turn(settings, context_store, llm):
+    """The REPL made while the model answers is a head start only: limits the
+    sandbox refuses (a memory cap past its range) surface in a cell, as
+    before, not as a failed root model call."""
+    ctx = context_store.put_value("x" * 9_000_000)  # over PREPARE_MIN_BYTES
+    llm.add_rule(None, "FINAL(fine)", model=ROOT, name="root")
+    result = run_once(isolated(settings), fake_registry(llm), request("How long?", ctx, limits={"cell_memory_mb": 8192}))
+    assert "root model call failed" not in (result.reason or ""), result.reason
+    assert (result.status, result.answer) == ("completed", "fine"), result.reason
