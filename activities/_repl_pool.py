@@ -197,29 +197,34 @@ class ReplPool:
         tools: dict[str, str] | None = None,
     ) -> bool:
         """Start making, on a thread of its own, the session a run's next cell
-        will check out (while the run's model answers); True if started. Not
-        when this worker holds a session in that state, or its idle sessions
-        fill the pool, a cell waits for memory, MAX_PREPARING are being made,
-        or the cap does not fit as things are (nothing is closed or waited
-        for). A checkout for the run waits for it; a failure is logged, and
+        will check out (while the run's model answers); True if started. It
+        takes memory as that checkout would, closing the least recently used
+        idle sessions (often of runs that have ended), never waiting for busy
+        ones. Not when this worker holds a session in that state, a cell waits
+        for memory, MAX_PREPARING are being made, or idle sessions cannot make
+        room. A checkout for the run waits for it; a failure is logged, and
         the cell makes its own session."""
         tools = dict(tools or {})
         cap = limits.memory_bytes
+        evicted: list[LiveRepl] = []
         with self._lock:
             held = self._idle.get(workflow_id)
             if (
                 (held is not None and held.snapshot_key == snapshot_key)
                 or (snapshot_key is not None and any(v.snapshot_key == snapshot_key for v in self._idle.values()))
-                or len(self._idle) >= self._size
                 or workflow_id in self._preparing
                 or len(self._preparing) >= MAX_PREPARING
                 or self._waiting
                 or self._resuming
-                or self._held + cap > self._budget
+                or self._held - sum(self._caps.get(id(v), 0) for v in self._idle.values()) + cap > self._budget
             ):
                 return False
+            while self._held + cap > self._budget:
+                evicted.append(self._evict_idle_locked())
             self._preparing[workflow_id] = preparing = _Preparing()
             self._held += cap
+        for live in evicted:  # closed outside the lock; their caps were given back above
+            self._finish(live)
 
         def make() -> None:
             try:

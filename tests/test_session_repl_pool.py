@@ -72,9 +72,14 @@ def test_a_repl_prepared_while_the_model_answers_is_the_one_its_cell_checks_out(
     again, warm = pool.checkout("run-p", None, cut, _start)
     assert warm and again is live and again.session.limits.cell_timeout_s == 1.5
     big = SandboxLimits(cell_timeout_s=5.0, memory_bytes=500 * MIB)
-    assert not pool.prepare("run-q", None, big, _start)  # 128 held + 500 > 600: no one is closed for it
+    assert not pool.prepare("run-q", None, big, _start)  # 128 busy + 500 > 600: busy ones are not waited for
     assert pool.held_bytes == 128 * MIB
     pool.checkin("run-p", again)
+    # Idle ones (often of runs that ended) make room, as for the cell's own checkout.
+    assert pool.prepare("run-q", None, big, _start)
+    made, warm = pool.checkout("run-q", None, big, _start)
+    assert warm and pool.held_bytes == 500 * MIB
+    pool.checkin("run-q", made)
 
 
 def test_a_cell_waits_for_the_repl_being_prepared_for_it_instead_of_making_a_second(pool: ReplPool) -> None:

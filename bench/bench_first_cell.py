@@ -1,0 +1,99 @@
+"""The first cell of a run: how much of its REPL's making (boot, context load)
+the root model's first answer hides.
+
+    python bench/bench_first_cell.py [--sizes 40 200] [--root-delays 0 2] [--repeats 3]
+
+A run's first root turn asks its worker to make the REPL of its first cell
+while the model answers (activities/_repl_pool.py `prepare`); the cell then
+finds it ready. With an instant model (delay 0) the cell waits for the rest
+of the making, so its time shows what that costs; with a model that takes
+seconds, as real ones do, the cell's time is its code's alone. Each run has
+a context of its own (a new first line: nothing is deduplicated), uploaded
+as `rlm run` does (the copy into the worker's cache included); the first
+cell is `print(len(context))`. Real worker in this process, Temporal dev
+server, SeaweedFS; the scripted model server. Figures go to
+bench/results/first_cell.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from activities.context_store import ContextStore  # noqa: E402
+from activities.object_store import ObjectStore  # noqa: E402
+from tests.fake_llm import FakeLLM  # noqa: E402
+from tests.fixtures_llm import FAKE_API_KEY_ENV, FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES, fake_registry  # noqa: E402
+from tests.run_harness import ROOT, repl, request, running_worker, start  # noqa: E402
+
+LINE = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu\n"
+
+
+async def one_run(client, settings, store: ObjectStore, path: Path) -> dict:
+    ref = ContextStore(store).put_paths([path], copy_to=settings.context_cache_dir)
+    handle = await start(client, settings, request("How long is the context?", ref))
+    result = await asyncio.wait_for(handle.result(), 600)
+    if result.status != "completed":
+        raise RuntimeError(f"run ended {result.status}: {result.reason}")
+    activities, _, total = h.history_timeline(await handle.fetch_history())
+    cell = next(a for a in activities if a.kind == "run_cell")
+    return {"workflow_s": round(total, 3), "first_cell_ms": round(cell.run_s * 1000, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[40, 200], help="context sizes, MB")
+    parser.add_argument("--root-delays", type=float, nargs="+", default=[0.0, 2.0], help="seconds the first root turn takes")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    os.environ[FAKE_API_KEY_ENV] = FAKE_API_KEY_VALUE
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rlm-first-cell-") as tmp, h.private_services() as svc:
+        settings = svc.settings.model_copy(update={"task_queue": f"first-cell-{uuid.uuid4().hex[:6]}"})
+        store = ObjectStore.from_settings(settings)
+        store.ensure_bucket()
+        for delay in args.root_delays:
+            fake = FakeLLM(api_key=FAKE_API_KEY_VALUE, models=list(FAKE_MODEL_NAMES)).start()
+            fake.add_rule("Turn 1 of", repl("print(len(context))"), model=ROOT, delay_s=delay)
+            fake.add_rule("Turn 2 of", "FINAL(measured)", model=ROOT)
+
+            async def go(fake=fake, delay=delay) -> None:
+                async with running_worker(settings, fake_registry(fake)) as client:
+                    for size in args.sizes:
+                        for i in range(args.repeats):
+                            path = Path(tmp) / f"context-{size}-{delay}-{i}.txt"
+                            path.write_text(f"run {uuid.uuid4()}\n" + LINE * (size * 1024 * 1024 // len(LINE)))
+                            row = {"context_mb": size, "root_delay_s": delay} | await one_run(client, settings, store, path)
+                            path.unlink()
+                            rows.append(row)
+                            print(f"{size} MB, first root turn {delay:.1f} s: first cell {row['first_cell_ms']:.0f} ms "
+                                  f"(workflow {row['workflow_s']:.2f} s)", flush=True)
+
+            try:
+                asyncio.run(go())
+            finally:
+                fake.stop()
+
+    summary = {
+        f"{size}mb_root_{delay:g}s_first_cell_ms": h.spread(
+            [r["first_cell_ms"] for r in rows if r["context_mb"] == size and r["root_delay_s"] == delay], 1
+        )
+        for size in args.sizes
+        for delay in args.root_delays
+    }
+    for key, value in summary.items():
+        print(f"{key}: median {value['median']}")
+    print(f"results: {h.write_results('first_cell', {'summary': summary, 'runs': rows})}")
+
+
+if __name__ == "__main__":
+    main()
