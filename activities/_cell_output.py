@@ -10,7 +10,7 @@ from typing import Protocol
 import structlog
 
 from activities._cell_host import CellHost, valid_text
-from activities._repl_pool import LiveRepl
+from activities._live_repl import LiveRepl
 from activities._snapshot_store import SnapshotSaver
 from activities.runtime import run_key
 from sandbox_wasm import CellResult, Snapshot

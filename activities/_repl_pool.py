@@ -25,16 +25,17 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import structlog
 
+from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, Preparing, same_but_timeout
 from activities._machine_memory import machine_memory_bytes
-from activities._snapshot_store import RecordLocation, SnapshotSaver
 from sandbox_wasm import ReplSession, SandboxLimits
 
 log = structlog.get_logger(__name__)
+
+__all__ = ["ReplPool"]
 
 MIB = 1024 * 1024
 BUSY_WAIT_S = 30.0
@@ -46,51 +47,6 @@ PREPARE_WAIT_S = 60.0
 # for while this many are made is skipped, not queued (a queued one could
 # start after its cell and be made for nothing).
 MAX_PREPARING = 2
-
-
-class GuestMemoryBusy(RuntimeError):
-    """The sessions busy on this worker hold its memory budget: retry later."""
-
-
-class GuestMemoryTooLarge(ValueError):
-    """One session's memory cap exceeds this worker's whole budget."""
-
-
-@dataclass
-class LiveRepl:
-    session: ReplSession
-    limits: SandboxLimits
-    snapshot_key: str | None
-    """The snapshot this session's state equals (None: fresh, no cell run)."""
-    records: dict[str, RecordLocation] = field(default_factory=dict)
-    """Where the value records of that snapshot are stored (the next snapshot
-    refers to them instead of storing them again)."""
-    host: dict[str, Any] = field(default_factory=dict)
-    """Host functions of the cell being run; swapped per cell."""
-    on_close: list[Callable[[], None]] = field(default_factory=list)
-    """Called once when the pool closes the session (e.g. unpin its files)."""
-    tools: dict[str, str] = field(default_factory=dict)
-    """Custom tools the guest has stubs for: name -> docstring (fixed at boot)."""
-    idle_since: float = 0.0
-    """time.monotonic() of its last checkin."""
-
-    def records_stored_in(self, snapshots: SnapshotSaver) -> None:
-        """Its state's records are stored in `snapshots` (at `records`): the
-        session drops its copies and reads them from there for a restart."""
-        self.session.keep_records_elsewhere(snapshots.record_source(lambda: self.records))
-
-
-@dataclass
-class _Preparing:
-    """A session being made ahead of its cell (`ReplPool.prepare`)."""
-
-    ready: threading.Event = field(default_factory=threading.Event)
-    abandoned: bool = False
-    """Its cell stopped waiting for it and made its own."""
-
-
-def _same_but_timeout(a: SandboxLimits, b: SandboxLimits) -> bool:
-    return replace(a, cell_timeout_s=b.cell_timeout_s) == b
 
 
 class ReplPool:
@@ -112,7 +68,7 @@ class ReplPool:
         """Cells waiting for guest memory, first come first served."""
         self._resuming = 0
         """Guests back from a host call waiting to take back their cap."""
-        self._preparing: dict[str, _Preparing] = {}
+        self._preparing: dict[str, Preparing] = {}
         """Sessions being made ahead of their cell (`prepare`), by workflow id."""
 
     @property
@@ -179,7 +135,7 @@ class ReplPool:
                     stale, live = live, self._idle.pop(other)
         if stale is not None:
             self._close([stale])
-        if live is not None and live.snapshot_key == snapshot_key and _same_but_timeout(live.limits, limits) and live.tools == tools:
+        if live is not None and live.snapshot_key == snapshot_key and same_but_timeout(live.limits, limits) and live.tools == tools:
             # A cell's timeout shrinks near the run's deadline; the session reads it per cell.
             live.limits = live.session.limits = limits
             return live, True
@@ -221,7 +177,7 @@ class ReplPool:
                 return False
             while self._held + cap > self._budget:
                 evicted.append(self._evict_idle_locked())
-            self._preparing[workflow_id] = preparing = _Preparing()
+            self._preparing[workflow_id] = preparing = Preparing()
             self._held += cap
         for live in evicted:  # closed outside the lock; their caps were given back above
             self._finish(live)
@@ -249,7 +205,7 @@ class ReplPool:
             return False
         return True
 
-    def _prepared(self, workflow_id: str, preparing: _Preparing) -> None:
+    def _prepared(self, workflow_id: str, preparing: Preparing) -> None:
         with self._lock:
             self._preparing.pop(workflow_id, None)
         preparing.ready.set()

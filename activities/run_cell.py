@@ -21,7 +21,8 @@ from activities._cell_output import CellFinisher
 from activities._context_cache import ContextFileCache
 from activities._history_host import HistoryHost, history_docs
 from activities._tool_host import ToolHost, tool_docs
-from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
+from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._repl_pool import ReplPool
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime
 from sandbox_wasm import CellInterrupted, SandboxLimits

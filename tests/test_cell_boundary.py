@@ -15,7 +15,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities._cell_host import CellHost
 from activities._cell_output import FINAL_INLINE_CHARS, CellFinisher
-from activities._repl_pool import LiveRepl
+from activities._live_repl import LiveRepl
 from sandbox_wasm import ReplSession, SandboxError, SandboxLimits, Snapshot
 from sandbox_wasm.session import SnapshotError
 from workflows.refs import BlobRef

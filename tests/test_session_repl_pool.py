@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from activities._repl_pool import LiveRepl, ReplPool
+from activities._live_repl import LiveRepl
+from activities._repl_pool import ReplPool
 from sandbox_wasm import SandboxError, SandboxLimits
 
 MIB = 1024 * 1024

@@ -14,7 +14,8 @@ import pytest
 
 import activities.context_store as context_store_module
 from activities._context_cache import STALE_WRITE_S, ContextFileCache
-from activities._repl_pool import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, ReplPool
+from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._repl_pool import ReplPool
 from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
 from sandbox_wasm import SandboxError, SandboxLimits
