@@ -271,7 +271,8 @@ def assemble(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 error = out.get("error") or (f"the cell could not run: {act['error']}" if act.get("error") else None)
                 cell.update(base, code=inp.get("code", ""), output=out.get("output"), output_key=out.get("output_key"),
                             error=error, limit=out.get("limit"), final=out.get("final"),
-                            duration_s=out.get("duration_s"), subcalls=out.get("subcalls", 0))  # fmt: skip
+                            duration_s=out.get("duration_s"), subcalls=out.get("subcalls", 0),
+                            warm=out.get("warm"))  # fmt: skip
             elif act["type"] in SUB_CALL_ACTIVITIES:
                 # One call per activity, or a group of calls (workflows/call_groups.py):
                 # either way each call is its own step, with its own outcome.

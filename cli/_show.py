@@ -104,6 +104,8 @@ def _cell_node(cell: dict[str, Any], bucket: str) -> Node:
     head = f"cell {cell.get('id')} · {state} · {_secs(cell.get('duration_s') or cell.get('seconds'))}"
     if cell.get("spend", {}).get("calls"):
         head += f" · {_spend(cell['spend'])}"
+    if cell.get("warm") is False:  # its REPL was booted (and its context loaded) in its time
+        head += " · new REPL"
     node = Node(head, _code_lines(cell.get("code") or ""))
     if cell.get("output"):
         node.lines.append("output: " + _one_line(cell["output"], OUTPUT_CHARS))

@@ -38,6 +38,8 @@ def test_show_json_has_turns_cells_batches_children_and_spend(finished_run):
     ok, failed = t1["cells"]
     assert "parts ['reply to say alpha', 'reply to say beta']" in ok["output"]
     assert failed["code"] == FAILING_CODE and "NameError" in failed["error"]
+    # A small context is not worth making a REPL ahead: the first cell boots it, the next keeps it.
+    assert (ok["warm"], failed["warm"]) == (False, True)
     [batch] = ok["batches"]
     assert (batch["kind"], batch["count"], batch["models"], batch["errors"]) == ("llm", 2, ["fake-sub"], 0)
     assert [i["prompt"] for i in batch["items"]] == ["say alpha", "say beta"]
@@ -65,6 +67,8 @@ def test_show_prints_a_tree(finished_run):
     assert out.splitlines()[0].startswith(f"run {result.workflow_id} · completed · 3 turns · $")
     assert "├─ turn 1 · fake-root" in out
     assert "cell t1c2 · error" in out and "NameError" in out
+    first, failed = (next(line for line in out.splitlines() if f"cell t1c{n} ·" in line) for n in (1, 2))
+    assert first.endswith(" · new REPL") and "new REPL" not in failed
     assert "llm_query batch t1c1:1 · 2 calls · fake-sub · 0 errors" in out
     assert "rlm_query batch t2c1:1 · 2 calls" in out
     assert f"[0] child run {result.workflow_id}/d1-t2c1-" in out
