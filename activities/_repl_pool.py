@@ -130,7 +130,7 @@ class ReplPool:
             if snapshot_key is not None and (live is None or live.snapshot_key != snapshot_key):
                 # A run that starts from another workflow's snapshot (a session's
                 # next question) takes the REPL that is in exactly that state.
-                other = next((k for k, v in self._idle.items() if v.snapshot_key == snapshot_key), None)
+                other = self._idle_in_state_locked(snapshot_key)
                 if other is not None:
                     stale, live = live, self._idle.pop(other)
         if stale is not None:
@@ -167,7 +167,7 @@ class ReplPool:
             held = self._idle.get(workflow_id)
             if (
                 (held is not None and held.snapshot_key == snapshot_key)
-                or (snapshot_key is not None and any(v.snapshot_key == snapshot_key for v in self._idle.values()))
+                or (snapshot_key is not None and self._idle_in_state_locked(snapshot_key) is not None)
                 or workflow_id in self._preparing
                 or len(self._preparing) >= MAX_PREPARING
                 or self._waiting
@@ -204,6 +204,11 @@ class ReplPool:
             self._prepared(workflow_id, preparing)
             return False
         return True
+
+    def _idle_in_state_locked(self, snapshot_key: str) -> str | None:
+        """The run whose idle session is in the state `snapshot_key` (a
+        session's next question starts from its last one's), or None."""
+        return next((k for k, v in self._idle.items() if v.snapshot_key == snapshot_key), None)
 
     def _prepared(self, workflow_id: str, preparing: Preparing) -> None:
         with self._lock:

@@ -110,22 +110,24 @@ class RunCellActivity:
         if inp.snapshot_key is None and inp.context.total_bytes < PREPARE_MIN_BYTES:
             return
         self._pool.prepare(
-            inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1),
-            tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
-        )  # fmt: skip
+            inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1), self._tools(inp)
+        )
 
     def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
         attempt = activity.info().attempt
         try:
             return self._pool.checkout(
-                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp, attempt),
-                tools=tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key),
-            )  # fmt: skip
+                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp, attempt), self._tools(inp)
+            )
         except GuestMemoryBusy as exc:
             # Busy guests free memory soon (or another worker has room): retried.
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
         except GuestMemoryTooLarge as exc:
             raise ApplicationError(str(exc), type="GuestMemoryTooLarge", non_retryable=True) from None
+
+    def _tools(self, inp: CellInput) -> dict[str, str]:
+        """Host functions besides the standard ones the cell's REPL has stubs for."""
+        return tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key)
 
     def _start(self, live: LiveRepl, inp: CellInput, attempt: int) -> None:
         paths, release = self._files.acquire(inp.context)

@@ -21,7 +21,15 @@ from activities.settings import Settings
 from cli._errors import UserError
 from cli._pickup import no_worker_message, watch_pickup
 from cli._progress import ProgressPrinter
-from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp, close_outcome, waiting_task_key
+from cli._temporal_http import (
+    HttpApiError,
+    HttpUnavailable,
+    NotFound,
+    TemporalHttp,
+    close_outcome,
+    waiting_task_key,
+    workflow_type_name,
+)
 from cli._workflow_kind import kind_of, not_a
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL
 
@@ -86,13 +94,9 @@ async def result(settings: Settings, workflow_id: str, progress: ProgressPrinter
         raise RunError(f"no run {workflow_id} in namespace {settings.temporal_namespace}") from None
     except HttpApiError as exc:
         raise RunError(f"cannot read run {workflow_id}: {exc}") from None
-    if problem := not_a(workflow_id, _type_name(described), "run"):
+    if problem := not_a(workflow_id, workflow_type_name(described), "run"):
         raise RunError(problem)  # a session's result would wait until it closes
     return await follow_http(http, settings, workflow_id, progress)
-
-
-def _type_name(described: dict[str, Any]) -> str:
-    return described.get("workflowExecutionInfo", {}).get("type", {}).get("name", "")
 
 
 async def follow_http(http: TemporalHttp, settings: Settings, workflow_id: str, progress: ProgressPrinter | None) -> RunResult:
@@ -193,6 +197,6 @@ def _nothing_to_cancel(settings: Settings, workflow_id: str) -> str:
         described = TemporalHttp(settings).describe(workflow_id)
     except (NotFound, HttpApiError, HttpUnavailable):
         return f"no run {workflow_id} in namespace {settings.temporal_namespace}"
-    kind = kind_of(_type_name(described))
+    kind = kind_of(workflow_type_name(described))
     how = f" (`rlm result {workflow_id}` says how)" if kind == "run" else ""
     return f"{kind} {workflow_id} has ended: nothing to cancel{how}"

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from cli._run_by_id import RunError
+from cli._temporal_http import TemporalHttp, workflow_type_name
 from cli._workflow_kind import kind_of
 
 __all__ = ["REUSE_POLICY_JSON", "Holder", "check_taken", "differences", "holder_http", "holder_sdk", "status_word", "taken_message"]
@@ -78,11 +79,12 @@ def status_word(raw: str) -> str:
     return "running" if raw.removeprefix("WORKFLOW_EXECUTION_STATUS_") in ("RUNNING", "CONTINUED_AS_NEW") else "ended"
 
 
-def holder_http(http: Any, workflow_id: str) -> Holder:
+def holder_http(http: TemporalHttp, workflow_id: str) -> Holder:
     """The holder of `workflow_id`, read over the HTTP API (blocking)."""
-    info = http.describe(workflow_id).get("workflowExecutionInfo", {})
+    described = http.describe(workflow_id)
+    info = described.get("workflowExecutionInfo", {})
     request = http.started_input(workflow_id, run_id=info.get("firstRunId") or None)
-    return Holder(request, info.get("status", ""), info.get("type", {}).get("name", ""))
+    return Holder(request, info.get("status", ""), workflow_type_name(described))
 
 
 async def holder_sdk(client: Any, workflow_id: str) -> Holder:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from activities.settings import Settings
 
-__all__ = ["HttpApiError", "HttpUnavailable", "NotFound", "TemporalHttp", "close_outcome", "waiting_task_key"]
+__all__ = ["HttpApiError", "HttpUnavailable", "NotFound", "TemporalHttp", "close_outcome", "waiting_task_key", "workflow_type_name"]
 
 # A long poll for the close event returns empty after ~20 s; the request may
 # take that long, plus some slack.
@@ -132,6 +132,11 @@ class TemporalHttp:
                           timeout=LONG_POLL_TIMEOUT_S)
         events = page.get("history", {}).get("events", [])
         return events[-1] if events else None
+
+
+def workflow_type_name(description: dict[str, Any]) -> str:
+    """The workflow type a `describe` answer names ("" when it names none)."""
+    return description.get("workflowExecutionInfo", {}).get("type", {}).get("name", "")
 
 
 def waiting_task_key(description: dict[str, Any]) -> tuple[str, int] | None:
