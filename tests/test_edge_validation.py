@@ -190,3 +190,58 @@ def test_a_lone_surrogate_escape_in_a_json_start_is_named_as_such():
             pydantic_data_converter.payload_converter.from_payload(payload)
         problem = not_json_problem("RunRequest", decoding.value)
         assert problem.startswith("invalid RunRequest: ") and expected in problem, problem
+
+
+def test_the_repl_memory_range_is_the_sandboxs():
+    """A cap outside what the sandbox takes made every cell fail (its limits
+    refused, attempt after attempt) while the run spent its turns; the range
+    a run is refused outside of is exactly the sandbox's."""
+    from sandbox_wasm import SandboxLimits
+    from workflows.request import CELL_MEMORY_MB_RANGE, RunLimits, cell_memory_problem
+
+    low, high = CELL_MEMORY_MB_RANGE
+    for mb in (low, 2048, high):
+        assert cell_memory_problem(RunLimits(cell_memory_mb=mb)) is None
+        SandboxLimits(memory_bytes=mb * 1024**2)  # accepted
+    for mb in (1, low - 1, high + 1, 8192):
+        problem = cell_memory_problem(RunLimits(cell_memory_mb=mb))
+        assert problem == (
+            f"limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MB (a 32-bit WebAssembly guest), got {mb}"
+        )
+        with pytest.raises(ValueError, match="memory_bytes must be between"):
+            SandboxLimits(memory_bytes=mb * 1024**2)
+
+
+def test_a_run_or_session_with_a_repl_memory_cap_no_sandbox_takes_fails_at_once(settings, llm, context_store):
+    """A caller in another language may send `cell_memory_mb: 8192` (the
+    request decodes up to 64 GiB, for runs started before the range was
+    enforced): the run is refused before its first model call, not after 20
+    paid turns of cells that could not run. A session likewise, at its start."""
+    from tests.session_harness import session_request, start_session
+    from workflows.request import RunLimits
+
+    s = isolated(settings)
+    ctx = context_store.put_value("some text")
+
+    async def go():
+        causes = []
+        async with running_worker(s, fake_registry(llm)) as client:
+            for mb in (8192, 8):
+                handle = await start(client, s, {**GOOD, "limits": {"cell_memory_mb": mb}})
+                with pytest.raises(WorkflowFailureError) as failed:
+                    await asyncio.wait_for(handle.result(), 60)
+                causes.append(failed.value.cause)
+            session = await start_session(client, s, session_request(ctx).model_copy(update={"limits": RunLimits(cell_memory_mb=8192)}))
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(session.result(), 60)
+            causes.append(failed.value.cause)
+        return causes
+
+    big, small, session = asyncio.run(go())
+    for cause, what, mb in ((big, "RunRequest", 8192), (small, "RunRequest", 8), (session, "SessionRequest", 8192)):
+        assert isinstance(cause, ApplicationError) and cause.type == f"Invalid{what}", cause
+        assert cause.message == (
+            f"invalid {what}: limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MB "
+            f"(a 32-bit WebAssembly guest), got {mb}"
+        ), cause.message
+    assert llm.count() == 0

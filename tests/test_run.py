@@ -13,7 +13,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from tests.fixtures_llm import fake_registry
-from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start
+from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start, worker_and_pool
+from workflows.result import RunResult
 from workflows.run import RLMRun
 
 NEEDLE = "ORCHID-8528"
@@ -281,11 +282,25 @@ def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, c
 
 
 def test_a_repl_that_cannot_be_made_ahead_never_fails_the_root_turn(settings, context_store, llm):
-    """The REPL made while the model answers is a head start only: limits the
-    sandbox refuses (a memory cap past its range) surface in a cell, as
-    before, not as a failed root model call."""
+    """The REPL made while the model answers is a head start only: whatever
+    stops it (limits the sandbox refused, before runs with such limits were
+    refused at their start) surfaces in a cell, not as a failed root model
+    call. The failure is injected: no request a run accepts provokes it now."""
     ctx = context_store.put_value("x" * 9_000_000)  # over PREPARE_MIN_BYTES
     llm.add_rule(None, "FINAL(fine)", model=ROOT, name="root")
-    result = run_once(isolated(settings), fake_registry(llm), request("How long?", ctx, limits={"cell_memory_mb": 8192}))
+    s = isolated(settings)
+    tried: list[str] = []
+
+    def cannot_prepare(workflow_id, *args, **kwargs):
+        tried.append(workflow_id)
+        raise ValueError("memory_bytes must be between 16 MiB and 4 GiB (wasm32), got 8589934592")
+
+    async def go() -> RunResult:
+        async with worker_and_pool(s, fake_registry(llm)) as (client, pool):
+            pool.prepare = cannot_prepare
+            return await run(client, s, request("How long?", ctx))
+
+    result = asyncio.run(go())
+    assert len(tried) == 1, tried
     assert "root model call failed" not in (result.reason or ""), result.reason
     assert (result.status, result.answer) == ("completed", "fine"), result.reason

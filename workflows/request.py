@@ -34,8 +34,14 @@ MIN_STEP_SECONDS = 1.0
 """Shortest step timeout: below it a model call or a cell cannot finish (and
 a timeout under a microsecond is no timeout to Temporal at all)."""
 MAX_CELL_MEMORY_MB = 64 * 1024
-"""Largest `limits.cell_memory_mb`: the 32-bit WASM REPL addresses 4 GiB;
-the worker refuses what its memory budget cannot hold."""
+"""Largest `limits.cell_memory_mb` a request decodes with (runs started with
+more replay as they ran); a run or session starting now is refused outside
+CELL_MEMORY_MB_RANGE (`cell_memory_problem`)."""
+CELL_MEMORY_MB_RANGE = (16, 4096)
+"""The memory caps a REPL can be made with: sandbox_wasm.SandboxLimits takes
+16 MiB to 4 GiB (a 32-bit WASM guest). Outside it every cell of the run
+failed and the run spent its turns (each a paid root call) on nothing. A cap
+in range that the worker's memory budget cannot hold is refused per cell."""
 MAX_OUTPUT_TOKENS = 1_000_000
 REQUEST_CAP_BOUNDS: dict[str, float] = {
     "max_usd": 1_000_000.0,
@@ -105,7 +111,8 @@ class RunLimits(BaseModel):
     cell_timeout_s: float = Field(120.0, ge=MIN_STEP_SECONDS, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Guest CPU/wall time for one cell; time waiting on sub-calls does not count."""
     cell_memory_mb: int = Field(2048, ge=1, le=MAX_CELL_MEMORY_MB)
-    """Linear-memory cap of the WASM REPL."""
+    """Linear-memory cap of the WASM REPL: 16 to 4096 (a run or session is
+    refused at its start outside that range, CELL_MEMORY_MB_RANGE)."""
     output_chars: int = Field(20_000, ge=100, le=MAX_OUTPUT_CHARS)
     """Printed output of one cell kept in the transcript (the rest is stored)."""
     root_max_output_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
@@ -237,6 +244,17 @@ def question_problem(question: str) -> str | None:
             "put long material in the context"
         )
     return None
+
+
+def cell_memory_problem(limits: RunLimits) -> str | None:
+    """Why no REPL can be made with these limits, or None."""
+    low, high = CELL_MEMORY_MB_RANGE
+    if low <= limits.cell_memory_mb <= high:
+        return None
+    return (
+        f"limits.cell_memory_mb: the REPL's memory cap must be {low} to {high} MB "
+        f"(a 32-bit WebAssembly guest), got {limits.cell_memory_mb}"
+    )
 
 
 def check_answer_schema_field(value: dict[str, Any] | None) -> dict[str, Any] | None:

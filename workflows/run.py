@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.caps_update import caps_change_problem
     from workflows.request import (
         RunRequest,
+        cell_memory_problem,
         clip_noting_length,
         clip_utf8,
     )
@@ -79,6 +80,9 @@ EARLY_CANCEL_PATCH = "result-on-cancel-before-the-loop"
 # loop, as they wait for their sub-calls to stop, with the loop's result;
 # older ones replay as they ended (bare cancelled: the answer lost, RlmStatus `running`).
 LATE_CANCEL_PATCH = "result-on-cancel-after-the-loop"
+# Runs started since this patch are refused at the start with a REPL memory
+# cap the sandbox cannot make; older ones replay as they ran (every cell failed).
+CELL_MEMORY_PATCH = "refuse-cell-memory-out-of-range"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -122,6 +126,9 @@ class RLMRun:
             raise ApplicationError(self._invalid, type="InvalidRunRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidRunRequest", non_retryable=True)
+        problem = None if self._req.resume else cell_memory_problem(self._req.limits)
+        if problem is not None and workflow.patched(CELL_MEMORY_PATCH):
+            raise ApplicationError(f"invalid RunRequest: {problem}", type="InvalidRunRequest", non_retryable=True)
         try:
             return await self._run(self._req)
         except asyncio.CancelledError:

@@ -44,11 +44,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.cancel_signal import cancel_reason
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, clip_noting_length, validation_errors
+    from workflows.request import RunRequest, cell_memory_problem, clip_noting_length, validation_errors
     from workflows.request_decoding import decode_request
     from workflows.result import RunResult, Usage
     from workflows.context_ingest import failure_message, ingest_context
-    from workflows.run import FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
+    from workflows.run import CELL_MEMORY_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
     from workflows.session_patches import (
         CANCEL_STARTING_QUESTION_PATCH,
         INGEST_CANCEL_PATCH,
@@ -131,6 +131,9 @@ class RLMSession:
             raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidSessionRequest", non_retryable=True)
+        problem = None if self._req.resume else cell_memory_problem(self._req.limits)
+        if problem is not None and workflow.patched(CELL_MEMORY_PATCH):
+            raise ApplicationError(f"invalid SessionRequest: {problem}", type="InvalidSessionRequest", non_retryable=True)
         if self._context is None:
             try:
                 self._context = await ingest_context(self._req.context)
