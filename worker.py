@@ -42,6 +42,7 @@ from activities.runtime import WorkerRuntime
 from activities.settings import Settings, load_settings
 from activities.temporal_client import connect
 from activities.tool_call import ToolCallActivity
+from workflows.request import RunLimits
 from workflows.run import RLMRun
 from workflows.session import RLMSession
 
@@ -153,6 +154,16 @@ async def run_worker(
         temporal=settings.temporal_address,
         frozen_objects=gc.get_freeze_count(),
     )
+    budget_mib, default_cap_mib = guest_memory_budget(settings.guest_memory_share) >> 20, RunLimits().cell_memory_mb
+    if budget_mib < default_cap_mib:
+        # Told at start, not only by the first run that fails on it.
+        log.warning(
+            "worker.guest_memory_below_default_repl_cap",
+            budget_mib=budget_mib,
+            default_cap_mib=default_cap_mib,
+            hint="runs with the default limits.cell_memory_mb end at their first cell here: "
+            "raise RLM_GUEST_MEMORY_SHARE, give the worker more memory, or send a smaller cap",
+        )
     sweeper = asyncio.create_task(_evict_idle_repls(pool, settings.repl_idle_s))
     try:
         async with worker:

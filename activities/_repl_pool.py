@@ -117,7 +117,7 @@ class ReplPool:
         if cap > self._budget:
             raise GuestMemoryTooLarge(
                 f"the REPL memory cap of {cap // MIB} MiB exceeds this worker's whole guest memory "
-                f"budget of {self._budget // MIB} MiB; lower the run's memory limit or raise "
+                f"budget of {self._budget // MIB} MiB; lower the run's limits.cell_memory_mb or raise "
                 "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
             )
         with self._lock:

@@ -26,7 +26,7 @@ from activities._repl_pool import ReplPool
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime
 from sandbox_wasm import CellInterrupted, SandboxLimits
-from workflows.names import ACTIVITY_RUN_CELL
+from workflows.names import ACTIVITY_RUN_CELL, REPL_TOO_LARGE
 from workflows.steps import CellInput, CellOutput
 
 log = structlog.get_logger(__name__)
@@ -123,7 +123,7 @@ class RunCellActivity:
             # Busy guests free memory soon (or another worker has room): retried.
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
         except GuestMemoryTooLarge as exc:
-            raise ApplicationError(str(exc), type="GuestMemoryTooLarge", non_retryable=True) from None
+            raise ApplicationError(str(exc), type=REPL_TOO_LARGE, non_retryable=True) from None
 
     def _tools(self, inp: CellInput) -> dict[str, str]:
         """Host functions besides the standard ones the cell's REPL has stubs for."""

@@ -304,3 +304,21 @@ def test_a_repl_that_cannot_be_made_ahead_never_fails_the_root_turn(settings, co
     assert len(tried) == 1, tried
     assert "root model call failed" not in (result.reason or ""), result.reason
     assert (result.status, result.answer) == ("completed", "fine"), result.reason
+
+
+def test_a_run_whose_repl_cannot_fit_the_worker_ends_at_its_first_cell(settings, context_store, llm):
+    """A worker whose whole guest memory budget is below the run's REPL cap
+    (a small pod: half of 3 GiB under the default 2 GiB cap) can run none of
+    its cells, whatever code the model writes. The run used to spend every
+    turn, each a paid root call, on cells that could not run; it ends at the
+    first, saying what to change."""
+    ctx = context_store.put_value("x" * 1000)
+    llm.add_rule(None, repl("print(len(context))"), model=ROOT, name="root")
+    small = isolated(settings).model_copy(update={"guest_memory_share": 1e-6})  # ~24 KB on this machine
+    result = run_once(small, fake_registry(llm), request("How long?", ctx, limits={"cell_memory_mb": 16}))
+    assert result.status == "failed", result
+    assert result.reason.startswith(
+        "the cell could not run: GuestMemoryTooLarge: the REPL memory cap of 16 MiB exceeds this worker's whole "
+        "guest memory budget of 0 MiB; lower the run's limits.cell_memory_mb or raise RLM_GUEST_MEMORY_SHARE"
+    ), result.reason
+    assert llm.count("root") == 1  # one root turn, its one cell, the end

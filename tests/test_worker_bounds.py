@@ -336,3 +336,28 @@ def test_context_sha256_never_names_a_path(object_store: ObjectStore, tmp_path: 
     with pytest.raises(ValueError, match="64 lowercase hex"):
         cache.acquire(ref.model_copy(update={"sha256": "../escape"}))
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_worker_whose_guest_budget_is_below_the_default_repl_cap_says_so_at_start(settings, llm, tmp_path) -> None:
+    """On a small machine or pod (half of 3 GiB under the default 2 GiB cap)
+    every run with the default limits ends at its first cell: the operator is
+    told when the worker starts, not by the first failed run."""
+    import json
+    import os
+    import signal
+
+    from tests.run_harness import isolated, start_worker_process
+
+    log_path = tmp_path / "worker.log"
+    proc = start_worker_process(isolated(settings), llm.url, log_path, env={"RLM_GUEST_MEMORY_SHARE": "0.00001"})
+    try:
+        _until(lambda: "worker.guest_memory_below_default_repl_cap" in log_path.read_text() or proc.poll() is not None)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        warned = [e for e in events if e.get("event") == "worker.guest_memory_below_default_repl_cap"]
+        assert len(warned) == 1, events
+        assert warned[0]["default_cap_mib"] == 2048 and warned[0]["budget_mib"] < 2048
+        assert "RLM_GUEST_MEMORY_SHARE" in warned[0]["hint"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows import names
@@ -21,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.request import MAX_OUTPUT_CHARS
     from workflows.steps import CellInput, CellOutput
 
-__all__ = ["TURN_OUTPUT_CHARS", "cell_report", "cell_start_to_close", "execute_cell"]
+__all__ = ["REPL_TOO_LARGE_PATCH", "TURN_OUTPUT_CHARS", "cell_report", "cell_start_to_close", "execute_cell", "no_cell_can_run"]
 
 # Printed output of all cells of one turn together: it travels inline in the
 # next root turn's activity input (payloads fail above 2 MiB, 4 bytes a char).
@@ -69,6 +70,20 @@ async def execute_cell(
             else workflow.ActivityCancellationType.TRY_CANCEL
         ),
     )
+
+
+# Runs started since this patch end when a cell's REPL cannot fit the
+# worker's memory budget; older ones replay as they ran (each later cell
+# failed the same way while the run spent its turns).
+REPL_TOO_LARGE_PATCH = "end-run-when-the-repl-cannot-fit"
+
+
+def no_cell_can_run(exc: ActivityError) -> bool:
+    """The cell failed because no REPL with the run's memory cap fits this
+    worker's whole guest memory budget: every later cell would fail the same
+    way, whatever code the model writes."""
+    cause = exc.cause
+    return isinstance(cause, ApplicationError) and cause.type == names.REPL_TOO_LARGE
 
 
 def cell_report(code: str, cell: CellOutput, room: int) -> CellReport:

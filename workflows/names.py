@@ -31,6 +31,10 @@ UPDATE_TOOL_CALL = "tool_call"
 SIGNAL_CANCEL = "cancel"
 QUERY_PROGRESS = "progress"
 
+# The failure type of a cell whose REPL memory cap this worker's whole guest
+# memory budget cannot hold (activities/run_cell.py): no later cell can run.
+REPL_TOO_LARGE = "GuestMemoryTooLarge"
+
 # The session workflow (workflows/session.py).
 UPDATE_ASK = "ask"
 UPDATE_CLOSE = "close"

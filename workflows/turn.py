@@ -17,7 +17,14 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from workflows import names
     from workflows.budget import Refusal, messages_token_bound, token_bound, worst_case
-    from workflows.cell import TURN_OUTPUT_CHARS, cell_report, cell_start_to_close, execute_cell
+    from workflows.cell import (
+        REPL_TOO_LARGE_PATCH,
+        TURN_OUTPUT_CHARS,
+        cell_report,
+        cell_start_to_close,
+        execute_cell,
+        no_cell_can_run,
+    )
     from workflows.compaction import TranscriptWindow, compact, compacted_message
     from workflows.model_attempts import ONE_ATTEMPT, paid_model_call
     from workflows.parsing import parse_reply
@@ -379,6 +386,8 @@ class TurnDriver:
             )
         except ActivityError as exc:
             raise_if_cancelled(exc)
+            if no_cell_can_run(exc) and workflow.patched(REPL_TOO_LARGE_PATCH):
+                raise RunEnded("failed", f"the cell could not run: {error_text(exc)}") from exc
             cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
         task = asyncio.current_task()
         if run.cancel_requested or (task is not None and task.cancelling()):
