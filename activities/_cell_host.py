@@ -38,6 +38,23 @@ REF_BYTES_PER_PART = 4 * 1024 * 1024
 # 30 through in tests/test_batch_parts.py; a production cluster may not).
 UPDATES_IN_FLIGHT = 8
 
+# The host functions every cell has: guest-facing name -> CellHost method.
+_CELL_HOST_METHODS = {
+    "llm_query": "llm_query",
+    "llm_query_batched": "llm_query_batched",
+    "rlm_query": "rlm_query",
+    "rlm_query_batched": "rlm_query_batched",
+    "FINAL": "final_answer",
+    "FINAL_VAR": "final_var",
+    "document_names": "document_names",
+}
+CELL_HOST_NAMES = tuple(_CELL_HOST_METHODS)
+"""The names of `CellHost.functions()`: a session is made with them all (the
+cell being run installs their implementations)."""
+# Host functions that answer at once: their caller keeps its whole cap (lending
+# would only churn the pool's lock, and could make FINAL wait for memory).
+INSTANT_HOST_NAMES = frozenset({"FINAL", "FINAL_VAR", "document_names"})
+
 
 class CellHost:
     """The host side of one cell: sub-calls, FINAL, counters."""
@@ -56,15 +73,8 @@ class CellHost:
         outcome says nothing about its code (run_cell retries it elsewhere)."""
 
     def functions(self) -> dict[str, Any]:
-        return {
-            "llm_query": self.llm_query,
-            "llm_query_batched": self.llm_query_batched,
-            "rlm_query": self.rlm_query,
-            "rlm_query_batched": self.rlm_query_batched,
-            "FINAL": self.final_answer,
-            "FINAL_VAR": self.final_var,
-            "document_names": self.document_names,
-        }
+        """Every name of CELL_HOST_NAMES -> this cell's implementation."""
+        return {name: getattr(self, method) for name, method in _CELL_HOST_METHODS.items()}
 
     # -- guest-facing --------------------------------------------------------
     def llm_query(self, prompt: Any, model: str | None = None) -> str:

@@ -4,32 +4,24 @@ A run's next cell is warm when this worker still holds the session whose state
 is the snapshot the cell starts from; otherwise a fresh session loads the
 context and restores that snapshot from object storage (any worker can).
 
-The pool also keeps the worker alive whatever guests do: every session may
-grow its linear memory up to its cap, so the caps of all live sessions (idle
-and checked out) together stay within a memory budget. A new session first
-makes room by closing idle ones; when busy ones hold the budget it waits a
-bounded time, then refuses (the cell is retried, maybe on another worker).
-
-A guest waiting in a host function (its sub-calls, most of a cell's time)
-cannot grow: only its own code grows its memory. Meanwhile it holds only
-what it has grown to, and the rest of its cap goes back to the budget for
-other sessions; it takes that back before it runs again, ahead of any new
-session. With caps of 2 GiB and a 12 GiB budget, six cells ran at once and
-100 runs queued for memory while their guests waited on the model.
+The pool also keeps the worker alive whatever guests do: the caps of all
+live sessions stay within a memory budget (activities/_guest_memory.py), for
+which the pool closes its least recently used idle sessions.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections import OrderedDict
 from typing import Any, Callable
 
 import structlog
 
-from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl, Preparing, same_but_timeout
+from activities._cell_host import CELL_HOST_NAMES, INSTANT_HOST_NAMES
+from activities._guest_memory import MIB, EvictOneLocked, GuestMemory
+from activities._live_repl import LiveRepl, Preparing, same_but_timeout
 from activities._machine_memory import machine_memory_bytes
 from sandbox_wasm import ReplSession, SandboxLimits
 
@@ -37,7 +29,6 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["ReplPool"]
 
-MIB = 1024 * 1024
 BUSY_WAIT_S = 30.0
 WARM_UP_MEMORY_BYTES = 64 * MIB  # a guest's boot needs ~10 MiB
 # A checkout waits this long at most for the session `prepare` is making for
@@ -56,43 +47,33 @@ class ReplPool:
     def __init__(self, size: int = 8, *, memory_budget: int | None = None,
                  busy_wait_s: float = BUSY_WAIT_S) -> None:
         self._size = size
-        self._budget = memory_budget if memory_budget is not None else machine_memory_bytes() // 2
-        self._busy_wait_s = busy_wait_s
         self._lock = threading.Lock()
-        self._released = threading.Condition(self._lock)
+        """Guards the idle and preparing sessions and, shared, the memory's accounts."""
+        budget = memory_budget if memory_budget is not None else machine_memory_bytes() // 2
+        self._memory = GuestMemory(budget, self._lock, busy_wait_s)
         self._idle: OrderedDict[str, LiveRepl] = OrderedDict()
-        self._caps: dict[int, int] = {}  # id(live) -> its cap, for every live session
-        self._lent: dict[int, int] = {}  # id(live) -> the part of its cap given back during a host call
-        self._held = 0
-        self._waiting: deque[object] = deque()
-        """Cells waiting for guest memory, first come first served."""
-        self._resuming = 0
-        """Guests back from a host call waiting to take back their cap."""
         self._preparing: dict[str, Preparing] = {}
         """Sessions being made ahead of their cell (`prepare`), by workflow id."""
 
     @property
     def memory_budget(self) -> int:
-        return self._budget
+        return self._memory.budget
 
     @property
     def waiting_checkouts(self) -> int:
         """Checkouts waiting for guest memory."""
-        with self._lock:
-            return len(self._waiting)
+        return self._memory.waiting
 
     @property
     def returning_guests(self) -> int:
         """Guests back from a host call waiting to hold their whole cap again."""
-        with self._lock:
-            return self._resuming
+        return self._memory.resuming
 
     @property
     def held_bytes(self) -> int:
         """Guest memory held: the caps of all live sessions, idle and checked
         out, less what guests waiting in host functions gave back."""
-        with self._lock:
-            return self._held
+        return self._memory.held
 
     @property
     def idle_record_bytes(self) -> int:
@@ -114,12 +95,7 @@ class ReplPool:
         ones (custom tools, `history`). Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit."""
         tools = dict(tools or {})
         cap = limits.memory_bytes
-        if cap > self._budget:
-            raise GuestMemoryTooLarge(
-                f"the REPL memory cap of {cap // MIB} MiB exceeds this worker's whole guest memory "
-                f"budget of {self._budget // MIB} MiB; lower the run's limits.cell_memory_mb or raise "
-                "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
-            )
+        self._memory.check_cap(cap)
         with self._lock:
             preparing = self._preparing.get(workflow_id)
         if preparing is not None and not preparing.ready.wait(PREPARE_WAIT_S):
@@ -170,15 +146,10 @@ class ReplPool:
                 or (snapshot_key is not None and self._idle_in_state_locked(snapshot_key) is not None)
                 or workflow_id in self._preparing
                 or len(self._preparing) >= MAX_PREPARING
-                or self._waiting
-                or self._resuming
-                or self._held - sum(self._caps.get(id(v), 0) for v in self._idle.values()) + cap > self._budget
+                or not self._memory.reserve_now_locked(cap, self._idle.values(), self._evictor(evicted))
             ):
                 return False
-            while self._held + cap > self._budget:
-                evicted.append(self._evict_idle_locked())
             self._preparing[workflow_id] = preparing = Preparing()
-            self._held += cap
         for live in evicted:  # closed outside the lock; their caps were given back above
             self._finish(live)
 
@@ -200,7 +171,7 @@ class ReplPool:
         try:
             threading.Thread(target=make, name="repl-prepare", daemon=True).start()
         except RuntimeError:  # no thread to be had: give the reservation back
-            self._release_cap(cap)
+            self._memory.release(cap)
             self._prepared(workflow_id, preparing)
             return False
         return True
@@ -220,18 +191,17 @@ class ReplPool:
         host: dict[str, Any] = {}
         made: list[LiveRepl] = []  # the session's LiveRepl, once made
         # The session calls whichever host functions the current cell installed.
-        functions = {name: self._forward(made, host, name, lend=name not in _INSTANT_HOST_NAMES)
-                     for name in _HOST_NAMES}
+        functions = {name: self._forward(made, host, name, lend=name not in INSTANT_HOST_NAMES)
+                     for name in CELL_HOST_NAMES}
         functions.update({name: self._forward(made, host, name, doc) for name, doc in tools.items()})
         try:
             session = ReplSession(limits=limits, host_functions=functions)
         except BaseException:
-            self._release_cap(cap)
+            self._memory.release(cap)
             raise
         live = LiveRepl(session=session, limits=limits, snapshot_key=None, host=host, tools=tools)
         made.append(live)
-        with self._lock:
-            self._caps[id(live)] = cap  # the reservation now belongs to this session
+        self._memory.assign(live, cap)  # the reservation now belongs to this session
         try:
             start(live)
         except BaseException:
@@ -250,7 +220,7 @@ class ReplPool:
             while len(self._idle) > self._size:
                 evicted.append(self._idle.popitem(last=False)[1])
             # A checked-in session is idle: a waiting checkout may close it.
-            self._released.notify_all()
+            self._memory.wake_waiters_locked()
         self._close(evicted)
 
     def evict_idle(self, max_idle_s: float) -> int:
@@ -283,46 +253,33 @@ class ReplPool:
             lives, self._idle = list(self._idle.values()), OrderedDict()
         self._close(lives)
 
-    # -- memory accounting ---------------------------------------------------------
+    # -- making room ---------------------------------------------------------------
     def _reserve(self, cap: int) -> None:
-        """Count `cap` as held, closing idle sessions or waiting for busy ones.
-
-        Waiters are served in arrival order. Woken all at once, the waiters
-        used to race for the memory a finished cell gave back: with 100 runs
-        at once some lost every race until their 30 s ran out, and their
-        cells were retried 5 s later (5-34 `GuestMemoryBusy` retries per
-        bench_many_runs run, 40-56 s in all)."""
-        deadline = time.monotonic() + self._busy_wait_s
+        """Count `cap` as held (GuestMemory.reserve), closing the idle
+        sessions it evicts for room, even when it then refuses."""
         evicted: list[LiveRepl] = []
-        turn = object()
         try:
-            with self._lock:
-                self._waiting.append(turn)
-                try:
-                    while self._waiting[0] is not turn or self._resuming or self._held + cap > self._budget:
-                        if self._waiting[0] is turn and not self._resuming and self._idle:
-                            evicted.append(self._evict_idle_locked())
-                            continue
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise GuestMemoryBusy(
-                                f"this worker's guests already hold {self._held // MIB} MiB of its "
-                                f"{self._budget // MIB} MiB guest memory budget and a new REPL needs "
-                                f"{cap // MIB} MiB more; the cell is retried"
-                            )
-                        self._released.wait(left)
-                    self._held += cap
-                    held = self._held
-                finally:
-                    self._waiting.remove(turn)
-                    self._released.notify_all()  # the next in line may fit now
+            held = self._memory.reserve(cap, self._evictor(evicted))
         finally:
-            # Closed outside the lock; their caps were already given back above.
+            # Closed outside the lock; their caps were already given back.
             for live in evicted:
                 self._finish(live)
         if evicted:
             log.info("repl_pool.evicted_for_memory", sessions=len(evicted), held_mib=held // MIB,
-                     budget_mib=self._budget // MIB)
+                     budget_mib=self._memory.budget // MIB)
+
+    def _evictor(self, evicted: list[LiveRepl]) -> EvictOneLocked:
+        return functools.partial(self._evict_idle_locked, evicted)
+
+    def _evict_idle_locked(self, evicted: list[LiveRepl]) -> LiveRepl | None:
+        """Take the least recently used idle session out, into `evicted` (the
+        memory gives its cap back; the caller closes it outside the lock), or
+        None when no session is idle."""
+        if not self._idle:
+            return None
+        live = self._idle.popitem(last=False)[1]
+        evicted.append(live)
+        return live
 
     # -- host calls --------------------------------------------------------------
     def _forward(self, made: list[LiveRepl], host: dict[str, Any], name: str,
@@ -330,80 +287,20 @@ class ReplPool:
         def call(*args: Any, **kwargs: Any) -> Any:
             if not lend:
                 return host[name](*args, **kwargs)
-            with self._lend(made[0]):
-                return host[name](*args, **kwargs)
+            evicted: list[LiveRepl] = []  # to take the lent part back
+            try:
+                with self._memory.lent(made[0], self._evictor(evicted)):
+                    return host[name](*args, **kwargs)
+            finally:
+                for victim in evicted:
+                    self._finish(victim)
 
         call.__name__ = name
         call.__doc__ = doc
         return call
 
-    @contextlib.contextmanager
-    def _lend(self, live: LiveRepl) -> Iterator[None]:
-        """During a host call: give back the part of the session's cap its
-        guest has not grown to, and take it back before the guest runs again."""
-        spare = max(0, live.limits.memory_bytes - live.session.guest_memory_bytes)
-        with self._lock:
-            if spare and id(live) in self._caps and id(live) not in self._lent:
-                self._held -= spare
-                self._lent[id(live)] = spare
-                self._released.notify_all()
-            else:
-                spare = 0
-        try:
-            yield
-        finally:
-            if spare:
-                self._take_back(live)
-
-    def _take_back(self, live: LiveRepl) -> None:
-        """Hold a returning guest's whole cap again. Returning guests go before
-        new sessions and close idle ones, so the guest that entered a host
-        call last always fits: no guest has grown since it gave memory back.
-        The wait is bounded all the same; past it the guest runs anyway (the
-        budget is overrun by what it takes back, and logged) rather than fail
-        a cell whose sub-calls are done."""
-        deadline = time.monotonic() + self._busy_wait_s
-        evicted: list[LiveRepl] = []
-        with self._lock:
-            self._resuming += 1
-            try:
-                spare = self._lent.get(id(live), 0)
-                while spare and self._held + spare > self._budget:
-                    if self._idle:
-                        evicted.append(self._evict_idle_locked())
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        log.warning("repl_pool.over_budget", held_mib=self._held // MIB,
-                                    budget_mib=self._budget // MIB, taken_back_mib=spare // MIB)
-                        break
-                    self._released.wait(left)
-                if id(live) in self._caps:
-                    self._held += self._lent.pop(id(live), 0)
-            finally:
-                self._resuming -= 1
-                self._released.notify_all()
-        for victim in evicted:
-            self._finish(victim)
-
-    def _evict_idle_locked(self) -> LiveRepl:
-        """Take the least recently used idle session out (its cap given back);
-        the caller closes it outside the lock."""
-        live = self._idle.popitem(last=False)[1]
-        self._held -= self._caps.pop(id(live), 0)
-        return live
-
-    def _release_cap(self, cap: int) -> None:
-        with self._lock:
-            self._held -= cap
-            self._released.notify_all()
-
     def _close(self, lives: list[LiveRepl]) -> None:
-        with self._lock:
-            for live in lives:
-                self._held -= self._caps.pop(id(live), 0) - self._lent.pop(id(live), 0)
-            if lives:
-                self._released.notify_all()
+        self._memory.release_sessions(lives)
         for live in lives:
             self._finish(live)
 
@@ -424,10 +321,3 @@ def _warm_up() -> None:
     except Exception:  # the first cell boots as it would have; say why this did not
         log.exception("repl_pool.warm_up_failed")
 
-
-_HOST_NAMES = (
-    "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "FINAL", "FINAL_VAR", "document_names"
-)
-# Host functions that answer at once: their caller keeps its whole cap (lending
-# would only churn the pool's lock, and could make FINAL wait for memory).
-_INSTANT_HOST_NAMES = frozenset({"FINAL", "FINAL_VAR", "document_names"})
