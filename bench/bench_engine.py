@@ -54,6 +54,8 @@ from workflows.steps import CellOutput  # noqa: E402
 
 RESULTS = h.RESULTS_DIR / "engine.json"
 MB = 1_000_000
+# Issue 13 asks 1,000 x 200 ms at concurrency 32 within 1.3x of the ideal (DESIGN.md: 1.5x).
+FANOUT_TARGET_RATIO = 1.3
 
 
 def install_timers() -> h.Timers:
@@ -217,8 +219,8 @@ async def bench_fanout(
         assert counts["sub"] == n * repeats, counts
         cell_spread = h.spread([r["cell_s"] for r in rows])
         ratio = h.spread([r["ratio_to_ideal"] for r in rows], 2)
-        print(f"fanout {n}: cell median {cell_spread['median']} s (min {cell_spread['min']}, max {cell_spread['max']}), ideal {ideal:.2f} s, ratio median {ratio['median']}; target <= 1.5")
-        out[str(n)] = {"ideal_s": round(ideal, 3), "cell_s": cell_spread, "ratio_to_ideal": ratio, "target_ratio": 1.5, "runs": rows}
+        print(f"fanout {n}: cell median {cell_spread['median']} s (min {cell_spread['min']}, max {cell_spread['max']}), ideal {ideal:.2f} s, ratio median {ratio['median']}; target <= {FANOUT_TARGET_RATIO} (issue 13; DESIGN.md asks 1.5)")
+        out[str(n)] = {"ideal_s": round(ideal, 3), "cell_s": cell_spread, "ratio_to_ideal": ratio, "target_ratio": FANOUT_TARGET_RATIO, "runs": rows}
     return out
 
 
