@@ -25,8 +25,9 @@ from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 from activities._repl_pool import ReplPool
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime
-from sandbox_wasm import CellInterrupted, SandboxLimits
-from workflows.names import ACTIVITY_RUN_CELL, REPL_TOO_LARGE
+from sandbox_wasm import CellInterrupted, ContextTooLarge, SandboxLimits
+from workflows.names import ACTIVITY_RUN_CELL, CONTEXT_TOO_LARGE, REPL_TOO_LARGE
+from workflows.request import CELL_MEMORY_MB_RANGE
 from workflows.steps import CellInput, CellOutput
 
 log = structlog.get_logger(__name__)
@@ -124,6 +125,12 @@ class RunCellActivity:
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
         except GuestMemoryTooLarge as exc:
             raise ApplicationError(str(exc), type=REPL_TOO_LARGE, non_retryable=True) from None
+        except ContextTooLarge as exc:
+            raise ApplicationError(
+                f"{exc}: raise the run's limits.cell_memory_mb (at most {CELL_MEMORY_MB_RANGE[1]}) "
+                "or give it a smaller context",
+                type=CONTEXT_TOO_LARGE, non_retryable=True,
+            ) from None
 
     def _tools(self, inp: CellInput) -> dict[str, str]:
         """Host functions besides the standard ones the cell's REPL has stubs for."""

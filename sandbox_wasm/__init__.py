@@ -5,9 +5,9 @@ synchronously through a shadowed fd, and every cell runs under time, memory
 and output limits. See `ReplSession`.
 """
 
-from ._types import CellInterrupted, CellResult, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
+from ._types import CellInterrupted, CellResult, ContextTooLarge, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
 from ._saved_state import RecordSource, RecordsUnavailable
 from .session import ReplSession
 
-__all__ = ["CellInterrupted", "CellResult", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession", "SandboxError",
+__all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession", "SandboxError",
            "SandboxLimits", "Snapshot", "ToolError"]

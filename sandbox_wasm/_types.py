@@ -14,6 +14,12 @@ class SandboxError(RuntimeError):
     """
 
 
+class ContextTooLarge(SandboxError):
+    """The context does not fit in the guest's memory cap: loading it ran out
+    of memory. Deterministic for a context and a cap; only a larger cap (or a
+    smaller context) helps."""
+
+
 class ToolError(Exception):
     """Raised by a host function to have the guest raise `ToolError` with this
     message as it is (other exceptions reach the guest as `HostCallError`)."""

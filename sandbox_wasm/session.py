@@ -17,7 +17,7 @@ from ._hostcall import FileSource
 from ._instance import Event, GuestInstance, HungGuest, boot_guest
 from ._runtime import get_runtime
 from ._saved_state import RecordSource, SavedState
-from ._types import CellInterrupted, CellResult, SandboxError, SandboxLimits, Snapshot
+from ._types import CellInterrupted, CellResult, ContextTooLarge, SandboxError, SandboxLimits, Snapshot
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
@@ -254,8 +254,14 @@ class ReplSession:
     def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
         sources = [FileSource(f, s) for f, s in zip(files, sizes)]
         result = self._admin(["load_context", kind, sizes], sources=sources)
-        if result.get("error"):
-            raise SandboxError(f"loading the context failed: {result['error']}")
+        error = result.get("error")
+        if error and str(error).startswith("MemoryError"):
+            raise ContextTooLarge(
+                f"the context ({sum(sizes) / 1e6:.1f} MB) does not fit in the REPL's memory cap of "
+                f"{self.limits.memory_bytes >> 20} MiB (loading it ran out of memory)"
+            )
+        if error:
+            raise SandboxError(f"loading the context failed: {error}")
 
     def _restart(self, reason: str) -> str:
         """Boot a fresh instance and bring back context and the last snapshot."""

@@ -250,3 +250,19 @@ def test_closing_a_session_runs_no_guest_code():
         assert guest_threads() == before + 1
     assert guest_threads() == before
     assert calls == ["in cell"]
+
+
+def test_a_context_larger_than_the_memory_cap_is_refused_as_such(tmp_path):
+    """Loading a context the guest's cap cannot hold is not a sandbox failure
+    to retry: it is ContextTooLarge, naming the sizes (the engine ends the
+    run on it, activities/run_cell.py); a cap that holds it loads it."""
+    from sandbox_wasm import ContextTooLarge
+
+    path = tmp_path / "context.txt"
+    path.write_text("x" * 40_000_000)
+    with ReplSession(SandboxLimits(memory_bytes=32 * 1024**2)) as session:
+        with pytest.raises(ContextTooLarge, match=r"^the context \(40\.0 MB\) does not fit in the REPL's memory cap of 32 MiB"):
+            session.load_context([path], "str")
+    with ReplSession(SandboxLimits(memory_bytes=256 * 1024**2)) as session:
+        session.load_context([path], "str")
+        assert session.run_cell("print(len(context))").output.strip() == "40000000"

@@ -72,18 +72,20 @@ async def execute_cell(
     )
 
 
-# Runs started since this patch end when a cell's REPL cannot fit the
-# worker's memory budget; older ones replay as they ran (each later cell
-# failed the same way while the run spent its turns).
+# Runs started since this patch end when a cell's REPL cannot be made (its
+# cap past the worker's memory budget, or a context that does not fit in
+# it); older ones replay as they ran (each later cell failed the same way
+# while the run spent its turns).
 REPL_TOO_LARGE_PATCH = "end-run-when-the-repl-cannot-fit"
 
 
 def no_cell_can_run(exc: ActivityError) -> bool:
-    """The cell failed because no REPL with the run's memory cap fits this
-    worker's whole guest memory budget: every later cell would fail the same
-    way, whatever code the model writes."""
+    """The cell failed because no REPL with the run's memory cap can be made:
+    the cap exceeds this worker's whole guest memory budget, or the context
+    does not fit in it. Every later cell would fail the same way, whatever
+    code the model writes."""
     cause = exc.cause
-    return isinstance(cause, ApplicationError) and cause.type == names.REPL_TOO_LARGE
+    return isinstance(cause, ApplicationError) and cause.type in (names.REPL_TOO_LARGE, names.CONTEXT_TOO_LARGE)
 
 
 def cell_report(code: str, cell: CellOutput, room: int) -> CellReport:

@@ -34,6 +34,9 @@ QUERY_PROGRESS = "progress"
 # The failure type of a cell whose REPL memory cap this worker's whole guest
 # memory budget cannot hold (activities/run_cell.py): no later cell can run.
 REPL_TOO_LARGE = "GuestMemoryTooLarge"
+# The failure type of a cell whose context does not fit in the REPL's memory
+# cap (loading it ran out of memory): no later cell can run either.
+CONTEXT_TOO_LARGE = "ContextTooLarge"
 
 # The session workflow (workflows/session.py).
 UPDATE_ASK = "ask"
