@@ -249,3 +249,7 @@ def test_checked_in_json_schema_matches_the_models():
     context = schema["$defs"]["RunRequest"]["properties"]["context"]
     kinds = {alt.get("$ref", alt.get("type")) for alt in context["oneOf"]}
     assert kinds == {"#/$defs/ContextRef", "#/$defs/ContextURI", "string", "array"}, kinds
+    # A caller reading the schema is told the REPL memory caps a run takes,
+    # not the decoder's wider bounds (kept for runs started before).
+    memory = schema["$defs"]["RunLimits"]["properties"]["cell_memory_mb"]
+    assert (memory["minimum"], memory["maximum"]) == (16, 4096), memory

@@ -110,7 +110,15 @@ class RunLimits(BaseModel):
 
     cell_timeout_s: float = Field(120.0, ge=MIN_STEP_SECONDS, le=MAX_STEP_SECONDS, allow_inf_nan=False)
     """Guest CPU/wall time for one cell; time waiting on sub-calls does not count."""
-    cell_memory_mb: int = Field(2048, ge=1, le=MAX_CELL_MEMORY_MB)
+    cell_memory_mb: int = Field(
+        2048,
+        ge=1,
+        le=MAX_CELL_MEMORY_MB,
+        # What callers are told is what a run takes (the decoder's wider
+        # bounds are for replaying runs started before the range was enforced).
+        json_schema_extra={"minimum": CELL_MEMORY_MB_RANGE[0], "maximum": CELL_MEMORY_MB_RANGE[1]},
+        description="Linear-memory cap of the WASM REPL, in MB (a run or session is refused outside 16-4096).",
+    )
     """Linear-memory cap of the WASM REPL: 16 to 4096 (a run or session is
     refused at its start outside that range, CELL_MEMORY_MB_RANGE)."""
     output_chars: int = Field(20_000, ge=100, le=MAX_OUTPUT_CHARS)
