@@ -154,15 +154,16 @@ async def run_worker(
         temporal=settings.temporal_address,
         frozen_objects=gc.get_freeze_count(),
     )
-    budget_mib, default_cap_mib = guest_memory_budget(settings.guest_memory_share) >> 20, RunLimits().cell_memory_mb
+    budget_mib, default_cap_mib = pool.memory_budget >> 20, RunLimits().cell_memory_mb
     if budget_mib < default_cap_mib:
         # Told at start, not only by the first run that fails on it.
         log.warning(
             "worker.guest_memory_below_default_repl_cap",
             budget_mib=budget_mib,
             default_cap_mib=default_cap_mib,
-            hint="runs with the default limits.cell_memory_mb end at their first cell here: "
-            "raise RLM_GUEST_MEMORY_SHARE, give the worker more memory, or send a smaller cap",
+            hint="no cell of a run with the default limits.cell_memory_mb can run on this worker (a run "
+            "whose cell finds no other worker ends): raise RLM_GUEST_MEMORY_SHARE, give the worker "
+            "more memory, or send a smaller cap",
         )
     sweeper = asyncio.create_task(_evict_idle_repls(pool, settings.repl_idle_s))
     try:

@@ -38,6 +38,7 @@ HEARTBEAT_EVERY_S = 1.0
 # (bench_many_runs, 4 MB contexts, two workers: ~1 s more CPU per 100 runs).
 PREPARE_MIN_BYTES = 8 * 1024 * 1024
 BUSY_RETRY_DELAY = timedelta(seconds=5)
+TOO_LARGE_RETRY_DELAY = timedelta(seconds=1)
 
 
 class RunCellActivity:
@@ -85,6 +86,8 @@ class RunCellActivity:
                 if isinstance(exc, CellInterrupted) and activity.is_cancelled():
                     # Reported as a cancellation, which the run waits for.
                     raise CancelledError("the run was cancelled: the cell was stopped") from None
+                if isinstance(exc, ContextTooLarge):  # reloading it after a restart
+                    raise _context_too_large(exc, limits) from None
                 raise
             if saved:
                 self._pool.checkin(inp.workflow_id, live)
@@ -124,13 +127,11 @@ class RunCellActivity:
             # Busy guests free memory soon (or another worker has room): retried.
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
         except GuestMemoryTooLarge as exc:
-            raise ApplicationError(str(exc), type=REPL_TOO_LARGE, non_retryable=True) from None
+            # This worker's budget: another worker may hold the cap, so retried;
+            # a run whose retries all fail ends (workflows/cell.py no_cell_can_run).
+            raise ApplicationError(str(exc), type=REPL_TOO_LARGE, next_retry_delay=TOO_LARGE_RETRY_DELAY) from None
         except ContextTooLarge as exc:
-            raise ApplicationError(
-                f"{exc}: raise the run's limits.cell_memory_mb (at most {CELL_MEMORY_MB_RANGE[1]}) "
-                "or give it a smaller context",
-                type=CONTEXT_TOO_LARGE, non_retryable=True,
-            ) from None
+            raise _context_too_large(exc, limits) from None
 
     def _tools(self, inp: CellInput) -> dict[str, str]:
         """Host functions besides the standard ones the cell's REPL has stubs for."""
@@ -156,6 +157,16 @@ class RunCellActivity:
             live.records = stored.locations
             live.records_stored_in(self._snapshots)
         live.snapshot_key = inp.snapshot_key
+
+
+def _context_too_large(exc: ContextTooLarge, limits: SandboxLimits) -> ApplicationError:
+    """Deterministic for the context and the cap: not retried, and the run ends."""
+    largest = CELL_MEMORY_MB_RANGE[1]
+    if limits.memory_bytes >> 20 < largest:
+        advice = f"raise the run's limits.cell_memory_mb (at most {largest}) or give it a smaller context"
+    else:
+        advice = f"give the run a smaller context ({largest} MiB is the largest REPL memory cap)"
+    return ApplicationError(f"{exc}: {advice}", type=CONTEXT_TOO_LARGE, non_retryable=True)
 
 
 def _limits(inp: CellInput) -> SandboxLimits:

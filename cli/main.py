@@ -88,7 +88,8 @@ def _leave(code: int) -> None:
     and the process ends. Unloading the ~400 modules a command loads took
     60-90 ms after every command had finished (`rlm run`, `rlm status`); and
     a process that used a Temporal client can abort in that teardown
-    (PyGILState_Release, rc 134; sdk-python#300)."""
+    (PyGILState_Release, rc 134; sdk-python#300), so it leaves this way even
+    while a non-daemon thread works (as it always did)."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

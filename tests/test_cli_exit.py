@@ -56,14 +56,17 @@ def test_the_command_ends_normally_while_a_non_daemon_thread_works() -> None:
     assert '"RunRequest"' in proc.stdout
 
 
-def test_the_command_line_entry_leaves_with_its_code() -> None:
+def test_the_command_line_entry_leaves_once_its_command_is_done() -> None:
     proc = _python(
         """
-        import sys
+        import atexit, sys
         from cli import main
-        sys.argv = ["rlm", "result"]  # a missing argument: argparse's exit code 2
-        sys.exit(main.main())
+        atexit.register(lambda: print("exit callback ran"))
+        sys.argv = ["rlm", "schema"]
+        main.main()  # leaves: no thread is left working
+        print("main returned")
         """
     )
-    assert proc.returncode == 2
-    assert "run_id" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "main returned" not in proc.stdout
+    assert proc.stdout.rstrip().endswith("exit callback ran") and '"RunRequest"' in proc.stdout

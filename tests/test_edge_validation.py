@@ -206,7 +206,7 @@ def test_the_repl_memory_range_is_the_sandboxs():
     for mb in (1, low - 1, high + 1, 8192):
         problem = cell_memory_problem(RunLimits(cell_memory_mb=mb))
         assert problem == (
-            f"limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MB (a 32-bit WebAssembly guest), got {mb}"
+            f"limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MiB (a 32-bit WebAssembly guest), got {mb}"
         )
         with pytest.raises(ValueError, match="memory_bytes must be between"):
             SandboxLimits(memory_bytes=mb * 1024**2)
@@ -241,7 +241,7 @@ def test_a_run_or_session_with_a_repl_memory_cap_no_sandbox_takes_fails_at_once(
     for cause, what, mb in ((big, "RunRequest", 8192), (small, "RunRequest", 8), (session, "SessionRequest", 8192)):
         assert isinstance(cause, ApplicationError) and cause.type == f"Invalid{what}", cause
         assert cause.message == (
-            f"invalid {what}: limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MB "
+            f"invalid {what}: limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MiB "
             f"(a 32-bit WebAssembly guest), got {mb}"
         ), cause.message
     assert llm.count() == 0

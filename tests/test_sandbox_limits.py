@@ -260,9 +260,32 @@ def test_a_context_larger_than_the_memory_cap_is_refused_as_such(tmp_path):
 
     path = tmp_path / "context.txt"
     path.write_text("x" * 40_000_000)
+    small = tmp_path / "small" / "context.txt"
+    small.parent.mkdir()
+    small.write_text("x" * 20_000_000)
     with ReplSession(SandboxLimits(memory_bytes=32 * 1024**2)) as session:
-        with pytest.raises(ContextTooLarge, match=r"^the context \(40\.0 MB\) does not fit in the REPL's memory cap of 32 MiB"):
+        # Larger than the cap: refused by its size, nothing loaded.
+        with pytest.raises(ContextTooLarge, match=r"^the context \(40\.0 MB\) does not fit in the REPL's memory cap of 32 MiB$"):
             session.load_context([path], "str")
+        # Under the cap, but not with the interpreter beside it: the guest runs out of memory.
+        with pytest.raises(ContextTooLarge, match=r"^the context \(20\.0 MB\) does not fit .* 32 MiB \(loading it ran out of memory\)$"):
+            session.load_context([small], "str")
     with ReplSession(SandboxLimits(memory_bytes=256 * 1024**2)) as session:
         session.load_context([path], "str")
         assert session.run_cell("print(len(context))").output.strip() == "40000000"
+
+
+def test_a_context_document_past_what_a_32_bit_guest_can_hold_is_refused_by_its_size(tmp_path, monkeypatch):
+    """A 3 GB document failed inside the guest with OverflowError (one object
+    of a wasm32 guest stays under 2 GiB), a sandbox failure retried like any
+    other; it is refused by its size now, before anything is read. (The size
+    limit is lowered here rather than writing a 2 GB file.)"""
+    import sandbox_wasm.session as session_module
+    from sandbox_wasm import ContextTooLarge
+
+    monkeypatch.setattr(session_module, "MAX_DOCUMENT_BYTES", 1_000_000)
+    path = tmp_path / "context.txt"
+    path.write_text("x" * 1_500_000)
+    with ReplSession(SandboxLimits(memory_bytes=4096 * 1024**2)) as session:
+        with pytest.raises(ContextTooLarge, match=r"^a context document of 1\.5 MB is larger than a 32-bit WebAssembly guest can hold \(1\.0 MB at most\)$"):
+            session.load_context([path], "str")

@@ -117,7 +117,7 @@ class RunLimits(BaseModel):
         # What callers are told is what a run takes (the decoder's wider
         # bounds are for replaying runs started before the range was enforced).
         json_schema_extra={"minimum": CELL_MEMORY_MB_RANGE[0], "maximum": CELL_MEMORY_MB_RANGE[1]},
-        description="Linear-memory cap of the WASM REPL, in MB (a run or session is refused outside 16-4096).",
+        description="Linear-memory cap of the WASM REPL, in MiB (a run or session is refused outside 16-4096).",
     )
     """Linear-memory cap of the WASM REPL: 16 to 4096 (a run or session is
     refused at its start outside that range, CELL_MEMORY_MB_RANGE)."""
@@ -260,7 +260,7 @@ def cell_memory_problem(limits: RunLimits) -> str | None:
     if low <= limits.cell_memory_mb <= high:
         return None
     return (
-        f"limits.cell_memory_mb: the REPL's memory cap must be {low} to {high} MB "
+        f"limits.cell_memory_mb: the REPL's memory cap must be {low} to {high} MiB "
         f"(a 32-bit WebAssembly guest), got {limits.cell_memory_mb}"
     )
 
