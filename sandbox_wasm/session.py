@@ -256,24 +256,23 @@ class ReplSession:
         return instance
 
     def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
-        # Refused before any work when it cannot fit: the guest holds the bytes
-        # (and the interpreter), and one object of a 32-bit guest stays under 2 GiB.
-        if sum(sizes) >= self.limits.memory_bytes or max(sizes, default=0) > MAX_DOCUMENT_BYTES:
-            raise ContextTooLarge(self._too_large(sizes))
+        # Refused before any work when it cannot fit: one object of a 32-bit
+        # guest stays under 2 GiB, and the guest holds the bytes (and the interpreter).
+        largest, total = max(sizes, default=0), sum(sizes)
+        if largest > MAX_DOCUMENT_BYTES:
+            raise ContextTooLarge(f"a context document of {largest / 1e6:,.1f} MB is larger than a 32-bit "
+                                  f"WebAssembly guest can hold ({MAX_DOCUMENT_BYTES / 1e6:,.1f} MB at most)")
+        past_cap = (f"the context ({total / 1e6:,.1f} MB) does not fit in the REPL's memory cap of "
+                    f"{self.limits.memory_bytes >> 20} MiB")
+        if total >= self.limits.memory_bytes:
+            raise ContextTooLarge(past_cap)
         sources = [FileSource(f, s) for f, s in zip(files, sizes)]
         result = self._admin(["load_context", kind, sizes], sources=sources)
         error = result.get("error")
         if error and str(error).startswith("MemoryError"):
-            raise ContextTooLarge(self._too_large(sizes) + " (loading it ran out of memory)")
+            raise ContextTooLarge(past_cap + " (loading it ran out of memory)")
         if error:
             raise SandboxError(f"loading the context failed: {error}")
-
-    def _too_large(self, sizes: list[int]) -> str:
-        if max(sizes, default=0) > MAX_DOCUMENT_BYTES:
-            return (f"a context document of {max(sizes) / 1e6:,.1f} MB is larger than a 32-bit "
-                    f"WebAssembly guest can hold ({MAX_DOCUMENT_BYTES / 1e6:,.1f} MB at most)")
-        return (f"the context ({sum(sizes) / 1e6:,.1f} MB) does not fit in the REPL's memory cap of "
-                f"{self.limits.memory_bytes >> 20} MiB")
 
     def _restart(self, reason: str) -> str:
         """Boot a fresh instance and bring back context and the last snapshot."""

@@ -386,9 +386,10 @@ class TurnDriver:
             )
         except ActivityError as exc:
             raise_if_cancelled(exc)
+            failure = f"the cell could not run: {error_text(exc)}"
             if no_cell_can_run(exc) and workflow.patched(REPL_TOO_LARGE_PATCH):
-                raise RunEnded("failed", f"the cell could not run: {error_text(exc)}") from exc
-            cell = CellOutput(output="", error=f"the cell could not run: {error_text(exc)}")
+                raise RunEnded("failed", failure) from exc
+            cell = CellOutput(output="", error=failure)
         task = asyncio.current_task()
         if run.cancel_requested or (task is not None and task.cancelling()):
             # The run was cancelled (by signal, or by Temporal for a child run)
