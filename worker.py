@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +43,7 @@ from activities.runtime import WorkerRuntime
 from activities.settings import Settings, load_settings
 from activities.temporal_client import connect
 from activities.tool_call import ToolCallActivity
+from sandbox_wasm import SandboxUnavailable, check_runtime_file
 from workflows.request import RunLimits
 from workflows.run import RLMRun
 from workflows.session import RLMSession
@@ -136,13 +138,30 @@ async def run_worker(
     identity: str | None = None,
 ) -> None:
     """Run a worker until `stop` is set (or SIGINT/SIGTERM). Once it polls,
-    write `ready_file` ({"pid": ...}) so a launcher knows it is serving."""
+    write `ready_file` ({"pid": ...}) so a launcher knows it is serving.
+    Raises SandboxUnavailable when no cell could run here (checked before
+    connecting, and by the REPL booted at start: then it stops polling)."""
+    check_runtime_file()  # a worker that can run no cell must not take any
     client = await connect(settings)
     worker, pool = build_worker(client, settings, identity=identity)
     freeze_startup_objects()
-    pool.warm_up()  # in the background: polling starts meanwhile
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    unavailable: list[SandboxUnavailable] = []
+
+    def stop_unavailable(exc: SandboxUnavailable) -> None:
+        # No cell could run here: stop polling rather than fail every cell
+        # given to us (each a paid root turn of its run) while other workers could run them.
+        log.error(
+            "worker.sandbox_unavailable",
+            error=str(exc),
+            hint="the worker stops: fix the sandbox runtime (reinstall the project) or the limits that keep "
+            "wasmtime from reserving guest memory (ulimit -v), then start it again",
+        )
+        unavailable.append(exc)
+        loop.call_soon_threadsafe(stop.set)
+
+    pool.warm_up(stop_unavailable)  # in the background: polling starts meanwhile
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -179,6 +198,8 @@ async def run_worker(
         if ready_file is not None:
             _remove_ready(ready_file)
         log.info("worker.stopped")
+    if unavailable:
+        raise unavailable[0]
 
 
 async def _evict_idle_repls(pool: ReplPool, max_idle_s: float) -> None:
@@ -219,7 +240,14 @@ def main(argv: list[str] | None = None) -> None:
         ToolRegistry.from_setting(settings.tools)  # refuse a bad tool before connecting
     except ToolRegistrationError as exc:
         parser.exit(2, f"worker: {exc}\n")
-    asyncio.run(run_worker(settings, ready_file=args.ready_file, identity=args.identity))
+    try:
+        asyncio.run(run_worker(settings, ready_file=args.ready_file, identity=args.identity))
+    except SandboxUnavailable as exc:
+        sys.stderr.write(f"worker: no sandbox can start here: {exc}\n")
+        sys.stderr.flush()
+        # Not sys.exit: past a started Temporal runtime, the interpreter's
+        # finalization can abort (SIGABRT) and hide this exit code.
+        os._exit(3)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from activities._cell_host import CELL_HOST_NAMES, INSTANT_HOST_NAMES
 from activities._guest_memory import MIB, EvictOneLocked, GuestMemory
 from activities._live_repl import LiveRepl, Preparing, same_but_timeout
 from activities._machine_memory import machine_memory_bytes
-from sandbox_wasm import ReplSession, SandboxLimits
+from sandbox_wasm import ReplSession, SandboxLimits, SandboxUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -239,12 +239,13 @@ class ReplPool:
         self._close([live])
 
     @staticmethod
-    def warm_up() -> threading.Thread:
+    def warm_up(on_unavailable: Callable[[SandboxUnavailable], None] | None = None) -> threading.Thread:
         """Boot and close one REPL in the background, so the first cell finds
         the sandbox's module loaded (compiled on a worker's first start: ~4.4 s)
         and its boot image taken (~0.16 s). Its small cap is not counted in
-        the budget for those moments."""
-        thread = threading.Thread(target=_warm_up, name="repl-warm-up", daemon=True)
+        the budget for those moments. `on_unavailable` is called (on that
+        thread) if no guest can start here at all."""
+        thread = threading.Thread(target=_warm_up, args=(on_unavailable,), name="repl-warm-up", daemon=True)
         thread.start()
         return thread
 
@@ -314,10 +315,15 @@ class ReplPool:
                 callback()
 
 
-def _warm_up() -> None:
+def _warm_up(on_unavailable: Callable[[SandboxUnavailable], None] | None) -> None:
     try:
         with ReplSession(limits=SandboxLimits(memory_bytes=WARM_UP_MEMORY_BYTES)).start():
             pass
+    except SandboxUnavailable as exc:
+        if on_unavailable is None:
+            log.error("repl_pool.sandbox_unavailable", error=str(exc))
+        else:
+            on_unavailable(exc)
     except Exception:  # the first cell boots as it would have; say why this did not
         log.exception("repl_pool.warm_up_failed")
 

@@ -27,7 +27,7 @@ from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime
 from sandbox_wasm import CellInterrupted, ContextTooLarge, SandboxLimits
 from workflows.names import ACTIVITY_RUN_CELL, CONTEXT_TOO_LARGE, REPL_TOO_LARGE
-from workflows.request import CELL_MEMORY_MB_RANGE
+from workflows.request import context_fit_advice
 from workflows.steps import CellInput, CellOutput
 
 log = structlog.get_logger(__name__)
@@ -161,11 +161,7 @@ class RunCellActivity:
 
 def _context_too_large(exc: ContextTooLarge, limits: SandboxLimits) -> ApplicationError:
     """Deterministic for the context and the cap: not retried, and the run ends."""
-    largest = CELL_MEMORY_MB_RANGE[1]
-    if limits.memory_bytes >> 20 < largest:
-        advice = f"raise the run's limits.cell_memory_mb (at most {largest}) or give it a smaller context"
-    else:
-        advice = f"give the run a smaller context ({largest} MiB is the largest REPL memory cap)"
+    advice = context_fit_advice(limits.memory_bytes >> 20)
     return ApplicationError(f"{exc}: {advice}", type=CONTEXT_TOO_LARGE, non_retryable=True)
 
 

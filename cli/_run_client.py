@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import ValidationError
 
-from activities._context_input import paths_bytes
+from activities._context_input import ContextInputError, named_files, paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
@@ -47,6 +47,8 @@ from workflows.request import (
     ModelChoice,
     RunLimits,
     RunRequest,
+    cell_memory_problem,
+    context_fit_problem,
     question_problem,
     validation_errors,
 )
@@ -70,6 +72,7 @@ class RunOptions:
     sub_model: str | None
     caps: dict[str, Any] = field(default_factory=dict)
     cell_timeout_s: float = 120.0
+    cell_memory_mb: int = RunLimits().cell_memory_mb
     answer_schema: dict[str, Any] | None = None
     on_unreadable: str = "fail"
     """`skip`: files that cannot be converted to text are left out (listed in the result)."""
@@ -158,7 +161,11 @@ class RunClient:
             models=ModelChoice(root=opts.model, sub=opts.sub_model),
             caps=caps,
             # A 1.5B model on 2 cores reads ~50 tokens/s: a full window takes minutes.
-            limits=RunLimits(cell_timeout_s=opts.cell_timeout_s, model_call_timeout_s=900.0 if local else 300.0),
+            limits=RunLimits(
+                cell_timeout_s=opts.cell_timeout_s,
+                cell_memory_mb=opts.cell_memory_mb,
+                model_call_timeout_s=900.0 if local else 300.0,
+            ),
             answer_schema=opts.answer_schema,
             on_unreadable=opts.on_unreadable,
             tools=opts.tools,
@@ -295,8 +302,29 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
             f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
             f"got {opts.cell_timeout_s:g}"
         )
+    if problem := cell_memory_problem(opts.cell_memory_mb):
+        raise RunError(problem.replace("limits.cell_memory_mb", "--cell-memory", 1))
+    if problem := unloadable_context(opts.context_paths, opts.cell_memory_mb):  # before uploading it
+        raise RunError(problem.replace("the run's limits.cell_memory_mb", "--cell-memory", 1))
     check_models(root, sub or root, caps)
     return opts, caps
+
+
+def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
+    """Why no REPL capped at `cell_memory_mb` could load these files, or None:
+    their text files alone reach the cap (they are stored as they are; other
+    formats are converted and may shrink). Checked before uploading gigabytes
+    that the run would refuse; what cannot be listed is left to the upload."""
+    if paths_bytes(paths) < cell_memory_mb << 20:
+        return None
+    from activities.documents import DocumentError, kind_of
+
+    try:
+        files = [f for f in named_files(paths) if f.refused is None]
+        text_bytes = sum(f.size() for f in files if kind_of(f.path, f.identity) == "text")
+    except (ContextInputError, DocumentError, OSError):
+        return None
+    return context_fit_problem(text_bytes, cell_memory_mb)
 
 
 _CAP_FLAGS = {

@@ -37,7 +37,7 @@ from workflows.names import (
     UPDATE_CLOSE,
     WORKFLOW_RLM_SESSION,
 )
-from workflows.request import validation_errors
+from workflows.request import RunLimits, validation_errors
 from workflows.result import RunResult
 from workflows.session_models import AskRequest, SessionCaps, SessionRequest, SessionSummary
 from workflows.session_questions import ask_id_reused
@@ -56,6 +56,7 @@ class SessionOptions:
     question_caps: dict[str, Any] = field(default_factory=dict)
     session_caps: dict[str, Any] = field(default_factory=dict)
     cell_timeout_s: float = 120.0
+    cell_memory_mb: int = RunLimits().cell_memory_mb
     tools: list[str] = field(default_factory=list)
     continue_after_questions: int = 100
     session_id: str = field(default_factory=lambda: f"rlm-session-{uuid.uuid4().hex[:12]}")
@@ -86,6 +87,7 @@ class SessionClient:
                 sub_model=opts.sub_model,
                 caps=opts.question_caps,
                 cell_timeout_s=opts.cell_timeout_s,
+                cell_memory_mb=opts.cell_memory_mb,
                 tools=opts.tools,
             )
         )

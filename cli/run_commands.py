@@ -88,6 +88,8 @@ def model_and_cap_arguments(p: argparse.ArgumentParser) -> None:
                    help="a custom tool the run may use (registered on the workers: RLM_TOOLS); repeat for several")
     p.add_argument("--max-concurrency", type=int, default=None, help="parallel sub-calls (default 32; 1 for the local model)")
     p.add_argument("--cell-timeout", type=float, default=120.0, metavar="SECONDS")
+    p.add_argument("--cell-memory", type=int, default=None, metavar="MIB",
+                   help="the REPL's memory cap, 16-4096 (default 2048); the context must fit in it")
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -100,6 +102,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         sub_model=args.sub_model,
         caps=caps_of(args),
         cell_timeout_s=args.cell_timeout,
+        **({"cell_memory_mb": args.cell_memory} if args.cell_memory is not None else {}),
         answer_schema=answer_schema_from_file(args.answer_schema),
         tools=list(args.tools),
         on_unreadable="skip" if args.skip_unreadable else "fail",
@@ -204,13 +207,17 @@ def _cmd_cancel(args: argparse.Namespace, settings) -> int:
 def _cmd_worker(args: argparse.Namespace, settings) -> int:
     from activities._tools_registry import ToolRegistrationError, ToolRegistry
     from cli._errors import UserError
+    from sandbox_wasm import SandboxUnavailable
     from worker import run_worker
 
     try:
         ToolRegistry.from_setting(settings.tools)  # a bad tool stops the worker before it polls
     except ToolRegistrationError as exc:
         raise UserError(f"RLM_TOOLS: {exc}") from None
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except SandboxUnavailable as exc:
+        raise UserError(f"no sandbox can start here: {exc}") from None
     return 0
 
 

@@ -46,6 +46,7 @@ _FLAGS = {
     "caps": "--max-turns",  # the one check over the caps as a whole: a run needs a turn
     "caps.max_wall_s": "--max-wall",
     "limits.cell_timeout_s": "--cell-timeout",
+    "limits.cell_memory_mb": "--cell-memory",
     "tools": "--tool",
 }
 
@@ -102,7 +103,7 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
 
     from activities.local_model import LOCAL_MODEL_NAME
     from cli._run_client import check_models, choose_models
-    from workflows.request import ModelChoice, RunLimits, RunRequest, validation_errors
+    from workflows.request import ModelChoice, RunLimits, RunRequest, cell_memory_problem, validation_errors
 
     if not args.context.startswith("s3://"):
         raise UserError(
@@ -115,13 +116,19 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
     if caps["max_concurrency"] is None and local:
         caps["max_concurrency"] = 1  # one llama.cpp server answers one call at a time
     answer_schema = answer_schema_from_file(args.answer_schema)
+    if args.cell_memory is not None and (problem := cell_memory_problem(args.cell_memory)):
+        raise UserError(problem.replace("limits.cell_memory_mb", "--cell-memory", 1))  # each run would be refused
     try:
         request = RunRequest(
             question=args.question,
             context={"uri": args.context},
             models=ModelChoice(root=root, sub=sub),
             caps={k: v for k, v in caps.items() if v is not None},
-            limits=RunLimits(cell_timeout_s=args.cell_timeout, model_call_timeout_s=900.0 if local else 300.0),
+            limits=RunLimits(
+                cell_timeout_s=args.cell_timeout,
+                **({"cell_memory_mb": args.cell_memory} if args.cell_memory is not None else {}),
+                model_call_timeout_s=900.0 if local else 300.0,
+            ),
             answer_schema=answer_schema,
             on_unreadable="skip" if args.skip_unreadable else "fail",
             tools=list(args.tools),

@@ -99,6 +99,7 @@ def _options(args: argparse.Namespace) -> SessionOptions:
             "max_calls": args.session_max_calls,
         },
         cell_timeout_s=args.cell_timeout,
+        **({"cell_memory_mb": args.cell_memory} if args.cell_memory is not None else {}),
         tools=list(args.tools),
         continue_after_questions=args.continue_after,
         **({"session_id": checked_id(args.session_id, "--id")} if args.session_id is not None else {}),

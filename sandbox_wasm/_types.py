@@ -20,6 +20,13 @@ class ContextTooLarge(SandboxError):
     smaller context) helps."""
 
 
+class SandboxUnavailable(SandboxError):
+    """No guest can start in this process: the CPython WASI file is missing or
+    not the pinned one, or wasmtime cannot instantiate or boot it (e.g. an
+    address-space limit below the ~4 GiB a guest reserves). Nothing a cell's
+    code did: every cell here fails the same way until the host is fixed."""
+
+
 class ToolError(Exception):
     """Raised by a host function to have the guest raise `ToolError` with this
     message as it is (other exceptions reach the guest as `HostCallError`)."""

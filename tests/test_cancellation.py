@@ -379,7 +379,7 @@ def test_asks_waiting_for_a_context_that_cannot_be_stored_are_told_why(settings)
             return asked.value, ended.value, later.value
 
     asked, ended, later = asyncio.run(go())
-    assert "could not store its context: context.uri: s3://audits/q3.txt: no such object" in asked.cause.message, asked.cause
+    assert "has no usable context: context.uri: s3://audits/q3.txt: no such object" in asked.cause.message, asked.cause
     assert asked.cause.type == "InvalidContext"
     assert ended.cause.type == "InvalidContext", ended.cause
     assert "s3://audits/q3.txt: no such object" in str(later), later

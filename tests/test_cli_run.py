@@ -100,6 +100,46 @@ def test_rlm_run_bad_inputs_give_one_line_errors(s, llm, tmp_path):
     assert llm.count() == 0
 
 
+def test_the_repl_memory_cap_is_a_flag_and_a_context_it_cannot_hold_is_not_uploaded(s, llm, tmp_path):
+    """`--cell-memory` sets the run's REPL cap (a 3 GB log needs 4096). A
+    text context that reaches the cap is refused before it is uploaded: the
+    run would have refused it after the upload (minutes for gigabytes)."""
+    import asyncio
+
+    from activities.object_store import ObjectStore
+    from activities.temporal_client import connect
+    from workflows.refs import CONTEXT_CHUNK_PREFIX
+
+    big = tmp_path / "big.log"
+    big.write_bytes(b"line of a log\n" * 1_500_000)  # 21 MB
+    store = ObjectStore.from_settings(s)
+    chunks_before = store.count(CONTEXT_CHUNK_PREFIX)
+    for args, expected in (
+        (["--cell-memory", "16"], "the context (21.0 MB) does not fit in the REPL's memory cap of 16 MiB: raise "
+                                  "--cell-memory (at most 4096) or give it a smaller context"),
+        (["--cell-memory", "8"], "--cell-memory: the REPL's memory cap must be 16 to 4096 MiB"),
+        (["--cell-memory", "8192"], "got 8192"),
+    ):
+        proc = _rlm(s, llm.url, "run", "q", "--context", str(big), "--model", ROOT, *args, timeout=60)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert proc.stderr.startswith("error: ") and expected in proc.stderr, (args, proc.stderr[-2000:])
+    assert store.count(CONTEXT_CHUNK_PREFIX) == chunks_before
+    assert llm.count() == 0
+
+    llm.add_rule(None, "FINAL(fine)", model=ROOT)
+    proc = _rlm(s, llm.url, "submit", "q", "--context", str(big), "--model", ROOT, "--cell-memory", "64",
+                "--id", "cli-cell-memory-64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    async def started_with() -> dict:
+        client = await connect(s)
+        history = await client.get_workflow_handle("cli-cell-memory-64").fetch_history()
+        start = history.events[0].workflow_execution_started_event_attributes
+        return json.loads(start.input.payloads[0].data)
+
+    assert asyncio.run(started_with())["limits"]["cell_memory_mb"] == 64
+
+
 def test_submit_then_result(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")

@@ -197,19 +197,41 @@ def test_the_repl_memory_range_is_the_sandboxs():
     refused, attempt after attempt) while the run spent its turns; the range
     a run is refused outside of is exactly the sandbox's."""
     from sandbox_wasm import SandboxLimits
-    from workflows.request import CELL_MEMORY_MB_RANGE, RunLimits, cell_memory_problem
+    from workflows.request import CELL_MEMORY_MB_RANGE, cell_memory_problem
 
     low, high = CELL_MEMORY_MB_RANGE
     for mb in (low, 2048, high):
-        assert cell_memory_problem(RunLimits(cell_memory_mb=mb)) is None
+        assert cell_memory_problem(mb) is None
         SandboxLimits(memory_bytes=mb * 1024**2)  # accepted
     for mb in (1, low - 1, high + 1, 8192):
-        problem = cell_memory_problem(RunLimits(cell_memory_mb=mb))
+        problem = cell_memory_problem(mb)
         assert problem == (
             f"limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MiB (a 32-bit WebAssembly guest), got {mb}"
         )
         with pytest.raises(ValueError, match="memory_bytes must be between"):
             SandboxLimits(memory_bytes=mb * 1024**2)
+
+
+def test_a_run_refuses_by_size_exactly_the_contexts_the_sandbox_refuses_by_size(tmp_path):
+    """The run's check at its start and the sandbox's own refusal are one
+    rule: a context of the cap's size or more. Past it the sandbox reads
+    nothing; below it, it tries (and may run out of memory loading it)."""
+    from sandbox_wasm import ContextTooLarge, ReplSession, SandboxLimits
+    from workflows.request import context_fit_problem
+
+    cap_mb = 16
+    at_cap, below = tmp_path / "at_cap.txt", tmp_path / "below.txt"
+    at_cap.write_bytes(b"x" * (cap_mb << 20))
+    below.write_bytes(b"x" * ((cap_mb << 20) - 1))
+    assert context_fit_problem(cap_mb << 20, cap_mb) is not None
+    assert context_fit_problem((cap_mb << 20) - 1, cap_mb) is None
+    with ReplSession(limits=SandboxLimits(memory_bytes=cap_mb << 20)) as session:
+        with pytest.raises(ContextTooLarge) as refused:
+            session.load_context([at_cap], "str")
+        assert "ran out of memory" not in str(refused.value)  # refused by its size, nothing read
+    with ReplSession(limits=SandboxLimits(memory_bytes=cap_mb << 20)) as session:
+        with pytest.raises(ContextTooLarge, match=r"\(loading it ran out of memory\)"):
+            session.load_context([below], "str")
 
 
 def test_a_run_or_session_with_a_repl_memory_cap_no_sandbox_takes_fails_at_once(settings, llm, context_store):
@@ -244,4 +266,45 @@ def test_a_run_or_session_with_a_repl_memory_cap_no_sandbox_takes_fails_at_once(
             f"invalid {what}: limits.cell_memory_mb: the REPL's memory cap must be 16 to 4096 MiB "
             f"(a 32-bit WebAssembly guest), got {mb}"
         ), cause.message
+    assert llm.count() == 0
+
+
+def test_a_run_or_session_whose_context_cannot_fit_its_repl_ends_before_any_model_call(settings, llm, context_store):
+    """40 MB under a 32 MiB REPL cap can never be loaded: a run ended at its
+    first cell, after a paid root turn, and a session took every question
+    that far. Both end now when they start; a question asked of the session
+    is told why (or, once the session has ended, refused by Temporal)."""
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.service import RPCError
+
+    from tests.session_harness import ask, session_request, start_session
+    from workflows.request import RunLimits
+
+    s = isolated(settings)
+    ctx = context_store.put_value("x" * 40_000_000)
+    llm.add_rule(None, "FINAL(never)", name="any")
+    why = (
+        "the context (40.0 MB) does not fit in the REPL's memory cap of 32 MiB: raise the run's "
+        "limits.cell_memory_mb (at most 4096) or give it a smaller context"
+    )
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, {**GOOD, "context": ctx.model_dump(mode="json"), "limits": {"cell_memory_mb": 32}})
+            result = await asyncio.wait_for(handle.result(), 60)
+            session = await start_session(client, s, session_request(ctx).model_copy(update={"limits": RunLimits(cell_memory_mb=32)}))
+            # Refused by the session, or by Temporal once the session has ended.
+            with pytest.raises((WorkflowUpdateFailedError, RPCError)) as asked:
+                await asyncio.wait_for(ask(session, "How long?"), 60)
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(session.result(), 60)
+            return result, asked.value, failed.value.cause
+
+    result, asked, cause = asyncio.run(go())
+    assert (result.status, result.reason) == ("failed", why), result
+    assert isinstance(cause, ApplicationError) and (cause.type, cause.message) == ("InvalidContext", why), cause
+    if isinstance(asked, WorkflowUpdateFailedError):
+        assert why in str(asked.cause), asked.cause
+    else:
+        assert "closing workflow" in str(asked) or "already completed" in str(asked), asked
     assert llm.count() == 0

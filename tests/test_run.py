@@ -324,17 +324,26 @@ def test_a_run_whose_repl_cannot_fit_the_worker_ends_at_its_first_cell(settings,
     assert llm.count("root") == 1  # one root turn, its one cell, the end
 
 
-def test_a_run_whose_context_does_not_fit_its_repl_ends_at_its_first_cell(settings, context_store, llm):
-    """A 40 MB context under a 32 MiB REPL cap cannot be loaded, whatever the
-    model writes: every cell failed (four attempts each, loading 40 MB each
-    time) while the run spent its turns. It ends at the first, saying what to
-    change, and nothing is loaded for it (the sandbox refuses it by size)."""
-    ctx = context_store.put_value("x" * 40_000_000)
+@pytest.mark.parametrize(
+    ("size", "root_calls", "reason"),
+    [
+        # Past the cap by size: said before any model call (it used to end at
+        # the first cell, after a paid root turn; before that, after every turn,
+        # each cell loading 40 MB four times).
+        (40_000_000, 0, "the context (40.0 MB) does not fit in the REPL's memory cap of 32 MiB: raise the run's "
+                        "limits.cell_memory_mb (at most 4096) or give it a smaller context"),
+        # Under it by size, but the guest runs out of memory loading it (the
+        # interpreter needs room too): the first cell says so and the run ends.
+        (30_000_000, 1, "the cell could not run: ContextTooLarge: the context (30.0 MB) does not fit in the REPL's "
+                        "memory cap of 32 MiB (loading it ran out of memory): raise the run's limits.cell_memory_mb "
+                        "(at most 4096) or give it a smaller context"),
+    ],
+)
+def test_a_run_whose_context_does_not_fit_its_repl_ends_before_spending_its_turns(
+    settings, context_store, llm, size, root_calls, reason
+):
+    ctx = context_store.put_value("x" * size)
     llm.add_rule(None, repl("print(len(context))"), model=ROOT, name="root")
     result = run_once(isolated(settings), fake_registry(llm), request("How long?", ctx, limits={"cell_memory_mb": 32}))
-    assert result.status == "failed", result
-    assert result.reason == (
-        "the cell could not run: ContextTooLarge: the context (40.0 MB) does not fit in the REPL's memory cap "
-        "of 32 MiB: raise the run's limits.cell_memory_mb (at most 4096) or give it a smaller context"
-    ), result.reason
-    assert llm.count("root") == 1
+    assert (result.status, result.reason) == ("failed", reason), result
+    assert llm.count("root") == root_calls

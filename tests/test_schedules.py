@@ -157,6 +157,9 @@ def test_create_refuses_a_duplicate_name(s, llm, object_store, name):
         (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-usd", "-1"], "--max-usd"),
         (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--max-turns", "0"],
          "--max-turns: caps.max_turns must be at least 1"),
+        (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--cell-memory", "8192"],
+         "--cell-memory: the REPL's memory cap must be 16 to 4096 MiB"),
+        (["--context", "s3://bucket/in/", "--cron", FAR_FUTURE_CRON, "--cell-memory", "0"], "--cell-memory"),
     ],
 )
 def test_bad_create_gives_one_line_naming_the_field(s, llm, name, args, named):

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         cell_memory_problem,
         clip_noting_length,
         clip_utf8,
+        context_fit_problem,
     )
     from workflows.request_decoding import decode_request
     from workflows.result import ANSWER_INLINE_BYTES, RunResult, RunStatus, Usage, bounded_tree
@@ -83,6 +84,9 @@ LATE_CANCEL_PATCH = "result-on-cancel-after-the-loop"
 # Runs started since this patch are refused at the start with a REPL memory
 # cap the sandbox cannot make; older ones replay as they ran (every cell failed).
 CELL_MEMORY_PATCH = "refuse-cell-memory-out-of-range"
+# Runs and sessions started since this patch end before their first root turn
+# when the context cannot fit the REPL's memory cap; older ones ended at their first cell.
+CONTEXT_FIT_PATCH = "refuse-context-past-cell-memory"
 
 
 @workflow.defn(name=names.WORKFLOW_RLM_RUN, failure_exception_types=FAILURE_TYPES)
@@ -126,7 +130,7 @@ class RLMRun:
             raise ApplicationError(self._invalid, type="InvalidRunRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidRunRequest", non_retryable=True)
-        problem = None if self._req.resume else cell_memory_problem(self._req.limits)
+        problem = None if self._req.resume else cell_memory_problem(self._req.limits.cell_memory_mb)
         if problem is not None and workflow.patched(CELL_MEMORY_PATCH):
             raise ApplicationError(f"invalid RunRequest: {problem}", type="InvalidRunRequest", non_retryable=True)
         try:
@@ -192,6 +196,9 @@ class RLMRun:
                 return self._result("failed", failure_message(exc), None)
             # From here on (turns, sub-calls, continue-as-new) the context is a ref.
             request = self._req = request.model_copy(update={"context": ref})
+        too_large = None if request.resume else context_fit_problem(request.context.total_bytes, request.limits.cell_memory_mb)
+        if too_large is not None and workflow.patched(CONTEXT_FIT_PATCH):
+            return self._result("failed", too_large, None)  # before a paid root turn: no cell could load it
         self.state.router = SubcallRouter(
             request=request, models=self.state.models, ledger=self.state.ledger, usage=self.state.usage, root_workflow_id=self._root_id
         )

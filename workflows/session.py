@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RawValue
@@ -44,11 +44,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.cancel_signal import cancel_reason
     from workflows.cell import execute_cell
     from workflows.refs import ContextRef
-    from workflows.request import RunRequest, cell_memory_problem, clip_noting_length, validation_errors
+    from workflows.request import RunRequest, cell_memory_problem, clip_noting_length, context_fit_problem, validation_errors
     from workflows.request_decoding import decode_request
     from workflows.result import RunResult, Usage
     from workflows.context_ingest import failure_message, ingest_context
-    from workflows.run import CELL_MEMORY_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
+    from workflows.run import CELL_MEMORY_PATCH, CONTEXT_FIT_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
     from workflows.session_patches import (
         CANCEL_STARTING_QUESTION_PATCH,
         INGEST_CANCEL_PATCH,
@@ -107,13 +107,16 @@ class RLMSession:
         self._runs = (resume.runs if resume else 0) + 1
         context = getattr(request, "context", None)
         self._context: ContextRef | None = context if isinstance(context, ContextRef) else None
+        # Stored and checked to fit the REPL: asks start from then on (in the
+        # first workflow task an ask's handler runs before `run`'s checks).
+        self._context_ready = False
         self._closing = False  # `close` arrived: no new asks
         self._closed = False  # every accepted ask finished: the session ends
         self._asking = asyncio.Lock()  # serialises asks (FIFO)
         self._cancel_reason: str | None = None
         self._question: workflow.ChildWorkflowHandle | None = None  # the run of the question being answered
         self._no_context = False  # cancelled while the context was stored: the asks waiting for it end
-        self._context_problem: str | None = None  # why the context could not be stored: asks are told
+        self._context_problem: str | None = None  # why the context could not be stored or loaded: asks are told
         self._waiting_bytes = 0  # what the asks accepted and not yet answered may add to the history
 
     def _new_ledger(self) -> Ledger:
@@ -131,7 +134,7 @@ class RLMSession:
             raise ApplicationError(self._invalid, type="InvalidSessionRequest", non_retryable=True)
         if self._unknown_fields is not None and workflow.patched(UNKNOWN_FIELDS_PATCH):
             raise ApplicationError(self._unknown_fields, type="InvalidSessionRequest", non_retryable=True)
-        problem = None if self._req.resume else cell_memory_problem(self._req.limits)
+        problem = None if self._req.resume else cell_memory_problem(self._req.limits.cell_memory_mb)
         if problem is not None and workflow.patched(CELL_MEMORY_PATCH):
             raise ApplicationError(f"invalid SessionRequest: {problem}", type="InvalidSessionRequest", non_retryable=True)
         if self._context is None:
@@ -144,11 +147,11 @@ class RLMSession:
                         self._no_context = True
                         await self._answer_asks_cancelled()
                     raise asyncio.CancelledError() from exc
-                problem = failure_message(exc)
-                if workflow.patched(INGEST_FAILURE_PATCH):
-                    self._context_problem = problem
-                    await workflow.wait_condition(workflow.all_handlers_finished)
-                raise ApplicationError(problem, type="InvalidContext", non_retryable=True) from None
+                await self._refuse_context(failure_message(exc), tell_asks=workflow.patched(INGEST_FAILURE_PATCH))
+        too_large = None if self._req.resume else context_fit_problem(self._context.total_bytes, self._req.limits.cell_memory_mb)
+        if too_large is not None and workflow.patched(CONTEXT_FIT_PATCH):
+            await self._refuse_context(too_large, tell_asks=True)  # before any question's paid root turn
+        self._context_ready = True
         self._show()
         try:
             while True:
@@ -163,6 +166,14 @@ class RLMSession:
                 raise
             await self._answer_asks_cancelled()
             raise
+
+    async def _refuse_context(self, problem: str, *, tell_asks: bool) -> NoReturn:
+        """End the session: its context could not be stored or cannot be
+        loaded. With `tell_asks`, the asks accepted meanwhile are answered so."""
+        if tell_asks:
+            self._context_problem = problem
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        raise ApplicationError(problem, type="InvalidContext", non_retryable=True) from None
 
     async def _answer_asks_cancelled(self) -> None:
         """Meet a Temporal cancel (the UI's Cancel) as the `cancel` signal:
@@ -199,7 +210,7 @@ class RLMSession:
         try:
             async with self._asking:  # a second ask waits for the first
                 await workflow.wait_condition(
-                    lambda: self._context is not None or self._no_context or self._context_problem is not None
+                    lambda: self._context_ready or self._no_context or self._context_problem is not None
                 )
                 if self._context_problem is not None:
                     raise ApplicationError(self._no_context_message(), type="InvalidContext", non_retryable=True)
@@ -240,7 +251,7 @@ class RLMSession:
             )
 
     def _no_context_message(self) -> str:
-        return f"session {workflow.info().workflow_id} could not store its context: {self._context_problem}"
+        return f"session {workflow.info().workflow_id} has no usable context: {self._context_problem}"
 
     async def _answer(self, ask: AskRequest, ask_id: str) -> RunResult:
         self._asked += 1
