@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 # Model calls are async; cells run on threads (wasm releases the GIL) and the
 # SDK wants a thread for every activity slot (threads start lazily).
 MAX_ACTIVITIES = 256
+HEARTBEAT_THROTTLE = timedelta(seconds=1)
 
 
 def build_worker(
@@ -110,6 +111,11 @@ def build_worker(
         max_concurrent_activities=MAX_ACTIVITIES,
         # A restarted worker takes over a run's workflow tasks in ~1 s, not 10 s.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=1),
+        # A run's cancel reaches its cells and model calls in the answer to
+        # a heartbeat. Sent at most every 8 s (0.8 x their 10 s timeout), it
+        # took up to 8 s to stop a cell or close a provider request (billed
+        # meanwhile); each heartbeat now goes out, ~1 a second per step.
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=5),
         interceptors=interceptors,
         **({"identity": f"{os.getpid()}@{socket.gethostname()} code {identity}"} if identity else {}),

@@ -25,7 +25,7 @@ from typing import Callable
 
 import structlog
 
-from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._live_repl import CANCEL_POLL_S, CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 
 log = structlog.get_logger(__name__)
 
@@ -89,9 +89,11 @@ class GuestMemory:
                 "RLM_GUEST_MEMORY_SHARE (the share of the machine's memory guests may hold)"
             )
 
-    def reserve(self, cap: int, evict_one_locked: EvictOneLocked) -> int:
+    def reserve(self, cap: int, evict_one_locked: EvictOneLocked, cancel: threading.Event | None = None) -> int:
         """Count `cap` as held, closing idle sessions or waiting for busy ones;
-        the bytes held then. Raises GuestMemoryBusy past the bounded wait.
+        the bytes held then. Raises GuestMemoryBusy past the bounded wait,
+        CheckoutCancelled once `cancel` is set (a cancelled run's cell must
+        not wait 30 s for memory it will not use).
 
         Waiters are served in arrival order. Woken all at once, the waiters
         used to race for the memory a finished cell gave back: with 100 runs
@@ -106,6 +108,8 @@ class GuestMemory:
                 while self._waiting[0] is not turn or self._resuming or self._held + cap > self._budget:
                     if self._waiting[0] is turn and not self._resuming and self._evict_locked(evict_one_locked):
                         continue
+                    if cancel is not None and cancel.is_set():
+                        raise CheckoutCancelled("the cell was cancelled while it waited for guest memory")
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise GuestMemoryBusy(
@@ -113,7 +117,7 @@ class GuestMemory:
                             f"{self._budget // MIB} MiB guest memory budget and a new REPL needs "
                             f"{cap // MIB} MiB more; the cell is retried"
                         )
-                    self._released.wait(left)
+                    self._released.wait(left if cancel is None else min(left, CANCEL_POLL_S))
                 self._held += cap
                 return self._held
             finally:

@@ -10,7 +10,10 @@ from typing import Any, Callable
 from activities._snapshot_store import RecordLocation, SnapshotSaver
 from sandbox_wasm import ReplSession, SandboxLimits
 
-__all__ = ["GuestMemoryBusy", "GuestMemoryTooLarge", "LiveRepl", "Preparing", "same_but_timeout"]
+__all__ = ["CheckoutCancelled", "GuestMemoryBusy", "GuestMemoryTooLarge", "LiveRepl", "Preparing", "same_but_timeout"]
+
+CANCEL_POLL_S = 0.25
+"""How often a checkout that waits (for memory, for its REPL being made) looks whether its cell was cancelled."""
 
 
 class GuestMemoryBusy(RuntimeError):
@@ -19,6 +22,10 @@ class GuestMemoryBusy(RuntimeError):
 
 class GuestMemoryTooLarge(ValueError):
     """One session's memory cap exceeds this worker's whole budget."""
+
+
+class CheckoutCancelled(RuntimeError):
+    """The cell was cancelled while its checkout waited: it stopped waiting."""
 
 
 @dataclass

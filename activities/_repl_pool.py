@@ -21,7 +21,7 @@ import structlog
 
 from activities._cell_host import CELL_HOST_NAMES, INSTANT_HOST_NAMES
 from activities._guest_memory import MIB, EvictOneLocked, GuestMemory
-from activities._live_repl import LiveRepl, Preparing, same_but_timeout
+from activities._live_repl import CANCEL_POLL_S, CheckoutCancelled, LiveRepl, Preparing, same_but_timeout
 from activities._machine_memory import machine_memory_bytes
 from sandbox_wasm import ReplSession, SandboxLimits, SandboxUnavailable
 
@@ -89,17 +89,24 @@ class ReplPool:
         limits: SandboxLimits,
         start: Callable[[LiveRepl], None],
         tools: dict[str, str] | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[LiveRepl, bool]:
         """A session in the state `snapshot_key`; True when it was warm.
         `tools` (name -> docstring) are host functions besides the standard
-        ones (custom tools, `history`). Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit."""
+        ones (custom tools, `history`). Raises GuestMemoryTooLarge / GuestMemoryBusy when the cap does not fit,
+        CheckoutCancelled when `cancel` is set while it waits (for memory, for the session being made)."""
         tools = dict(tools or {})
         cap = limits.memory_bytes
         self._memory.check_cap(cap)
         with self._lock:
             preparing = self._preparing.get(workflow_id)
-        if preparing is not None and not preparing.ready.wait(PREPARE_WAIT_S):
-            preparing.abandoned = True  # made too late: this cell makes its own
+        if preparing is not None:
+            try:
+                if not _wait_unless_cancelled(preparing.ready, PREPARE_WAIT_S, cancel):
+                    preparing.abandoned = True  # made too late: this cell makes its own
+            except CheckoutCancelled:
+                preparing.abandoned = True  # no cell of the run will take it
+                raise
         stale = None
         with self._lock:
             live = self._idle.pop(workflow_id, None)
@@ -117,7 +124,7 @@ class ReplPool:
             return live, True
         if live is not None:
             self._close([live])
-        self._reserve(cap)
+        self._reserve(cap, cancel)
         return self._make(cap, limits, start, tools), False
 
     def prepare(
@@ -255,12 +262,12 @@ class ReplPool:
         self._close(lives)
 
     # -- making room ---------------------------------------------------------------
-    def _reserve(self, cap: int) -> None:
+    def _reserve(self, cap: int, cancel: threading.Event | None = None) -> None:
         """Count `cap` as held (GuestMemory.reserve), closing the idle
         sessions it evicts for room, even when it then refuses."""
         evicted: list[LiveRepl] = []
         try:
-            held = self._memory.reserve(cap, self._evictor(evicted))
+            held = self._memory.reserve(cap, self._evictor(evicted), cancel)
         finally:
             # Closed outside the lock; their caps were already given back.
             for live in evicted:
@@ -313,6 +320,19 @@ class ReplPool:
             callbacks, live.on_close = live.on_close, []
             for callback in callbacks:
                 callback()
+
+
+def _wait_unless_cancelled(event: threading.Event, timeout: float, cancel: threading.Event | None) -> bool:
+    """`event.wait(timeout)`, given up (CheckoutCancelled) once `cancel` is set."""
+    if cancel is None:
+        return event.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not event.wait(max(0.0, min(CANCEL_POLL_S, deadline - time.monotonic()))):
+        if cancel.is_set():
+            raise CheckoutCancelled("the cell was cancelled while its REPL was being made")
+        if time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def _warm_up(on_unavailable: Callable[[SandboxUnavailable], None] | None) -> None:

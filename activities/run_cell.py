@@ -21,7 +21,7 @@ from activities._cell_output import CellFinisher
 from activities._context_cache import ContextFileCache
 from activities._history_host import HistoryHost, history_docs
 from activities._tool_host import ToolHost, tool_docs
-from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._live_repl import CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 from activities._repl_pool import ReplPool
 from activities._snapshot_store import SnapshotStore
 from activities.runtime import WorkerRuntime
@@ -56,12 +56,13 @@ class RunCellActivity:
         limits = _limits(inp)
         stop = threading.Event()
         running: list[LiveRepl] = []  # the session to interrupt if the run is cancelled
+        cancelled = threading.Event()  # a checkout waiting for memory or its REPL stops waiting
         ticker = threading.Thread(
-            target=_heartbeat, args=(contextvars.copy_context(), stop, running), daemon=True
+            target=_heartbeat, args=(contextvars.copy_context(), stop, running, cancelled), daemon=True
         )
         ticker.start()
         try:
-            live, warm = self._checkout(inp, limits)
+            live, warm = self._checkout(inp, limits, cancelled)
             host = CellHost(self._rt, inp.workflow_id, inp.cell_id, inp.context)
             tools = ToolHost(host, self._rt.tools, inp.cell_id, inp.tools)
             live.host.clear()
@@ -117,12 +118,15 @@ class RunCellActivity:
             inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1), self._tools(inp)
         )
 
-    def _checkout(self, inp: CellInput, limits: SandboxLimits) -> tuple[LiveRepl, bool]:
+    def _checkout(self, inp: CellInput, limits: SandboxLimits, cancelled: threading.Event) -> tuple[LiveRepl, bool]:
         attempt = activity.info().attempt
         try:
             return self._pool.checkout(
-                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp, attempt), self._tools(inp)
-            )
+                inp.workflow_id, inp.snapshot_key, limits, lambda s: self._start(s, inp, attempt), self._tools(inp),
+                cancelled,
+            )  # fmt: skip
+        except CheckoutCancelled as exc:
+            raise CancelledError(f"the run was cancelled: {exc}") from None
         except GuestMemoryBusy as exc:
             # Busy guests free memory soon (or another worker has room): retried.
             raise ApplicationError(str(exc), type="GuestMemoryBusy", next_retry_delay=BUSY_RETRY_DELAY) from None
@@ -169,16 +173,21 @@ def _limits(inp: CellInput) -> SandboxLimits:
     return SandboxLimits(cell_timeout_s=inp.timeout_s, memory_bytes=inp.memory_mb * 1024 * 1024, output_chars=inp.output_chars)
 
 
-def _heartbeat(ctx: contextvars.Context, stop: threading.Event, running: list[LiveRepl]) -> None:
+def _heartbeat(
+    ctx: contextvars.Context, stop: threading.Event, running: list[LiveRepl], cancelled: threading.Event
+) -> None:
     """Heartbeat every second; when the server answers that the activity was
-    cancelled (its run was), trap the guest: interrupt() cannot be caught by
-    guest code, and the cell's thread is free at once."""
+    cancelled (its run was), stop a checkout that waits (`cancelled`) and
+    trap the guest once there is one: interrupt() cannot be caught by guest
+    code, and the cell's thread is free at once."""
     while not stop.wait(HEARTBEAT_EVERY_S):
         try:
             ctx.run(activity.heartbeat)
-            cancelled = ctx.run(activity.is_cancelled)
+            is_cancelled = ctx.run(activity.is_cancelled)
         except Exception:  # the activity is ending; nothing to report to
             return
-        if cancelled and running:
-            running[0].session.interrupt("the run was cancelled")
-            return
+        if is_cancelled:
+            cancelled.set()
+            if running:
+                running[0].session.interrupt("the run was cancelled")
+                return

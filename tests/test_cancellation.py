@@ -23,6 +23,7 @@ from workflows.names import (
     ACTIVITY_RESOLVE_MODELS,
     ACTIVITY_ROOT_TURN,
     ACTIVITY_RUN_CELL,
+    QUERY_PROGRESS,
     SIGNAL_CANCEL,
     UPDATE_SUBCALLS,
 )
@@ -92,6 +93,37 @@ def test_cancel_stops_a_cell_that_catches_everything(settings, context_store, ll
 
     result = asyncio.run(go())
     assert result.status == "cancelled" and result.reason == "user stop"
+
+
+def test_a_run_cancelled_while_its_cell_waits_for_guest_memory_ends_at_once(settings, context_store, llm):
+    """A worker whose guest memory holds one REPL: run A's cell loops, run
+    B's cell waits for memory. B's cancel was seen only once its checkout
+    got memory or gave up (30 s), so it waited for A's cell. B now ends
+    cancelled while A's first cell still runs."""
+    from activities._machine_memory import machine_memory_bytes
+
+    ctx = context_store.put_value("abc")
+    llm.add_rule("Question: loop", repl("while True:\n    pass"), model=ROOT)
+    llm.add_rule("Question: wait", repl("print(1)"), model=ROOT)
+    one_repl = (24 << 20) / machine_memory_bytes()  # a 16 MiB cap fits, two do not
+    s = isolated(settings).model_copy(update={"guest_memory_share": one_repl})
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            a = await start(client, s, request("loop", ctx, limits={"cell_memory_mb": 16, "cell_timeout_s": 20}))
+            await _until_cell_runs(a)
+            b = await start(client, s, request("wait", ctx, limits={"cell_memory_mb": 16}))
+            await _until_cell_runs(b)
+            await b.signal(SIGNAL_CANCEL, "user stop")
+            b_result = await asyncio.wait_for(b.result(), 60)
+            a_phase = (await a.query(QUERY_PROGRESS))["phase"]  # its cell would end in 20 s
+            await a.signal(SIGNAL_CANCEL, "done")
+            await asyncio.wait_for(a.result(), 60)
+            return b_result, a_phase
+
+    b_result, a_phase = asyncio.run(go())
+    assert (b_result.status, b_result.reason) == ("cancelled", "user stop"), b_result
+    assert a_phase == "cell t1c1", a_phase
 
 
 async def _until_cell_runs(handle) -> None:

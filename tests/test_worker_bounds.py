@@ -14,7 +14,7 @@ import pytest
 
 import activities.context_store as context_store_module
 from activities._context_cache import STALE_WRITE_S, ContextFileCache
-from activities._live_repl import GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._live_repl import CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 from activities._repl_pool import ReplPool
 from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
@@ -100,6 +100,49 @@ def test_a_waiting_checkout_proceeds_when_a_busy_session_is_checked_in() -> None
         pool.discard(b)
         pool.discard(got[0])
         assert pool.held_bytes == 0
+    finally:
+        pool.close()
+
+
+def test_a_checkout_waiting_for_memory_or_its_repl_stops_when_its_cell_is_cancelled() -> None:
+    """A cancelled run's cell waited out the whole wait (30 s for memory, 60 s
+    for the REPL being made for it) before its cancel was seen, and the run's
+    cancel waited with it. It stops waiting once told, holding nothing; a
+    REPL still being made for it is closed when done, not kept idle."""
+    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
+    try:
+        a, _ = pool.checkout("run-a", None, CAP, _start)
+        b, _ = pool.checkout("run-b", None, CAP, _start)
+        cancel = threading.Event()
+        raised: list[BaseException] = []
+
+        def checkout_c() -> None:
+            try:
+                pool.checkout("run-c", None, CAP, _start, cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                raised.append(exc)
+
+        thread = threading.Thread(target=checkout_c)
+        thread.start()
+        _until(lambda: pool.waiting_checkouts == 1)
+        cancel.set()
+        thread.join(10)  # the wait for memory is 60 s
+        assert not thread.is_alive() and [type(e) for e in raised] == [CheckoutCancelled], raised
+        assert pool.held_bytes == 256 * MIB
+        pool.discard(a)
+        pool.discard(b)
+
+        release = threading.Event()
+
+        def slow_start(live: LiveRepl) -> None:
+            release.wait(30)
+            live.session.start()
+
+        assert pool.prepare("run-d", None, CAP, slow_start)
+        with pytest.raises(CheckoutCancelled, match="being made"):
+            pool.checkout("run-d", None, CAP, _start, cancel=cancel)  # its REPL is waited for 60 s
+        release.set()
+        _until(lambda: pool.held_bytes == 0)  # made, then closed, not kept idle: no cell of the run will take it
     finally:
         pool.close()
 

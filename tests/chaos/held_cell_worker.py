@@ -42,10 +42,10 @@ def main() -> None:
         raise SystemExit(f"RLM_TEST_HOLD_AT must be one of {POINTS}, with RLM_TEST_HOLD_CELL and RLM_TEST_HOLD_FILE")
     checkout, finish = RunCellActivity._checkout, CellFinisher.finish
 
-    def held_checkout(self, inp, limits):
+    def held_checkout(self, inp, *args):
         if AT == "start" and inp.cell_id == CELL:
             _hold(inp.cell_id)
-        return checkout(self, inp, limits)
+        return checkout(self, inp, *args)
 
     def held_finish(self, workflow_id, cell_id, live, host, result):
         out = finish(self, workflow_id, cell_id, live, host, result)
