@@ -37,6 +37,14 @@ def _until(condition) -> None:
 
 
 @pytest.fixture
+def patient_pool():
+    """A 300 MiB pool whose checkouts wait a minute for memory."""
+    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
 def pool():
     pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=0.2)
     yield pool
@@ -73,78 +81,70 @@ def test_busy_sessions_holding_the_budget_refuse_a_new_one_after_a_bounded_wait(
     assert pool.held_bytes == 0
 
 
-def test_a_waiting_checkout_proceeds_when_a_busy_session_is_checked_in() -> None:
-    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
-    try:
-        a, _ = pool.checkout("run-a", None, CAP, _start)
-        b, _ = pool.checkout("run-b", None, CAP, _start)
-        waiting = threading.Event()
-        got: list[LiveRepl] = []
+def test_a_waiting_checkout_proceeds_when_a_busy_session_is_checked_in(patient_pool: ReplPool) -> None:
+    a, _ = patient_pool.checkout("run-a", None, CAP, _start)
+    b, _ = patient_pool.checkout("run-b", None, CAP, _start)
+    waiting = threading.Event()
+    got: list[LiveRepl] = []
 
-        def start_c(live: LiveRepl) -> None:
-            got.append(live)
-            live.session.start()
+    def start_c(live: LiveRepl) -> None:
+        got.append(live)
+        live.session.start()
 
-        def checkout_c() -> None:
-            waiting.set()
-            pool.checkout("run-c", None, CAP, start_c)
+    def checkout_c() -> None:
+        waiting.set()
+        patient_pool.checkout("run-c", None, CAP, start_c)
 
-        thread = threading.Thread(target=checkout_c)
-        thread.start()
-        waiting.wait()
-        pool.checkin("run-a", a)  # idle now: the waiting checkout closes it
-        thread.join()
-        assert len(got) == 1 and pool.held_bytes == 256 * MIB
-        with pytest.raises(SandboxError, match="not started"):
-            a.session.run_cell("1")
-        pool.discard(b)
-        pool.discard(got[0])
-        assert pool.held_bytes == 0
-    finally:
-        pool.close()
+    thread = threading.Thread(target=checkout_c)
+    thread.start()
+    waiting.wait()
+    patient_pool.checkin("run-a", a)  # idle now: the waiting checkout closes it
+    thread.join()
+    assert len(got) == 1 and patient_pool.held_bytes == 256 * MIB
+    with pytest.raises(SandboxError, match="not started"):
+        a.session.run_cell("1")
+    patient_pool.discard(b)
+    patient_pool.discard(got[0])
+    assert patient_pool.held_bytes == 0
 
 
-def test_a_checkout_waiting_for_memory_or_its_repl_stops_when_its_cell_is_cancelled() -> None:
+def test_a_checkout_waiting_for_memory_or_its_repl_stops_when_its_cell_is_cancelled(patient_pool: ReplPool) -> None:
     """A cancelled run's cell waited out the whole wait (30 s for memory, 60 s
     for the REPL being made for it) before its cancel was seen, and the run's
     cancel waited with it. It stops waiting once told, holding nothing; a
     REPL still being made for it is closed when done, not kept idle."""
-    pool = ReplPool(memory_budget=300 * MIB, busy_wait_s=60.0)
-    try:
-        a, _ = pool.checkout("run-a", None, CAP, _start)
-        b, _ = pool.checkout("run-b", None, CAP, _start)
-        cancel = threading.Event()
-        raised: list[BaseException] = []
+    a, _ = patient_pool.checkout("run-a", None, CAP, _start)
+    b, _ = patient_pool.checkout("run-b", None, CAP, _start)
+    cancel = threading.Event()
+    raised: list[BaseException] = []
 
-        def checkout_c() -> None:
-            try:
-                pool.checkout("run-c", None, CAP, _start, cancel=cancel)
-            except BaseException as exc:  # noqa: BLE001 - the test reads it
-                raised.append(exc)
+    def checkout_c() -> None:
+        try:
+            patient_pool.checkout("run-c", None, CAP, _start, cancel=cancel)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            raised.append(exc)
 
-        thread = threading.Thread(target=checkout_c)
-        thread.start()
-        _until(lambda: pool.waiting_checkouts == 1)
-        cancel.set()
-        thread.join(10)  # the wait for memory is 60 s
-        assert not thread.is_alive() and [type(e) for e in raised] == [CheckoutCancelled], raised
-        assert pool.held_bytes == 256 * MIB
-        pool.discard(a)
-        pool.discard(b)
+    thread = threading.Thread(target=checkout_c)
+    thread.start()
+    _until(lambda: patient_pool.waiting_checkouts == 1)
+    cancel.set()
+    thread.join(10)  # the wait for memory is 60 s
+    assert not thread.is_alive() and [type(e) for e in raised] == [CheckoutCancelled], raised
+    assert patient_pool.held_bytes == 256 * MIB
+    patient_pool.discard(a)
+    patient_pool.discard(b)
 
-        release = threading.Event()
+    release = threading.Event()
 
-        def slow_start(live: LiveRepl) -> None:
-            release.wait(30)
-            live.session.start()
+    def slow_start(live: LiveRepl) -> None:
+        release.wait(30)
+        live.session.start()
 
-        assert pool.prepare("run-d", None, CAP, slow_start)
-        with pytest.raises(CheckoutCancelled, match="being made"):
-            pool.checkout("run-d", None, CAP, _start, cancel=cancel)  # its REPL is waited for 60 s
-        release.set()
-        _until(lambda: pool.held_bytes == 0)  # made, then closed, not kept idle: no cell of the run will take it
-    finally:
-        pool.close()
+    assert patient_pool.prepare("run-d", None, CAP, slow_start)
+    with pytest.raises(CheckoutCancelled, match="being made"):
+        patient_pool.checkout("run-d", None, CAP, _start, cancel=cancel)  # its REPL is waited for 60 s
+    release.set()
+    _until(lambda: patient_pool.held_bytes == 0)  # made, then closed, not kept idle: no cell of the run will take it
 
 
 def test_checkouts_waiting_for_memory_are_served_in_arrival_order() -> None:
