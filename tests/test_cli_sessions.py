@@ -108,11 +108,17 @@ def test_rlm_chat_goes_on_with_an_open_session(s, llm, tmp_path):
 def test_session_bad_inputs_give_one_line_errors(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 17_000_000)
     cases = [
         (["session", "ask", "rlm-session-nope", "q"], "rlm-session-nope"),
         (["session", "close", "rlm-session-nope"], "rlm-session-nope"),
         (["session", "start", "--context", str(tmp_path / "missing.txt"), "--model", ROOT], "missing.txt"),
         (["session", "start", "--context", str(doc), "--model", ROOT, "--continue-after", "0"], "--continue-after"),
+        (["session", "start", "--context", str(doc), "--model", ROOT, "--cell-memory", "0"],
+         "--cell-memory: the REPL's memory cap must be 16 to 4096 MiB"),
+        (["session", "start", "--context", str(big), "--model", ROOT, "--cell-memory", "16"],
+         "the context (17.0 MB) does not fit in the REPL's memory cap of 16 MiB: raise --cell-memory"),
         (["chat", "--model", ROOT], "--context"),
         # Ids scripts read back: refused before anything starts (a newline split the printed
         # id in two; 1,200 characters failed in Temporal with a traceback).
