@@ -43,7 +43,7 @@ from activities.runtime import WorkerRuntime
 from activities.settings import Settings, load_settings
 from activities.temporal_client import connect
 from activities.tool_call import ToolCallActivity
-from sandbox_wasm import SandboxUnavailable, check_runtime_file
+from sandbox_wasm import SandboxUnavailable, check_guest_memory, check_runtime_file
 from workflows.request import RunLimits
 from workflows.run import RLMRun
 from workflows.session import RLMSession
@@ -55,7 +55,7 @@ log = structlog.get_logger(__name__)
 # Model calls are async; cells run on threads (wasm releases the GIL) and the
 # SDK wants a thread for every activity slot (threads start lazily).
 MAX_ACTIVITIES = 256
-HEARTBEAT_THROTTLE = timedelta(seconds=1)
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
 
 
 def build_worker(
@@ -114,7 +114,8 @@ def build_worker(
         # A run's cancel reaches its cells and model calls in the answer to
         # a heartbeat. Sent at most every 8 s (0.8 x their 10 s timeout), it
         # took up to 8 s to stop a cell or close a provider request (billed
-        # meanwhile); each heartbeat now goes out, ~1 a second per step.
+        # meanwhile). Every 2 s: each heartbeat is a write on the server, and
+        # a worker may run 256 steps at once.
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=5),
         interceptors=interceptors,
@@ -148,6 +149,7 @@ async def run_worker(
     Raises SandboxUnavailable when no cell could run here (checked before
     connecting, and by the REPL booted at start: then it stops polling)."""
     check_runtime_file()  # a worker that can run no cell must not take any
+    check_guest_memory()  # before polling: found by the REPL booted below, it came after the ready file
     client = await connect(settings)
     worker, pool = build_worker(client, settings, identity=identity)
     freeze_startup_objects()

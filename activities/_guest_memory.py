@@ -106,10 +106,11 @@ class GuestMemory:
             self._waiting.append(turn)
             try:
                 while self._waiting[0] is not turn or self._resuming or self._held + cap > self._budget:
-                    if self._waiting[0] is turn and not self._resuming and self._evict_locked(evict_one_locked):
-                        continue
+                    # Before making room: a cancelled cell must not close other runs' idle REPLs.
                     if cancel is not None and cancel.is_set():
                         raise CheckoutCancelled("the cell was cancelled while it waited for guest memory")
+                    if self._waiting[0] is turn and not self._resuming and self._evict_locked(evict_one_locked):
+                        continue
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise GuestMemoryBusy(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import ValidationError
 
-from activities._context_input import ContextInputError, named_files, paths_bytes
+from activities._context_input import ContextInputError, named_files, open_regular_file, paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
@@ -321,10 +321,30 @@ def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
 
     try:
         files = [f for f in named_files(paths) if f.refused is None]
-        text_bytes = sum(f.size() for f in files if kind_of(f.path, f.identity) == "text")
+        text_bytes = sum(
+            f.size() for f in files if kind_of(f.path, f.identity) == "text" and _reads_as_utf8(f.path, f.identity)
+        )
     except (ContextInputError, DocumentError, OSError):
         return None
     return context_fit_problem(text_bytes, cell_memory_mb)
+
+
+def _reads_as_utf8(path: Path, identity: Any) -> bool:
+    """Whether the upload would store the file as text, judged by its start:
+    a binary file (a NUL byte), a UTF-16 one or one that is not UTF-8 is
+    refused by the upload (or left out with --skip-unreadable), so it must
+    not count toward the cap (nor be blamed on --cell-memory)."""
+    import codecs
+
+    with open_regular_file(path, identity) as handle:
+        head = handle.read(1 << 16)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head)  # not final: a cut character is fine
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _CAP_FLAGS = {

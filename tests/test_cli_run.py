@@ -140,6 +140,27 @@ def test_the_repl_memory_cap_is_a_flag_and_a_context_it_cannot_hold_is_not_uploa
     assert asyncio.run(started_with())["limits"]["cell_memory_mb"] == 64
 
 
+def test_files_the_upload_would_not_store_as_text_do_not_count_against_the_repl_cap(tmp_path):
+    """A recording beside the notes (`--skip-unreadable` leaves it out) or a
+    UTF-16 export (refused by the upload, which says why) were counted as
+    text: the run was refused with "raise --cell-memory"."""
+    import os
+
+    from cli._run_client import unloadable_context
+
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "notes.txt").write_text("the notes of the case\n")
+    (case / "call.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE" + os.urandom(20 << 20))
+    export = tmp_path / "export.txt"
+    export.write_bytes(b"\xff\xfe" + "x".encode("utf-16-le") * (10 << 20))
+    assert unloadable_context([case], 16) is None
+    assert unloadable_context([export], 16) is None
+    text = tmp_path / "log.txt"
+    text.write_bytes(b"a line\n" * (3 << 20))
+    assert unloadable_context([text], 16).startswith("the context (22.0 MB) does not fit")
+
+
 def test_submit_then_result(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")

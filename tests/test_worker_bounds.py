@@ -147,6 +147,23 @@ def test_a_checkout_waiting_for_memory_or_its_repl_stops_when_its_cell_is_cancel
     _until(lambda: patient_pool.held_bytes == 0)  # made, then closed, not kept idle: no cell of the run will take it
 
 
+def test_a_cancelled_checkout_closes_no_other_runs_idle_repl(patient_pool: ReplPool) -> None:
+    """Cancelled as it was about to make room, a cell closed run-b's warm REPL
+    and booted one for a run that had ended, instead of stopping."""
+    a, _ = patient_pool.checkout("run-a", None, CAP, _start)
+    b, _ = patient_pool.checkout("run-b", None, CAP, _start)
+    patient_pool.checkin("run-b", b)  # idle: warm for run-b's next cell
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CheckoutCancelled):
+        patient_pool.checkout("run-c", None, CAP, _start, cancel=cancel)
+    assert patient_pool.held_bytes == 256 * MIB
+    again, warm = patient_pool.checkout("run-b", None, CAP, _start)
+    assert warm and again is b
+    patient_pool.discard(a)
+    patient_pool.discard(b)
+
+
 def test_checkouts_waiting_for_memory_are_served_in_arrival_order() -> None:
     """When memory frees up, the checkout that waited longest gets it (woken
     together, waiters used to race, and with 100 runs at once some lost until

@@ -61,8 +61,32 @@ def test_a_worker_where_no_guest_can_be_reserved_stops_polling(settings, llm) ->
     done = _worker(isolated(settings), llm.url, prelude=f"ulimit -v {ADDRESS_SPACE_KB};")
     assert done.returncode == 3, done.stderr[-3000:]
     events = {e["event"]: e for e in _events(done.stderr)}
-    assert "worker.started" in events, done.stderr[-3000:]  # it polled until the REPL booted at start failed
-    assert "the sandbox failed to instantiate" in events["worker.sandbox_unavailable"]["error"]
-    assert "ulimit -v" in events["worker.sandbox_unavailable"]["hint"]
-    assert "worker.stopped" in events
+    # Refused before connecting (it polled, and wrote its ready file, ~30 ms before the REPL booted at start failed).
+    assert "worker.started" not in events, done.stderr[-3000:]
     assert "worker: no sandbox can start here: the sandbox failed to instantiate" in done.stderr
+    assert "ulimit -v" in done.stderr
+
+
+def test_rlm_worker_where_no_guest_can_be_reserved_exits_1(settings, llm) -> None:
+    done = _worker(isolated(settings), llm.url, prelude=f"ulimit -v {ADDRESS_SPACE_KB};", rlm=True)
+    assert "no sandbox can start here" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+
+
+def test_the_repl_booted_at_start_tells_the_worker_when_no_guest_can_start(monkeypatch) -> None:
+    """The backstop behind the checks made before connecting: whatever else
+    keeps a guest from starting reaches the worker, which stops polling."""
+    from activities import _repl_pool
+    from sandbox_wasm import SandboxUnavailable
+
+    class Broken:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def start(self):
+            raise SandboxUnavailable("the sandbox failed to instantiate: no room")
+
+    monkeypatch.setattr(_repl_pool, "ReplSession", Broken)
+    told: list[SandboxUnavailable] = []
+    _repl_pool.ReplPool.warm_up(told.append).join(30)
+    assert [str(e) for e in told] == ["the sandbox failed to instantiate: no room"]

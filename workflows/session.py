@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.context_ingest import failure_message, ingest_context
     from workflows.run import CELL_MEMORY_PATCH, CONTEXT_FIT_PATCH, FAILURE_TYPES, UNKNOWN_FIELDS_PATCH
     from workflows.session_patches import (
+        ASK_WAITS_FOR_START_CHECKS_PATCH,
         CANCEL_STARTING_QUESTION_PATCH,
         INGEST_CANCEL_PATCH,
         INGEST_FAILURE_PATCH,
@@ -207,10 +208,14 @@ class RLMSession:
     async def ask(self, ask: AskRequest) -> RunResult:
         held = ask_history_bytes(ask, self._unrecorded)
         self._waiting_bytes += held
+        # Before the patch an ask waited only for the context to be stored.
+        checked = workflow.patched(ASK_WAITS_FOR_START_CHECKS_PATCH)
         try:
             async with self._asking:  # a second ask waits for the first
                 await workflow.wait_condition(
-                    lambda: self._context_ready or self._no_context or self._context_problem is not None
+                    lambda: (self._context_ready if checked else self._context is not None)
+                    or self._no_context
+                    or self._context_problem is not None
                 )
                 if self._context_problem is not None:
                     raise ApplicationError(self._no_context_message(), type="InvalidContext", non_retryable=True)

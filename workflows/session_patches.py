@@ -5,6 +5,7 @@ never changes.
 """
 
 __all__ = [
+    "ASK_WAITS_FOR_START_CHECKS_PATCH",
     "CANCEL_STARTING_QUESTION_PATCH",
     "INGEST_CANCEL_PATCH",
     "INGEST_FAILURE_PATCH",
@@ -37,3 +38,9 @@ CANCEL_STARTING_QUESTION_PATCH = "cancel-the-question-run-that-was-starting"
 # could not be stored why (they were cut off: the workflow completed before
 # the update), then fail as before; older ones replay as they failed.
 INGEST_FAILURE_PATCH = "asks-told-why-the-context-failed"
+# Sessions started since this patch start an ask only once the session's
+# start checks passed (`_context_ready`); older ones replay as they ran: an
+# ask in the first workflow task of a session given a stored context started
+# its question before `run` refused the request (e.g. limits.cell_memory_mb
+# out of range), and its history holds that child's start.
+ASK_WAITS_FOR_START_CHECKS_PATCH = "ask-waits-for-the-session-start-checks"
