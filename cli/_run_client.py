@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import ValidationError
 
-from activities._context_input import ContextInputError, named_files, open_regular_file, paths_bytes
+from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
+from cli._context_fit import unloadable_context
 from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
@@ -48,7 +49,6 @@ from workflows.request import (
     RunLimits,
     RunRequest,
     cell_memory_problem,
-    context_fit_problem,
     question_problem,
     validation_errors,
 )
@@ -308,43 +308,6 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
         raise RunError(problem.replace("the run's limits.cell_memory_mb", "--cell-memory", 1))
     check_models(root, sub or root, caps)
     return opts, caps
-
-
-def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
-    """Why no REPL capped at `cell_memory_mb` could load these files, or None:
-    their text files alone reach the cap (they are stored as they are; other
-    formats are converted and may shrink). Checked before uploading gigabytes
-    that the run would refuse; what cannot be listed is left to the upload."""
-    if paths_bytes(paths) < cell_memory_mb << 20:
-        return None
-    from activities.documents import DocumentError, kind_of
-
-    try:
-        files = [f for f in named_files(paths) if f.refused is None]
-        text_bytes = sum(
-            f.size() for f in files if kind_of(f.path, f.identity) == "text" and _reads_as_utf8(f.path, f.identity)
-        )
-    except (ContextInputError, DocumentError, OSError):
-        return None
-    return context_fit_problem(text_bytes, cell_memory_mb)
-
-
-def _reads_as_utf8(path: Path, identity: Any) -> bool:
-    """Whether the upload would store the file as text, judged by its start:
-    a binary file (a NUL byte), a UTF-16 one or one that is not UTF-8 is
-    refused by the upload (or left out with --skip-unreadable), so it must
-    not count toward the cap (nor be blamed on --cell-memory)."""
-    import codecs
-
-    with open_regular_file(path, identity) as handle:
-        head = handle.read(1 << 16)
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head:
-        return False
-    try:
-        codecs.getincrementaldecoder("utf-8")("strict").decode(head)  # not final: a cut character is fine
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 _CAP_FLAGS = {

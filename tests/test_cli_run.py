@@ -146,7 +146,7 @@ def test_files_the_upload_would_not_store_as_text_do_not_count_against_the_repl_
     text: the run was refused with "raise --cell-memory"."""
     import os
 
-    from cli._run_client import unloadable_context
+    from cli._context_fit import unloadable_context
 
     case = tmp_path / "case"
     case.mkdir()
