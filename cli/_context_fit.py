@@ -13,7 +13,10 @@ from typing import Any
 from activities._context_input import ContextInputError, named_files, open_regular_file, paths_bytes
 from workflows.request import context_fit_problem
 
-__all__ = ["unloadable_context"]
+__all__ = ["CELL_MEMORY_FLAG", "unloadable_context"]
+
+CELL_MEMORY_FLAG = "--cell-memory"
+"""The flag of `limits.cell_memory_mb`, named in the CLI's messages."""
 
 
 def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
@@ -32,7 +35,7 @@ def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
         )
     except (ContextInputError, DocumentError, OSError):
         return None
-    return context_fit_problem(text_bytes, cell_memory_mb)
+    return context_fit_problem(text_bytes, cell_memory_mb, CELL_MEMORY_FLAG)
 
 
 def _reads_as_utf8(path: Path, identity: Any) -> bool:

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
-from cli._context_fit import unloadable_context
+from cli._context_fit import CELL_MEMORY_FLAG, unloadable_context
 from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
@@ -302,10 +302,10 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
             f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
             f"got {opts.cell_timeout_s:g}"
         )
-    if problem := cell_memory_problem(opts.cell_memory_mb):
-        raise RunError(problem.replace("limits.cell_memory_mb", "--cell-memory", 1))
+    if problem := cell_memory_problem(opts.cell_memory_mb, CELL_MEMORY_FLAG):
+        raise RunError(problem)
     if problem := unloadable_context(opts.context_paths, opts.cell_memory_mb):  # before uploading it
-        raise RunError(problem.replace("the run's limits.cell_memory_mb", "--cell-memory", 1))
+        raise RunError(problem)
     check_models(root, sub or root, caps)
     return opts, caps
 

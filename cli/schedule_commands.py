@@ -46,7 +46,6 @@ _FLAGS = {
     "caps": "--max-turns",  # the one check over the caps as a whole: a run needs a turn
     "caps.max_wall_s": "--max-wall",
     "limits.cell_timeout_s": "--cell-timeout",
-    "limits.cell_memory_mb": "--cell-memory",
     "tools": "--tool",
 }
 
@@ -102,6 +101,7 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
     from pydantic import ValidationError
 
     from activities.local_model import LOCAL_MODEL_NAME
+    from cli._context_fit import CELL_MEMORY_FLAG
     from cli._run_client import check_models, choose_models
     from workflows.request import ModelChoice, RunLimits, RunRequest, cell_memory_problem, validation_errors
 
@@ -116,8 +116,8 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
     if caps["max_concurrency"] is None and local:
         caps["max_concurrency"] = 1  # one llama.cpp server answers one call at a time
     answer_schema = answer_schema_from_file(args.answer_schema)
-    if args.cell_memory is not None and (problem := cell_memory_problem(args.cell_memory)):
-        raise UserError(problem.replace("limits.cell_memory_mb", "--cell-memory", 1))  # each run would be refused
+    if args.cell_memory is not None and (problem := cell_memory_problem(args.cell_memory, CELL_MEMORY_FLAG)):
+        raise UserError(problem)  # each run would be refused at its start
     try:
         request = RunRequest(
             question=args.question,

@@ -22,8 +22,9 @@ class ContextTooLarge(SandboxError):
 
 class SandboxUnavailable(SandboxError):
     """No guest can start in this process: the CPython WASI file is missing or
-    not the pinned one, or wasmtime cannot instantiate or boot it (e.g. an
-    address-space limit below the ~4 GiB a guest reserves). Nothing a cell's
+    not the pinned one, or wasmtime cannot instantiate a guest (e.g. an
+    address-space limit below the ~4 GiB a guest reserves). A guest that
+    instantiates but fails to boot stays a SandboxError. Nothing a cell's
     code did: every cell here fails the same way until the host is fixed."""
 
 

@@ -254,18 +254,22 @@ def question_problem(question: str) -> str | None:
     return None
 
 
-def cell_memory_problem(cell_memory_mb: int) -> str | None:
+CELL_MEMORY_FIELD = "limits.cell_memory_mb"
+"""How the memory cap is named in what a caller is told (the CLI names its flag)."""
+
+
+def cell_memory_problem(cell_memory_mb: int, field: str = CELL_MEMORY_FIELD) -> str | None:
     """Why no REPL can be made with this `limits.cell_memory_mb`, or None."""
     low, high = CELL_MEMORY_MB_RANGE
     if low <= cell_memory_mb <= high:
         return None
     return (
-        f"limits.cell_memory_mb: the REPL's memory cap must be {low} to {high} MiB "
+        f"{field}: the REPL's memory cap must be {low} to {high} MiB "
         f"(a 32-bit WebAssembly guest), got {cell_memory_mb}"
     )
 
 
-def context_fit_problem(context_bytes: int, cell_memory_mb: int) -> str | None:
+def context_fit_problem(context_bytes: int, cell_memory_mb: int, field: str = CELL_MEMORY_FIELD) -> str | None:
     """Why a context of `context_bytes` cannot be loaded in a REPL capped at
     `cell_memory_mb`, or None. The same size rule as the sandbox's own
     refusal (sandbox_wasm ContextTooLarge): the guest holds the bytes and the
@@ -274,15 +278,16 @@ def context_fit_problem(context_bytes: int, cell_memory_mb: int) -> str | None:
         return None
     return (
         f"the context ({context_bytes / 1e6:,.1f} MB) does not fit in the REPL's memory cap of {cell_memory_mb} MiB: "
-        + context_fit_advice(cell_memory_mb)
+        + context_fit_advice(cell_memory_mb, field)
     )
 
 
-def context_fit_advice(cell_memory_mb: int) -> str:
+def context_fit_advice(cell_memory_mb: int, field: str = CELL_MEMORY_FIELD) -> str:
     """What to change when the context does not fit in the REPL's memory cap."""
     largest = CELL_MEMORY_MB_RANGE[1]
     if cell_memory_mb < largest:
-        return f"raise the run's limits.cell_memory_mb (at most {largest}) or give it a smaller context"
+        name = f"the run's {field}" if field == CELL_MEMORY_FIELD else field
+        return f"raise {name} (at most {largest}) or give it a smaller context"
     return f"give the run a smaller context ({largest} MiB is the largest REPL memory cap)"
 
 
