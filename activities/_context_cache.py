@@ -22,7 +22,8 @@ from pathlib import Path
 
 import structlog
 
-from activities.context_store import ContextStore
+from activities._context_copy import MANIFEST_FILE, local_manifest
+from activities.context_store import UPLOAD_GRACE_S, ContextIntegrityError, ContextStore
 from workflows.refs import ContextRef
 
 log = structlog.get_logger(__name__)
@@ -65,8 +66,9 @@ class ContextFileCache:
         return paths, release
 
     def _materialize(self, ref: ContextRef) -> list[Path]:
+        adopt_local_manifest(self._contexts, self._root, ref.sha256)
         try:
-            return self._contexts.materialize(ref, self._root)
+            return self._contexts.materialize(ref, self._root, grace_s=UPLOAD_GRACE_S)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -75,7 +77,7 @@ class ContextFileCache:
         log.warning("context_cache.disk_full", root=str(self._root), needed=ref.total_bytes)
         self.evict(max_bytes=0)
         try:
-            return self._contexts.materialize(ref, self._root)
+            return self._contexts.materialize(ref, self._root, grace_s=UPLOAD_GRACE_S)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -116,6 +118,22 @@ class ContextFileCache:
             total -= size
             log.info("context_cache.evicted", sha256=name[:16], bytes=size)
         return total
+
+
+def adopt_local_manifest(contexts: ContextStore, root: Path, sha256: str) -> None:
+    """A copy written by `rlm run` on this machine carries its manifest
+    (activities/_context_upload.py): read from there, the context loads,
+    and its reference checks, while its upload may still run."""
+    if not _CONTEXT_DIR.fullmatch(sha256):  # it names a file: never a path
+        return
+    path = Path(root) / sha256
+    data = local_manifest(path)
+    if data is None:
+        return
+    try:
+        contexts.adopt_manifest(sha256, data, str(path / MANIFEST_FILE))
+    except ContextIntegrityError as exc:  # not what the copy wrote: the bucket's is read instead
+        log.warning("context_cache.local_manifest_ignored", sha256=sha256[:16], error=str(exc))
 
 
 def _lock(path: Path, operation: int) -> int | None:

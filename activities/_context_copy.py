@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -27,7 +28,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["DocumentCopy", "document_file_names", "document_files"]
+__all__ = ["MANIFEST_FILE", "DocumentCopy", "document_file_names", "document_files", "local_manifest"]
+
+# The manifest, beside the documents of a copy written while uploading: a
+# worker sharing this directory loads the context before the upload ends
+# (activities/_context_upload.py). Hidden, so never taken for a document.
+MANIFEST_FILE = ".manifest.json"
 
 
 def document_file_name(index: int) -> str:
@@ -58,23 +64,33 @@ class DocumentCopy:
         if self._handle is not None:
             self._guard(lambda: self._handle.write(block))  # type: ignore[union-attr]
 
-    def finish(self, sha256: str) -> Path | None:
-        """Put the copy in place as the context `sha256`; its path, or None
-        when there is no copy or the cache has this context already."""
+    def finish(self, sha256: str, manifest: bytes) -> bool:
+        """Put the copy in place as the context `sha256`, with its manifest;
+        whether the directory holds the context and its manifest now (it may
+        have held the context already: then the manifest is added)."""
         self._guard(self._close_file)
         if self._tmp is None:
-            return None
+            return False
         dest = self._root / sha256
         try:
+            _write_atomically(self._tmp / MANIFEST_FILE, manifest)
             if not dest.exists():
                 os.rename(self._tmp, dest)
                 self._tmp = None
-                return dest
+                return True
         except OSError:
             pass  # another writer won the race: theirs is the same bytes
         finally:
             self.discard()
-        return None
+        try:
+            if _documents_in(dest) != document_file_names(self._count):
+                return False
+            if local_manifest(dest) != manifest:
+                _write_atomically(dest / MANIFEST_FILE, manifest)
+            os.utime(dest)  # recent: the cache evicts least recently used first
+            return True
+        except OSError:
+            return False
 
     def discard(self) -> None:
         self._close_file()
@@ -110,7 +126,7 @@ def document_files(manifest: Manifest, dest: Path, chunks: Callable[[], Iterable
     sha256), written once from `chunks()` (its verified chunks, in order) and
     put in place atomically; reused when already there."""
     names = document_file_names(len(manifest.documents))
-    if dest.is_dir() and sorted(os.listdir(dest)) == names:
+    if dest.is_dir() and _documents_in(dest) == names:
         return [dest / name for name in names]
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
@@ -124,11 +140,32 @@ def document_files(manifest: Manifest, dest: Path, chunks: Callable[[], Iterable
             os.rename(tmp, dest)
         except OSError:
             # Another process won the race (dest exists, complete): use theirs.
-            if not (dest.is_dir() and sorted(os.listdir(dest)) == names):
+            if not (dest.is_dir() and _documents_in(dest) == names):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [dest / name for name in names]
+
+
+def local_manifest(dest: Path) -> bytes | None:
+    """The manifest a copy left beside its documents (unverified), or None."""
+    try:
+        return (dest / MANIFEST_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def _documents_in(dest: Path) -> list[str]:
+    return sorted(name for name in os.listdir(dest) if not name.startswith("."))  # not the manifest, nor its temp
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_documents(manifest: Manifest, chunks: Iterable[bytes], paths: list[Path]) -> None:

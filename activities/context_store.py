@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,19 +20,18 @@ from typing import Literal
 import structlog
 from pydantic import ValidationError
 
-from activities._context_copy import DocumentCopy, document_files
-from activities._context_input import (
-    ContextInputError,
-    DocumentStats,
-    NamedFile,
-    named_files,
-    text_blocks,
-)
-from activities._context_sources import file_sources
-from activities._context_manifest import (
-    Manifest,
-    ManifestChunk,
-    ManifestDocument,
+from activities._context_copy import document_files
+from activities._context_input import ContextInputError, DocumentStats, NamedFile, text_blocks
+from activities._context_manifest import Manifest, ManifestChunk
+from activities._context_upload import (
+    DEFAULT_CHUNK_BYTES,
+    PARALLEL_TRANSFERS,
+    OnUnreadable,
+    Progress,
+    Source,
+    StagedContext,
+    stage,
+    stage_files,
 )
 from activities.object_store import (
     IntegrityError,
@@ -39,7 +39,7 @@ from activities.object_store import (
     ObjectStore,
     StorageError,
 )
-from workflows.refs import ContextRef, SkippedDocument, chunk_key_for, manifest_key_for
+from workflows.refs import ContextRef, manifest_key_for
 from workflows.request import validation_errors
 
 __all__ = [
@@ -48,22 +48,26 @@ __all__ = [
     "ContextMissingError",
     "ContextStore",
     "DEFAULT_CHUNK_BYTES",
+    "StagedContext",
+    "UPLOAD_GRACE_S",
 ]
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_CHUNK_BYTES = 4 << 20
-# Chunks in flight at once: bounds memory (x chunk size) and keeps the
-# endpoint busy while the next chunk is read and hashed.
-_PARALLEL = 8
+# How long a worker waits for a context's manifest to appear before calling
+# the context missing. `rlm run` with the embedded worker starts its run as
+# soon as the context is hashed and copied beside the worker's cache, and
+# uploads it meanwhile (activities/_context_upload.py: ~0.3 s for 40 MB
+# here, at most QUEUED_CHUNKS x 4 MB held back); a worker that does not
+# share that cache (another data dir, another machine behind a forwarded
+# port) reads the bucket, which may lag the run by that much.
+UPLOAD_GRACE_S = 15.0
+_GRACE_POLL_S = 0.25
 # Manifests kept in memory (least recently used dropped): by count, and by
 # documents + chunks, since one manifest may list millions of documents.
 MANIFEST_CACHE_ENTRIES = 256
 MANIFEST_CACHE_ITEMS = 1_000_000
 
-OnUnreadable = Literal["fail", "skip"]
-Progress = Callable[[int], None]
-"""Called with the number of input bytes consumed so far."""
 
 
 class ContextIntegrityError(IntegrityError):
@@ -129,11 +133,8 @@ class ContextStore:
         stored as they are and must be UTF-8 text. `copy_to`: also write the
         documents there as `materialize` would (a worker's context cache on
         this machine), from the bytes uploaded."""
-        paths = [Path(p) for p in paths]
-        files = named_files(paths)
-        kind = "str" if len(paths) == 1 and len(files) == 1 and paths[0].is_file() else "list"
-        return self.put_files(files, kind=kind, progress=progress, on_unreadable=on_unreadable,
-                              label=", ".join(map(str, paths)), copy_to=copy_to)
+        return stage_files(lambda: self.store, self.chunk_bytes, paths, remember=self._remember, progress=progress,
+                           on_unreadable=on_unreadable, copy_to=copy_to).wait()  # fmt: skip
 
     def put_files(
         self,
@@ -144,151 +145,55 @@ class ContextStore:
         on_unreadable: OnUnreadable = "fail",
         label: str = "context",
         tick: Callable[[], None] | None = None,
-        copy_to: Path | None = None,
     ) -> ContextRef:
         """`files` as named documents (`tick` is called often while a file
         converts, e.g. to heartbeat). A file that cannot be read as text
         stops with the reason, or with `on_unreadable="skip"` is left out
         and listed in the manifest's `skipped` (the rest must hold text)."""
-        if on_unreadable not in ("fail", "skip"):
-            raise ContextInputError(f"on_unreadable must be 'fail' or 'skip', got {on_unreadable!r}")
-        if kind == "str" and files and files[0].size() == 0:
-            raise ContextInputError(f"file {files[0].shown} is empty: a context needs some text")
-        skipped: list[SkippedDocument] = []
-        sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
-        copy = DocumentCopy(copy_to) if copy_to is not None else None
-        try:
-            ref = self._put(kind, sources, progress=progress, label=label, skipped=skipped, copy=copy)
-        except BaseException:
-            if copy is not None:
-                copy.discard()
-            raise
-        if copy is not None:
-            copy.finish(ref.sha256)
-        return ref
+        return stage_files(lambda: self.store, self.chunk_bytes, files=files, kind=kind, remember=self._remember,
+                           progress=progress, on_unreadable=on_unreadable, label=label, tick=tick).wait()  # fmt: skip
 
-    def _put(
-        self,
-        kind: str,
-        sources: Iterable[tuple[DocumentStats, Iterator[bytes]] | tuple[DocumentStats, Iterator[bytes], str]],
-        *,
-        progress: Progress | None = None,
-        label: str = "context",
-        skipped: list[SkippedDocument] | None = None,
-        copy: DocumentCopy | None = None,
-    ) -> ContextRef:
-        documents: list[ManifestDocument] = []
-        chunks: list[ManifestChunk] = []
-        pending: deque[Future[ManifestChunk]] = deque()
-        buffer = bytearray()
-        offset = 0  # bytes of the stream handed to chunks so far
-        uploaded_new = [0]
-
-        def flush(executor: ThreadPoolExecutor, data: bytes) -> None:
-            nonlocal offset
-            pending.append(executor.submit(self._store_chunk, data, offset, uploaded_new))
-            offset += len(data)
-            while len(pending) >= _PARALLEL:
-                chunks.append(pending.popleft().result())
-
-        with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="ctx-put") as executor:
-            try:
-                stream_bytes = 0
-                for source in sources:
-                    stats, blocks = source[0], source[1]
-                    name = source[2] if len(source) > 2 else None
-                    start = stream_bytes
-                    if copy is not None:
-                        copy.start_document()
-                    for block in blocks:
-                        if copy is not None:
-                            copy.write(block)
-                        buffer += block
-                        stream_bytes += len(block)
-                        while len(buffer) >= self.chunk_bytes:
-                            flush(executor, bytes(buffer[: self.chunk_bytes]))
-                            del buffer[: self.chunk_bytes]
-                        if progress is not None:
-                            progress(stream_bytes)
-                    documents.append(
-                        ManifestDocument(
-                            offset=start, bytes=stats.bytes, chars=stats.chars, encoding=stats.encoding, name=name
-                        )
-                    )
-                if skipped and not documents:
-                    raise ContextInputError(
-                        f"no readable file in {label}: all {len(skipped)} were skipped "
-                        f"(first: {skipped[0].name}: {skipped[0].reason})"
-                    )
-                if stream_bytes == 0:
-                    raise ContextInputError(f"{label} is empty: a context needs some text")
-                if buffer:
-                    flush(executor, bytes(buffer))
-                    buffer.clear()
-                while pending:
-                    chunks.append(pending.popleft().result())
-            finally:
-                for future in pending:
-                    future.cancel()
-
-        manifest = Manifest(
-            kind=kind,  # type: ignore[arg-type]
-            chunk_bytes=self.chunk_bytes,
-            total_bytes=offset,
-            total_chars=sum(d.chars for d in documents),
-            documents=documents,
-            chunks=chunks,
-            skipped=list(skipped or []),
-        )
-        ref, data = manifest.to_ref()
-        if not self.store.exists(ref.manifest_key):
-            self.store.put_bytes(ref.manifest_key, data)
-            uploaded_new[0] += 1
-        self._remember(ref.sha256, manifest)
-        log.info(
-            "context stored",
-            sha256=ref.sha256[:16],
-            kind=kind,
-            bytes=ref.total_bytes,
-            docs=ref.doc_count,
-            chunks=len(chunks),
-            new_objects=uploaded_new[0],
-        )
-        return ref
-
-    def _store_chunk(self, data: bytes, offset: int, uploaded_new: list[int]) -> ManifestChunk:
-        digest = hashlib.sha256(data).hexdigest()
-        key = chunk_key_for(digest)
-        if not self.store.exists(key):
-            self.store.put_bytes(key, data)
-            uploaded_new[0] += 1  # a race only skews a log figure
-        return ManifestChunk(key=key, sha256=digest, offset=offset, bytes=len(data))
+    def _put(self, kind: str, sources: Iterable[Source]) -> ContextRef:
+        return stage(lambda: self.store, self.chunk_bytes, kind, sources, remember=self._remember).wait()
 
     # ---- reading -------------------------------------------------------
 
-    def manifest(self, ref: ContextRef) -> Manifest:
-        """The verified manifest of `ref` (cached: manifests never change)."""
+    def manifest(self, ref: ContextRef, *, grace_s: float = 0.0) -> Manifest:
+        """The verified manifest of `ref` (cached: manifests never change).
+        `grace_s`: how long a missing manifest is waited for (UPLOAD_GRACE_S:
+        the run may have started before its upload ended)."""
         with self._manifests_lock:
             cached = self._manifests.get(ref.sha256)
             if cached is not None:
                 self._manifests.move_to_end(ref.sha256)
                 return cached
         key = manifest_key_for(ref.sha256)  # never another key a reference names
-        try:
-            data = self.store.get_bytes(key)
-        except ObjectMissingError:
-            raise ContextMissingError(
-                f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
-                f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
-            ) from None
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                data = self.store.get_bytes(key)
+                break
+            except ObjectMissingError:
+                if time.monotonic() >= deadline:
+                    raise ContextMissingError(
+                        f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
+                        f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
+                    ) from None
+                time.sleep(_GRACE_POLL_S)
+        return self.adopt_manifest(ref.sha256, data, key)
+
+    def adopt_manifest(self, sha256: str, data: bytes, source: str) -> Manifest:
+        """The manifest of the context `sha256` from `data` read elsewhere
+        (`source`, for errors: a bucket key, or a copy on this machine),
+        verified against that sha256 and cached as if read from the bucket."""
         digest = hashlib.sha256(data).hexdigest()
-        if digest != ref.sha256:
-            raise ContextIntegrityError(f"manifest {key!r} is corrupt: sha256 {digest} != {ref.sha256}")
+        if digest != sha256:
+            raise ContextIntegrityError(f"manifest {source!r} is corrupt: sha256 {digest} != {sha256}")
         try:
             manifest = Manifest.model_validate_json(data)
         except ValidationError as exc:
-            raise ContextIntegrityError(f"manifest {key!r} is not a context manifest: {validation_errors(exc, 3)}") from None
-        self._remember(ref.sha256, manifest)
+            raise ContextIntegrityError(f"manifest {source!r} is not a context manifest: {validation_errors(exc, 3)}") from None
+        self._remember(sha256, manifest)
         return manifest
 
     @property
@@ -310,7 +215,7 @@ class ContextStore:
                 _, dropped = self._manifests.popitem(last=False)
                 self._manifest_items -= len(dropped.documents) + len(dropped.chunks)
 
-    def ref_for(self, sha256: str) -> ContextRef:
+    def ref_for(self, sha256: str, *, grace_s: float = 0.0) -> ContextRef:
         """Rebuild the reference of a stored context from its sha256."""
         probe = ContextRef(
             sha256=sha256,
@@ -321,7 +226,7 @@ class ContextStore:
             doc_count=0,
             doc_chars_head=[],
         )
-        ref, _ = self.manifest(probe).to_ref()
+        ref, _ = self.manifest(probe, grace_s=grace_s).to_ref()
         return ref
 
     def _fetch_chunk(self, ref: ContextRef, chunk: ManifestChunk) -> bytes:
@@ -348,13 +253,13 @@ class ContextStore:
         if len(chunks) == 1:
             yield self._fetch_chunk(ref, chunks[0])
             return
-        with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="ctx-get") as executor:
+        with ThreadPoolExecutor(PARALLEL_TRANSFERS, thread_name_prefix="ctx-get") as executor:
             ahead: deque[Future[bytes]] = deque()
             todo = iter(chunks)
             try:
                 for chunk in todo:
                     ahead.append(executor.submit(self._fetch_chunk, ref, chunk))
-                    if len(ahead) >= _PARALLEL:
+                    if len(ahead) >= PARALLEL_TRANSFERS:
                         yield ahead.popleft().result()
                 while ahead:
                     yield ahead.popleft().result()
@@ -399,9 +304,9 @@ class ContextStore:
         docs = [str(view[d.offset : d.offset + d.bytes], "utf-8") for d in manifest.documents]
         return docs[0] if manifest.kind == "str" else docs
 
-    def materialize(self, ref: ContextRef, dest_root: Path) -> list[Path]:
+    def materialize(self, ref: ContextRef, dest_root: Path, *, grace_s: float = 0.0) -> list[Path]:
         """Write each document as a UTF-8 file under dest_root/<sha256>/
         (once, atomically; reused when present) and return the paths in
         document order. This is how the sandbox gets the context."""
-        manifest = self.manifest(ref)
+        manifest = self.manifest(ref, grace_s=grace_s)
         return document_files(manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks))

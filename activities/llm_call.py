@@ -20,10 +20,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._call_records import CallRecorder, RecordFinder
-from activities.context_store import ContextIntegrityError, ContextMissingError
+from activities._context_cache import adopt_local_manifest
+from activities.context_store import UPLOAD_GRACE_S, ContextIntegrityError, ContextMissingError
 from activities.llm import complete, to_application_error
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES, ACTIVITY_RESOLVE_MODELS
+from workflows.refs import ContextRef
 from workflows.steps import (
     LlmCallFailure,
     LlmCallInput,
@@ -62,7 +64,7 @@ class LlmCallActivity:
         if inp.context is None:
             return ResolveModelsOutput(models=models)
         try:
-            ref = await self._rt.io(self._rt.contexts.ref_for, inp.context.sha256)
+            ref = await self._rt.io(self._ref_for, inp.context.sha256)
         except (ContextMissingError, ContextIntegrityError) as exc:
             return ResolveModelsOutput(models=models, context_problem=f"context: {exc}")
         except Exception as exc:  # noqa: BLE001 - storage down: the run's own steps retry their reads
@@ -178,6 +180,13 @@ class LlmCallActivity:
         )
         recorder.add(inp.call_id, out)
         return out
+
+    def _ref_for(self, sha256: str) -> ContextRef:
+        """The context's reference rebuilt from its manifest: from a copy on
+        this machine when `rlm run` wrote one (its upload may still run),
+        else from the bucket."""
+        adopt_local_manifest(self._rt.contexts, self._rt.context_cache_dir, sha256)
+        return self._rt.contexts.ref_for(sha256, grace_s=UPLOAD_GRACE_S)
 
     def _prompt(self, inp: LlmCallInput) -> str:
         prompt = inp.prompt or ""

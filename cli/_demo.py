@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace, settings) -> int:
     from cli._progress import ProgressPrinter
-    from cli._run_client import RunClient, RunOptions
+    from cli._run_checks import RunOptions
+    from cli._run_client import RunClient
 
     path = Path(settings.data_dir) / "demo" / f"{args.kind}-{args.tokens}-{args.seed}.txt"
     text, question, expected = make_task(args.kind, args.seed, args.tokens * CHARS_PER_TOKEN)

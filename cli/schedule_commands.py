@@ -102,7 +102,7 @@ def schedule_request(args: argparse.Namespace) -> RunRequest:
 
     from activities.local_model import LOCAL_MODEL_NAME
     from cli._context_fit import CELL_MEMORY_FLAG
-    from cli._run_client import check_models, choose_models
+    from cli._run_checks import check_models, choose_models
     from workflows.request import ModelChoice, RunLimits, RunRequest, cell_memory_problem, validation_errors
 
     if not args.context.startswith("s3://"):

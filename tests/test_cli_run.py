@@ -214,7 +214,7 @@ def test_a_run_id_sent_again_gets_its_run_not_a_second_paid_one(s, llm, tmp_path
 def test_default_model_choice(monkeypatch):
     """--model, else RLM_MODEL, else a hosted model whose key is set, else the local model."""
     from cli import _local_model
-    from cli._run_client import RunError, choose_models
+    from cli._run_checks import RunError, choose_models
 
     for key in ("RLM_MODEL", "RLM_SUB_MODEL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
         monkeypatch.delenv(key, raising=False)
@@ -240,7 +240,7 @@ def test_a_money_cap_over_a_model_with_no_price_is_refused(llm, monkeypatch):
     `rlm run` / `submit` refuse before starting, naming the model and the fix
     (a free model is priced 0); tokens or calls may still be capped."""
     from cli._run_by_id import RunError
-    from cli._run_client import check_models
+    from cli._run_checks import check_models
     from workflows.budget import Caps
 
     def refusal(caps: Caps, **prices: object) -> str | None:

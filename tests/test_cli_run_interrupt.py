@@ -29,13 +29,14 @@ class _EndedRun:
 
 
 def test_ctrl_c_after_the_run_ended_does_not_say_it_goes_on(monkeypatch, tmp_path, capsys):
+    import cli._run_checks as run_checks
     import cli._run_client as run_client
 
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run_client, "RunClient", _EndedRun)
-    monkeypatch.setattr(run_client, "checked_options", lambda opts, progress=None: (opts, None))
+    monkeypatch.setattr(run_checks, "checked_options", lambda opts, progress=None: (opts, None))
     monkeypatch.setattr(run_commands, "print_result", interrupted)
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")

@@ -1,0 +1,124 @@
+"""`rlm run` starts its run before the context's upload ends, when the
+worker here loads the copy written beside it (cli/_run_client.py,
+activities/_context_upload.py). What must hold anyway, with a real Temporal,
+real S3 and a real worker: the context is in the bucket when the command
+returns; a worker that reads the bucket instead of the copy still runs it;
+bad S3 keys stop the command before any run starts; an upload that fails
+after the start cancels the run, and the command says why."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from temporalio.service import RPCError
+
+from activities._context_copy import MANIFEST_FILE
+from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
+from activities.context_store import ContextStore
+from activities.object_store import ObjectStore
+from cli._run_checks import RunOptions
+from cli._run_client import RunClient, RunError, _s3_check_file, _s3_identity
+from tests.fixtures_llm import fake_registry, models_json
+from tests.run_harness import ROOT, SUB, isolated, repl, running_worker
+from workflows.result import RunResult
+
+
+@pytest.fixture
+def configured(llm, monkeypatch):
+    """The scripted models, as a user configures them for the client's checks."""
+    monkeypatch.setenv("RLM_MODELS_JSON", models_json(llm.url))
+    return llm
+
+
+def _context(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.txt"
+    path.write_text("".join(f"{uuid.uuid4().hex} entry {i}\n" for i in range(20_000)))  # ~1 MB, never seen before
+    return path
+
+
+def _options(path: Path) -> RunOptions:
+    return RunOptions(question="How many entries?", context_paths=[path], model=ROOT, sub_model=SUB,
+                      workflow_id=f"upload-{uuid.uuid4().hex[:10]}")  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("shares_cache", [True, False], ids=["worker-reads-the-copy", "worker-reads-the-bucket"])
+def test_a_run_started_before_its_upload_ended_runs_and_its_context_is_stored(
+    settings, configured, object_store: ObjectStore, tmp_path, shares_cache
+):
+    s = isolated(settings)
+    # A worker with another data dir (or on another machine) does not see the client's copy.
+    access, secret = s.s3_credentials()
+    client_settings = s if shares_cache else s.model_copy(
+        update={"data_dir": tmp_path / "client-data", "s3_access_key": access, "s3_secret_key": secret}
+    )
+    configured.add_rule("Turn 1 of", repl("print(len(context.splitlines()))"), model=ROOT)
+    configured.add_rule("20000", "FINAL(20000 entries)", model=ROOT)
+    path = _context(tmp_path)
+    ref = stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [path], hold=True).ref  # never released: not stored
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            runs = RunClient(client_settings, client, progress=None)
+            # The first run checks the keys before it starts, the second after.
+            return [await runs.run(_options(path)) for _ in range(2)]
+
+    for result in asyncio.run(go()):
+        assert result.status == "completed" and result.answer == "20000 entries", result
+    assert _s3_check_file(client_settings).read_text() == _s3_identity(client_settings)
+    assert ContextStore(object_store).read_all(ref) == path.read_text()  # stored before run() returned
+    # Where the worker loaded it from: the copy (with its manifest), or the bucket (without).
+    assert (s.context_cache_dir / ref.sha256 / MANIFEST_FILE).is_file() == shares_cache
+
+
+def test_bad_s3_keys_stop_rlm_run_before_any_run_starts(settings, configured, tmp_path):
+    s = isolated(settings)
+    wrong = s.model_copy(update={"s3_access_key": "not-the-key", "s3_secret_key": "not-the-secret"})
+    opts = _options(_context(tmp_path))
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            with pytest.raises(RunError, match="rejected the credentials") as refused:
+                await RunClient(wrong, client, progress=None).run(opts)
+            with pytest.raises(RPCError, match="not found"):
+                await client.get_workflow_handle(opts.workflow_id).describe()
+            return refused.value
+
+    asyncio.run(go())
+    assert configured.requests() == []  # no model was paid
+
+
+def test_an_upload_failing_after_the_start_cancels_the_run_and_says_why(settings, configured, tmp_path):
+    s = isolated(settings)
+    # The keys once reached a bucket that now cannot be reached: the client
+    # starts the run on the copy, then finds out while uploading.
+    gone = s.model_copy(update={"s3_endpoint": f"127.0.0.1:{_free_port()}"})
+    _s3_check_file(gone).write_text(_s3_identity(gone))
+    held = threading.Event()
+    configured.add_rule("Turn 1 of", repl("print(1)"), model=ROOT, hold=held)
+    opts = _options(_context(tmp_path))
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            try:
+                with pytest.raises(RunError) as failed:
+                    await RunClient(gone, client, progress=None).run(opts)
+            finally:
+                held.set()
+            result = await client.get_workflow_handle(opts.workflow_id, result_type=RunResult).result()
+            return failed.value, result
+
+    failed, result = asyncio.run(go())
+    assert "unreachable" in str(failed) and f"run {opts.workflow_id} was cancelled" in str(failed), failed
+    assert result.status == "cancelled" and "context upload failed" in (result.reason or ""), result
+    assert not _s3_check_file(gone).exists()  # the next run checks the keys before it starts

@@ -1,0 +1,135 @@
+"""A context staged for a run that starts before its upload ends
+(activities/_context_upload.py): the reference and the worker's copy come
+first, nothing reaches the bucket before `release()`, the manifest is stored
+after every chunk, and a worker either loads the copy (sharing the cache)
+or waits for the manifest (reading the bucket). Real S3 throughout."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from activities._context_cache import ContextFileCache, adopt_local_manifest
+from activities._context_copy import MANIFEST_FILE
+from activities._context_upload import QUEUED_CHUNKS, stage_files
+from activities.context_store import ContextMissingError, ContextStore
+from activities.object_store import ObjectStore, S3UnreachableError
+
+
+class _Recorded:
+    """The real store, with the keys it was asked to store, in order."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self.put: list[str] = []
+        self.opened = 0
+
+    def open(self) -> _Recorded:
+        self.opened += 1
+        return self
+
+    def exists(self, key: str) -> bool:
+        return self._store.exists(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.put.append(key)
+        self._store.put_bytes(key, data)
+
+
+def _text(tmp_path: Path, chars: int) -> tuple[Path, str]:
+    marker = uuid.uuid4().hex
+    text = "".join(f"{marker} {i} ünïcode line\n" for i in range(chars // 40 + 1))[:chars]  # no chunk repeats
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    return path, text
+
+
+def test_a_held_upload_sends_nothing_until_released_and_a_worker_loads_the_copy_meanwhile(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    path, text = _text(tmp_path, 9_000)
+    cache = tmp_path / "cache"
+    recorded = _Recorded(object_store)
+    staged = stage_files(recorded.open, 1000, [path], copy_to=cache, hold=True)
+    ref = staged.ref
+    assert staged.local and not staged.done
+    assert recorded.opened == 0 and recorded.put == []
+    assert not object_store.exists(ref.manifest_key)
+    assert (cache / ref.sha256 / MANIFEST_FILE).is_file()
+
+    # A worker sharing the cache: the reference checks and the context loads
+    # from the copy, with nothing in the bucket.
+    worker = ContextStore(object_store)
+    adopt_local_manifest(worker, cache, ref.sha256)
+    assert worker.ref_for(ref.sha256) == ref
+    paths, release = ContextFileCache(cache, 1 << 30, ContextStore(object_store)).acquire(ref)
+    try:
+        assert [p.read_text(encoding="utf-8") for p in paths] == [text]
+    finally:
+        release()
+    with pytest.raises(ContextMissingError):  # a worker reading the bucket finds nothing yet
+        ContextStore(object_store).manifest(ref)
+
+    assert staged.wait() == ref
+    assert recorded.opened == 1
+    chunks = ContextStore(object_store).manifest(ref).chunks
+    assert len(chunks) == 10
+    assert recorded.put[-1] == ref.manifest_key  # after every chunk
+    assert sorted(recorded.put[:-1]) == sorted(c.key for c in chunks)
+    assert ContextStore(object_store).read_all(ref) == text
+
+
+def test_a_held_upload_longer_than_its_queue_starts_sending_while_it_reads(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    path, text = _text(tmp_path, 100 * (QUEUED_CHUNKS + 5))
+    recorded = _Recorded(object_store)
+    staged = stage_files(recorded.open, 100, [path], copy_to=tmp_path / "cache", hold=True)
+    assert recorded.opened == 1  # memory stays bounded: the queue overflowed
+    assert len(recorded.put) >= 1
+    staged.wait()
+    assert ContextStore(object_store).read_all(staged.ref) == text
+
+
+def test_a_worker_reading_the_bucket_waits_for_a_manifest_still_uploading(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    path, text = _text(tmp_path, 5_000)
+    staged = stage_files(lambda: object_store, 1000, [path], copy_to=tmp_path / "cache", hold=True)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(ContextStore(object_store).manifest(staged.ref, grace_s=60)))
+    reader.start()
+    staged.wait()
+    reader.join(60)
+    assert not reader.is_alive()
+    assert found and found[0] == ContextStore(object_store).manifest(staged.ref)
+
+    never = staged.ref.model_copy(update={"sha256": "f" * 64})
+    with pytest.raises(ContextMissingError, match="not found"):
+        ContextStore(object_store).manifest(never, grace_s=0.5)
+
+
+def test_a_copy_whose_manifest_was_altered_is_not_believed(object_store: ObjectStore, tmp_path: Path) -> None:
+    path, text = _text(tmp_path, 3_000)
+    cache = tmp_path / "cache"
+    ref = ContextStore(object_store).put_paths([path], copy_to=cache)
+    (cache / ref.sha256 / MANIFEST_FILE).write_text('{"kind": "str", "chunks": []}')
+    worker = ContextStore(object_store)
+    adopt_local_manifest(worker, cache, ref.sha256)  # logged and ignored
+    assert worker.cached_manifests == 0
+    assert worker.ref_for(ref.sha256) == ref  # read from the bucket
+
+
+def test_a_held_upload_that_cannot_reach_the_bucket_says_why_on_wait(tmp_path: Path) -> None:
+    path, _ = _text(tmp_path, 2_000)
+
+    def unreachable() -> ObjectStore:
+        raise S3UnreachableError("S3 endpoint 127.0.0.1:9 is unreachable")
+
+    staged = stage_files(unreachable, 1000, [path], copy_to=tmp_path / "cache", hold=True)
+    assert staged.local
+    with pytest.raises(S3UnreachableError, match="unreachable"):
+        staged.wait()
