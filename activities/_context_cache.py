@@ -93,6 +93,7 @@ class ContextFileCache:
         fits `max_bytes` (default: the cache's bound); returns the bytes on
         disk afterwards."""
         max_bytes = self._max_bytes if max_bytes is None else max_bytes
+        (self._root / _LOCKS).mkdir(parents=True, exist_ok=True)
         entries = []
         for entry in os.scandir(self._root):
             if not entry.is_dir(follow_symlinks=False):
@@ -124,7 +125,7 @@ def adopt_local_manifest(contexts: ContextStore, root: Path, sha256: str) -> Non
     """A copy written by `rlm run` on this machine carries its manifest
     (activities/_context_upload.py): read from there, the context loads,
     and its reference checks, while its upload may still run."""
-    if not _CONTEXT_DIR.fullmatch(sha256):  # it names a file: never a path
+    if not _CONTEXT_DIR.fullmatch(sha256) or contexts.has_manifest(sha256):  # a path never; a known one not again
         return
     path = Path(root) / sha256
     data = local_manifest(path)

@@ -92,6 +92,14 @@ class DocumentCopy:
         except OSError:
             return False
 
+    def forget_manifest(self, sha256: str) -> None:
+        """Take the manifest out of the copy of `sha256` (its upload failed):
+        a worker then reads the bucket, and waits there, rather than run it."""
+        try:
+            (self._root / sha256 / MANIFEST_FILE).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("context_copy.manifest_kept", sha256=sha256[:16], error=str(exc))
+
     def discard(self) -> None:
         self._close_file()
         if self._tmp is not None:

@@ -7,12 +7,12 @@ with the embedded worker starts its run at that point, since that worker
 loads the context from the copy written beside the upload (`DocumentCopy`,
 the manifest beside the documents) and needs nothing from the bucket; a
 worker that reads the bucket waits for the manifest (UPLOAD_GRACE_S in
-activities/context_store.py). With `hold`, nothing is sent before
-`StagedContext.release()`, which `rlm run` calls once the run has started:
-the PUTs (~0.2 s for 40 MB here, their eight threads taking the GIL from
-the reading) run beside the workflow instead of before it, with up to
-QUEUED_CHUNKS held in memory. The client waits for `StagedContext.wait()`
-before it exits; every other caller waits at once (`ContextStore.put_*`).
+activities/context_store.py). With `hold`, nothing is sent before the run
+has started (`StagedContext.release()`): the PUTs (~0.2 s for 40 MB here,
+their eight threads taking the GIL from the reading) run beside the workflow
+instead of before it, with up to QUEUED_CHUNKS held in memory. The client
+waits for the upload before it returns; every other caller waits at once
+(`ContextStore.put_*`, in its own thread).
 
 The manifest is uploaded last, after every chunk: a manifest in the bucket
 always names chunks that are there.
@@ -47,9 +47,8 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # Chunks in flight at once: keeps the endpoint busy while the next chunk is
 # read and hashed.
 PARALLEL_TRANSFERS = 8
-# Chunks read but not yet stored (x chunk size: the memory an upload holds).
-# Twice the transfers: a 40 MB context is read, hashed and its run started
-# without waiting for an upload to end.
+# Chunks a held upload keeps read but not yet stored (x chunk size: 64 MB):
+# a 40 MB context is read, hashed and its run started before any is sent.
 QUEUED_CHUNKS = 2 * PARALLEL_TRANSFERS
 
 OnUnreadable = Literal["fail", "skip"]
@@ -67,36 +66,45 @@ class StagedContext:
         self.local = local
         """The copy under `copy_to` holds this context and its manifest: a
         worker reading that directory loads it without the bucket."""
-        self._errors: list[BaseException] = []
-        # Not a daemon: a client that exits (or is interrupted) while the
-        # upload runs finishes it first, so a started run's context is stored.
-        self._finisher = threading.Thread(target=self._finish, args=(finish,), name="ctx-put-finish")
+        self._finish = finish
+        self._error: BaseException | None = None
+        self._finisher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def release(self) -> None:
-        """Start sending what `hold` kept back (at once without `hold`)."""
+        """Finish the upload in the background (sending what `hold` kept
+        back). The thread is not a daemon: a client that returns from its
+        command, or leaves after one Ctrl-C, joins it before the interpreter
+        ends; only a kill (or os._exit) cuts it short."""
         with self._lock:
-            if self._finisher.ident is None:
+            if self._finisher is None:
+                self._finisher = threading.Thread(target=self._run, name="ctx-put-finish")
                 self._finisher.start()
 
     def wait(self) -> ContextRef:
         """The reference once every chunk and the manifest are stored; the
-        upload's error otherwise."""
-        self.release()
-        self._finisher.join()
-        if self._errors:
-            raise self._errors[0]
+        upload's error otherwise. Unreleased, it finishes in this thread."""
+        with self._lock:
+            inline = self._finisher is None
+            if inline:
+                self._finisher = threading.current_thread()
+        if inline:
+            self._run()
+        else:
+            self._finisher.join()  # type: ignore[union-attr]
+        if self._error is not None:
+            raise self._error
         return self.ref
 
     @property
-    def done(self) -> bool:
-        return self._finisher.ident is not None and not self._finisher.is_alive()
+    def released(self) -> bool:
+        return self._finisher is not None
 
-    def _finish(self, finish: Callable[[], None]) -> None:
+    def _run(self) -> None:
         try:
-            finish()
+            self._finish()
         except BaseException as exc:  # handed to wait()
-            self._errors.append(exc)
+            self._error = exc
 
 
 def stage_files(
@@ -147,10 +155,11 @@ def stage(
     hold: bool = False,
 ) -> StagedContext:
     """Read, hash and upload every document; return once the reference is
-    known and the copy (if any) is in place, the uploads still running.
-    `hold`: send nothing (nor call `open_store`) until `release()`, unless
-    more than QUEUED_CHUNKS are read. `remember(sha256, manifest)` is called
-    once the manifest is stored."""
+    known and the copy (if any) is in place, the last uploads still to wait
+    for (`wait()`, or `release()` to finish them in the background). `hold`:
+    send nothing (nor call `open_store`) until then, unless more than
+    QUEUED_CHUNKS are read. `remember(sha256, manifest)` is called once the
+    manifest is stored."""
     uploader = _Uploader(open_store, hold)
     try:
         manifest = _read(uploader, chunk_bytes, kind, sources, progress, label, skipped, copy)
@@ -163,16 +172,18 @@ def stage(
     local = copy.finish(ref.sha256, data) if copy is not None else False
 
     def finish() -> None:
-        uploader.finish(ref.manifest_key, data)
+        try:
+            uploader.finish(ref.manifest_key, data)
+        except BaseException:
+            if local:  # no worker may start on a copy whose context the bucket lacks
+                copy.forget_manifest(ref.sha256)  # type: ignore[union-attr]
+            raise
         if remember is not None:
             remember(ref.sha256, manifest)
         log.info("context stored", sha256=ref.sha256[:16], kind=kind, bytes=ref.total_bytes, docs=ref.doc_count,
                  chunks=len(manifest.chunks), new_objects=uploader.new_objects)  # fmt: skip
 
-    staged = StagedContext(ref, local, finish)
-    if not hold:
-        staged.release()
-    return staged
+    return StagedContext(ref, local, finish)
 
 
 class _Uploader:
@@ -183,6 +194,7 @@ class _Uploader:
         self._store: ObjectStore | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._held: list[tuple[str, bytes]] | None = [] if hold else None
+        self._queue = QUEUED_CHUNKS if hold else PARALLEL_TRANSFERS
         self._uploads: deque[Future[None]] = deque()
         self.new_objects = 0  # a race between threads only skews a log figure
 
@@ -191,7 +203,9 @@ class _Uploader:
             self._held.append((key, data))
             return
         self._send_held()
-        while len(self._uploads) >= QUEUED_CHUNKS:
+        # Held back, the queue may grow to QUEUED_CHUNKS; sent at once (every
+        # worker-side put), it stays at what the pool works on.
+        while len(self._uploads) >= self._queue:
             self._uploads.popleft().result()
         self._uploads.append(self._executor.submit(self._store_chunk, key, data))  # type: ignore[union-attr]
 

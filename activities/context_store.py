@@ -54,15 +54,15 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# How long a worker waits for a context's manifest to appear before calling
-# the context missing. `rlm run` with the embedded worker starts its run as
-# soon as the context is hashed and copied beside the worker's cache, and
-# uploads it meanwhile (activities/_context_upload.py: ~0.3 s for 40 MB
-# here, at most QUEUED_CHUNKS x 4 MB held back); a worker that does not
-# share that cache (another data dir, another machine behind a forwarded
-# port) reads the bucket, which may lag the run by that much.
+# How long a worker waits for a context's manifest, or a chunk, to appear
+# before calling it missing. `rlm run` with the embedded worker starts its run
+# as soon as the context is hashed and copied beside the worker's cache, and
+# uploads it meanwhile (activities/_context_upload.py: ~0.3 s for 40 MB here,
+# at most QUEUED_CHUNKS x 4 MB held back until the start); a worker that does
+# not share that cache (another data dir, another machine behind a forwarded
+# port), or finds the copy evicted, reads the bucket, which may lag that much.
+# A context that is really missing is reported this much later.
 UPLOAD_GRACE_S = 15.0
-_GRACE_POLL_S = 0.25
 # Manifests kept in memory (least recently used dropped): by count, and by
 # documents + chunks, since one manifest may list millions of documents.
 MANIFEST_CACHE_ENTRIES = 256
@@ -168,19 +168,19 @@ class ContextStore:
                 self._manifests.move_to_end(ref.sha256)
                 return cached
         key = manifest_key_for(ref.sha256)  # never another key a reference names
-        deadline = time.monotonic() + grace_s
-        while True:
-            try:
-                data = self.store.get_bytes(key)
-                break
-            except ObjectMissingError:
-                if time.monotonic() >= deadline:
-                    raise ContextMissingError(
-                        f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
-                        f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
-                    ) from None
-                time.sleep(_GRACE_POLL_S)
+        try:
+            data = _waiting_for(lambda: self.store.get_bytes(key), grace_s)
+        except ObjectMissingError:
+            raise ContextMissingError(
+                f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
+                f"{self.store.bucket!r} on {self.store.endpoint}; upload it with `rlm context put`"
+            ) from None
         return self.adopt_manifest(ref.sha256, data, key)
+
+    def has_manifest(self, sha256: str) -> bool:
+        """The manifest of the context `sha256` is cached in memory."""
+        with self._manifests_lock:
+            return sha256 in self._manifests
 
     def adopt_manifest(self, sha256: str, data: bytes, source: str) -> Manifest:
         """The manifest of the context `sha256` from `data` read elsewhere
@@ -229,11 +229,11 @@ class ContextStore:
         ref, _ = self.manifest(probe, grace_s=grace_s).to_ref()
         return ref
 
-    def _fetch_chunk(self, ref: ContextRef, chunk: ManifestChunk) -> bytes:
+    def _fetch_chunk(self, ref: ContextRef, chunk: ManifestChunk, grace_s: float = 0.0) -> bytes:
         try:
             # One byte past the chunk's length shows an object too long
             # without downloading all of it.
-            data = self.store.get_range(chunk.key, 0, chunk.bytes + 1)
+            data = _waiting_for(lambda: self.store.get_range(chunk.key, 0, chunk.bytes + 1), grace_s)
         except ObjectMissingError:
             raise ContextIntegrityError(
                 f"chunk {chunk.key!r} of context {ref.sha256[:16]} is missing from bucket "
@@ -248,17 +248,17 @@ class ContextStore:
             )
         return data
 
-    def _iter_chunks(self, ref: ContextRef, chunks: list[ManifestChunk]) -> Iterator[bytes]:
+    def _iter_chunks(self, ref: ContextRef, chunks: list[ManifestChunk], grace_s: float = 0.0) -> Iterator[bytes]:
         """Verified chunk bytes in order, fetched ahead in parallel."""
         if len(chunks) == 1:
-            yield self._fetch_chunk(ref, chunks[0])
+            yield self._fetch_chunk(ref, chunks[0], grace_s)
             return
         with ThreadPoolExecutor(PARALLEL_TRANSFERS, thread_name_prefix="ctx-get") as executor:
             ahead: deque[Future[bytes]] = deque()
             todo = iter(chunks)
             try:
                 for chunk in todo:
-                    ahead.append(executor.submit(self._fetch_chunk, ref, chunk))
+                    ahead.append(executor.submit(self._fetch_chunk, ref, chunk, grace_s))
                     if len(ahead) >= PARALLEL_TRANSFERS:
                         yield ahead.popleft().result()
                 while ahead:
@@ -309,4 +309,22 @@ class ContextStore:
         (once, atomically; reused when present) and return the paths in
         document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref, grace_s=grace_s)
-        return document_files(manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks))
+        return document_files(
+            manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks, grace_s)
+        )
+
+
+def _waiting_for(read: Callable[[], bytes], grace_s: float) -> bytes:
+    """`read()`, tried again while it finds no object and `grace_s` lasts
+    (0.1 s apart, then twice as long each time, up to 2 s: ~10 reads in 15 s)."""
+    deadline = time.monotonic() + grace_s
+    pause = 0.1
+    while True:
+        try:
+            return read()
+        except ObjectMissingError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)

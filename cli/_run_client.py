@@ -230,23 +230,43 @@ class RunClient:
             await _stored(upload)
         try:
             existing = await self.start(request, opts.workflow_id)
-        except BaseException:
-            _finish_quietly(upload)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            self._finish_upload(upload)  # the start may have gone through
             raise
+        # (Refused: no run started, and nothing held back is sent.)
         if on_started is not None:
             on_started(opts.workflow_id)
+        upload.release()
         try:
             await _stored(upload)
         except asyncio.CancelledError:
-            _finish_quietly(upload)  # interrupted: the run goes on, and needs its context stored
+            self._finish_upload(upload)
             raise
         except RunError as exc:
             if existing is not None:  # not ours: the run holding the id has its own upload
                 raise
-            with contextlib.suppress(Exception):
-                await self.cancel(opts.workflow_id, f"context upload failed: {exc}")
-            raise RunError(f"{exc}; run {opts.workflow_id} was cancelled, as no worker elsewhere could load its context") from None
+            raise await self._cancel_for(opts.workflow_id, exc) from None
         return existing
+
+    def _finish_upload(self, upload: StagedContext) -> None:
+        """Interrupted once the run may have started: it goes on, and needs
+        its context in the bucket (a second Ctrl-C leaves it to the copy here)."""
+        if upload.local and self.progress:
+            self.progress.note("finishing the context's upload: the run goes on and needs it")
+        with contextlib.suppress(Exception):
+            upload.wait()
+
+    async def _cancel_for(self, workflow_id: str, failure: RunError) -> RunError:
+        """The run started on the copy here, and its upload failed: no other
+        worker could load it, so it is cancelled."""
+        try:
+            await self.cancel(workflow_id, f"context upload failed: {failure}")
+        except Exception as exc:  # noqa: BLE001 - said, with what to do
+            return RunError(
+                f"{failure}; run {workflow_id} started on this machine's copy of its context and could not be "
+                f"cancelled ({exc}): stop it with `rlm cancel {workflow_id}`"
+            )
+        return RunError(f"{failure}; run {workflow_id} is cancelled, as no worker elsewhere could load its context")
 
     # -- following -------------------------------------------------------------
     async def result(self, workflow_id: str) -> RunResult:
@@ -336,10 +356,3 @@ async def _stored(upload: StagedContext) -> None:
         await asyncio.to_thread(upload.wait)
     except Exception as exc:
         raise RunError(str(exc)) from None
-
-
-def _finish_quietly(upload: StagedContext) -> None:
-    """Let the upload end before this client does (its error is another
-    story's: the caller is already failing, or interrupted)."""
-    with contextlib.suppress(Exception):
-        upload.wait()

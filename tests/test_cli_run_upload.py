@@ -35,8 +35,9 @@ def configured(llm, monkeypatch):
     return llm
 
 
-def _context(tmp_path: Path) -> Path:
-    path = tmp_path / "ledger.txt"
+def _context(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ledger.txt"
     path.write_text("".join(f"{uuid.uuid4().hex} entry {i}\n" for i in range(20_000)))  # ~1 MB, never seen before
     return path
 
@@ -64,21 +65,29 @@ def test_a_run_started_before_its_upload_ended_runs_and_its_context_is_stored(
     )
     configured.add_rule("Turn 1 of", repl("print(len(context.splitlines()))"), model=ROOT)
     configured.add_rule("20000", "FINAL(20000 entries)", model=ROOT)
-    path = _context(tmp_path)
-    ref = stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [path], hold=True).ref  # never released: not stored
+    paths = [_context(tmp_path / f"run{i}") for i in range(2)]
+    # Their references, computed without storing anything (never released).
+    refs = [stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [p], hold=True).ref for p in paths]
+    in_bucket_at_start: list[bool] = []
 
     async def go():
         async with running_worker(s, fake_registry(configured)) as client:
             runs = RunClient(client_settings, client, progress=None)
             # The first run checks the keys before it starts, the second after.
-            return [await runs.run(_options(path)) for _ in range(2)]
+            return [
+                await runs.run(_options(path), on_started=lambda _, ref=ref: in_bucket_at_start.append(
+                    object_store.exists(ref.manifest_key)))
+                for path, ref in zip(paths, refs, strict=True)
+            ]
 
     for result in asyncio.run(go()):
         assert result.status == "completed" and result.answer == "20000 entries", result
+    assert in_bucket_at_start == [False, False]  # started before the upload
     assert _s3_check_file(client_settings).read_text() == _s3_identity(client_settings)
-    assert ContextStore(object_store).read_all(ref) == path.read_text()  # stored before run() returned
-    # Where the worker loaded it from: the copy (with its manifest), or the bucket (without).
-    assert (s.context_cache_dir / ref.sha256 / MANIFEST_FILE).is_file() == shares_cache
+    for path, ref in zip(paths, refs, strict=True):
+        assert ContextStore(object_store).read_all(ref) == path.read_text()  # stored before run() returned
+        # Where the worker loaded it from: the copy (with its manifest), or the bucket (without).
+        assert (s.context_cache_dir / ref.sha256 / MANIFEST_FILE).is_file() == shares_cache
 
 
 def test_bad_s3_keys_stop_rlm_run_before_any_run_starts(settings, configured, tmp_path):
@@ -119,6 +128,37 @@ def test_an_upload_failing_after_the_start_cancels_the_run_and_says_why(settings
             return failed.value, result
 
     failed, result = asyncio.run(go())
-    assert "unreachable" in str(failed) and f"run {opts.workflow_id} was cancelled" in str(failed), failed
+    assert "unreachable" in str(failed) and f"run {opts.workflow_id} is cancelled" in str(failed), failed
     assert result.status == "cancelled" and "context upload failed" in (result.reason or ""), result
     assert not _s3_check_file(gone).exists()  # the next run checks the keys before it starts
+
+
+def test_a_client_interrupted_after_the_start_still_stores_the_context(
+    settings, configured, object_store: ObjectStore, tmp_path
+):
+    """Ctrl-C in `rlm run` cancels its task once the run has started (the
+    run goes on): the upload, held until then, is finished before the
+    cancellation reaches the command, which may then leave with os._exit."""
+    s = isolated(settings)
+    _s3_check_file(s).write_text(_s3_identity(s))  # the keys worked before: nothing is sent before the start
+    held = threading.Event()
+    configured.add_rule("Turn 1 of", repl("print(1)"), model=ROOT, hold=held)
+    path = _context(tmp_path)
+    ref = stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [path], hold=True).ref  # never released: not stored
+    opts = _options(path)
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            task = asyncio.current_task()
+            try:
+                with pytest.raises(asyncio.CancelledError):
+                    await RunClient(s, client, progress=None).run(opts, on_started=lambda _: task.cancel())
+                stored = object_store.exists(ref.manifest_key)
+                task.uncancel()
+            finally:
+                held.set()
+            await client.get_workflow_handle(opts.workflow_id).cancel()
+            return stored
+
+    assert asyncio.run(go())
+    assert ContextStore(object_store).read_all(ref) == path.read_text()

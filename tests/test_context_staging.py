@@ -7,6 +7,7 @@ or waits for the manifest (reading the bucket). Real S3 throughout."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from activities._context_cache import ContextFileCache, adopt_local_manifest
 from activities._context_copy import MANIFEST_FILE
 from activities._context_upload import QUEUED_CHUNKS, stage_files
 from activities.context_store import ContextMissingError, ContextStore
-from activities.object_store import ObjectStore, S3UnreachableError
+from activities.object_store import ObjectMissingError, ObjectStore, S3UnreachableError
 
 
 class _Recorded:
@@ -35,8 +36,35 @@ class _Recorded:
         return self._store.exists(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.put.append(key)
+        if key.startswith("contexts/chunks/"):
+            time.sleep(0.05)  # slower than the manifest: a manifest sent too early lands first
         self._store.put_bytes(key, data)
+        self.put.append(key)  # in the order they were stored
+
+
+class _Watched:
+    """The real store, telling when a read found nothing (so that a test
+    releases an upload only once a reader has waited for it)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self.missed = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._watch(self._store.get_bytes, key)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self._watch(self._store.get_range, key, start, end)
+
+    def _watch(self, read, *args):
+        try:
+            return read(*args)
+        except ObjectMissingError:
+            self.missed.set()
+            raise
 
 
 def _text(tmp_path: Path, chars: int) -> tuple[Path, str]:
@@ -55,7 +83,7 @@ def test_a_held_upload_sends_nothing_until_released_and_a_worker_loads_the_copy_
     recorded = _Recorded(object_store)
     staged = stage_files(recorded.open, 1000, [path], copy_to=cache, hold=True)
     ref = staged.ref
-    assert staged.local and not staged.done
+    assert staged.local and not staged.released
     assert recorded.opened == 0 and recorded.put == []
     assert not object_store.exists(ref.manifest_key)
     assert (cache / ref.sha256 / MANIFEST_FILE).is_file()
@@ -100,8 +128,10 @@ def test_a_worker_reading_the_bucket_waits_for_a_manifest_still_uploading(
     path, text = _text(tmp_path, 5_000)
     staged = stage_files(lambda: object_store, 1000, [path], copy_to=tmp_path / "cache", hold=True)
     found: list[object] = []
-    reader = threading.Thread(target=lambda: found.append(ContextStore(object_store).manifest(staged.ref, grace_s=60)))
+    watched = _Watched(object_store)
+    reader = threading.Thread(target=lambda: found.append(ContextStore(watched).manifest(staged.ref, grace_s=60)))  # type: ignore[arg-type]
     reader.start()
+    assert watched.missed.wait(30)  # it looked, found nothing, and waits
     staged.wait()
     reader.join(60)
     assert not reader.is_alive()
@@ -129,7 +159,40 @@ def test_a_held_upload_that_cannot_reach_the_bucket_says_why_on_wait(tmp_path: P
     def unreachable() -> ObjectStore:
         raise S3UnreachableError("S3 endpoint 127.0.0.1:9 is unreachable")
 
-    staged = stage_files(unreachable, 1000, [path], copy_to=tmp_path / "cache", hold=True)
+    cache = tmp_path / "cache"
+    staged = stage_files(unreachable, 1000, [path], copy_to=cache, hold=True)
     assert staged.local
     with pytest.raises(S3UnreachableError, match="unreachable"):
         staged.wait()
+    # No worker may start on that copy now: it would read the bucket, and wait there.
+    assert not (cache / staged.ref.sha256 / MANIFEST_FILE).exists()
+
+
+def test_a_copy_evicted_after_its_manifest_was_read_is_loaded_from_the_upload(
+    object_store: ObjectStore, tmp_path: Path
+) -> None:
+    """The check of the run's reference read the copy's manifest; the copy
+    is evicted (an unused context, a full disk) before the cell loads it; the
+    chunks are still uploading. The cell waits for them instead of failing."""
+    path, text = _text(tmp_path, 5_000)
+    cache = tmp_path / "cache"
+    staged = stage_files(lambda: object_store, 1000, [path], copy_to=cache, hold=True)
+    watched = _Watched(object_store)
+    worker = ContextStore(watched)  # type: ignore[arg-type]
+    adopt_local_manifest(worker, cache, staged.ref.sha256)
+    files = ContextFileCache(cache, 0, worker)
+    files.evict()
+    assert not (cache / staged.ref.sha256).exists()
+    loaded: list[str] = []
+
+    def load() -> None:
+        paths, release = files.acquire(staged.ref)
+        loaded.extend(p.read_text(encoding="utf-8") for p in paths)
+        release()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert watched.missed.wait(30)  # a chunk was not there yet
+    staged.wait()
+    loader.join(60)
+    assert loaded == [text]
