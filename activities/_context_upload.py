@@ -68,7 +68,8 @@ class StagedContext:
         worker reading that directory loads it without the bucket."""
         self._finish = finish
         self._error: BaseException | None = None
-        self._finisher: threading.Thread | None = None
+        self._started = False
+        self._done = threading.Event()
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -76,35 +77,37 @@ class StagedContext:
         back). The thread is not a daemon: a client that returns from its
         command, or leaves after one Ctrl-C, joins it before the interpreter
         ends; only a kill (or os._exit) cuts it short."""
-        with self._lock:
-            if self._finisher is None:
-                self._finisher = threading.Thread(target=self._run, name="ctx-put-finish")
-                self._finisher.start()
+        if self._claim():
+            threading.Thread(target=self._run, name="ctx-put-finish").start()
 
     def wait(self) -> ContextRef:
         """The reference once every chunk and the manifest are stored; the
-        upload's error otherwise. Unreleased, it finishes in this thread."""
-        with self._lock:
-            inline = self._finisher is None
-            if inline:
-                self._finisher = threading.current_thread()
-        if inline:
+        upload's error otherwise. Unreleased, it finishes in this thread.
+        Any number of waits, from any threads."""
+        if self._claim():
             self._run()
-        else:
-            self._finisher.join()  # type: ignore[union-attr]
+        self._done.wait()
         if self._error is not None:
             raise self._error
         return self.ref
 
     @property
     def released(self) -> bool:
-        return self._finisher is not None
+        return self._started
+
+    def _claim(self) -> bool:
+        """True for the one caller that is to finish the upload."""
+        with self._lock:
+            first, self._started = not self._started, True
+            return first
 
     def _run(self) -> None:
         try:
             self._finish()
         except BaseException as exc:  # handed to wait()
             self._error = exc
+        finally:
+            self._done.set()
 
 
 def stage_files(

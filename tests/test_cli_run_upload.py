@@ -90,6 +90,40 @@ def test_a_run_started_before_its_upload_ended_runs_and_its_context_is_stored(
         assert (s.context_cache_dir / ref.sha256 / MANIFEST_FILE).is_file() == shares_cache
 
 
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_a_run_whose_copy_cannot_be_written_starts_once_its_context_is_stored(
+    settings, configured, object_store: ObjectStore, tmp_path, command
+):
+    """No copy for the worker (a full or read-only disk; a worker elsewhere):
+    the command uploads, then starts, and waits for nothing more."""
+    s = isolated(settings)
+    access, secret = s.s3_credentials()
+    blocked = tmp_path / "client-data"
+    blocked.mkdir()
+    (blocked / "cache").write_text("a file where the cache directory would be")
+    client_settings = s.model_copy(update={"data_dir": blocked, "s3_access_key": access, "s3_secret_key": secret})
+    configured.add_rule("Turn 1 of", repl("print(len(context.splitlines()))"), model=ROOT)
+    configured.add_rule("20000", "FINAL(20000 entries)", model=ROOT)
+    path = _context(tmp_path)
+    ref = stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [path], hold=True).ref  # never released: not stored
+    in_bucket_at_start: list[bool] = []
+    opts = _options(path)
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            runs = RunClient(client_settings, client, progress=None)
+            if command == "run":
+                record = lambda _: in_bucket_at_start.append(object_store.exists(ref.manifest_key))  # noqa: E731
+                return await asyncio.wait_for(runs.run(opts, on_started=record), 120)
+            await asyncio.wait_for(runs.submit(opts), 120)
+            in_bucket_at_start.append(True)  # submit returns once both are done
+            return await client.get_workflow_handle(opts.workflow_id, result_type=RunResult).result()
+
+    result = asyncio.run(go())
+    assert result.status == "completed" and result.answer == "20000 entries", result
+    assert in_bucket_at_start == [True]
+
+
 def test_bad_s3_keys_stop_rlm_run_before_any_run_starts(settings, configured, tmp_path):
     s = isolated(settings)
     wrong = s.model_copy(update={"s3_access_key": "not-the-key", "s3_secret_key": "not-the-secret"})

@@ -196,3 +196,17 @@ def test_a_copy_evicted_after_its_manifest_was_read_is_loaded_from_the_upload(
     staged.wait()
     loader.join(60)
     assert loaded == [text]
+
+
+def test_an_upload_waited_for_again_from_another_thread_returns(object_store: ObjectStore, tmp_path: Path) -> None:
+    """`rlm run` waits once before starting (no copy for a worker here) and
+    again after: the second wait, from another thread, must not hang."""
+    path, text = _text(tmp_path, 3_000)
+    staged = stage_files(lambda: object_store, 1000, [path], copy_to=tmp_path / "cache", hold=True)
+    assert staged.wait() == staged.ref
+    staged.release()  # already finished: nothing to start
+    again = threading.Thread(target=staged.wait)
+    again.start()
+    again.join(30)
+    assert not again.is_alive()
+    assert ContextStore(object_store).read_all(staged.ref) == text
