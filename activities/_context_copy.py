@@ -7,8 +7,10 @@ reads (`<root>/<context sha256>/000000.txt`, ...): copied while they upload
 the worker downloads it again to load it into the REPL: 40 MB took
 0.15-0.6 s of the first cell (bench/bench_vs_rlms.py). Written as the bytes
 stream past the upload, the copy costs a page-cache write and no second
-read or hash. It is only ever an optimisation: any failure drops the copy
-(the worker then reads S3 as before), never the upload.
+read or hash. With its manifest beside the documents (MANIFEST_FILE), the
+run can start before the upload ends (activities/_context_upload.py). A
+failure to write it drops the copy (the worker then reads S3, and the run
+starts once the upload is done), never the upload.
 """
 
 from __future__ import annotations
