@@ -39,7 +39,7 @@ from workflows.refs import ContextRef, SkippedDocument, chunk_key_for
 if TYPE_CHECKING:  # imported by whoever opens the store: `rlm run` does it after starting
     from activities.object_store import ObjectStore
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "PARALLEL_TRANSFERS", "OnUnreadable", "Progress", "Source", "StagedContext", "stage", "stage_files"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "PARALLEL_TRANSFERS", "OnUnreadable", "Progress", "Source", "StagedContext", "StagingStopped", "stage", "stage_files"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,10 @@ Progress = Callable[[int], None]
 """Called with the number of input bytes consumed so far."""
 Source = tuple[DocumentStats, Iterator[bytes]] | tuple[DocumentStats, Iterator[bytes], str]
 """One document: its stats (filled while read), its bytes, and its name."""
+
+
+class StagingStopped(Exception):
+    """The caller stopped the staging (`stop`): nothing of it is kept."""
 
 
 class StagedContext:
@@ -124,6 +128,7 @@ def stage_files(
     tick: Callable[[], None] | None = None,
     copy_to: Path | None = None,
     hold: bool = False,
+    stop: threading.Event | None = None,
 ) -> StagedContext:
     """`paths` (one file: a `str` context; several, or a directory: a
     `list[str]`), or `files` of the given `kind`, staged (see `stage`)."""
@@ -141,7 +146,7 @@ def stage_files(
     sources = file_sources(files, skip=on_unreadable == "skip", skipped=skipped, tick=tick)
     copy = DocumentCopy(copy_to) if copy_to is not None else None
     return stage(open_store, chunk_bytes, kind, sources, remember=remember, progress=progress,
-                 label=label or "context", skipped=skipped, copy=copy, hold=hold)  # fmt: skip
+                 label=label or "context", skipped=skipped, copy=copy, hold=hold, stop=stop)  # fmt: skip
 
 
 def stage(
@@ -156,16 +161,18 @@ def stage(
     skipped: list[SkippedDocument] | None = None,
     copy: DocumentCopy | None = None,
     hold: bool = False,
+    stop: threading.Event | None = None,
 ) -> StagedContext:
     """Read, hash and upload every document; return once the reference is
     known and the copy (if any) is in place, the last uploads still to wait
     for (`wait()`, or `release()` to finish them in the background). `hold`:
     send nothing (nor call `open_store`) until then, unless more than
     QUEUED_CHUNKS are read. `remember(sha256, manifest)` is called once the
-    manifest is stored."""
+    manifest is stored. `stop` set (the client was interrupted): the reading
+    ends at the next block with StagingStopped, the copy discarded."""
     uploader = _Uploader(open_store, hold)
     try:
-        manifest = _read(uploader, chunk_bytes, kind, sources, progress, label, skipped, copy)
+        manifest = _read(uploader, chunk_bytes, kind, sources, progress, label, skipped, copy, stop)
     except BaseException:
         uploader.abandon()
         if copy is not None:
@@ -260,6 +267,7 @@ def _read(
     label: str,
     skipped: list[SkippedDocument] | None,
     copy: DocumentCopy | None,
+    stop: threading.Event | None,
 ) -> Manifest:
     documents: list[ManifestDocument] = []
     chunks: list[ManifestChunk] = []
@@ -283,6 +291,8 @@ def _read(
         if copy is not None:
             copy.start_document()
         for block in blocks:
+            if stop is not None and stop.is_set():
+                raise StagingStopped(f"reading {label} was stopped after {stream_bytes:,} bytes")
             if copy is not None:
                 copy.write(block)
             stream_bytes += len(block)

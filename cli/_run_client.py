@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,11 +110,14 @@ class RunClient:
             raise RunError(str(exc)) from None
         return request
 
-    def stage_request(self, opts: RunOptions, *, start_first: bool = False) -> tuple[RunRequest, StagedContext]:
+    def stage_request(
+        self, opts: RunOptions, *, start_first: bool = False, stop: threading.Event | None = None
+    ) -> tuple[RunRequest, StagedContext]:
         """The run's request as soon as its context's reference is known;
         the upload may still run (activities/_context_upload.py). With
         `start_first`, and a copy for the embedded worker, nothing is sent
-        before `release()`: the caller starts the run first."""
+        before `release()`: the caller starts the run first. `stop` set
+        (Ctrl-C): the reading ends at its next block."""
         opts, caps = checked_options(opts, self.progress)
         local = opts.model == LOCAL_MODEL_NAME
         from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
@@ -135,7 +139,7 @@ class RunClient:
                 upload = stage_files(
                     (lambda: _open_store(self.settings)) if opening is None else opening.result,
                     DEFAULT_CHUNK_BYTES, opts.context_paths, on_unreadable=opts.on_unreadable,  # type: ignore[arg-type]
-                    copy_to=copy_to, hold=hold,
+                    copy_to=copy_to, hold=hold, stop=stop,
                 )  # fmt: skip
                 if opening is not None:
                     opening.result()
@@ -233,7 +237,14 @@ class RunClient:
         is quickest overlapping the upload with the reading); either way
         return once the context is stored. A run started on a copy whose
         upload then fails is cancelled: no other worker could load it."""
-        request, upload = await asyncio.to_thread(functools.partial(self.stage_request, opts, start_first=start_first))
+        stop = threading.Event()
+        try:
+            request, upload = await asyncio.to_thread(
+                functools.partial(self.stage_request, opts, start_first=start_first, stop=stop)
+            )
+        except asyncio.CancelledError:
+            stop.set()  # Ctrl-C while a large context is read: stop reading (the command waits for that thread)
+            raise
         if not (start_first and upload.local):
             await _stored(upload)
         try:

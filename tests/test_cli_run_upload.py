@@ -196,3 +196,46 @@ def test_a_client_interrupted_after_the_start_still_stores_the_context(
 
     assert asyncio.run(go())
     assert ContextStore(object_store).read_all(ref) == path.read_text()
+
+
+def test_ctrl_c_while_the_context_is_read_stops_the_reading(settings, configured, object_store: ObjectStore, tmp_path):
+    """Ctrl-C before the run starts: nothing is started, and the reading of
+    the context stops at its next block (a large context read and uploaded
+    in full first kept the command from ending)."""
+    s = isolated(settings)
+    path = tmp_path / "large.txt"
+    path.write_text("".join(f"{uuid.uuid4().hex} line {i}\n" for i in range(600_000)))  # ~30 MB, 30 read blocks
+    ref = stage_files(lambda: object_store, DEFAULT_CHUNK_BYTES, [path], hold=True).ref  # never released: not stored
+    opts = _options(path)
+    cancelled = threading.Event()
+
+    class _Interrupting:
+        """Ctrl-C as the upload begins: the command's task is cancelled (and
+        has ended) before the first block is read."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:
+            self._loop, self._task = loop, task
+
+        def note(self, message: str) -> None:
+            if message.startswith("uploading context"):
+                self._loop.call_soon_threadsafe(self._cancel)
+                assert cancelled.wait(30)
+
+        def _cancel(self) -> None:
+            self._task.add_done_callback(lambda _: cancelled.set())
+            self._task.cancel()
+
+    async def go():
+        async with running_worker(s, fake_registry(configured)) as client:
+            runs = RunClient(s, client, progress=None)
+            task = asyncio.ensure_future(runs.run(opts))
+            runs.progress = _Interrupting(asyncio.get_running_loop(), task)  # type: ignore[assignment]
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.get_running_loop().shutdown_default_executor()  # the reading thread ended
+            with pytest.raises(RPCError, match="not found"):
+                await client.get_workflow_handle(opts.workflow_id).describe()
+
+    asyncio.run(go())
+    assert not object_store.exists(ref.manifest_key)
+    assert not (s.context_cache_dir / ref.sha256).exists()  # read only in part: no copy

@@ -15,7 +15,7 @@ import pytest
 
 from activities._context_cache import ContextFileCache, adopt_local_manifest
 from activities._context_copy import MANIFEST_FILE
-from activities._context_upload import QUEUED_CHUNKS, stage_files
+from activities._context_upload import QUEUED_CHUNKS, StagingStopped, stage_files
 from activities.context_store import ContextMissingError, ContextStore
 from activities.object_store import ObjectMissingError, ObjectStore, S3UnreachableError
 
@@ -210,3 +210,21 @@ def test_an_upload_waited_for_again_from_another_thread_returns(object_store: Ob
     again.join(30)
     assert not again.is_alive()
     assert ContextStore(object_store).read_all(staged.ref) == text
+
+
+def test_a_stopped_staging_ends_at_its_next_block_and_keeps_nothing(object_store: ObjectStore, tmp_path: Path) -> None:
+    """Ctrl-C while `rlm run` reads a large context sets `stop`: the reading
+    ends at the next block instead of reading (and uploading) the rest."""
+    path, _ = _text(tmp_path, 3 * 1024 * 1024)  # several read blocks
+    cache = tmp_path / "cache"
+    stop = threading.Event()
+    read: list[int] = []
+
+    def progress(consumed: int) -> None:
+        read.append(consumed)
+        stop.set()  # as the CLI does when its task is cancelled
+
+    with pytest.raises(StagingStopped, match="stopped after"):
+        stage_files(lambda: object_store, 1 << 20, [path], copy_to=cache, progress=progress, stop=stop)
+    assert len(read) == 1 and read[0] < path.stat().st_size
+    assert [p.name for p in cache.iterdir()] == []  # no copy, half-written or whole
