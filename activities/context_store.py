@@ -29,7 +29,6 @@ from activities._context_upload import (
     OnUnreadable,
     Progress,
     Source,
-    StagedContext,
     stage,
     stage_files,
 )
@@ -48,7 +47,6 @@ __all__ = [
     "ContextMissingError",
     "ContextStore",
     "DEFAULT_CHUNK_BYTES",
-    "StagedContext",
     "UPLOAD_GRACE_S",
 ]
 
@@ -67,7 +65,6 @@ UPLOAD_GRACE_S = 15.0
 # documents + chunks, since one manifest may list millions of documents.
 MANIFEST_CACHE_ENTRIES = 256
 MANIFEST_CACHE_ITEMS = 1_000_000
-
 
 
 class ContextIntegrityError(IntegrityError):

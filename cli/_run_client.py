@@ -119,7 +119,7 @@ class RunClient:
         before `release()`: the caller starts the run first. `stop` set
         (Ctrl-C): the reading ends at its next block."""
         opts, caps = checked_options(opts, self.progress)
-        local = opts.model == LOCAL_MODEL_NAME
+        local_model = opts.model == LOCAL_MODEL_NAME
         from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
 
         if self.progress:
@@ -146,12 +146,12 @@ class RunClient:
             except Exception as exc:
                 raise RunError(str(exc)) from None
         try:
-            return self._request(opts, upload.ref, caps, local), upload
+            return self._request(opts, upload.ref, caps, local_model), upload
         except ValidationError as exc:  # what checked_options does not foresee
             raise RunError(f"invalid run request: {validation_errors(exc)}") from None
 
     @staticmethod
-    def _request(opts: RunOptions, ref: ContextRef, caps: Caps, local: bool) -> RunRequest:
+    def _request(opts: RunOptions, ref: ContextRef, caps: Caps, local_model: bool) -> RunRequest:
         return RunRequest(
             question=opts.question,
             context=ref,
@@ -161,7 +161,7 @@ class RunClient:
             limits=RunLimits(
                 cell_timeout_s=opts.cell_timeout_s,
                 cell_memory_mb=opts.cell_memory_mb,
-                model_call_timeout_s=900.0 if local else 300.0,
+                model_call_timeout_s=900.0 if local_model else 300.0,
             ),
             answer_schema=opts.answer_schema,
             on_unreadable=opts.on_unreadable,
