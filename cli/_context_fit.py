@@ -6,11 +6,11 @@ uploading gigabytes for nothing."""
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from activities._context_input import ContextInputError, named_files, open_regular_file, paths_bytes
+from activities._context_input import ContextInputError, DocumentStats, file_blocks, named_files, paths_bytes
 from workflows.request import context_fit_problem
 
 __all__ = ["CELL_MEMORY_FLAG", "unloadable_context"]
@@ -39,16 +39,14 @@ def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
 
 
 def _reads_as_utf8(path: Path, identity: Any) -> bool:
-    """Whether the upload would store the file as text, judged by its start:
-    a binary file (a NUL byte), a UTF-16 one or one that is not UTF-8 is
-    refused by the upload (or left out with --skip-unreadable), so it must
-    not count toward the cap (nor be blamed on --cell-memory)."""
-    with open_regular_file(path, identity) as handle:
-        head = handle.read(1 << 16)
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head:
-        return False
-    try:
-        codecs.getincrementaldecoder("utf-8")("strict").decode(head)  # not final: a cut character is fine
-    except UnicodeDecodeError:
-        return False
+    """Whether the upload would store the file as text, judged by its first
+    block with the upload's own rules (`file_blocks`): a binary file (a NUL
+    byte), a UTF-16 one or one that is not UTF-8 is refused by the upload (or
+    left out with --skip-unreadable), so it must not count toward the cap
+    (nor be blamed on --cell-memory)."""
+    with contextlib.closing(file_blocks(path, DocumentStats(), identity)) as blocks:
+        try:
+            next(blocks, None)
+        except ContextInputError:
+            return False
     return True
