@@ -98,8 +98,7 @@ def private_settings(data_dir: Path, **overrides: object) -> Settings:
     taken: set[int] = set()
 
     def fresh() -> int:
-        while (port := find_free_port()) in taken:
-            pass
+        port = find_free_port(avoid=taken)
         taken.add(port)
         return port
 

@@ -149,6 +149,17 @@ def test_stale_pid_files_are_replaced(private: Settings) -> None:
     assert status.s3.pid != os.getpid() and status.temporal.pid != dead.pid
 
 
+def test_private_ports_are_outside_the_ephemeral_range(tmp_path: Path) -> None:
+    # An ephemeral port can become the local end of any outgoing connection
+    # between the pick and the bind (CI lost a session to that once).
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(20):
+        ports = _all_ports(isolated_settings(tmp_path))
+        assert len(set(ports)) == len(ports)
+        assert not [p for p in ports if low <= p <= high]
+        assert all(port_is_free("127.0.0.1", p) for p in ports)
+
+
 def test_up_refuses_remote_addresses(tmp_path: Path) -> None:
     settings = isolated_settings(tmp_path, temporal_address="10.1.2.3:7233")
     with pytest.raises(services.LauncherError, match="127.0.0.1 only"):
