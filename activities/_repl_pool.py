@@ -101,11 +101,15 @@ class ReplPool:
         with self._lock:
             preparing = self._preparing.get(workflow_id)
         if preparing is not None:
+            # `abandoned` is set under the lock the maker reads it under, so a
+            # session is either checked in before the mark or closed after it.
             try:
                 if not _wait_unless_cancelled(preparing.ready, PREPARE_WAIT_S, cancel):
-                    preparing.abandoned = True  # made too late: this cell makes its own
+                    with self._lock:
+                        preparing.abandoned = True  # made too late: this cell makes its own
             except CheckoutCancelled:
-                preparing.abandoned = True  # no cell of the run will take it
+                with self._lock:
+                    preparing.abandoned = True  # no cell of the run will take it
                 raise
         stale = None
         with self._lock:
