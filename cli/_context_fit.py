@@ -19,12 +19,13 @@ CELL_MEMORY_FLAG = "--cell-memory"
 """The flag of `limits.cell_memory_mb`, named in the CLI's messages."""
 
 
-def unloadable_context(paths: list[Path], cell_memory_mb: int) -> str | None:
+def unloadable_context(paths: list[Path], cell_memory_mb: int, total_bytes: int | None = None) -> str | None:
     """Why no REPL capped at `cell_memory_mb` could load these files, or None:
     their text files alone reach the cap (they are stored as they are; other
     formats are converted and may shrink). Checked before uploading gigabytes
-    that the run would refuse; what cannot be listed is left to the upload."""
-    if paths_bytes(paths) < cell_memory_mb << 20:
+    that the run would refuse; what cannot be listed is left to the upload.
+    `total_bytes`: `paths_bytes(paths)`, when the caller has it."""
+    if (paths_bytes(paths) if total_bytes is None else total_bytes) < cell_memory_mb << 20:
         return None
     from activities.documents import DocumentError, kind_of
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from cli._context_fit import CELL_MEMORY_FLAG, unloadable_context
 from cli._progress import ProgressPrinter
@@ -50,6 +51,9 @@ class RunOptions:
     """`skip`: files that cannot be converted to text are left out (listed in the result)."""
     tools: list[str] = field(default_factory=list)
     workflow_id: str = field(default_factory=lambda: f"rlm-{uuid.uuid4().hex[:12]}")
+    context_bytes: int | None = None
+    """About how many bytes the context files hold, summed once by
+    `checked_options` (the size check and the upload's progress line)."""
 
 
 def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -> tuple[RunOptions, Caps]:
@@ -72,7 +76,8 @@ def checked_options(opts: RunOptions, progress: ProgressPrinter | None = None) -
         )
     if problem := cell_memory_problem(opts.cell_memory_mb, CELL_MEMORY_FLAG):
         raise RunError(problem)
-    if problem := unloadable_context(opts.context_paths, opts.cell_memory_mb):  # before uploading it
+    opts = dataclasses.replace(opts, context_bytes=paths_bytes(opts.context_paths))
+    if problem := unloadable_context(opts.context_paths, opts.cell_memory_mb, opts.context_bytes):  # before uploading it
         raise RunError(problem)
     check_models(root, sub or root, caps)
     return opts, caps

@@ -123,7 +123,7 @@ class RunClient:
         from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
 
         if self.progress:
-            self.progress.note(f"uploading context ({paths_bytes(opts.context_paths) / 1e6:.1f} MB)")
+            self.progress.note(f"uploading context ({_context_bytes(opts) / 1e6:.1f} MB)")
         # The embedded worker shares this machine and data dir: it finds the
         # context in its cache instead of downloading what we upload.
         copy_to = self.settings.context_cache_dir if embedded(self.settings) else None
@@ -334,6 +334,10 @@ class RunClient:
             await asyncio.to_thread(self.http.signal, workflow_id, SIGNAL_CANCEL, reason)
             return
         await self.client.get_workflow_handle(workflow_id).signal(SIGNAL_CANCEL, reason)
+
+
+def _context_bytes(opts: RunOptions) -> int:
+    return paths_bytes(opts.context_paths) if opts.context_bytes is None else opts.context_bytes
 
 
 def _open_store(settings: Settings) -> ObjectStore:

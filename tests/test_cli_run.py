@@ -161,6 +161,27 @@ def test_files_the_upload_would_not_store_as_text_do_not_count_against_the_repl_
     assert unloadable_context([text], 16).startswith("the context (22.0 MB) does not fit")
 
 
+def test_the_context_folder_is_sized_once_before_its_upload(tmp_path, monkeypatch):
+    """The size check and the progress line share one sum (a folder of 20,000
+    files took ~0.25 s per walk); links, folders and missing paths count 0."""
+    from activities import _context_input
+    from cli import _run_checks
+    from cli._run_client import _context_bytes
+
+    folder = tmp_path / "case"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("x" * 10)
+    (folder / "sub" / "b.txt").write_text("y" * 5)
+    (folder / "link").symlink_to(folder / "sub")
+    walks = []
+    monkeypatch.setattr(_run_checks, "paths_bytes", lambda paths: walks.append(paths) or _context_input.paths_bytes(paths))
+    monkeypatch.setattr(_run_checks, "check_models", lambda *a, **k: None)
+    opts = _run_checks.RunOptions("q?", [folder, tmp_path / "missing"], model="fake-root", sub_model="fake-sub")
+    checked, _ = _run_checks.checked_options(opts)
+    assert checked.context_bytes == 15 and len(walks) == 1
+    assert _context_bytes(checked) == 15 and len(walks) == 1
+
+
 def test_submit_then_result(s, llm, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("abc")
