@@ -55,7 +55,8 @@ def test_result_and_cancel_by_id(s, llm, tmp_path, transport):
         held_id = f"by-id-held-{transport}"
         assert _rlm(s, llm.url, "submit", "HOLD", "--context", str(doc), "--model", ROOT, "--id", held_id).returncode == 0
         if transport == "http":  # the progress line's query, as the HTTP API answers it
-            assert _progress(s, held_id)["turn"] == 1
+            # Held in its first turn; the query may answer before that turn begins.
+            assert _progress(s, held_id, until=lambda state: state.get("turn") == 1)["turn"] == 1
         cancel = _rlm(reader, llm.url, "cancel", held_id, "--reason", "enough")
         assert cancel.returncode == 0 and f"cancel requested for {held_id}" in cancel.stdout, cancel.stderr[-2000:]
         held.set()
@@ -65,13 +66,13 @@ def test_result_and_cancel_by_id(s, llm, tmp_path, transport):
         held.set()
 
 
-def _progress(settings, workflow_id: str, timeout_s: float = 60) -> dict:
-    """The run's progress query once its worker answers it."""
+def _progress(settings, workflow_id: str, timeout_s: float = 60, until=lambda state: True) -> dict:
+    """The run's progress query once its worker answers it (and `until` holds)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             state = TemporalHttp(settings).query(workflow_id, QUERY_PROGRESS)
-            if isinstance(state, dict):
+            if isinstance(state, dict) and until(state):
                 return state
         except Exception:
             if time.monotonic() > deadline:
