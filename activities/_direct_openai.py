@@ -1,15 +1,19 @@
-"""A lean HTTP client for OpenAI-compatible servers, plugged into litellm.
+"""A lean HTTP client for OpenAI-compatible servers, with litellm's types.
 
-A model configured with `"client": "direct"` is still called through
-`litellm.acompletion` (its parameter handling, callbacks, pricing and error
-mapping all apply), but litellm hands the request to this handler (its
-`custom_provider_map`) instead of the OpenAI SDK: one POST to
-`{api_base}/chat/completions` on one aiohttp session, the JSON reply read
-into litellm's ModelResponse, priced (`_stamp_price`). The SDK's request
-building, httpx, response models and litellm's second pricing cost ~1.4 of
-litellm's ~3.1 ms of CPU per call on the worker's one model loop (2,000 calls
-at 32 in flight through `activities.llm.complete`: 3.0-3.2 ms against
-1.6-1.7 ms), and that loop is what bounds fan-out.
+A model configured with `"client": "direct"` is sent by this module: one POST
+to `{api_base}/chat/completions` on one aiohttp session, the JSON reply read
+into litellm's ModelResponse and priced by litellm's rule (`_stamp_price`),
+a failure mapped by litellm's own `exception_type`, so the caller sees what
+`litellm.acompletion` would have returned or raised (`complete_direct`).
+
+It skips `litellm.acompletion` itself: its per-call machinery (parameter
+mapping for every provider, logging objects, model-info lookups, response
+metadata) doubled the CPU of a call on the worker's one model loop (1,000
+calls of 200K characters at 32 in flight: 1.0-1.2 ms a call against
+1.8-2.0 ms), and the calls of a wave wait for each other's share
+(bench/README.md, twenty-fourth pass). With a litellm callback registered (an
+operator's own logging) calls go through `acompletion`, to this module's
+handler in litellm's `custom_provider_map`, so that they are logged.
 
 Scope: plain (non-streaming) chat completions with text messages, which is
 all the engine sends. Failures are raised so that litellm maps them like its
@@ -33,7 +37,7 @@ from activities._litellm_setup import litellm
 from activities._model_registry import DIRECT_PROVIDER, direct_model
 from workflows.budget import MAX_BELIEVABLE_TOKENS
 
-__all__ = ["register"]
+__all__ = ["complete_direct", "register"]
 
 # Request fields litellm passes through to us (after its own parameter mapping).
 _SENT_PARAMS = ("max_tokens", "stop", "temperature")
@@ -57,64 +61,93 @@ def _handler_class(module: Any) -> type:
     CustomLLM = module.CustomLLM  # noqa: N806 - a class from litellm
 
     class DirectChat(CustomLLM):
-        """litellm's custom handler for the `rlm_direct/` models."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
-            self._lock = threading.Lock()
-
-        def _session(self) -> aiohttp.ClientSession:
-            loop = asyncio.get_running_loop()
-            with self._lock:
-                session = self._sessions.get(loop)
-                if session is None or session.closed:
-                    # No connection cap of aiohttp's own: the run's concurrency cap rules.
-                    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-                    self._sessions[loop] = session
-                    atexit.register(_close_soon, loop, session)
-            return session
+        """litellm's custom handler for the `rlm_direct/` models (calls that
+        go through `acompletion`: see the module docstring)."""
 
         async def acompletion(  # noqa: PLR0913 - litellm's handler signature
             self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose, encoding, api_key,
             logging_obj, optional_params, acompletion=None, litellm_params=None, logger_fn=None, headers=None,
             timeout=None, client=None,
         ):  # fmt: skip
-            body = {"model": model, "messages": messages}
-            body.update({k: optional_params[k] for k in _SENT_PARAMS if optional_params.get(k) is not None})
-            request_headers = {"Content-Type": "application/json", **(headers or {})}
-            if api_key:
-                request_headers["Authorization"] = f"Bearer {api_key}"
-            seconds = timeout if isinstance(timeout, (int, float)) else None
-            url = (api_base or "").rstrip("/") + "/chat/completions"
-            try:
-                # No redirects: the key must not follow one to another host.
-                async with self._session().post(
-                    url, data=_request_body(body), headers=request_headers, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=seconds),
-                ) as reply:  # fmt: skip
-                    if 300 <= reply.status < 400:
-                        raise litellm.BadRequestError(
-                            message=f"the server answered HTTP {reply.status}, a redirect to "
-                            f"{reply.headers.get('Location', '?')!r}; set api_base to the final URL "
-                            "(redirects are not followed: the API key would go with them)",
-                            model=model, llm_provider=DIRECT_PROVIDER,
-                        )  # fmt: skip
-                    raw = await _bounded_body(reply)
-                    if reply.status >= 400:
-                        text = (raw or b"")[:_ERROR_BODY_CHARS].decode("utf-8", errors="replace")
-                        raise DirectHTTPError(reply.status, _error_message(text), dict(reply.headers))
-            except asyncio.TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
-                raise litellm.Timeout(
-                    message=f"no reply within {seconds} s", model=model, llm_provider=DIRECT_PROVIDER
-                ) from exc
-            except aiohttp.ClientError as exc:
-                raise litellm.APIConnectionError(
-                    message=f"Connection error: {exc}", llm_provider=DIRECT_PROVIDER, model=model
-                ) from exc
-            return _fill(model_response, raw, model)
+            params = {k: optional_params[k] for k in _SENT_PARAMS if optional_params.get(k) is not None}
+            return await _post(model_response, model, messages, api_base, api_key, params, timeout, headers)
 
     return DirectChat
+
+
+async def complete_direct(
+    model: str, messages: list[dict], *, timeout: float, api_base: str | None = None, api_key: str | None = None,
+    **params: Any,
+) -> Any:
+    """What `litellm.acompletion(routed_model, ...)` returns for a
+    `rlm_direct/` model, without its per-call machinery: a ModelResponse, or
+    the exception litellm would raise (mapped by litellm's `exception_type`)."""
+    from litellm.litellm_core_utils.exception_mapping_utils import exception_type
+    from litellm.types.utils import ModelResponse
+
+    model = model.removeprefix(f"{DIRECT_PROVIDER}/")
+    sent = {k: v for k, v in params.items() if k in _SENT_PARAMS and v is not None}
+    try:
+        return await _post(ModelResponse(), model, messages, api_base, api_key, sent, timeout, None)
+    except Exception as exc:
+        # As `acompletion` raises it: the mapped error has `exc` as its context
+        # (or is `exc`), so whether a connection was ever made stays known.
+        raise exception_type(model=model, original_exception=exc, custom_llm_provider=DIRECT_PROVIDER)  # noqa: B904
+
+
+_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    with _sessions_lock:
+        session = _sessions.get(loop)
+        if session is None or session.closed:
+            # No connection cap of aiohttp's own: the run's concurrency cap rules.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            _sessions[loop] = session
+            atexit.register(_close_soon, loop, session)
+    return session
+
+
+async def _post(  # noqa: PLR0913 - one request's parts
+    model_response: Any, model: str, messages: list[dict], api_base: str | None, api_key: str | None,
+    params: dict[str, Any], timeout: Any, headers: dict[str, str] | None,
+) -> Any:
+    """One chat completion POST, its reply read into `model_response`."""
+    body = {"model": model, "messages": messages, **params}
+    request_headers = {"Content-Type": "application/json", **(headers or {})}
+    if api_key:
+        request_headers["Authorization"] = f"Bearer {api_key}"
+    seconds = timeout if isinstance(timeout, (int, float)) else None
+    url = (api_base or "").rstrip("/") + "/chat/completions"
+    try:
+        # No redirects: the key must not follow one to another host.
+        async with _session().post(
+            url, data=_request_body(body), headers=request_headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=seconds),
+        ) as reply:  # fmt: skip
+            if 300 <= reply.status < 400:
+                raise litellm.BadRequestError(
+                    message=f"the server answered HTTP {reply.status}, a redirect to "
+                    f"{reply.headers.get('Location', '?')!r}; set api_base to the final URL "
+                    "(redirects are not followed: the API key would go with them)",
+                    model=model, llm_provider=DIRECT_PROVIDER,
+                )  # fmt: skip
+            raw = await _bounded_body(reply)
+            if reply.status >= 400:
+                text = (raw or b"")[:_ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+                raise DirectHTTPError(reply.status, _error_message(text), dict(reply.headers))
+    except asyncio.TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+        raise litellm.Timeout(
+            message=f"no reply within {seconds} s", model=model, llm_provider=DIRECT_PROVIDER
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise litellm.APIConnectionError(
+            message=f"Connection error: {exc}", llm_provider=DIRECT_PROVIDER, model=model
+        ) from exc
+    return _fill(model_response, raw, model)
 
 
 def _request_body(body: dict[str, Any]) -> bytes:

@@ -62,6 +62,13 @@ _CALLBACK_LISTS = (
 )
 
 
+def callbacks_registered() -> bool:
+    """Whether anyone registered a litellm logging callback (an operator's own
+    logging); the worker registers none."""
+    module = _loaded()
+    return any(getattr(module, name, None) for name in _CALLBACK_LISTS)
+
+
 @functools.cache
 def _internal_call_flag() -> ContextVar[bool] | None:
     """litellm's "internal sub-call" flag (`litellm._internal_context`), or
@@ -90,8 +97,7 @@ def unlogged_call() -> Iterator[None]:
     callback registered (an operator's own logging), calls are logged as before.
     """
     flag = _internal_call_flag()
-    module = _loaded()
-    if flag is None or any(getattr(module, name, None) for name in _CALLBACK_LISTS):
+    if flag is None or callbacks_registered():
         yield
         return
     token = flag.set(True)
@@ -133,4 +139,4 @@ class _LazyModule:
 litellm = _LazyModule()
 litellm_exceptions = _LazyModule("exceptions")
 
-__all__ = ["litellm", "litellm_exceptions", "preload", "unlogged_call"]
+__all__ = ["callbacks_registered", "litellm", "litellm_exceptions", "preload", "unlogged_call"]

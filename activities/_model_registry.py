@@ -103,11 +103,12 @@ class ModelSpec(BaseModel):
     temperature: float | None = None
     """Sampling temperature sent with every call; None = the provider's default."""
     client: Literal["litellm", "direct"] = "litellm"
-    """How litellm sends the request: "litellm", its own provider client (the
-    OpenAI SDK for `openai/` models); "direct", one aiohttp POST to `api_base`
-    (activities/_direct_openai.py: ~1.4 ms less CPU per call on the worker's
-    model loop), for OpenAI-compatible servers: needs `api_base` and an
-    `openai/` model."""
+    """How the request is sent: "litellm", `litellm.acompletion` with its own
+    provider client (the OpenAI SDK for `openai/` models); "direct", one
+    aiohttp POST to `api_base` with litellm's reply types, prices and error
+    mapping (activities/_direct_openai.py: ~1.1 ms of CPU per call on the
+    worker's model loop against ~4.1 ms), for OpenAI-compatible servers:
+    needs `api_base` and an `openai/` model."""
 
     @model_validator(mode="before")
     @classmethod

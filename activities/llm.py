@@ -28,7 +28,8 @@ import time
 import structlog
 from pydantic import BaseModel
 
-from activities._litellm_setup import litellm, unlogged_call
+from activities._direct_openai import complete_direct
+from activities._litellm_setup import callbacks_registered, litellm, unlogged_call
 from activities._model_loop import inline_setup, on_model_loop
 from activities._llm_errors import (
     LLMError,
@@ -254,7 +255,10 @@ async def _complete(
     try:
         with unlogged_call(), setup:
             async with asyncio.timeout(timeout_s + _HARD_TIMEOUT_MARGIN_S):
-                response = await litellm.acompletion(**kwargs)
+                if spec.client == "direct" and not callbacks_registered():
+                    response = await complete_direct(**kwargs)
+                else:
+                    response = await litellm.acompletion(**kwargs)
     except Exception as exc:
         error = classify(exc, model=spec.name, secrets=(key or "",))
         if error.error_type == "ModelConnectionError" and (down := embedded_server_down(spec.api_base)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import asyncio
 import json
 import re
@@ -521,6 +523,25 @@ def test_a_huge_provider_message_is_classified_in_linear_time() -> None:
     # quadratically (minutes of CPU per failed call); now it is cut first.
     error = to_application_error(RuntimeError("E" * 1_000_000 + "Error: boom"))
     assert error.type == "ModelCallFailed" and len(error.message) <= 700
+
+
+def test_the_direct_client_sends_without_acompletion_while_no_callback_listens(llm: FakeLLM, monkeypatch) -> None:
+    """litellm's per-call machinery (~2.5 ms of CPU a call on the one model
+    loop) is skipped for `"client": "direct"`; the reply and a mapped failure
+    are litellm's types all the same (the parametrized tests above)."""
+    from activities import llm as llm_module
+
+    def refuse(**kwargs):
+        raise AssertionError("acompletion called for a direct model")
+
+    monkeypatch.setattr(llm_module, "litellm", SimpleNamespace(acompletion=refuse, model_cost=litellm.model_cost,
+                                                               completion_cost=litellm.completion_cost))
+    llm.add_rule("lean", "sent lean")
+    spec = fake_registry(llm, client="direct").resolve("fake-root")
+    reply = ask(spec, "lean please")
+    assert reply.text == "sent lean" and reply.prompt_tokens > 0
+    with pytest.raises(Exception, match="acompletion called"):  # the litellm client does call it
+        ask(fake_registry(llm, client="litellm").resolve("fake-root"), "lean please")
 
 
 def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, root: ModelSpec) -> None:
