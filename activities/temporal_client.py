@@ -37,8 +37,9 @@ async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: fl
     workflow task accepts them (`history.maxInFlightUpdatePayloads`, 2 MiB
     here: more in one task passed gRPC's 4 MB and got the workflow
     terminated), and the client's own retries give up after ~10 s, e.g.
-    behind a slow task. Sent again under the same update id, an update is
-    never run twice. Ends when its caller cancels it (a cell's
+    behind a slow task. A refusal does not prove the update was not taken
+    (see `refused_for_now`): it is sent again under the same update id, so
+    that it is never run twice. Ends when its caller cancels it (a cell's
     `_result` does when the cell ends) or `give_up_after_s` has passed
     (the last refusal is raised then)."""
     delay = ADMIT_RETRY_FIRST_S
@@ -55,9 +56,13 @@ async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: fl
 
 
 def refused_for_now(exc: RPCError) -> bool:
-    """An update the run did not take, which it may take if sent again:
-    RESOURCE_EXHAUSTED (past its in-flight update payload limit), or aborted
-    while still waiting to be accepted when the run continued as new (a
-    session between questions; its handler never ran, and the next run of
-    the chain takes it)."""
+    """An update the run has not taken as far as this reply knows, which it
+    may take if sent again: RESOURCE_EXHAUSTED (past its in-flight update
+    payload limit; or the run continuing as new), or UNAVAILABLE "workflow
+    update was aborted" (the server dropped the run's pending updates, as it
+    does whenever a request on the run fails, e.g. another update's
+    RESOURCE_EXHAUSTED). Either may be the last reply to an update already
+    handed to the worker in a workflow task: the task's acceptance revives
+    it, and it runs (a burst of session asks: tests/test_session_hostile.py).
+    So send it again under the same update id only, never under a new one."""
     return exc.status == RPCStatusCode.RESOURCE_EXHAUSTED or "update was aborted" in exc.message

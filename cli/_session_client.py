@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settings import Settings
-from activities.temporal_client import until_admitted
+from activities.temporal_client import refused_for_now, until_admitted
 from cli._progress import ProgressPrinter
 from cli._run_checks import RunOptions
 from cli._run_client import RunClient, RunError
@@ -165,7 +165,17 @@ class SessionClient:
                 raise RunError(f"session {session_id} ended before answering: {why}") from None
             raise RunError(f"session {session_id}: {_cause(exc)}") from None
         except RPCError as exc:
-            raise RunError(f"session {session_id} is not open: {await _why_ended(handle) or exc}") from None
+            why = await _why_ended(handle)
+            if why is None and refused_for_now(exc):
+                # Refused to the end of our wait, yet perhaps taken: the server may
+                # refuse an ask it had handed the session already, which answers it
+                # (refused_for_now). Asked again under a new key, it could run twice.
+                raise RunError(
+                    f"session {session_id} refused the ask for now for {ASK_ADMIT_WAIT_S:.0f} s ({exc.message}); "
+                    f"it may have taken it even so: the same ask with its key (`--ask-id {ask_id}`) "
+                    "waits for that answer instead of asking again"
+                ) from None
+            raise RunError(f"session {session_id} is not open: {why or exc}") from None
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             raise _cancelled_or(
                 f"session {session_id}: no answer from Temporal in time; the same ask with its key "

@@ -43,8 +43,11 @@ async def start_session(client: Client, settings: Settings, req: SessionRequest,
     )
 
 
-async def ask(handle: WorkflowHandle, question: str, **caps: Any) -> RunResult:
-    return await handle.execute_update(UPDATE_ASK, AskRequest(question=question, caps=caps), result_type=RunResult)
+async def ask(handle: WorkflowHandle, question: str, *, ask_id: str | None = None, **caps: Any) -> RunResult:
+    """The answer to `question`; `ask_id` is the update id (a new one by default)."""
+    return await handle.execute_update(
+        UPDATE_ASK, AskRequest(question=question, caps=caps), id=ask_id, result_type=RunResult
+    )
 
 
 async def close(handle: WorkflowHandle) -> SessionSummary:

@@ -77,9 +77,9 @@ def test_an_update_refused_for_now_is_sent_again_until_admitted(monkeypatch):
     async def aborted_once():
         if aborted:
             raise aborted.pop()
-        return "taken by the next run"
+        return "taken when sent again"
 
-    assert asyncio.run(temporal_client.until_admitted(aborted_once)) == "taken by the next run"
+    assert asyncio.run(temporal_client.until_admitted(aborted_once)) == "taken when sent again"
     with pytest.raises(RPCError, match="in-flight"):  # a caller's bound
         asyncio.run(temporal_client.until_admitted(send, give_up_after_s=0.0))
     assert len(sent) == 1

@@ -175,6 +175,43 @@ def test_ctrl_c_during_an_ask_says_how_to_wait_for_its_answer_without_asking_aga
 
 
 
+def test_an_ask_refused_for_now_to_the_end_gives_its_key_as_it_may_have_been_taken(monkeypatch):
+    """The server can refuse an ask for now that it had already handed the
+    session, which answers it (the burst in tests/test_session_hostile.py).
+    When `rlm session ask` stops sending it, the error says so and gives its
+    key, under which the same command waits for that answer. It said "session
+    ... is not open", and the question asked again (under a new key, as
+    `rlm chat` does) could be run and paid twice."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from cli import _session_client
+    from cli._run_client import RunClient, RunError
+
+    class Session:
+        id = "sess-1"
+
+        async def execute_update(self, *args, **kwargs):
+            raise RPCError("limit on total payload size of in-flight updates has been reached", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+
+        async def describe(self):
+            return SimpleNamespace(status=WorkflowExecutionStatus.RUNNING)
+
+    async def session(session_id):
+        return Session()
+
+    monkeypatch.setattr(_session_client, "ASK_ADMIT_WAIT_S", 0.0)  # the first refusal is the last
+    sessions = _session_client.SessionClient(RunClient(SimpleNamespace(), None, progress=None))
+    monkeypatch.setattr(sessions, "_session", session)
+    with pytest.raises(RunError) as refused:
+        asyncio.run(sessions.ask("sess-1", "first?", ask_id="audit-q7"))
+    assert "may have taken it even so" in str(refused.value) and "`--ask-id audit-q7`" in str(refused.value), refused.value
+    assert "not open" not in str(refused.value)
+
+
 def test_ctrl_c_at_the_chat_prompt_leaves_at_once_and_the_session_open(s, llm, tmp_path):
     """Ctrl-C while `rlm chat` waits for the next question ends the command
     at once (the line being read must not hold it) and leaves the session open."""
