@@ -87,6 +87,10 @@ async def complete_direct(
 
     model = model.removeprefix(f"{DIRECT_PROVIDER}/")
     sent = {k: v for k, v in params.items() if k in _SENT_PARAMS and v is not None}
+    stop = sent.get("stop")
+    if isinstance(stop, list) and len(stop) > 4 and not litellm.disable_stop_sequence_limit:
+        # As litellm's completion() (`validate_openai_optional_params`): the first 4.
+        sent["stop"] = stop[:4]
     try:
         return await _post(ModelResponse(), model, messages, api_base, api_key, sent, timeout, None)
     except Exception as exc:

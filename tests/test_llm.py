@@ -92,6 +92,17 @@ def test_stop_sequences_and_max_tokens_reach_the_server(llm: FakeLLM, client: st
     assert cut.finish_reason == "length" and len(cut.text) == 11  # 2 tokens of 4 ASCII characters, rounded down
 
 
+def test_more_than_four_stop_sequences_are_cut_to_four_on_both_clients(llm: FakeLLM, client: str) -> None:
+    # litellm's completion() keeps the first 4 (`validate_openai_optional_params`,
+    # unless `litellm.disable_stop_sequence_limit`): OpenAI refuses more with a 400.
+    stops = ["s1", "s2", "s3", "s4", "s5", "s6"]
+    spec = fake_registry(llm, stop=stops, client=client).resolve("fake-sub")
+    llm.add_rule(None, "a s5 b")
+    reply = ask(spec, "go")
+    assert llm.requests()[-1].body["stop"] == stops[:4]
+    assert reply.text == "a s5 b"
+
+
 def test_content_null_is_an_empty_reply(llm: FakeLLM, root: ModelSpec) -> None:
     llm.add_rule(None, None)
     reply = ask(root, "say nothing")
