@@ -153,8 +153,9 @@ _KINDS: dict[str, tuple[str, bool, str]] = {
 _REFUSED_BEFORE_WORK = frozenset(
     {"auth", "not_found", "context", "policy", "quota", "bad_request", "unknown_model", "rate_limit"}
 )
-# Exceptions (by class name, anywhere in the chain) that mean no connection
-# was made, so the request never left: httpx / aiohttp / the OS.
+# Exceptions (by class name, theirs or a base class's, anywhere in the chain)
+# that mean no connection was made, so the request never left: httpx / aiohttp
+# (whose DNS, TLS and proxy failures are subclasses of ClientConnectorError) / the OS.
 _NOT_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "ClientConnectorError", "ConnectionRefusedError"})
 
 
@@ -162,7 +163,7 @@ def _never_connected(exc: BaseException) -> bool:
     seen: set[int] = set()
     inner: BaseException | None = exc
     while inner is not None and id(inner) not in seen:
-        if type(inner).__name__ in _NOT_CONNECTED:
+        if any(cls.__name__ in _NOT_CONNECTED for cls in type(inner).__mro__):
             return True
         seen.add(id(inner))
         inner = inner.__cause__ or inner.__context__ or getattr(inner, "original_exception", None)

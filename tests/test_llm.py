@@ -247,6 +247,25 @@ def test_unreachable_server_is_a_retryable_connection_error(llm: FakeLLM, client
     assert error.details[0]["billable"] is False, "a connection never made costs nothing"
 
 
+def test_a_host_the_direct_client_cannot_resolve_costs_nothing() -> None:
+    # aiohttp says so with subclasses of ClientConnectorError (DNS, TLS, proxy);
+    # the litellm client's httpx says ConnectError for all of them.
+    import aiohttp
+
+    from activities._direct_openai import DIRECT_PROVIDER
+
+    key = SimpleNamespace(host="no-such-host.invalid", port=443, ssl=True)
+    try:
+        try:
+            raise aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+        except aiohttp.ClientError as exc:
+            raise litellm.APIConnectionError(message=f"Connection error: {exc}", llm_provider=DIRECT_PROVIDER,
+                                             model="m") from exc  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        error = to_application_error(exc)
+    assert error.type == "ModelConnectionError" and error.details[0]["billable"] is False
+
+
 def test_a_connection_dropped_after_sending_may_have_cost_its_price(llm: FakeLLM, root: ModelSpec) -> None:
     llm.add_rule(None, "never seen", drop=True)
     error = failure(root, "hello")
