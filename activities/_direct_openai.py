@@ -42,6 +42,8 @@ __all__ = ["complete_direct", "register"]
 # Request fields litellm passes through to us (after its own parameter mapping).
 _SENT_PARAMS = ("max_tokens", "stop", "temperature")
 _ERROR_BODY_CHARS = 100_000
+# OpenAI's limit, which litellm's completion() applies to every request.
+_MAX_STOP_SEQUENCES = 4
 # A chat completion of the largest window is a few MB of JSON; past this a
 # reply is not one (a hostile or broken server), and is not held in memory.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
@@ -88,9 +90,9 @@ async def complete_direct(
     model = model.removeprefix(f"{DIRECT_PROVIDER}/")
     sent = {k: v for k, v in params.items() if k in _SENT_PARAMS and v is not None}
     stop = sent.get("stop")
-    if isinstance(stop, list) and len(stop) > 4 and not litellm.disable_stop_sequence_limit:
+    if isinstance(stop, list) and len(stop) > _MAX_STOP_SEQUENCES and not litellm.disable_stop_sequence_limit:
         # As litellm's completion() (`validate_openai_optional_params`): the first 4.
-        sent["stop"] = stop[:4]
+        sent["stop"] = stop[:_MAX_STOP_SEQUENCES]
     try:
         return await _post(ModelResponse(), model, messages, api_base, api_key, sent, timeout, None)
     except Exception as exc:
