@@ -126,6 +126,44 @@ def test_a_run_cancelled_while_its_cell_waits_for_guest_memory_ends_at_once(sett
     assert a_phase == "cell t1c1", a_phase
 
 
+def test_a_run_cancelled_while_its_cell_repl_is_made_ends_without_waiting_for_it(settings, context_store, llm, monkeypatch):
+    """A cancel stops a cell whose REPL is still being made (a large context
+    loading, a large state restoring), before the cell's code has begun: the
+    SDK raises CancelledError in the activity's thread, which the guest's
+    epoch check lets through. The build here is guest code that never ends:
+    only the cancel stops it, and the run ends without waiting for it."""
+    from activities.run_cell import RunCellActivity
+
+    ctx = context_store.put_value("abc")
+    llm.add_rule("Turn 1 of", repl("print('never runs')"), model=ROOT)
+    original = RunCellActivity._start
+    building, stopped = threading.Event(), threading.Event()
+
+    def endless_build(self, live, inp, attempt):
+        original(self, live, inp, attempt)
+        building.set()
+        try:
+            live.session.run_cell("while True:\n    pass")  # stands in for a build that takes minutes
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(RunCellActivity, "_start", endless_build)
+    s = isolated(settings)
+
+    async def go():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("q", ctx, limits={"cell_timeout_s": 600}))
+            await asyncio.to_thread(building.wait, 60)
+            await handle.signal(SIGNAL_CANCEL, "user stop")
+            result = await asyncio.wait_for(handle.result(), 60)
+            # The build itself is stopped, not left running after the run ended.
+            return result, await asyncio.to_thread(stopped.wait, 30)
+
+    result, build_stopped = asyncio.run(go())
+    assert building.is_set() and build_stopped
+    assert (result.status, result.reason) == ("cancelled", "user stop"), result
+
+
 async def _until_cell_runs(handle) -> None:
     """Wait (on the run's own state, no sleeps as a guess) until its cell runs on a worker."""
     from temporalio.api.enums.v1 import PendingActivityState
