@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import structlog
 from pydantic import ValidationError
 
-from activities._context_input import paths_bytes
 from activities.local_model import LOCAL_MODEL_NAME
 from activities.settings import Settings
 from cli._pickup import sdk_waiting_task, watch_pickup
@@ -123,7 +122,7 @@ class RunClient:
         from activities._context_upload import DEFAULT_CHUNK_BYTES, stage_files
 
         if self.progress:
-            self.progress.note(f"uploading context ({_context_bytes(opts) / 1e6:.1f} MB)")
+            self.progress.note(f"uploading context ({(opts.context_bytes or 0) / 1e6:.1f} MB)")  # summed by checked_options
         # The embedded worker shares this machine and data dir: it finds the
         # context in its cache instead of downloading what we upload.
         copy_to = self.settings.context_cache_dir if embedded(self.settings) else None
@@ -334,10 +333,6 @@ class RunClient:
             await asyncio.to_thread(self.http.signal, workflow_id, SIGNAL_CANCEL, reason)
             return
         await self.client.get_workflow_handle(workflow_id).signal(SIGNAL_CANCEL, reason)
-
-
-def _context_bytes(opts: RunOptions) -> int:
-    return paths_bytes(opts.context_paths) if opts.context_bytes is None else opts.context_bytes
 
 
 def _open_store(settings: Settings) -> ObjectStore:
