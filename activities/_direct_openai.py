@@ -39,11 +39,10 @@ from workflows.budget import MAX_BELIEVABLE_TOKENS
 
 __all__ = ["complete_direct", "register"]
 
-# Request fields litellm passes through to us (after its own parameter mapping).
+# Request fields sent to the server (the ones litellm passes through to the
+# handler after its own parameter mapping).
 _SENT_PARAMS = ("max_tokens", "stop", "temperature")
 _ERROR_BODY_CHARS = 100_000
-# OpenAI's limit, which litellm's completion() applies to every request.
-_MAX_STOP_SEQUENCES = 4
 # A chat completion of the largest window is a few MB of JSON; past this a
 # reply is not one (a hostile or broken server), and is not held in memory.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
@@ -86,13 +85,12 @@ async def complete_direct(
     the exception litellm would raise (mapped by litellm's `exception_type`)."""
     from litellm.litellm_core_utils.exception_mapping_utils import exception_type
     from litellm.types.utils import ModelResponse
+    from litellm.utils import validate_openai_optional_params
 
     model = model.removeprefix(f"{DIRECT_PROVIDER}/")
     sent = {k: v for k, v in params.items() if k in _SENT_PARAMS and v is not None}
-    stop = sent.get("stop")
-    if isinstance(stop, list) and len(stop) > _MAX_STOP_SEQUENCES and not litellm.disable_stop_sequence_limit:
-        # As litellm's completion() (`validate_openai_optional_params`): the first 4.
-        sent["stop"] = stop[:_MAX_STOP_SEQUENCES]
+    if "stop" in sent:  # litellm's completion() keeps OpenAI's first 4 (unless its limit is off)
+        sent["stop"] = validate_openai_optional_params(stop=sent["stop"])
     try:
         return await _post(ModelResponse(), model, messages, api_base, api_key, sent, timeout, None)
     except Exception as exc:
