@@ -23,7 +23,8 @@ from pathlib import Path
 import structlog
 
 from activities._context_copy import MANIFEST_FILE, local_manifest
-from activities.context_store import UPLOAD_GRACE_S, ContextIntegrityError, ContextStore
+from activities.context_store import ContextIntegrityError, ContextStore
+from activities.object_store import UPLOAD_GRACE_S
 from workflows.refs import ContextRef
 
 log = structlog.get_logger(__name__)

@@ -7,7 +7,7 @@ with the embedded worker starts its run at that point, since that worker
 loads the context from the copy written beside the upload (`DocumentCopy`,
 the manifest beside the documents) and needs nothing from the bucket; a
 worker that reads the bucket waits for the manifest (UPLOAD_GRACE_S in
-activities/context_store.py). With `hold`, nothing is sent before the run
+activities/object_store.py). With `hold`, nothing is sent before the run
 has started (`StagedContext.release()`): the PUTs (~0.2 s for 40 MB here,
 their eight threads taking the GIL from the reading) run beside the workflow
 instead of before it, with up to QUEUED_CHUNKS held in memory. The client

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +36,7 @@ from activities.object_store import (
     ObjectMissingError,
     ObjectStore,
     StorageError,
+    wait_for_object,
 )
 from workflows.refs import ContextRef, manifest_key_for
 from workflows.request import validation_errors
@@ -47,20 +47,10 @@ __all__ = [
     "ContextMissingError",
     "ContextStore",
     "DEFAULT_CHUNK_BYTES",
-    "UPLOAD_GRACE_S",
 ]
 
 log = structlog.get_logger(__name__)
 
-# How long a worker waits for a context's manifest, or a chunk, to appear
-# before calling it missing. `rlm run` with the embedded worker starts its run
-# as soon as the context is hashed and copied beside the worker's cache, and
-# uploads it meanwhile (activities/_context_upload.py: ~0.3 s for 40 MB here,
-# at most QUEUED_CHUNKS x 4 MB held back until the start); a worker that does
-# not share that cache (another data dir, another machine behind a forwarded
-# port), or finds the copy evicted, reads the bucket, which may lag that much.
-# A context that is really missing is reported this much later.
-UPLOAD_GRACE_S = 15.0
 # Manifests kept in memory (least recently used dropped): by count, and by
 # documents + chunks, since one manifest may list millions of documents.
 MANIFEST_CACHE_ENTRIES = 256
@@ -166,7 +156,7 @@ class ContextStore:
                 return cached
         key = manifest_key_for(ref.sha256)  # never another key a reference names
         try:
-            data = _waiting_for(lambda: self.store.get_bytes(key), grace_s)
+            data = wait_for_object(lambda: self.store.get_bytes(key), grace_s)
         except ObjectMissingError:
             raise ContextMissingError(
                 f"context {ref.sha256[:16]} not found: no manifest {key!r} in bucket "
@@ -230,7 +220,7 @@ class ContextStore:
         try:
             # One byte past the chunk's length shows an object too long
             # without downloading all of it.
-            data = _waiting_for(lambda: self.store.get_range(chunk.key, 0, chunk.bytes + 1), grace_s)
+            data = wait_for_object(lambda: self.store.get_range(chunk.key, 0, chunk.bytes + 1), grace_s)
         except ObjectMissingError:
             raise ContextIntegrityError(
                 f"chunk {chunk.key!r} of context {ref.sha256[:16]} is missing from bucket "
@@ -309,19 +299,3 @@ class ContextStore:
         return document_files(
             manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks, grace_s)
         )
-
-
-def _waiting_for(read: Callable[[], bytes], grace_s: float) -> bytes:
-    """`read()`, tried again while it finds no object and `grace_s` lasts
-    (0.1 s apart, then twice as long each time, up to 2 s: ~10 reads in 15 s)."""
-    deadline = time.monotonic() + grace_s
-    pause = 0.1
-    while True:
-        try:
-            return read()
-        except ObjectMissingError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 2.0)

@@ -21,8 +21,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities._call_records import CallRecorder, RecordFinder
 from activities._context_cache import adopt_local_manifest
-from activities.context_store import UPLOAD_GRACE_S, ContextIntegrityError, ContextMissingError
+from activities.context_store import ContextIntegrityError, ContextMissingError
 from activities.llm import complete, to_application_error
+from activities.object_store import UPLOAD_GRACE_S
 from activities.runtime import WorkerRuntime, call_timeout_s, heartbeating
 from workflows.names import ACTIVITY_LLM_CALL, ACTIVITY_LLM_CALLS, ACTIVITY_LLM_CALLS_IN_LANES, ACTIVITY_RESOLVE_MODELS
 from workflows.refs import ContextRef
@@ -135,6 +136,14 @@ class LlmCallActivity:
         return LlmCallResult(call_id=inp.call_id, output=out)
 
     async def _read_prompt(self, inp: LlmCallInput) -> str:
+        if inp.context is None:
+            # Inline, or usually its cell's, stored from this worker: no thread
+            # hop (the storage threads may be busy storing that cell's prompts).
+            if inp.prompt_ref is None:
+                return inp.prompt or ""
+            held = self._rt.store.cached_blob(inp.prompt_ref)
+            if held is not None:
+                return held.decode()
         try:
             return await self._rt.io(self._prompt, inp)
         except Exception as exc:
@@ -191,7 +200,8 @@ class LlmCallActivity:
     def _prompt(self, inp: LlmCallInput) -> str:
         prompt = inp.prompt or ""
         if inp.prompt_ref is not None:
-            prompt = self._rt.store.get_blob(inp.prompt_ref).decode()
+            # Its cell may still be storing it (ObjectStore.put_blob_behind).
+            prompt = self._rt.store.get_blob(inp.prompt_ref, grace_s=UPLOAD_GRACE_S).decode()
         if inp.context is not None:
             value = self._rt.contexts.read_all(inp.context)
             text = value if isinstance(value, str) else "\n\n".join(value)

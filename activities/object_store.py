@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 
 import structlog
@@ -30,7 +32,10 @@ __all__ = [
     "S3BucketMissingError",
     "S3UnreachableError",
     "StorageError",
+    "UPLOAD_GRACE_S",
     "WORKER_BLOB_CACHE_BYTES",
+    "blob_ref",
+    "wait_for_object",
 ]
 
 log = structlog.get_logger(__name__)
@@ -51,6 +56,12 @@ _POOL_SIZE = 32
 WORKER_BLOB_CACHE_BYTES = 64 * 1024 * 1024
 # Below this size a blob's upload costs about what an existence check does.
 _CHECK_BEFORE_PUT_BYTES = 1024 * 1024
+# How long a reader waits for an object that another process may still be
+# uploading before calling it missing: a context `rlm run` uploads after its
+# run has started (activities/_context_upload.py), a cell's sub-call prompts
+# stored behind their update (`put_blob_behind`). A worker on the same machine
+# reads its own copy; one elsewhere reads the bucket, which may lag that much.
+UPLOAD_GRACE_S = 15.0
 
 
 class StorageError(Exception):
@@ -106,6 +117,9 @@ class ObjectStore:
         self.endpoint = endpoint
         self._credentials_hint = credentials_hint
         self._recent = _RecentBlobs(blob_cache_bytes)
+        self._storing: dict[str, bytes] = {}
+        """Blobs being stored behind (key -> bytes), readable here meanwhile."""
+        self._storing_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, blob_cache_bytes: int = 0) -> ObjectStore:
@@ -253,20 +267,49 @@ class ObjectStore:
 
     def put_blob(self, data: bytes, prefix: str = "blobs") -> BlobRef:
         """Store `data` under its sha256 (once) and return a reference."""
-        digest = hashlib.sha256(data).hexdigest()
-        key = f"{prefix}/{digest}"
-        if self._recent.get(key, digest) is None:
-            if len(data) < _CHECK_BEFORE_PUT_BYTES or not self.exists(key):
-                self.put_bytes(key, data)
-            self._recent.add(key, digest, data)
-        return BlobRef(key=key, size=len(data), sha256=digest)
+        ref = blob_ref(data, prefix)
+        self._store_blob(ref, data)
+        return ref
 
-    def get_blob(self, ref: BlobRef) -> bytes:
-        """The blob's bytes, checked against its sha256."""
-        cached = self._recent.get(ref.key, ref.sha256)
-        if cached is not None and len(cached) == ref.size:
+    def put_blob_behind(self, data: bytes, executor: Executor) -> tuple[BlobRef, Future[BlobRef]]:
+        """`data`'s reference at once, and the future of its upload on
+        `executor`. Meanwhile this process reads the blob from memory
+        (`cached_blob`, `get_blob`) and another one waits for it (`get_blob`'s
+        grace): a cell's sub-calls start before their prompts reach the bucket."""
+        ref = blob_ref(data)
+        with self._storing_lock:
+            self._storing.setdefault(ref.key, data)
+        return ref, executor.submit(self._store_behind, ref, data)
+
+    def _store_behind(self, ref: BlobRef, data: bytes) -> BlobRef:
+        try:
+            self._store_blob(ref, data)
+        finally:
+            with self._storing_lock:
+                self._storing.pop(ref.key, None)
+        return ref
+
+    def _store_blob(self, ref: BlobRef, data: bytes) -> None:
+        if self._recent.get(ref.key, ref.sha256) is None:
+            if len(data) < _CHECK_BEFORE_PUT_BYTES or not self.exists(ref.key):
+                self.put_bytes(ref.key, data)
+            self._recent.add(ref.key, ref.sha256, data)
+
+    def cached_blob(self, ref: BlobRef) -> bytes | None:
+        """The blob's bytes if this process holds them (stored, being stored or read)."""
+        data = self._recent.get(ref.key, ref.sha256)
+        if data is None:
+            with self._storing_lock:
+                data = self._storing.get(ref.key)
+        return data if data is not None and len(data) == ref.size else None
+
+    def get_blob(self, ref: BlobRef, *, grace_s: float = 0.0) -> bytes:
+        """The blob's bytes, checked against its sha256; `grace_s`: how long a
+        missing blob is waited for (UPLOAD_GRACE_S: one stored behind)."""
+        cached = self.cached_blob(ref)
+        if cached is not None:
             return cached  # hashed when it was stored or first read
-        data = self.get_bytes(ref.key)
+        data = wait_for_object(lambda: self.get_bytes(ref.key), grace_s)
         digest = hashlib.sha256(data).hexdigest()
         if digest != ref.sha256 or len(data) != ref.size:
             raise IntegrityError(
@@ -275,6 +318,28 @@ class ObjectStore:
             )
         self._recent.add(ref.key, digest, data)
         return data
+
+
+def blob_ref(data: bytes, prefix: str = "blobs") -> BlobRef:
+    """Where `data` is stored as a blob: under its sha256."""
+    digest = hashlib.sha256(data).hexdigest()
+    return BlobRef(key=f"{prefix}/{digest}", size=len(data), sha256=digest)
+
+
+def wait_for_object(read: Callable[[], bytes], grace_s: float) -> bytes:
+    """`read()`, tried again while it finds no object and `grace_s` lasts
+    (0.1 s apart, then twice as long each time, up to 2 s: ~10 reads in 15 s)."""
+    deadline = time.monotonic() + grace_s
+    pause = 0.1
+    while True:
+        try:
+            return read()
+        except ObjectMissingError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
 
 
 class _RecentBlobs:

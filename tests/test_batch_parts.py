@@ -1,19 +1,22 @@
 """A batch of large prompts goes out in parts: each part is sent as soon as
-its prompts are stored, up to UPDATES_IN_FLIGHT parts wait for answers at
+its prompts are hashed (they are stored behind it), up to UPDATES_IN_FLIGHT parts wait for answers at
 once, and the answers come back in the order asked (activities/_cell_host.py).
-The first three tests are pure logic; the last runs a real worker, Temporal,
+The first three tests are pure logic; the others run a real worker, Temporal,
 S3 and WASM, with the sub model scripted through litellm."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import uuid
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities import _cell_host, temporal_client
+from activities.object_store import ObjectStore, S3UnreachableError, blob_ref
 from activities._cell_host import BATCH_INLINE_BUDGET, REF_BYTES_PER_PART, UPDATES_IN_FLIGHT, _parts
 from tests.fixtures_llm import fake_registry
 from tests.run_harness import ROOT, SUB, isolated, repl, request, running_worker, start
@@ -124,3 +127,66 @@ print("in order", sum(a == f"T{{i}}" for i, a in enumerate(answers)), len(answer
     assert sorted(_tag(r) for r in llm.requests(SUB)) == sorted(f"T{i}" for i in range(n))
     accepted = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED]
     assert len(accepted) == -(-n * size // part_bytes)
+
+
+@pytest.mark.parametrize("upload", ["stored", "failed"])
+def test_sub_calls_start_before_their_prompts_are_stored(settings, context_store, object_store, llm, monkeypatch, upload):
+    """Long prompts are stored behind their update: every sub-call reaches the
+    model while no prompt has reached the bucket (the worker reads them from
+    memory), and the batch returns only once they are stored, so a completed
+    cell leaves every prompt in the bucket. An upload that fails after the
+    answers came is the cell's error, said as such."""
+    n, size, marker = 6, 200_000, uuid.uuid4().hex  # blobs are shared by content: this test's own
+    release = threading.Event()
+    put_bytes = ObjectStore.put_bytes
+
+    def held(self, key, data):
+        if key.startswith("blobs/") and len(data) >= size:
+            assert release.wait(60)
+            if upload == "failed":
+                raise S3UnreachableError("the S3 server went away")
+        put_bytes(self, key, data)
+
+    monkeypatch.setattr(ObjectStore, "put_bytes", held)
+    ctx = context_store.put_value("abc")
+    code = f"""
+prompts = [f"<T{{i}}>{marker}" + chr(97 + i) * {size} for i in range({n})]
+try:
+    answers = llm_query_batched(prompts)
+    print("answered", sum(a == f"T{{i}}" for i, a in enumerate(answers)))
+except RuntimeError as exc:
+    print("refused:", exc)
+"""
+    llm.add_rule("Turn 1 of", repl(code), model=ROOT)
+    llm.add_rule(f"answered {n}", "FINAL(stored)", model=ROOT)
+    llm.add_rule("could not be stored", "FINAL(told)", model=ROOT)
+    llm.add_rule(None, _tag, model=SUB, name="sub")
+    s = isolated(settings)
+    reached: list[int] = []
+
+    def release_once_all_asked() -> None:
+        try:
+            reached.append(llm.wait_for_count(n, "sub", timeout_s=60))
+        finally:
+            release.set()
+
+    async def main():
+        async with running_worker(s, fake_registry(llm)) as client:
+            handle = await start(client, s, request("stored behind", ctx))
+            releaser = threading.Thread(target=release_once_all_asked, daemon=True)
+            releaser.start()
+            result = await asyncio.wait_for(handle.result(), 240)
+            releaser.join(60)
+            return result
+
+    result = asyncio.run(main())
+    assert reached == [n]  # every sub-call was sent while no prompt was stored
+    assert llm.count("sub") == n
+    prompts = [f"<T{i}>{marker}".encode() + bytes([97 + i]) * size for i in range(n)]
+    stored = [object_store.exists(blob_ref(p).key) for p in prompts]
+    if upload == "stored":
+        assert result.answer == "stored", result.reason
+        assert all(stored)
+    else:
+        assert result.answer == "told", result.reason
+        assert not any(stored)

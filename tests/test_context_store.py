@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from activities.context_store import (
 )
 from activities.object_store import (
     IntegrityError,
+    ObjectMissingError,
     ObjectStore,
     S3AuthError,
     S3BucketMissingError,
@@ -266,6 +269,56 @@ def test_worker_blob_cache_answers_reads_of_recent_blobs_and_stays_bounded(objec
     object_store.put_bytes(large_ref.key, b"tampered")
     with pytest.raises(IntegrityError, match=large_ref.key):
         cached.get_blob(large_ref)
+
+
+class _HeldUploads(ObjectStore):
+    """A worker's store whose uploads wait for `release` (or fail with `fail`)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store.client, store.bucket, endpoint=store.endpoint, blob_cache_bytes=1 << 20)
+        self.release = threading.Event()
+        self.fail: Exception | None = None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        assert self.release.wait(30)
+        if self.fail is not None:
+            raise self.fail
+        super().put_bytes(key, data)
+
+
+def test_a_blob_stored_behind_is_read_here_at_once_and_waited_for_elsewhere(object_store: ObjectStore) -> None:
+    """`put_blob_behind` gives the reference before the upload ends: the
+    process that stores it reads it from memory meanwhile; another process
+    finds nothing yet, or waits for it with a grace; once stored, it is in the
+    bucket, checked by its sha256 like any blob."""
+    worker = _HeldUploads(object_store)
+    data = _unique("prompt").encode() * 100
+    with ThreadPoolExecutor(2) as pool:
+        ref, upload = worker.put_blob_behind(data, pool)
+        assert not upload.done() and not object_store.exists(ref.key)
+        assert worker.cached_blob(ref) == data and worker.get_blob(ref) == data
+        with pytest.raises(ObjectMissingError):
+            object_store.get_blob(ref)  # another process, no grace: not there yet
+        elsewhere = pool.submit(object_store.get_blob, ref, grace_s=30)
+        worker.release.set()
+        assert upload.result(30) == ref
+        assert elsewhere.result(30) == data
+    assert object_store.exists(ref.key)
+
+
+def test_a_blob_whose_upload_failed_is_not_read_from_memory_any_more(object_store: ObjectStore) -> None:
+    worker = _HeldUploads(object_store)
+    worker.fail = S3UnreachableError("the S3 server went away")
+    data = _unique("lost").encode()
+    with ThreadPoolExecutor(1) as pool:
+        ref, upload = worker.put_blob_behind(data, pool)
+        assert worker.cached_blob(ref) == data
+        worker.release.set()
+        with pytest.raises(S3UnreachableError):
+            upload.result(30)
+    assert worker.cached_blob(ref) is None
+    with pytest.raises(ObjectMissingError):
+        worker.get_blob(ref)
 
 
 def test_streamed_multi_chunk_file_materializes_byte_exact(
