@@ -27,7 +27,7 @@ from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker
 
 from activities._litellm_setup import preload as preload_litellm
-from activities._machine_memory import guest_memory_budget
+from activities._machine_memory import guest_memory_budget, keep_freed_memory
 from activities._repl_pool import ReplPool
 from activities._tools_registry import ToolRegistrationError, ToolRegistry
 from activities.compaction import CompactionActivity
@@ -150,6 +150,7 @@ async def run_worker(
     connecting, and by the REPL booted at start: then it stops polling)."""
     check_runtime_file()  # a worker that can run no cell must not take any
     check_guest_memory()  # before polling: found by the REPL booted below, it came after the ready file
+    keep_freed_memory()  # large prompts and replies are copied several times: no page faults each time
     client = await connect(settings)
     worker, pool = build_worker(client, settings, identity=identity)
     freeze_startup_objects()

@@ -5,6 +5,7 @@ and the manifest cache is bounded (real S3 server)."""
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ import pytest
 import activities.context_store as context_store_module
 from activities._context_cache import STALE_WRITE_S, ContextFileCache
 from activities._live_repl import CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
+from activities._machine_memory import keep_freed_memory
 from activities._repl_pool import ReplPool
 from activities.context_store import ContextStore
 from activities.object_store import ObjectStore
@@ -421,3 +423,11 @@ def test_a_worker_whose_guest_budget_is_below_the_default_repl_cap_says_so_at_st
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+def test_the_worker_keeps_freed_memory_for_reuse_where_libc_allows() -> None:
+    """glibc's thresholds are set (activities/_machine_memory.py); elsewhere
+    nothing is changed and the worker still starts."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
