@@ -117,8 +117,8 @@ class ObjectStore:
         self.endpoint = endpoint
         self._credentials_hint = credentials_hint
         self._recent = _RecentBlobs(blob_cache_bytes)
-        self._storing: dict[str, bytes] = {}
-        """Blobs being stored behind (key -> bytes), readable here meanwhile."""
+        self._storing: dict[str, tuple[str, bytes]] = {}
+        """Blobs being stored behind (key -> (sha256, bytes)), readable here meanwhile."""
         self._storing_lock = threading.Lock()
 
     @classmethod
@@ -278,7 +278,7 @@ class ObjectStore:
         grace): a cell's sub-calls start before their prompts reach the bucket."""
         ref = blob_ref(data)
         with self._storing_lock:
-            self._storing.setdefault(ref.key, data)
+            self._storing.setdefault(ref.key, (ref.sha256, data))
         return ref, executor.submit(self._store_behind, ref, data)
 
     def _store_behind(self, ref: BlobRef, data: bytes) -> BlobRef:
@@ -300,7 +300,8 @@ class ObjectStore:
         data = self._recent.get(ref.key, ref.sha256)
         if data is None:
             with self._storing_lock:
-                data = self._storing.get(ref.key)
+                sha256, data = self._storing.get(ref.key, (None, None))
+            data = data if sha256 == ref.sha256 else None  # as `_recent`: a ref naming another hash is not answered
         return data if data is not None and len(data) == ref.size else None
 
     def get_blob(self, ref: BlobRef, *, grace_s: float = 0.0) -> bytes:

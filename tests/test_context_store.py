@@ -297,6 +297,8 @@ def test_a_blob_stored_behind_is_read_here_at_once_and_waited_for_elsewhere(obje
         ref, upload = worker.put_blob_behind(data, pool)
         assert not upload.done() and not object_store.exists(ref.key)
         assert worker.cached_blob(ref) == data and worker.get_blob(ref) == data
+        # A ref naming the same key with another hash is not answered from memory.
+        assert worker.cached_blob(ref.model_copy(update={"sha256": "0" * 64})) is None
         with pytest.raises(ObjectMissingError):
             object_store.get_blob(ref)  # another process, no grace: not there yet
         elsewhere = pool.submit(object_store.get_blob, ref, grace_s=30)
