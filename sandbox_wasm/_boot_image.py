@@ -34,6 +34,8 @@ from typing import Any
 import structlog
 import wasmtime
 
+from ._wasm_binary import CUSTOM_SECTION, EXPORT_SECTION, GLOBAL_SECTION, leb, sections, uleb
+
 log = structlog.get_logger(__name__)
 
 STACK_POINTER_EXPORT = "rlm_stack_pointer"
@@ -168,55 +170,27 @@ def with_image_exports(wasm: bytes) -> bytes:
     """`wasm` plus the two exports boot images need, without custom sections
     (the pinned build's are Rust debug info, ~12 MB that wasmtime would parse)."""
     out = bytearray(wasm[:8])
-    position = 8
     found = set()
-    while position < len(wasm):
-        section_id = wasm[position]
-        size, start = _uleb(wasm, position + 1)
-        body = wasm[start:start + size]
-        position = start + size
-        if section_id == 0:
+    for section_id, body in sections(wasm):
+        if section_id == CUSTOM_SECTION:
             continue
-        if section_id == 6:
+        if section_id == GLOBAL_SECTION:
             _check_stack_pointer(body)
             found.add("global")
-        elif section_id == 7:
-            count, rest = _uleb(body, 0)
-            body = bytearray(_leb(count + 2)) + body[rest:]
+        elif section_id == EXPORT_SECTION:
+            count, rest = uleb(body, 0)
+            body = bytearray(leb(count + 2)) + body[rest:]
             for name, kind, index in ((STACK_POINTER_EXPORT, 3, _STACK_POINTER_GLOBAL),
                                       (RUN_STRING_EXPORT, 0, _RUN_STRING_FUNC)):
-                body += _leb(len(name)) + name.encode() + bytes([kind]) + _leb(index)
+                body += leb(len(name)) + name.encode() + bytes([kind]) + leb(index)
             found.add("export")
-        out += bytes([section_id]) + _leb(len(body)) + body
+        out += bytes([section_id]) + leb(len(body)) + body
     if found != {"global", "export"}:
         raise BootImageError("the CPython module lacks a global or an export section")
     return bytes(out)
 
 
 def _check_stack_pointer(globals_section: bytes) -> None:
-    count, at = _uleb(globals_section, 0)
+    count, at = uleb(globals_section, 0)
     if count <= _STACK_POINTER_GLOBAL or globals_section[at:at + 2] != b"\x7f\x01":
         raise BootImageError("global 0 of the CPython module is not a mutable i32")
-
-
-def _uleb(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, position
-
-
-def _leb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

@@ -23,6 +23,8 @@ import structlog
 import wasmtime
 
 from ._boot_image import BootImageSlot, with_image_exports
+from ._fast_memcmp import VERSION as MEMCMP_VERSION
+from ._fast_memcmp import with_fast_memcmp
 from ._types import SandboxUnavailable
 
 log = structlog.get_logger(__name__)
@@ -227,10 +229,10 @@ def verified_wasm_path() -> Path:
 
 def cache_key() -> str:
     """Identity of a compiled module: wasmtime version, engine settings, wasm
-    hash, and our rewrite of it (`with_image_exports`)."""
+    hash, and our rewrites of it (`with_image_exports`, `with_fast_memcmp`)."""
     settings = ",".join(f"{k}={v}" for k, v in sorted(_ENGINE_SETTINGS.items()))
     raw = (f"wasmtime={importlib.metadata.version('wasmtime')};{settings};"
-           f"wasm={PINNED_WASM_SHA256};image-exports=1")
+           f"wasm={PINNED_WASM_SHA256};image-exports=1;memcmp={MEMCMP_VERSION}")
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -243,7 +245,7 @@ def _load_module(engine: wasmtime.Engine, directory: Path) -> tuple[wasmtime.Mod
         except wasmtime.WasmtimeError as exc:
             log.warning("sandbox_module_cache_unusable", path=str(path), error=str(exc))
     started = time.perf_counter()
-    module = wasmtime.Module(engine, with_image_exports(wasm_path.read_bytes()))
+    module = wasmtime.Module(engine, with_fast_memcmp(with_image_exports(wasm_path.read_bytes())))
     log.info("sandbox_module_compiled", seconds=round(time.perf_counter() - started, 2))
     try:
         directory.mkdir(parents=True, exist_ok=True)
