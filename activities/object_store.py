@@ -50,7 +50,9 @@ _AUTH_CODES = {
 # Fail fast on a dead endpoint: a few seconds, not urllib3's minutes.
 _CONNECT_TIMEOUT_S = 3.0
 _READ_TIMEOUT_S = 120.0
-_POOL_SIZE = 32
+# A worker's threads for blocking storage calls (runtime.io_pool), so the
+# connections a store keeps: fewer, and a batch's uploads dropped the rest.
+STORAGE_THREADS = 64
 # A worker's recent blobs (its cells' prompts, read back by the sub-call
 # activities it runs): the 200 x 200 KB prompts of bench_vs_rlms fit.
 WORKER_BLOB_CACHE_BYTES = 64 * 1024 * 1024
@@ -97,7 +99,7 @@ def _http_client() -> urllib3.PoolManager:
         allowed_methods=None,  # S3 PUTs of content-addressed keys are idempotent
     )
     timeout = urllib3.Timeout(connect=_CONNECT_TIMEOUT_S, read=_READ_TIMEOUT_S)
-    return urllib3.PoolManager(timeout=timeout, retries=retry, maxsize=_POOL_SIZE)
+    return urllib3.PoolManager(timeout=timeout, retries=retry, maxsize=STORAGE_THREADS)
 
 
 class ObjectStore:

@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.context_store import ContextStore
 from activities.llm import ModelRegistry
-from activities.object_store import ObjectMissingError, ObjectStore, StorageError
+from activities.object_store import STORAGE_THREADS, ObjectMissingError, ObjectStore, StorageError
 from activities.settings import Settings
 from activities._tool_threads import ToolThreads
 from activities._tools_registry import ToolRegistry
@@ -41,7 +41,7 @@ class WorkerRuntime:
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     """Custom tools registered on this worker (`--tools`, RLM_TOOLS)."""
     io_pool: concurrent.futures.ThreadPoolExecutor = field(
-        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rlm-io")
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="rlm-io")
     )
     """Threads for blocking object-storage calls of async activities: sized for
     a full batch of parallel sub-calls (asyncio's default pool has cores + 4)."""

@@ -29,6 +29,7 @@ from activities.object_store import (
     S3AuthError,
     S3BucketMissingError,
     S3UnreachableError,
+    STORAGE_THREADS,
 )
 from activities.settings import Settings
 from cli._ports import find_free_port
@@ -321,6 +322,25 @@ def test_a_blob_whose_upload_failed_is_not_read_from_memory_any_more(object_stor
     assert worker.cached_blob(ref) is None
     with pytest.raises(ObjectMissingError):
         worker.get_blob(ref)
+
+
+def test_every_storage_thread_keeps_its_connection(settings: Settings, caplog) -> None:
+    """As many requests at once as a worker has storage threads (a batch's
+    prompt uploads) reuse their connections: none is opened and dropped for
+    want of room in the pool."""
+    store = ObjectStore.from_settings(settings)
+    start = threading.Barrier(STORAGE_THREADS)
+    prefix = _unique("pool")
+
+    def put(index: int) -> None:
+        start.wait(30)
+        store.put_bytes(f"test/{prefix}/{index}", os.urandom(256 * 1024))
+
+    with caplog.at_level("WARNING", logger="urllib3.connectionpool"):
+        for _round in range(2):
+            with ThreadPoolExecutor(STORAGE_THREADS) as pool:
+                list(pool.map(put, range(STORAGE_THREADS)))
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
 
 
 def test_streamed_multi_chunk_file_materializes_byte_exact(
