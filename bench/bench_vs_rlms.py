@@ -22,6 +22,9 @@ work cannot pass.
   private Temporal + S3 services; the embedded worker is started by the first
   `rlm run` (that first run is reported apart, as the cold start). Each run
   gets a context file of its own, so the upload is never deduplicated.
+- Both start from bytecode: pip compiled the reference when it installed it;
+  our editable checkout is compiled by the bench (`--no-compile` leaves it
+  as this machine's PYTHONDONTWRITEBYTECODE=1 would: ~50 ms more a start).
 - Wall time is measured around each subprocess, start to exit. Also reported:
   the reference's own `completion()` time and our workflow's own duration
   (first to last event of its history), cell time and `llm_call` timings.
@@ -298,12 +301,16 @@ def main() -> None:
     parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
                         help="ModelSpec.client of our models")
     parser.add_argument("--output", default="vs_rlms", help="results file name (bench/results/<name>.json)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave our modules without bytecode (an editable install where PYTHONDONTWRITEBYTECODE=1)")
     args = parser.parse_args()
     global MODEL_CLIENT
     MODEL_CLIENT = args.model_client
 
     ref_python, version = reference_venv(args.ref_venv)
     print(f"reference: rlms {version} in {args.ref_venv}")
+    # Both sides start from bytecode, as a pip install of either would.
+    bytecode = {"compiled": False} if args.no_compile else h.compile_our_modules()
     base = base_text()
     rows: dict[str, list[dict[str, Any]]] = {"rlms": []} | {f"ours_c{c}": [] for c in args.concurrency}
     with tempfile.TemporaryDirectory(prefix="rlm-vs-rlms-") as tmp, h.private_services() as svc, scripted_server() as (url, counts):
@@ -353,6 +360,7 @@ def main() -> None:
         "reference": {"package": "rlms", "version": version, "sub_call_concurrency": RLMS_HANDLER_CONCURRENCY,
                       "environment": "local"},
         "target_ratio": 0.5,
+        "our_bytecode": bytecode,
         "summary": summary,
         "ours_cold_first_run": cold,
         "runs": rows,
