@@ -28,7 +28,7 @@ from ._wasm_binary import CODE_SECTION, leb, sections, uleb
 # Function 327 (43 imported functions come first): the only (i32, i32, i32) ->
 # i32 function of the build that behaves as memcmp on test buffers.
 MEMCMP_FUNC = 327
-_IMPORTED_FUNCS = 43
+IMPORTED_FUNCS = 43
 _MUSL_MEMCMP = bytes.fromhex(
     "03017f017f017f02402002450d00034020002d0000220420012d00002205460440200041016a2100200141016a2101"
     "200241016b22020d010c020b0b200420056b21030b20030b"
@@ -74,7 +74,7 @@ def with_fast_memcmp(wasm: bytes) -> bytes:
     replaced = False
     for section_id, body in sections(wasm):
         if section_id == CODE_SECTION:
-            body, replaced = _replace_body(body, MEMCMP_FUNC - _IMPORTED_FUNCS, _MUSL_MEMCMP, words_memcmp_body())
+            body, replaced = _replace_body(body, MEMCMP_FUNC - IMPORTED_FUNCS, _MUSL_MEMCMP, words_memcmp_body())
         out += bytes([section_id]) + leb(len(body)) + body
     if not replaced:
         raise MemcmpNotFound(f"function {MEMCMP_FUNC} of the CPython module is not musl's memcmp")

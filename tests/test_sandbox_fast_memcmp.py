@@ -8,7 +8,7 @@ import pytest
 import wasmtime
 
 from sandbox_wasm import ReplSession, SandboxLimits
-from sandbox_wasm._fast_memcmp import MEMCMP_FUNC, MemcmpNotFound, with_fast_memcmp, words_memcmp_body
+from sandbox_wasm._fast_memcmp import IMPORTED_FUNCS, MEMCMP_FUNC, MemcmpNotFound, with_fast_memcmp, words_memcmp_body
 from sandbox_wasm._runtime import verified_wasm_path
 from sandbox_wasm._wasm_binary import CODE_SECTION, leb, sections, uleb
 
@@ -81,7 +81,7 @@ def test_the_pinned_module_gets_it_in_place_of_musls_byte_loop():
     wasm = with_fast_memcmp(verified_wasm_path().read_bytes())
     code = next(body for section_id, body in sections(wasm) if section_id == CODE_SECTION)
     _count, at = uleb(code, 0)
-    for _ in range(MEMCMP_FUNC - 43):  # the imported functions come first
+    for _ in range(MEMCMP_FUNC - IMPORTED_FUNCS):
         size, at = uleb(code, at)
         at += size
     size, at = uleb(code, at)
