@@ -6,6 +6,7 @@ or waits for the manifest (reading the bucket). Real S3 throughout."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -228,3 +229,30 @@ def test_a_stopped_staging_ends_at_its_next_block_and_keeps_nothing(object_store
         stage_files(lambda: object_store, 1 << 20, [path], copy_to=cache, progress=progress, stop=stop)
     assert len(read) == 1 and read[0] < path.stat().st_size
     assert [p.name for p in cache.iterdir()] == []  # no copy, half-written or whole
+
+
+def test_chunks_hashed_on_a_thread_keep_their_order_offsets_and_hashes(object_store: ObjectStore, tmp_path: Path) -> None:
+    """Chunks of 1 MB and more are hashed on a thread while the next one is
+    read: the manifest still lists every chunk in stream order, at its
+    offset, under the sha256 of its own bytes, and the context reads back
+    byte for byte. A failure while a chunk is hashing leaves no thread behind."""
+    path, text = _text(tmp_path, 5 * 1024 * 1024 + 12345)  # 5 whole chunks of 1 MB and a short one
+    data = path.read_bytes()
+    upload = stage_files(lambda: object_store, 1 << 20, [path])
+    ref = upload.wait()
+    manifest = ContextStore(object_store).manifest(ref)
+    assert [c.offset for c in manifest.chunks] == list(range(0, len(data), 1 << 20))
+    for chunk in manifest.chunks:
+        piece = data[chunk.offset : chunk.offset + chunk.bytes]
+        assert chunk.bytes == len(piece) and chunk.sha256 == hashlib.sha256(piece).hexdigest()
+        assert object_store.get_bytes(chunk.key) == piece
+    assert ContextStore(object_store).read_all(ref) == text
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(S3UnreachableError):
+        stage_files(_unreachable, 1 << 20, [path])  # uploads at once: fails on the first chunk
+    assert not {t.name for t in threading.enumerate()} - before
+
+
+def _unreachable() -> ObjectStore:
+    raise S3UnreachableError("the S3 server went away")
