@@ -303,16 +303,16 @@ def _read(
             documents.append(
                 ManifestDocument(offset=start, bytes=stats.bytes, chars=stats.chars, encoding=stats.encoding, name=name)
             )
-        if skipped and not documents:
-            raise ContextInputError(
-                f"no readable file in {label}: all {len(skipped)} were skipped "
-                f"(first: {skipped[0].name}: {skipped[0].reason})"
-            )
-        if stream_bytes == 0:
-            raise ContextInputError(f"{label} is empty: a context needs some text")
         if cutter.held:
             hashes.add(cutter.take())
         hashes.drain()
+    if skipped and not documents:
+        raise ContextInputError(
+            f"no readable file in {label}: all {len(skipped)} were skipped "
+            f"(first: {skipped[0].name}: {skipped[0].reason})"
+        )
+    if stream_bytes == 0:
+        raise ContextInputError(f"{label} is empty: a context needs some text")
     return Manifest(
         kind=kind,  # type: ignore[arg-type]
         chunk_bytes=chunk_bytes,
