@@ -24,7 +24,8 @@ from pathlib import Path
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Interceptor, Worker
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities._litellm_setup import preload as preload_litellm
 from activities._machine_memory import guest_memory_budget, keep_freed_memory
@@ -107,6 +108,13 @@ def build_worker(
             tool_calls.tool_call,
             CompactionActivity(runtime).compact_transcript,
         ],
+        # Outside Temporal's sandbox unless asked (settings.workflow_sandbox):
+        # it re-imports workflows/run.py for each run and enters workflow code
+        # through `exec` at every activation and payload; without it 100 runs
+        # at once took 13.9 s instead of 19.9 s (bench_many_runs). It checked
+        # run.py and session.py only (the rest is passed through);
+        # tests/test_workflow_determinism.py reads all of workflows/.
+        workflow_runner=SandboxedWorkflowRunner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner(),
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=MAX_ACTIVITIES),
         max_concurrent_activities=MAX_ACTIVITIES,
         # A restarted worker takes over a run's workflow tasks in ~1 s, not 10 s.

@@ -121,6 +121,13 @@ class Settings(BaseModel):
     for the embedded services (restarted when the code or settings change);
     false: run `rlm worker` yourself."""
 
+    workflow_sandbox: bool = False
+    """Run workflow code in Temporal's workflow sandbox, which re-imports the
+    workflow modules for every run and enters them through `exec` at every
+    activation and payload (~30% of a worker's CPU with 100 runs at once);
+    false: as ordinary code. Determinism is checked either way by the tests
+    (tests/test_workflow_determinism.py, and replays run in the sandbox)."""
+
     no_worker_warning_s: float = Field(default=30.0, gt=0)
     """Seconds a started run may wait for a worker to pick it up before
     `rlm run` and `rlm result` say what to start."""

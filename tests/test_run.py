@@ -10,9 +10,11 @@ import re
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from tests.fixtures_llm import fake_registry
+from worker import build_worker, connect
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start, worker_and_pool
 from workflows.result import RunResult
 from workflows.run import RLMRun
@@ -82,6 +84,30 @@ print(len(chunks), found)
 async def _replay(history: WorkflowHistory) -> None:
     replayer = Replayer(workflows=[RLMRun], data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
+
+
+@pytest.mark.parametrize("sandbox", [True, False])
+def test_workflows_run_in_the_sandbox_when_asked_and_outside_it_by_default(settings, context_store, llm, sandbox):
+    """settings.workflow_sandbox picks the runner; a run with sub-calls ends
+    the same way in both (its workflow code passes the sandbox's checks)."""
+    ctx = context_store.put_value("alpha beta gamma")
+    llm.add_rule("Turn 1 of", repl("parts = llm_query_batched(context.split())\nFINAL(' '.join(parts))"), model=ROOT)
+    llm.add_rule(None, lambda r: r.last_user_text.upper(), model=SUB, name="sub")
+    s = isolated(settings).model_copy(update={"workflow_sandbox": sandbox} if sandbox else {})
+
+    async def go() -> tuple[object, RunResult]:
+        worker, pool = build_worker(await connect(s), s, models=fake_registry(llm))
+        try:
+            async with worker:
+                return worker.config()["workflow_runner"], await run(worker.client, s, request("upper?", ctx))
+        finally:
+            pool.close()
+
+    runner, result = asyncio.run(go())
+    assert isinstance(runner, SandboxedWorkflowRunner if sandbox else UnsandboxedWorkflowRunner)
+    assert result.status == "completed", result.reason
+    assert result.answer == "ALPHA BETA GAMMA"
+    assert llm.count("sub") == 3
 
 
 @pytest.mark.parametrize("where", ["code", "text"])
