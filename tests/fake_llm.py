@@ -110,6 +110,8 @@ class FakeRequest:
     """The rule that answered, or None when no rule matched (the 500 case)."""
     received_at: float = field(default_factory=time.monotonic)
     """When the server received it (`time.monotonic()`): gaps between retries."""
+    generation: int = 0
+    """The `reset()` it came after: its work and bill belong to that test."""
 
     @property
     def last_text(self) -> str:
@@ -185,6 +187,10 @@ class FakeLLM:
         self._ids = itertools.count(1)
         self._billed = Billed()
         self._working = 0  # requests matched and not yet answered (or dropped)
+        # Since the last reset(): a test's late replies (a 60 s delay its run
+        # stopped waiting for) must not hold up or bill into the next test.
+        self._generation = 0
+        self._working_now = 0
         self._peak_working = 0
         self._abandoned = 0  # held requests whose client closed the connection
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,11 +266,11 @@ class FakeLLM:
                 raise TimeoutError(f"fake LLM: {self._abandoned} of {count} held request(s) abandoned after {timeout_s}s")
 
     def wait_idle(self, timeout_s: float = 30.0) -> None:
-        """Block until no request is being worked on (late replies included),
-        so `billed()` is final for the requests received so far."""
+        """Block until no request received since the last `reset()` is being
+        worked on (late replies included), so `billed()` is final for them."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._working == 0, timeout_s):
-                raise TimeoutError(f"fake LLM: {self._working} request(s) still in progress after {timeout_s}s")
+            if not self._changed.wait_for(lambda: self._working_now == 0, timeout_s):
+                raise TimeoutError(f"fake LLM: {self._working_now} request(s) still in progress after {timeout_s}s")
 
     @property
     def peak_in_flight(self) -> int:
@@ -279,8 +285,11 @@ class FakeLLM:
             return peak
 
     def reset(self) -> None:
-        """Forget all rules, the request log and the bill."""
+        """Forget all rules, the request log and the bill; requests still in
+        progress finish, billed to no one that asks."""
         with self._lock:
+            self._generation += 1
+            self._working_now = 0
             self._rules.clear()
             self._log.clear()
             self._billed = Billed()
@@ -376,9 +385,11 @@ class FakeLLM:
             return _error(401, "Incorrect API key provided.")
         with self._lock:
             rule = next((r for r in reversed(self._rules) if r.matches(request)), None)
+            request.generation = self._generation
             if rule is not None:
                 rule.hits += 1
                 self._working += 1
+                self._working_now += 1
                 self._peak_working = max(self._peak_working, self._working)
             request.matched_rule = rule
             self._log.append(request)
@@ -390,6 +401,8 @@ class FakeLLM:
         finally:
             with self._lock:
                 self._working -= 1
+                if request.generation == self._generation:
+                    self._working_now -= 1
                 self._changed.notify_all()
 
     def _record(self, request: FakeRequest, rule: Rule | None) -> None:
@@ -400,6 +413,8 @@ class FakeLLM:
 
     def _bill(self, request: FakeRequest, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
+            if request.generation != self._generation:
+                return  # an earlier test's late reply
             self._billed.requests += 1
             self._billed.prompt_tokens += prompt_tokens
             self._billed.completion_tokens += completion_tokens
@@ -411,7 +426,7 @@ class FakeLLM:
             if http_request.transport is None or http_request.transport.is_closing():
                 # The client gave up (a cancelled call): a provider stops here.
                 with self._lock:
-                    self._abandoned += 1
+                    self._abandoned += request.generation == self._generation
                     self._changed.notify_all()
                 return web.Response(status=499)
             # Polling keeps the server's loop free; 5 ms is far below model latency.

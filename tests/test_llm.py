@@ -391,6 +391,31 @@ def test_two_hundred_concurrent_requests_are_in_flight_at_once(llm: FakeLLM, roo
     print(f"\n200 concurrent calls through litellm: {elapsed:.2f} s")
 
 
+def test_a_late_reply_of_an_earlier_test_neither_holds_up_nor_bills_the_next() -> None:
+    """The scripted server is shared by the session's tests: a request still
+    worked on when the next test resets it (a 60 s delay its run stopped
+    waiting for) made that test's `wait_idle` time out, and would have been
+    billed to it."""
+    release = threading.Event()
+    with FakeLLM() as server:
+        server.add_rule(None, "late", hold=release)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        post = urllib.request.Request(server.url + "/chat/completions", body, {"Content-Type": "application/json"})
+        replies: list[bytes] = []
+        caller = threading.Thread(target=lambda: replies.append(urllib.request.urlopen(post, timeout=30).read()))
+        caller.start()
+        try:
+            server.wait_for_count(1, timeout_s=30)
+            server.reset()  # the next test
+            server.wait_idle(timeout_s=0.5)  # nothing of its own in progress
+        finally:
+            release.set()
+            caller.join()
+        assert b"late" in replies[0]  # the earlier test's request did finish (and was billed then)
+        assert server.billed().requests == 0
+        server.wait_idle(timeout_s=0.5)
+
+
 def test_known_model_is_priced_from_the_litellm_cost_map(llm: FakeLLM) -> None:
     prices = litellm.model_cost["gpt-4o-mini"]
     info = ModelRegistry().info("gpt-4o-mini")
