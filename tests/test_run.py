@@ -14,8 +14,8 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from tests.fixtures_llm import fake_registry
-from worker import build_worker, connect
 from tests.run_harness import ROOT, SUB, isolated, repl, request, run, run_once, running_worker, start, worker_and_pool
+from worker import build_worker, connect
 from workflows.result import RunResult
 from workflows.run import RLMRun
 
