@@ -340,13 +340,12 @@ class _ChunkHashes:
 
     def add(self, data: bytes) -> None:
         if len(data) < _HASH_ON_THREAD_BYTES:
-            hashing: Future[str] = Future()
-            hashing.set_result(_sha256_hex(data))
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ctx-hash")
-            hashing = self._pool.submit(_sha256_hex, data)
-        self._waiting.append((hashing, data))
+            self.drain()  # the chunks before it go first
+            self._hashed(_sha256_hex(data), data)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ctx-hash")
+        self._waiting.append((self._pool.submit(_sha256_hex, data), data))
         while len(self._waiting) > 1:
             self._hand_on()
 
