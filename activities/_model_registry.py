@@ -102,13 +102,15 @@ class ModelSpec(BaseModel):
     """Stop sequences sent with every call (e.g. "\\nUser:" for small models that role-play)."""
     temperature: float | None = None
     """Sampling temperature sent with every call; None = the provider's default."""
-    client: Literal["litellm", "direct"] = "litellm"
+    client: Literal["auto", "litellm", "direct"] = "auto"
     """How the request is sent: "litellm", `litellm.acompletion` with its own
     provider client (the OpenAI SDK for `openai/` models); "direct", one
     aiohttp POST to `api_base` with litellm's reply types, prices and error
     mapping (activities/_direct_openai.py: ~1.1 ms of CPU per call on the
     worker's model loop against ~4.1 ms), for OpenAI-compatible servers:
-    needs `api_base` and an `openai/` model."""
+    needs `api_base` and an `openai/` model; "auto", "direct" for an `openai/`
+    model served on this machine (api_base on loopback: a local server, where
+    a call's CPU is most of its cost), "litellm" for every other."""
 
     @model_validator(mode="before")
     @classmethod
@@ -132,10 +134,17 @@ class ModelSpec(BaseModel):
         return self
 
     @property
+    def sends_direct(self) -> bool:
+        """Whether calls go out through the direct client (`client`, "auto" resolved)."""
+        if self.client == "auto":
+            return self.litellm_model.startswith("openai/") and is_loopback(self.api_base)
+        return self.client == "direct"
+
+    @property
     def routed_model(self) -> str:
         """The model string litellm is called with: `litellm_model`, or with the
         direct client `rlm_direct/<model>`, which litellm hands to our handler."""
-        if self.client == "direct":
+        if self.sends_direct:
             return direct_model(self.litellm_model.removeprefix("openai/"))
         return self.litellm_model
 
@@ -241,7 +250,7 @@ def api_key_for(spec: ModelSpec) -> str | None:
     if is_loopback(spec.api_base):
         # Never hand a provider's real key (OPENAI_API_KEY) to a local server.
         return _LOCAL_PLACEHOLDER_KEY
-    if spec.client == "direct":
+    if spec.sends_direct:
         # What litellm's OpenAI client would read; our handler reads nothing itself.
         return os.environ.get("OPENAI_API_KEY") or None
     return None

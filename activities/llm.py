@@ -171,7 +171,7 @@ def _price(spec: ModelSpec, info: ModelInfo, response: object, prompt: int, outp
     overridden = spec.usd_per_input_token is not None or spec.usd_per_output_token is not None
     # A model we entered in litellm's map is priced by its spec (0 without
     # overrides): pricing its reply again in litellm cost ~0.3 ms a call.
-    if not overridden and not estimated and spec.litellm_model not in _ENTERED:
+    if not overridden and not estimated and spec.routed_model not in _ENTERED:
         # litellm's own pricing knows cached-token discounts and tiered prices;
         # it priced the reply on arrival, so read that before pricing it again.
         if (cost := _litellm_price(response)) is not None and 0 < cost < math.inf:
@@ -255,7 +255,7 @@ async def _complete(
     try:
         with unlogged_call(), setup:
             async with asyncio.timeout(timeout_s + _HARD_TIMEOUT_MARGIN_S):
-                if spec.client == "direct" and not callbacks_registered():
+                if spec.sends_direct and not callbacks_registered():
                     response = await complete_direct(**kwargs)
                 else:
                     response = await litellm.acompletion(**kwargs)

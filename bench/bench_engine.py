@@ -390,10 +390,10 @@ async def amain(args: argparse.Namespace, svc: h.Services, tmp: Path) -> dict[st
             out["overhead_per_turn"] = await bench_overhead(svc, timers, args.turns, args.repeats)
         if "fanout" in args.which:
             sizes = [int(n) for n in args.fanout.split(",")]
-            # The default configuration is "fanout"; others get a section of their own.
+            # litellm's client is "fanout"; other clients and settings get a section of their own.
             key = "fanout" + (f"_c{args.concurrency}" if args.concurrency != 32 else "")
             key += f"_g{args.calls_per_activity}" if args.calls_per_activity is not None else ""
-            key += "_direct" if args.model_client == "direct" else ""
+            key += "" if args.model_client == "litellm" else f"_{args.model_client}"
             out[key] = await bench_fanout(
                 svc, timers, sizes, args.repeats, args.concurrency, args.calls_per_activity, args.model_client
             )
@@ -414,8 +414,8 @@ def main() -> int:
     parser.add_argument("--fanout", default="1000,200", help="batch sizes, comma-separated")
     parser.add_argument("--concurrency", type=int, default=32, help="fanout: Caps.max_concurrency")
     parser.add_argument("--calls-per-activity", type=int, default=None, help="fanout: override CALLS_PER_ACTIVITY")
-    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
-                        help="fanout: the models' ModelSpec.client")
+    parser.add_argument("--model-client", choices=["litellm", "direct", "auto"], default="litellm",
+                        help="fanout: the models' ModelSpec.client (the scripted server is on loopback: auto sends direct)")
     parser.add_argument("--big-mb", type=int, default=40)
     parser.add_argument("--huge-mb", type=int, default=400)
     args = parser.parse_args()

@@ -433,7 +433,7 @@ def main() -> None:
     parser.add_argument("--cell-memory-mb", type=int, default=CELL_MEMORY_MB, help="RunLimits.cell_memory_mb of every run")
     parser.add_argument("--no-idle-phase", dest="idle_phase", action="store_false")
     parser.add_argument("--output", default="many_runs")
-    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
+    parser.add_argument("--model-client", choices=["litellm", "direct", "auto"], default="litellm",
                         help="ModelSpec.client of the workers' models")
     args = parser.parse_args()
     CELL_MEMORY_MB = args.cell_memory_mb

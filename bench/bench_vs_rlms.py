@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 16])
     parser.add_argument("--ref-venv", type=Path, default=Path(tempfile.gettempdir()) / "rlm-bench-rlms-venv")
-    parser.add_argument("--model-client", choices=["litellm", "direct"], default="litellm",
+    parser.add_argument("--model-client", choices=["litellm", "direct", "auto"], default="litellm",
                         help="ModelSpec.client of our models")
     parser.add_argument("--output", default="vs_rlms", help="results file name (bench/results/<name>.json)")
     parser.add_argument("--no-compile", action="store_true",

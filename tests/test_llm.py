@@ -442,18 +442,20 @@ def test_unknown_models_get_default_window_and_zero_price() -> None:
     assert info.usd_per_output_token == litellm.model_cost["gpt-4o-mini"]["output_cost_per_token"]
 
 
-def test_a_model_litellm_does_not_price_costs_what_its_spec_says_call_after_call(llm: FakeLLM) -> None:
+def test_a_model_litellm_does_not_price_costs_what_its_spec_says_call_after_call(llm: FakeLLM, client: str) -> None:
     # complete() gives litellm a price of 0 for a model its map lacks (litellm
     # prices every reply for its own logging, slowly when it cannot). That
     # entry must never become our price: not for a spec with overrides, not
-    # for another spec of the same litellm model without them.
+    # for another spec of the same litellm model without them (on the direct
+    # client the entry is under `rlm_direct/...`: "free" was billed at
+    # "priced"'s prices until that name was the one checked).
     llm.add_rule(None, "fine " * 20)
     name = f"openai/unmapped-{time.monotonic_ns()}"
     priced = ModelSpec(
         name="priced", litellm_model=name, api_base=llm.url, api_key_env=FAKE_API_KEY_ENV,
-        usd_per_input_token=1e-6, usd_per_output_token=2e-6,
+        usd_per_input_token=1e-6, usd_per_output_token=2e-6, client=client,
     )
-    free = ModelSpec(name="free", litellm_model=name, api_base=llm.url, api_key_env=FAKE_API_KEY_ENV)
+    free = ModelSpec(name="free", litellm_model=name, api_base=llm.url, api_key_env=FAKE_API_KEY_ENV, client=client)
     for _ in range(2):
         reply = ask(priced, "hello " * 50)
         assert reply.usd == pytest.approx(reply.prompt_tokens * 1e-6 + reply.completion_tokens * 2e-6) and reply.usd > 0
@@ -464,36 +466,37 @@ def test_a_model_litellm_does_not_price_costs_what_its_spec_says_call_after_call
     assert (info.usd_per_input_token, info.usd_per_output_token) == (0.0, 0.0)
 
 
-def test_a_worker_enters_its_unmapped_models_in_litellms_map_before_any_call(llm: FakeLLM) -> None:
+def test_a_worker_enters_its_unmapped_models_in_litellms_map_before_any_call(llm: FakeLLM, client: str) -> None:
     # Done at worker start (worker.py), so litellm's map never changes while
     # another thread reads it; a model litellm prices itself is left alone.
     name = f"openai/unmapped-{time.monotonic_ns()}"
     registry = ModelRegistry([
-        ModelSpec(name="u", litellm_model=name, api_base=llm.url),
+        ModelSpec(name="u", litellm_model=name, api_base=llm.url, client=client),
         ModelSpec(name="m", litellm_model="gpt-4o-mini", usd_per_input_token=0.5),
     ])
     known = dict(litellm.model_cost["gpt-4o-mini"])
     price_unmapped_models(registry)
-    entry = litellm.model_cost[name]
+    entry = litellm.model_cost[registry.resolve("u").routed_model]  # `rlm_direct/...` on the direct client
     assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (0.0, 0.0)
     assert litellm.model_cost["gpt-4o-mini"] == known
     info = registry.info("u")
     assert (info.context_window, info.usd_per_input_token) == (128_000, 0.0)
 
 
-def test_an_unmapped_model_enters_litellms_map_at_its_specs_prices(llm: FakeLLM) -> None:
+def test_an_unmapped_model_enters_litellms_map_at_its_specs_prices(llm: FakeLLM, client: str) -> None:
     # litellm then prices its replies as we do (no zero-cost diagnostics per
     # call); specs that share the model at different prices leave it at 0.
     priced, shared = f"openai/priced-{time.monotonic_ns()}", f"openai/shared-{time.monotonic_ns()}"
     registry = ModelRegistry([
-        ModelSpec(name="p", litellm_model=priced, api_base=llm.url, usd_per_input_token=1e-6, usd_per_output_token=3e-6),
-        ModelSpec(name="s1", litellm_model=shared, api_base=llm.url, usd_per_input_token=1e-6),
-        ModelSpec(name="s2", litellm_model=shared, api_base=llm.url, usd_per_input_token=2e-6),
-    ])
+        ModelSpec(name="p", litellm_model=priced, api_base=llm.url, usd_per_input_token=1e-6, usd_per_output_token=3e-6,
+                  client=client),
+        ModelSpec(name="s1", litellm_model=shared, api_base=llm.url, usd_per_input_token=1e-6, client=client),
+        ModelSpec(name="s2", litellm_model=shared, api_base=llm.url, usd_per_input_token=2e-6, client=client),
+    ])  # fmt: skip
     price_unmapped_models(registry)
-    entry = litellm.model_cost[priced]
+    entry = litellm.model_cost[registry.resolve("p").routed_model]
     assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (1e-6, 3e-6)
-    entry = litellm.model_cost[shared]
+    entry = litellm.model_cost[registry.resolve("s1").routed_model]
     assert (entry["input_cost_per_token"], entry["output_cost_per_token"]) == (0.0, 0.0)
     # Each spec is still billed at its own prices.
     assert (registry.info("s1").usd_per_input_token, registry.info("s2").usd_per_input_token) == (1e-6, 2e-6)
@@ -592,11 +595,35 @@ def test_the_direct_client_sends_without_acompletion_while_no_callback_listens(l
     monkeypatch.setattr(llm_module, "litellm", SimpleNamespace(acompletion=refuse, model_cost=litellm.model_cost,
                                                                completion_cost=litellm.completion_cost))
     llm.add_rule("lean", "sent lean")
-    spec = fake_registry(llm, client="direct").resolve("fake-root")
-    reply = ask(spec, "lean please")
-    assert reply.text == "sent lean" and reply.prompt_tokens > 0
+    for spec in (fake_registry(llm, client="direct").resolve("fake-root"),
+                 fake_registry(llm).resolve("fake-root")):  # "auto": the scripted server is on loopback
+        reply = ask(spec, "lean please")
+        assert reply.text == "sent lean" and reply.prompt_tokens > 0
     with pytest.raises(Exception, match="acompletion called"):  # the litellm client does call it
         ask(fake_registry(llm, client="litellm").resolve("fake-root"), "lean please")
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "api_base", "client", "direct"),
+    [
+        ("openai/qwen", "http://127.0.0.1:8080/v1", "auto", True),
+        ("openai/qwen", "http://localhost:8080/v1", "auto", True),
+        ("openai/qwen", "http://[::1]:8080/v1", "auto", True),
+        ("openai/qwen", "http://127.0.0.1:8080/v1", "litellm", False),  # asked for by name
+        ("openai/qwen", "https://vllm.internal:8000/v1", "auto", False),  # another host: litellm's client
+        ("openai/qwen", "https://vllm.internal:8000/v1", "direct", True),
+        ("openai/gpt-4o-mini", None, "auto", False),  # the provider's own API
+        ("anthropic/claude-sonnet-4-5", "http://127.0.0.1:8080", "auto", False),  # not OpenAI's API
+        ("gpt-4o-mini", None, "auto", False),
+    ],
+)
+def test_auto_sends_a_server_on_this_machine_direct_and_every_other_model_through_litellm(
+    litellm_model: str, api_base: str | None, client: str, direct: bool
+) -> None:
+    spec = ModelSpec(name="m", litellm_model=litellm_model, api_base=api_base, client=client)
+    assert spec.sends_direct is direct
+    assert spec.routed_model.startswith("rlm_direct/") is direct
+    assert ModelSpec.model_validate_json(spec.model_dump_json()).sends_direct is direct  # as a worker reads it
 
 
 def test_a_callback_an_operator_registers_still_sees_every_call(llm: FakeLLM, root: ModelSpec) -> None:
