@@ -611,6 +611,8 @@ def test_the_direct_client_sends_without_acompletion_while_no_callback_listens(l
         ("openai/qwen", "http://[::1]:8080/v1", "auto", True),
         ("openai/qwen", "http://127.0.0.1:8080/v1", "litellm", False),  # asked for by name
         ("openai/qwen", "https://vllm.internal:8000/v1", "auto", False),  # another host: litellm's client
+        ("openai/qwen", "http://127.0.0.1.evil.example/v1", "auto", False),  # names that only look local
+        ("openai/qwen", "http://localhost.evil.example/v1", "auto", False),
         ("openai/qwen", "https://vllm.internal:8000/v1", "direct", True),
         ("openai/gpt-4o-mini", None, "auto", False),  # the provider's own API
         ("anthropic/claude-sonnet-4-5", "http://127.0.0.1:8080", "auto", False),  # not OpenAI's API
