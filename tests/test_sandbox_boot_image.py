@@ -69,6 +69,21 @@ def test_a_guest_from_the_image_walks_its_frames_and_keeps_its_limits():
         assert session.run_cell("1 + 1").value_repr == "2"
 
 
+def test_a_guest_from_the_image_starts_with_what_the_image_imported():
+    # rlm_driver._IMAGED_IMPORTS (and _pickle, which rlm_snapshot imports) are
+    # imported before the image is taken, so no REPL pays for them again: a
+    # first snapshot imported _pickle (~14 ms of CPU) and a first `import re`
+    # took ~35 ms while the image was taken at the clock read that came first.
+    _image()
+    wanted = ("rlm_snapshot", "rlm_slices", "_pickle", "re", "json", "traceback")
+    with ReplSession(limits=LIMITS).start() as session:
+        assert get_runtime().boot_image.image is not None
+        missing = session.run_cell(f"import sys\n[name for name in {wanted!r} if name not in sys.modules]")
+        assert missing.error is None, missing.traceback
+        assert missing.value_repr == "[]"
+        assert session.run_cell("import re\nre.findall('b+', 'abbc')").value_repr == "['bb']"
+
+
 def test_an_image_that_fails_is_dropped_and_the_next_guest_takes_a_new_one():
     images = get_runtime().boot_image
     good = _image()

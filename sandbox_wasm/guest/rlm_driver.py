@@ -281,9 +281,11 @@ def _serve(repl):
         # number); the result echoes it, so the host can tell it from a
         # 'done' the cell's code wrote to the channel itself.
         seq, args = (None, command[1:]) if command[0] == "image" else (command[1], command[2:])
-        if command[0] != "exec":
+        if command[0] not in ("exec", "image"):
             # Commands other than a cell run the cell's code only through its
-            # objects (__reduce__, __setstate__): no time to sleep in.
+            # objects (__reduce__, __setstate__): no time to sleep in. Not
+            # "image": the host images the guest at its first clock read, which
+            # must be the one `_stand_still` makes after its imports.
             repl.clock.start(0.0)
         try:
             result = handlers[command[0]](*args)
