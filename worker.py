@@ -160,7 +160,8 @@ async def run_worker(
     check_guest_memory()  # before polling: found by the REPL booted below, it came after the ready file
     keep_freed_memory()  # large prompts and replies are copied several times: no page faults each time
     client = await connect(settings)
-    worker, pool = build_worker(client, settings, identity=identity)
+    models = ModelRegistry.from_env()
+    worker, pool = build_worker(client, settings, models, identity=identity)
     freeze_startup_objects()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -189,6 +190,8 @@ async def run_worker(
         task_queue=settings.task_queue,
         temporal=settings.temporal_address,
         frozen_objects=gc.get_freeze_count(),
+        # How each configured model's calls go out (ModelSpec.client, "auto" resolved).
+        models={spec.name: "direct" if spec.sends_direct else "litellm" for spec in models.specs},
     )
     budget_mib, default_cap_mib = pool.memory_budget >> 20, RunLimits().cell_memory_mb
     if budget_mib < default_cap_mib:

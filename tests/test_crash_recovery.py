@@ -44,6 +44,8 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     # Both workers froze their startup objects out of full collections (worker.py).
     started = [json.loads(line) for line in crash.log_path.read_text().splitlines() if '"worker.started"' in line]
     assert len(started) == 2 and all(e["frozen_objects"] > 10_000 for e in started), started
+    # ... and said how their models are called: the scripted server is on loopback.
+    assert all(e["models"]["fake-root"] == e["models"]["fake-sub"] == "direct" for e in started), started
     assert result.answer == str(sum(range(ITEMS)))
     crash.assert_answered_calls_not_repeated(llm, ITEMS)
     assert llm.count("turn1") == 1
