@@ -96,9 +96,8 @@ def problems(source: str, filename: str = "<source>") -> list[str]:
     tree = ast.parse(source, filename)
     set_names = _set_names(tree)
     for node in ast.walk(tree):
-        found += [f"{filename}:{getattr(node, 'lineno', 0)}: iterates a set (use sorted())"
-                  for walked in _iterated(node) if _is_set(walked, set_names)]  # fmt: skip
         where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        found += [f"{where}: iterates a set (use sorted())" for walked in _iterated(node) if _is_set(walked, set_names)]
         if isinstance(node, ast.Import):
             roots = [alias.name.split(".")[0] for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
