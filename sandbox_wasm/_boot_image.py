@@ -4,9 +4,10 @@ A normal boot runs CPython's start-up in wasm and imports the driver: 40-66
 ms of CPU (two machines), most of a REPL's life, and 100 runs starting
 together queue on it. From an image a guest starts in ~6 ms (a REPL's life
 106 -> 21 ms of CPU, bench/bench_sandbox.py). The first guest of a runtime
-boots normally and, once its driver is ready, is asked to stand still in a
-host call made holding the GIL (a clock read, `rlm_driver._stand_still`);
-the host copies its linear memory and stack pointer there: the image. Later
+boots normally, imports what REPLs will use (`rlm_driver._import_ahead`), and
+is then asked to stand still in a host call made holding the GIL (a clock
+read, `rlm_driver._stand_still`, the first once the command arrives); the
+host copies its linear memory and stack pointer there: the image. Later
 guests are fresh instances of the same module whose memory gets the pages
 that differ from a fresh instance, whose stack pointer is set just below the
 imaged one, and which enter Python through `PyRun_SimpleStringFlags` to run

@@ -130,6 +130,12 @@ class GuestInstance:
         if event.kind != "done":
             raise RuntimeError(f"guest failed to boot: {event.payload}")
         if self._fresh is not None:
+            # Two commands: the imports REPLs will need (whatever clocks they
+            # read), then, with nothing else running, the clock read to image at.
+            self.send(["import_ahead"], timeout_s)
+            prepared = self.wait(timeout_s + grace_s)
+            if prepared.kind != "done" or "error" in prepared.payload:
+                raise RuntimeError(f"guest could not prepare its image: {prepared.payload}")
             self._imaging = True
             self.send(["image"], timeout_s)
             imaged = self.wait(timeout_s + grace_s)

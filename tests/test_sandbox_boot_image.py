@@ -84,6 +84,24 @@ def test_a_guest_from_the_image_starts_with_what_the_image_imported():
         assert session.run_cell("import re\nre.findall('b+', 'abbc')").value_repr == "['bb']"
 
 
+
+def test_the_image_is_taken_at_the_clock_read_of_stand_still():
+    # The imaged frames lie under every guest from the image: they must be
+    # the driver standing still between commands, not an import in progress
+    # (whose lock and half-made module every copy would inherit) nor another
+    # clock read on the way there (75ff9e7 imaged at the command clock).
+    _image()
+    with ReplSession(limits=LIMITS).start() as session:
+        walk = session.run_cell(
+            "import sys\nframe, names = sys._getframe(), []\n"
+            "while frame is not None:\n"
+            "    names.append((frame.f_code.co_name, frame.f_code.co_filename.rsplit('/', 1)[-1]))\n"
+            "    frame = frame.f_back\n"
+            "names[names.index(('resume', 'rlm_driver.py')) + 2:]")
+        assert walk.error is None, walk.traceback
+        assert walk.value_repr == ("[('_stand_still', 'rlm_driver.py'), ('_serve', 'rlm_driver.py'), "
+                                   "('main', 'rlm_driver.py'), ('<module>', '<string>')]")
+
 def test_an_image_that_fails_is_dropped_and_the_next_guest_takes_a_new_one():
     images = get_runtime().boot_image
     good = _image()

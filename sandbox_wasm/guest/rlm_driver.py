@@ -240,14 +240,21 @@ def resume():
     _serve(Repl(Channel()))
 
 
+def _import_ahead():
+    """Before being imaged: import what REPLs import later, so copies start
+    with it: our snapshot modules, and what nearly every model's cells
+    import (and a cell's traceback needs). A command of its own, so that no
+    import (nor any clock read one makes) runs while the host waits to image."""
+    for name in _IMAGED_IMPORTS:
+        __import__(name)
+    return {}
+
+
 def _stand_still():
     """Be imaged: the host copies this guest's memory during the clock read
     below, a host call made holding the GIL (channel I/O releases it), so a
-    copy can call back into Python from there. What REPLs import later is
-    imported first, so copies start with it: our snapshot modules, and what
-    nearly every model's cells import (and a cell's traceback needs)."""
-    for name in _IMAGED_IMPORTS:
-        __import__(name)
+    copy can call back into Python from there. It is the first clock read
+    after the "image" command arrives: nothing runs before it."""
     time.monotonic_ns()
     return {"imaged": True}
 
@@ -256,7 +263,7 @@ def _serve(repl):
     channel = repl.channel
     handlers = {"setup": repl.setup, "load_context": repl.load_context,
                 "exec": repl.exec_cell, "snapshot": repl.snapshot, "restore": repl.restore,
-                "image": _stand_still}
+                "import_ahead": _import_ahead, "image": _stand_still}
     result = {"python": sys.version, "boot_s": time.perf_counter()}
     seq = None
     while True:
@@ -277,15 +284,16 @@ def _serve(repl):
             # function kept the guest thread and its memory alive), and
             # finalizing the heap cost ~7 ms of the ~8 ms a close took.
             os._exit(0)
-        # The session numbers its commands (the instance's own "image" has no
-        # number); the result echoes it, so the host can tell it from a
-        # 'done' the cell's code wrote to the channel itself.
-        seq, args = (None, command[1:]) if command[0] == "image" else (command[1], command[2:])
+        # The session numbers its commands (the instance's own imaging
+        # commands have no number); the result echoes it, so the host can tell
+        # it from a 'done' the cell's code wrote to the channel itself.
+        unnumbered = command[0] in ("import_ahead", "image")
+        seq, args = (None, command[1:]) if unnumbered else (command[1], command[2:])
         if command[0] not in ("exec", "image"):
             # Commands other than a cell run the cell's code only through its
             # objects (__reduce__, __setstate__): no time to sleep in. Not
             # "image": the host images the guest at its first clock read, which
-            # must be the one `_stand_still` makes after its imports.
+            # must be the one `_stand_still` makes.
             repl.clock.start(0.0)
         try:
             result = handlers[command[0]](*args)
