@@ -201,8 +201,10 @@ def model_info(spec: ModelSpec) -> ModelInfo:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(api_base: str | None) -> bool:
-    """True for an api_base on this machine (a local server that needs no key)."""
+    """True for an api_base on this machine (a local server that needs no key).
+    Cached: every model call asks it several times (`sends_direct`), ~6 us each."""
     if not api_base:
         return False
     host = urlparse(api_base).hostname or ""
