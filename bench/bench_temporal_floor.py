@@ -20,6 +20,10 @@ Shapes:
 - `run-no-upserts`: the same without search-attribute upserts.
 - `local-turns`: root turns as local activities (a structural option: 2
   activity tasks and 2 workflow tasks fewer per run).
+- `our-payloads`: `run` with payloads the size of a bench_many_runs.py run's
+  (its history: 47 events, ~107 KB a run, most of it the 20 prompts of
+  2,000 characters in the Update and again in the sub-call activity's
+  input, the root turns' new messages, small results).
 
 Results: results/temporal_floor.json.
 """
@@ -46,7 +50,11 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 from activities.temporal_client import connect  # noqa: E402
 from worker import MAX_ACTIVITIES  # noqa: E402
 
-SHAPES = ("run", "run-no-upserts", "local-turns")
+SHAPES = ("run", "run-no-upserts", "local-turns", "our-payloads")
+# Payload sizes of the `our-payloads` shape, from a bench_many_runs.py history.
+_PROMPTS = "p" * 40_000  # the batch's prompts: the Update's argument and the sub-call activity's input
+_TURN_MESSAGES = "m" * 5_000  # a root turn's new messages
+_RESULT = "r" * 1_200  # an activity's result (~1.2 KB in all, sub-call answers included)
 _STATUS = SearchAttributeKey.for_keyword("RlmStatus")
 _DEPTH = SearchAttributeKey.for_int("RlmDepth")
 _ROOT = SearchAttributeKey.for_keyword("RlmRootRunId")
@@ -65,15 +73,15 @@ async def floor_resolve() -> str:
 
 
 @activity.defn(name="floor_turn")
-async def floor_turn(latency_s: float) -> str:
+async def floor_turn(latency_s: float, messages: str = "") -> str:
     await asyncio.sleep(latency_s)
-    return "reply"
+    return _RESULT if messages else "reply"
 
 
 @activity.defn(name="floor_calls")
-async def floor_calls(latency_s: float) -> list[str]:
+async def floor_calls(latency_s: float, prompts: str = "") -> list[str]:
     await asyncio.sleep(latency_s)
-    return ["answer"] * 20
+    return [_RESULT[:60] if prompts else "answer"] * 20  # 20 short answers
 
 
 class CellActivity:
@@ -81,10 +89,12 @@ class CellActivity:
         self.client = client
 
     @activity.defn(name="floor_cell")
-    async def floor_cell(self) -> int:
+    async def floor_cell(self, prompts: str = "") -> int:
         # As a cell's host function does: an Update on its own run, waited for.
         handle = self.client.get_workflow_handle(activity.info().workflow_id)
-        answers = await handle.execute_update("subcalls", f"{activity.info().activity_id}-1", result_type=list)
+        answers = await handle.execute_update(
+            "subcalls", args=[f"{activity.info().activity_id}-1", prompts], result_type=list
+        )
         return len(answers)
 
 
@@ -106,7 +116,8 @@ class FloorRun:
     async def _turn(self) -> str:
         if self._shape == "local-turns":
             return await workflow.execute_local_activity(floor_turn, self._latency_s, **_TIMEOUT)
-        return await workflow.execute_activity(floor_turn, self._latency_s, **_TIMEOUT)
+        messages = _TURN_MESSAGES if self._shape == "our-payloads" else ""
+        return await workflow.execute_activity(floor_turn, args=[self._latency_s, messages], **_TIMEOUT)
 
     @workflow.run
     async def run(self, request: FloorInput) -> str:
@@ -115,16 +126,16 @@ class FloorRun:
         self._patched("resolve-locally")
         await workflow.execute_local_activity(floor_resolve, **_TIMEOUT)
         await self._turn()
-        await workflow.execute_activity("floor_cell", **_TIMEOUT)
+        await workflow.execute_activity("floor_cell", _PROMPTS if self._shape == "our-payloads" else "", **_TIMEOUT)
         await self._turn()
         self._upsert(_STATUS.value_set("completed"))
         return "FINAL"
 
     @workflow.update(name="subcalls")
-    async def subcalls(self, call_id: str) -> list[str]:
+    async def subcalls(self, call_id: str, prompts: str = "") -> list[str]:
         for patch in range(4):
             self._patched(f"patch-{patch}")
-        return await workflow.execute_activity(floor_calls, self._latency_s, **_TIMEOUT)
+        return await workflow.execute_activity(floor_calls, args=[self._latency_s, prompts], **_TIMEOUT)
 
 
 async def one_round(client, task_queue: str, shape: str, runs: int, latency_s: float) -> float:
@@ -148,27 +159,29 @@ async def measure(services: h.Services, args) -> dict:
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=MAX_ACTIVITIES),
         max_concurrent_activities=MAX_ACTIVITIES,
     )  # fmt: skip
-    results: dict[str, dict] = {}
+    measured: dict[str, dict[str, list[float]]] = {shape: {"wall": [], "temporal": [], "ours": []} for shape in SHAPES}
     async with worker:
         await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
-        for shape in SHAPES:
-            walls, temporal_cpu, our_cpu = [], [], []
-            for _ in range(args.repeats):
+        # Shapes interleaved, so that the machine's drift falls on all of them.
+        for _ in range(args.repeats):
+            for shape in SHAPES:
                 t0, c0 = h.proc_cpu_s(services.temporal_pid), time.process_time()
-                walls.append(await one_round(client, task_queue, shape, args.runs, args.latency))
-                temporal_cpu.append(h.proc_cpu_s(services.temporal_pid) - t0)
-                our_cpu.append(time.process_time() - c0)
-            ideal = 3 * args.latency
-            results[shape] = {
-                "wall_s": h.spread(walls, 2),
-                "ratio_to_ideal": round(min(walls) / ideal, 2),
-                "temporal_cpu_s": h.spread(temporal_cpu, 2),
-                "worker_and_client_cpu_s": h.spread(our_cpu, 2),
-                "cpu_ms_per_run": round(1000 * (min(temporal_cpu) + min(our_cpu)) / args.runs, 1),
-            }
-            print(f"{shape}: {args.runs} runs in {', '.join(f'{w:.2f}' for w in walls)} s (ideal {ideal:.2f} s); "
-                  f"CPU s temporal {', '.join(f'{c:.2f}' for c in temporal_cpu)}, worker+client "
-                  f"{', '.join(f'{c:.2f}' for c in our_cpu)}")  # fmt: skip
+                measured[shape]["wall"].append(await one_round(client, task_queue, shape, args.runs, args.latency))
+                measured[shape]["temporal"].append(h.proc_cpu_s(services.temporal_pid) - t0)
+                measured[shape]["ours"].append(time.process_time() - c0)
+    ideal = 3 * args.latency
+    results: dict[str, dict] = {}
+    for shape, m in measured.items():
+        results[shape] = {
+            "wall_s": h.spread(m["wall"], 2),
+            "ratio_to_ideal": round(min(m["wall"]) / ideal, 2),
+            "temporal_cpu_s": h.spread(m["temporal"], 2),
+            "worker_and_client_cpu_s": h.spread(m["ours"], 2),
+            "cpu_ms_per_run": round(1000 * (min(m["temporal"]) + min(m["ours"])) / args.runs, 1),
+        }
+        print(f"{shape}: {args.runs} runs in {', '.join(f'{w:.2f}' for w in m['wall'])} s (ideal {ideal:.2f} s); "
+              f"CPU s temporal {', '.join(f'{c:.2f}' for c in m['temporal'])}, worker+client "
+              f"{', '.join(f'{c:.2f}' for c in m['ours'])}")  # fmt: skip
     return results
 
 
