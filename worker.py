@@ -189,6 +189,7 @@ async def run_worker(
         "worker.started",
         task_queue=settings.task_queue,
         temporal=settings.temporal_address,
+        temporal_gzip=settings.temporal_gzip,  # temporal_grpc_compression, "auto" resolved
         frozen_objects=gc.get_freeze_count(),
         # How each configured model's calls go out (ModelSpec.client, "auto" resolved).
         models={spec.name: "direct" if spec.sends_direct else "litellm" for spec in models.specs},

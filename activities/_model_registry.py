@@ -9,7 +9,6 @@ goes into Temporal history and therefore holds no secrets.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from activities._llm_errors import (
     UnknownModelError,
 )
 from activities.local_model import LOCAL_MODEL_NAME, local_model_spec
+from activities.settings import is_loopback_host
 from workflows.steps import ModelInfo  # the workflow's view of a model, defined once
 
 LOCAL_MODEL_PORT_ENV = "RLM_LOCAL_MODEL_PORT"
@@ -205,15 +205,7 @@ def model_info(spec: ModelSpec) -> ModelInfo:
 def is_loopback(api_base: str | None) -> bool:
     """True for an api_base on this machine (a local server that needs no key).
     Cached: every model call asks it several times (`sends_direct`), ~6 us each."""
-    if not api_base:
-        return False
-    host = urlparse(api_base).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return bool(api_base) and is_loopback_host(urlparse(api_base).hostname or "")
 
 
 def check_credentials(spec: ModelSpec, *, offline: bool = False) -> None:

@@ -46,6 +46,8 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     assert len(started) == 2 and all(e["frozen_objects"] > 10_000 for e in started), started
     # ... and said how their models are called: the scripted server is on loopback.
     assert all(e["models"]["fake-root"] == e["models"]["fake-sub"] == "direct" for e in started), started
+    # ... and that their connection to the loopback Temporal server is not compressed.
+    assert all(e["temporal_gzip"] is False for e in started), started
     assert result.answer == str(sum(range(ITEMS)))
     crash.assert_answered_calls_not_repeated(llm, ITEMS)
     assert llm.count("turn1") == 1

@@ -110,6 +110,21 @@ def test_workflows_run_in_the_sandbox_when_asked_and_outside_it_by_default(setti
     assert llm.count("sub") == 3
 
 
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_runs_complete_with_and_without_grpc_compression(settings, context_store, llm, compression):
+    """The worker and the client on either setting of the connection to
+    Temporal (the tests' loopback server gets "none" from "auto")."""
+    ctx = context_store.put_value("alpha beta")
+    llm.add_rule("Turn 1 of", repl("parts = llm_query_batched(context.split())\nFINAL('+'.join(parts))"), model=ROOT)
+    llm.add_rule(None, lambda r: r.last_user_text[::-1], model=SUB)
+    s = isolated(settings).model_copy(update={"temporal_grpc_compression": compression})
+    assert s.temporal_gzip is (compression == "gzip")
+
+    result = run_once(s, fake_registry(llm), request("reversed?", ctx))
+    assert result.status == "completed", result.reason
+    assert result.answer == "ahpla+ateb"
+
+
 @pytest.mark.parametrize("where", ["code", "text"])
 def test_final_var(settings, context_store, llm, where):
     ctx = context_store.put_value("numbers: 3 4 5")

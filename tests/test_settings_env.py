@@ -51,6 +51,7 @@ def test_a_bad_value_names_its_variable(monkeypatch):
         # The S3 client raised a bare ValueError (a traceback) at first use.
         ("RLM_S3_BUCKET", "", "'' is not an S3 bucket name: 3 to 63 lowercase letters"),
         ("RLM_S3_BUCKET", "Audit_Files", "'Audit_Files' is not an S3 bucket name"),
+        ("RLM_TEMPORAL_GRPC_COMPRESSION", "zstd", "'zstd' is not a gRPC compression: one of auto, gzip, none"),
     ],
 )
 def test_a_value_no_service_can_use_is_refused_naming_its_variable(monkeypatch, variable, value, says):
@@ -64,3 +65,24 @@ def test_a_value_no_service_can_use_is_refused_naming_its_variable(monkeypatch, 
 def test_a_log_level_in_any_case_is_taken(monkeypatch):
     monkeypatch.setenv("RLM_LOG_LEVEL", "WARNING")
     assert load_settings().log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("address", "setting", "gzip"),
+    [
+        # "auto": no compression to a server on this machine, gzip to any other.
+        ("127.0.0.1:7233", "auto", False),
+        ("localhost:7233", "auto", False),
+        ("[::1]:7233", "auto", False),
+        ("temporal:7233", "auto", True),
+        ("127.0.0.1.example.com:7233", "auto", True),
+        ("10.0.0.5:7233", "auto", True),
+        # Chosen: as said, in any case.
+        ("127.0.0.1:7233", "GZIP", True),
+        ("temporal:7233", "none", False),
+    ],
+)
+def test_grpc_compression_is_off_on_loopback_unless_chosen(monkeypatch, address, setting, gzip):
+    monkeypatch.setenv("RLM_TEMPORAL_ADDRESS", address)
+    monkeypatch.setenv("RLM_TEMPORAL_GRPC_COMPRESSION", setting)
+    assert load_settings().temporal_gzip is gzip
