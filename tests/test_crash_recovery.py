@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.run_harness import ROOT, SUB, isolated, repl, request, start_worker_process
 from activities._call_records import recorded_calls
-from worker import connect
+from worker import GC_YOUNG_OBJECTS, connect
 from workflows.call_groups import CALLS_PER_ACTIVITY
 from workflows.names import ACTIVITY_LLM_CALLS_IN_LANES, CALL_GROUP_ACTIVITIES, WORKFLOW_RLM_RUN
 from workflows.result import RunResult
@@ -44,6 +44,8 @@ def test_worker_killed_mid_cell_run_completes_without_repeating_calls(settings, 
     # Both workers froze their startup objects out of full collections (worker.py).
     started = [json.loads(line) for line in crash.log_path.read_text().splitlines() if '"worker.started"' in line]
     assert len(started) == 2 and all(e["frozen_objects"] > 10_000 for e in started), started
+    # ... and collect young objects less often than Python's default (every 700).
+    assert all(e["gc_threshold"][0] == GC_YOUNG_OBJECTS for e in started), started
     # ... and said how their models are called: the scripted server is on loopback.
     assert all(e["models"]["fake-root"] == e["models"]["fake-sub"] == "direct" for e in started), started
     # ... and that their connection to the loopback Temporal server is not compressed.
