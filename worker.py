@@ -57,7 +57,7 @@ log = structlog.get_logger(__name__)
 # SDK wants a thread for every activity slot (threads start lazily).
 MAX_ACTIVITIES = 256
 HEARTBEAT_THROTTLE = timedelta(seconds=2)
-# New objects before a young garbage collection (Python's default: 700); freeze_startup_objects.
+# New objects before a young garbage collection (Python's default: 700); prepare_garbage_collector.
 GC_YOUNG_OBJECTS = 10_000
 
 
@@ -134,7 +134,7 @@ def build_worker(
     return worker, pool
 
 
-def freeze_startup_objects() -> None:
+def prepare_garbage_collector() -> None:
     """Keep what the worker built before polling (litellm's modules and price
     map, temporalio, pydantic schemas: ~400k objects that never become
     garbage) out of the garbage collector's full collections.
@@ -171,7 +171,7 @@ async def run_worker(
     client = await connect(settings)
     models = ModelRegistry.from_env()
     worker, pool = build_worker(client, settings, models, identity=identity)
-    freeze_startup_objects()
+    prepare_garbage_collector()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     unavailable: list[SandboxUnavailable] = []

@@ -71,6 +71,13 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _one_of(value: str, words: tuple[str, ...], what: str) -> str:
+    """`value` in lower case if it is one of `words` (in any case), else a ValueError naming them."""
+    if value.lower() not in words:
+        raise ValueError(f"{value!r} is not {what}: one of {', '.join(words)}")
+    return value.lower()
+
+
 class Settings(BaseModel):
     """Where Temporal and object storage live, and where local state goes.
     `Settings(...)` takes exactly the values given (defaults for the rest);
@@ -191,17 +198,13 @@ class Settings(BaseModel):
     @field_validator("temporal_grpc_compression")
     @classmethod
     def _check_grpc_compression(cls, value: str) -> str:
-        if value.lower() not in GRPC_COMPRESSIONS:
-            raise ValueError(f"{value!r} is not a gRPC compression: one of {', '.join(GRPC_COMPRESSIONS)}")
-        return value.lower()
+        return _one_of(value, GRPC_COMPRESSIONS, "a gRPC compression")
 
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
         # Unknown levels were taken as "info" without a word.
-        if value.lower() not in LOG_LEVELS:
-            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
-        return value.lower()
+        return _one_of(value, LOG_LEVELS, "a log level")
 
     @field_validator("temporal_address")
     @classmethod

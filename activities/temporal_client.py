@@ -17,7 +17,7 @@ from temporalio.service import GrpcCompression, RPCError, RPCStatusCode
 
 from activities.settings import Settings
 
-__all__ = ["connect", "grpc_compression", "refused_for_now", "until_admitted"]
+__all__ = ["connect", "refused_for_now", "until_admitted"]
 
 # Waits between sends of an update the server refused for now (until_admitted).
 ADMIT_RETRY_FIRST_S, ADMIT_RETRY_MAX_S = 0.5, 5.0
@@ -28,13 +28,8 @@ async def connect(settings: Settings) -> Client:
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
-        grpc_compression=grpc_compression(settings),
+        grpc_compression=GrpcCompression.GZIP if settings.temporal_gzip else GrpcCompression.NONE,
     )
-
-
-def grpc_compression(settings: Settings) -> GrpcCompression:
-    """The connection's compression (Settings.temporal_grpc_compression)."""
-    return GrpcCompression.GZIP if settings.temporal_gzip else GrpcCompression.NONE
 
 
 async def until_admitted(send: Callable[[], Awaitable[Any]], give_up_after_s: float | None = None) -> Any:

@@ -42,7 +42,7 @@ from cli import services  # noqa: E402
 from tests.fake_llm import FakeLLM, FakeRequest  # noqa: E402
 from tests.fixtures_llm import FAKE_API_KEY_ENV, FAKE_API_KEY_VALUE, FAKE_MODEL_NAMES, fake_registry  # noqa: E402
 from tests.run_harness import worker_and_pool  # noqa: E402
-from worker import freeze_startup_objects  # noqa: E402
+from worker import prepare_garbage_collector  # noqa: E402
 
 __all__ = [
     "RESULTS_DIR",
@@ -190,9 +190,9 @@ def private_services() -> Iterator[Services]:
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, models: ModelRegistry) -> AsyncIterator[tuple[Any, Any]]:
     """A real worker in this process, with its REPL pool (to force cold
-    cells); its startup objects frozen as `run_worker` does for a deployed one."""
+    cells); its garbage collector prepared as `run_worker` does for a deployed one."""
     async with worker_and_pool(settings, models) as (client, pool):
-        freeze_startup_objects()
+        prepare_garbage_collector()
         yield client, pool
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from temporalio.client import Client
 
-from activities.temporal_client import grpc_compression
+from activities.temporal_client import connect
 from cli._history import assemble, cut, parse_history
 from cli._errors import UserError
 from cli._run_by_id import ui_link
@@ -46,10 +46,7 @@ class TraceReader:
     @classmethod
     async def open(cls, settings: Settings) -> TraceReader:
         try:
-            client = await Client.connect(
-                settings.temporal_address, namespace=settings.temporal_namespace,
-                grpc_compression=grpc_compression(settings),
-            )
+            client = await connect(settings)
         except Exception as exc:
             raise UserError(
                 f"cannot reach Temporal at {settings.temporal_address}: {exc}; start it with `rlm up` "
