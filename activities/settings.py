@@ -173,8 +173,8 @@ class Settings(BaseModel):
 
     context_cache_max_bytes: int = Field(default=8 << 30, ge=0)
     """Most bytes of contexts kept as files for the sandbox under
-    data_dir/cache/contexts; least recently used ones not in use are deleted
-    above it."""
+    data_dir/cache/contexts; past it, least recently used ones not in use are
+    deleted down to 90% of it."""
 
     tools: str | None = None
     """Custom tools of the worker: `package.module:NAME[,...]`, NAME a list

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import activities._context_cache as context_cache_module
 import activities.context_store as context_store_module
 from activities._context_cache import STALE_WRITE_S, ContextFileCache
 from activities._live_repl import CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
@@ -367,6 +368,57 @@ def test_context_files_are_evicted_by_size_but_never_while_in_use(
     release_again()
     release_c()
     assert other.evict() == 0
+
+
+def _context_of(contexts: ContextStore, size: int):
+    text = f"[{uuid.uuid4().hex}] "
+    return contexts.put_text(text + "x" * (size - len(text)))
+
+
+def test_a_full_cache_evicts_down_to_its_low_watermark(object_store: ObjectStore, tmp_path: Path) -> None:
+    # Evicting to just under the bound would scan all contexts again at the
+    # next new one; down to 90% of it, only after a tenth of the bound is written.
+    contexts = ContextStore(object_store)
+    cache = ContextFileCache(tmp_path, 1000, contexts)
+    refs = [_context_of(contexts, 250) for _ in range(5)]
+    assert {ref.total_bytes for ref in refs} == {250}
+    long_ago = time.time() - 1000
+    for age, ref in enumerate(refs[:4]):  # 1,000 bytes: at the bound, not past it
+        paths, release = cache.acquire(ref)
+        release()
+        os.utime(paths[0].parent, (long_ago + age, long_ago + age))
+    assert len(list(tmp_path.glob("[0-9a-f]" * 64))) == 4
+    cache.acquire(refs[4])[1]()  # 1,250: down to 900 at most, the oldest first
+    kept = {path.name for path in tmp_path.glob("[0-9a-f]" * 64)}
+    assert kept == {ref.sha256 for ref in refs[2:]}
+
+
+def test_a_cache_scans_its_directory_only_past_its_bound_or_a_while_after_its_last_scan(
+    object_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scan reads every cached context's size (~150 ms at 10,000 of them);
+    # an abandoned write shows whether one ran: only a scan removes it.
+    contexts = ContextStore(object_store)
+    cache = ContextFileCache(tmp_path, 1000, contexts)
+    cache.acquire(_context_of(contexts, 300))[1]()  # a first scan: the cache does not know its total yet
+
+    def abandon() -> Path:
+        path = tmp_path / f".upload-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        old = time.time() - STALE_WRITE_S - 60
+        os.utime(path, (old, old))
+        return path
+
+    abandoned = abandon()
+    cache.acquire(_context_of(contexts, 300))[1]()  # 600 bytes: within the bound
+    assert abandoned.exists()
+    cache.acquire(_context_of(contexts, 500))[1]()  # 1,100: past it
+    assert not abandoned.exists()
+    assert sum(1 for _ in tmp_path.glob("[0-9a-f]" * 64)) == 2  # evicted down to 900 at most
+    abandoned = abandon()
+    monkeypatch.setattr(context_cache_module, "RESCAN_S", 0.0)  # another process may have written meanwhile
+    cache.acquire(_context_of(contexts, 10))[1]()
+    assert not abandoned.exists()
 
 
 def test_a_context_write_abandoned_mid_way_is_removed_but_not_one_in_progress(
