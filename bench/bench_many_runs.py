@@ -31,6 +31,11 @@ as if each slot carried one call, true only before sub-calls were grouped.
 It is kept so that older result files compare; the server's peak of calls
 in flight (`model_calls_peak_in_flight`) shows which one the runs met.
 
+After each worker count, Temporal's floor for the same runs
+(bench_temporal_floor.py's `our-payloads` shape: same workflow shape and
+payload sizes, activities that only wait, same server) is measured right
+away, so that the machine's drift falls on both: `ratio_to_temporal_floor`.
+
 Workers are `python worker.py` processes (what `rlm worker` runs), each with
 its own data dir; peak RSS (VmHWM) and RSS sampled every 0.2 s from /proc.
 Activities per worker come from the runs' histories (the identity of every
@@ -63,8 +68,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
+from bench_temporal_floor import floor_once  # noqa: E402
 
-from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause  # noqa: E402
 
 from activities.context_store import ContextStore  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
@@ -298,6 +304,14 @@ async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter, dict
             elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                 w = e.workflow_task_completed_event_attributes
                 spans.setdefault("workflow task ran", []).append(t - at[w.started_event_id])
+            elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+                # A sticky task not picked up in time goes to the shared queue
+                # and replays the whole history there: extra work on both sides.
+                kind = TimeoutType.Name(e.workflow_task_timed_out_event_attributes.timeout_type)
+                retries[f"workflow task: {kind.removeprefix('TIMEOUT_TYPE_').lower()}"] += 1
+            elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                cause = WorkflowTaskFailedCause.Name(e.workflow_task_failed_event_attributes.cause)
+                retries[f"workflow task failed: {cause.removeprefix('WORKFLOW_TASK_FAILED_CAUSE_').lower()}"] += 1
         spans.setdefault("run", []).append(history.events[-1].event_time.ToDatetime().timestamp() - first)
     return acts, tasks, retries, {name: _spread(values) for name, values in sorted(spans.items())}
 
@@ -373,6 +387,14 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         )
         print("  spans (median / p90 s): " + "; ".join(
             f"{name} {v['median_s']}/{v['p90_s']}" for name, v in spans.items()))
+        if args.floor:
+            # Temporal alone, same run shape and payload sizes, same server,
+            # right after: what this machine allows before the engine's work.
+            floor = await floor_once(svc, "our-payloads", len(contexts), args.latency)
+            row["temporal_floor"] = floor | {"shape": "our-payloads (bench_temporal_floor.py)"}
+            row["ratio_to_temporal_floor"] = round(wall / floor["wall_s"], 2)
+            print(f"  Temporal floor (our payloads, just after): {floor['wall_s']:.1f} s "
+                  f"(Temporal CPU {floor['temporal_cpu_s']:.1f} s); ours x{row['ratio_to_temporal_floor']} of it")
         if count == 1 and args.idle_phase:
             row["idle"] = await idle_phase(client, settings, server, workers, contexts, rss_before[workers.pids[0]])
         return row
@@ -432,6 +454,8 @@ def main() -> None:
     parser.add_argument("--shared-context", action="store_true", help="one stored context for all runs")
     parser.add_argument("--cell-memory-mb", type=int, default=CELL_MEMORY_MB, help="RunLimits.cell_memory_mb of every run")
     parser.add_argument("--no-idle-phase", dest="idle_phase", action="store_false")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the Temporal-alone round after each worker count (bench_temporal_floor.py)")
     parser.add_argument("--output", default="many_runs")
     parser.add_argument("--model-client", choices=["litellm", "direct", "auto"], default="litellm",
                         help="ModelSpec.client of the workers' models")

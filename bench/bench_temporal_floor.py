@@ -149,18 +149,36 @@ async def one_round(client, task_queue: str, shape: str, runs: int, latency_s: f
     return time.perf_counter() - started
 
 
-async def measure(services: h.Services, args) -> dict:
-    client = await connect(services.settings)
-    task_queue = f"floor-{uuid.uuid4()}"
-    worker = Worker(
+def floor_worker(client, task_queue: str) -> Worker:
+    """A worker for FloorRun, configured like ours (worker.py)."""
+    return Worker(
         client, task_queue=task_queue, workflows=[FloorRun],
         activities=[floor_resolve, floor_turn, floor_calls, CellActivity(client).floor_cell],
         workflow_runner=UnsandboxedWorkflowRunner(),
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=MAX_ACTIVITIES),
         max_concurrent_activities=MAX_ACTIVITIES,
     )  # fmt: skip
+
+
+async def floor_once(services: h.Services, shape: str, runs: int, latency_s: float) -> dict[str, float]:
+    """One round of `shape` on its own warmed-up worker: wall time and the
+    CPU of Temporal and of this process (bench_many_runs.py measures the floor
+    right after its own runs with this)."""
+    client = await connect(services.settings)
+    task_queue = f"floor-{uuid.uuid4()}"
+    async with floor_worker(client, task_queue):
+        await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
+        t0, c0 = h.proc_cpu_s(services.temporal_pid), time.process_time()
+        wall = await one_round(client, task_queue, shape, runs, latency_s)
+        return {"wall_s": round(wall, 2), "temporal_cpu_s": round(h.proc_cpu_s(services.temporal_pid) - t0, 2),
+                "worker_and_client_cpu_s": round(time.process_time() - c0, 2)}
+
+
+async def measure(services: h.Services, args) -> dict:
+    client = await connect(services.settings)
+    task_queue = f"floor-{uuid.uuid4()}"
     measured: dict[str, dict[str, list[float]]] = {shape: {"wall": [], "temporal": [], "ours": []} for shape in SHAPES}
-    async with worker:
+    async with floor_worker(client, task_queue):
         await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
         # Shapes interleaved, so that the machine's drift falls on all of them.
         for _ in range(args.repeats):
