@@ -105,10 +105,10 @@ class ContextFileCache:
                 "or give the worker a larger data dir (RLM_DATA_DIR)",
             ) from None
 
-    def _evict_if_due(self, written: int) -> None:
+    def _evict_if_due(self, added_bytes: int) -> None:
         with self._total_lock:
             if self._total is not None:
-                self._total += written
+                self._total += added_bytes
         with self._scan_lock:  # a scan that ran while this waited may have made this one needless
             with self._total_lock:
                 due = (self._total is None or self._total > self._max_bytes

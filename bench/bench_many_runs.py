@@ -269,13 +269,14 @@ async def _result(handle):
             await asyncio.sleep(0.5)
 
 
-async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter, dict[str, Any]]:
+async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter, Counter, dict[str, Any]]:
     """Activity and workflow tasks started per worker identity, retried
-    activity attempts by type and cause, and where a run's time went, from
-    the histories."""
+    activity attempts by type and cause, workflow tasks that timed out or
+    failed, and where a run's time went, from the histories."""
     acts: Counter = Counter()
     tasks: Counter = Counter()
     retries: Counter = Counter()
+    task_problems: Counter = Counter()
     spans: dict[str, list[float]] = {}
     for handle in handles:
         history = await handle.fetch_history()
@@ -308,12 +309,12 @@ async def activities_by_worker(handles) -> tuple[Counter, Counter, Counter, dict
                 # A sticky task not picked up in time goes to the shared queue
                 # and replays the whole history there: extra work on both sides.
                 kind = TimeoutType.Name(e.workflow_task_timed_out_event_attributes.timeout_type)
-                retries[f"workflow task: {kind.removeprefix('TIMEOUT_TYPE_').lower()}"] += 1
+                task_problems[f"timed out: {kind.removeprefix('TIMEOUT_TYPE_').lower()}"] += 1
             elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                 cause = WorkflowTaskFailedCause.Name(e.workflow_task_failed_event_attributes.cause)
-                retries[f"workflow task failed: {cause.removeprefix('WORKFLOW_TASK_FAILED_CAUSE_').lower()}"] += 1
+                task_problems[f"failed: {cause.removeprefix('WORKFLOW_TASK_FAILED_CAUSE_').lower()}"] += 1
         spans.setdefault("run", []).append(history.events[-1].event_time.ToDatetime().timestamp() - first)
-    return acts, tasks, retries, {name: _spread(values) for name, values in sorted(spans.items())}
+    return acts, tasks, retries, task_problems, {name: _spread(values) for name, values in sorted(spans.items())}
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -357,7 +358,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         cpu = {str(k): round(cpu1[k] - v, 1) for k, v in cpu0.items()}
         load1 = [round(x, 2) for x in os.getloadavg()]
         rss_after = workers.rss_mb()
-        acts, tasks, retries, spans = await activities_by_worker(handles)
+        acts, tasks, retries, task_problems, spans = await activities_by_worker(handles)
         ideal = ideal_s(len(contexts), args.subcalls, args.latency, count)
         row: dict[str, Any] = {
             "workers": count,
@@ -370,6 +371,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
             "activities_per_worker": {str(k): v for k, v in acts.items()},
             "workflow_tasks_per_worker": {str(k): v for k, v in tasks.items()},
             "activity_retries_by_cause": dict(retries.most_common()),
+            "workflow_task_timeouts_and_failures": dict(task_problems.most_common()),
             "spans_from_histories": spans,
             "cpu_s_during_runs": cpu,
             "worker_rss_mb_before": {str(k): v for k, v in rss_before.items()},
@@ -382,7 +384,7 @@ async def bench_workers(svc: h.Services, server: ModelServer, contexts, count: i
         print(
             f"{count} worker(s): {len(contexts)} runs in {wall:.1f} s, ideal {ideal['ideal_s']:.2f} s "
             f"(x{row['ratio_to_ideal']}; x{row['ratio_to_ideal_one_call_per_slot']} of the one-call-per-slot "
-            f"ideal {ideal['ideal_one_call_per_slot_s']:.2f} s); peak calls in flight {peak_in_flight}; activities per worker {dict(acts)}; retries {dict(retries)}; CPU s {cpu}; "
+            f"ideal {ideal['ideal_one_call_per_slot_s']:.2f} s); peak calls in flight {peak_in_flight}; activities per worker {dict(acts)}; retries {dict(retries)}; workflow tasks {dict(task_problems) or 'no timeouts or failures'}; CPU s {cpu}; "
             f"peak RSS MB {row['worker_peak_rss_mb_vmhwm']}; load {load0} -> {load1}"
         )
         print("  spans (median / p90 s): " + "; ".join(
