@@ -244,13 +244,11 @@ class WasiShim:
                 # The guest reads only once its message is whole: these bytes are none.
                 self._drop_stray()
             total = 0
-            # One source per call: a read never spans a frame and a file.
             while self._pending and self._pending[0].exhausted():
                 self._pending.popleft()
             if self._pending:
-                source = self._pending[0]
                 for ptr, length in self._iovecs(caller, iovs, count):
-                    got = source.readinto(self._view(caller, ptr, length))
+                    got = self._read_sources(self._view(caller, ptr, length))
                     total += got
                     if got < length:
                         break
@@ -260,6 +258,21 @@ class WasiShim:
         except _Refused as refused:
             return refused.errno
         return _ERRNO_SUCCESS
+
+    def _read_sources(self, view: memoryview) -> int:
+        """Fill `view` from the first pending source. A read never spans a
+        frame and a file, but goes on from a context file into the next one:
+        the guest reads many small documents in one call (guest/rlm_driver.py
+        `_load_batches`)."""
+        source = self._pending[0]
+        done = source.readinto(view)
+        while done < len(view) and isinstance(source, FileSource) and source.exhausted():
+            self._pending.popleft()
+            if not self._pending or not isinstance(self._pending[0], FileSource):
+                break
+            source = self._pending[0]
+            done += source.readinto(view[done:])
+        return done
 
     def _clock_time_get(self, caller: Any, clock_id: int, precision: int, out: int) -> int:
         result = self._real["clock_time_get"](caller, clock_id, precision, out)

@@ -216,6 +216,38 @@ def test_load_context_as_single_str(tmp_path):
         assert result.value_repr == "('str', 18, 'line two')"
 
 
+def test_many_documents_load_exactly_across_read_batches(tmp_path):
+    # The guest reads documents in batches of 8 MiB (guest/rlm_driver.py
+    # LOAD_BATCH_BYTES), each filled by the host from consecutive files: empty
+    # documents, multi-byte characters and a document larger than a batch
+    # must all land whole and in order.
+    texts = [f"doc {i} é ☕ 𝄞 " * (i % 7) for i in range(3000)]
+    texts[1500] = "big " + "x" * (9 << 20) + " end"
+    texts[1501] = ""
+    files = []
+    for i, text in enumerate(texts):
+        files.append(tmp_path / f"{i:06d}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    with ReplSession(limits=SMALL) as session:
+        session.load_context(files, "list")
+        # Compared in the guest: a result's repr is cut at 200 characters.
+        lengths = f"[len(d) for d in context] == {[len(t) for t in texts]!r}"
+        assert session.run_cell(lengths).value_repr == "True"
+        edges = f"[(d[:12], d[-12:]) for d in context] == {[(t[:12], t[-12:]) for t in texts]!r}"
+        assert session.run_cell(edges).value_repr == "True"
+
+
+def test_a_document_that_is_not_utf8_is_named_by_its_index_inside_a_batch(tmp_path):
+    files = [tmp_path / f"{i}.txt" for i in range(4)]
+    for i, path in enumerate(files):
+        path.write_bytes(b"fine" if i != 2 else b"ok \xff\xfe")
+    with ReplSession(limits=SMALL) as session:
+        with pytest.raises(SandboxError, match="context document 2 is not valid UTF-8"):
+            session.load_context(files, "list")
+        session.load_context(files[:2], "list")  # the REPL goes on
+        assert session.run_cell("context").value_repr == "['fine', 'fine']"
+
+
 def test_load_context_rejects_bad_input_clearly(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
@@ -227,6 +259,10 @@ def test_load_context_rejects_bad_input_clearly(tmp_path):
             session.load_context([tmp_path / "a.txt", other / "b.txt"], "str")
         with pytest.raises(ValueError, match="one directory"):
             session.load_context([tmp_path / "a.txt", other / "b.txt"], "list")
+        # One directory however it is named (its parents are resolved, once each).
+        (tmp_path / "link").symlink_to(other)
+        session.load_context([tmp_path / "link" / "b.txt", tmp_path / "sub" / ".." / "sub" / "b.txt"], "list")
+        assert session.run_cell("context").value_repr == "['b', 'b']"
         with pytest.raises(ValueError, match="does not exist"):
             session.load_context([tmp_path / "missing.txt"], "list")
         with pytest.raises(ValueError, match="kind must be"):
