@@ -36,7 +36,10 @@ HEARTBEAT_EVERY_S = 1.0
 # A fresh REPL over a smaller context starts in ~15 ms: made ahead, it saves
 # little, and on a worker other than its cell's it is made for nothing
 # (bench_many_runs, 4 MB contexts, two workers: ~1 s more CPU per 100 runs).
+# Many documents cost more than their bytes (a file each to open): 4 MB in
+# 20,000 documents took 0.6-1.2 s (bench_first_cell --docs), ~40 ms a thousand.
 PREPARE_MIN_BYTES = 8 * 1024 * 1024
+PREPARE_MIN_DOCS = 1000
 BUSY_RETRY_DELAY = timedelta(seconds=5)
 TOO_LARGE_RETRY_DELAY = timedelta(seconds=1)
 
@@ -112,7 +115,8 @@ class RunCellActivity:
         """Make the REPL of the run's next cell (`inp` without its code) in the
         background, while the run's model answers: its boot, context load and
         snapshot restore are then done when the cell comes (ReplPool.prepare)."""
-        if inp.snapshot_key is None and inp.context.total_bytes < PREPARE_MIN_BYTES:
+        small = inp.context.total_bytes < PREPARE_MIN_BYTES and inp.context.doc_count < PREPARE_MIN_DOCS
+        if inp.snapshot_key is None and small:
             return
         self._pool.prepare(
             inp.workflow_id, inp.snapshot_key, _limits(inp), lambda s: self._start(s, inp, attempt=1), self._tools(inp)

@@ -290,7 +290,15 @@ def test_continue_as_new_keeps_repl_state_transcript_and_spend(settings, context
     assert "first ONE" in third.all_text
 
 
-def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, context_store, llm):
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x" * 9_000_000,  # over PREPARE_MIN_BYTES: worth making ahead
+        [f"doc {i}" for i in range(1000)],  # few bytes in PREPARE_MIN_DOCS documents: a file each to load
+    ],
+    ids=["large", "many-documents"],
+)
+def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, context_store, llm, value):
     """The run's first root turn asks its worker to make the REPL (boot,
     context load) while the model answers; the first cell checks it out warm,
     and the next cell keeps it."""
@@ -298,10 +306,10 @@ def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, c
 
     from workflows.steps import CellOutput
 
-    ctx = context_store.put_value("x" * 9_000_000)  # over PREPARE_MIN_BYTES: worth making ahead
+    ctx = context_store.put_value(value)
     llm.add_rule("Turn 1 of", repl("print(len(context))"), model=ROOT, delay_s=0.5)
     llm.add_rule("Turn 2 of", repl("print('again')"), model=ROOT)
-    llm.add_rule("again", "FINAL(9000000)", model=ROOT)
+    llm.add_rule("again", f"FINAL({len(value)})", model=ROOT)
     s = isolated(settings)
 
     async def go():
@@ -311,14 +319,14 @@ def test_the_first_cell_finds_its_repl_made_while_the_model_answered(settings, c
             return result, await handle.fetch_history()
 
     result, history = asyncio.run(go())
-    assert (result.status, result.answer) == ("completed", "9000000"), result.reason
+    assert (result.status, result.answer) == ("completed", str(len(value))), result.reason
     cells = [
         pydantic_data_converter.payload_converter.from_payloads(e.activity_task_completed_event_attributes.result.payloads, [CellOutput])[0]
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED and e.activity_task_completed_event_attributes.result.payloads
         and b"duration_s" in e.activity_task_completed_event_attributes.result.payloads[0].data
     ]
-    assert [c.output.strip() for c in cells] == ["9000000", "again"]
+    assert [c.output.strip() for c in cells] == [str(len(value)), "again"]
     assert [c.warm for c in cells] == [True, True]
 
 
