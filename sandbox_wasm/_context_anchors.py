@@ -82,7 +82,7 @@ class ContextIndex:
 def context_anchors(files: list[Path]) -> Future[list[Any]]:
     """The packed anchor index (rlm_slices.pack_index) or None for each file,
     computed in the background."""
-    return _scanner.submit(lambda: [_file_anchors(path) for path in files])
+    return _scanner.submit(lambda: [_file_anchors(path, key) for path, key in zip(files, _keys(files), strict=True)])
 
 
 def _keys(files: list[Path]) -> list[tuple[str, int, int]]:
@@ -114,8 +114,7 @@ def _scanned(files: list[Path]) -> list[Any] | None:
         return [_cache[key] for key in keys]
 
 
-def _file_anchors(path: Path) -> Any:
-    [key] = _keys([path])
+def _file_anchors(path: Path, key: tuple[str, int, int]) -> Any:
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
