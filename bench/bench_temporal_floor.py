@@ -33,9 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -160,33 +162,40 @@ def floor_worker(client, task_queue: str) -> Worker:
     )  # fmt: skip
 
 
-async def floor_once(services: h.Services, shape: str, runs: int, latency_s: float) -> dict[str, float]:
-    """One round of `shape` on its own warmed-up worker: wall time and the
-    CPU of Temporal and of this process (bench_many_runs.py measures the floor
-    right after its own runs with this)."""
+@contextlib.asynccontextmanager
+async def warm_floor_worker(services: h.Services) -> AsyncIterator[Callable[[str, int, float], Awaitable[dict]]]:
+    """A FloorRun worker, warmed up; yields `measured(shape, runs, latency_s)`:
+    one round's wall time and the CPU of Temporal and of this process."""
     client = await connect(services.settings)
     task_queue = f"floor-{uuid.uuid4()}"
-    async with floor_worker(client, task_queue):
-        await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
+
+    async def measured(shape: str, runs: int, latency_s: float) -> dict[str, float]:
         t0, c0 = h.proc_cpu_s(services.temporal_pid), time.process_time()
         wall = await one_round(client, task_queue, shape, runs, latency_s)
-        return {"wall_s": round(wall, 2), "temporal_cpu_s": round(h.proc_cpu_s(services.temporal_pid) - t0, 2),
-                "worker_and_client_cpu_s": round(time.process_time() - c0, 2)}
+        return {"wall": wall, "temporal": h.proc_cpu_s(services.temporal_pid) - t0, "ours": time.process_time() - c0}
+
+    async with floor_worker(client, task_queue):
+        await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
+        yield measured
+
+
+async def floor_once(services: h.Services, shape: str, runs: int, latency_s: float) -> dict[str, float]:
+    """One round of `shape` on its own warmed-up worker (bench_many_runs.py
+    measures the floor right after its own runs with this)."""
+    async with warm_floor_worker(services) as measured:
+        m = await measured(shape, runs, latency_s)
+    return {"wall_s": round(m["wall"], 2), "temporal_cpu_s": round(m["temporal"], 2),
+            "worker_and_client_cpu_s": round(m["ours"], 2)}
 
 
 async def measure(services: h.Services, args) -> dict:
-    client = await connect(services.settings)
-    task_queue = f"floor-{uuid.uuid4()}"
     measured: dict[str, dict[str, list[float]]] = {shape: {"wall": [], "temporal": [], "ours": []} for shape in SHAPES}
-    async with floor_worker(client, task_queue):
-        await one_round(client, task_queue, "run", 5, 0.01)  # warm-up
+    async with warm_floor_worker(services) as round_of:
         # Shapes interleaved, so that the machine's drift falls on all of them.
         for _ in range(args.repeats):
             for shape in SHAPES:
-                t0, c0 = h.proc_cpu_s(services.temporal_pid), time.process_time()
-                measured[shape]["wall"].append(await one_round(client, task_queue, shape, args.runs, args.latency))
-                measured[shape]["temporal"].append(h.proc_cpu_s(services.temporal_pid) - t0)
-                measured[shape]["ours"].append(time.process_time() - c0)
+                for name, value in (await round_of(shape, args.runs, args.latency)).items():
+                    measured[shape][name].append(value)
     ideal = 3 * args.latency
     results: dict[str, dict] = {}
     for shape, m in measured.items():
