@@ -18,7 +18,7 @@ import structlog
 
 from activities.settings import Settings
 from cli import _local_model, _worker_service
-from cli._ports import find_free_port, find_free_port_block, port_is_free
+from cli._ports import find_free_port, find_free_port_block, port_holders, port_is_free
 from cli._process import (
     PidRecord,
     is_alive,
@@ -41,6 +41,7 @@ __all__ = [
     "ensure_worker",
     "stop_worker",
     "private_settings",
+    "service_ports",
     "status",
     "up",
 ]
@@ -129,6 +130,11 @@ def _specs(settings: Settings) -> list[ServiceSpec]:
     return [temporal_spec(settings), seaweed_spec(settings)]
 
 
+def service_ports(settings: Settings) -> dict[str, list[int]]:
+    """The TCP ports each embedded service listens on, by service name."""
+    return {spec.name: list(spec.ports.values()) for spec in _specs(settings)}
+
+
 def _running_record(spec: ServiceSpec) -> PidRecord | None:
     """Our live process for `spec`, or None; removes a stale pid file."""
     record = read_pid_file(spec.pid_file)
@@ -179,9 +185,11 @@ def _start(spec: ServiceSpec) -> PidRecord | None:
     if taken:
         described = ", ".join(f"{spec.ports[label]} ({label})" for label in taken)
         variables = ", ".join(sorted({spec.port_settings[label] for label in taken}))
+        holders = "; ".join(h for label in taken for h in port_holders(spec.ports[label]))
         raise LauncherError(
-            f"port {described} on {spec.host} is already in use by another process: stop that "
-            f"process, or move {spec.name} to free ports with {variables}"
+            f"port {described} on {spec.host} is already in use by another process"
+            f"{f' ({holders})' if holders else ''}: stop that process, or move {spec.name} to free ports "
+            f"with {variables}"
         )
     for directory in (spec.data_dir, spec.pid_file.parent, *spec.extra_dirs):
         directory.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 from activities.object_store import ObjectStore
 from activities.settings import Settings
 from cli import services
-from cli._ports import port_is_free
+from cli._ports import port_holders, port_is_free
 from cli._process import PidRecord, write_pid_file
 from cli.main import main
 from tests.fixtures_services import isolated_settings
@@ -24,8 +24,7 @@ from workflows.names import SEARCH_ATTRIBUTES
 
 
 def _all_ports(settings: Settings) -> list[int]:
-    ports = [settings.temporal_port, settings.temporal_ui_port, settings.temporal_http_port, settings.s3_port]
-    return ports + [settings.seaweed_port_base + i for i in range(9)]
+    return [port for ports in services.service_ports(settings).values() for port in ports]
 
 
 def _outside_ip() -> str | None:
@@ -118,7 +117,24 @@ def test_temporal_port_taken_names_port_and_setting(private: Settings) -> None:
             services.up(private)
     message = str(caught.value)
     assert str(private.temporal_port) in message and "RLM_TEMPORAL_ADDRESS" in message
+    assert f"pid {os.getpid()} (" in message and "listening" in message  # who to stop
     assert not services.status(private).s3.running
+
+
+def test_port_holders_names_the_process_and_what_its_socket_is() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert port_holders(port) == [f"pid {os.getpid()} ({_comm()}): listening"]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            local = client.getsockname()[1]
+            assert port_holders(local) == [f"pid {os.getpid()} ({_comm()}): an established connection to 127.0.0.1:{port}"]
+    assert port_holders(port) == []  # nothing holds it now (the client closed first: TIME_WAIT is on its port)
+
+
+def _comm() -> str:
+    return Path("/proc/self/comm").read_text().strip()
 
 
 def test_s3_port_taken_stops_what_was_started(private: Settings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -22,13 +23,15 @@ class KillableServices:
 
     def __init__(self, data_dir: Path) -> None:
         self.settings: Settings = isolated_settings(data_dir)
+        self._reserved: list[socket.socket] = []
 
     def up(self) -> KillableServices:
         launcher.up(self.settings)
         return self
 
     def kill(self, service: str) -> None:
-        """SIGKILL `service` ("temporal" or "s3") and wait until it is gone."""
+        """SIGKILL `service` ("temporal" or "s3"), wait until it is gone, and
+        hold its ports until `restart()`."""
         assert service in SERVICES, service
         record = read_pid_file(self.settings.data_dir / "run" / f"{service}.pid")
         assert record is not None and is_alive(record), f"{service} is not running"
@@ -38,10 +41,32 @@ class KillableServices:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{service} (pid {record.pid}) survived SIGKILL for 10 s")
             time.sleep(0.05)  # polling the process table
+        host = self.settings.temporal_host if service == "temporal" else self.settings.s3_host
+        self._reserve(host, launcher.service_ports(self.settings)[service])
 
     def restart(self) -> None:
         """Start what is not running, on the same data dir and ports; wait until ready."""
-        launcher.up(self.settings)
+        try:
+            launcher.up(self.settings)
+        finally:
+            self._release()
 
     def down(self) -> None:
+        self._release()
         launcher.down(self.settings)
+
+    def _reserve(self, host: str, ports: list[int]) -> None:
+        # A minute-long outage leaves the ports free for a minute, and CI once
+        # lost the restart to a port taken meanwhile (S3's filer gRPC). A
+        # socket bound but not listening keeps the kernel from handing the
+        # port to any outgoing connection, while the restarted server, which
+        # sets SO_REUSEADDR as Go's servers do, can still bind and listen.
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            self._reserved.append(sock)
+
+    def _release(self) -> None:
+        while self._reserved:
+            self._reserved.pop().close()
