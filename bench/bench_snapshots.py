@@ -1,7 +1,9 @@
 """Snapshot benchmark: a REPL holding 100 MB of strings derived from the
 context, then a small cell. Prints figures, writes bench/results/snapshots.json.
 
-Run: python bench/bench_snapshots.py [--context-mb 100] [--label after]
+Run: python bench/bench_snapshots.py [--context-mb 100] [--label after] [--docs N]
+`--docs N` splits the context into N documents (a list context, the
+back-office folder) and derives the strings from the first half of them.
 It also runs against code without value records (the snapshot is then one
 pickle uploaded whole), so the same script measures before and after:
     PYTHONPATH=<old checkout> python bench/bench_snapshots.py --label before
@@ -35,6 +37,10 @@ BIG_CELL = (
     "chunks = [context[i:i + 200_000] for i in range(0, {half}, 200_000)]\n"
     "prompts = ['Summarize this part of the report:\\n' + c + '\\nAnswer briefly.' for c in chunks]\n"
 )
+BIG_CELL_DOCS = (
+    "chunks = context[:len(context) // 2]\n"
+    "prompts = ['Summarize this part of the report:\\n' + c + '\\nAnswer briefly.' for c in chunks]\n"
+)
 SMALL_CELL = "answers = ['answer %d' % i for i in range(250)]\nstep = {step}\nbest = max(answers)\n"
 
 
@@ -52,6 +58,19 @@ def make_context(path: Path, megabytes: int) -> None:
             block = " ".join(picked) + "\n"
             handle.write(block)
             written += len(block)
+
+
+def split_context(path: Path, docs: int) -> list[Path]:
+    """`path` cut into `docs` files of about equal size (at spaces, so each is valid UTF-8)."""
+    text = path.read_text(encoding="utf-8")
+    step, files, at = len(text) // docs, [], 0
+    for i in range(docs):
+        end = len(text) if i == docs - 1 else text.find(" ", max(at, (i + 1) * step))
+        end = len(text) if end < 0 else end
+        files.append(path.with_name(f"doc{i:06d}.txt"))
+        files[-1].write_text(text[at:end], encoding="utf-8")
+        at = end
+    return files
 
 
 def timed(fn):
@@ -100,11 +119,13 @@ def rounded(figures: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--context-mb", type=int, default=100)
-    parser.add_argument("--label", default="after" if SnapshotStore else "before")
+    parser.add_argument("--label", default=None, help="results key (default: after, or docs_N)")
+    parser.add_argument("--docs", type=int, default=0, help="split the context into N documents")
     args = parser.parse_args()
+    args.label = args.label or (f"docs_{args.docs}" if args.docs else "after" if SnapshotStore else "before")
     limits = SandboxLimits(cell_timeout_s=600.0, memory_bytes=3 * 1024**3, admin_timeout_s=600.0)
     result: dict = {"label": args.label, "load_avg_at_start": os.getloadavg(),
-                    "value_records": SnapshotStore is not None}
+                    "value_records": SnapshotStore is not None, "documents": args.docs or 1}
     with tempfile.TemporaryDirectory() as tmp, private_services() as services:
         store = ObjectStore.from_settings(services.settings)
         store.ensure_bucket()
@@ -112,20 +133,23 @@ def main() -> None:
         make_context(context, args.context_mb)
         result["context_bytes"] = context.stat().st_size
         half = context.stat().st_size // 2 // 200_000 * 200_000
+        files, kind = ([context], "str") if not args.docs else (split_context(context, args.docs), "list")
+        big_cell = BIG_CELL_DOCS if args.docs else BIG_CELL.format(half=half)
         saver = Saver(store)
         with ReplSession(limits=limits).start() as session:
-            session.load_context([context], "str")
+            session.load_context(files, kind)
             if hasattr(session, "wait_context_index"):
                 result["context_index_s"] = round(timed(session.wait_context_index)[0], 3)
             session.run_cell("import cloudpickle")  # its import is not a snapshot's cost
-            cell = session.run_cell(BIG_CELL.format(half=half) + "sum(map(len, chunks)) + sum(map(len, prompts))")
+            cell = session.run_cell(big_cell + "sum(map(len, chunks)) + sum(map(len, prompts))")
             assert cell.error is None, cell.error
             result["derived_chars"] = int(cell.value_repr)
             result["after_big_cell"] = rounded(saver.save(session))
             small = []
             for step in range(5):
-                assert session.run_cell(SMALL_CELL.format(step=step)).error is None
-                small.append(rounded(saver.save(session)))
+                cell_s, cell = timed(lambda: session.run_cell(SMALL_CELL.format(step=step)))  # noqa: B023
+                assert cell.error is None, cell.error
+                small.append(rounded({"cell_s": cell_s} | saver.save(session)))
             result["after_small_cell"] = small
             totals = sorted(s["snapshot_s"] + s["upload_s"] for s in small)
             result["small_cell_snapshot_plus_upload_ms_median"] = round(totals[2] * 1000, 1)
@@ -135,7 +159,7 @@ def main() -> None:
             last_key = saver.save(session)["key"] or small[-1]["key"]
         with ReplSession(limits=limits).start() as fresh:
             began = time.perf_counter()
-            fresh.load_context([context], "str")
+            fresh.load_context(files, kind)
             cold = saver.restore(fresh, last_key)
             check = fresh.run_cell("len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]")
             cold["total_s"] = time.perf_counter() - began

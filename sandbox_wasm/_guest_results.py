@@ -3,6 +3,7 @@ checked before the host uses them."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -11,6 +12,8 @@ from ._types import SandboxError
 # Guest-reported texts (error, traceback) are cut to this before they are kept.
 MAX_REPORT_CHARS = 20_000
 _HEX = frozenset("0123456789abcdef")
+RECORD_NAME_CHARS = 40  # rlm_snapshot.record_name: 40 hex digits
+_JOINED_NAMES = re.compile(r"[0-9a-f]*")
 
 
 class SnapshotError(SandboxError):
@@ -24,15 +27,18 @@ def snapshot_parts(result: dict[str, Any], held: Collection[str]) -> tuple[
     """(data, saved, unsaved, refs, records) of a snapshot's result, checked
     against the records the host already `held`; SandboxError if malformed."""
     data, saved, unsaved = result.get("data"), result.get("saved"), result.get("unsaved")
-    refs, records = result.get("refs"), result.get("records")
+    joined, records = result.get("refs"), result.get("records")
     # Guest-made values: check their types (bytes(n) of an int would allocate n bytes).
+    # The record names come as one string of RECORD_NAME_CHARS each (checked in C, not per name).
     if not (isinstance(data, bytes) and isinstance(saved, list) and isinstance(unsaved, dict)
-            and isinstance(refs, list) and isinstance(records, dict)
+            and isinstance(joined, str) and len(joined) % RECORD_NAME_CHARS == 0
+            and _JOINED_NAMES.fullmatch(joined) and isinstance(records, dict)
             and all(isinstance(n, str) for n in saved)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in unsaved.items())
-            and all(is_record_name(d) for d in refs)
-            and all(isinstance(v, bytes) for v in records.values())
-            and set(records) <= set(refs)):
+            and all(isinstance(v, bytes) for v in records.values())):
+        raise SandboxError("snapshot failed: the guest sent a malformed snapshot")
+    refs = sorted(joined[i:i + RECORD_NAME_CHARS] for i in range(0, len(joined), RECORD_NAME_CHARS))
+    if not set(records) <= set(refs):
         raise SandboxError("snapshot failed: the guest sent a malformed snapshot")
     missing = [d for d in refs if d not in records and d not in held]
     if missing:
@@ -44,7 +50,7 @@ def snapshot_parts(result: dict[str, Any], held: Collection[str]) -> tuple[
 
 def is_record_name(value: Any) -> bool:
     """A record name as the guest makes them (rlm_snapshot.record_name)."""
-    return isinstance(value, str) and len(value) == 40 and _HEX.issuperset(value)
+    return isinstance(value, str) and len(value) == RECORD_NAME_CHARS and _HEX.issuperset(value)
 
 
 def report_text(value: Any, limit: int = MAX_REPORT_CHARS) -> str | None:

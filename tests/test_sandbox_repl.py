@@ -200,6 +200,12 @@ def test_in_place_change_of_list_context_is_undone(repl):
     assert repl.run_cell("context").value_repr == repr(["first document é", "second"])
 
 
+def test_reordered_list_context_is_undone(repl):
+    # Same length, same documents, another order: only identity tells.
+    assert repl.run_cell("context.reverse()").restored_names == ["context"]
+    assert repl.run_cell("context").value_repr == repr(["first document é", "second"])
+
+
 def test_show_vars_lists_user_variables(repl):
     repl.run_cell("items = [1, 2, 3]\nname = 'abc'")
     listing = repl.run_cell("print(SHOW_VARS())").output

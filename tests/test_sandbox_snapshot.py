@@ -54,6 +54,19 @@ def test_round_trip_keeps_values_functions_classes_and_live_globals(context_file
         assert result.value_repr == "(30, 50, 20, True, 2, 'aaa', True, True)"
 
 
+def test_documents_are_saved_by_index_snapshot_after_snapshot(context_files):
+    with fresh(context_files) as first:
+        first.run_cell("picked = [context[1], context[0]]")
+        first.snapshot()
+        first.run_cell("picked.append(context[1])")
+        snap = first.snapshot()  # the REPL's map of the documents, kept from the first
+    assert len(snap.data) < 20_000
+    with fresh(context_files) as second:
+        second.restore(snap.data)
+        result = second.run_cell("[p is d for p, d in zip(picked, [context[1], context[0], context[1]])]")
+        assert result.value_repr == "[True, True, True]"
+
+
 def test_plain_data_is_saved_without_cloudpickle_and_a_cell_function_still_by_value(context_files):
     # Importing cloudpickle in the guest was the whole cost of a first snapshot
     # (~150 ms); data alone does not need it, a function defined in a cell does.

@@ -209,7 +209,7 @@ def test_a_guest_that_claims_records_it_never_sent_is_refused(context_files):
             "import rlm_snapshot\n_take = rlm_snapshot.take\n"
             "def take(refs, names):\n"
             "    out = _take(refs, names)\n"
-            "    out['refs'] = out['refs'] + ['0' * 40]\n"
+            "    out['refs'] = out['refs'] + '0' * 40\n"
             "    return out\n"
             "rlm_snapshot.take = take\n")
         with pytest.raises(SandboxError, match="never sent"):
@@ -218,6 +218,22 @@ def test_a_guest_that_claims_records_it_never_sent_is_refused(context_files):
         check = session.run_cell("len(keep), 'take' in globals()")
         assert check.value_repr == "(10000, False)"
         assert session.snapshot().refs
+
+
+@pytest.mark.parametrize("refs", ["out['refs'] + '0' * 39", "out['refs'] + 'G' * 40", "[out['refs']]",
+                                  "out['refs'][:-40]"])  # the last: a record sent but not named
+def test_malformed_record_names_are_refused(context_files, refs):
+    with fresh(context_files) as session:
+        session.run_cell(
+            "big = 'b' * 10_000\n"
+            "import rlm_snapshot\n_take = rlm_snapshot.take\n"
+            "def take(refs, names):\n"
+            "    out = _take(refs, names)\n"
+            f"    out['refs'] = {refs}\n"
+            "    return out\n"
+            "rlm_snapshot.take = take\n")
+        with pytest.raises(SandboxError, match="malformed snapshot"):
+            session.snapshot()
 
 
 def test_a_malformed_record_is_refused(context_files):

@@ -6,6 +6,7 @@ guest is always the one calling out and the host never needs to call in.
 """
 
 import _ast  # the builtin, not `ast`: importing ast (and re, enum) costs ~60 ms of boot
+from _operator import is_not as _is_not  # the builtin, as _ast
 import io
 import os
 import sys
@@ -68,6 +69,7 @@ class Repl:
         self.sources = {}
         self.stored = None  # rlm_snapshot.Stored: large values the host already holds
         self.slices = None  # rlm_slices.ContextSlices of the loaded context
+        self._context_ids = None  # (context_docs, rlm_snapshot.context_item_ids of them)
         self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
                                        encoding="utf-8", errors="backslashreplace")
         self._reset_streams()
@@ -177,10 +179,14 @@ class Repl:
             import rlm_slices
 
             self.slices = rlm_slices.ContextSlices(self.context_docs)
+        if self.context_loaded and isinstance(self.context, list) and (
+                self._context_ids is None or self._context_ids[0] is not self.context_docs):
+            self._context_ids = (self.context_docs, rlm_snapshot.context_item_ids(self.context_docs))
         limit = self.channel.max_frame
         return rlm_snapshot.References(self.globals, self.protected, self.context,
                                        self.context_loaded, self.stored, self.slices,
-                                       None if limit is None else limit - min(_SNAPSHOT_HEADROOM, limit // 4))
+                                       None if limit is None else limit - min(_SNAPSHOT_HEADROOM, limit // 4),
+                                       self._context_ids[1] if self._context_ids else None)
 
     def _restore_protected(self):
         restored = []
@@ -188,9 +194,10 @@ class Repl:
             if self.globals.get(name) is not obj:
                 self.globals[name] = obj
                 restored.append(name)
+        # map/any in C: a context of 20,000 documents is checked twice a cell.
         if isinstance(self.context, list) and (
                 len(self.context) != len(self.context_docs)
-                or any(a is not b for a, b in zip(self.context, self.context_docs))):
+                or any(map(_is_not, self.context, self.context_docs))):
             self.context[:] = self.context_docs
             if "context" not in restored:
                 restored.append("context")

@@ -1,0 +1,123 @@
+"""Long lists and dicts of atoms in snapshots (real wasmtime): each is a
+record of its own, named again without being pickled again while it is
+unchanged, and restored exactly (its type, its identity, every change)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox_wasm import ReplSession, SandboxLimits
+
+LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
+MAKE = (
+    "prompts = ['Summarize:\\n' + d + '\\nBe brief.' for d in context]\n"
+    "scores = {'doc%d' % i: i * 0.5 for i in range(2_000)}\n"
+    "ids = list(range(3_000))\n"
+    "alias = ids\n"
+    "twin = list(ids)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def context_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("many")
+    files = []
+    for i in range(600):
+        files.append(directory / f"d{i:04d}.txt")
+        files[-1].write_text(f"document {i} é " + "x" * (5_000 + i), encoding="utf-8")
+    return files
+
+
+def fresh(context_files):
+    session = ReplSession(limits=LIMITS).start()
+    session.load_context(context_files, "list")
+    return session
+
+
+def restored(context_files, snap, records):
+    session = fresh(context_files)
+    session.restore(snap.data, records)
+    return session
+
+
+def test_unchanged_containers_cost_nothing_and_restore_exactly(context_files):
+    with fresh(context_files) as session:
+        assert session.run_cell(MAKE).error is None
+        first = session.snapshot()
+        assert first.unsaved == [] and len(first.data) < 5_000  # the state names records only
+        records = dict(first.new_records)
+        session.run_cell("note = 'small'")
+        second = session.snapshot()
+        assert second.new_records == {} and set(second.refs) == set(first.refs)
+        assert len(second.data) < 5_000
+    with restored(context_files, second, records) as other:
+        check = other.run_cell(
+            "(type(prompts).__name__, type(scores).__name__, len(prompts), prompts[3] == 'Summarize:\\n' + context[3]"
+            " + '\\nBe brief.', scores['doc1999'], ids[-1], alias is ids, twin == ids, twin is not ids, note)")
+        assert check.value_repr == "('list', 'dict', 600, True, 999.5, 2999, True, True, True, 'small')", check.error
+        # Still independent objects: a change to one shows in it alone.
+        assert other.run_cell("twin.append(-1)\n(len(twin), len(ids), len(alias))").value_repr == "(3001, 3000, 3000)"
+
+
+@pytest.mark.parametrize("change, check, expected", [
+    ("ids.append(7)", "ids[-2:]", "[2999, 7]"),
+    ("ids[10] = 'ten'", "ids[9:12]", "[9, 'ten', 11]"),
+    ("ids.reverse()", "ids[:2]", "[2999, 2998]"),  # same items, another order
+    ("ids[5] = 5.0", "ids[5], type(ids[5]).__name__", "(5.0, 'float')"),  # equal, not the same
+    ("scores['doc7'] = -1", "scores['doc7'], len(scores)", "(-1, 2000)"),
+    ("del scores['doc0']; scores['doc0'] = 0.0", "list(scores)[-1]", "'doc0'"),  # the order changed
+    ("prompts[0] = prompts[0] + '!'", "prompts[0][-2:]", "'.!'"),
+    ("twin.clear()", "len(twin), len(ids)", "(0, 3000)"),
+])
+def test_a_container_changed_after_a_snapshot_is_saved_again(context_files, change, check, expected):
+    with fresh(context_files) as session:
+        session.run_cell(MAKE)
+        records = dict(session.snapshot().new_records)
+        assert session.run_cell(change).error is None
+        snap = session.snapshot()
+        records.update(snap.new_records)
+    with restored(context_files, snap, records) as other:
+        assert other.run_cell(check).value_repr == expected
+
+
+def test_a_restored_container_is_reused_then_saved_again_when_changed(context_files):
+    with fresh(context_files) as session:
+        session.run_cell(MAKE)
+        first = session.snapshot()
+        records = dict(first.new_records)
+    with restored(context_files, first, records) as second:
+        unchanged = second.snapshot()
+        assert unchanged.new_records == {} and unchanged.unchanged
+        # A new container made after the restore gets its own name, not one
+        # a restored container holds (they would come back as one object).
+        second.run_cell("copies = [list(twin) for _ in range(6)]\nids.append(3000)")
+        changed = second.snapshot()
+        records.update(changed.new_records)
+    with restored(context_files, changed, records) as third:
+        check = third.run_cell("(len(ids), [len(c) for c in copies], len({id(c) for c in copies}),"
+                               " any(c is twin for c in copies), alias is ids, len(twin))")
+        assert check.value_repr == "(3001, [3000, 3000, 3000, 3000, 3000, 3000], 6, False, True, 3000)"
+
+
+def test_containers_holding_mutable_values_are_pickled_inline(context_files):
+    # A list of lists cannot be checked by its items' identities: an inner
+    # list changed in place would be missed, so such a list is never reused.
+    with fresh(context_files) as session:
+        session.run_cell("rows = [[i] for i in range(1_000)]")
+        first = session.snapshot()
+        records = dict(first.new_records)
+        session.run_cell("rows[500].append('changed')")
+        snap = session.snapshot()
+        records.update(snap.new_records)
+    with restored(context_files, snap, records) as other:
+        assert other.run_cell("rows[500], len(rows)").value_repr == "([500, 'changed'], 1000)"
+
+
+def test_a_container_of_context_documents_names_them_by_index(context_files):
+    with fresh(context_files) as session:
+        session.run_cell("picked = context[100:400]\nbig = {i: context[i] for i in range(300)}")
+        snap = session.snapshot()
+    with restored(context_files, snap, dict(snap.new_records)) as other:
+        check = other.run_cell("(all(a is b for a, b in zip(picked, context[100:400])),"
+                               " all(big[i] is context[i] for i in range(300)))")
+        assert check.value_repr == "(True, True)"
