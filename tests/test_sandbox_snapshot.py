@@ -200,6 +200,23 @@ def test_a_value_rebinding_protected_names_while_it_is_pickled_does_not_reach_th
         assert cell.value_repr != "'__main__'" and not cell.restored_names, (cell.value_repr, cell.restored_names)
 
 
+def test_a_value_changing_the_context_while_it_is_pickled_does_not_reach_the_next_cell(context_files):
+    with fresh(context_files) as session:
+        session.run_cell(
+            "class Sneaky:\n"
+            "    def __reduce__(self):\n"
+            "        context.reverse()\n"
+            "        context.append('forged')\n"
+            "        return (int, (1,))\n"
+            "s = Sneaky()"
+        )
+        snap = session.snapshot()
+        assert session.run_cell("len(context), context[1]").value_repr == "(2, 'beta')"
+    with fresh(context_files) as other:  # and what was saved names the real documents
+        other.restore(snap.data)
+        assert other.run_cell("s, context[1]").value_repr == "(1, 'beta')"
+
+
 def test_a_value_too_large_to_send_is_left_unsaved_alone(context_files):
     # One value past the host's frame limit failed the whole snapshot: every
     # variable of the cell was lost, the next cell restarting from the state

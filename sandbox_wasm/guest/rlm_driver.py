@@ -155,8 +155,10 @@ class Repl:
             return rlm_snapshot.take(self._refs(), names)
         finally:
             # Pickling runs the cell's own __reduce__, which can rebind
-            # llm_query or FINAL_VAR for the next cell: put them back.
-            self._restore_protected()
+            # llm_query or FINAL_VAR for the next cell: put them back. A
+            # changed `context` list is put back when the next cell starts
+            # (checking it here too cost ~5 ms a snapshot over 20,000 documents).
+            self._restore_protected(check_context=False)
 
     def restore(self, data, records=None):
         import rlm_snapshot
@@ -188,14 +190,14 @@ class Repl:
                                        None if limit is None else limit - min(_SNAPSHOT_HEADROOM, limit // 4),
                                        self._context_ids[1] if self._context_ids else None)
 
-    def _restore_protected(self):
+    def _restore_protected(self, check_context=True):
         restored = []
         for name, obj in self.protected.items():
             if self.globals.get(name) is not obj:
                 self.globals[name] = obj
                 restored.append(name)
         # map/any in C: a context of 20,000 documents is checked twice a cell.
-        if isinstance(self.context, list) and (
+        if check_context and isinstance(self.context, list) and (
                 len(self.context) != len(self.context_docs)
                 or any(map(_is_not, self.context, self.context_docs))):
             self.context[:] = self.context_docs

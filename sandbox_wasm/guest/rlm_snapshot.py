@@ -24,16 +24,13 @@ Objects stored by reference (pickle persistent ids), not by value:
 `Stored` remembers which large values were already sent or restored, by
 identity, so an unchanged value costs one dict lookup per snapshot.
 
-A state of plain data (no function or class defined in a cell) is pickled
-with the C pickler alone: importing `pickle` and cloudpickle in this guest
-took ~150 ms, the whole cost of a REPL's first snapshot (3 ms after it).
-cloudpickle is imported only for a state that needs it.
+The picklers themselves are in rlm_pickling.
 """
 
 import _pickle  # the C pickler alone: `pickle` itself is not needed
-import io
-import sys
 from _operator import is_not as _is_not
+
+import rlm_pickling
 
 MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
@@ -43,29 +40,6 @@ CONTAINER_MIN = 256
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
 _PER_NAME_BYTES = 16
-_CLOUDPICKLE_DIR = "/rlm/cloudpickle"
-
-
-def _cloudpickle():
-    module = sys.modules.get("cloudpickle")
-    if module is None:
-        try:  # precompiled copy in /rlm/pyc, when the host built one
-            import cloudpickle as module
-
-            return module
-        except ImportError:
-            pass
-        # The package dir is preopened read-only; load it by location because
-        # its parent directory is not visible to the guest.
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "cloudpickle", _CLOUDPICKLE_DIR + "/__init__.py",
-            submodule_search_locations=[_CLOUDPICKLE_DIR])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["cloudpickle"] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 def _mb(count):
@@ -219,7 +193,7 @@ class References:
         outer_used, outer_seen = self.used, self.seen
         self.used, self.seen = set(), {}
         try:
-            data = _dump_items(self, shape)
+            data = rlm_pickling.dump(_pickle.Pickler, self, shape)
             nested_used, nested_seen = self.used, self.seen
         finally:
             self.used, self.seen = outer_used, outer_seen
@@ -292,7 +266,7 @@ class References:
             outer_seen = self.seen
             self.seen = {}
             try:
-                shape = _unpickle(self, data, records, loaded)
+                shape = rlm_pickling.unpickle(self, data, records, loaded)
                 nested_seen = self.seen
             finally:
                 self.seen = outer_seen
@@ -340,91 +314,6 @@ def _same(obj, kind, shape):
             and not any(map(_is_not, obj.values(), values)))
 
 
-class _ByValueOnly(Exception):
-    """The state holds a function, class or module only cloudpickle can save."""
-
-
-def _by_name(obj):
-    """True when the C pickler saves this function or class correctly: by an
-    importable name that leads back to this very object (not one defined in
-    a cell, a lambda or a local)."""
-    module = getattr(obj, "__module__", None)
-    name = getattr(obj, "__qualname__", None)
-    if not module or not name or module == "__main__" or "<" in name:
-        return False
-    target = sys.modules.get(module)
-    for part in name.split("."):
-        target = getattr(target, part, None)
-    return target is obj
-
-
-_FUNCTION = type(_by_name)
-_MODULE = type(sys)
-
-
-def _dumps(refs, value):
-    try:  # plain data: the C pickler alone
-        return _dump(_pickle.Pickler, refs, value, reduce=_by_name_only)
-    except Exception:  # a cell's function or class, a module...: cloudpickle's turn
-        return _dump(_cloudpickle().Pickler, refs, value)
-
-
-def _by_name_only(obj):
-    """The C pickler's `reducer_override`: functions, classes and modules go
-    by name, or the dump stops for cloudpickle to do it."""
-    if isinstance(obj, (type, _FUNCTION)) and not _by_name(obj):
-        raise _ByValueOnly
-    if isinstance(obj, _MODULE):  # `import re` in a cell: by name, as cloudpickle does
-        if sys.modules.get(obj.__name__) is not obj:
-            raise _ByValueOnly
-        # Imported here: `importlib` costs ~2.4 ms of a REPL's first snapshot.
-        from importlib import import_module
-
-        return import_module, (obj.__name__,)
-    return NotImplemented
-
-
-def _dump(base, refs, value, reduce=None):
-    class Pickler(base):
-        def persistent_id(self, obj):
-            return refs.persistent_id(obj)
-
-    if reduce is not None:
-        Pickler.reducer_override = staticmethod(reduce)
-    refs.begin_dump()
-    buffer = io.BytesIO()
-    pickler = Pickler(buffer, protocol=5)
-    if hasattr(pickler, "globals_ref"):  # cloudpickle's
-        # Functions whose __globals__ is the REPL namespace share this dict; it
-        # pickles as a persistent reference to the live namespace.
-        pickler.globals_ref[id(refs.user_globals)] = refs.globals_marker
-    try:
-        pickler.dump(value)
-        return buffer.getvalue()
-    finally:
-        # The class is in a reference cycle (freed only by the cyclic GC): it
-        # must not keep the values alive through its closure or the memo.
-        pickler.clear_memo()
-        refs = None
-
-
-def _dump_items(refs, shape):
-    """A container's items (atoms only: the C pickler alone), large ones by reference."""
-
-    class Pickler(_pickle.Pickler):
-        def persistent_id(self, obj):
-            return refs.persistent_id(obj)
-
-    buffer = io.BytesIO()
-    pickler = Pickler(buffer, protocol=5)
-    try:
-        pickler.dump(shape)
-        return buffer.getvalue()
-    finally:
-        pickler.clear_memo()
-        refs = None  # see _dump
-
-
 def _reason(exc):
     text = "%s: %s" % (type(exc).__name__, exc)
     return text if len(text) <= 300 else text[:300] + "..."
@@ -436,7 +325,7 @@ def take(refs, names):
     state = {name: refs.user_globals[name] for name in names}
     unsaved = {}
     try:
-        data = _dumps(refs, state)
+        data = rlm_pickling.dumps(refs, state)
         # Values other than str and bytes (a bytearray, a long list) are
         # pickled into the state itself, which goes in the same frame.
         refs.check_fits(len(data))
@@ -450,7 +339,7 @@ def take(refs, names):
             try:
                 # A value two names share counts for each here (once in the
                 # final dump): conservative, never past the frame.
-                part = len(_dumps(refs, value)) + len(name) + _PER_NAME_BYTES
+                part = len(rlm_pickling.dumps(refs, value)) + len(name) + _PER_NAME_BYTES
                 refs.check_fits(part, inline)
                 refs.keep_new()
                 inline += part
@@ -460,13 +349,13 @@ def take(refs, names):
         for name in unsaved:
             del state[name]
         try:
-            data = _dumps(refs, state)
+            data = rlm_pickling.dumps(refs, state)
             refs.check_fits(len(data))
         except Exception as exc:  # a failure only visible in combination
             for name in list(state):
                 unsaved[name] = "could not be saved together with the others: " + _reason(exc)
             state = {}
-            data = _dumps(refs, state)
+            data = rlm_pickling.dumps(refs, state)
     # Only now, with the final dump done, does the host get to hold these.
     refs.stored.by_id = refs.seen
     refs.pending = {}
@@ -488,26 +377,6 @@ def load(refs, data, records=None):
     else:
         raise ValueError("not a REPL snapshot (bad header)")
     refs.begin_dump()
-    state = _unpickle(refs, memoryview(data)[header:], records or {}, {})
+    state = rlm_pickling.unpickle(refs, memoryview(data)[header:], records or {}, {})
     refs.stored.by_id = refs.seen  # the host holds exactly what was restored
     return state
-
-
-def _unpickle(refs, data, records, loaded):
-    """One pickle: the state, or a container's items (`loaded`: pid -> entry, shared)."""
-
-    class Unpickler(_pickle.Unpickler):
-        def persistent_load(self, pid):
-            return refs.persistent_load(pid, records, loaded)
-
-        def find_class(self, module, name):
-            # cloudpickle is imported only if the snapshot holds functions or
-            # classes defined in cells (plain data restores without it).
-            if module.split(".")[0] == "cloudpickle":
-                _cloudpickle()
-            return super().find_class(module, name)
-
-    try:
-        return Unpickler(io.BytesIO(data)).load()
-    finally:
-        refs = records = loaded = None  # see _dumps: the class outlives this call
