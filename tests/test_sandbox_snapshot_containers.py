@@ -10,7 +10,7 @@ from sandbox_wasm import ReplSession, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 MAKE = (
-    "prompts = ['Summarize:\\n' + d + '\\nBe brief.' for d in context]\n"
+    "prompts = ['Summarize:\\n' + d + '\\nBe brief.' for d in context * 2]\n"
     "scores = {'doc%d' % i: i * 0.5 for i in range(2_000)}\n"
     "ids = list(range(3_000))\n"
     "alias = ids\n"
@@ -54,7 +54,7 @@ def test_unchanged_containers_cost_nothing_and_restore_exactly(context_files):
         check = other.run_cell(
             "(type(prompts).__name__, type(scores).__name__, len(prompts), prompts[3] == 'Summarize:\\n' + context[3]"
             " + '\\nBe brief.', scores['doc1999'], ids[-1], alias is ids, twin == ids, twin is not ids, note)")
-        assert check.value_repr == "('list', 'dict', 600, True, 999.5, 2999, True, True, True, 'small')", check.error
+        assert check.value_repr == "('list', 'dict', 1200, True, 999.5, 2999, True, True, True, 'small')", check.error
         # Still independent objects: a change to one shows in it alone.
         assert other.run_cell("twin.append(-1)\n(len(twin), len(ids), len(alias))").value_repr == "(3001, 3000, 3000)"
 
@@ -103,21 +103,22 @@ def test_containers_holding_mutable_values_are_pickled_inline(context_files):
     # A list of lists cannot be checked by its items' identities: an inner
     # list changed in place would be missed, so such a list is never reused.
     with fresh(context_files) as session:
-        session.run_cell("rows = [[i] for i in range(1_000)]")
+        session.run_cell("rows = [[i] for i in range(2_000)]")
         first = session.snapshot()
         records = dict(first.new_records)
         session.run_cell("rows[500].append('changed')")
         snap = session.snapshot()
         records.update(snap.new_records)
     with restored(context_files, snap, records) as other:
-        assert other.run_cell("rows[500], len(rows)").value_repr == "([500, 'changed'], 1000)"
+        assert other.run_cell("rows[500], len(rows)").value_repr == "([500, 'changed'], 2000)"
 
 
 def test_a_container_of_context_documents_names_them_by_index(context_files):
     with fresh(context_files) as session:
-        session.run_cell("picked = context[100:400]\nbig = {i: context[i] for i in range(300)}")
+        session.run_cell("picked = (context * 2)[100:1300]\nbig = {i: context[i % 600] for i in range(1200)}")
         snap = session.snapshot()
+        assert len(snap.data) < 5_000 and len(snap.new_records) == 2  # the two containers
     with restored(context_files, snap, dict(snap.new_records)) as other:
-        check = other.run_cell("(all(a is b for a, b in zip(picked, context[100:400])),"
-                               " all(big[i] is context[i] for i in range(300)))")
+        check = other.run_cell("(all(a is b for a, b in zip(picked, (context * 2)[100:1300])),"
+                               " all(big[i] is context[i % 600] for i in range(1200)))")
         assert check.value_repr == "(True, True)"

@@ -36,7 +36,7 @@ MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
 _LEGACY_MAGIC = b"RLMSNAP1"
 RECORD_MIN = 4096
-CONTAINER_MIN = 256
+CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
 _PER_NAME_BYTES = 16
