@@ -122,3 +122,16 @@ def test_a_container_of_context_documents_names_them_by_index(context_files):
         check = other.run_cell("(all(a is b for a, b in zip(picked, (context * 2)[100:1300])),"
                                " all(big[i] is context[i % 600] for i in range(1200)))")
         assert check.value_repr == "(True, True)"
+
+
+def test_a_trap_brings_containers_back_from_the_host_copy(context_files):
+    with fresh(context_files) as session:
+        session.run_cell(MAKE)
+        session.snapshot()
+        dead = session.run_cell("import os\nos._exit(3)")
+        assert dead.restarted
+        check = session.run_cell("(len(prompts), scores['doc5'], alias is ids, twin is ids, len(twin))")
+        assert check.value_repr == "(1200, 2.5, True, False, 3000)"
+        # The new instance holds the containers as restored: nothing to send again.
+        again = session.snapshot()
+        assert again.new_records == {} and len(again.data) < 5_000
