@@ -125,9 +125,21 @@ def find_free_port_block(count: int, host: str = "127.0.0.1", *, avoid: set[int]
     for _ in range(500):
         base = rng.randrange(ports.start, ports.stop - count + 1)
         block = range(base, base + count)
-        if not avoid.intersection(block) and all(port_is_free(host, p) for p in block):
+        if not avoid.intersection(block) and all(_untouched(host, p) for p in block):
             return base
     raise RuntimeError(f"no block of {count} consecutive free ports on {host} in {ports.start}-{ports.stop - 1}")
+
+
+def _untouched(host: str, port: int) -> bool:
+    """Stricter than port_is_free, for picking: without SO_REUSEADDR any
+    socket on the port counts, one in TIME_WAIT and one bound to hold the
+    port (a server down for a while, tests/chaos/servers.py) among them."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def find_free_port(host: str = "127.0.0.1", *, avoid: set[int] | None = None) -> int:

@@ -133,6 +133,27 @@ def test_port_holders_names_the_process_and_what_its_socket_is() -> None:
     assert port_holders(port) == []  # nothing holds it now (the client closed first: TIME_WAIT is on its port)
 
 
+def test_ports_held_without_a_listener_are_not_picked(monkeypatch) -> None:
+    # A server killed for an outage keeps its ports held by bound sockets
+    # (tests/chaos/servers.py): another suite picking ports must not take them.
+    import cli._ports as ports
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        held.bind(("127.0.0.1", base))
+        assert port_is_free("127.0.0.1", base)  # a server setting SO_REUSEADDR could still bind it
+        monkeypatch.setattr(ports, "_private_range", lambda: range(base, base + 1))
+        with pytest.raises(RuntimeError, match="no block of 1"):
+            ports.find_free_port()
+    finally:
+        held.close()
+    assert ports.find_free_port() == base
+
+
 def _comm() -> str:
     return Path("/proc/self/comm").read_text().strip()
 
