@@ -14,7 +14,7 @@ Objects stored by reference (pickle persistent ids), not by value:
   pickle itself stays small, so a snapshot costs what changed;
 - every list or dict of at least CONTAINER_MIN items that holds only
   immutable atoms (str, bytes, int, float, bool, None): as a record of its
-  own ("r", name, "l" or "d"), the pickle of its items (large ones by
+  own ("k", name, "l" or "d", number), the pickle of its items (large ones by
   reference as above). The pickler calls `persistent_id` in Python for every
   object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
   whether they changed or not. A container unchanged since the last snapshot
@@ -203,14 +203,16 @@ class References:
             self.new_records[digest] = data
         number = self.stored.next_container
         self.stored.next_container += 1
-        return (obj, ("r", digest, "l" if kind is list else "d", number), shape, nested_used, nested_seen)
+        # "k", not "r": code before containers refuses it (it would restore
+        # the list as the bytes of its record).
+        return (obj, ("k", digest, "l" if kind is list else "d", number), shape, nested_used, nested_seen)
 
     def forget_new(self):
         """Undo what dumps since the last one that succeeded named: their new
         records and byte count (the per-name search of `take` dumps again)."""
         for key, entry in list(self.pending.items()):
             pid = entry[1]
-            if pid[0] == "r" and pid[1] in self.new_records and pid[1] not in self._kept:
+            if pid[0] in ("r", "k") and pid[1] in self.new_records and pid[1] not in self._kept:
                 del self.pending[key]
         for digest in [d for d in self.new_records if d not in self._kept]:
             del self.new_records[digest]
@@ -235,7 +237,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "c", "x"):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x"):
             entry = loaded.get(pid)
             if entry is None:
                 entry = loaded[pid] = self._load_large(pid, records, loaded)
@@ -258,8 +260,8 @@ class References:
 
     def _load_large(self, pid, records, loaded):
         """The table entry of the value `pid` names."""
-        if pid[0] == "r" and pid[2] in ("l", "d"):
-            if len(pid) != 4 or type(pid[3]) is not int:
+        if pid[0] == "k":
+            if len(pid) != 4 or pid[2] not in ("l", "d") or type(pid[3]) is not int:
                 raise _pickle.UnpicklingError("malformed container reference %r" % (pid,))
             self.stored.next_container = max(self.stored.next_container, pid[3] + 1)
             data = self._record(pid, records)
