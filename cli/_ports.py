@@ -31,8 +31,13 @@ _MAX_HOLDERS = 3
 def port_is_free(host: str, port: int) -> bool:
     """True when a server could bind `host:port` now. SO_REUSEADDR mirrors
     what the servers do, so sockets in TIME_WAIT do not count as taken."""
+    return _binds(host, port, reuse=True)
+
+
+def _binds(host: str, port: int, *, reuse: bool) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -125,21 +130,12 @@ def find_free_port_block(count: int, host: str = "127.0.0.1", *, avoid: set[int]
     for _ in range(500):
         base = rng.randrange(ports.start, ports.stop - count + 1)
         block = range(base, base + count)
-        if not avoid.intersection(block) and all(_untouched(host, p) for p in block):
+        # Stricter than port_is_free: without SO_REUSEADDR any socket on the
+        # port counts, one in TIME_WAIT and one bound to hold the port (a
+        # server down for a while, tests/chaos/servers.py) among them.
+        if not avoid.intersection(block) and all(_binds(host, p, reuse=False) for p in block):
             return base
     raise RuntimeError(f"no block of {count} consecutive free ports on {host} in {ports.start}-{ports.stop - 1}")
-
-
-def _untouched(host: str, port: int) -> bool:
-    """Stricter than port_is_free, for picking: without SO_REUSEADDR any
-    socket on the port counts, one in TIME_WAIT and one bound to hold the
-    port (a server down for a while, tests/chaos/servers.py) among them."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def find_free_port(host: str = "127.0.0.1", *, avoid: set[int] | None = None) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox_wasm import ReplSession, SandboxLimits
+# The same sessions as the other records tests (their limits, the slice index ready).
+from tests.test_sandbox_snapshot_records import fresh, restored
 
-LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 MAKE = (
     "prompts = ['Summarize:\\n' + d + '\\nBe brief.' for d in context * 2]\n"
     "scores = {'doc%d' % i: i * 0.5 for i in range(2_000)}\n"
@@ -26,18 +26,6 @@ def context_files(tmp_path_factory):
         files.append(directory / f"d{i:04d}.txt")
         files[-1].write_text(f"document {i} é " + "x" * (5_000 + i), encoding="utf-8")
     return files
-
-
-def fresh(context_files):
-    session = ReplSession(limits=LIMITS).start()
-    session.load_context(context_files, "list")
-    return session
-
-
-def restored(context_files, snap, records):
-    session = fresh(context_files)
-    session.restore(snap.data, records)
-    return session
 
 
 def test_unchanged_containers_cost_nothing_and_restore_exactly(context_files):
