@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -35,6 +36,9 @@ from activities._context_copy import MANIFEST_FILE, local_manifest
 from activities.context_store import ContextIntegrityError, ContextStore
 from activities.object_store import UPLOAD_GRACE_S
 from workflows.refs import ContextRef
+
+if TYPE_CHECKING:
+    from sandbox_wasm import DocumentSpan
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +64,8 @@ class ContextFileCache:
         self._total: int | None = None  # bytes on disk: the last scan's, plus what this cache wrote since
         self._scanned_at = -math.inf
 
-    def acquire(self, ref: ContextRef) -> tuple[list[Path], Callable[[], None]]:
-        """The context's files, kept on disk until the returned release is called."""
+    def acquire(self, ref: ContextRef) -> tuple[list[DocumentSpan], Callable[[], None]]:
+        """The context's documents, kept on disk until the returned release is called."""
         if not _CONTEXT_DIR.fullmatch(ref.sha256):  # it names a file: never a path
             raise ValueError(f"context sha256 {ref.sha256[:80]!r} is not 64 lowercase hex digits")
         locks = self._root / _LOCKS
@@ -70,7 +74,7 @@ class ContextFileCache:
         assert fd is not None  # a blocking lock always ends held
         try:
             written = not (self._root / ref.sha256).is_dir()
-            paths = self._materialize(ref)
+            spans = self._materialize(ref)
             os.utime(self._root / ref.sha256)  # recency, for eviction
         except BaseException:
             os.close(fd)
@@ -80,9 +84,9 @@ class ContextFileCache:
             self._evict_if_due(ref.total_bytes if written else 0)
         except OSError as exc:  # a full cache must not fail the cell
             log.warning("context_cache.evict_failed", error=str(exc))
-        return paths, release
+        return spans, release
 
-    def _materialize(self, ref: ContextRef) -> list[Path]:
+    def _materialize(self, ref: ContextRef) -> list[DocumentSpan]:
         adopt_local_manifest(self._contexts, self._root, ref.sha256)
         try:
             return self._contexts.materialize(ref, self._root, grace_s=UPLOAD_GRACE_S)

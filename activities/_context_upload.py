@@ -288,8 +288,6 @@ def _read(
             stats, blocks = source[0], source[1]
             name = source[2] if len(source) > 2 else None
             start = stream_bytes
-            if copy is not None:
-                copy.start_document()
             for block in blocks:
                 if stop is not None and stop.is_set():
                     raise StagingStopped(f"reading {label} was stopped after {stream_bytes:,} bytes")

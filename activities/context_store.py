@@ -14,12 +14,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from pydantic import ValidationError
 
-from activities._context_copy import document_files
+from activities._context_copy import document_spans
 from activities._context_input import ContextInputError, DocumentStats, NamedFile, text_blocks
 from activities._context_manifest import Manifest, ManifestChunk
 from activities._context_upload import (
@@ -48,6 +48,9 @@ __all__ = [
     "ContextStore",
     "DEFAULT_CHUNK_BYTES",
 ]
+
+if TYPE_CHECKING:
+    from sandbox_wasm import DocumentSpan
 
 log = structlog.get_logger(__name__)
 
@@ -291,11 +294,11 @@ class ContextStore:
         docs = [str(view[d.offset : d.offset + d.bytes], "utf-8") for d in manifest.documents]
         return docs[0] if manifest.kind == "str" else docs
 
-    def materialize(self, ref: ContextRef, dest_root: Path, *, grace_s: float = 0.0) -> list[Path]:
-        """Write each document as a UTF-8 file under dest_root/<sha256>/
-        (once, atomically; reused when present) and return the paths in
-        document order. This is how the sandbox gets the context."""
+    def materialize(self, ref: ContextRef, dest_root: Path, *, grace_s: float = 0.0) -> list[DocumentSpan]:
+        """Write the documents as one UTF-8 file under dest_root/<sha256>/
+        (once, atomically; reused when present) and return where each is in
+        it, in document order. This is how the sandbox gets the context."""
         manifest = self.manifest(ref, grace_s=grace_s)
-        return document_files(
+        return document_spans(
             manifest, Path(dest_root) / ref.sha256, lambda: self._iter_chunks(ref, manifest.chunks, grace_s)
         )

@@ -146,10 +146,10 @@ class RunCellActivity:
         return tool_docs(self._rt.tools, inp.tools) | history_docs(inp.history_key)
 
     def _start(self, live: LiveRepl, inp: CellInput, attempt: int) -> None:
-        paths, release = self._files.acquire(inp.context)
+        documents, release = self._files.acquire(inp.context)
         live.on_close.append(release)  # the files stay while the session may reload them
         live.session.start()
-        live.session.load_context(paths, inp.context.kind)
+        live.session.load_context(documents, inp.context.kind)
         if inp.snapshot_key is not None:
             stored = self._snapshots.load(inp.snapshot_key)
             if attempt == 1:

@@ -3,10 +3,12 @@
 Starts a private pair of embedded services in a temp dir, then measures for
 a 40 MB and a 400 MB context: upload from a file (streamed), upload again
 (dedup: nothing new is stored), materialize to files (what a worker does for
-the sandbox) and read back whole. Prints MB/s and writes
-bench/results/context_store.json.
+the sandbox) and read back whole. With `--docs N`, also the same bytes as a
+folder of N files: upload, upload with the copy `rlm run` writes into the
+worker's cache, and materialize. Prints MB/s and writes
+bench/results/context_store.json (`--output`).
 
-    python bench/bench_context_store.py [--sizes 40,400]
+    python bench/bench_context_store.py [--sizes 40,400] [--docs 20000] [--output context_store]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +33,7 @@ from activities.context_store import ContextStore  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
 from cli import services  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "context_store.json"
+RESULTS = ROOT / "bench" / "results"
 MB = 1_000_000
 
 
@@ -52,6 +55,21 @@ def _write_text_file(path: Path, size: int) -> None:
             handle.write(data)
             written += len(data)
             block += 1
+
+
+def _write_folder(folder: Path, source: Path, docs: int, marker: str) -> list[Path]:
+    """`source`'s bytes cut into `docs` files (at spaces, so none splits a
+    character), the first starting with `marker` (a new context each time)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    data = marker.encode() + source.read_bytes()
+    step, start, paths = max(1, len(data) // docs), 0, []
+    for index in range(docs):
+        end = len(data) if index == docs - 1 else max(start, data.find(b" ", start + step) + 1 or len(data))
+        paths.append(folder / f"{index:06d}.txt")
+        paths[-1].write_bytes(data[start:end])
+        start = end
+    return paths
 
 
 def _timed(label: str, size_mb: float, fn, results: list[dict]):
@@ -76,6 +94,8 @@ def _timed(label: str, size_mb: float, fn, results: list[dict]):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="40,400", help="context sizes in MB, comma-separated")
+    parser.add_argument("--docs", type=int, default=0, help="also as a folder of this many files")
+    parser.add_argument("--output", default="context_store", help="results file name under bench/results")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results: list[dict] = []
@@ -106,6 +126,18 @@ def main() -> int:
                 put_text = partial(ContextStore(store).put_text, text)
                 _timed(f"put_text {size} MB (1 chunk new)", actual, put_text, results)
                 del text
+                if args.docs > 1:
+                    folder = tmp_path / "folder"
+                    files = _write_folder(folder, path, args.docs, f"{time.time_ns()}\n")
+                    label = f"{size} MB in {args.docs} files"
+                    ref = _timed(f"put_paths {label}", actual, partial(ContextStore(store).put_paths, files), results)
+                    into = tmp_path / "cache"
+                    _timed(f"materialize {label}", actual, partial(ContextStore(store).materialize, ref, into), results)
+                    files = _write_folder(folder, path, args.docs, f"{time.time_ns()}\n")
+                    copy = partial(ContextStore(store).put_paths, files, copy_to=into)
+                    _timed(f"put_paths {label} + cache copy", actual, copy, results)
+                    shutil.rmtree(folder)
+                    shutil.rmtree(into)
                 path.unlink()
         finally:
             services.down(settings)
@@ -122,9 +154,10 @@ def main() -> int:
         },
         "results": results,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    out = RESULTS / f"{args.output}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
 

@@ -10,9 +10,10 @@ finds it ready. With an instant model (delay 0) the cell waits for the rest
 of the making, so its time shows what that costs; with a model that takes
 seconds, as real ones do, the cell's time is its code's alone. Each run has
 a context of its own (a new first line: nothing is deduplicated), uploaded
-as `rlm run` does (the copy into the worker's cache included); the first
-cell is `print(len(context))`. With `--docs N` a context is a folder of N
-documents of equal size instead of one file (a `list[str]` context).
+as `rlm run` does (the copy into the worker's cache included, timed as
+`staging_s`); the first cell is `print(len(context))`. With `--docs N` a
+context is a folder of N documents of equal size instead of one file (a
+`list[str]` context).
 Real worker in this process, Temporal dev server, SeaweedFS; the scripted
 model server. Figures go to bench/results/first_cell.json (`--output`).
 """
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -41,14 +43,16 @@ LINE = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu\n"
 
 
 async def one_run(client, settings, store: ObjectStore, paths: list[Path]) -> dict:
+    started = time.perf_counter()
     ref = ContextStore(store).put_paths(paths, copy_to=settings.context_cache_dir)
+    staging_s = time.perf_counter() - started
     handle = await start(client, settings, request("How long is the context?", ref))
     result = await asyncio.wait_for(handle.result(), 600)
     if result.status != "completed":
         raise RuntimeError(f"run ended {result.status}: {result.reason}")
     activities, _, total = h.history_timeline(await handle.fetch_history())
     cell = next(a for a in activities if a.kind == "run_cell")
-    return {"workflow_s": round(total, 3), "first_cell_ms": round(cell.run_s * 1000, 1)}
+    return {"staging_s": round(staging_s, 3), "workflow_s": round(total, 3), "first_cell_ms": round(cell.run_s * 1000, 1)}
 
 
 def write_context(directory: Path, size_mb: int, docs: int) -> list[Path]:
@@ -91,7 +95,7 @@ def main() -> None:
                             shutil.rmtree(paths[0].parent)
                             rows.append(row)
                             print(f"{size} MB in {args.docs} document(s), first root turn {delay:.1f} s: first cell {row['first_cell_ms']:.0f} ms "
-                                  f"(workflow {row['workflow_s']:.2f} s)", flush=True)
+                                  f"(staged in {row['staging_s']:.2f} s, workflow {row['workflow_s']:.2f} s)", flush=True)
 
             try:
                 asyncio.run(go())
@@ -104,6 +108,11 @@ def main() -> None:
         )
         for size in args.sizes
         for delay in args.root_delays
+    } | {
+        f"{size}mb{f'_{args.docs}docs' if args.docs > 1 else ''}_staging_s": h.spread(
+            [r["staging_s"] for r in rows if r["context_mb"] == size], 3
+        )
+        for size in args.sizes
     }
     for key, value in summary.items():
         print(f"{key}: median {value['median']}")

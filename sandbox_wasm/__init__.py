@@ -9,6 +9,7 @@ from ._types import (
     CellInterrupted,
     CellResult,
     ContextTooLarge,
+    DocumentSpan,
     LimitHit,
     SandboxError,
     SandboxLimits,
@@ -20,6 +21,6 @@ from ._runtime import check_guest_memory, verified_wasm_path as check_runtime_fi
 from ._saved_state import RecordSource, RecordsUnavailable
 from .session import ReplSession
 
-__all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession",
+__all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "DocumentSpan", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession",
            "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_guest_memory",
            "check_runtime_file"]

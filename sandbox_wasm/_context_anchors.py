@@ -3,10 +3,10 @@
 The guest recognises values that are slices of the context through an
 anchor index (see guest/rlm_slices.py). Building it for 100 MB takes ~1-2 s
 inside the guest and ~0.1-0.3 s here, so the host scans its own copy of the
-files (in a background thread) and sends the offsets with the next snapshot
-of an instance. Results are kept for a few files, keyed by path, size and
-mtime: every REPL of a run (and every run over the same cached context)
-loads the same files.
+documents (in a background thread) and sends the offsets with the next
+snapshot of an instance. Results are kept for a few documents, keyed by
+file, offset, size and mtime: every REPL of a run (and every run over the
+same cached context) loads the same documents.
 
 The scan starts only once a snapshot stored a large value by content (one
 the guest could not place without the index): most cells make no large
@@ -25,11 +25,12 @@ from typing import Any
 
 import structlog
 
+from ._types import DocumentSpan
 from .guest.rlm_slices import MIN_INDEXED_DOC, anchor_index, pack_index
 
 log = structlog.get_logger(__name__)
 _KEEP = 8
-_cache: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+_cache: OrderedDict[tuple[str, int, int, int], Any] = OrderedDict()
 _lock = threading.Lock()
 _scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-anchors")
 
@@ -38,25 +39,25 @@ class ContextIndex:
     """The index of one session's context, and whether its guest has it."""
 
     def __init__(self) -> None:
-        self._files: list[Path] = []
+        self._spans: list[DocumentSpan] = []
         self._future: Future[list[Any]] | None = None
         self.sent = False
 
-    def use(self, files: list[Path]) -> None:
-        """The session loaded these files as its context: scanned later, on
-        demand, unless an earlier REPL of this worker already scanned them."""
-        self._files = files
+    def use(self, spans: list[DocumentSpan]) -> None:
+        """The session loaded these documents as its context: scanned later,
+        on demand, unless an earlier REPL of this worker already scanned them."""
+        self._spans = spans
         self._future = None
         self.sent = False
-        scanned = _scanned(files)
+        scanned = _scanned(spans)
         if scanned is not None:  # the next snapshot sends it at no cost
             self._future = Future()
             self._future.set_result(scanned)
 
     def build(self) -> None:
         """Start scanning the context in the background, once."""
-        if self._future is None and self._files:
-            self._future = context_anchors(self._files)
+        if self._future is None and self._spans:
+            self._future = context_anchors(self._spans)
 
     def wait(self, timeout_s: float | None) -> bool:
         self.build()
@@ -79,33 +80,37 @@ class ContextIndex:
             return None
 
 
-def context_anchors(files: list[Path]) -> Future[list[Any]]:
-    """The packed anchor index (rlm_slices.pack_index) or None for each file,
-    computed in the background."""
-    return _scanner.submit(lambda: [_file_anchors(path, key) for path, key in zip(files, _keys(files), strict=True)])
+def context_anchors(spans: list[DocumentSpan]) -> Future[list[Any]]:
+    """The packed anchor index (rlm_slices.pack_index) or None for each
+    document, computed in the background."""
+    return _scanner.submit(lambda: [_anchors(span, key) for span, key in zip(spans, _keys(spans), strict=True)])
 
 
-def _keys(files: list[Path]) -> list[tuple[str, int, int]]:
-    """Each file's cache key: its path in its directory resolved (each
-    directory once: a realpath per file cost ~0.5 s for 20,000 documents),
-    its size and mtime."""
+def _keys(spans: list[DocumentSpan]) -> list[tuple[str, int, int, int]]:
+    """Each document's cache key: its file's path in its directory resolved
+    (each directory once: a realpath per file cost ~0.5 s for 20,000
+    documents), its offset and size there, and the file's mtime."""
     parents: dict[Path, Path] = {}
+    mtimes: dict[Path, int] = {}
     keys = []
-    for path in files:
+    for span in spans:
+        path = span.path
         parent = parents.get(path.parent)
         if parent is None:
             parent = parents[path.parent] = path.parent.resolve()
-        stat = path.stat()
-        keys.append((str(parent / path.name), stat.st_size, stat.st_mtime_ns))
+        mtime = mtimes.get(path)
+        if mtime is None:
+            mtime = mtimes[path] = path.stat().st_mtime_ns
+        keys.append((str(parent / path.name), span.offset, span.size, mtime))
     return keys
 
 
-def _scanned(files: list[Path]) -> list[Any] | None:
-    """What `context_anchors` would give for `files`, if every one is cached."""
-    if len(files) > _KEEP:  # never all in the cache: no need to look
+def _scanned(spans: list[DocumentSpan]) -> list[Any] | None:
+    """What `context_anchors` would give for `spans`, if every one is cached."""
+    if len(spans) > _KEEP:  # never all in the cache: no need to look
         return None
     try:
-        keys = _keys(files)
+        keys = _keys(spans)
     except OSError:
         return None
     with _lock:
@@ -114,14 +119,14 @@ def _scanned(files: list[Path]) -> list[Any] | None:
         return [_cache[key] for key in keys]
 
 
-def _file_anchors(path: Path, key: tuple[str, int, int]) -> Any:
+def _anchors(span: DocumentSpan, key: tuple[str, int, int, int]) -> Any:
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    # A file of fewer bytes than that has fewer characters: no index.
-    small = key[1] < MIN_INDEXED_DOC
-    entry = None if small else pack_index(anchor_index(path.read_text(encoding="utf-8")))
+    # A document of fewer bytes than that has fewer characters: no index.
+    small = span.size < MIN_INDEXED_DOC
+    entry = None if small else pack_index(anchor_index(span.read_bytes().decode("utf-8")))
     with _lock:
         _cache[key] = entry
         while len(_cache) > _KEEP:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -37,6 +38,26 @@ class CellInterrupted(SandboxError):
     """`ReplSession.interrupt()` stopped the running command (e.g. the cell was
     cancelled). The instance is gone; the session boots a new one, from the
     last snapshot, when it is used again."""
+
+
+@dataclass(frozen=True)
+class DocumentSpan:
+    """One context document as bytes of a file: `size` bytes from `offset`.
+    The documents of a worker's cached context share one file
+    (activities/_context_copy.py); a file of its own is the span from 0."""
+
+    path: Path
+    offset: int
+    size: int
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as handle:  # buffered: read() goes on until `size` or the end
+            handle.seek(self.offset)
+            data = handle.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"context file {self.path} holds {len(data):,} of the {self.size:,} bytes "
+                          f"of a document at offset {self.offset:,}")
+        return data
 
 
 @dataclass(frozen=True)

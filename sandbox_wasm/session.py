@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import stat
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,11 +14,11 @@ from ._cell_result import TOO_MANY_CALLS, cell_result
 from ._context_anchors import ContextIndex
 from ._guest_results import SnapshotError, is_record_name, report_text, snapshot_parts
 from ._host_functions import HostFunction, call_host, checked_host_functions
-from ._hostcall import FileSource
+from ._context_files import context_spans, file_sources
 from ._instance import Event, GuestInstance, HungGuest, boot_guest
 from ._runtime import get_runtime
 from ._saved_state import RecordSource, SavedState
-from ._types import CellInterrupted, CellResult, ContextTooLarge, SandboxError, SandboxLimits, Snapshot
+from ._types import CellInterrupted, CellResult, ContextTooLarge, DocumentSpan, SandboxError, SandboxLimits, Snapshot
 from .guest.rlm_codec import CodecError
 
 log = structlog.get_logger(__name__)
@@ -49,7 +49,7 @@ class ReplSession:
         self._host_functions = checked_host_functions(host_functions or {})
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._instance: GuestInstance | None = None
-        self._context: tuple[list[Path], list[int], str] | None = None
+        self._context: tuple[list[DocumentSpan], str] | None = None
         self._saved = SavedState()  # what a restart goes back to
         self._index = ContextIndex()  # of the context files, for recognising slices
         self._needs_restart: str | None = None  # why the next use must restart the guest
@@ -108,31 +108,15 @@ class ReplSession:
         self.close()
 
     # -- context and state --------------------------------------------------------
-    def load_context(self, paths: Sequence[Path | str], kind: Literal["str", "list"]) -> None:
-        """Load UTF-8 files as `context`: one `str` (kind "str", one path) or a
-        `list[str]` in path order (kind "list"). Each file is copied once,
-        straight from the file into guest memory."""
-        files = [Path(p) for p in paths]
-        if kind not in ("str", "list"):
-            raise ValueError(f"kind must be 'str' or 'list', got {kind!r}")
-        if kind == "str" and len(files) != 1:
-            raise ValueError(f"kind 'str' needs exactly one path, got {len(files)}")
-        # Each directory resolved once: a realpath per file was ~0.5 s of a
-        # REPL start over a context of 20,000 documents.
-        if len({parent.resolve() for parent in {f.parent for f in files}}) > 1:
-            raise ValueError("all context files must be in one directory")
-        sizes = []
-        for file in files:
-            try:
-                info = file.stat()  # one call per file, not is_file() and stat()
-            except OSError:
-                info = None
-            if info is None or not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"context file {file} does not exist or is not a regular file")
-            sizes.append(info.st_size)
-        self._load_context(files, sizes, kind)
-        self._context = (files, sizes, kind)
-        self._index.use(files)
+    def load_context(self, documents: Sequence[Path | str | DocumentSpan], kind: Literal["str", "list"]) -> None:
+        """Load UTF-8 documents as `context`: one `str` (kind "str", one
+        document) or a `list[str]` in order (kind "list"). A document is a
+        file or a span of one (DocumentSpan); each is copied once, straight
+        from its file into guest memory."""
+        spans = context_spans(documents, kind)
+        self._load_context(spans, kind)
+        self._context = (spans, kind)
+        self._index.use(spans)
 
     def wait_context_index(self, timeout_s: float | None = None) -> bool:
         """Build the context's slice index now (snapshots start it only once
@@ -262,9 +246,10 @@ class ReplSession:
         self._admin(["setup", sorted(self._host_functions), self.limits.max_frame_bytes, docs])
         return instance
 
-    def _load_context(self, files: list[Path], sizes: list[int], kind: str) -> None:
+    def _load_context(self, spans: list[DocumentSpan], kind: str) -> None:
         # Refused before any work when it cannot fit: one object of a 32-bit
         # guest stays under 2 GiB, and the guest holds the bytes (and the interpreter).
+        sizes = [span.size for span in spans]
         largest, total = max(sizes, default=0), sum(sizes)
         if largest > MAX_DOCUMENT_BYTES:
             raise ContextTooLarge(f"a context document of {largest / 1e6:,.1f} MB is larger than a 32-bit "
@@ -273,8 +258,8 @@ class ReplSession:
                     f"{self.limits.memory_bytes >> 20} MiB")
         if total >= self.limits.memory_bytes:
             raise ContextTooLarge(past_cap)
-        sources = [FileSource(f, s) for f, s in zip(files, sizes)]
-        result = self._admin(["load_context", kind, sizes], sources=sources)
+        sources = file_sources(spans)
+        result = self._admin(["load_context", kind, struct.pack(f"<{len(sizes)}Q", *sizes)], sources=sources)
         error = result.get("error")
         if error and str(error).startswith("MemoryError"):
             raise ContextTooLarge(past_cap + " (loading it ran out of memory)")

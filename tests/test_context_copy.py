@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from activities._context_copy import MANIFEST_FILE
+from activities._context_copy import DOCUMENTS_FILE, MANIFEST_FILE
 from activities.context_store import ContextInputError, ContextStore, IntegrityError
 from activities.object_store import ObjectStore
+from sandbox_wasm import DocumentSpan
 
 
 def _corpus(root: Path) -> Path:
@@ -27,7 +28,7 @@ def _corpus(root: Path) -> Path:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    """The documents (not the manifest a copy keeps beside them)."""
+    """The documents' file (not the manifest a copy keeps beside it)."""
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != MANIFEST_FILE}
 
 
@@ -40,14 +41,16 @@ def test_the_copy_is_what_materialize_writes_and_is_used_without_s3(
 
     fetched = ContextStore(object_store).materialize(ref, tmp_path / "fetched")
     copied = cache / ref.sha256
-    assert _files(copied) == _files(fetched[0].parent)
-    assert [p.name for p in fetched] == ["000000.txt", "000001.txt", "000002.txt"]
+    assert _files(copied) == _files(fetched[0].path.parent) == {DOCUMENTS_FILE: _files(copied)[DOCUMENTS_FILE]}
+    assert [span.read_bytes().decode() for span in fetched] == store.read_all(ref)
     assert sorted(os.listdir(cache)) == [ref.sha256]  # nothing half-written beside it
 
     # With every chunk in S3 corrupted, only a read of S3 can fail.
     for chunk in store.manifest(ref).chunks:
         object_store.put_bytes(chunk.key, b"tampered")
-    assert ContextStore(object_store).materialize(ref, cache) == [copied / p.name for p in fetched]
+    assert ContextStore(object_store).materialize(ref, cache) == [
+        DocumentSpan(copied / DOCUMENTS_FILE, span.offset, span.size) for span in fetched
+    ]
     with pytest.raises(IntegrityError):
         ContextStore(object_store).materialize(ref, tmp_path / "elsewhere")
 
@@ -58,13 +61,34 @@ def test_a_context_already_in_the_cache_keeps_its_files(object_store: ObjectStor
     path.write_text(f"same text {uuid.uuid4().hex}")
     cache = tmp_path / "cache"
     first = store.put_paths([path], copy_to=cache)
-    (kept,) = _files(cache / first.sha256)
-    kept = cache / first.sha256 / kept
+    kept = cache / first.sha256 / DOCUMENTS_FILE
     before = kept.stat().st_ino
     second = store.put_paths([path], copy_to=cache)
     assert second == first
     assert sorted(os.listdir(cache)) == [first.sha256]
     assert kept.stat().st_ino == before
+
+
+def test_a_cache_written_file_by_file_is_read_as_it_is(object_store: ObjectStore, tmp_path: Path) -> None:
+    """An earlier version wrote a file per document (`000000.txt`, ...): a
+    worker's cache from before an upgrade is used, not written again; one
+    with a document cut short is replaced."""
+    store = ContextStore(object_store)
+    ref = store.put_documents(["first document", "", "third ünïcode"])
+    old = tmp_path / "cache" / ref.sha256
+    old.mkdir(parents=True)
+    for index, text in enumerate(["first document", "", "third ünïcode"]):
+        (old / f"{index:06d}.txt").write_text(text)
+    inodes = [p.stat().st_ino for p in sorted(old.iterdir())]
+    spans = store.materialize(ref, tmp_path / "cache")
+    assert [span.path.name for span in spans] == ["000000.txt", "000001.txt", "000002.txt"]
+    assert [span.read_bytes().decode() for span in spans] == ["first document", "", "third ünïcode"]
+    assert [p.stat().st_ino for p in sorted(old.iterdir())] == inodes
+
+    (old / "000002.txt").write_text("third")  # shorter than its manifest says: not trusted
+    spans = store.materialize(ref, tmp_path / "cache")
+    assert sorted(os.listdir(old)) == [DOCUMENTS_FILE]
+    assert [span.read_bytes().decode() for span in spans] == ["first document", "", "third ünïcode"]
 
 
 def test_a_copy_that_cannot_be_written_leaves_the_upload_whole(object_store: ObjectStore, tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_a_held_upload_sends_nothing_until_released_and_a_worker_loads_the_copy_
     assert worker.ref_for(ref.sha256) == ref
     paths, release = ContextFileCache(cache, 1 << 30, ContextStore(object_store)).acquire(ref)
     try:
-        assert [p.read_text(encoding="utf-8") for p in paths] == [text]
+        assert [p.read_bytes().decode("utf-8") for p in paths] == [text]
     finally:
         release()
     with pytest.raises(ContextMissingError):  # a worker reading the bucket finds nothing yet
@@ -188,7 +188,7 @@ def test_a_copy_evicted_after_its_manifest_was_read_is_loaded_from_the_upload(
 
     def load() -> None:
         paths, release = files.acquire(staged.ref)
-        loaded.extend(p.read_text(encoding="utf-8") for p in paths)
+        loaded.extend(p.read_bytes().decode("utf-8") for p in paths)
         release()
 
     loader = threading.Thread(target=load)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from activities._context_copy import DOCUMENTS_FILE
 from activities.context_store import (
     ContextInputError,
     ContextIntegrityError,
@@ -66,12 +67,12 @@ def test_list_round_trip_with_empty_documents(object_store: ObjectStore, tmp_pat
     assert ref.doc_chars_head == [len(d) for d in docs]
     assert store.read_all(ref) == docs
     assert [store.read_document(ref, i) for i in range(len(docs))] == docs
-    paths = store.materialize(ref, tmp_path)
-    assert [p.read_text(encoding="utf-8") for p in paths] == docs
-    assert all(p.parent == tmp_path / ref.sha256 for p in paths)
-    # A second call reuses the files instead of writing them again.
-    inodes = [p.stat().st_ino for p in paths]
-    assert [p.stat().st_ino for p in store.materialize(ref, tmp_path)] == inodes
+    spans = store.materialize(ref, tmp_path)
+    assert [span.read_bytes().decode("utf-8") for span in spans] == docs
+    assert {span.path for span in spans} == {tmp_path / ref.sha256 / DOCUMENTS_FILE}  # one file for all
+    # A second call reuses the file instead of writing it again.
+    inode = spans[0].path.stat().st_ino
+    assert store.materialize(ref, tmp_path) == spans and spans[0].path.stat().st_ino == inode
 
 
 def test_byte_ranges_match_the_concatenated_stream(object_store: ObjectStore) -> None:

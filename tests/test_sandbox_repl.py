@@ -261,7 +261,7 @@ def test_load_context_rejects_bad_input_clearly(tmp_path):
     other.mkdir()
     (other / "b.txt").write_text("b")
     with ReplSession(limits=SMALL) as session:
-        with pytest.raises(ValueError, match="exactly one path"):
+        with pytest.raises(ValueError, match="exactly one document"):
             session.load_context([tmp_path / "a.txt", other / "b.txt"], "str")
         with pytest.raises(ValueError, match="one directory"):
             session.load_context([tmp_path / "a.txt", other / "b.txt"], "list")

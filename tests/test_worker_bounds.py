@@ -353,18 +353,18 @@ def test_context_files_are_evicted_by_size_but_never_while_in_use(
     release_b()
     c_paths, release_c = cache.acquire(c)
     # b was the only one not in use: gone; a and c stay although over the bound.
-    assert not b_paths[0].exists()
-    assert a_paths[0].read_text().startswith("[") and c_paths[0].exists()
+    assert not b_paths[0].path.exists()
+    assert a_paths[0].read_bytes().startswith(b"[") and c_paths[0].path.exists()
     # Another user of the same directory (e.g. a second worker) sees them in use too.
     other = ContextFileCache(tmp_path, 0, contexts)
-    assert other.evict() > 0 and a_paths[0].exists() and c_paths[0].exists()
+    assert other.evict() > 0 and a_paths[0].path.exists() and c_paths[0].path.exists()
     release_a()
     release_a()  # releasing twice is harmless
     cache.evict()
-    assert not a_paths[0].exists() and c_paths[0].exists()
+    assert not a_paths[0].path.exists() and c_paths[0].path.exists()
     # An evicted context is written again when needed.
     again, release_again = cache.acquire(a)
-    assert again == a_paths and again[0].exists()
+    assert again == a_paths and again[0].path.exists()
     release_again()
     release_c()
     assert other.evict() == 0
@@ -386,7 +386,7 @@ def test_a_full_cache_evicts_down_to_its_low_watermark(object_store: ObjectStore
     for age, ref in enumerate(refs[:4]):  # 1,000 bytes: at the bound, not past it
         paths, release = cache.acquire(ref)
         release()
-        os.utime(paths[0].parent, (long_ago + age, long_ago + age))
+        os.utime(paths[0].path.parent, (long_ago + age, long_ago + age))
     assert len(list(tmp_path.glob("[0-9a-f]" * 64))) == 4
     cache.acquire(refs[4])[1]()  # 1,250: down to 900 at most, the oldest first
     kept = {path.name for path in tmp_path.glob("[0-9a-f]" * 64)}
