@@ -7,6 +7,8 @@ guest is always the one calling out and the host never needs to call in.
 
 import _ast  # the builtin, not `ast`: importing ast (and re, enum) costs ~60 ms of boot
 from _operator import is_not as _is_not  # the builtin, as _ast
+from _bisect import bisect_right as _bisect_right  # builtins too
+from itertools import accumulate as _accumulate
 import io
 import os
 import struct  # loaded already by rlm_codec
@@ -32,7 +34,7 @@ _GUEST_DIR = "/rlm/guest/"
 _IMAGED_IMPORTS = ("rlm_snapshot", "rlm_slices", "re", "json", "traceback")
 
 # Documents are read in batches of up to this many bytes, each in one read
-# that the host fills from consecutive files: one host call per batch, not
+# that the host fills from consecutive documents: one host call per batch, not
 # per document (20,000 small documents took 0.8 s one by one). A larger
 # document is a batch of its own: a load needs the documents' memory plus
 # one batch at most, as it needed the largest document before.
@@ -40,15 +42,14 @@ LOAD_BATCH_BYTES = 8 << 20
 
 
 def _load_batches(sizes):
-    batch, total = [], 0
-    for size in sizes:
-        if batch and total + size > LOAD_BATCH_BYTES:
-            yield batch
-            batch, total = [], 0
-        batch.append(size)
-        total += size
-    if batch:
-        yield batch
+    """`sizes` cut into runs of at most LOAD_BATCH_BYTES in all (a larger
+    document alone); found by bisection, not a Python step per document."""
+    ends = list(_accumulate(sizes))
+    start, base = 0, 0
+    while start < len(sizes):
+        stop = max(start + 1, _bisect_right(ends, base + LOAD_BATCH_BYTES, start))
+        yield sizes[start:stop]
+        base, start = ends[stop - 1], stop
 
 
 class Repl:
@@ -99,6 +100,15 @@ class Repl:
         for batch in _load_batches(sizes):
             raw = bytearray(sum(batch))
             self.channel.read_exact(memoryview(raw))
+            if len(batch) > 1 and raw.isascii():
+                # Its characters are its bytes: one decode, and the documents
+                # are slices of it, cut in C (with the batches found by
+                # bisection, a load of 20,000 documents 57-59 -> 42-46 ms).
+                text, ends = raw.decode("ascii"), list(_accumulate(batch))
+                del raw
+                docs.extend(map(text.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+                del text
+                continue
             view, at = memoryview(raw), 0
             for size in batch:
                 try:
@@ -112,7 +122,7 @@ class Repl:
         self.context_loaded = True
         self.protected["context"] = self.context
         self.globals["context"] = self.context
-        return {"chars": sum(len(d) for d in docs)}
+        return {"chars": sum(map(len, docs))}
 
     def exec_cell(self, code, timeout, repr_cap):
         self.cell_count += 1
