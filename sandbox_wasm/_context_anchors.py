@@ -91,17 +91,16 @@ def _keys(spans: list[DocumentSpan]) -> list[tuple[str, int, int, int]]:
     (each directory once: a realpath per file cost ~0.5 s for 20,000
     documents), its offset and size there, and the file's mtime."""
     parents: dict[Path, Path] = {}
-    mtimes: dict[Path, int] = {}
     keys = []
+    last: Path | None = None  # a packed context's spans share one Path: looked up once
     for span in spans:
         path = span.path
-        parent = parents.get(path.parent)
-        if parent is None:
-            parent = parents[path.parent] = path.parent.resolve()
-        mtime = mtimes.get(path)
-        if mtime is None:
-            mtime = mtimes[path] = path.stat().st_mtime_ns
-        keys.append((str(parent / path.name), span.offset, span.size, mtime))
+        if path is not last:
+            parent = parents.get(path.parent)
+            if parent is None:
+                parent = parents[path.parent] = path.parent.resolve()
+            name, mtime, last = str(parent / path.name), path.stat().st_mtime_ns, path
+        keys.append((name, span.offset, span.size, mtime))
     return keys
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sandbox_wasm import CellInterrupted, RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import CellInterrupted, DocumentSpan, RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 
@@ -304,3 +304,24 @@ def test_the_slice_index_is_built_on_demand_then_reused(context_files, tmp_path)
         second.load_context(copies, "list")
         second.run_cell(_WINDOWS.format(seed=3))
         assert second.snapshot().new_records == {}
+
+
+def test_slices_of_documents_packed_in_one_file_are_references(context_files, tmp_path):
+    """The worker's cache packs a context's documents into one file: the
+    slice index is built per document span, so unordered windows of the
+    second-to-last document are still references, restored exactly."""
+    packed = tmp_path / "documents.utf8"
+    blobs = [b"lead bytes, in no document\n"] + [path.read_bytes() for path in context_files]
+    packed.write_bytes(b"".join(blobs))
+    spans, offset = [], len(blobs[0])
+    for blob in blobs[1:]:
+        spans.append(DocumentSpan(packed, offset, len(blob)))
+        offset += len(blob)
+    with fresh(spans) as session:
+        session.run_cell(_WINDOWS.format(seed=5) + "accents = [context[1][s:s + 7_000] for s in (9_000, 3, 41_000)]\n")
+        snap = session.snapshot()
+        assert snap.refs == [] and snap.new_records == {} and len(snap.data) < 20_000
+        expected = session.run_cell("hash((tuple(windows5), tuple(accents)))").value_repr
+        with restored(spans, snap, {}) as other:
+            assert other.run_cell("hash((tuple(windows5), tuple(accents)))").value_repr == expected
+            assert other.run_cell("windows5[0] in context[0] and accents[2] in context[1]").value_repr == "True"
