@@ -162,8 +162,8 @@ def _cached_spans(manifest: Manifest, dest: Path) -> list[DocumentSpan] | None:
     try:
         if sorted(n for n in os.listdir(dest) if not n.startswith(".")) != names:  # not the manifest, nor its temp
             return None
-        span = _span_type()
-        spans = [span(dest / name, 0, doc.bytes) for name, doc in zip(names, manifest.documents, strict=True)]
+        new_span = _span_type()
+        spans = [new_span(dest / name, 0, doc.bytes) for name, doc in zip(names, manifest.documents, strict=True)]
         if any(os.stat(span.path).st_size != span.size for span in spans):
             return None
     except OSError:
@@ -180,8 +180,8 @@ def local_manifest(dest: Path) -> bytes | None:
 
 
 def _packed_spans(manifest: Manifest, path: Path) -> list[DocumentSpan]:
-    span = _span_type()
-    return [span(path, doc.offset, doc.bytes) for doc in manifest.documents]
+    new_span = _span_type()
+    return [new_span(path, doc.offset, doc.bytes) for doc in manifest.documents]
 
 
 def _span_type() -> type[DocumentSpan]:
