@@ -100,10 +100,11 @@ class _BytesSource:
 
 
 class SharedFile:
-    """A context file opened once for all its documents' sources (a worker's
-    cache packs a context's documents into one file: 20,000 opens cost more
-    than the reads) and closed after the last of them. Used only on the
-    instance's wasm thread, which reads sources one after another."""
+    """A context file opened once for all the sources that read from it (a
+    worker's cache packs a context's documents into one file) and closed
+    after the last of them, not at the end of the load: a context of a file
+    per document must not hold them all open. Used only on the instance's
+    wasm thread, which reads sources one after another."""
 
     def __init__(self, path: Path, readers: int):
         self.path = path
