@@ -63,6 +63,14 @@ def file_sources(spans: Sequence[DocumentSpan]) -> list[FileSource]:
             ranges[-1][2] += span.size
         else:
             ranges.append([span.path, span.offset, span.size])
+    # Keyed by the path's text: hashing a Path object costs ~2 us in Python.
     readers = Counter(str(path) for path, _, _ in ranges)
-    files = {key: SharedFile(Path(key), count) for key, count in readers.items()}
-    return [FileSource(files[str(path)], offset, size) for path, offset, size in ranges]
+    files: dict[str, SharedFile] = {}
+    sources = []
+    for path, offset, size in ranges:
+        key = str(path)
+        file = files.get(key)
+        if file is None:  # the caller's Path, not one parsed again from its text
+            file = files[key] = SharedFile(path, readers[key])
+        sources.append(FileSource(file, offset, size))
+    return sources
