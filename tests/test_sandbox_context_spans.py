@@ -16,7 +16,7 @@ SMALL = SandboxLimits(cell_timeout_s=5.0, memory_bytes=512 * 1024**2, output_cha
 DOCS = ["first", "", "ünïcode € and more", "", "x" * 5_000, "last"]
 
 
-def _packed(tmp_path: Path, docs: list[str], lead: bytes = b"") -> list[DocumentSpan]:
+def packed_spans(tmp_path: Path, docs: list[str], lead: bytes = b"") -> list[DocumentSpan]:
     """`docs` back to back in one file after `lead` bytes, as spans."""
     path = tmp_path / "documents.utf8"
     data = [doc.encode() for doc in docs]
@@ -33,7 +33,7 @@ def _open_fds() -> set[str]:
 
 
 def test_spans_of_one_file_load_as_their_documents_and_again_after_a_trap(tmp_path):
-    spans = _packed(tmp_path, DOCS, lead=b"not a document\xff")
+    spans = packed_spans(tmp_path, DOCS, lead=b"not a document\xff")
     with ReplSession(limits=SMALL) as session:
         session.load_context(spans, "list")
         assert session.run_cell("context == %r" % DOCS).value_repr == "True"
@@ -43,7 +43,7 @@ def test_spans_of_one_file_load_as_their_documents_and_again_after_a_trap(tmp_pa
 
 
 def test_spans_out_of_order_and_from_two_files(tmp_path):
-    spans = _packed(tmp_path, DOCS)
+    spans = packed_spans(tmp_path, DOCS)
     other = tmp_path / "other.txt"
     other.write_text("another file")
     order = [spans[4], DocumentSpan(other, 8, 4), spans[0], spans[2], DocumentSpan(other, 0, 7), spans[5]]
@@ -56,7 +56,7 @@ def test_spans_out_of_order_and_from_two_files(tmp_path):
 
 
 def test_spans_outside_their_file_are_refused_before_loading(tmp_path):
-    spans = _packed(tmp_path, DOCS)
+    spans = packed_spans(tmp_path, DOCS)
     path, end = spans[0].path, spans[-1].offset + spans[-1].size
     with ReplSession(limits=SMALL) as session:
         session.load_context(spans[:1], "list")
@@ -71,7 +71,7 @@ def test_spans_outside_their_file_are_refused_before_loading(tmp_path):
 
 
 def test_a_span_that_cuts_a_character_is_named_as_not_utf8(tmp_path):
-    spans = _packed(tmp_path, DOCS)
+    spans = packed_spans(tmp_path, DOCS)
     cut = DocumentSpan(spans[2].path, spans[2].offset, 1)  # the first of the 2 bytes of "ü"
     with ReplSession(limits=SMALL) as session:
         with pytest.raises(SandboxError, match="context document 1 is not valid UTF-8"):
@@ -81,7 +81,7 @@ def test_a_span_that_cuts_a_character_is_named_as_not_utf8(tmp_path):
 
 
 def test_loading_many_spans_leaves_no_descriptor_open(tmp_path):
-    spans = _packed(tmp_path, [f"doc {i}" for i in range(3_000)])
+    spans = packed_spans(tmp_path, [f"doc {i}" for i in range(3_000)])
     other = tmp_path / "other.txt"
     other.write_text("between")
     interleaved = [span for pair in zip(spans[::2], spans[1::2]) for span in (pair[1], pair[0])]

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from sandbox_wasm import CellInterrupted, DocumentSpan, RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
+from sandbox_wasm import CellInterrupted, RecordsUnavailable, ReplSession, SandboxError, SandboxLimits
+from tests.test_sandbox_context_spans import packed_spans
 
 LIMITS = SandboxLimits(cell_timeout_s=20.0, memory_bytes=512 * 1024**2)
 
@@ -310,13 +311,8 @@ def test_slices_of_documents_packed_in_one_file_are_references(context_files, tm
     """The worker's cache packs a context's documents into one file: the
     slice index is built per document span, so unordered windows of the
     second-to-last document are still references, restored exactly."""
-    packed = tmp_path / "documents.utf8"
-    blobs = [b"lead bytes, in no document\n"] + [path.read_bytes() for path in context_files]
-    packed.write_bytes(b"".join(blobs))
-    spans, offset = [], len(blobs[0])
-    for blob in blobs[1:]:
-        spans.append(DocumentSpan(packed, offset, len(blob)))
-        offset += len(blob)
+    texts = [path.read_text(encoding="utf-8") for path in context_files]
+    spans = packed_spans(tmp_path, texts, lead=b"lead bytes, in no document\n")
     with fresh(spans) as session:
         session.run_cell(_WINDOWS.format(seed=5) + "accents = [context[1][s:s + 7_000] for s in (9_000, 3, 41_000)]\n")
         snap = session.snapshot()
