@@ -56,6 +56,7 @@ __all__ = [
     "proc_cpu_s",
     "running_worker",
     "scripted_root",
+    "split_into_files",
     "spread",
     "write_results",
 ]
@@ -123,6 +124,19 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     } | payload
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def split_into_files(text: str, docs: int, folder: Path) -> list[Path]:
+    """`text` cut into `docs` files of about equal size under `folder`
+    (`doc000000.txt`, ...), each cut at a space: valid UTF-8, no word split."""
+    step, files, at = len(text) // docs, [], 0
+    for i in range(docs):
+        end = len(text) if i == docs - 1 else text.find(" ", max(at, (i + 1) * step))
+        end = len(text) if end < 0 else end
+        files.append(folder / f"doc{i:06d}.txt")
+        files[-1].write_text(text[at:end], encoding="utf-8")
+        at = end
+    return files
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, Any]:

@@ -28,12 +28,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _harness import RESULTS_DIR, split_into_files  # noqa: E402
 
 from activities.context_store import ContextStore  # noqa: E402
 from activities.object_store import ObjectStore  # noqa: E402
 from cli import services  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 MB = 1_000_000
 
 
@@ -58,18 +60,11 @@ def _write_text_file(path: Path, size: int) -> None:
 
 
 def _write_folder(folder: Path, source: Path, docs: int, marker: str) -> list[Path]:
-    """`source`'s bytes cut into `docs` files (at spaces, so none splits a
-    character), the first starting with `marker` (a new context each time)."""
+    """`source`'s text cut into `docs` files, the first starting with
+    `marker` (a new context each time)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    data = marker.encode() + source.read_bytes()
-    step, start, paths = max(1, len(data) // docs), 0, []
-    for index in range(docs):
-        end = len(data) if index == docs - 1 else max(start, data.find(b" ", start + step) + 1 or len(data))
-        paths.append(folder / f"{index:06d}.txt")
-        paths[-1].write_bytes(data[start:end])
-        start = end
-    return paths
+    return split_into_files(marker + source.read_text(encoding="utf-8"), docs, folder)
 
 
 def _timed(label: str, size_mb: float, fn, results: list[dict]):
@@ -154,7 +149,7 @@ def main() -> int:
         },
         "results": results,
     }
-    out = RESULTS / f"{args.output}.json"
+    out = RESULTS_DIR / f"{args.output}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

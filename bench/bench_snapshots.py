@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS_DIR, machine_info, private_services  # noqa: E402
+from _harness import RESULTS_DIR, machine_info, private_services, split_into_files  # noqa: E402
 
 from activities.object_store import ObjectStore  # noqa: E402
 from sandbox_wasm import ReplSession, SandboxLimits  # noqa: E402
@@ -58,19 +58,6 @@ def make_context(path: Path, megabytes: int) -> None:
             block = " ".join(picked) + "\n"
             handle.write(block)
             written += len(block)
-
-
-def split_context(path: Path, docs: int) -> list[Path]:
-    """`path` cut into `docs` files of about equal size (at spaces, so each is valid UTF-8)."""
-    text = path.read_text(encoding="utf-8")
-    step, files, at = len(text) // docs, [], 0
-    for i in range(docs):
-        end = len(text) if i == docs - 1 else text.find(" ", max(at, (i + 1) * step))
-        end = len(text) if end < 0 else end
-        files.append(path.with_name(f"doc{i:06d}.txt"))
-        files[-1].write_text(text[at:end], encoding="utf-8")
-        at = end
-    return files
 
 
 def timed(fn):
@@ -133,7 +120,7 @@ def main() -> None:
         make_context(context, args.context_mb)
         result["context_bytes"] = context.stat().st_size
         half = context.stat().st_size // 2 // 200_000 * 200_000
-        files, kind = ([context], "str") if not args.docs else (split_context(context, args.docs), "list")
+        files, kind = ([context], "str") if not args.docs else (split_into_files(context.read_text(encoding="utf-8"), args.docs, context.parent), "list")
         big_cell = BIG_CELL_DOCS if args.docs else BIG_CELL.format(half=half)
         saver = Saver(store)
         with ReplSession(limits=limits).start() as session:
