@@ -12,10 +12,13 @@ from pathlib import Path
 
 from activities.settings import Settings
 from cli import services as launcher
+from cli._ports import port_holders
 from cli._process import is_alive, read_pid_file
 from tests.fixtures_services import isolated_settings
 
 SERVICES = ("temporal", "s3")
+# How long a killed server's ports may stay held before they are left unreserved.
+_RESERVE_S = 5.0
 
 
 class KillableServices:
@@ -61,11 +64,27 @@ class KillableServices:
         # socket bound but not listening keeps the kernel from handing the
         # port to any outgoing connection, while the restarted server, which
         # sets SO_REUSEADDR as Go's servers do, can still bind and listen.
+        # Right after the kill the port can still be held for a moment by the
+        # dead server's closing connections (CI once failed the bind here), so
+        # each port is tried until a deadline; one still held then is left
+        # unreserved: the restart either binds it (SO_REUSEADDR) or fails
+        # naming its holder, which is the outage under test, not this guard.
+        deadline = time.monotonic() + _RESERVE_S
         for port in ports:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            self._reserved.append(sock)
+            while True:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    sock.close()
+                    if time.monotonic() > deadline:
+                        print(f"port {port} left unreserved, held by: {port_holders(port) or 'nothing found'}")
+                        break
+                    time.sleep(0.05)  # polling the kernel's socket table
+                    continue
+                self._reserved.append(sock)
+                break
 
     def _release(self) -> None:
         while self._reserved:
