@@ -195,6 +195,8 @@ class Repl:
             import rlm_slices
 
             self.slices = rlm_slices.ContextSlices(self.context_docs)
+        if self.slices is not None:
+            self.slices.new_snapshot()
         if self.context_loaded and isinstance(self.context, list) and (
                 self._context_ids is None or self._context_ids[0] is not self.context_docs):
             self._context_ids = (self.context_docs, rlm_snapshot.context_item_ids(self.context_docs))

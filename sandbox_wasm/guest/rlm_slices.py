@@ -5,7 +5,12 @@ value as (document, start, end) instead of its characters. Candidates are
 found without scanning the context per value:
 
 - a hint: where the previous match ended (chunks are usually cut in order),
-  the next step of a regular stride, and the start of each document;
+  the next step of a regular stride, the start of the next document, and the
+  start of each document;
+- a whole document wrapped in texts as long as the last value's (a prompt per
+  document, in any order): looked up by its length and first and last
+  characters; the first such value found by where it stops sharing its
+  beginning with the last value missed (`_bootstrap`);
 - an anchor index per document: every occurrence of one rarely used character
   (picked from a strided sample so occurrences are ~ANCHOR_GAP apart) keyed by
   the hash of the ANCHOR_LEN characters that start there. A value's first
@@ -25,6 +30,13 @@ _SAMPLE_BLOCKS = 16
 _MAX_ANCHOR_LEN = 4
 _START_KEY = 32
 _START_DOCS = 16
+# Documents sharing their first characters tried for a value that starts one.
+_MAX_STARTS = 64
+# What a bootstrap (see ContextSlices._bootstrap) may try: characters the
+# documents share at their start, documents per start, and failures per snapshot.
+_MAX_HEADER = 256
+_MAX_BOOTSTRAP_DOCS = 4096
+_MAX_BOOTSTRAPS = 32
 # A value found inside the context may have this many characters around the
 # slice (stored inline); anchors tried before giving up on a value.
 MAX_AFFIX = 16 * 1024
@@ -40,7 +52,14 @@ class ContextSlices:
         # per document: (anchor, {crc32: offset or [offsets]}) or None
         self.indexes = [unpack_index(entry) for entry in packed] if packed else None
         self.hint = None  # (doc, start of the last match, its end, the step from the one before)
-        self.starts = None  # first characters -> documents starting with them
+        # Documents by hash of their first characters, and of their length,
+        # first and last characters: a hash -> a doc index, or a list of them.
+        self.starts = None
+        self.wholes = None
+        self.affix = None  # (prefix, suffix) lengths of the last value found inside
+        self.affix_texts = None  # and those texts
+        self.last_missed = None  # the start of the last value find_inside missed
+        self.bootstraps_left = _MAX_BOOTSTRAPS
         self.indexed = None  # [(doc, index)] of the documents that have one
         self.run_starts = []  # (doc, start) of the last few matches that began a run
 
@@ -55,11 +74,16 @@ class ContextSlices:
             for guess in (end, start + step):  # the next chunk, or the next window of a stride
                 if 0 <= guess <= len(text) - size and text.startswith(value, guess):
                     return self._found(doc, guess, size)
-        if self.starts is None:
-            self.starts = {}
-            for doc, text in enumerate(self.docs):
-                self.starts.setdefault(text[:_START_KEY], []).append(doc)
-        for doc in self.starts.get(value[:_START_KEY], ()):  # the first chunk of a document
+            following = self._next_document()
+            if following is not None and self.docs[following].startswith(value):
+                return self._found(following, 0, size)
+        wholes, starts = self._start_tables()
+        for doc in _candidates(wholes, _whole_key(value, 0, size), MAX_SAME):  # a document itself
+            if self.docs[doc] == value:
+                return self._found(doc, 0, size)
+        # The first chunk of a document. Bounded: documents may share a long
+        # header, and a miss only costs storing the value.
+        for doc in _candidates(starts, hash(value[:_START_KEY]), _MAX_STARTS):
             if self.docs[doc].startswith(value):
                 return self._found(doc, 0, size)
         for doc, (anchors, table) in self._indexes():
@@ -81,16 +105,93 @@ class ContextSlices:
         docs[doc][start:end] + suffix, for a value that wraps one slice in
         short texts (a prompt around a chunk), or None."""
         size = len(value)
+        whole = self._whole_inside(value)
+        if whole is not None:
+            return whole
         for doc, delta, known in self._alignments(value):
             text = self.docs[doc]
             lo = max(-delta, 0)
             hi = min(size, len(text) - delta)
             begin = _match_start(value, text, delta, lo, known)
             end = _match_end(value, text, delta, known + ANCHOR_LEN, hi)
-            if end - begin >= size // 2 and size - (end - begin) <= MAX_AFFIX:
-                self._found(doc, begin + delta, end - begin)
-                return value[:begin], doc, begin + delta, end + delta, value[end:]
+            if _wraps(size, begin, end):
+                return self._wrapped(value, doc, begin + delta, begin, end)
+        return self._bootstrap(value)
+
+    def new_snapshot(self):
+        """A snapshot begins: it may spend its own bootstraps."""
+        self.bootstraps_left = _MAX_BOOTSTRAPS
+
+    def _whole_inside(self, value):
+        """find_inside for a whole document between texts as long as those
+        around the last value found: one lookup, one comparison."""
+        if self.affix is None:
+            return None
+        before, after = self.affix
+        size = len(value)
+        end = size - after
+        if not _wraps(size, before, end):
+            return None
+        for doc in _candidates(self._start_tables()[0], _whole_key(value, before, end), MAX_SAME):
+            if value.startswith(self.docs[doc], before):  # its length is known to fit exactly
+                return self._wrapped(value, doc, 0, before, end)
         return None
+
+    def _bootstrap(self, value):
+        """A whole document inside `value` when the texts around it are not
+        known yet: the first of the prompts made one per document in an order
+        the hints do not follow (reversed, sorted, shuffled). The prompt's
+        prefix is at most what `value` shares with the last value missed, so
+        a document's start is looked up at each position from there back
+        over _MAX_HEADER characters (documents may share a header). Bounded
+        per snapshot: values that wrap nothing must not cost each a search."""
+        previous = self.last_missed
+        self.last_missed = value[:MAX_AFFIX + _MAX_HEADER + _START_KEY]
+        if previous is None or self.bootstraps_left <= 0:
+            return None
+        self.bootstraps_left -= 1
+        size = len(value)
+        shared = _match_end(value, previous, 0, 0, min(size, len(previous)))
+        starts = self._start_tables()[1]
+        for before in range(min(shared, MAX_AFFIX), max(shared - _MAX_HEADER, 0) - 1, -1):
+            for doc in _candidates(starts, hash(value[before:before + _START_KEY]), _MAX_BOOTSTRAP_DOCS):
+                text = self.docs[doc]
+                if _wraps(size, before, before + len(text)) and value.startswith(text, before):
+                    return self._wrapped(value, doc, 0, before, before + len(text))
+        return None
+
+    def _wrapped(self, value, doc, start, begin, end):
+        """What find_inside answers when value[begin:end] is
+        docs[doc][start:...]. Texts around it equal to the last ones are the
+        same objects, so a list of prompts pickles them once."""
+        self._found(doc, start, end - begin)
+        before, after = value[:begin], value[end:]
+        if self.affix_texts is not None:
+            last_before, last_after = self.affix_texts
+            before = last_before if before == last_before else before
+            after = last_after if after == last_after else after
+        self.affix_texts = (before, after)
+        self.affix = (begin, len(value) - end)
+        return before, doc, start, start + end - begin, after
+
+    def _start_tables(self):
+        """(wholes, starts), made at the first value that needs them. Keyed
+        by hashes, not texts: a context of a million short documents keeps
+        them in a few tens of MB (a collision only adds a candidate, and every
+        candidate is compared)."""
+        if self.starts is None:
+            wholes, starts = {}, {}
+            for doc, text in enumerate(self.docs):
+                _add(wholes, _whole_key(text, 0, len(text)), doc)
+                _add(starts, hash(text[:_START_KEY]), doc)
+            self.wholes, self.starts = wholes, starts
+        return self.wholes, self.starts
+
+    def _next_document(self):
+        """The document after the last match, if that match reached the end
+        of its own (a value per document, in order)."""
+        doc, _, end, _ = self.hint
+        return doc + 1 if end == len(self.docs[doc]) and doc + 1 < len(self.docs) else None
 
     def _alignments(self, value):
         """(doc, delta, i): value[i:i + ANCHOR_LEN] == docs[doc][i + delta:...]."""
@@ -100,6 +201,9 @@ class ContextSlices:
         if self.hint is not None:  # the chunk after the previous match
             doc, start, end, step = self.hint
             origins += [(doc, end), (doc, start + step)]
+            following = self._next_document()
+            if following is not None:
+                origins.append((following, 0))
         # Where runs of chunks began (prompts are made from chunks in order),
         # and the first documents' starts.
         origins += self.run_starts + [(doc, 0) for doc in range(min(len(self.docs), _START_DOCS))]
@@ -128,10 +232,42 @@ class ContextSlices:
     def _found(self, doc, start, size):
         step = start - self.hint[1] if self.hint is not None and self.hint[0] == doc else 0
         if self.hint is None or (doc, start) not in ((self.hint[0], self.hint[2]),
-                                                     (self.hint[0], self.hint[1] + self.hint[3])):
+                                                     (self.hint[0], self.hint[1] + self.hint[3]),
+                                                     (self._next_document(), 0)):
             self.run_starts = [(doc, start)] + [r for r in self.run_starts if r != (doc, start)][:3]
         self.hint = (doc, start, start + size, step)
         return doc, start
+
+
+def _whole_key(text, begin, end):
+    """What tells documents apart cheaply, for text[begin:end] as a whole
+    document: a hash of its length and its first and last characters
+    (documents often share a header, or a length)."""
+    return hash((end - begin, text[begin:min(begin + _START_KEY, end)], text[max(end - _START_KEY, begin):end]))
+
+
+def _add(table, key, doc):
+    known = table.get(key)
+    if known is None:
+        table[key] = doc
+    elif type(known) is list:
+        known.append(doc)
+    else:
+        table[key] = [known, doc]
+
+
+def _candidates(table, key, most):
+    """At most `most` documents filed under `key`."""
+    known = table.get(key)
+    if known is None:
+        return ()
+    return known[:most] if type(known) is list else (known,)
+
+
+def _wraps(size, begin, end):
+    """Whether value[begin:end], a slice of the context, is most of a value of
+    `size` characters, with short enough texts around it to store inline."""
+    return end - begin >= size // 2 and size - (end - begin) <= MAX_AFFIX
 
 
 def anchor_index(text):

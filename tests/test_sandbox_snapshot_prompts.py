@@ -1,0 +1,128 @@
+"""Prompts made one per document of a list context are stored as the
+document between two short texts, in whatever order the model made them;
+a value that only resembles such a prompt is stored by content. The REPL
+tests run real wasmtime; the bound on the search is checked on the guest's
+slice finder itself (pure logic, run on the host)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sandbox_wasm import ReplSession, SandboxLimits
+from sandbox_wasm.guest.rlm_slices import ContextSlices
+from tests.test_sandbox_context_spans import packed_spans
+
+LIMITS = SandboxLimits(cell_timeout_s=60.0, memory_bytes=1024**3)
+HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n<report kind="audit" region="north">\n'
+PROMPTS = "prompts = ['Summarize this document:\\n' + d + '\\n---\\nAnswer in one line.' for d in docs]\n"
+SAME = "hash(tuple(prompts)) == hash(tuple('Summarize this document:\\n' + d + '\\n---\\nAnswer in one line.' for d in docs))"
+ORDERS = {
+    "in order": "docs = list(context)",
+    "reversed": "docs = list(reversed(context))",
+    "shuffled": "import random\nrandom.seed(4)\ndocs = random.sample(context, len(context))",
+    "sorted by length": "docs = sorted(context, key=len)",
+    "every third": "docs = context[1::3]",
+}
+
+
+def documents(count: int, header: str = "") -> list[str]:
+    """~5 KB documents of prose that does not repeat, lengths all different."""
+    rng = random.Random(count)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    return [header + " ".join(rng.choice(words) for _ in range(800 + index)) + f". End of {index}."
+            for index in range(count)]
+
+
+@pytest.mark.parametrize(("order", "header"), [
+    ("in order", ""), ("reversed", ""), ("shuffled", ""), ("sorted by length", ""),
+    ("every third", ""), ("shuffled", HEADER), ("in order", HEADER)])
+def test_prompts_per_document_are_the_documents_between_short_texts(tmp_path, order, header):
+    spans = packed_spans(tmp_path, documents(1_000, header))
+    with ReplSession(limits=LIMITS).start() as session:
+        session.load_context(spans, "list")
+        session.run_cell(ORDERS[order] + "\n" + PROMPTS)
+        snap = session.snapshot()
+        # Stored by content: the prompts made before the texts around their
+        # documents were known (the first two of an order no hint follows).
+        missed = [data for data in snap.new_records.values() if data.startswith(b"Summarize")]
+        assert len(missed) <= 2
+        # The lists `docs` and `prompts` are records of their own: a few bytes
+        # per item (a document's number; the texts around it are pickled once).
+        lists = [data for data in snap.new_records.values() if not data.startswith(b"Summarize")]
+        count = int(session.run_cell("len(prompts)").value_repr)
+        assert len(lists) <= 2 and sum(map(len, lists)) < 40 * count
+        with ReplSession(limits=LIMITS).start() as other:
+            other.load_context(spans, "list")
+            other.restore(snap.data, snap.new_records)
+            assert other.run_cell(ORDERS[order] + "\n" + SAME).value_repr == "True"
+
+
+def test_values_that_only_resemble_a_prompt_are_stored_by_content(tmp_path):
+    docs = documents(300)
+    # A twin: the same length and the same first and last characters as
+    # document 7, one character different in the middle.
+    docs.append(docs[7][:2_000] + ("Q" if docs[7][2_000] != "Q" else "R") + docs[7][2_001:])
+    spans = packed_spans(tmp_path, docs)
+    cell = (
+        "import random\nrandom.seed(9)\norder = random.sample(range(len(context)), len(context))\n"
+        "prompts = ['Read:\\n' + context[i] + '\\nDone.' for i in order]\n"
+        # Changed in the middle, with the usual texts around it.
+        "altered = ['Read:\\n' + d[:1_000] + '#' + d[1_001:] + '\\nDone.' for d in context[20:40]]\n"
+        # Texts around the document too long to store inline, or the document under half the value.
+        "long_affix = 'Read:\\n' + 'w' * 20_000 + context[50] + '\\nDone.'\n"
+        "mostly_text = 'Read:\\n' + 'w' * 12_000 + context[51] + '\\nDone.'\n")
+    check = ("(prompts == ['Read:\\n' + context[i] + '\\nDone.' for i in order],"
+             " altered == ['Read:\\n' + d[:1_000] + '#' + d[1_001:] + '\\nDone.' for d in context[20:40]],"
+             " long_affix == 'Read:\\n' + 'w' * 20_000 + context[50] + '\\nDone.',"
+             " mostly_text == 'Read:\\n' + 'w' * 12_000 + context[51] + '\\nDone.')")
+    with ReplSession(limits=LIMITS).start() as session:
+        session.load_context(spans, "list")
+        session.run_cell(cell)
+        snap = session.snapshot()
+        stored = {data for data in snap.new_records.values() if data.startswith(b"Read:")}
+        assert len(stored) >= 22  # the 20 altered, the two with long texts around
+        with ReplSession(limits=LIMITS).start() as other:
+            other.load_context(spans, "list")
+            other.restore(snap.data, snap.new_records)
+            other.run_cell("import random\nrandom.seed(9)\norder = random.sample(range(len(context)), len(context))")
+            assert other.run_cell(check).value_repr == "(True, True, True, True)"
+
+
+def _wrap(doc: str) -> str:
+    return "Question about this record:\n" + doc + "\nEnd."
+
+
+def _check(slices: ContextSlices, value: str) -> bool:
+    """Whether the finder placed `value`, and placed it exactly."""
+    found = slices.find_inside(value)
+    if found is None:
+        return False
+    before, doc, start, end, after = found
+    assert before + slices.docs[doc][start:end] + after == value
+    return True
+
+
+def test_the_first_prompt_of_an_unfollowed_order_teaches_the_texts_around():
+    docs = tuple(documents(200))
+    slices = ContextSlices(docs)
+    slices.new_snapshot()
+    order = [150, 30, 199, 64, 101, 17, 188]  # none of the first documents, none following another
+    placed = [_check(slices, _wrap(docs[index])) for index in order]
+    assert placed == [False] + [True] * (len(order) - 1)
+
+
+def test_searches_for_the_texts_around_are_bounded_per_snapshot():
+    """Values that wrap no document must not each cost a search: after a
+    snapshot's share of failed searches, prompts of an unfollowed order are
+    stored by content until the next snapshot begins."""
+    docs = tuple(documents(200))
+    slices = ContextSlices(docs)
+    slices.new_snapshot()
+    template = "x" * 3_000
+    for number in range(100):
+        assert not _check(slices, template + f" unrelated value {number}")
+    assert not any(_check(slices, _wrap(docs[index])) for index in (150, 30, 199))
+    slices.new_snapshot()  # the last prompt missed is what the next one is compared with
+    assert all(_check(slices, _wrap(docs[index])) for index in (120, 40, 170))
