@@ -1,7 +1,7 @@
 """Anchor index of the context documents, computed natively for the guest.
 
 The guest recognises values that are slices of the context through an
-anchor index (see guest/rlm_slices.py). Building it for 100 MB takes ~1-2 s
+anchor index (see guest/rlm_anchors.py). Building it for 100 MB takes ~1-2 s
 inside the guest and ~0.1-0.3 s here, so the host scans its own copy of the
 documents (in a background thread) and sends the offsets with the next
 snapshot of an instance. Results are kept for a few documents, keyed by
@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from ._types import DocumentSpan
-from .guest.rlm_slices import MIN_INDEXED_DOC, anchor_index, pack_index
+from .guest.rlm_anchors import MIN_INDEXED_DOC, anchor_index, pack_index
 
 log = structlog.get_logger(__name__)
 _KEEP = 8
@@ -81,7 +81,7 @@ class ContextIndex:
 
 
 def context_anchors(spans: list[DocumentSpan]) -> Future[list[Any]]:
-    """The packed anchor index (rlm_slices.pack_index) or None for each
+    """The packed anchor index (rlm_anchors.pack_index) or None for each
     document, computed in the background."""
     return _scanner.submit(lambda: [_anchors(span, key) for span, key in zip(spans, _keys(spans), strict=True)])
 

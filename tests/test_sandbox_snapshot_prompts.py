@@ -126,3 +126,26 @@ def test_searches_for_the_texts_around_are_bounded_per_snapshot():
     assert not any(_check(slices, _wrap(docs[index])) for index in (150, 30, 199))
     slices.new_snapshot()  # the last prompt missed is what the next one is compared with
     assert all(_check(slices, _wrap(docs[index])) for index in (120, 40, 170))
+
+
+class _CountingText(str):
+    """A value that counts the comparisons made against it."""
+
+    compared = 0
+
+    def startswith(self, *args):
+        _CountingText.compared += 1
+        return super().startswith(*args)
+
+
+def test_documents_that_all_start_alike_do_not_make_searches_quadratic():
+    # 5,000 documents opening with the same run of characters: at every
+    # position of such a run, every document is a candidate start.
+    docs = tuple("x" * 300 + f" record {index} " + "body " * 900 for index in range(5_000))
+    slices = ContextSlices(docs)
+    slices.new_snapshot()
+    _CountingText.compared = 0
+    for number in range(100):
+        assert not _check(slices, _CountingText("x" * 600 + f" value {number} " + "y" * 5_000))
+    # 32 searches of at most 4,096 comparisons, not 257 x 5,000 each.
+    assert _CountingText.compared <= 32 * 4_096 + 100 * 4

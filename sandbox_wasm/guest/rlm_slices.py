@@ -11,29 +11,25 @@ found without scanning the context per value:
   document, in any order): looked up by its length and first and last
   characters; the first such value found by where it stops sharing its
   beginning with the last value missed (`_bootstrap`);
-- an anchor index per document: every occurrence of one rarely used character
-  (picked from a strided sample so occurrences are ~ANCHOR_GAP apart) keyed by
-  the hash of the ANCHOR_LEN characters that start there. A value's first
-  anchor character leads to at most MAX_SAME offsets, each verified with one
-  in-place comparison (`startswith`), so a hash collision never matters.
+- the anchor index of each large document (rlm_anchors): a value's first
+  anchor leads to at most MAX_SAME offsets, each verified with one in-place
+  comparison (`startswith`), so a hash collision never matters.
 
 A miss only means the value is stored by content instead; it is never wrong.
 """
 
-ANCHOR_GAP = 2048
-ANCHOR_LEN = 64
-MAX_SAME = 8
-# Documents shorter than this are not indexed (a slice of them is small anyway).
-MIN_INDEXED_DOC = 64 * 1024
-_SAMPLE_CHARS = 256 * 1024
-_SAMPLE_BLOCKS = 16
-_MAX_ANCHOR_LEN = 4
+if __package__:  # the host imports this file as part of sandbox_wasm
+    from .rlm_anchors import ANCHOR_LEN, MAX_SAME, first_anchor, unpack_index, window_key
+else:  # the guest imports its modules by their own names
+    from rlm_anchors import ANCHOR_LEN, MAX_SAME, first_anchor, unpack_index, window_key
+
 _START_KEY = 32
 _START_DOCS = 16
 # Documents sharing their first characters tried for a value that starts one.
 _MAX_STARTS = 64
 # What a bootstrap (see ContextSlices._bootstrap) may try: characters the
-# documents share at their start, documents per start, and failures per snapshot.
+# documents share at their start, documents compared in all (documents that
+# share a header all start alike), and failures per snapshot.
 _MAX_HEADER = 256
 _MAX_BOOTSTRAP_DOCS = 4096
 _MAX_BOOTSTRAPS = 32
@@ -41,7 +37,6 @@ _MAX_BOOTSTRAPS = 32
 # slice (stored inline); anchors tried before giving up on a value.
 MAX_AFFIX = 16 * 1024
 _MAX_TRIES = 8
-_BRANCHES = 16
 
 
 class ContextSlices:
@@ -87,10 +82,10 @@ class ContextSlices:
             if self.docs[doc].startswith(value):
                 return self._found(doc, 0, size)
         for doc, (anchors, table) in self._indexes():
-            first = _first_anchor(value, anchors)
+            first = first_anchor(value, anchors)
             if first < 0 or first + ANCHOR_LEN > size:
                 continue
-            offsets = table.get(_window_key(value, first))
+            offsets = table.get(window_key(value, first))
             if offsets is None:
                 continue
             text = self.docs[doc]
@@ -153,11 +148,15 @@ class ContextSlices:
         size = len(value)
         shared = _match_end(value, previous, 0, 0, min(size, len(previous)))
         starts = self._start_tables()[1]
+        left = _MAX_BOOTSTRAP_DOCS
         for before in range(min(shared, MAX_AFFIX), max(shared - _MAX_HEADER, 0) - 1, -1):
-            for doc in _candidates(starts, hash(value[before:before + _START_KEY]), _MAX_BOOTSTRAP_DOCS):
+            for doc in _candidates(starts, hash(value[before:before + _START_KEY]), left):
                 text = self.docs[doc]
                 if _wraps(size, before, before + len(text)) and value.startswith(text, before):
                     return self._wrapped(value, doc, 0, before, before + len(text))
+                left -= 1
+            if left <= 0:
+                break
         return None
 
     def _wrapped(self, value, doc, start, begin, end):
@@ -213,15 +212,15 @@ class ContextSlices:
                 if pos >= 0:
                     yield doc, origin - pos, pos
         for doc, (anchor, table) in self._indexes():
-            pos, tries = _first_anchor(value, anchor), 0
+            pos, tries = first_anchor(value, anchor), 0
             while 0 <= pos <= limit and tries < _MAX_TRIES:
-                offsets = table.get(_window_key(value, pos))
+                offsets = table.get(window_key(value, pos))
                 if offsets is None:
                     offsets = ()
                 for offset in (offsets if isinstance(offsets, (list, tuple)) else (offsets,)):
                     if self.docs[doc].startswith(value[pos:pos + ANCHOR_LEN], offset):
                         yield doc, offset - pos, pos
-                pos, tries = _first_anchor(value, anchor, pos + 1), tries + 1
+                pos, tries = first_anchor(value, anchor, pos + 1), tries + 1
 
     def _indexes(self):
         if self.indexed is None:
@@ -270,70 +269,6 @@ def _wraps(size, begin, end):
     return end - begin >= size // 2 and size - (end - begin) <= MAX_AFFIX
 
 
-def anchor_index(text):
-    """([prefix, followers], {window key: offset or [offsets]}) for a document,
-    or None. An anchor is `prefix` followed by one of `followers` (any
-    character when empty); with an empty prefix, any one of `followers`."""
-    if len(text) < MIN_INDEXED_DOC:
-        return None
-    anchor = _anchor(text)
-    if anchor is None:
-        return None
-    table = {}
-    limit = len(text) - ANCHOR_LEN
-    for pos in _occurrences(text, anchor[0], anchor[1], limit + 1):
-        key = _window_key(text, pos)
-        known = table.get(key)
-        if known is None:
-            table[key] = pos
-        elif isinstance(known, list):
-            if len(known) < MAX_SAME:
-                known.append(pos)
-        else:
-            table[key] = [known, pos]
-    return anchor, table
-
-
-def pack_index(entry):
-    """An anchor index as a few flat buffers: the guest rebuilds the dict at C
-    speed (decoding 50,000 dict items one by one costs ~0.5 s in the guest)."""
-    from array import array
-
-    if entry is None:
-        return None
-    anchor, table = entry
-    single = {k: v for k, v in table.items() if not isinstance(v, list)}
-    shared = {k: v for k, v in table.items() if isinstance(v, list)}
-    return [anchor, array("I", single.keys()).tobytes(), array("q", single.values()).tobytes(), shared]
-
-
-def unpack_index(packed):
-    from array import array
-
-    if not packed:
-        return None
-    anchor, keys, offsets, shared = packed
-    keys_array, offsets_array = array("I"), array("q")
-    keys_array.frombytes(keys)
-    offsets_array.frombytes(offsets)
-    table = dict(zip(keys_array, offsets_array))
-    table.update(shared)
-    return anchor, table
-
-
-def _occurrences(text, prefix, followers, end):
-    """Anchor positions below `end`, in order. Runs on the host (see the
-    module doc): one regex pass, not a Python loop per prefix occurrence."""
-    import re
-
-    pattern = re.escape(prefix)
-    if followers:
-        pattern += "[" + "".join(re.escape(char) for char in followers) + "]"
-    stop = min(len(text), end + len(prefix) + 1)
-    return [match.start() for match in re.compile(pattern).finditer(text, 0, stop)
-            if match.start() < end]
-
-
 def _match_end(value, text, delta, lo, hi):
     """Largest end in [lo, hi] with value[lo:end] == text[lo + delta:end + delta]
     (value[..lo] is known to match). Halving: at most len(value) chars copied."""
@@ -355,75 +290,3 @@ def _match_start(value, text, delta, lo, hi):
         else:
             lo = mid + 1
     return hi
-
-
-def _first_anchor(value, anchor, begin=0):
-    prefix, followers = anchor
-    if not prefix:
-        first = -1
-        for char in followers:
-            pos = value.find(char, begin, first if first >= 0 else len(value))
-            if pos >= 0:
-                first = pos
-        return first
-    after = len(prefix)
-    pos = value.find(prefix, begin)
-    while pos >= 0:
-        if not followers or value[pos + after:pos + after + 1] in followers and pos + after < len(value):
-            return pos
-        pos = value.find(prefix, pos + 1)
-    return -1
-
-
-def _window_key(text, pos):
-    from zlib import crc32
-
-    return crc32(text[pos:pos + ANCHOR_LEN].encode("utf-8", "surrogatepass"))
-
-
-def _anchor(text):
-    """[prefix, followers] whose occurrences are ~1 per ANCHOR_GAP characters:
-    rare characters alone, else a frequent prefix narrowed by the characters
-    allowed after it (plain prose has no character rare enough alone)."""
-    if len(text) <= _SAMPLE_CHARS:
-        sample = text
-    else:  # blocks spread over the text, so one repetitive region does not decide
-        step = len(text) // _SAMPLE_BLOCKS
-        block = _SAMPLE_CHARS // _SAMPLE_BLOCKS
-        sample = "\0".join(text[i * step:i * step + block] for i in range(_SAMPLE_BLOCKS))
-    target = len(sample) / ANCHOR_GAP
-    prefixes = [""]
-    for _ in range(_MAX_ANCHOR_LEN):
-        tried = []
-        for prefix in prefixes:
-            counts = _followers(sample, prefix)
-            followers, total, dense = "", 0, []
-            for char, count in sorted(counts.items(), key=lambda item: item[1]):
-                if total + count <= 1.5 * target:
-                    followers += char
-                    total += count
-                elif count > 1.5 * target:
-                    dense.append(char)
-            if total >= target / 2:
-                return [prefix, followers]
-            tried += [prefix + char for char in dense[:_BRANCHES]]
-        # Too sparse with what fits: narrow the least frequent too-dense ones.
-        prefixes = tried[:_BRANCHES]
-        if not prefixes:
-            return None
-    return None
-
-
-def _followers(sample, prefix):
-    from collections import Counter
-
-    if not prefix:
-        counts = Counter(sample)
-    else:
-        counts = Counter()
-        pos = sample.find(prefix)
-        while 0 <= pos < len(sample) - len(prefix):
-            counts[sample[pos + len(prefix)]] += 1
-            pos = sample.find(prefix, pos + 1)
-    counts.pop("\0", None)
-    return counts
