@@ -11,6 +11,7 @@ import random
 import pytest
 
 from sandbox_wasm import ReplSession, SandboxLimits
+from sandbox_wasm.guest import rlm_slices
 from sandbox_wasm.guest.rlm_slices import ContextSlices
 from tests.test_sandbox_context_spans import packed_spans
 
@@ -149,3 +150,14 @@ def test_documents_that_all_start_alike_do_not_make_searches_quadratic():
         assert not _check(slices, _CountingText("x" * 600 + f" value {number} " + "y" * 5_000))
     # 32 searches of at most 4,096 comparisons, not 257 x 5,000 each.
     assert _CountingText.compared <= 32 * 4_096 + 100 * 4
+
+
+def test_documents_filed_under_one_hash_are_told_apart_by_their_whole_text(monkeypatch):
+    # Every document under one key, as a hash collision would file them: one
+    # is the start of another, so only its length tells it apart.
+    monkeypatch.setattr(rlm_slices, "_whole_key", lambda text, begin, end: 0)
+    docs = ("A" * 5_000, "A" * 5_000 + "B" * 10, "C" * 6_000)
+    slices = ContextSlices(docs)
+    slices.new_snapshot()
+    assert _check(slices, _wrap(docs[0]))  # the texts around are learnt here
+    assert all(_check(slices, _wrap(doc)) for doc in (docs[1], docs[2], docs[0], docs[1]))

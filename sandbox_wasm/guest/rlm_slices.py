@@ -128,7 +128,8 @@ class ContextSlices:
         if not _wraps(size, before, end):
             return None
         for doc in _candidates(self._start_tables()[0], _whole_key(value, before, end), MAX_SAME):
-            if value.startswith(self.docs[doc], before):  # its length is known to fit exactly
+            text = self.docs[doc]  # filed under a hash: its length is checked too
+            if len(text) == end - before and value.startswith(text, before):
                 return self._wrapped(value, doc, 0, before, end)
         return None
 
