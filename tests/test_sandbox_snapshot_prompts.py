@@ -12,7 +12,6 @@ import pytest
 
 from sandbox_wasm import ReplSession, SandboxLimits
 from sandbox_wasm.guest import rlm_slices
-from sandbox_wasm.guest.rlm_slices import ContextSlices
 from tests.test_sandbox_context_spans import packed_spans
 
 LIMITS = SandboxLimits(cell_timeout_s=60.0, memory_bytes=1024**3)
@@ -95,7 +94,7 @@ def _wrap(doc: str) -> str:
     return "Question about this record:\n" + doc + "\nEnd."
 
 
-def _check(slices: ContextSlices, value: str) -> bool:
+def _check(slices: rlm_slices.ContextSlices, value: str) -> bool:
     """Whether the finder placed `value`, and placed it exactly."""
     found = slices.find_inside(value)
     if found is None:
@@ -107,7 +106,7 @@ def _check(slices: ContextSlices, value: str) -> bool:
 
 def test_the_first_prompt_of_an_unfollowed_order_teaches_the_texts_around():
     docs = tuple(documents(200))
-    slices = ContextSlices(docs)
+    slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
     order = [150, 30, 199, 64, 101, 17, 188]  # none of the first documents, none following another
     placed = [_check(slices, _wrap(docs[index])) for index in order]
@@ -119,7 +118,7 @@ def test_searches_for_the_texts_around_are_bounded_per_snapshot():
     snapshot's share of failed searches, prompts of an unfollowed order are
     stored by content until the next snapshot begins."""
     docs = tuple(documents(200))
-    slices = ContextSlices(docs)
+    slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
     template = "x" * 3_000
     for number in range(100):
@@ -143,7 +142,7 @@ def test_documents_that_all_start_alike_do_not_make_searches_quadratic():
     # 5,000 documents opening with the same run of characters: at every
     # position of such a run, every document is a candidate start.
     docs = tuple("x" * 300 + f" record {index} " + "body " * 900 for index in range(5_000))
-    slices = ContextSlices(docs)
+    slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
     _CountingText.compared = 0
     for number in range(100):
@@ -157,7 +156,7 @@ def test_documents_filed_under_one_hash_are_told_apart_by_their_whole_text(monke
     # is the start of another, so only its length tells it apart.
     monkeypatch.setattr(rlm_slices, "_whole_key", lambda text, begin, end: 0)
     docs = ("A" * 5_000, "A" * 5_000 + "B" * 10, "C" * 6_000)
-    slices = ContextSlices(docs)
+    slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
     assert _check(slices, _wrap(docs[0]))  # the texts around are learnt here
     assert all(_check(slices, _wrap(doc)) for doc in (docs[1], docs[2], docs[0], docs[1]))
