@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 from pathlib import Path
 
 __all__ = ["find_free_port", "find_free_port_block", "port_holders", "port_is_free"]
@@ -26,6 +27,12 @@ _TCP_STATES = {
     "09": "a closing connection (LAST_ACK)", "0A": "listening", "0B": "a closing connection (CLOSING)",
 }  # fmt: skip
 _MAX_HOLDERS = 3
+# Ports this process has handed out. A port is free until its server binds
+# it, seconds later: two threads choosing at once (the chaos outages start
+# their server pairs together) would otherwise both pick it, and one server
+# pair would find it taken at its start or restart.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -123,18 +130,23 @@ def _private_range() -> range:
 
 def find_free_port_block(count: int, host: str = "127.0.0.1", *, avoid: set[int] | None = None) -> int:
     """First port of `count` consecutive ports free now, outside the
-    ephemeral range and `avoid`. Random, so parallel sessions rarely meet."""
+    ephemeral range and `avoid`, and never handed out before by this
+    process. Random, so parallel sessions rarely meet."""
     avoid = avoid or set()
     ports = _private_range()
     rng = random.SystemRandom()
-    for _ in range(500):
-        base = rng.randrange(ports.start, ports.stop - count + 1)
-        block = range(base, base + count)
-        # Stricter than port_is_free: without SO_REUSEADDR any socket on the
-        # port counts, one in TIME_WAIT and one bound to hold the port (a
-        # server down for a while, tests/chaos/servers.py) among them.
-        if not avoid.intersection(block) and all(_binds(host, p, reuse=False) for p in block):
-            return base
+    with _handed_out_lock:
+        for _ in range(500):
+            base = rng.randrange(ports.start, ports.stop - count + 1)
+            block = range(base, base + count)
+            # Stricter than port_is_free: without SO_REUSEADDR any socket on the
+            # port counts, one in TIME_WAIT and one bound to hold the port (a
+            # server down for a while, tests/chaos/servers.py) among them.
+            if avoid.intersection(block) or _handed_out.intersection(block):
+                continue
+            if all(_binds(host, p, reuse=False) for p in block):
+                _handed_out.update(block)
+                return base
     raise RuntimeError(f"no block of {count} consecutive free ports on {host} in {ports.start}-{ports.stop - 1}")
 
 

@@ -3,6 +3,7 @@ its own data dir and ports (independent of the session's servers)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -152,6 +153,23 @@ def test_ports_held_without_a_listener_are_not_picked(monkeypatch) -> None:
     finally:
         held.close()
     assert ports.find_free_port() == base
+
+
+def test_a_port_is_handed_out_once_per_process(monkeypatch) -> None:
+    # Free until its server binds it: two threads choosing at once must not
+    # both get it (CI: the chaos outages' server pairs, started together).
+    import cli._ports as ports
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    monkeypatch.setattr(ports, "_private_range", lambda: range(base, base + 6))
+    monkeypatch.setattr(ports, "_handed_out", set())
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        picked = list(pool.map(lambda _: ports.find_free_port(), range(6)))
+    assert sorted(picked) == list(range(base, base + 6))  # all still free, none given twice
+    with pytest.raises(RuntimeError, match="no block of 1"):
+        ports.find_free_port()
 
 
 def _comm() -> str:
