@@ -99,8 +99,7 @@ def _check(slices: rlm_slices.ContextSlices, value: str) -> bool:
     found = slices.find_inside(value)
     if found is None:
         return False
-    before, doc, start, end, after = found
-    assert before + slices.docs[doc][start:end] + after == value
+    assert rlm_slices.rebuild(found, slices.docs) == value
     return True
 
 
@@ -160,3 +159,81 @@ def test_documents_filed_under_one_hash_are_told_apart_by_their_whole_text(monke
     slices.new_snapshot()
     assert _check(slices, _wrap(docs[0]))  # the texts around are learnt here
     assert all(_check(slices, _wrap(doc)) for doc in (docs[1], docs[2], docs[0], docs[1]))
+
+
+BATCHES = (
+    "batches = ['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)]\n"
+    "numbered = ['Records:\\n' + '\\n'.join(f'[{j}] {context[j]}' for j in range(i, min(i + 8, len(context))))"
+    " + '\\nList the totals.' for i in range(0, len(context), 8)]\n"
+    "joined = '\\n'.join(context)\n"
+    "pieces = [joined[i:i + 50_000] for i in range(0, len(joined), 50_000)]\n"
+    # A batch with a document changed in its middle, and one of 100 documents (more than a reference holds).
+    "altered = '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]])\n"
+    "long_batch = '\\n'.join(context[100:200])\n"
+)
+SAME_BATCHES = (
+    "(batches == ['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)],"
+    " numbered == ['Records:\\n' + '\\n'.join(f'[{j}] {context[j]}' for j in range(i, min(i + 8, len(context))))"
+    " + '\\nList the totals.' for i in range(0, len(context), 8)],"
+    " joined == '\\n'.join(context), ''.join(pieces) == joined,"
+    " altered == '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]]),"
+    " long_batch == '\\n'.join(context[100:200]))"
+)
+
+
+def test_documents_joined_in_order_are_references_to_them(tmp_path):
+    """A batch of documents joined by a separator (numbered, wrapped, or a
+    piece of the whole context joined and cut) is stored as the documents
+    and the texts between them, never by content; empty documents inside a
+    batch join as nothing."""
+    docs = documents(400)
+    for index in (13, 14, 215):
+        docs[index] = ""
+    spans = packed_spans(tmp_path, docs)
+    with ReplSession(limits=LIMITS).start() as session:
+        session.load_context(spans, "list")
+        session.run_cell(BATCHES)
+        snap = session.snapshot()
+        by_content = [data for data in snap.new_records.values() if not data.startswith(b"\x80")]  # not a pickled list
+        # Stored by content: the whole joined context and the batch of 100
+        # (past the documents one reference holds), and the altered batch
+        # (under half of it left to refer to), nothing else.
+        altered = "\n\n".join(docs[40:42] + [docs[42][:1000] + "#" + docs[42][1001:], docs[43]])
+        assert sorted(map(len, by_content)) == sorted(len(text.encode()) for text in (
+            "\n".join(docs), "\n".join(docs[100:200]), altered))
+        with ReplSession(limits=LIMITS).start() as other:
+            other.load_context(spans, "list")
+            other.restore(snap.data, snap.new_records)
+            assert other.run_cell(SAME_BATCHES).value_repr == "(True, True, True, True, True, True)"
+
+
+def test_a_batch_refers_to_its_documents_up_to_the_first_one_changed():
+    docs = tuple(documents(40))
+    slices = rlm_slices.ContextSlices(docs)
+    slices.new_snapshot()
+    changed = docs[5][:1_000] + "#" + docs[5][1_001:]
+    value = "Records:\n" + "\n\n".join(docs[:5] + (changed,))
+    found = slices.find_inside(value)
+    assert found[0] == "m" and [piece[0] for piece in found[2]] == [0, 1, 2, 3, 4]
+    assert found[1][-1] == "\n\n" + changed and rlm_slices.rebuild(found, docs) == value
+    # The next batch follows on: found from where this one's documents ended.
+    following = "\n\n".join(docs[5:12])
+    assert slices.find_inside(following)[2][0] == (5, 0, len(docs[5]))
+
+
+@pytest.mark.parametrize("reference", [
+    ("m", ("", ""), ((0, 0, 5),), "extra"),
+    ("m", ("",), ((0, 0, 5),)),  # a text short
+    ("m", ("", b"bytes"), ((0, 0, 5),)),
+    ("m", ("", ""), ((2, 0, 5),)),  # no such document
+    ("m", ("", ""), ((0, 3, 2),)),  # ends before it starts
+    ("m", ("", ""), ((0, 0, 999),)),  # past the document
+    ("m", ("", ""), ((0, 0.0, 5),)),
+    ("m", ["", ""], [(0, 0, 5)]),
+    ("x", "", 0, 0, 5),
+    ("c", -1, 0, 5),
+    ("q", 0, 0, 5),
+])
+def test_malformed_slice_references_are_refused(reference):
+    with pytest.raises(ValueError, match="slice"):
+        rlm_slices.rebuild(reference, ("first", "second"))

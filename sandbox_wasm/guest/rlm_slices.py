@@ -33,6 +33,10 @@ _MAX_STARTS = 64
 _MAX_HEADER = 256
 _MAX_BOOTSTRAP_DOCS = 4096
 _MAX_BOOTSTRAPS = 32
+# Documents joined in one value (their references are pickled inline, in the
+# state or its list's record), and the text allowed between two of them.
+_MAX_JOINED = 64
+_MAX_GAP = 1024
 # A value found inside the context may have this many characters around the
 # slice (stored inline); anchors tried before giving up on a value.
 MAX_AFFIX = 16 * 1024
@@ -96,9 +100,11 @@ class ContextSlices:
         return None
 
     def find_inside(self, value):
-        """(prefix, doc, start, end, suffix) with value == prefix +
-        docs[doc][start:end] + suffix, for a value that wraps one slice in
-        short texts (a prompt around a chunk), or None."""
+        """A reference to `value` as slices of the context between short
+        texts, or None: ("x", prefix, doc, start, end, suffix) for one slice
+        (a prompt around a chunk), ("m", texts, ((doc, start, end), ...)) for
+        documents that follow each other (a batch of them joined, wrapped or
+        not). `rebuild` turns either back into the value."""
         size = len(value)
         whole = self._whole_inside(value)
         if whole is not None:
@@ -111,6 +117,9 @@ class ContextSlices:
             end = _match_end(value, text, delta, known + ANCHOR_LEN, hi)
             if _wraps(size, begin, end):
                 return self._wrapped(value, doc, begin + delta, begin, end)
+            joined = self._joined(value, doc, begin + delta, begin, end)
+            if joined is not None:
+                return joined
         return self._bootstrap(value)
 
     def new_snapshot(self):
@@ -172,7 +181,41 @@ class ContextSlices:
             after = last_after if after == last_after else after
         self.affix_texts = (before, after)
         self.affix = (begin, len(value) - end)
-        return before, doc, start, start + end - begin, after
+        return "x", before, doc, start, start + end - begin, after
+
+    def _joined(self, value, doc, start, begin, end):
+        """("m", texts, pieces) when value[begin:end], which is
+        docs[doc][start:...], is the first of documents that follow each other
+        in `value` with short texts between them ("\n\n".join(context[i:i + 10]),
+        maybe numbered or wrapped; its last may be cut short), else None."""
+        docs, size = self.docs, len(value)
+        texts, pieces = [value[:begin]], [(doc, start, start + end - begin)]
+        pos = end
+        # Each piece but the value's last runs to its document's end.
+        while pos < size and pieces[-1][2] == len(docs[doc]) and len(pieces) < _MAX_JOINED:
+            doc += 1
+            while doc < len(docs) and not docs[doc]:
+                doc += 1  # an empty document joins as nothing: part of the text between
+            if doc >= len(docs):
+                break
+            text = docs[doc]
+            head = text[:ANCHOR_LEN]
+            found = value.find(head, pos, pos + _MAX_GAP + len(head))
+            if found < 0:
+                break
+            end = min(found + len(text), size)
+            if not text.startswith(value[found:end]):
+                break
+            texts.append(_same_text(value[pos:found], texts))
+            pieces.append((doc, 0, end - found))
+            pos = end
+        texts.append(value[pos:])
+        inline = sum(map(len, texts))
+        if len(pieces) < 2 or inline > MAX_AFFIX or 2 * inline > size:
+            return None
+        last = pieces[-1]
+        self._found(last[0], last[1], last[2] - last[1])
+        return "m", tuple(texts), tuple(pieces)
 
     def _start_tables(self):
         """(wholes, starts), made at the first value that needs them. Keyed
@@ -188,10 +231,18 @@ class ContextSlices:
         return self.wholes, self.starts
 
     def _next_document(self):
-        """The document after the last match, if that match reached the end
-        of its own (a value per document, in order)."""
+        """The first non-empty document after the last match, if that match
+        reached the end of its own (a value per document, in order; an empty
+        document joins a batch as nothing), or came closer to it than an
+        anchor's length (the next value then starts with that short tail,
+        which no anchor can place)."""
         doc, _, end, _ = self.hint
-        return doc + 1 if end == len(self.docs[doc]) and doc + 1 < len(self.docs) else None
+        if len(self.docs[doc]) - end >= ANCHOR_LEN:
+            return None
+        doc += 1
+        while doc < len(self.docs) and not self.docs[doc]:
+            doc += 1
+        return doc if doc < len(self.docs) else None
 
     def _alignments(self, value):
         """(doc, delta, i): value[i:i + ANCHOR_LEN] == docs[doc][i + delta:...]."""
@@ -262,6 +313,37 @@ def _candidates(table, key, most):
     if known is None:
         return ()
     return known[:most] if type(known) is list else (known,)
+
+
+def _same_text(text, texts):
+    """`text`, or the equal one last appended (a separator repeated between
+    the documents of one value is then pickled once)."""
+    return texts[-1] if len(texts) > 1 and texts[-1] == text else text
+
+
+def rebuild(reference, docs):
+    """The value a reference from find_inside or find names ("c", "x" or
+    "m" first), checked against `docs`: ValueError when it does not fit them
+    (a snapshot is guest code's output, restored into another guest)."""
+    kind = reference[0]
+    if kind == "c" and len(reference) == 4:
+        texts, pieces = ("", ""), (reference[1:],)
+    elif kind == "x" and len(reference) == 6:
+        texts, pieces = (reference[1], reference[5]), (reference[2:5],)
+    elif kind == "m" and len(reference) == 3 and type(reference[1]) is tuple and type(reference[2]) is tuple:
+        texts, pieces = reference[1], reference[2]
+    else:
+        raise ValueError("malformed slice reference %r" % (reference[:3],))
+    if len(texts) != len(pieces) + 1 or not all(type(text) is str for text in texts):
+        raise ValueError("malformed slice reference %r" % (reference[:3],))
+    parts = [texts[0]]
+    for piece, text in zip(pieces, texts[1:]):
+        if not (type(piece) is tuple and len(piece) == 3 and all(type(n) is int for n in piece)
+                and 0 <= piece[0] < len(docs) and 0 <= piece[1] <= piece[2] <= len(docs[piece[0]])):
+            raise ValueError("slice %r is outside the context" % (piece,))
+        parts.append(docs[piece[0]][piece[1]:piece[2]])
+        parts.append(text)
+    return "".join(parts)
 
 
 def _wraps(size, begin, end):

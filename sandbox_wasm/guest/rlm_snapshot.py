@@ -9,7 +9,8 @@ Objects stored by reference (pickle persistent ids), not by value:
 - every str or bytes of at least RECORD_MIN characters: as ("c", doc, start,
   end) when it equals a slice of the context (nothing stored), as ("x",
   before, doc, start, end, after) when it is a slice with short texts around
-  it (a prompt around a chunk: only those texts are stored), else as a
+  it (a prompt around a chunk: only those texts are stored), as ("m", texts,
+  slices) when it joins documents that follow each other (rlm_slices), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed;
 - every list or dict of at least CONTAINER_MIN items that holds only
@@ -31,6 +32,7 @@ import _pickle  # the C pickler alone: `pickle` itself is not needed
 from _operator import is_not as _is_not
 
 import rlm_pickling
+import rlm_slices
 
 MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
@@ -151,7 +153,7 @@ class References:
             elif kind is str and self.slices is not None:
                 inside = self.slices.find_inside(obj)
             if inside is not None:
-                pid = ("x",) + inside
+                pid = inside
             elif found is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
                 digest = record_name(obj, data)
@@ -237,7 +239,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x"):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x", "m"):
             entry = loaded.get(pid)
             if entry is None:
                 entry = loaded[pid] = self._load_large(pid, records, loaded)
@@ -283,15 +285,14 @@ class References:
         return (self._load_value(pid, records), pid)
 
     def _load_value(self, pid, records):
-        if pid[0] in ("c", "x"):
+        if pid[0] in ("c", "x", "m"):
             if not self.context_loaded:
                 raise _pickle.UnpicklingError(
                     "the snapshot refers to `context`; load the context before restoring")
-            before, doc, start, end, after = pid[1:] if pid[0] == "x" else ("",) + pid[1:] + ("",)
-            if not (0 <= doc < len(self.docs) and 0 <= start <= end <= len(self.docs[doc])
-                    and type(before) is str and type(after) is str):
-                raise _pickle.UnpicklingError("slice %r is outside the context" % (pid[1:],))
-            return before + self.docs[doc][start:end] + after
+            try:
+                return rlm_slices.rebuild(pid, self.docs)
+            except ValueError as exc:
+                raise _pickle.UnpicklingError(str(exc)) from None
         data = self._record(pid, records)
         return str(data, "utf-8", "surrogatepass") if pid[2] == "s" else bytes(data)
 
