@@ -6,11 +6,12 @@ slice finder itself (pure logic, run on the host)."""
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
 
-from sandbox_wasm import ReplSession, SandboxLimits
+from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
 from sandbox_wasm.guest import rlm_slices
 from tests.test_sandbox_context_spans import packed_spans
 
@@ -167,9 +168,9 @@ BATCHES = (
     " + '\\nList the totals.' for i in range(0, len(context), 8)]\n"
     "joined = '\\n'.join(context)\n"
     "pieces = [joined[i:i + 50_000] for i in range(0, len(joined), 50_000)]\n"
-    # A batch with a document changed in its middle, and one of 100 documents (more than a reference holds).
+    # A batch with a document changed in its middle, and one of 100 documents (more than the state holds inline).
     "altered = '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]])\n"
-    "long_batch = '\\n'.join(context[100:200])\n"
+    "long_batch = '\\n'.join(context[:100])\n"
 )
 SAME_BATCHES = (
     "(batches == ['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)],"
@@ -177,7 +178,7 @@ SAME_BATCHES = (
     " + '\\nList the totals.' for i in range(0, len(context), 8)],"
     " joined == '\\n'.join(context), ''.join(pieces) == joined,"
     " altered == '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]]),"
-    " long_batch == '\\n'.join(context[100:200]))"
+    " long_batch == '\\n'.join(context[:100]))"
 )
 
 
@@ -194,13 +195,13 @@ def test_documents_joined_in_order_are_references_to_them(tmp_path):
         session.load_context(spans, "list")
         session.run_cell(BATCHES)
         snap = session.snapshot()
-        by_content = [data for data in snap.new_records.values() if not data.startswith(b"\x80")]  # not a pickled list
-        # Stored by content: the whole joined context and the batch of 100
-        # (past the documents one reference holds), and the altered batch
-        # (under half of it left to refer to), nothing else.
+        by_content = [data for data in snap.new_records.values() if not data.startswith(b"\x80")]  # not pickled
+        # Stored by content: only the altered batch (under half of it left to
+        # refer to). The whole joined context and the batch of 100 are
+        # references too many to keep inline: records of their own, small.
         altered = "\n\n".join(docs[40:42] + [docs[42][:1000] + "#" + docs[42][1001:], docs[43]])
-        assert sorted(map(len, by_content)) == sorted(len(text.encode()) for text in (
-            "\n".join(docs), "\n".join(docs[100:200]), altered))
+        assert [len(data) for data in by_content] == [len(altered.encode())]
+        assert sum(map(len, snap.new_records.values())) < 100_000
         with ReplSession(limits=LIMITS).start() as other:
             other.load_context(spans, "list")
             other.restore(snap.data, snap.new_records)
@@ -237,3 +238,20 @@ def test_a_batch_refers_to_its_documents_up_to_the_first_one_changed():
 def test_malformed_slice_references_are_refused(reference):
     with pytest.raises(ValueError, match="slice"):
         rlm_slices.rebuild(reference, ("first", "second"))
+
+
+@pytest.mark.parametrize("record", [b"not a pickle", pickle.dumps((("", ""), ((0, 0, 10**9),))), pickle.dumps(["x"])])
+def test_a_joined_reference_whose_record_is_broken_is_refused_at_restore(tmp_path, record):
+    spans = packed_spans(tmp_path, documents(100))
+    with ReplSession(limits=LIMITS).start() as session:
+        session.load_context(spans, "list")
+        session.run_cell("everything = '\\n'.join(context)")
+        snap = session.snapshot()
+        (name,) = snap.new_records  # the reference to 100 documents, kept out of the state
+        assert len(snap.new_records[name]) < 10_000
+        with ReplSession(limits=LIMITS).start() as other:
+            other.load_context(spans, "list")
+            with pytest.raises(SandboxError, match="joined reference|outside the context"):
+                other.restore(snap.data, {name: record})
+            other.restore(snap.data, snap.new_records)
+            assert other.run_cell("everything == '\\n'.join(context)").value_repr == "True"

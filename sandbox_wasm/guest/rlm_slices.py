@@ -33,9 +33,7 @@ _MAX_STARTS = 64
 _MAX_HEADER = 256
 _MAX_BOOTSTRAP_DOCS = 4096
 _MAX_BOOTSTRAPS = 32
-# Documents joined in one value (their references are pickled inline, in the
-# state or its list's record), and the text allowed between two of them.
-_MAX_JOINED = 64
+# Text allowed between two documents joined in one value.
 _MAX_GAP = 1024
 # A value found inside the context may have this many characters around the
 # slice (stored inline); anchors tried before giving up on a value.
@@ -103,8 +101,9 @@ class ContextSlices:
         """A reference to `value` as slices of the context between short
         texts, or None: ("x", prefix, doc, start, end, suffix) for one slice
         (a prompt around a chunk), ("m", texts, ((doc, start, end), ...)) for
-        documents that follow each other (a batch of them joined, wrapped or
-        not). `rebuild` turns either back into the value."""
+        documents that follow each other (a batch of them, or all, joined,
+        wrapped or not; the texts at most half the value). `rebuild` turns
+        either back into the value."""
         size = len(value)
         whole = self._whole_inside(value)
         if whole is not None:
@@ -192,7 +191,7 @@ class ContextSlices:
         texts, pieces = [value[:begin]], [(doc, start, start + end - begin)]
         pos = end
         # Each piece but the value's last runs to its document's end.
-        while pos < size and pieces[-1][2] == len(docs[doc]) and len(pieces) < _MAX_JOINED:
+        while pos < size and pieces[-1][2] == len(docs[doc]):
             doc += 1
             while doc < len(docs) and not docs[doc]:
                 doc += 1  # an empty document joins as nothing: part of the text between
@@ -210,8 +209,7 @@ class ContextSlices:
             pieces.append((doc, 0, end - found))
             pos = end
         texts.append(value[pos:])
-        inline = sum(map(len, texts))
-        if len(pieces) < 2 or inline > MAX_AFFIX or 2 * inline > size:
+        if len(pieces) < 2 or 2 * sum(map(len, texts)) > size:
             return None
         last = pieces[-1]
         self._found(last[0], last[1], last[2] - last[1])

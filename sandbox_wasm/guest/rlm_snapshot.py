@@ -10,7 +10,8 @@ Objects stored by reference (pickle persistent ids), not by value:
   end) when it equals a slice of the context (nothing stored), as ("x",
   before, doc, start, end, after) when it is a slice with short texts around
   it (a prompt around a chunk: only those texts are stored), as ("m", texts,
-  slices) when it joins documents that follow each other (rlm_slices), else as a
+  slices) when it joins documents that follow each other (rlm_slices; as
+  ("j", name) when that reference is large, its pickle a record), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed;
 - every list or dict of at least CONTAINER_MIN items that holds only
@@ -38,6 +39,11 @@ MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
 _LEGACY_MAGIC = b"RLMSNAP1"
 RECORD_MIN = 4096
+# Pids whose second item names a record the host holds: a value's bytes ("r"),
+# or the reference to the many documents it joins ("j").
+_RECORDED = ("r", "j")
+# Documents one joined reference may name inline in the state (past it, "j").
+_JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
@@ -153,19 +159,32 @@ class References:
             elif kind is str and self.slices is not None:
                 inside = self.slices.find_inside(obj)
             if inside is not None:
-                pid = inside
+                pid = self._joined_record(inside) if inside[0] == "m" else inside
             elif found is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
-                digest = record_name(obj, data)
-                if digest not in self.new_records:
-                    self._count_new(len(data))
-                    self.new_records[digest] = data
-                pid = ("r", digest, "s" if kind is str else "b")
+                pid = ("r", self._new_record(obj, data), "s" if kind is str else "b")
             self.pending[id(obj)] = (obj, pid)
-        if pid[0] == "r":
+        if pid[0] in _RECORDED:
             self.used.add(pid[1])
         self.seen[id(obj)] = (obj, pid)
         return pid
+
+    def _new_record(self, obj, data):
+        digest = record_name(obj, data)
+        if digest not in self.new_records:
+            self._count_new(len(data))
+            self.new_records[digest] = data
+        return digest
+
+    def _joined_record(self, reference):
+        """A reference to many documents ("\\n".join(context) itself), or
+        with long texts between them, goes to the host once as a record of
+        its own ("j") instead of inline in every snapshot's state."""
+        texts, pieces = reference[1], reference[2]
+        if len(pieces) <= _JOINED_INLINE and sum(map(len, texts)) <= rlm_slices.MAX_AFFIX:
+            return reference
+        data = _pickle.dumps((texts, pieces), 5)
+        return ("j", self._new_record(data, data))
 
     def _container(self, obj, kind):
         """A list or dict of atoms as a record; None to pickle it inline.
@@ -214,7 +233,7 @@ class References:
         records and byte count (the per-name search of `take` dumps again)."""
         for key, entry in list(self.pending.items()):
             pid = entry[1]
-            if pid[0] in ("r", "k") and pid[1] in self.new_records and pid[1] not in self._kept:
+            if pid[0] in _RECORDED + ("k",) and pid[1] in self.new_records and pid[1] not in self._kept:
                 del self.pending[key]
         for digest in [d for d in self.new_records if d not in self._kept]:
             del self.new_records[digest]
@@ -239,7 +258,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x", "m"):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x", "m", "j"):
             entry = loaded.get(pid)
             if entry is None:
                 entry = loaded[pid] = self._load_large(pid, records, loaded)
@@ -280,17 +299,28 @@ class References:
                 value = dict(zip(*shape))
             else:
                 raise _pickle.UnpicklingError("record %s is not a saved %s" % (pid[1], pid[2]))
-            nested_used = {p[1] for _, p, *_ in nested_seen.values() if p[0] == "r"}
+            nested_used = {p[1] for _, p, *_ in nested_seen.values() if p[0] in _RECORDED}
             return (value, pid, shape, nested_used, nested_seen)
         return (self._load_value(pid, records), pid)
 
     def _load_value(self, pid, records):
-        if pid[0] in ("c", "x", "m"):
+        if pid[0] in ("c", "x", "m", "j"):
             if not self.context_loaded:
                 raise _pickle.UnpicklingError(
                     "the snapshot refers to `context`; load the context before restoring")
+            reference = pid
+            if pid[0] == "j":
+                if len(pid) != 2:
+                    raise _pickle.UnpicklingError("malformed joined reference %r" % (pid,))
+                data = self._record(pid, records)
+                try:
+                    texts, pieces = _pickle.loads(data)
+                except Exception as exc:
+                    raise _pickle.UnpicklingError(
+                        "record %s is not a joined reference: %s" % (pid[1], _reason(exc))) from None
+                reference = ("m", texts, pieces)
             try:
-                return rlm_slices.rebuild(pid, self.docs)
+                return rlm_slices.rebuild(reference, self.docs)
             except ValueError as exc:
                 raise _pickle.UnpicklingError(str(exc)) from None
         data = self._record(pid, records)
