@@ -12,7 +12,7 @@ from ._types import SandboxError
 # Guest-reported texts (error, traceback) are cut to this before they are kept.
 MAX_REPORT_CHARS = 20_000
 _HEX = frozenset("0123456789abcdef")
-RECORD_NAME_CHARS = 40  # rlm_snapshot.record_name: 40 hex digits
+RECORD_NAME_CHARS = 40  # rlm_stored.record_name: 40 hex digits
 _JOINED_NAMES = re.compile(r"[0-9a-f]*")
 
 
@@ -49,7 +49,7 @@ def snapshot_parts(result: dict[str, Any], held: Collection[str]) -> tuple[
 
 
 def is_record_name(value: Any) -> bool:
-    """A record name as the guest makes them (rlm_snapshot.record_name)."""
+    """A record name as the guest makes them (rlm_stored.record_name)."""
     return isinstance(value, str) and len(value) == RECORD_NAME_CHARS and _HEX.issuperset(value)
 
 

@@ -69,9 +69,9 @@ class Repl:
         self.context_docs = ()
         self.cell_count = 0
         self.sources = {}
-        self.stored = None  # rlm_snapshot.Stored: large values the host already holds
+        self.stored = None  # rlm_stored.Stored: large values the host already holds
         self.slices = None  # rlm_slices.ContextSlices of the loaded context
-        self._context_ids = None  # (context_docs, rlm_snapshot.context_item_ids of them)
+        self._context_ids = None  # (context_docs, rlm_stored.context_item_ids of them)
         self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
                                        encoding="utf-8", errors="backslashreplace")
         self._reset_streams()
@@ -188,9 +188,10 @@ class Repl:
     # -- helpers ------------------------------------------------------------
     def _refs(self):
         import rlm_snapshot
+        import rlm_stored
 
         if self.stored is None:
-            self.stored = rlm_snapshot.Stored()
+            self.stored = rlm_stored.Stored()
         if self.context_loaded and (self.slices is None or self.slices.docs is not self.context_docs):
             import rlm_slices
 
@@ -199,7 +200,7 @@ class Repl:
             self.slices.new_snapshot()
         if self.context_loaded and isinstance(self.context, list) and (
                 self._context_ids is None or self._context_ids[0] is not self.context_docs):
-            self._context_ids = (self.context_docs, rlm_snapshot.context_item_ids(self.context_docs))
+            self._context_ids = (self.context_docs, rlm_stored.context_item_ids(self.context_docs))
         limit = self.channel.max_frame
         return rlm_snapshot.References(self.globals, self.protected, self.context,
                                        self.context_loaded, self.stored, self.slices,
