@@ -53,8 +53,7 @@ class ContextSlices:
         # first and last characters: a hash -> a doc index, or a list of them.
         self.starts = None
         self.wholes = None
-        self.affix = None  # (prefix, suffix) lengths of the last value found inside
-        self.affix_texts = None  # and those texts
+        self.affix_texts = None  # (prefix, suffix) of the last value found inside
         self.last_missed = None  # the start of the last value find_inside missed
         self.bootstraps_left = _MAX_BOOTSTRAPS
         self.indexed = None  # [(doc, index)] of the documents that have one
@@ -128,9 +127,9 @@ class ContextSlices:
     def _whole_inside(self, value):
         """find_inside for a whole document between texts as long as those
         around the last value found: one lookup, one comparison."""
-        if self.affix is None:
+        if self.affix_texts is None:
             return None
-        before, after = self.affix
+        before, after = map(len, self.affix_texts)
         size = len(value)
         end = size - after
         if not _wraps(size, before, end):
@@ -179,23 +178,21 @@ class ContextSlices:
             before = last_before if before == last_before else before
             after = last_after if after == last_after else after
         self.affix_texts = (before, after)
-        self.affix = (begin, len(value) - end)
         return "x", before, doc, start, start + end - begin, after
 
     def _joined(self, value, doc, start, begin, end):
         """("m", texts, pieces) when value[begin:end], which is
         docs[doc][start:...], is the first of documents that follow each other
-        in `value` with short texts between them ("\n\n".join(context[i:i + 10]),
-        maybe numbered or wrapped; its last may be cut short), else None."""
+        in `value` with short texts between them (a batch of documents joined
+        by a separator, maybe numbered or wrapped; its last may be cut
+        short), else None."""
         docs, size = self.docs, len(value)
         texts, pieces = [value[:begin]], [(doc, start, start + end - begin)]
         pos = end
         # Each piece but the value's last runs to its document's end.
         while pos < size and pieces[-1][2] == len(docs[doc]):
-            doc += 1
-            while doc < len(docs) and not docs[doc]:
-                doc += 1  # an empty document joins as nothing: part of the text between
-            if doc >= len(docs):
+            doc = self._non_empty_after(doc)
+            if doc is None:
                 break
             text = docs[doc]
             head = text[:ANCHOR_LEN]
@@ -235,8 +232,11 @@ class ContextSlices:
         anchor's length (the next value then starts with that short tail,
         which no anchor can place)."""
         doc, _, end, _ = self.hint
-        if len(self.docs[doc]) - end >= ANCHOR_LEN:
-            return None
+        return self._non_empty_after(doc) if len(self.docs[doc]) - end < ANCHOR_LEN else None
+
+    def _non_empty_after(self, doc):
+        """The first non-empty document after `doc`, or None: an empty one
+        joins a batch as nothing (part of the text between its neighbours)."""
         doc += 1
         while doc < len(self.docs) and not self.docs[doc]:
             doc += 1
