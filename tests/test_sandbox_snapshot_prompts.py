@@ -162,31 +162,26 @@ def test_documents_filed_under_one_hash_are_told_apart_by_their_whole_text(monke
     assert all(_check(slices, _wrap(doc)) for doc in (docs[1], docs[2], docs[0], docs[1]))
 
 
-BATCHES = (
-    "batches = ['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)]\n"
-    "numbered = ['Records:\\n' + '\\n'.join(f'[{j}] {context[j]}' for j in range(i, min(i + 8, len(context))))"
-    " + '\\nList the totals.' for i in range(0, len(context), 8)]\n"
-    "joined = '\\n'.join(context)\n"
-    "pieces = [joined[i:i + 50_000] for i in range(0, len(joined), 50_000)]\n"
+# Values a cell makes from the context, each checked against its expression after the restore.
+BATCH_VALUES = {
+    "batches": "['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)]",
+    "numbered": "['Records:\\n' + '\\n'.join(f'[{j}] {context[j]}' for j in range(i, min(i + 8, len(context))))"
+                " + '\\nList the totals.' for i in range(0, len(context), 8)]",
+    "joined": "'\\n'.join(context)",
+    "pieces": "[joined[i:i + 50_000] for i in range(0, len(joined), 50_000)]",
     # A batch with a document changed in its middle, and one of 100 documents (more than the state holds inline).
-    "altered = '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]])\n"
-    "long_batch = '\\n'.join(context[:100])\n"
-)
-SAME_BATCHES = (
-    "(batches == ['\\n\\n'.join(context[i:i + 10]) for i in range(0, len(context), 10)],"
-    " numbered == ['Records:\\n' + '\\n'.join(f'[{j}] {context[j]}' for j in range(i, min(i + 8, len(context))))"
-    " + '\\nList the totals.' for i in range(0, len(context), 8)],"
-    " joined == '\\n'.join(context), ''.join(pieces) == joined,"
-    " altered == '\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]]),"
-    " long_batch == '\\n'.join(context[:100]))"
-)
+    "altered": "'\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]])",
+    "long_batch": "'\\n'.join(context[:100])",
+}
+BATCHES = "".join(f"{name} = {expression}\n" for name, expression in BATCH_VALUES.items())
+SAME_BATCHES = "(" + ", ".join(f"{name} == {expression}" for name, expression in BATCH_VALUES.items()) + ",)"
 
 
 def test_documents_joined_in_order_are_references_to_them(tmp_path):
     """A batch of documents joined by a separator (numbered, wrapped, or a
     piece of the whole context joined and cut) is stored as the documents
-    and the texts between them, never by content; empty documents inside a
-    batch join as nothing."""
+    and the texts between them, unless less than half of it is left to refer
+    to; empty documents inside a batch join as nothing."""
     docs = documents(400)
     for index in (13, 14, 215):
         docs[index] = ""
@@ -205,7 +200,7 @@ def test_documents_joined_in_order_are_references_to_them(tmp_path):
         with ReplSession(limits=LIMITS).start() as other:
             other.load_context(spans, "list")
             other.restore(snap.data, snap.new_records)
-            assert other.run_cell(SAME_BATCHES).value_repr == "(True, True, True, True, True, True)"
+            assert other.run_cell(SAME_BATCHES).value_repr == repr((True,) * len(BATCH_VALUES))
 
 
 def test_a_batch_refers_to_its_documents_up_to_the_first_one_changed():
