@@ -160,9 +160,10 @@ def test_a_port_is_handed_out_once_per_process(monkeypatch) -> None:
     # both get it (CI: the chaos outages' server pairs, started together).
     import cli._ports as ports
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+    # Six ports free now, outside the ephemeral range (a block after bind(0)
+    # can hold a port another test's connection took: CI95).
+    monkeypatch.setattr(ports, "_handed_out", set())
+    base = ports.find_free_port_block(6)
     monkeypatch.setattr(ports, "_private_range", lambda: range(base, base + 6))
     monkeypatch.setattr(ports, "_handed_out", set())
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
