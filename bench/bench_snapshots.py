@@ -41,15 +41,22 @@ BIG_CELL_DOCS = (
     "chunks = context[:len(context) // 2]\n"
     "prompts = ['Summarize this part of the report:\\n' + c + '\\nAnswer briefly.' for c in chunks]\n"
 )
-# --derive batches: prompts of ten documents each (a list context only).
-BIG_CELL_BATCHES = (
-    "chunks = context[:len(context) // 2]\n"
+# --derive batches: prompts of ten documents each (a list context only);
+# --derive shuffled: the same of every other document, in a random order.
+BATCH_PROMPTS = (
     "prompts = ['Summarize these reports:\\n' + '\\n\\n'.join(chunks[i:i + 10]) + '\\nAnswer briefly.'"
     " for i in range(0, len(chunks), 10)]\n"
 )
+BIG_CELL_DERIVED = {
+    "prompts": BIG_CELL_DOCS,
+    "batches": "chunks = context[:len(context) // 2]\n" + BATCH_PROMPTS,
+    "shuffled": "import random\npicked = context[::2]\nchunks = random.Random(7).sample(picked, len(picked))\n"
+                + BATCH_PROMPTS,
+}
 RESTORED_CHECK = {
     "prompts": "len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]",
     "batches": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",
+    "shuffled": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",
 }
 SMALL_CELL = "answers = ['answer %d' % i for i in range(250)]\nstep = {step}\nbest = max(answers)\n"
 
@@ -119,10 +126,11 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="results key (default: after, or docs_N)")
     parser.add_argument("--docs", type=int, default=0, help="split the context into N documents")
     parser.add_argument("--derive", choices=sorted(RESTORED_CHECK), default="prompts",
-                        help="what the big cell makes: a prompt per chunk, or per ten documents (with --docs)")
+                        help="what the big cell makes: a prompt per chunk, or per ten documents, in order or"
+                             " shuffled (with --docs)")
     args = parser.parse_args()
-    if args.derive == "batches" and not args.docs:
-        parser.error("--derive batches needs --docs")
+    if args.derive != "prompts" and not args.docs:
+        parser.error(f"--derive {args.derive} needs --docs")
     args.label = args.label or (f"docs_{args.docs}" if args.docs else "after" if SnapshotStore else "before")
     limits = SandboxLimits(cell_timeout_s=600.0, memory_bytes=3 * 1024**3, admin_timeout_s=600.0)
     result: dict = {"label": args.label, "load_avg_at_start": os.getloadavg(), "derive": args.derive,
@@ -135,7 +143,7 @@ def main() -> None:
         result["context_bytes"] = context.stat().st_size
         half = context.stat().st_size // 2 // 200_000 * 200_000
         files, kind = ([context], "str") if not args.docs else (split_into_files(context.read_text(encoding="utf-8"), args.docs, context.parent), "list")
-        big_cell = (BIG_CELL_BATCHES if args.derive == "batches" else BIG_CELL_DOCS) if args.docs else BIG_CELL.format(half=half)
+        big_cell = BIG_CELL_DERIVED[args.derive] if args.docs else BIG_CELL.format(half=half)
         saver = Saver(store)
         with ReplSession(limits=limits).start() as session:
             session.load_context(files, kind)

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from sandbox_wasm import ReplSession, SandboxError, SandboxLimits
-from sandbox_wasm.guest import rlm_slices
+from sandbox_wasm.guest import rlm_doc_starts, rlm_slices
 from tests.test_sandbox_context_spans import packed_spans
 
 LIMITS = SandboxLimits(cell_timeout_s=60.0, memory_bytes=1024**3)
@@ -154,7 +154,7 @@ def test_documents_that_all_start_alike_do_not_make_searches_quadratic():
 def test_documents_filed_under_one_hash_are_told_apart_by_their_whole_text(monkeypatch):
     # Every document under one key, as a hash collision would file them: one
     # is the start of another, so only its length tells it apart.
-    monkeypatch.setattr(rlm_slices, "_whole_key", lambda text, begin, end: 0)
+    monkeypatch.setattr(rlm_doc_starts, "whole_key", lambda text, begin, end: 0)
     docs = ("A" * 5_000, "A" * 5_000 + "B" * 10, "C" * 6_000)
     slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
@@ -172,16 +172,21 @@ BATCH_VALUES = {
     # A batch with a document changed in its middle, and one of 100 documents (more than the state holds inline).
     "altered": "'\\n\\n'.join(context[40:42] + [context[42][:1000] + '#' + context[42][1001:], context[43]])",
     "long_batch": "'\\n'.join(context[:100])",
+    # Documents filtered, and in no order the context has (empty ones among them).
+    "filtered": "['\\n\\n'.join(context[1::3][i:i + 10]) for i in range(0, len(context[1::3]), 10)]",
+    "scrambled": "[' | '.join(context[(37 * k + 11) % len(context)] for k in range(i, i + 8)) + '\\nAny refunds?'"
+                 " for i in range(0, 96, 8)]",
 }
 BATCHES = "".join(f"{name} = {expression}\n" for name, expression in BATCH_VALUES.items())
 SAME_BATCHES = "(" + ", ".join(f"{name} == {expression}" for name, expression in BATCH_VALUES.items()) + ",)"
 
 
-def test_documents_joined_in_order_are_references_to_them(tmp_path):
+def test_documents_joined_are_references_to_them(tmp_path):
     """A batch of documents joined by a separator (numbered, wrapped, or a
-    piece of the whole context joined and cut) is stored as the documents
-    and the texts between them, unless less than half of it is left to refer
-    to; empty documents inside a batch join as nothing."""
+    piece of the whole context joined and cut; in the context's order,
+    filtered or scrambled) is stored as the documents and the texts between
+    them, unless less than half of it is left to refer to; empty documents
+    inside a batch join as nothing."""
     docs = documents(400)
     for index in (13, 14, 215):
         docs[index] = ""
@@ -250,3 +255,77 @@ def test_a_joined_reference_whose_record_is_broken_is_refused_at_restore(tmp_pat
                 other.restore(snap.data, {name: record})
             other.restore(snap.data, snap.new_records)
             assert other.run_cell("everything == '\\n'.join(context)").value_repr == "True"
+
+
+def test_batches_in_no_order_are_found_from_the_first_whatever_ends_them():
+    """Batches of shuffled documents, each ending in the same question: the
+    first is found from its first document; the question after each batch's
+    last document is not a failed search (a snapshot's failures are bounded,
+    and 100 batches must not spend them)."""
+    docs = tuple(documents(1_000))
+    order = random.Random(3).sample(range(len(docs)), len(docs))
+    slices = rlm_slices.ContextSlices(docs)
+    slices.new_snapshot()
+    for start in range(0, 1_000, 10):
+        value = "\n\n".join(docs[index] for index in order[start:start + 10]) + "\nWhich mention a refund?"
+        found = slices.find_inside(value)
+        assert found is not None and [piece[0] for piece in found[2]] == order[start:start + 10]
+        assert rlm_slices.rebuild(found, docs) == value
+
+
+def test_searches_for_a_batch_s_next_document_are_bounded(monkeypatch):
+    """A value that starts with a document and goes on with text that only
+    resembles documents (all 5,000 open alike) costs at most 64 comparisons
+    looking for the next document, and past a snapshot's 32 failed searches
+    none: not a comparison per candidate at each of 64 positions."""
+    docs = tuple("x" * 300 + f" record {index} " + "body " * 200 for index in range(5_000))
+    compared = []
+    starts_at = rlm_slices._starts_at
+    monkeypatch.setattr(rlm_slices, "_starts_at", lambda *args: compared.append(1) or starts_at(*args))
+    slices = rlm_slices.ContextSlices(docs)
+    slices.new_snapshot()
+    for number in range(100):
+        index = number % 16  # the first documents: found where the value starts
+        assert slices.find_inside(docs[index] + "\n" + "x" * 3_000 + f" value {number}") is None
+    # The document after it tried in each value (again when its first
+    # document is searched for), then 64 candidates in each of 32 searches.
+    assert 100 <= len(compared) <= 2 * 100 + 32 * 64
+
+
+def test_every_reference_the_finder_gives_rebuilds_its_value():
+    """Random contexts (few letters, shared headers, empty documents, short
+    and long ones, some anchor-indexed) and values cut, wrapped, joined in
+    and out of order, or unrelated: whatever the finder answers is exact."""
+    found = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        letters = rng.choice(["ab", "abc\n", "abcdefghij \n"])
+        header = "".join(rng.choice(letters) for _ in range(rng.choice([0, 5, 40, 300])))
+        docs = tuple("" if rng.random() < 0.1 else
+                     header + "".join(rng.choice(letters) for _ in range(rng.choice([1, 10, 40, 200, 1_000])))
+                     for _ in range(rng.randint(1, 40)))
+        slices = rlm_slices.ContextSlices(docs)
+        slices.new_snapshot()
+        before, after = header[:rng.choice([0, 3, 30])], "".join(rng.choice(letters) for _ in range(rng.choice([0, 40])))
+        for _ in range(40):
+            doc = rng.randrange(len(docs))
+            start = rng.randint(0, len(docs[doc]))
+            first = rng.randrange(len(docs))
+            picked = [docs[rng.randrange(len(docs))] for _ in range(4)]
+            value = rng.choice([
+                docs[doc][start:rng.randint(start, len(docs[doc]))],
+                before + docs[doc] + after,
+                before + rng.choice(["\n", "", " | "]).join(docs[first:first + 5]) + after,
+                before + "\n\n".join(picked) + after,
+                "".join(rng.choice(letters) for _ in range(rng.randint(1, 300))),
+            ])
+            place = slices.find(value)
+            if place is not None:
+                assert docs[place[0]][place[1]:place[1] + len(value)] == value
+                found += 1
+                continue
+            reference = slices.find_inside(value)
+            if reference is not None:
+                assert rlm_slices.rebuild(reference, docs) == value
+                found += 1
+    assert found > 2_500  # about half of the 6,000 values are found: the checks above ran

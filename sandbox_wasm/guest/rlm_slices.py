@@ -11,6 +11,10 @@ found without scanning the context per value:
   document, in any order): looked up by its length and first and last
   characters; the first such value found by where it stops sharing its
   beginning with the last value missed (`_bootstrap`);
+- documents joined in one value: each next one the document after, or any
+  document (filtered, shuffled) starting within a few characters, looked up
+  by its first characters; a batch's first after the text that began the
+  last batch;
 - the anchor index of each large document (rlm_anchors): a value's first
   anchor leads to at most MAX_SAME offsets, each verified with one in-place
   comparison (`startswith`), so a hash collision never matters.
@@ -20,10 +24,11 @@ A miss only means the value is stored by content instead; it is never wrong.
 
 if __package__:  # the host imports this file as part of sandbox_wasm
     from .rlm_anchors import ANCHOR_LEN, MAX_SAME, first_anchor, unpack_index, window_key
+    from .rlm_doc_starts import START_KEY, DocumentStarts
 else:  # the guest imports its modules by their own names
     from rlm_anchors import ANCHOR_LEN, MAX_SAME, first_anchor, unpack_index, window_key
+    from rlm_doc_starts import START_KEY, DocumentStarts
 
-_START_KEY = 32
 _START_DOCS = 16
 # Documents sharing their first characters tried for a value that starts one.
 _MAX_STARTS = 64
@@ -33,8 +38,12 @@ _MAX_STARTS = 64
 _MAX_HEADER = 256
 _MAX_BOOTSTRAP_DOCS = 4096
 _MAX_BOOTSTRAPS = 32
-# Text allowed between two documents joined in one value.
+# Text allowed between two documents joined in one value; positions tried
+# for the next one's start when it is not the document after (documents
+# filtered or shuffled), and how many such searches may fail per snapshot.
 _MAX_GAP = 1024
+_MAX_SEPARATOR = 64
+_MAX_SEARCHES = 32
 # A value found inside the context may have this many characters around the
 # slice (stored inline); anchors tried before giving up on a value.
 MAX_AFFIX = 16 * 1024
@@ -49,11 +58,10 @@ class ContextSlices:
         # per document: (anchor, {crc32: offset or [offsets]}) or None
         self.indexes = [unpack_index(entry) for entry in packed] if packed else None
         self.hint = None  # (doc, start of the last match, its end, the step from the one before)
-        # Documents by hash of their first characters, and of their length,
-        # first and last characters: a hash -> a doc index, or a list of them.
-        self.starts = None
-        self.wholes = None
+        self.doc_starts = None  # rlm_doc_starts.DocumentStarts, made when first needed
         self.affix_texts = None  # (prefix, suffix) of the last value found inside
+        self.join_texts = None  # (first text, separator) of the last joined value found
+        self.searches_left = _MAX_SEARCHES
         self.last_missed = None  # the start of the last value find_inside missed
         self.bootstraps_left = _MAX_BOOTSTRAPS
         self.indexed = None  # [(doc, index)] of the documents that have one
@@ -73,13 +81,13 @@ class ContextSlices:
             following = self._next_document()
             if following is not None and self.docs[following].startswith(value):
                 return self._found(following, 0, size)
-        wholes, starts = self._start_tables()
-        for doc in _candidates(wholes, _whole_key(value, 0, size), MAX_SAME):  # a document itself
+        doc_starts = self._doc_starts()
+        for doc in doc_starts.whole(value, 0, size, MAX_SAME):  # a document itself
             if self.docs[doc] == value:
                 return self._found(doc, 0, size)
         # The first chunk of a document. Bounded: documents may share a long
         # header, and a miss only costs storing the value.
-        for doc in _candidates(starts, hash(value[:_START_KEY]), _MAX_STARTS):
+        for doc in doc_starts.starting(value, 0, _MAX_STARTS):
             if self.docs[doc].startswith(value):
                 return self._found(doc, 0, size)
         for doc, (anchors, table) in self._indexes():
@@ -100,11 +108,13 @@ class ContextSlices:
         """A reference to `value` as slices of the context between short
         texts, or None: ("x", prefix, doc, start, end, suffix) for one slice
         (a prompt around a chunk), ("m", texts, ((doc, start, end), ...)) for
-        documents that follow each other (a batch of them, or all, joined,
-        wrapped or not; the texts at most half the value). `rebuild` turns
-        either back into the value."""
+        documents joined (a batch of them in any order, or all, wrapped or
+        not; the texts at most half the value). `rebuild` turns either back
+        into the value."""
         size = len(value)
         whole = self._whole_inside(value)
+        if whole is None:
+            whole = self._batch_inside(value)
         if whole is not None:
             return whole
         for doc, delta, known in self._alignments(value):
@@ -123,6 +133,7 @@ class ContextSlices:
     def new_snapshot(self):
         """A snapshot begins: it may spend its own bootstraps."""
         self.bootstraps_left = _MAX_BOOTSTRAPS
+        self.searches_left = _MAX_SEARCHES
 
     def _whole_inside(self, value):
         """find_inside for a whole document between texts as long as those
@@ -134,34 +145,56 @@ class ContextSlices:
         end = size - after
         if not _wraps(size, before, end):
             return None
-        for doc in _candidates(self._start_tables()[0], _whole_key(value, before, end), MAX_SAME):
+        for doc in self._doc_starts().whole(value, before, end, MAX_SAME):
             text = self.docs[doc]  # filed under a hash: its length is checked too
             if len(text) == end - before and value.startswith(text, before):
                 return self._wrapped(value, doc, 0, before, end)
         return None
 
+    def _batch_inside(self, value):
+        """find_inside for documents joined after the text that began the
+        last joined value (batches of documents filtered or shuffled, whose
+        first document no hint points at): one lookup of its first
+        characters, each candidate compared in place."""
+        if self.join_texts is None or not value.startswith(self.join_texts[0]):
+            return None
+        begin = len(self.join_texts[0])
+        for doc in self._doc_starts().starting(value, begin, _MAX_STARTS):
+            end = begin + len(self.docs[doc])
+            if self.docs[doc] and value.startswith(self.docs[doc], begin):
+                return self._joined(value, doc, 0, begin, end)
+        return None
+
     def _bootstrap(self, value):
         """A whole document inside `value` when the texts around it are not
-        known yet: the first of the prompts made one per document in an order
-        the hints do not follow (reversed, sorted, shuffled). The prompt's
-        prefix is at most what `value` shares with the last value missed, so
-        a document's start is looked up at each position from there back
-        over _MAX_HEADER characters (documents may share a header). Bounded
-        per snapshot: values that wrap nothing must not cost each a search."""
+        known yet: the first of the prompts made one per document, or of the
+        batches of documents joined, in an order the hints do not follow
+        (reversed, sorted, shuffled). The prompt's prefix is at most what
+        `value` shares with the last value missed (nothing, for the first
+        value missed), so a document's start is looked up at each position
+        from there back over _MAX_HEADER characters (documents may share a
+        header). Bounded per snapshot: values that wrap nothing must not
+        cost each a search."""
         previous = self.last_missed
-        self.last_missed = value[:MAX_AFFIX + _MAX_HEADER + _START_KEY]
-        if previous is None or self.bootstraps_left <= 0:
+        self.last_missed = value[:MAX_AFFIX + _MAX_HEADER + START_KEY]
+        if self.bootstraps_left <= 0:
             return None
         self.bootstraps_left -= 1
         size = len(value)
-        shared = _match_end(value, previous, 0, 0, min(size, len(previous)))
-        starts = self._start_tables()[1]
+        # The first value missed: a document starting it (documents joined).
+        shared = 0 if previous is None else _match_end(value, previous, 0, 0, min(size, len(previous)))
+        doc_starts = self._doc_starts()
         left = _MAX_BOOTSTRAP_DOCS
         for before in range(min(shared, MAX_AFFIX), max(shared - _MAX_HEADER, 0) - 1, -1):
-            for doc in _candidates(starts, hash(value[before:before + _START_KEY]), left):
+            for doc in doc_starts.starting(value, before, left):
                 text = self.docs[doc]
-                if _wraps(size, before, before + len(text)) and value.startswith(text, before):
-                    return self._wrapped(value, doc, 0, before, before + len(text))
+                if text and value.startswith(text, before):
+                    end = before + len(text)
+                    if _wraps(size, before, end):
+                        return self._wrapped(value, doc, 0, before, end)
+                    joined = self._joined(value, doc, 0, before, end)
+                    if joined is not None:
+                        return joined
                 left -= 1
             if left <= 0:
                 break
@@ -182,26 +215,23 @@ class ContextSlices:
 
     def _joined(self, value, doc, start, begin, end):
         """("m", texts, pieces) when value[begin:end], which is
-        docs[doc][start:...], is the first of documents that follow each other
-        in `value` with short texts between them (a batch of documents joined
-        by a separator, maybe numbered or wrapped; its last may be cut
-        short), else None."""
+        docs[doc][start:...], is the first of documents joined in `value`
+        with short texts between them (a batch of documents joined by a
+        separator, maybe numbered or wrapped, in the context's order or not;
+        its last may be cut short), else None."""
         docs, size = self.docs, len(value)
-        texts, pieces = [value[:begin]], [(doc, start, start + end - begin)]
+        first = value[:begin]
+        if self.join_texts is not None and first == self.join_texts[0]:
+            first = self.join_texts[0]  # pickled once for a list of batches
+        texts, pieces = [first], [(doc, start, start + end - begin)]
         pos = end
         # Each piece but the value's last runs to its document's end.
         while pos < size and pieces[-1][2] == len(docs[doc]):
-            doc = self._non_empty_after(doc)
-            if doc is None:
+            following = self._next_piece(value, pos, doc, len(pieces) == 1)
+            if following is None:
                 break
-            text = docs[doc]
-            head = text[:ANCHOR_LEN]
-            found = value.find(head, pos, pos + _MAX_GAP + len(head))
-            if found < 0:
-                break
-            end = min(found + len(text), size)
-            if not text.startswith(value[found:end]):
-                break
+            doc, found = following
+            end = min(found + len(docs[doc]), size)
             texts.append(_same_text(value[pos:found], texts))
             pieces.append((doc, 0, end - found))
             pos = end
@@ -210,20 +240,45 @@ class ContextSlices:
             return None
         last = pieces[-1]
         self._found(last[0], last[1], last[2] - last[1])
+        self.join_texts = (texts[0], texts[1])
         return "m", tuple(texts), tuple(pieces)
 
-    def _start_tables(self):
-        """(wholes, starts), made at the first value that needs them. Keyed
-        by hashes, not texts: a context of a million short documents keeps
-        them in a few tens of MB (a collision only adds a candidate, and every
-        candidate is compared)."""
-        if self.starts is None:
-            wholes, starts = {}, {}
-            for doc, text in enumerate(self.docs):
-                _add(wholes, _whole_key(text, 0, len(text)), doc)
-                _add(starts, hash(text[:_START_KEY]), doc)
-            self.wholes, self.starts = wholes, starts
-        return self.wholes, self.starts
+    def _next_piece(self, value, pos, doc, second):
+        """(document, where it starts in value) for the document joined after
+        value[:pos], which ends `doc`: the document after it within _MAX_GAP
+        characters, else any document starting after the separator last
+        seen, or within _MAX_SEPARATOR characters (filtered or shuffled
+        documents; a document under START_KEY characters is not found
+        there; at most _MAX_STARTS candidates compared in all). None when
+        none is there. Only a search for a value's `second` piece counts
+        against the snapshot's failures: past it the value is a batch, and
+        its end costs one search of its own."""
+        following = self._non_empty_after(doc)
+        if following is not None:
+            text = self.docs[following]
+            found = value.find(text[:ANCHOR_LEN], pos, pos + _MAX_GAP + min(len(text), ANCHOR_LEN))
+            if found >= 0 and _starts_at(value, text, found):
+                return following, found
+        if second and self.searches_left <= 0:
+            return None
+        doc_starts, left = self._doc_starts(), _MAX_STARTS
+        places = range(pos, min(pos + _MAX_SEPARATOR, len(value)))
+        if self.join_texts is not None and self.join_texts[1]:  # after the separator last seen, first
+            places = (pos + len(self.join_texts[1]), *places)
+        for found in places:
+            for doc in doc_starts.starting(value, found, left):
+                if self.docs[doc] and _starts_at(value, self.docs[doc], found):
+                    return doc, found
+                left -= 1
+            if left <= 0:
+                break
+        self.searches_left -= second
+        return None
+
+    def _doc_starts(self):
+        if self.doc_starts is None:
+            self.doc_starts = DocumentStarts(self.docs)
+        return self.doc_starts
 
     def _next_document(self):
         """The first non-empty document after the last match, if that match
@@ -288,29 +343,11 @@ class ContextSlices:
         return doc, start
 
 
-def _whole_key(text, begin, end):
-    """What tells documents apart cheaply, for text[begin:end] as a whole
-    document: a hash of its length and its first and last characters
-    (documents often share a header, or a length)."""
-    return hash((end - begin, text[begin:min(begin + _START_KEY, end)], text[max(end - _START_KEY, begin):end]))
-
-
-def _add(table, key, doc):
-    known = table.get(key)
-    if known is None:
-        table[key] = doc
-    elif type(known) is list:
-        known.append(doc)
-    else:
-        table[key] = [known, doc]
-
-
-def _candidates(table, key, most):
-    """At most `most` documents filed under `key`."""
-    known = table.get(key)
-    if known is None:
-        return ()
-    return known[:most] if type(known) is list else (known,)
+def _starts_at(value, text, pos):
+    """Whether value[pos:] is `text` followed by more, or a start of it."""
+    if pos + len(text) <= len(value):
+        return value.startswith(text, pos)
+    return text.startswith(value[pos:])
 
 
 def _same_text(text, texts):
