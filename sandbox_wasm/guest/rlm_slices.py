@@ -160,9 +160,9 @@ class ContextSlices:
             return None
         begin = len(self.join_texts[0])
         for doc in self._doc_starts().starting(value, begin, _MAX_STARTS):
-            end = begin + len(self.docs[doc])
-            if self.docs[doc] and value.startswith(self.docs[doc], begin):
-                return self._joined(value, doc, 0, begin, end)
+            text = self.docs[doc]
+            if text and value.startswith(text, begin):
+                return self._joined(value, doc, 0, begin, begin + len(text))
         return None
 
     def _bootstrap(self, value):
@@ -266,13 +266,14 @@ class ContextSlices:
         if self.join_texts is not None and self.join_texts[1]:  # after the separator last seen, first
             places = (pos + len(self.join_texts[1]), *places)
         for found in places:
-            for doc in doc_starts.starting(value, found, left):
-                if self.docs[doc] and _starts_at(value, self.docs[doc], found):
-                    return doc, found
+            for candidate in doc_starts.starting(value, found, left):
+                if self.docs[candidate] and _starts_at(value, self.docs[candidate], found):
+                    return candidate, found
                 left -= 1
             if left <= 0:
                 break
-        self.searches_left -= second
+        if second:
+            self.searches_left -= 1
         return None
 
     def _doc_starts(self):
