@@ -106,10 +106,16 @@ def _check(slices: rlm_slices.ContextSlices, value: str) -> bool:
 
 def test_the_first_prompt_of_an_unfollowed_order_teaches_the_texts_around():
     docs = tuple(documents(200))
+    order = [150, 30, 199, 64, 101, 17, 188]  # none of the first documents, none following another
     slices = rlm_slices.ContextSlices(docs)
     slices.new_snapshot()
-    order = [150, 30, 199, 64, 101, 17, 188]  # none of the first documents, none following another
-    placed = [_check(slices, _wrap(docs[index])) for index in order]
+    assert all(_check(slices, _wrap(docs[index])) for index in order)
+    # Opening text longer than the first value's search (256 characters):
+    # that prompt is stored by content, the next found by what they share.
+    preamble = "Read the record below and answer the auditor's question. " * 6
+    slices = rlm_slices.ContextSlices(docs)
+    slices.new_snapshot()
+    placed = [_check(slices, preamble + docs[index] + "\nEnd.") for index in order]
     assert placed == [False] + [True] * (len(order) - 1)
 
 
