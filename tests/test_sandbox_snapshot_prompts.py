@@ -279,6 +279,19 @@ def test_batches_in_no_order_are_found_from_the_first_whatever_ends_them():
         assert rlm_slices.rebuild(found, docs) == value
 
 
+def test_a_batch_after_unrelated_values_is_found_by_its_first_document():
+    """No hint points at a batch's first document, and the values missed
+    before it share nothing with it: its start is looked up at each of its
+    first positions (an opening text of its own, up to 256 characters)."""
+    docs = tuple(documents(300))
+    slices = rlm_slices.ContextSlices(docs)
+    slices.new_snapshot()
+    assert not any(_check(slices, f"unrelated value {number} " * 300) for number in range(5))
+    assert _check(slices, "\n".join(docs[100:200]))
+    assert _check(slices, "Context:\n" + "\n".join(docs[220:230]) + "\nWhich mention a refund?")
+    assert not _check(slices, "x" * 300 + "\n".join(docs[240:250]))  # an opening text past 256 characters
+
+
 def test_searches_for_a_batch_s_next_document_are_bounded(monkeypatch):
     """A value that starts with a document and goes on with text that only
     resembles documents (all 5,000 open alike) costs at most 64 comparisons

@@ -38,9 +38,9 @@ _MAX_STARTS = 64
 _MAX_HEADER = 256
 _MAX_BOOTSTRAP_DOCS = 4096
 _MAX_BOOTSTRAPS = 32
-# Positions tried for a document's start in the first value missed (nothing
-# to compare it with yet: a prompt's opening text, up to this long).
-_FIRST_PREFIX = 256
+# A prompt's opening text of its own (not shared with the last value
+# missed, or nothing to compare with yet): positions tried, up to this one.
+_OWN_PREFIX = 256
 # Text allowed between two documents joined in one value; positions tried
 # for the next one's start when it is not the document after (documents
 # filtered or shuffled), and how many such searches may fail per snapshot.
@@ -172,23 +172,21 @@ class ContextSlices:
         """A whole document inside `value` when the texts around it are not
         known yet: the first of the prompts made one per document, or of the
         batches of documents joined, in an order the hints do not follow
-        (reversed, sorted, shuffled). The prompt's prefix is at most what
-        `value` shares with the last value missed, so a document's start is
-        looked up at each position from there back over _MAX_HEADER
-        characters (documents may share a header); in the first value
-        missed, at each of its first _FIRST_PREFIX positions. Bounded per
-        snapshot: values that wrap nothing must not cost each a search."""
+        (reversed, sorted, shuffled). A prompt made like the last value
+        missed has a prefix at most as long as what they share, so a
+        document's start is looked up at each position from there back over
+        _MAX_HEADER characters (documents may share a header); then, for a
+        prompt with an opening text of its own, at each later position up
+        to _OWN_PREFIX. Bounded per snapshot: values that wrap nothing must
+        not cost each a search."""
         previous = self.last_missed
         self.last_missed = value[:MAX_AFFIX + _MAX_HEADER + START_KEY]
         if self.bootstraps_left <= 0:
             return None
         self.bootstraps_left -= 1
         size = len(value)
-        if previous is None:
-            places = range(min(size, _FIRST_PREFIX + 1))
-        else:
-            shared = _match_end(value, previous, 0, 0, min(size, len(previous)))
-            places = range(min(shared, MAX_AFFIX), max(shared - _MAX_HEADER, 0) - 1, -1)
+        shared = 0 if previous is None else min(_match_end(value, previous, 0, 0, min(size, len(previous))), MAX_AFFIX)
+        places = (*range(shared, max(shared - _MAX_HEADER, 0) - 1, -1), *range(shared + 1, min(size, _OWN_PREFIX + 1)))
         doc_starts = self._doc_starts()
         left = _MAX_BOOTSTRAP_DOCS
         for before in places:
