@@ -20,6 +20,8 @@ found without scanning the context per value:
   comparison (`startswith`), so a hash collision never matters.
 
 A miss only means the value is stored by content instead; it is never wrong.
+The references found are described, and turned back into values, in
+rlm_references.
 """
 
 if __package__:  # the host imports this file as part of sandbox_wasm
@@ -70,6 +72,20 @@ class ContextSlices:
         self.indexed = None  # [(doc, index)] of the documents that have one
         self.run_starts = []  # (doc, start) of the last few matches that began a run
 
+    def reference(self, value):
+        """How a snapshot refers to `value`: ("c", doc, start, end) for a
+        slice of one document, a reference from find_inside, or None (stored
+        by content). While values are found as whole documents wrapped (a
+        list of prompts), that one lookup goes first: find's hints and tables
+        would miss each of them first (~20% of such a snapshot's time)."""
+        whole = self._whole_inside(value)
+        if whole is not None:
+            return whole
+        place = self.find(value)
+        if place is not None:
+            return "c", place[0], place[1], place[1] + len(value)
+        return self._inside(value)
+
     def find(self, value):
         """(doc index, start) of a document slice equal to `value`, or None."""
         size = len(value)
@@ -112,14 +128,18 @@ class ContextSlices:
         texts, or None: ("x", prefix, doc, start, end, suffix) for one slice
         (a prompt around a chunk), ("m", texts, ((doc, start, end), ...)) for
         documents joined (a batch of them in any order, or all, wrapped or
-        not; the texts at most half the value). `rebuild` turns either back
-        into the value."""
-        size = len(value)
+        not; the texts at most half the value). rlm_references.rebuild turns
+        either back into the value."""
         whole = self._whole_inside(value)
-        if whole is None:
-            whole = self._batch_inside(value)
-        if whole is not None:
-            return whole
+        return whole if whole is not None else self._inside(value)
+
+    def _inside(self, value):
+        """find_inside, once the value is known not to be a whole document
+        between texts as long as the last ones."""
+        batch = self._batch_inside(value)
+        if batch is not None:
+            return batch
+        size = len(value)
         for doc, delta, known in self._alignments(value):
             text = self.docs[doc]
             lo = max(-delta, 0)
@@ -359,31 +379,6 @@ def _same_text(text, texts):
     """`text`, or the equal one last appended (a separator repeated between
     the documents of one value is then pickled once)."""
     return texts[-1] if len(texts) > 1 and texts[-1] == text else text
-
-
-def rebuild(reference, docs):
-    """The value a reference from find_inside or find names ("c", "x" or
-    "m" first), checked against `docs`: ValueError when it does not fit them
-    (a snapshot is guest code's output, restored into another guest)."""
-    kind = reference[0]
-    if kind == "c" and len(reference) == 4:
-        texts, pieces = ("", ""), (reference[1:],)
-    elif kind == "x" and len(reference) == 6:
-        texts, pieces = (reference[1], reference[5]), (reference[2:5],)
-    elif kind == "m" and len(reference) == 3 and type(reference[1]) is tuple and type(reference[2]) is tuple:
-        texts, pieces = reference[1], reference[2]
-    else:
-        raise ValueError("malformed slice reference %r" % (reference[:3],))
-    if len(texts) != len(pieces) + 1 or not all(type(text) is str for text in texts):
-        raise ValueError("malformed slice reference %r" % (reference[:3],))
-    parts = [texts[0]]
-    for piece, text in zip(pieces, texts[1:]):
-        if not (type(piece) is tuple and len(piece) == 3 and all(type(n) is int for n in piece)
-                and 0 <= piece[0] < len(docs) and 0 <= piece[1] <= piece[2] <= len(docs[piece[0]])):
-            raise ValueError("slice %r is outside the context" % (piece,))
-        parts.append(docs[piece[0]][piece[1]:piece[2]])
-        parts.append(text)
-    return "".join(parts)
 
 
 def _wraps(size, begin, end):

@@ -10,8 +10,8 @@ Objects stored by reference (pickle persistent ids), not by value:
   end) when it equals a slice of the context (nothing stored), as ("x",
   before, doc, start, end, after) when it is a slice with short texts around
   it (a prompt around a chunk: only those texts are stored), as ("m", texts,
-  slices) when it joins documents that follow each other (rlm_slices; as
-  ("j", name) when that reference is large, its pickle a record), else as a
+  slices) when it joins documents, in any order (rlm_slices, rlm_references;
+  as ("j", name) when that reference is large, its pickle a record), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed;
 - every list or dict of at least CONTAINER_MIN items that holds only
@@ -34,6 +34,7 @@ import _pickle  # the C pickler alone: `pickle` itself is not needed
 from _operator import is_not as _is_not
 
 import rlm_pickling
+import rlm_references
 import rlm_slices
 from rlm_stored import Stored, context_item_ids, record_name
 
@@ -110,17 +111,12 @@ class References:
         pending = self.pending.get(id(obj))  # named by an earlier dump of this take()
         pid = pending[1] if pending is not None and pending[0] is obj else self.stored.get(obj)
         if pid is None:
-            found = self.slices.find(obj) if kind is str and self.slices is not None else None
-            inside = None
-            if found is not None:
-                pid = ("c", found[0], found[1], found[1] + len(obj))
-            elif kind is str and self.slices is not None:
-                inside = self.slices.find_inside(obj)
-            if inside is not None:
-                pid = self._joined_record(inside) if inside[0] == "m" else inside
-            elif found is None:
+            reference = self.slices.reference(obj) if kind is str and self.slices is not None else None
+            if reference is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
                 pid = ("r", self._new_record(obj, data), "s" if kind is str else "b")
+            else:
+                pid = self._joined_record(reference) if reference[0] == "m" else reference
             self.pending[id(obj)] = (obj, pid)
         if pid[0] in _RECORDED:
             self.used.add(pid[1])
@@ -278,7 +274,7 @@ class References:
                         "record %s is not a joined reference: %s" % (pid[1], _reason(exc))) from None
                 reference = ("m", texts, pieces)
             try:
-                return rlm_slices.rebuild(reference, self.docs)
+                return rlm_references.rebuild(reference, self.docs)
             except ValueError as exc:
                 raise _pickle.UnpicklingError(str(exc)) from None
         data = self._record(pid, records)

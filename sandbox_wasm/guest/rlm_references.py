@@ -1,0 +1,37 @@
+"""The references a snapshot holds in place of values cut from the context
+(guest side; rlm_slices.ContextSlices.reference finds them):
+
+- ("c", doc, start, end): docs[doc][start:end], a chunk or a window;
+- ("x", before, doc, start, end, after): that slice between two texts (a
+  prompt around a chunk or a document);
+- ("m", texts, ((doc, start, end), ...)): slices joined, texts[0] before the
+  first, texts[i] between the i-th and the next, the last text after them
+  all (documents joined by a separator, numbered or wrapped, in any order).
+
+A snapshot is guest code's output, restored into another guest: `rebuild`
+checks every reference before it makes the value.
+"""
+
+
+def rebuild(reference, docs):
+    """The value `reference` names, checked against `docs` (the context's
+    documents): ValueError when it does not fit them."""
+    kind = reference[0]
+    if kind == "c" and len(reference) == 4:
+        texts, pieces = ("", ""), (reference[1:],)
+    elif kind == "x" and len(reference) == 6:
+        texts, pieces = (reference[1], reference[5]), (reference[2:5],)
+    elif kind == "m" and len(reference) == 3 and type(reference[1]) is tuple and type(reference[2]) is tuple:
+        texts, pieces = reference[1], reference[2]
+    else:
+        raise ValueError("malformed slice reference %r" % (reference[:3],))
+    if len(texts) != len(pieces) + 1 or not all(type(text) is str for text in texts):
+        raise ValueError("malformed slice reference %r" % (reference[:3],))
+    parts = [texts[0]]
+    for piece, text in zip(pieces, texts[1:]):
+        if not (type(piece) is tuple and len(piece) == 3 and all(type(n) is int for n in piece)
+                and 0 <= piece[0] < len(docs) and 0 <= piece[1] <= piece[2] <= len(docs[piece[0]])):
+            raise ValueError("slice %r is outside the context" % (piece,))
+        parts.append(docs[piece[0]][piece[1]:piece[2]])
+        parts.append(text)
+    return "".join(parts)
