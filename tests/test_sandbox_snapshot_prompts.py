@@ -97,7 +97,7 @@ def _wrap(doc: str) -> str:
 
 def _check(slices: rlm_slices.ContextSlices, value: str) -> bool:
     """Whether the finder placed `value`, and placed it exactly."""
-    found = slices.find_inside(value)
+    found = slices.reference(value)
     if found is None:
         return False
     assert rlm_references.rebuild(found, slices.docs) == value
@@ -220,12 +220,12 @@ def test_a_batch_refers_to_its_documents_up_to_the_first_one_changed():
     slices.new_snapshot()
     changed = docs[5][:1_000] + "#" + docs[5][1_001:]
     value = "Records:\n" + "\n\n".join(docs[:5] + (changed,))
-    found = slices.find_inside(value)
+    found = slices.reference(value)
     assert found[0] == "m" and [piece[0] for piece in found[2]] == [0, 1, 2, 3, 4]
     assert found[1][-1] == "\n\n" + changed and rlm_references.rebuild(found, docs) == value
     # The next batch follows on: found from where this one's documents ended.
     following = "\n\n".join(docs[5:12])
-    assert slices.find_inside(following)[2][0] == (5, 0, len(docs[5]))
+    assert slices.reference(following)[2][0] == (5, 0, len(docs[5]))
 
 
 @pytest.mark.parametrize("reference", [
@@ -274,7 +274,7 @@ def test_batches_in_no_order_are_found_from_the_first_whatever_ends_them():
     slices.new_snapshot()
     for start in range(0, 1_000, 10):
         value = "\n\n".join(docs[index] for index in order[start:start + 10]) + "\nWhich mention a refund?"
-        found = slices.find_inside(value)
+        found = slices.reference(value)
         assert found is not None and [piece[0] for piece in found[2]] == order[start:start + 10]
         assert rlm_references.rebuild(found, docs) == value
 
@@ -305,7 +305,7 @@ def test_searches_for_a_batch_s_next_document_are_bounded(monkeypatch):
     slices.new_snapshot()
     for number in range(100):
         index = number % 16  # the first documents: found where the value starts
-        assert slices.find_inside(docs[index] + "\n" + "x" * 3_000 + f" value {number}") is None
+        assert slices.reference(docs[index] + "\n" + "x" * 3_000 + f" value {number}") is None
     # The document after it tried in each value (again when its first
     # document is searched for), then 64 candidates in each of 32 searches.
     assert 100 <= len(compared) <= 2 * 100 + 32 * 64
@@ -313,7 +313,7 @@ def test_searches_for_a_batch_s_next_document_are_bounded(monkeypatch):
 
 def test_every_reference_the_finder_gives_rebuilds_its_value():
     """Random contexts (few letters, shared headers, empty documents, short
-    and long ones, some anchor-indexed) and values cut, wrapped, joined in
+    and long ones) and values cut, wrapped, joined in
     and out of order, or unrelated: whatever the finder answers is exact."""
     found = 0
     for seed in range(150):

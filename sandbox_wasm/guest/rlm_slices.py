@@ -67,15 +67,19 @@ class ContextSlices:
         self.affix_texts = None  # (prefix, suffix) of the last value found inside
         self.join_texts = None  # (first text, separator) of the last joined value found
         self.searches_left = _MAX_SEARCHES
-        self.last_missed = None  # the start of the last value find_inside missed
+        self.last_missed = None  # the start of the last value no reference was found for
         self.bootstraps_left = _MAX_BOOTSTRAPS
         self.indexed = None  # [(doc, index)] of the documents that have one
         self.run_starts = []  # (doc, start) of the last few matches that began a run
 
     def reference(self, value):
-        """How a snapshot refers to `value`: ("c", doc, start, end) for a
-        slice of one document, a reference from find_inside, or None (stored
-        by content). While values are found as whole documents wrapped (a
+        """How a snapshot refers to `value`, or None (stored by content):
+        ("c", doc, start, end) for a slice of one document, ("x", prefix,
+        doc, start, end, suffix) for one slice between short texts (a prompt
+        around a chunk), ("m", texts, ((doc, start, end), ...)) for documents
+        joined (a batch of them in any order, or all, wrapped or not; the
+        texts at most half the value). rlm_references.rebuild turns each back
+        into the value. While values are found as whole documents wrapped (a
         list of prompts), that one lookup goes first: find's hints and tables
         would miss each of them first (~20% of such a snapshot's time)."""
         whole = self._whole_inside(value)
@@ -123,19 +127,10 @@ class ContextSlices:
                     return self._found(doc, start, size)
         return None
 
-    def find_inside(self, value):
-        """A reference to `value` as slices of the context between short
-        texts, or None: ("x", prefix, doc, start, end, suffix) for one slice
-        (a prompt around a chunk), ("m", texts, ((doc, start, end), ...)) for
-        documents joined (a batch of them in any order, or all, wrapped or
-        not; the texts at most half the value). rlm_references.rebuild turns
-        either back into the value."""
-        whole = self._whole_inside(value)
-        return whole if whole is not None else self._inside(value)
-
     def _inside(self, value):
-        """find_inside, once the value is known not to be a whole document
-        between texts as long as the last ones."""
+        """An "x" or "m" reference to `value` (see `reference`), once it is
+        known to be neither a slice nor a whole document between texts as
+        long as the last ones."""
         batch = self._batch_inside(value)
         if batch is not None:
             return batch
@@ -159,8 +154,8 @@ class ContextSlices:
         self.searches_left = _MAX_SEARCHES
 
     def _whole_inside(self, value):
-        """find_inside for a whole document between texts as long as those
-        around the last value found: one lookup, one comparison."""
+        """An "x" reference for a whole document between texts as long as
+        those around the last value found: one lookup, one comparison."""
         if self.affix_texts is None:
             return None
         before, after = map(len, self.affix_texts)
@@ -175,17 +170,15 @@ class ContextSlices:
         return None
 
     def _batch_inside(self, value):
-        """find_inside for documents joined after the text that began the
-        last joined value (batches of documents filtered or shuffled, whose
-        first document no hint points at): one lookup of its first
+        """An "m" reference for documents joined after the text that began
+        the last joined value (batches of documents filtered or shuffled,
+        whose first document no hint points at): one lookup of its first
         characters, each candidate compared in place."""
         if self.join_texts is None or not value.startswith(self.join_texts[0]):
             return None
         begin = len(self.join_texts[0])
-        for doc in self._doc_starts().starting(value, begin, _MAX_STARTS):
-            text = self.docs[doc]
-            if text and value.startswith(text, begin):
-                return self._joined(value, doc, 0, begin, begin + len(text))
+        for doc, _ in self._documents_at(value, (begin,), _MAX_STARTS):
+            return self._joined(value, doc, 0, begin, begin + len(self.docs[doc]))
         return None
 
     def _bootstrap(self, value):
@@ -207,33 +200,38 @@ class ContextSlices:
         size = len(value)
         shared = 0 if previous is None else min(_match_end(value, previous, 0, 0, min(size, len(previous))), MAX_AFFIX)
         places = (*range(shared, max(shared - _MAX_HEADER, 0) - 1, -1), *range(shared + 1, min(size, _OWN_PREFIX + 1)))
-        doc_starts = self._doc_starts()
-        left = _MAX_BOOTSTRAP_DOCS
-        for before in places:
-            for doc in doc_starts.starting(value, before, left):
-                text = self.docs[doc]
-                if text and value.startswith(text, before):
-                    end = before + len(text)
-                    if _wraps(size, before, end):
-                        return self._wrapped(value, doc, 0, before, end)
-                    joined = self._joined(value, doc, 0, before, end)
-                    if joined is not None:
-                        return joined
-                left -= 1
-            if left <= 0:
-                break
+        for doc, before in self._documents_at(value, places, _MAX_BOOTSTRAP_DOCS):
+            end = before + len(self.docs[doc])
+            if _wraps(size, before, end):
+                return self._wrapped(value, doc, 0, before, end)
+            joined = self._joined(value, doc, 0, before, end)
+            if joined is not None:
+                return joined
         return None
 
+    def _documents_at(self, value, places, most, cut=False):
+        """(doc, place) for each non-empty document that `value` holds whole
+        from one of `places` (with `cut`, or up to the value's end), looked
+        up by its first characters: at most `most` candidates compared in
+        all (documents may share a header)."""
+        doc_starts, left = self._doc_starts(), most
+        for place in places:
+            for doc in doc_starts.starting(value, place, left):
+                text = self.docs[doc]
+                if text and (_starts_at(value, text, place) if cut else value.startswith(text, place)):
+                    yield doc, place
+                left -= 1
+            if left <= 0:
+                return
+
     def _wrapped(self, value, doc, start, begin, end):
-        """What find_inside answers when value[begin:end] is
-        docs[doc][start:...]. Texts around it equal to the last ones are the
-        same objects, so a list of prompts pickles them once."""
+        """The "x" reference when value[begin:end] is docs[doc][start:...].
+        Texts around it equal to the last ones are the same objects, so a
+        list of prompts pickles them once."""
         self._found(doc, start, end - begin)
         before, after = value[:begin], value[end:]
         if self.affix_texts is not None:
-            last_before, last_after = self.affix_texts
-            before = last_before if before == last_before else before
-            after = last_after if after == last_after else after
+            before, after = _same(before, self.affix_texts[0]), _same(after, self.affix_texts[1])
         self.affix_texts = (before, after)
         return "x", before, doc, start, start + end - begin, after
 
@@ -245,8 +243,8 @@ class ContextSlices:
         its last may be cut short), else None."""
         docs, size = self.docs, len(value)
         first = value[:begin]
-        if self.join_texts is not None and first == self.join_texts[0]:
-            first = self.join_texts[0]  # pickled once for a list of batches
+        if self.join_texts is not None:  # pickled once for a list of batches
+            first = _same(first, self.join_texts[0])
         texts, pieces = [first], [(doc, start, start + end - begin)]
         pos = end
         # Each piece but the value's last runs to its document's end.
@@ -256,7 +254,8 @@ class ContextSlices:
                 break
             doc, found = following
             end = min(found + len(docs[doc]), size)
-            texts.append(_same_text(value[pos:found], texts))
+            # A separator repeated between the documents is pickled once.
+            texts.append(_same(value[pos:found], texts[-1]) if len(texts) > 1 else value[pos:found])
             pieces.append((doc, 0, end - found))
             pos = end
         texts.append(value[pos:])
@@ -285,17 +284,11 @@ class ContextSlices:
                 return following, found
         if second and self.searches_left <= 0:
             return None
-        doc_starts, left = self._doc_starts(), _MAX_STARTS
         places = range(pos, min(pos + _MAX_SEPARATOR, len(value)))
         if self.join_texts is not None and self.join_texts[1]:  # after the separator last seen, first
             places = (pos + len(self.join_texts[1]), *places)
-        for found in places:
-            for candidate in doc_starts.starting(value, found, left):
-                if self.docs[candidate] and _starts_at(value, self.docs[candidate], found):
-                    return candidate, found
-                left -= 1
-            if left <= 0:
-                break
+        for found in self._documents_at(value, places, _MAX_STARTS, cut=True):
+            return found
         if second:
             self.searches_left -= 1
         return None
@@ -375,10 +368,9 @@ def _starts_at(value, text, pos):
     return text.startswith(value[pos:])
 
 
-def _same_text(text, texts):
-    """`text`, or the equal one last appended (a separator repeated between
-    the documents of one value is then pickled once)."""
-    return texts[-1] if len(texts) > 1 and texts[-1] == text else text
+def _same(text, known):
+    """`known` when `text` equals it (one object, pickled once), else `text`."""
+    return known if text == known else text
 
 
 def _wraps(size, begin, end):

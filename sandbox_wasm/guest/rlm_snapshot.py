@@ -45,6 +45,8 @@ RECORD_MIN = 4096
 # Pids whose second item names a record the host holds: a value's bytes ("r"),
 # or the reference to the many documents it joins ("j").
 _RECORDED = ("r", "j")
+# Pids that name a value made of the context (rlm_references; "j" through its record).
+_OF_CONTEXT = ("c", "x", "m", "j")
 # Documents one joined reference may name inline in the state (past it, "j").
 _JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
@@ -212,7 +214,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "c", "x", "m", "j"):
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k") + _OF_CONTEXT:
             entry = loaded.get(pid)
             if entry is None:
                 entry = loaded[pid] = self._load_large(pid, records, loaded)
@@ -258,7 +260,7 @@ class References:
         return (self._load_value(pid, records), pid)
 
     def _load_value(self, pid, records):
-        if pid[0] in ("c", "x", "m", "j"):
+        if pid[0] in _OF_CONTEXT:
             if not self.context_loaded:
                 raise _pickle.UnpicklingError(
                     "the snapshot refers to `context`; load the context before restoring")
