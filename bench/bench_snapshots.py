@@ -4,6 +4,8 @@ context, then a small cell. Prints figures, writes bench/results/snapshots.json.
 Run: python bench/bench_snapshots.py [--context-mb 100] [--label after] [--docs N]
 `--docs N` splits the context into N documents (a list context, the
 back-office folder) and derives the strings from the first half of them.
+`--derive lines` (one text context) splits it instead: its lines, and the
+sentences of its second half.
 It also runs against code without value records (the snapshot is then one
 pickle uploaded whole), so the same script measures before and after:
     PYTHONPATH=<old checkout> python bench/bench_snapshots.py --label before
@@ -53,7 +55,10 @@ BIG_CELL_DERIVED = {
     "shuffled": "import random\npicked = context[::2]\nchunks = random.Random(7).sample(picked, len(picked))\n"
                 + BATCH_PROMPTS,
 }
+# --derive lines: a text context's lines, and its second half's sentences.
+BIG_CELL_LINES = "chunks = context.split('\\n')\nprompts = context[len(context) // 2:].split('.\\n')\n"
 RESTORED_CHECK = {
+    "lines": "len(chunks), len(prompts), best, '\\n'.join(chunks[:9]) == context[:len('\\n'.join(chunks[:9]))]",
     "prompts": "len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]",
     "batches": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",
     "shuffled": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",
@@ -129,8 +134,10 @@ def main() -> None:
                         help="what the big cell makes: a prompt per chunk, or per ten documents, in order or"
                              " shuffled (with --docs)")
     args = parser.parse_args()
-    if args.derive != "prompts" and not args.docs:
+    if args.derive not in ("prompts", "lines") and not args.docs:
         parser.error(f"--derive {args.derive} needs --docs")
+    if args.derive == "lines" and args.docs:
+        parser.error("--derive lines splits one text: no --docs")
     args.label = args.label or (f"docs_{args.docs}" if args.docs else "after" if SnapshotStore else "before")
     limits = SandboxLimits(cell_timeout_s=600.0, memory_bytes=3 * 1024**3, admin_timeout_s=600.0)
     result: dict = {"label": args.label, "load_avg_at_start": os.getloadavg(), "derive": args.derive,
@@ -143,7 +150,8 @@ def main() -> None:
         result["context_bytes"] = context.stat().st_size
         half = context.stat().st_size // 2 // 200_000 * 200_000
         files, kind = ([context], "str") if not args.docs else (split_into_files(context.read_text(encoding="utf-8"), args.docs, context.parent), "list")
-        big_cell = BIG_CELL_DERIVED[args.derive] if args.docs else BIG_CELL.format(half=half)
+        big_cell = BIG_CELL_DERIVED[args.derive] if args.docs else \
+            BIG_CELL_LINES if args.derive == "lines" else BIG_CELL.format(half=half)
         saver = Saver(store)
         with ReplSession(limits=limits).start() as session:
             session.load_context(files, kind)

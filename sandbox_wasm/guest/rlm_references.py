@@ -6,7 +6,11 @@
   prompt around a chunk or a document);
 - ("m", texts, ((doc, start, end), ...)): slices joined, texts[0] before the
   first, texts[i] between the i-th and the next, the last text after them
-  all (documents joined by a separator, numbered or wrapped, in any order).
+  all (documents joined by a separator, numbered or wrapped, in any order);
+- ("s", ((doc, start, end, sep), ...), number): a list, the items of
+  docs[doc][start:end].split(sep) for each segment in turn (the context's
+  lines; rlm_splits finds them). `number` tells two equal lists apart, as a
+  container record's does.
 
 A snapshot is guest code's output, restored into another guest: `rebuild`
 checks every reference before it makes the value.
@@ -35,3 +39,20 @@ def rebuild(reference, docs):
         parts.append(docs[piece[0]][piece[1]:piece[2]])
         parts.append(text)
     return "".join(parts)
+
+
+def rebuild_split(reference, docs):
+    """The list an "s" reference names, checked against `docs`: ValueError
+    when it does not fit them."""
+    if not (len(reference) == 3 and type(reference[1]) is tuple and type(reference[2]) is int):
+        raise ValueError("malformed split reference %r" % (reference[:1],))
+    items = []
+    for segment in reference[1]:
+        if not (type(segment) is tuple and len(segment) == 4 and all(type(n) is int for n in segment[:3])
+                and type(segment[3]) is str and segment[3]):
+            raise ValueError("malformed split segment %r" % (segment,))
+        doc, start, end, sep = segment
+        if not (0 <= doc < len(docs) and 0 <= start <= end <= len(docs[doc])):
+            raise ValueError("split segment %r is outside the context" % (segment[:3],))
+        items += docs[doc][start:end].split(sep)
+    return items

@@ -127,6 +127,11 @@ class ContextSlices:
                     return self._found(doc, start, size)
         return None
 
+    def documents_starting(self, text, most):
+        """At most `most` documents that may begin as `text` does (filed by a
+        hash of their first characters: compare before use)."""
+        return self._doc_starts().starting(text, 0, most)
+
     def _inside(self, value):
         """An "x" or "m" reference to `value` (see `reference`), once it is
         known to be neither a slice nor a whole document between texts as

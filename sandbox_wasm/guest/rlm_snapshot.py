@@ -22,6 +22,9 @@ Objects stored by reference (pickle persistent ids), not by value:
   whether they changed or not. A container unchanged since the last snapshot
   (the same object, its items the same objects: one comparison in C, exact
   because atoms cannot change) is named again without being pickled again.
+  A list of str that splitting the context makes (its lines, a document's
+  paragraphs) is named as ("s", segments, number) instead, with no record
+  (rlm_splits).
 
 `Stored` (rlm_stored) remembers which large values were already sent or
 restored, by identity, so an unchanged value costs one dict lookup per
@@ -36,6 +39,7 @@ from _operator import is_not as _is_not
 import rlm_pickling
 import rlm_references
 import rlm_slices
+import rlm_splits
 from rlm_stored import Stored, context_item_ids, record_name
 
 MAGIC = b"RLMSNAP2"
@@ -50,6 +54,7 @@ _OF_CONTEXT = ("c", "x", "m", "j")
 # Documents one joined reference may name inline in the state (past it, "j").
 _JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
+_STR = {str}
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
 _PER_NAME_BYTES = 16
@@ -156,7 +161,8 @@ class References:
                     return None
             self.pending[id(obj)] = entry
         pid = entry[1]
-        self.used.add(pid[1])
+        if pid[0] == "k":
+            self.used.add(pid[1])
         self.used.update(entry[3])
         self.seen.update(entry[4])
         self.seen[id(obj)] = entry
@@ -166,6 +172,10 @@ class References:
         types = set(map(type, obj)) if kind is list else set(map(type, obj)) | set(map(type, obj.values()))
         if not types <= _ATOMS:
             return None
+        if kind is list and types == _STR and self.slices is not None:
+            segments = rlm_splits.split_reference(obj, self.slices)
+            if segments is not None:
+                return (obj, ("s", segments, self._container_number()), tuple(obj), set(), {})
         shape = _shape(obj, kind)
         outer_used, outer_seen = self.used, self.seen
         self.used, self.seen = set(), {}
@@ -178,11 +188,15 @@ class References:
         if digest not in self.new_records:
             self._count_new(len(data))
             self.new_records[digest] = data
-        number = self.stored.next_container
-        self.stored.next_container += 1
+        number = self._container_number()
         # "k", not "r": code before containers refuses it (it would restore
         # the list as the bytes of its record).
         return (obj, ("k", digest, "l" if kind is list else "d", number), shape, nested_used, nested_seen)
+
+    def _container_number(self):
+        number = self.stored.next_container
+        self.stored.next_container += 1
+        return number
 
     def forget_new(self):
         """Undo what dumps since the last one that succeeded named: their new
@@ -214,7 +228,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k") + _OF_CONTEXT:
+        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "s") + _OF_CONTEXT:
             entry = loaded.get(pid)
             if entry is None:
                 entry = loaded[pid] = self._load_large(pid, records, loaded)
@@ -227,9 +241,7 @@ class References:
         if pid == "globals":
             return self.user_globals
         if pid == "context" or (isinstance(pid, tuple) and pid[0] == "context_item"):
-            if not self.context_loaded:
-                raise _pickle.UnpicklingError(
-                    "the snapshot refers to `context`; load the context before restoring")
+            self._need_context()
             return self.context if pid == "context" else self.context[pid[1]]
         if isinstance(pid, tuple) and pid[0] == "protected" and pid[1] in self.protected:
             return self.protected[pid[1]]
@@ -237,6 +249,14 @@ class References:
 
     def _load_large(self, pid, records, loaded):
         """The table entry of the value `pid` names."""
+        if pid[0] == "s":
+            self._need_context()
+            try:
+                value = rlm_references.rebuild_split(pid, self.docs)
+            except ValueError as exc:
+                raise _pickle.UnpicklingError(str(exc)) from None
+            self.stored.next_container = max(self.stored.next_container, pid[2] + 1)
+            return (value, pid, tuple(value), set(), {})
         if pid[0] == "k":
             if len(pid) != 4 or pid[2] not in ("l", "d") or type(pid[3]) is not int:
                 raise _pickle.UnpicklingError("malformed container reference %r" % (pid,))
@@ -261,9 +281,7 @@ class References:
 
     def _load_value(self, pid, records):
         if pid[0] in _OF_CONTEXT:
-            if not self.context_loaded:
-                raise _pickle.UnpicklingError(
-                    "the snapshot refers to `context`; load the context before restoring")
+            self._need_context()
             reference = pid
             if pid[0] == "j":
                 if len(pid) != 2:
@@ -281,6 +299,10 @@ class References:
                 raise _pickle.UnpicklingError(str(exc)) from None
         data = self._record(pid, records)
         return str(data, "utf-8", "surrogatepass") if pid[2] == "s" else bytes(data)
+
+    def _need_context(self):
+        if not self.context_loaded:
+            raise _pickle.UnpicklingError("the snapshot refers to `context`; load the context before restoring")
 
     def _record(self, pid, records):
         data = records.get(pid[1])

@@ -1,0 +1,172 @@
+"""Lists cut from the context by str.split (guest side).
+
+`lines = context.split("\\n")` over 100 MB makes some 300,000 lines, and a
+snapshot stored them whole, a second copy of the context: each line is too
+short to be looked up on its own. A list of str equal to
+
+    docs[d0][s0:e0].split(sep0) + docs[d1][s1:e1].split(sep1) + ...
+
+(a document split, a slice of one, or the lines of several documents one
+after another) is stored as ("s", ((d0, s0, e0, sep0), ...), number) instead:
+`split_reference` places the list from a few of its first items, guesses the
+separator from what follows them in the context, then checks every item in
+place, in C, blocks at a time (rlm_references.rebuild_split makes it again).
+A miss only means the list is stored by content, as before.
+"""
+
+from _operator import contains
+from itertools import repeat
+
+# Characters a separator may have; items looked at to place a segment, and
+# how many of the longest of them are looked up in the context (each one
+# `ContextSlices.find`: in a large document an item is found only when it
+# holds one of the document's anchors, ~2 KB apart, so lines of a few
+# hundred characters need several tries), the shortest worth a lookup;
+# items after a placed one that must follow with the guessed separator
+# before the whole check.
+_MAX_SEP = 16
+_FIRST = 64
+LOOKUPS_PER_SEGMENT = 8
+_MIN_FIND = 16
+_CHAIN = 8
+# What a document's first items are joined by to look it up by its start.
+_STARTS = 8  # documents compared for each
+_USUAL_SEPARATORS = ("\n", "\n\n", "\r\n", "\t", " ", ",", ";", "|")
+# Items joined at once by the check: bounds the copy it makes.
+_BLOCK = 4096
+# Segments one reference may hold (it is pickled inline in every snapshot).
+MAX_SEGMENTS = 64
+
+
+def split_reference(items, slices):
+    """The segments ((doc, start, end, sep), ...) whose splits, one after
+    another, make `items` (a list of str), or None. `slices` is the
+    context's rlm_slices.ContextSlices."""
+    docs, size = slices.docs, len(items)
+    segments, at, sep, last_doc = [], 0, None, None
+    while at < size:
+        if len(segments) == MAX_SEGMENTS:
+            return None
+        found = _segment(items, at, slices, docs, sep, last_doc)
+        if found is None:
+            return None
+        segment, count = found
+        segments.append(segment)
+        at += count
+        last_doc, sep = segment[0], segment[3]
+    return tuple(segments)
+
+
+def _segment(items, at, slices, docs, sep, last_doc):
+    """((doc, start, end, sep), count): the longest run of items from
+    items[at] that one slice's split makes, or None."""
+    for doc, pos, k in _places(items, at, slices, docs, last_doc):
+        text = docs[doc]
+        for guess in _separators(items, k, text, pos + len(items[k]), sep):
+            start = pos - sum(map(len, items[at:k])) - (k - at) * len(guess)
+            if start < 0 or not text.startswith(items[at], start):
+                continue
+            count, end = _run(items, at, text, start, guess)
+            if count > k - at and _splits_back(items, at, at + count, guess):
+                return (doc, start, end, guess), count
+    return None
+
+
+def _places(items, at, slices, docs, last_doc):
+    """(doc, pos, k): items[k] may be docs[doc][pos:...], for k from `at`.
+    First the start of the document after the last segment's (the lines of
+    the documents, one after another), or the context's start, or documents
+    that start as the items joined by a usual separator do; then the
+    longest of the next few items, looked up."""
+    if last_doc is not None:
+        if last_doc + 1 < len(docs):
+            yield last_doc + 1, 0, at
+    elif docs and docs[0].startswith(items[at]):
+        yield 0, 0, at
+    elif len(docs) > 1:  # a document's lines: looked up by how it starts, joined as usual
+        tried = set()
+        for sep in _USUAL_SEPARATORS:
+            for doc in slices.documents_starting(sep.join(items[at:at + _CHAIN]), _STARTS):
+                if doc not in tried and docs[doc].startswith(items[at]):
+                    tried.add(doc)
+                    yield doc, 0, at
+    head = range(at, min(at + _FIRST, len(items) - 1))  # the placed item needs one after it
+    for k in sorted(head, key=lambda i: -len(items[i]))[:LOOKUPS_PER_SEGMENT]:
+        if len(items[k]) < _MIN_FIND:
+            return
+        place = slices.find(items[k])
+        if place is not None:
+            yield place[0], place[1], k
+
+
+def _separators(items, k, text, after, known):
+    """Separators that may follow items[k], which ends at text[after]: the
+    last segment's first (also for a last line that ends its document), then
+    what the next items fit, shortest first."""
+    if known is not None and _chain(items, k, text, after, known):
+        yield known
+        return
+    for width in range(1, _MAX_SEP + 1):
+        guess = text[after:after + width]
+        if len(guess) < width:
+            return
+        if guess != known and _chain(items, k, text, after, guess):
+            yield guess
+
+
+def _chain(items, k, text, pos, sep):
+    """Whether the few items after items[k] (which ends at text[pos]) follow
+    it, each after `sep`, or as many as there are before the text ends (the
+    rest of the list is then another document's)."""
+    for item in items[k + 1:k + 1 + _CHAIN]:
+        if pos == len(text):
+            return True
+        if not text.startswith(sep, pos) or not text.startswith(item, pos + len(sep)):
+            return False
+        pos += len(sep) + len(item)
+    return True
+
+
+def _run(items, at, text, start, sep):
+    """(count, end): how many items from items[at] are text[start:] joined
+    by `sep`, and where the last of them ends. Compared in place, in blocks
+    that grow from _CHAIN items to _BLOCK (a list that parts from the text
+    early costs little); a block that differs is halved to its last match."""
+    count, pos, size, step = 0, start, len(items), _CHAIN
+    while at + count < size:
+        if count and not text.startswith(sep, pos):
+            break
+        begin = pos + (len(sep) if count else 0)
+        block = items[at + count:at + count + step]
+        joined = sep.join(block)
+        if text.startswith(joined, begin):
+            count, pos, step = count + len(block), begin + len(joined), min(2 * step, _BLOCK)
+            continue
+        lo, hi = 0, len(block) - 1  # block[:lo] matches, block[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text.startswith(sep.join(block[:mid]), begin):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            count, pos = count + lo, begin + len(sep.join(block[:lo]))
+        break
+    return count, pos
+
+
+def _splits_back(items, begin, end, sep):
+    """Whether splitting items[begin:end] joined by `sep` cuts exactly
+    between them: `sep` inside no item, nor starting in one and running on
+    into the separator after it (possible when the separator's end repeats
+    its start, as "\\n\\n" does; checked as the item ending with that
+    start; not for the last item, which ends the slice). Then the text's
+    split gives these items back."""
+    run = items[begin:end]
+    if any(map(contains, run, repeat(sep))):
+        return False
+    width = len(sep)
+    for shift in range(1, width):
+        if sep[shift:] == sep[:width - shift] and any(map(str.endswith, run[:-1], repeat(sep[:shift]))):
+            return False
+    return True
