@@ -4,8 +4,8 @@ context, then a small cell. Prints figures, writes bench/results/snapshots.json.
 Run: python bench/bench_snapshots.py [--context-mb 100] [--label after] [--docs N]
 `--docs N` splits the context into N documents (a list context, the
 back-office folder) and derives the strings from the first half of them.
-`--derive lines` (one text context) splits it instead: its lines, and the
-sentences of its second half.
+`--derive lines` (one text context) splits it instead: its lines, those with
+a word starting "ab", and prompts of fifty of those.
 It also runs against code without value records (the snapshot is then one
 pickle uploaded whole), so the same script measures before and after:
     PYTHONPATH=<old checkout> python bench/bench_snapshots.py --label before
@@ -55,10 +55,17 @@ BIG_CELL_DERIVED = {
     "shuffled": "import random\npicked = context[::2]\nchunks = random.Random(7).sample(picked, len(picked))\n"
                 + BATCH_PROMPTS,
 }
-# --derive lines: a text context's lines, and its second half's sentences.
-BIG_CELL_LINES = "chunks = context.split('\\n')\nprompts = context[len(context) // 2:].split('.\\n')\n"
+# --derive lines: a text context's lines, those with a word starting "ab",
+# and prompts of fifty of them each.
+BIG_CELL_LINES = (
+    "chunks = context.split('\\n')\n"
+    "hits = [line for line in chunks if ' ab' in line]\n"
+    "prompts = ['Find the errors in:\\n' + '\\n'.join(hits[i:i + 50]) + '\\nList them.'"
+    " for i in range(0, len(hits), 50)]\n"
+)
 RESTORED_CHECK = {
-    "lines": "len(chunks), len(prompts), best, '\\n'.join(chunks[:9]) == context[:len('\\n'.join(chunks[:9]))]",
+    "lines": "len(chunks), len(prompts), best, '\\n'.join(chunks[:9]) == context[:len('\\n'.join(chunks[:9]))],"
+             " prompts[3] == 'Find the errors in:\\n' + '\\n'.join(hits[150:200]) + '\\nList them.'",
     "prompts": "len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]",
     "batches": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",
     "shuffled": "len(chunks), len(prompts), best, prompts[7][25:50] == chunks[70][:25]",

@@ -104,8 +104,8 @@ def test_lists_that_only_resemble_a_split_are_stored_by_content(tmp_path):
             "merged = lines[:500] + [lines[500] + '\\n' + lines[501]] + lines[502:]\n"  # a separator inside an item
             "limited = context.split('\\n', 40)\n"  # its last item holds the rest
             "swapped = lines[:]\nswapped[10], swapped[20] = swapped[20], swapped[10]\n")
-    expressions = ("[line.strip('0123456789') for line in lines]", "lines[:500] + ['\\n'.join(lines[500:502])] + lines[502:]",
-                   "context.split('\\n', 40)")
+    expressions = ("[line.strip('0123456789') for line in lines]",
+                   "lines[:500] + ['\\n'.join(lines[500:502])] + lines[502:]", "context.split('\\n', 40)")
     spans = packed_spans(tmp_path, [text])
     with ReplSession(limits=LIMITS).start() as session:
         session.load_context(spans, "str")

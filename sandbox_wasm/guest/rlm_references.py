@@ -12,9 +12,34 @@
   lines; rlm_splits finds them). `number` tells two equal lists apart, as a
   container record's does.
 
+Besides these, a snapshot names the values it sends as records ("r"), the
+containers of atoms it sends as records ("k", rlm_snapshot) and the lists of
+items of a split and their joins ("i", "q", rlm_items).
+
 A snapshot is guest code's output, restored into another guest: `rebuild`
 checks every reference before it makes the value.
 """
+
+if __package__:  # the host imports this file as part of sandbox_wasm (tests)
+    from . import rlm_items
+else:  # the guest imports its modules by their own names
+    import rlm_items
+
+# Pids whose second item names a record the host holds: a value's bytes ("r"),
+# or the reference to the many documents it joins ("j").
+RECORDED = ("r", "j")
+# Pids that name a value made of the context ("j" through its record).
+OF_CONTEXT = ("c", "x", "m", "j")
+# Pids of the values a snapshot pickles by reference: records, containers,
+# splits, items of a split and their joins, and the above.
+BY_REFERENCE = ("r", "k", "s", "i", "q") + OF_CONTEXT
+
+
+def records_needed(pid):
+    """The names of the records a reference needs the host to hold."""
+    if pid[0] in RECORDED or pid[0] == "k":
+        return (pid[1],)
+    return rlm_items.records_of(pid)
 
 
 def rebuild(reference, docs):

@@ -24,7 +24,9 @@ Objects stored by reference (pickle persistent ids), not by value:
   because atoms cannot change) is named again without being pickled again.
   A list of str that splitting the context makes (its lines, a document's
   paragraphs) is named as ("s", segments, number) instead, with no record
-  (rlm_splits).
+  (rlm_splits); a list of items of such a list (its lines filtered) by their
+  indices ("i"), and a str joining consecutive ones as where they are ("q"):
+  rlm_items.
 
 `Stored` (rlm_stored) remembers which large values were already sent or
 restored, by identity, so an unchanged value costs one dict lookup per
@@ -36,8 +38,10 @@ The picklers themselves are in rlm_pickling.
 import _pickle  # the C pickler alone: `pickle` itself is not needed
 from _operator import is_not as _is_not
 
+import rlm_items
 import rlm_pickling
 import rlm_references
+import rlm_restore
 import rlm_slices
 import rlm_splits
 from rlm_stored import Stored, context_item_ids, record_name
@@ -46,11 +50,6 @@ MAGIC = b"RLMSNAP2"
 # Snapshots written before values became records: the whole state in one pickle.
 _LEGACY_MAGIC = b"RLMSNAP1"
 RECORD_MIN = 4096
-# Pids whose second item names a record the host holds: a value's bytes ("r"),
-# or the reference to the many documents it joins ("j").
-_RECORDED = ("r", "j")
-# Pids that name a value made of the context (rlm_references; "j" through its record).
-_OF_CONTEXT = ("c", "x", "m", "j")
 # Documents one joined reference may name inline in the state (past it, "j").
 _JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
@@ -74,6 +73,9 @@ class References:
         self.context = context
         self.context_loaded = context_loaded
         self.stored = stored if stored is not None else Stored()
+        if self.stored.item_lists is None:
+            self.stored.item_lists = rlm_items.ItemLists()
+        self.items = self.stored.item_lists
         self.slices = slices if context_loaded else None
         self.docs = (tuple(context) if isinstance(context, list) else (context,)) \
             if context_loaded else ()
@@ -118,15 +120,16 @@ class References:
         pending = self.pending.get(id(obj))  # named by an earlier dump of this take()
         pid = pending[1] if pending is not None and pending[0] is obj else self.stored.get(obj)
         if pid is None:
-            reference = self.slices.reference(obj) if kind is str and self.slices is not None else None
+            reference = None
+            if kind is str and self.slices is not None:
+                reference = self.items.join(obj) or self.slices.reference(obj)
             if reference is None:
                 data = obj.encode("utf-8", "surrogatepass") if kind is str else obj
                 pid = ("r", self._new_record(obj, data), "s" if kind is str else "b")
             else:
                 pid = self._joined_record(reference) if reference[0] == "m" else reference
             self.pending[id(obj)] = (obj, pid)
-        if pid[0] in _RECORDED:
-            self.used.add(pid[1])
+        self.used.update(rlm_references.records_needed(pid))
         self.seen[id(obj)] = (obj, pid)
         return pid
 
@@ -161,8 +164,9 @@ class References:
                     return None
             self.pending[id(obj)] = entry
         pid = entry[1]
-        if pid[0] == "k":
-            self.used.add(pid[1])
+        if pid[0] in ("s", "i"):
+            self.items.add(pid, entry[2])  # its items may make the next values
+        self.used.update(rlm_references.records_needed(pid))
         self.used.update(entry[3])
         self.seen.update(entry[4])
         self.seen[id(obj)] = entry
@@ -176,6 +180,11 @@ class References:
             segments = rlm_splits.split_reference(obj, self.slices)
             if segments is not None:
                 return (obj, ("s", segments, self._container_number()), tuple(obj), set(), {})
+            found = self.items.subset(obj)
+            if found is not None:
+                base, indices = found
+                pid = ("i", base, self._new_record(indices, indices), self._container_number())
+                return (obj, pid, tuple(obj), set(), {})
         shape = _shape(obj, kind)
         outer_used, outer_seen = self.used, self.seen
         self.used, self.seen = set(), {}
@@ -201,9 +210,9 @@ class References:
     def forget_new(self):
         """Undo what dumps since the last one that succeeded named: their new
         records and byte count (the per-name search of `take` dumps again)."""
+        unkept = {name for name in self.new_records if name not in self._kept}
         for key, entry in list(self.pending.items()):
-            pid = entry[1]
-            if pid[0] in _RECORDED + ("k",) and pid[1] in self.new_records and pid[1] not in self._kept:
+            if unkept.intersection(rlm_references.records_needed(entry[1])):
                 del self.pending[key]
         for digest in [d for d in self.new_records if d not in self._kept]:
             del self.new_records[digest]
@@ -228,88 +237,7 @@ class References:
                 % (_mb(total), _mb(self.max_new_bytes)))
 
     def persistent_load(self, pid, records, loaded):
-        if isinstance(pid, tuple) and pid and pid[0] in ("r", "k", "s") + _OF_CONTEXT:
-            entry = loaded.get(pid)
-            if entry is None:
-                entry = loaded[pid] = self._load_large(pid, records, loaded)
-            # At every use, not only the first: a container's entry must list
-            # each large value it holds, including those loaded before it.
-            if len(entry) == 5:
-                self.seen.update(entry[4])
-            self.seen[id(entry[0])] = entry
-            return entry[0]
-        if pid == "globals":
-            return self.user_globals
-        if pid == "context" or (isinstance(pid, tuple) and pid[0] == "context_item"):
-            self._need_context()
-            return self.context if pid == "context" else self.context[pid[1]]
-        if isinstance(pid, tuple) and pid[0] == "protected" and pid[1] in self.protected:
-            return self.protected[pid[1]]
-        raise _pickle.UnpicklingError("unknown persistent reference %r" % (pid,))
-
-    def _load_large(self, pid, records, loaded):
-        """The table entry of the value `pid` names."""
-        if pid[0] == "s":
-            self._need_context()
-            try:
-                value = rlm_references.rebuild_split(pid, self.docs)
-            except ValueError as exc:
-                raise _pickle.UnpicklingError(str(exc)) from None
-            self.stored.next_container = max(self.stored.next_container, pid[2] + 1)
-            return (value, pid, tuple(value), set(), {})
-        if pid[0] == "k":
-            if len(pid) != 4 or pid[2] not in ("l", "d") or type(pid[3]) is not int:
-                raise _pickle.UnpicklingError("malformed container reference %r" % (pid,))
-            self.stored.next_container = max(self.stored.next_container, pid[3] + 1)
-            data = self._record(pid, records)
-            outer_seen = self.seen
-            self.seen = {}
-            try:
-                shape = rlm_pickling.unpickle(self, data, records, loaded)
-                nested_seen = self.seen
-            finally:
-                self.seen = outer_seen
-            if pid[2] == "l" and type(shape) is tuple:
-                value = list(shape)
-            elif pid[2] == "d" and type(shape) is tuple and len(shape) == 2 and len(shape[0]) == len(shape[1]):
-                value = dict(zip(*shape))
-            else:
-                raise _pickle.UnpicklingError("record %s is not a saved %s" % (pid[1], pid[2]))
-            nested_used = {p[1] for _, p, *_ in nested_seen.values() if p[0] in _RECORDED}
-            return (value, pid, shape, nested_used, nested_seen)
-        return (self._load_value(pid, records), pid)
-
-    def _load_value(self, pid, records):
-        if pid[0] in _OF_CONTEXT:
-            self._need_context()
-            reference = pid
-            if pid[0] == "j":
-                if len(pid) != 2:
-                    raise _pickle.UnpicklingError("malformed joined reference %r" % (pid,))
-                data = self._record(pid, records)
-                try:
-                    texts, pieces = _pickle.loads(data)
-                except Exception as exc:
-                    raise _pickle.UnpicklingError(
-                        "record %s is not a joined reference: %s" % (pid[1], _reason(exc))) from None
-                reference = ("m", texts, pieces)
-            try:
-                return rlm_references.rebuild(reference, self.docs)
-            except ValueError as exc:
-                raise _pickle.UnpicklingError(str(exc)) from None
-        data = self._record(pid, records)
-        return str(data, "utf-8", "surrogatepass") if pid[2] == "s" else bytes(data)
-
-    def _need_context(self):
-        if not self.context_loaded:
-            raise _pickle.UnpicklingError("the snapshot refers to `context`; load the context before restoring")
-
-    def _record(self, pid, records):
-        data = records.get(pid[1])
-        if data is None:
-            raise _pickle.UnpicklingError("the snapshot needs value record %s, which was not "
-                                          "supplied" % pid[1])
-        return data
+        return rlm_restore.persistent_load(self, pid, records, loaded)
 
 
 def _shape(obj, kind):
@@ -323,11 +251,6 @@ def _same(obj, kind, shape):
     keys, values = shape
     return (len(obj) == len(keys) and not any(map(_is_not, obj, keys))
             and not any(map(_is_not, obj.values(), values)))
-
-
-def _reason(exc):
-    text = "%s: %s" % (type(exc).__name__, exc)
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def take(refs, names):
@@ -356,7 +279,7 @@ def take(refs, names):
                 inline += part
             except Exception as exc:
                 refs.forget_new()
-                unsaved[name] = _reason(exc)
+                unsaved[name] = rlm_restore.reason(exc)
         for name in unsaved:
             del state[name]
         try:
@@ -364,11 +287,12 @@ def take(refs, names):
             refs.check_fits(len(data))
         except Exception as exc:  # a failure only visible in combination
             for name in list(state):
-                unsaved[name] = "could not be saved together with the others: " + _reason(exc)
+                unsaved[name] = "could not be saved together with the others: " + rlm_restore.reason(exc)
             state = {}
             data = rlm_pickling.dumps(refs, state)
     # Only now, with the final dump done, does the host get to hold these.
     refs.stored.by_id = refs.seen
+    refs.items.keep({entry[1] for entry in refs.seen.values()})
     refs.pending = {}
     new = {digest: data for digest, data in refs.new_records.items() if digest in refs.used}
     return {"data": MAGIC + data, "saved": sorted(state), "unsaved": unsaved,

@@ -36,6 +36,9 @@ class Stored:
         # Containers are named per object, not per content: two equal lists
         # must come back as two lists. Past every number restored.
         self.next_container = 0
+        # rlm_items.ItemLists: the lists cut from the context the last
+        # snapshot held, whose items later values may be made of.
+        self.item_lists = None
 
     def get(self, obj):
         entry = self.by_id.get(id(obj))
