@@ -107,3 +107,52 @@ def test_a_trap_restores_large_values_from_storage_not_a_host_copy(settings, con
     assert result.answer == "(True, 50000)"
     turn3 = next(r for r in llm.requests() if r.matched_rule is not None and r.matched_rule.name == "turn3")
     assert "restored from the last snapshot" in turn3.all_text
+
+
+def test_lines_filtered_and_joined_are_not_stored_and_restore_cold(settings, context_store, llm,
+                                                                    object_store: ObjectStore):
+    """The usual way through a text: split it into lines, keep some, join
+    them into prompts. None of it is stored again; a cold cell has it all."""
+    ctx = context_store.put_value(prose(2_000_000))
+    pools = []
+    llm.add_rule(
+        "Turn 1 of",
+        repl(
+            """
+lines = context.split("\\n")
+hits = [line for line in lines if " a" in line]
+prompts = ["Which of these matter?\\n" + "\\n".join(hits[i:i + 40]) + "\\nAnswer briefly." for i in range(0, len(hits), 40)]
+print(len(lines), len(hits), len(prompts))
+"""
+        ),
+        model=ROOT,
+        name="turn1",
+    )
+
+    def turn2(_request):
+        pools[0].close()  # the next cell is cold: a new instance restores from storage
+        return repl(  # made again inside a function: nothing new and large left to store
+            "def check():\n"
+            "    again = [l for l in context.split('\\n') if ' a' in l]\n"
+            "    return (lines == context.split('\\n'), hits == again, len(hits) > 1_000,\n"
+            "            prompts[5] == 'Which of these matter?\\n' + '\\n'.join(again[200:240]) + '\\nAnswer briefly.')\n"
+            "FINAL(str(check()))"
+        )
+
+    llm.add_rule("Turn 2 of", turn2, model=ROOT, name="turn2")
+    s = isolated(settings)
+
+    async def go():
+        async with worker_and_pool(s, fake_registry(llm, context_window=1_000_000)) as (client, pool):
+            pools.append(pool)
+            handle = await start(client, s, request("Find what matters.", ctx))
+            return handle.id, await asyncio.wait_for(handle.result(), 120)
+
+    workflow_id, result = asyncio.run(go())
+    assert result.status == "completed", result.reason
+    assert result.answer == "(True, True, True, True)"
+    prefix = run_key(workflow_id, "snapshots")
+    stored = sum(o.size for o in object_store.client.list_objects(object_store.bucket, prefix, recursive=True))
+    # The kept lines' indices (~20 KB) and references: not the 2 MB of
+    # lines, the ~1 MB kept, nor the ~1.7 MB of prompts.
+    assert stored < 100_000, stored
