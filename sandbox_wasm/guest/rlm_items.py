@@ -19,12 +19,16 @@ shares its items.
 from array import array
 from operator import itemgetter
 
+if __package__:  # the host imports this file as part of sandbox_wasm (tests)
+    from .rlm_slices import MAX_AFFIX  # texts allowed around the items a value joins
+else:  # the guest imports its modules by their own names
+    from rlm_slices import MAX_AFFIX
+
 # Lists cut from the context a snapshot remembers as bases (the latest
-# kept); texts allowed before and after the items a value joins (stored
-# inline); characters searched for the separator after a value's first item.
+# kept), and how many lists of items of lists of items... deep; characters
+# searched for the separator after a value's first item.
 _MAX_BASES = 8
 MAX_DEPTH = 4
-MAX_AFFIX = 16 * 1024
 _MAX_SEP = 64
 # A value's first lines where a join may begin (a prompt's opening text),
 # within its first characters; characters an item is looked up by.
@@ -34,9 +38,12 @@ _KEY = 32
 # Items of the largest list whose items are filed by how they start (a
 # table made once per list: ~0.3 s for 300,000 in this guest).
 _MAX_LOOKED_UP = 128 * 1024
-# Items (in joins of the last one's size) a value may start past the last
-# join found: the values between, under a record's size, are not looked up.
+# Items a value may start past the last join found (the values between,
+# under a record's size, are not looked up): eight joins of the last one's
+# size, at most _MAX_SKIP (a value that only begins like the last join
+# compares each).
 _SKIP = 8
+_MAX_SKIP = 512
 
 
 _head = itemgetter(slice(0, _KEY))
@@ -114,7 +121,7 @@ class ItemLists:
         if not value.startswith(before):
             return None
         base, pos = self.bases[pid], len(before)
-        for index in range(start, min(start + _SKIP * max(count, 1), len(base))):
+        for index in range(start, min(start + min(_SKIP * max(count, 1), _MAX_SKIP), len(base))):
             if value.startswith(base[index], pos):
                 found = self._joined(value, pid, index, pos, sep, count if index == start else 0)
                 if found is not None:

@@ -81,15 +81,16 @@ def _places(items, at, slices, docs, last_doc):
     if last_doc is not None:
         if last_doc + 1 < len(docs):
             yield last_doc + 1, 0, at
-    elif docs and docs[0].startswith(items[at]):
-        yield 0, 0, at
-    elif len(docs) > 1:  # a document's lines: looked up by how it starts, joined as usual
-        tried = set()
-        for sep in _USUAL_SEPARATORS:
-            for doc in slices.documents_starting(sep.join(items[at:at + _CHAIN]), _STARTS):
-                if doc not in tried and docs[doc].startswith(items[at]):
-                    tried.add(doc)
-                    yield doc, 0, at
+    else:
+        if docs and docs[0].startswith(items[at]):
+            yield 0, 0, at
+        if len(docs) > 1:  # a document's lines: looked up by how it starts, joined as usual
+            tried = {0}
+            for sep in _USUAL_SEPARATORS:
+                for doc in slices.documents_starting(sep.join(items[at:at + _CHAIN]), _STARTS):
+                    if doc not in tried and docs[doc].startswith(items[at]):
+                        tried.add(doc)
+                        yield doc, 0, at
     head = range(at, min(at + _FIRST, len(items) - 1))  # the placed item needs one after it
     for k in sorted(head, key=lambda i: -len(items[i]))[:LOOKUPS_PER_SEGMENT]:
         if len(items[k]) < _MIN_FIND:
