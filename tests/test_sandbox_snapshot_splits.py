@@ -23,11 +23,14 @@ SPLITS = {
     "paragraphs": "context.split('\\n\\n')",
     "a slice's lines": "context[100_003:700_001].split('\\n')",
     "words": "context[:300_000].split(' ')",
+    "chunks": "[context[i:i + 1_000] for i in range(0, len(context), 1_000)]",
+    "characters": "list(context[:5_000])",
 }
 LIST_SPLITS = {
     "a document's lines": "context[2].split('\\n')",
     "every document's lines": "[line for doc in context for line in doc.split('\\n')]",
     "a short document's lines": "context[5].split('\\n')",
+    "every document in chunks": "[doc[i:i + 500] for doc in context for i in range(0, len(doc), 500)]",
 }
 
 
@@ -198,6 +201,10 @@ def test_the_work_on_a_list_that_is_no_split_is_bounded(monkeypatch):
     ("s", ((0, 4, 2, "\n"),), 1),
     ("s", ((0, 0, 10**9, "\n"),), 1),
     ("s", ((0, -1, 5, "\n"),), 1),
+    ("s", ((0, 0, 5, 0),), 1),  # chunks of no width
+    ("s", ((0, 0, 5, -2),), 1),
+    ("s", ((0, 0, 5, True),), 1),
+    ("s", ((0, 3, 3, 2),), 1),  # chunks of nothing
 ])
 def test_malformed_split_references_are_refused(reference):
     with pytest.raises(ValueError):

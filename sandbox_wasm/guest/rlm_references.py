@@ -9,7 +9,8 @@
   all (documents joined by a separator, numbered or wrapped, in any order);
 - ("s", ((doc, start, end, sep), ...), number): a list, the items of
   docs[doc][start:end].split(sep) for each segment in turn (the context's
-  lines; rlm_splits finds them). `number` tells two equal lists apart, as a
+  lines; rlm_splits finds them), or, where `sep` is a width, that slice in
+  chunks of `sep` characters. `number` tells two equal lists apart, as a
   container record's does.
 
 Besides these, a snapshot names the values it sends as records ("r"), the
@@ -74,10 +75,16 @@ def rebuild_split(reference, docs):
     items = []
     for segment in reference[1]:
         if not (type(segment) is tuple and len(segment) == 4 and all(type(n) is int for n in segment[:3])
-                and type(segment[3]) is str and segment[3]):
+                and (type(segment[3]) is str or type(segment[3]) is int) and segment[3]):
             raise ValueError("malformed split segment %r" % (segment,))
         doc, start, end, sep = segment
         if not (0 <= doc < len(docs) and 0 <= start <= end <= len(docs[doc])):
             raise ValueError("split segment %r is outside the context" % (segment[:3],))
-        items += docs[doc][start:end].split(sep)
+        text = docs[doc][start:end]
+        if type(sep) is str:
+            items += text.split(sep)
+        elif sep > 0 and text:
+            items += [text[i:i + sep] for i in range(0, len(text), sep)]
+        else:
+            raise ValueError("malformed split segment %r" % (segment,))
     return items

@@ -1,4 +1,4 @@
-"""Lists cut from the context by str.split (guest side).
+"""Lists cut from the context by str.split, or into chunks (guest side).
 
 `lines = context.split("\\n")` over 100 MB makes some 300,000 lines, and a
 snapshot stored them whole, a second copy of the context: each line is too
@@ -7,7 +7,10 @@ short to be looked up on its own. A list of str equal to
     docs[d0][s0:e0].split(sep0) + docs[d1][s1:e1].split(sep1) + ...
 
 (a document split, a slice of one, or the lines of several documents one
-after another) is stored as ("s", ((d0, s0, e0, sep0), ...), number) instead:
+after another), where a segment's separator may also be a width (chunks of
+that many characters, cut one after another: a list of 1,000-character
+chunks, each too short to be looked up alone), is stored as
+("s", ((d0, s0, e0, sep0), ...), number) instead:
 `split_reference` places the list from a few of its first items, guesses the
 separator from what follows them in the context, then checks every item in
 place, in C, blocks at a time (rlm_references.rebuild_split makes it again).
@@ -53,7 +56,7 @@ def split_reference(items, slices):
         segment, count = found
         segments.append(segment)
         at += count
-        last_doc, sep = segment[0], segment[3]
+        last_doc, sep = segment[0], segment[3] if type(segment[3]) is str else ""
     return tuple(segments)
 
 
@@ -67,8 +70,12 @@ def _segment(items, at, slices, docs, sep, last_doc):
             if start < 0 or not text.startswith(items[at], start):
                 continue
             count, end = _run(items, at, text, start, guess)
-            if count > k - at and _splits_back(items, at, at + count, guess):
+            if count <= k - at:
+                continue
+            if guess and _splits_back(items, at, at + count, guess):
                 return (doc, start, end, guess), count
+            if not guess and _cut_evenly(items, at, at + count):
+                return (doc, start, end, len(items[at])), count
     return None
 
 
@@ -103,11 +110,12 @@ def _places(items, at, slices, docs, last_doc):
 def _separators(items, k, text, after, known):
     """Separators that may follow items[k], which ends at text[after]: the
     last segment's first (also for a last line that ends its document), then
-    what the next items fit, shortest first."""
+    what the next items fit, shortest first: none at all for chunks cut one
+    after another."""
     if known is not None and _chain(items, k, text, after, known):
         yield known
         return
-    for width in range(1, _MAX_SEP + 1):
+    for width in range(0 if items[k] else 1, _MAX_SEP + 1):
         guess = text[after:after + width]
         if len(guess) < width:
             return
@@ -154,6 +162,13 @@ def _run(items, at, text, start, sep):
             count, pos = count + lo, begin + len(sep.join(block[:lo]))
         break
     return count, pos
+
+
+def _cut_evenly(items, begin, end):
+    """Whether items[begin:end], one after another in the text, are chunks
+    cut every len(items[begin]) characters (the last may be shorter)."""
+    width = len(items[begin])
+    return set(map(len, items[begin:end - 1])) <= {width} and 0 < len(items[end - 1]) <= width
 
 
 def _splits_back(items, begin, end, sep):
