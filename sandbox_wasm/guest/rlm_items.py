@@ -97,19 +97,19 @@ class ItemLists:
         found ended (or a few joins on), then from each base's first item,
         then from the item a line of the value starts as (in lists of items
         of a split, the smaller first)."""
-        found = self._after_last(value)
+        return next(filter(None, self._attempts(value)), None)
+
+    def _attempts(self, value):
+        """Each way of finding `value`, cheapest first, tried while needed."""
+        yield self._after_last(value)
         for pid, base in self.bases.items():
-            if found is not None:
-                return found
-            if base:
-                pos = value.find(base[0], 0, MAX_AFFIX + len(base[0]))
-                found = self._starting(value, pid, 0, pos) if pos >= 0 else None
+            pos = value.find(base[0], 0, MAX_AFFIX + len(base[0])) if base else -1
+            yield self._starting(value, pid, 0, pos) if pos >= 0 else None
         for pid in sorted(self.bases, key=lambda p: len(self.bases[p])):
-            if found is not None or len(self.bases[pid]) > _MAX_LOOKED_UP:
-                return found
-            if pid[0] == "i":  # consecutive items of a split are a slice: rlm_slices finds those
-                found = self._looked_up(value, pid)
-        return found
+            # Consecutive items of a split are a slice of the context, which
+            # rlm_slices finds; a table is made only for lists up to a size.
+            if pid[0] == "i" and len(self.bases[pid]) <= _MAX_LOOKED_UP:
+                yield self._looked_up(value, pid)
 
     def _after_last(self, value):
         """A join that goes on from the last one found, with the same text
@@ -121,7 +121,8 @@ class ItemLists:
         if not value.startswith(before):
             return None
         base, pos = self.bases[pid], len(before)
-        for index in range(start, min(start + min(_SKIP * max(count, 1), _MAX_SKIP), len(base))):
+        reach = min(_SKIP * max(count, 1), _MAX_SKIP)
+        for index in range(start, min(start + reach, len(base))):
             if value.startswith(base[index], pos):
                 found = self._joined(value, pid, index, pos, sep, count if index == start else 0)
                 if found is not None:
