@@ -208,3 +208,20 @@ def test_every_join_found_makes_its_value_exactly():
                 found += 1
                 assert reference[1] == pid and rlm_items.rebuild(reference, list(base), b"") == value
     assert found > 2_000
+
+
+def test_lists_past_the_identity_map_bound_are_not_mapped(monkeypatch):
+    """Finding a list's items in a base maps the base's items by identity;
+    past _MAX_MAPPED items in all, a further base is not mapped (its
+    subsets are stored by content) instead of filling the guest's memory."""
+    monkeypatch.setattr(rlm_items, "_MAX_MAPPED", 150)
+    first = tuple(f"line {i} of the first" for i in range(100))
+    second = tuple(f"line {i} of the second" for i in range(100))
+    items = rlm_items.ItemLists()
+    items.add(("s", ((0, 0, 1, "\n"),), 0), first)
+    items.add(("s", ((0, 0, 2, "\n"),), 1), second)
+    assert items.subset(list(first[::3]))[0][2] == 0
+    assert items.subset(list(second[::3])) is None
+    items.keep(set())  # both dropped: their maps with them
+    items.add(("s", ((0, 0, 2, "\n"),), 1), second)
+    assert items.subset(list(second[::3])) is not None

@@ -36,8 +36,11 @@ _PLACES = 16
 _LINES_SEARCHED = 2048
 _KEY = 32
 # Items of the largest list whose items are filed by how they start (a
-# table made once per list: ~0.3 s for 300,000 in this guest).
+# table made once per list: ~0.3 s for 300,000 in this guest); items of all
+# the lists whose items are filed by identity (~100 bytes of guest memory
+# each: a REPL of many huge lists must not run out of memory snapshotting).
 _MAX_LOOKED_UP = 128 * 1024
+_MAX_MAPPED = 2 * 1024 * 1024
 # Items a value may start past the last join found (the values between,
 # under a record's size, are not looked up): eight joins of the last one's
 # size, at most _MAX_SKIP (a value that only begins like the last join
@@ -56,6 +59,7 @@ class ItemLists:
     def __init__(self):
         self.bases = {}
         self._ids = {}  # pid -> {id(item): index}, made when first needed
+        self._mapped = 0  # items in self._ids
         self._starts = {}  # pid -> {hash of an item's first _KEY characters: index}, the same
         self._hint = None  # (pid, next index, sep, count, before) of the last join found
 
@@ -73,7 +77,7 @@ class ItemLists:
 
     def _forget(self, pid):
         del self.bases[pid]
-        self._ids.pop(pid, None)
+        self._mapped -= len(self._ids.pop(pid, ()))
         self._starts.pop(pid, None)
 
     def subset(self, items):
@@ -82,7 +86,10 @@ class ItemLists:
         for pid, base in self.bases.items():
             ids = self._ids.get(pid)
             if ids is None:
+                if self._mapped + len(base) > _MAX_MAPPED:
+                    continue
                 ids = self._ids[pid] = dict(zip(map(id, base), range(len(base))))
+                self._mapped += len(ids)
             if id(items[0]) not in ids:
                 continue
             indices = list(map(ids.get, map(id, items)))
