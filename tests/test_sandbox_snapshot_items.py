@@ -222,6 +222,8 @@ def test_lists_past_the_identity_map_bound_are_not_mapped(monkeypatch):
     items.add(("s", ((0, 0, 2, "\n"),), 1), second)
     assert items.subset(list(first[::3]))[0][2] == 0
     assert items.subset(list(second[::3])) is None
-    items.keep(set())  # both dropped: their maps with them
+    items.keep()  # a snapshot that held both
+    items.keep()  # then one that held neither: both dropped, their maps with them
+    assert items.bases == {}
     items.add(("s", ((0, 0, 2, "\n"),), 1), second)
     assert items.subset(list(second[::3])) is not None

@@ -62,18 +62,23 @@ class ItemLists:
         self._mapped = 0  # items in self._ids
         self._starts = {}  # pid -> {hash of an item's first _KEY characters: index}, the same
         self._hint = None  # (pid, next index, sep, count, before) of the last join found
+        self._held = set()  # the bases added (named or restored) since the last `keep`
 
     def add(self, pid, items):
+        """A list named `pid` is held: its items may make the next values."""
+        self._held.add(pid)
         if pid in self.bases or depth(pid) >= MAX_DEPTH:
             return
         if len(self.bases) >= _MAX_BASES:
             self._forget(next(iter(self.bases)))
         self.bases[pid] = items
 
-    def keep(self, pids):
-        """Forget the bases not among `pids` (the lists the last snapshot held)."""
-        for pid in [p for p in self.bases if p not in pids]:
+    def keep(self):
+        """Forget the bases not added since the last call (a snapshot ends:
+        the lists it did not hold)."""
+        for pid in [p for p in self.bases if p not in self._held]:
             self._forget(pid)
+        self._held = set()
 
     def _forget(self, pid):
         del self.bases[pid]

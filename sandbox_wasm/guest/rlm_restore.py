@@ -14,9 +14,7 @@ import rlm_references
 def persistent_load(refs, pid, records, loaded):
     """The object a snapshot's persistent id names (rlm_pickling.unpickle)."""
     if isinstance(pid, tuple) and pid and pid[0] in rlm_references.BY_REFERENCE:
-        entry = loaded.get(pid)
-        if entry is None:
-            entry = loaded[pid] = _load_large(refs, pid, records, loaded)
+        entry = _entry(refs, pid, records, loaded)
         # At every use, not only the first: a container's entry must list
         # each large value it holds, including those loaded before it.
         if len(entry) == 5:
@@ -33,6 +31,14 @@ def persistent_load(refs, pid, records, loaded):
     raise _pickle.UnpicklingError("unknown persistent reference %r" % (pid,))
 
 
+def _entry(refs, pid, records, loaded):
+    """The table entry of the value `pid` names, made once per restore."""
+    entry = loaded.get(pid)
+    if entry is None:
+        entry = loaded[pid] = _load_large(refs, pid, records, loaded)
+    return entry
+
+
 def _load_large(refs, pid, records, loaded):
     """The table entry of the value `pid` names."""
     if pid[0] == "s":
@@ -41,9 +47,7 @@ def _load_large(refs, pid, records, loaded):
             value = rlm_references.rebuild_split(pid, refs.docs)
         except ValueError as exc:
             raise _pickle.UnpicklingError(str(exc)) from None
-        refs.stored.next_container = max(refs.stored.next_container, pid[2] + 1)
-        refs.items.add(pid, tuple(value))
-        return (value, pid, tuple(value), set(), {})
+        return _list_entry(refs, value, pid, pid[2])
     if pid[0] in ("i", "q"):
         return _load_items(refs, pid, records, loaded)
     if pid[0] == "k":
@@ -98,19 +102,23 @@ def _load_items(refs, pid, records, loaded):
         raise _pickle.UnpicklingError("malformed item reference %r" % (pid[:1],))
     if pid[0] == "i" and not (len(pid) == 4 and type(pid[2]) is str and type(pid[3]) is int):
         raise _pickle.UnpicklingError("malformed item list reference")
-    base = loaded.get(pid[1])
-    if base is None:
-        base = loaded[pid[1]] = _load_large(refs, pid[1], records, loaded)
+    base = _entry(refs, pid[1], records, loaded)
     data = _record(pid[2], records) if pid[0] == "i" else b""
     try:
         value = rlm_items.rebuild(pid, base[0], data)
     except ValueError as exc:
         raise _pickle.UnpicklingError(str(exc)) from None
-    if pid[0] == "q":
-        return (value, pid)
-    refs.stored.next_container = max(refs.stored.next_container, pid[3] + 1)
-    refs.items.add(pid, tuple(value))
-    return (value, pid, tuple(value), set(), {})
+    return (value, pid) if pid[0] == "q" else _list_entry(refs, value, pid, pid[3])
+
+
+def _list_entry(refs, value, pid, number):
+    """The entry of a list made from the context ("s") or of a split's items
+    ("i"): no records of its own; its items, once, are both its shape and a
+    base later values may be made of."""
+    refs.stored.next_container = max(refs.stored.next_container, number + 1)
+    shape = tuple(value)
+    refs.items.add(pid, shape)
+    return (value, pid, shape, set(), {})
 
 
 def _need_context(refs):

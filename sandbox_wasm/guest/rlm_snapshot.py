@@ -292,7 +292,7 @@ def take(refs, names):
             data = rlm_pickling.dumps(refs, state)
     # Only now, with the final dump done, does the host get to hold these.
     refs.stored.by_id = refs.seen
-    refs.items.keep({entry[1] for entry in refs.seen.values()})
+    refs.items.keep()
     refs.pending = {}
     new = {digest: data for digest, data in refs.new_records.items() if digest in refs.used}
     return {"data": MAGIC + data, "saved": sorted(state), "unsaved": unsaved,
