@@ -2,6 +2,8 @@
 
 - `fd_write` on fd 0 carries framed messages from the guest; on fd 1 and 2 it
   is the guest's printed output. Other fds go to the real WASI function.
+  One message reads guest memory: whether a list holds a tuple's objects
+  (`same_items`, _same_items.py), answered on the wasm thread.
 - `fd_read` on fd 0 returns the pending reply (framed messages, or raw bytes
   of a context file copied straight from the file into guest memory).
 - `poll_oneoff` (every blocking sleep) has its clock timeouts clamped to the
@@ -37,6 +39,7 @@ from typing import Any, NoReturn
 
 import wasmtime
 
+from ._same_items import same_items
 from .guest.rlm_codec import FRAME_HEADER, CodecLimit, decode, encode_frame
 
 _WASI = "wasi_snapshot_preview1"
@@ -222,12 +225,22 @@ class WasiShim:
         return self._memory.data_len(caller)
 
     def _view(self, caller: Any, ptr: int, length: int) -> memoryview:
+        return memoryview((ctypes.c_ubyte * length).from_address(self._address(caller, ptr, length))).cast("B")
+
+    def _address(self, caller: Any, ptr: int, length: int) -> int:
+        """The host address of guest range [ptr, ptr + length), checked in bounds."""
         assert self._memory is not None
-        size = self._memory.data_len(caller)
-        if ptr < 0 or length < 0 or ptr + length > size:
+        if ptr < 0 or length < 0 or ptr + length > self._memory.data_len(caller):
             raise _Fault
-        base = ctypes.addressof(self._memory.data_ptr(caller).contents)
-        return memoryview((ctypes.c_ubyte * length).from_address(base + ptr)).cast("B")
+        return ctypes.addressof(self._memory.data_ptr(caller).contents) + ptr
+
+    def same_items(self, caller: Any, list_at: int, tuple_at: int, list_type: int, tuple_type: int) -> bool:
+        """Whether a guest list holds a guest tuple's objects (_same_items); False if any range is out of bounds."""
+        try:
+            return same_items(lambda ptr, length: self._address(caller, ptr, length),
+                              list_at, tuple_at, list_type, tuple_type)
+        except _Fault:
+            return False
 
     def _iovecs(self, caller: Any, ptr: int, count: int) -> list[tuple[int, int]]:
         if not 0 <= count <= _MAX_IOVECS:

@@ -254,6 +254,9 @@ class GuestInstance:
             answer, _timeout, _sources = self._next_command()
             self._set_deadline(caller, left)
             return [answer]
+        if kind == "same_items" and len(message) == 5 and all(type(v) is int for v in message[1:]):
+            # Answered here, on the wasm thread: a snapshot asks it of each long list.
+            return [frame_source([self._shim.same_items(caller, *message[1:])])]
         if kind == "done" and len(message) == 2:
             self._deadline = None
             self._events.put(Event("done", message[1]))

@@ -6,7 +6,6 @@ guest is always the one calling out and the host never needs to call in.
 """
 
 import _ast  # the builtin, not `ast`: importing ast (and re, enum) costs ~60 ms of boot
-from _operator import is_not as _is_not  # the builtin, as _ast
 from _bisect import bisect_right as _bisect_right  # builtins too
 from itertools import accumulate as _accumulate
 import io
@@ -17,6 +16,7 @@ import time
 import types
 
 import rlm_api
+import rlm_same_items
 from rlm_channel import Channel, ChannelRefused, FrameTooLarge
 from rlm_codec import CodecError
 
@@ -70,6 +70,7 @@ class Repl:
         self.cell_count = 0
         self.sources = {}
         self.stored = None  # rlm_stored.Stored: large values the host already holds
+        self.same_items = rlm_same_items.SameItems(channel)  # is a stored list unchanged
         self.slices = None  # rlm_slices.ContextSlices of the loaded context
         self._context_ids = None  # (context_docs, rlm_stored.context_item_ids of them)
         self.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
@@ -205,7 +206,8 @@ class Repl:
         return rlm_snapshot.References(self.globals, self.protected, self.context,
                                        self.context_loaded, self.stored, self.slices,
                                        None if limit is None else limit - min(_SNAPSHOT_HEADROOM, limit // 4),
-                                       self._context_ids[1] if self._context_ids else None)
+                                       self._context_ids[1] if self._context_ids else None,
+                                       self.same_items)
 
     def _restore_protected(self, check_context=True):
         restored = []
@@ -213,10 +215,9 @@ class Repl:
             if self.globals.get(name) is not obj:
                 self.globals[name] = obj
                 restored.append(name)
-        # map/any in C: a context of 20,000 documents is checked twice a cell.
-        if check_context and isinstance(self.context, list) and (
-                len(self.context) != len(self.context_docs)
-                or any(map(_is_not, self.context, self.context_docs))):
+        # A context of 20,000 documents is checked twice a cell: by the host past a few thousand.
+        if check_context and isinstance(self.context, list) and not self.same_items.same(
+                self.context, self.context_docs):
             self.context[:] = self.context_docs
             if "context" not in restored:
                 restored.append("context")

@@ -20,8 +20,9 @@ Objects stored by reference (pickle persistent ids), not by value:
   reference as above). The pickler calls `persistent_id` in Python for every
   object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
   whether they changed or not. A container unchanged since the last snapshot
-  (the same object, its items the same objects: one comparison in C, exact
-  because atoms cannot change) is named again without being pickled again.
+  (the same object, its items the same objects, exact because atoms cannot
+  change: for a long list the host compares its item array with the kept
+  tuple's, rlm_same_items) is named again without being pickled again.
   A list of str that splitting the context makes (its lines, a document's
   paragraphs) is named as ("s", segments, number) instead, with no record
   (rlm_splits); a list of items of such a list (its lines filtered) by their
@@ -44,6 +45,7 @@ import rlm_references
 import rlm_restore
 import rlm_slices
 import rlm_splits
+from rlm_same_items import SameItems
 from rlm_stored import Stored, context_item_ids, record_name
 
 MAGIC = b"RLMSNAP2"
@@ -67,7 +69,7 @@ class References:
     """Objects pickled by reference, and how to find them again."""
 
     def __init__(self, user_globals, protected, context, context_loaded, stored=None,
-                 slices=None, max_new_bytes=None, context_ids=None):
+                 slices=None, max_new_bytes=None, context_ids=None, same_items=None):
         self.user_globals = user_globals
         self.protected = protected
         self.context = context
@@ -76,6 +78,8 @@ class References:
         if self.stored.item_lists is None:
             self.stored.item_lists = rlm_items.ItemLists()
         self.items = self.stored.item_lists
+        # Whether a list stored before still holds the same objects.
+        self.same_items = same_items if same_items is not None else SameItems()
         self.slices = slices if context_loaded else None
         self.docs = (tuple(context) if isinstance(context, list) else (context,)) \
             if context_loaded else ()
@@ -158,7 +162,7 @@ class References:
         entry = self.pending.get(id(obj))
         if entry is None or entry[0] is not obj:
             entry = self.stored.by_id.get(id(obj))
-            if entry is None or entry[0] is not obj or len(entry) != 5 or not _same(obj, kind, entry[2]):
+            if entry is None or entry[0] is not obj or len(entry) != 5 or not self._same(obj, kind, entry[2]):
                 entry = self._new_container(obj, kind)
                 if entry is None:
                     return None
@@ -201,6 +205,9 @@ class References:
         # "k", not "r": code before containers refuses it (it would restore
         # the list as the bytes of its record).
         return (obj, ("k", digest, "l" if kind is list else "d", number), shape, nested_used, nested_seen)
+
+    def _same(self, obj, kind, shape):
+        return self.same_items.same(obj, shape) if kind is list else _same_dict(obj, shape)
 
     def _container_number(self):
         number = self.stored.next_container
@@ -245,9 +252,7 @@ def _shape(obj, kind):
     return tuple(obj) if kind is list else (tuple(obj), tuple(obj.values()))
 
 
-def _same(obj, kind, shape):
-    if kind is list:
-        return len(obj) == len(shape) and not any(map(_is_not, obj, shape))
+def _same_dict(obj, shape):
     keys, values = shape
     return (len(obj) == len(keys) and not any(map(_is_not, obj, keys))
             and not any(map(_is_not, obj.values(), values)))
