@@ -12,9 +12,13 @@ Record names are computed by guest code, which may lie; every key
 lives under the run's own prefix, so a lie can only spoil that run's state.
 
 Manifest layout: MAGIC, 8-byte little-endian length of a JSON header
-({"packs": [key, ...], "records": {digest: [pack index, offset, length]}}),
-the JSON, then the state pickle. An object without MAGIC is a snapshot
-written before records existed: the whole state, with no records.
+({"format": n, "packs": [key, ...], "records": {digest: [pack index, offset,
+length]}}), the JSON, then the state pickle. An object without MAGIC is a
+snapshot written before records existed: the whole state, with no records.
+`format` is what the guest code that wrote the state can put in it
+(sandbox_wasm.SNAPSHOT_FORMAT; 0 when absent, as before it was written): a
+snapshot of a higher format than this code's is refused (`SnapshotFromNewerWorker`)
+rather than restored by a guest that would not know its kinds of values.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from activities.object_store import ObjectStore
-from sandbox_wasm import RecordSource, Snapshot
+from sandbox_wasm import SNAPSHOT_FORMAT, RecordSource, Snapshot
 
 MAGIC = b"RLMSNAPM"
 _LENGTH = struct.Struct("<Q")
@@ -38,6 +42,11 @@ _FETCH_THREADS = 8
 
 class SnapshotFormatError(ValueError):
     """A snapshot object that is not a manifest this code can read."""
+
+
+class SnapshotFromNewerWorker(SnapshotFormatError):
+    """A snapshot written by newer code than this worker's: another worker
+    (running that code) can restore it; this one would lose what it holds."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,8 @@ def encode_manifest(state: bytes, locations: dict[str, RecordLocation]) -> list[
     for digest, where in locations.items():
         index = packs.setdefault(where.key, len(packs))
         table[digest] = [index, where.offset, where.length]
-    header = json.dumps({"packs": list(packs), "records": table}, separators=(",", ":")).encode()
+    header = json.dumps({"format": SNAPSHOT_FORMAT, "packs": list(packs), "records": table},
+                        separators=(",", ":")).encode()
     return [MAGIC, _LENGTH.pack(len(header)), header, state]
 
 
@@ -149,11 +159,19 @@ def decode_manifest(raw: bytes, key: str) -> tuple[bytes, dict[str, RecordLocati
         (size,) = _LENGTH.unpack_from(raw, len(MAGIC))
         start = len(MAGIC) + _LENGTH.size
         header = json.loads(raw[start:start + size])
+        written = header.get("format", 0)
+        if type(written) is not int:
+            raise TypeError(f"format {written!r} is not a number")
         packs = header["packs"]
         locations = {
             digest: RecordLocation(packs[index], int(offset), int(length))
             for digest, (index, offset, length) in header["records"].items()
         }
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise SnapshotFormatError(f"snapshot {key!r} has a malformed manifest: {exc}") from None
+    if written > SNAPSHOT_FORMAT:
+        raise SnapshotFromNewerWorker(
+            f"the REPL's saved state ({key}) was written by a newer worker (snapshot format {written}; this "
+            f"worker reads formats up to {SNAPSHOT_FORMAT}): the cell is retried for a worker running that code "
+            "to take it; deploy it on every worker of this task queue")
     return raw[start + size:], locations

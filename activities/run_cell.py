@@ -23,7 +23,7 @@ from activities._history_host import HistoryHost, history_docs
 from activities._tool_host import ToolHost, tool_docs
 from activities._live_repl import CheckoutCancelled, GuestMemoryBusy, GuestMemoryTooLarge, LiveRepl
 from activities._repl_pool import ReplPool
-from activities._snapshot_store import SnapshotStore
+from activities._snapshot_store import SnapshotFromNewerWorker, SnapshotStore
 from activities.runtime import WorkerRuntime
 from sandbox_wasm import CellInterrupted, ContextTooLarge, SandboxLimits
 from workflows.names import ACTIVITY_RUN_CELL, CONTEXT_TOO_LARGE, REPL_TOO_LARGE
@@ -42,6 +42,10 @@ PREPARE_MIN_BYTES = 8 * 1024 * 1024
 PREPARE_MIN_DOCS = 1000
 BUSY_RETRY_DELAY = timedelta(seconds=5)
 TOO_LARGE_RETRY_DELAY = timedelta(seconds=1)
+# A state only a newer worker can restore (a deploy half done): retried, so
+# that one of those takes the cell; never started empty, which would lose it.
+SNAPSHOT_FROM_NEWER_WORKER = SnapshotFromNewerWorker.__name__
+NEWER_SNAPSHOT_RETRY_DELAY = timedelta(seconds=5)
 
 
 class RunCellActivity:
@@ -140,6 +144,10 @@ class RunCellActivity:
             raise ApplicationError(str(exc), type=REPL_TOO_LARGE, next_retry_delay=TOO_LARGE_RETRY_DELAY) from None
         except ContextTooLarge as exc:
             raise _context_too_large(exc, limits) from None
+        except SnapshotFromNewerWorker as exc:
+            log.warning("run_cell.snapshot_from_newer_worker", workflow_id=inp.workflow_id, error=str(exc))
+            raise ApplicationError(str(exc), type=SNAPSHOT_FROM_NEWER_WORKER,
+                                   next_retry_delay=NEWER_SNAPSHOT_RETRY_DELAY) from None
 
     def _tools(self, inp: CellInput) -> dict[str, str]:
         """Host functions besides the standard ones the cell's REPL has stubs for."""

@@ -19,8 +19,9 @@ from ._types import (
 )
 from ._runtime import check_guest_memory, verified_wasm_path as check_runtime_file
 from ._saved_state import RecordSource, RecordsUnavailable
+from .guest.rlm_references import FORMAT as SNAPSHOT_FORMAT  # what this code's snapshots can hold, as a number
 from .session import ReplSession
 
 __all__ = ["CellInterrupted", "CellResult", "ContextTooLarge", "DocumentSpan", "LimitHit", "RecordSource", "RecordsUnavailable", "ReplSession",
-           "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_guest_memory",
+           "SNAPSHOT_FORMAT", "SandboxError", "SandboxLimits", "SandboxUnavailable", "Snapshot", "ToolError", "check_guest_memory",
            "check_runtime_file"]

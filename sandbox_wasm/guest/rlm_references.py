@@ -26,6 +26,14 @@ if __package__:  # the host imports this file as part of sandbox_wasm (tests)
 else:  # the guest imports its modules by their own names
     import rlm_items
 
+# What this code's snapshots can hold, as a number: raised whenever code
+# before it could not read them (a new kind of reference, a changed layout).
+# The host writes it beside each snapshot; a worker given one of a higher
+# number refuses it, to be retried on a newer worker, where it would have
+# found a kind it does not know and started the REPL empty, the state lost.
+# Snapshots written before the number existed are format 0.
+FORMAT = 1
+
 # Pids whose second item names a record the host holds: a value's bytes ("r"),
 # or the reference to the many documents it joins ("j").
 RECORDED = ("r", "j")
