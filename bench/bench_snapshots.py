@@ -5,7 +5,8 @@ Run: python bench/bench_snapshots.py [--context-mb 100] [--label after] [--docs 
 `--docs N` splits the context into N documents (a list context, the
 back-office folder) and derives the strings from the first half of them.
 `--derive lines` (one text context) splits it instead: its lines, those with
-a word starting "ab", and prompts of fifty of those.
+a word starting "ab", and prompts of fifty of those; `--derive words` into
+its words (`context.split()`), and those starting "ab".
 It also runs against code without value records (the snapshot is then one
 pickle uploaded whole), so the same script measures before and after:
     PYTHONPATH=<old checkout> python bench/bench_snapshots.py --label before
@@ -63,7 +64,15 @@ BIG_CELL_LINES = (
     "prompts = ['Find the errors in:\\n' + '\\n'.join(hits[i:i + 50]) + '\\nList them.'"
     " for i in range(0, len(hits), 50)]\n"
 )
+# --derive words: a text context's words (runs of whitespace between them),
+# and those starting "ab".
+BIG_CELL_WORDS = (
+    "chunks = context.split()\n"
+    "prompts = [word for word in chunks if word.startswith('ab')]\n"
+)
 RESTORED_CHECK = {
+    "words": "len(chunks), len(prompts), best, chunks[:5] == context.split(None, 5)[:5],"
+             " prompts[:3] == [w for w in context[:100_000].split() if w.startswith('ab')][:3]",
     "lines": "len(chunks), len(prompts), best, '\\n'.join(chunks[:9]) == context[:len('\\n'.join(chunks[:9]))],"
              " prompts[3] == 'Find the errors in:\\n' + '\\n'.join(hits[150:200]) + '\\nList them.'",
     "prompts": "len(chunks), len(prompts), best, prompts[7][35:60] == chunks[7][:25]",
@@ -141,10 +150,10 @@ def main() -> None:
                         help="what the big cell makes: a prompt per chunk, or per ten documents, in order or"
                              " shuffled (with --docs)")
     args = parser.parse_args()
-    if args.derive not in ("prompts", "lines") and not args.docs:
+    if args.derive not in ("prompts", "lines", "words") and not args.docs:
         parser.error(f"--derive {args.derive} needs --docs")
-    if args.derive == "lines" and args.docs:
-        parser.error("--derive lines splits one text: no --docs")
+    if args.derive in ("lines", "words") and args.docs:
+        parser.error(f"--derive {args.derive} splits one text: no --docs")
     args.label = args.label or (f"docs_{args.docs}" if args.docs else "after" if SnapshotStore else "before")
     limits = SandboxLimits(cell_timeout_s=600.0, memory_bytes=3 * 1024**3, admin_timeout_s=600.0)
     result: dict = {"label": args.label, "load_avg_at_start": os.getloadavg(), "derive": args.derive,
@@ -158,7 +167,8 @@ def main() -> None:
         half = context.stat().st_size // 2 // 200_000 * 200_000
         files, kind = ([context], "str") if not args.docs else (split_into_files(context.read_text(encoding="utf-8"), args.docs, context.parent), "list")
         big_cell = BIG_CELL_DERIVED[args.derive] if args.docs else \
-            BIG_CELL_LINES if args.derive == "lines" else BIG_CELL.format(half=half)
+            BIG_CELL_LINES if args.derive == "lines" else BIG_CELL_WORDS if args.derive == "words" \
+            else BIG_CELL.format(half=half)
         saver = Saver(store)
         with ReplSession(limits=limits).start() as session:
             session.load_context(files, kind)

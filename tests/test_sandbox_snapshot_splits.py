@@ -25,12 +25,15 @@ SPLITS = {
     "words": "context[:300_000].split(' ')",
     "chunks": "[context[i:i + 1_000] for i in range(0, len(context), 1_000)]",
     "characters": "list(context[:5_000])",
+    "whitespace-separated words": "context.split()",
 }
 LIST_SPLITS = {
     "a document's lines": "context[2].split('\\n')",
     "every document's lines": "[line for doc in context for line in doc.split('\\n')]",
     "a short document's lines": "context[5].split('\\n')",
     "every document in chunks": "[doc[i:i + 500] for doc in context for i in range(0, len(doc), 500)]",
+    "a document's words": "context[3].split()",
+    "every document's words": "[word for doc in context for word in doc.split()]",
 }
 
 
@@ -144,6 +147,64 @@ def test_every_split_the_finder_gives_makes_its_list_exactly():
                 found += 1
                 assert rlm_references.rebuild_split(("s", segments, 0), docs) == items, (seed, sep, segments)
     assert found > 500
+
+
+WHITESPACE = " \n\t\r\x0b\x0c\x1c\x85\xa0\u2028\u3000"
+
+
+def test_every_split_into_words_the_finder_gives_makes_its_list_exactly():
+    """The same for `str.split()` with no argument: random runs of every
+    kind of whitespace, lists of the words of a slice or of every document,
+    then changed (whitespace inside an item, two merged, one dropped or
+    inserted, a split stopped early)."""
+    found = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        pool = ["ab", "b", "abc"] + list(WHITESPACE)
+        docs = tuple("".join(rng.choice(pool) for _ in range(rng.randint(0, 3000)))
+                     for _ in range(rng.choice([1, 3, 10])))
+        slices = rlm_slices.ContextSlices(docs)
+        for _ in range(20):
+            text = docs[rng.randrange(len(docs))]
+            begin = rng.choice([0, 0, rng.randint(0, len(text))])
+            items = text[begin:rng.randint(begin, len(text))].split()
+            roll = rng.random()
+            if roll < 0.2:
+                items = [word for doc in docs for word in doc.split()]
+            elif roll < 0.3:
+                items = text.split(None, rng.randint(1, 5))
+            elif roll < 0.6 and items:
+                i = rng.randrange(len(items))
+                change = rng.randrange(4)
+                if change == 0:
+                    items[i] += rng.choice(WHITESPACE) + "a"
+                elif change == 1 and i + 1 < len(items):
+                    items[i:i + 2] = [items[i] + items[i + 1]]
+                elif change == 2:
+                    del items[i]
+                else:
+                    items.insert(i, rng.choice(["", "a", "b"]))
+            segments = rlm_splits.split_reference(items, slices)
+            if segments is not None:
+                found += 1
+                assert rlm_references.rebuild_split(("s", segments, 0), docs) == items, (seed, segments)
+    assert found > 500
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("alpha" + " " * 10_000 + "beta gamma\n" * 600, True),  # a run longer than a piece: the piece grows
+    ("\n" * 3_000 + "alpha beta\n" * 600, True),  # leading whitespace
+    ("\n" * 10_000 + "alpha beta\n" * 600, True),  # more than is looked through at once
+    ("alpha " * 700 + "\n" * 10_000 + "omega", True),  # the last word after it
+    ("alpha " * 700 + "beta", False),  # the list below differs in its last word
+    ("alpha\u2028beta\xa0" * 700 + "x" * 20_000, True),  # a last word longer than a piece
+])
+def test_long_runs_of_whitespace_and_long_words(text, found):
+    items = text.split() if found else text.split()[:-1] + ["gamma"]
+    segments = rlm_splits.split_reference(items, rlm_slices.ContextSlices((text,)))
+    assert (segments is not None) is found
+    if found:
+        assert rlm_references.rebuild_split(("s", segments, 0), (text,)) == items
 
 
 def _changed(rng: random.Random, items: list[str], sep: str, docs: tuple[str, ...], text: str) -> list[str]:

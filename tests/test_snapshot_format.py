@@ -23,7 +23,10 @@ from tests.session_harness import TIMEOUT_S, ask, asked, close, session_request,
 
 # The kinds of reference each format's snapshots may hold. A new kind is a
 # new format: older workers cannot read it.
-KINDS_BY_FORMAT = {1: {"r", "k", "s", "i", "q", "c", "x", "m", "j"}}
+KINDS_BY_FORMAT = {
+    1: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},
+    2: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # "s" segments of words (separator None)
+}
 _LENGTH = struct.Struct("<Q")
 
 

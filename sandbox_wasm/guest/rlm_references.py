@@ -10,7 +10,8 @@
 - ("s", ((doc, start, end, sep), ...), number): a list, the items of
   docs[doc][start:end].split(sep) for each segment in turn (the context's
   lines; rlm_splits finds them), or, where `sep` is a width, that slice in
-  chunks of `sep` characters. `number` tells two equal lists apart, as a
+  chunks of `sep` characters, or, where it is None, the slice's words
+  (`str.split()`: since format 2). `number` tells two equal lists apart, as a
   container record's does.
 
 Besides these, a snapshot names the values it sends as records ("r"), the
@@ -31,8 +32,9 @@ else:  # the guest imports its modules by their own names
 # The host writes it beside each snapshot; a worker given one of a higher
 # number refuses it, to be retried on a newer worker, where it would have
 # found a kind it does not know and started the REPL empty, the state lost.
-# Snapshots written before the number existed are format 0.
-FORMAT = 1
+# Snapshots written before the number existed are format 0. 1: the kinds
+# below; 2: a split's words (a segment whose separator is None).
+FORMAT = 2
 
 # Pids whose second item names a record the host holds: a value's bytes ("r"),
 # or the reference to the many documents it joins ("j").
@@ -83,13 +85,15 @@ def rebuild_split(reference, docs):
     items = []
     for segment in reference[1]:
         if not (type(segment) is tuple and len(segment) == 4 and all(type(n) is int for n in segment[:3])
-                and (type(segment[3]) is str or type(segment[3]) is int) and segment[3]):
+                and (segment[3] is None or (type(segment[3]) is str or type(segment[3]) is int) and segment[3])):
             raise ValueError("malformed split segment %r" % (segment,))
         doc, start, end, sep = segment
         if not (0 <= doc < len(docs) and 0 <= start <= end <= len(docs[doc])):
             raise ValueError("split segment %r is outside the context" % (segment[:3],))
         text = docs[doc][start:end]
-        if type(sep) is str:
+        if sep is None:
+            items += text.split()
+        elif type(sep) is str:
             items += text.split(sep)
         elif sep > 0 and text:
             items += [text[i:i + sep] for i in range(0, len(text), sep)]

@@ -24,7 +24,7 @@ Objects stored by reference (pickle persistent ids), not by value:
   change: for a long list the host compares its item array with the kept
   tuple's, rlm_same_items) is named again without being pickled again.
   A list of str that splitting the context makes (its lines, a document's
-  paragraphs) is named as ("s", segments, number) instead, with no record
+  paragraphs, its words) is named as ("s", segments, number) instead, with no record
   (rlm_splits); a list of items of such a list (its lines filtered) by their
   indices ("i"), and a str joining consecutive ones as where they are ("q"):
   rlm_items.

@@ -9,7 +9,8 @@ short to be looked up on its own. A list of str equal to
 (a document split, a slice of one, or the lines of several documents one
 after another), where a segment's separator may also be a width (chunks of
 that many characters, cut one after another: a list of 1,000-character
-chunks, each too short to be looked up alone), is stored as
+chunks, each too short to be looked up alone) or None (`str.split()` with no
+argument: the words between runs of whitespace), is stored as
 ("s", ((d0, s0, e0, sep0), ...), number) instead:
 `split_reference` places the list from a few of its first items, guesses the
 separator from what follows them in the context, then checks every item in
@@ -35,8 +36,11 @@ _CHAIN = 8
 # What a document's first items are joined by to look it up by its start.
 _STARTS = 8  # documents compared for each
 _USUAL_SEPARATORS = ("\n", "\n\n", "\r\n", "\t", " ", ",", ";", "|")
-# Items joined at once by the check: bounds the copy it makes.
+# Items joined at once by the check: bounds the copy it makes; the same
+# for the characters split at once when the items are words.
 _BLOCK = 4096
+_WORDS_SPAN = 256 * 1024
+_SPACE_RUN = 4096  # whitespace looked through at once, around a word
 # Segments one reference may hold (it is pickled inline in every snapshot).
 MAX_SEGMENTS = 64
 
@@ -46,37 +50,65 @@ def split_reference(items, slices):
     another, make `items` (a list of str), or None. `slices` is the
     context's rlm_slices.ContextSlices."""
     docs, size = slices.docs, len(items)
-    segments, at, sep, last_doc = [], 0, None, None
+    segments, at, last = [], 0, None
     while at < size:
         if len(segments) == MAX_SEGMENTS:
             return None
-        found = _segment(items, at, slices, docs, sep, last_doc)
+        found = _segment(items, at, slices, docs, last)
         if found is None:
             return None
-        segment, count = found
-        segments.append(segment)
-        at += count
-        last_doc, sep = segment[0], segment[3] if type(segment[3]) is str else ""
+        segments.append(found[0])
+        at += found[1]
+        last = found[0]
     return tuple(segments)
 
 
-def _segment(items, at, slices, docs, sep, last_doc):
+def _segment(items, at, slices, docs, last):
     """((doc, start, end, sep), count): the longest run of items from
-    items[at] that one slice's split makes, or None."""
-    for doc, pos, k in _places(items, at, slices, docs, last_doc):
+    items[at] that one slice's split makes, or None. `last` is the segment
+    before (its separator is tried first)."""
+    words = last is not None and last[3] is None
+    sep = None if last is None else (last[3] if type(last[3]) is str else "")
+    for doc, pos, k in _places(items, at, slices, docs, None if last is None else last[0]):
         text = docs[doc]
-        for guess in _separators(items, k, text, pos + len(items[k]), sep):
-            start = pos - sum(map(len, items[at:k])) - (k - at) * len(guess)
-            if start < 0 or not text.startswith(items[at], start):
-                continue
-            count, end = _run(items, at, text, start, guess)
-            if count <= k - at:
-                continue
-            if guess and _splits_back(items, at, at + count, guess):
-                return (doc, start, end, guess), count
-            if not guess and _cut_evenly(items, at, at + count):
-                return (doc, start, end, len(items[at])), count
+        found = None if words else _by_separator(items, at, k, doc, text, pos, sep)
+        if found is None or at + found[1] < len(items):  # its first block tells a list of no words fast
+            by_words = _by_words(items, at, k, doc, text, pos)
+            if by_words is not None and (found is None or by_words[1] > found[1]):
+                found = by_words
+        if found is not None:
+            return found
     return None
+
+
+def _by_separator(items, at, k, doc, text, pos, sep):
+    """The segment of a separator (or a width) that places items[k] at text[pos], or None."""
+    for guess in _separators(items, k, text, pos + len(items[k]), sep):
+        start = pos - sum(map(len, items[at:k])) - (k - at) * len(guess)
+        if start < 0 or not text.startswith(items[at], start):
+            continue
+        count, end = _run(items, at, text, start, guess)
+        if count <= k - at:
+            continue
+        if guess and _splits_back(items, at, at + count, guess):
+            return (doc, start, end, guess), count
+        if not guess and _cut_evenly(items, at, at + count):
+            return (doc, start, end, len(items[at])), count
+    return None
+
+
+def _by_words(items, at, k, doc, text, pos):
+    """The segment of `str.split()` (no argument) that places items[k] at
+    text[pos], or None: items[at:k] before it, each ending before a run of
+    whitespace, then every item checked by splitting the text itself (from
+    a document's start too: the whitespace a split skips may start it)."""
+    for item in reversed(items[at:k]):  # at most _FIRST
+        gap = _end_of_word(text, pos)
+        if gap == pos or gap < len(item) or not text.startswith(item, gap - len(item)):
+            return None
+        pos = gap - len(item)
+    count, end = _run_words(items, at, text, pos)
+    return ((doc, pos, end, None), count) if count > k - at else None
 
 
 def _places(items, at, slices, docs, last_doc):
@@ -86,10 +118,14 @@ def _places(items, at, slices, docs, last_doc):
     that start as the items joined by a usual separator do; then the
     longest of the next few items, looked up."""
     if last_doc is not None:
-        if last_doc + 1 < len(docs):
-            yield last_doc + 1, 0, at
+        doc = last_doc + 1
+        while doc < len(docs):
+            yield doc, 0, at
+            if docs[doc] and not docs[doc].isspace():
+                break
+            doc += 1  # a document with no words: the next one's may follow
     else:
-        if docs and docs[0].startswith(items[at]):
+        if docs and (docs[0].startswith(items[at]) or docs[0][:1].isspace()):
             yield 0, 0, at
         if len(docs) > 1:  # a document's lines: looked up by how it starts, joined as usual
             tried = {0}
@@ -162,6 +198,59 @@ def _run(items, at, text, start, sep):
             count, pos = count + lo, begin + len(sep.join(block[:lo]))
         break
     return count, pos
+
+
+def _run_words(items, at, text, start):
+    """(count, end): how many items from items[at] are the first words of
+    text[start:] as `str.split()` cuts them, and where the last of them
+    ends. The text is split in C a piece at a time (growing from _CHAIN
+    words' worth to _WORDS_SPAN characters, so a list of no words costs
+    little), its last word left to the next piece unless whitespace ends it."""
+    count, pos, end, size = 0, start, start, len(items)
+    span = sum(map(len, items[at:at + _CHAIN])) + 2 * _CHAIN + _MAX_SEP
+    while at + count < size and pos < len(text):
+        piece = text[pos:pos + span]
+        words = piece.split()
+        whole = pos + len(piece) == len(text) or piece[-1].isspace()
+        if words and not whole:
+            cut = len(piece) - len(words.pop())  # where the unfinished word starts
+        else:
+            cut = len(piece)
+        if not words:
+            if pos + len(piece) == len(text):
+                break
+            if whole:
+                pos += len(piece)  # whitespace only
+            span = min(2 * span, _WORDS_SPAN) if whole else 2 * span  # or an unfinished long word
+            continue
+        block = items[at + count:at + count + len(words)]
+        if block == words:
+            count += len(words)
+            pos += cut
+            end = _end_of_word(text, pos)
+            span = min(2 * span, _WORDS_SPAN)
+            continue
+        lo, hi = 0, min(len(block), len(words))  # block[:lo] matches; past hi nothing can
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if block[:mid] == words[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            rest = piece.split(None, lo)
+            end = _end_of_word(text, pos + (len(piece) - len(rest[lo]) if len(rest) > lo else len(piece)))
+            count += lo
+        break
+    return count, end
+
+
+def _end_of_word(text, pos):
+    """Where the word ends that the whitespace before text[pos] follows (at
+    most _SPACE_RUN back: past a longer run, a place inside it, which ends
+    a slice with the same words)."""
+    tail = text[max(pos - _SPACE_RUN, 0):pos]
+    return pos - (len(tail) - len(tail.rstrip()))
 
 
 def _cut_evenly(items, begin, end):
