@@ -87,6 +87,56 @@ def test_a_restored_container_is_reused_then_saved_again_when_changed(context_fi
         assert check.value_repr == "(3001, [3000, 3000, 3000, 3000, 3000, 3000], 6, False, True, 3000)"
 
 
+COLLECTIONS = (
+    "from collections import Counter, OrderedDict, defaultdict\n"
+    "counts = Counter('w%d' % (i % 1_500) for i in range(9_000))\n"
+    "totals = defaultdict(float)\n"
+    "for i in range(2_000):\n"
+    "    totals['k%d' % (i % 1_200)] += 0.5\n"
+    "ordered = OrderedDict(('z%d' % i, i) for i in range(1_100, 0, -1))\n"
+    "nothing = defaultdict(None, counts)\n"
+)
+COLLECTIONS_CHECK = (
+    "(type(counts).__name__, counts['w7'], counts.most_common(1)[0][1], totals['k3'], totals['missing'],"
+    " type(totals).__name__, list(ordered)[:2], type(ordered).__name__, nothing.default_factory, len(nothing))"
+)
+
+
+def test_collections_dicts_are_records_too_and_restore_as_their_type(context_files):
+    # A Counter or a defaultdict was pickled through its __reduce__ at every
+    # snapshot: a new dict each time, stored again (20,000 words counted:
+    # 0.27 s and 772 KB a snapshot, whatever changed).
+    with fresh(context_files) as session:
+        assert session.run_cell(COLLECTIONS).error is None
+        first = session.snapshot()
+        records = dict(first.new_records)
+        assert first.unsaved == [] and len(first.data) < 5_000 and len(records) == 3  # `nothing` holds what `counts` does
+        session.run_cell("note = 1")
+        second = session.snapshot()
+        assert second.new_records == {} and set(second.refs) == set(first.refs)
+    with restored(context_files, second, records) as other:
+        assert other.run_cell(COLLECTIONS_CHECK).value_repr == (
+            "('Counter', 6, 6, 1.0, 0.0, 'defaultdict', ['z1100', 'z1099'], 'OrderedDict', None, 1500)")
+
+
+@pytest.mark.parametrize("change, check, expected", [
+    ("totals.default_factory = int", "type(totals['missing']).__name__", "'int'"),  # the items unchanged
+    ("totals.default_factory = lambda: -1", "totals['missing']", "-1"),  # no builtin: pickled inline
+    ("ordered.note = 'mine'", "ordered.note, ordered['z5']", "('mine', 5)"),  # an attribute: inline
+    ("counts['w1'] += 1", "counts['w1']", "7"),
+    ("ordered.move_to_end('z1100')", "list(ordered)[0], list(ordered)[-1]", "('z1099', 'z1100')"),
+])
+def test_a_collections_dict_changed_after_a_snapshot_is_saved_again(context_files, change, check, expected):
+    with fresh(context_files) as session:
+        session.run_cell(COLLECTIONS)
+        records = dict(session.snapshot().new_records)
+        assert session.run_cell(change).error is None
+        snap = session.snapshot()
+        records.update(snap.new_records)
+    with restored(context_files, snap, records) as other:
+        assert other.run_cell(check).value_repr == expected
+
+
 def test_containers_holding_mutable_values_are_pickled_inline(context_files):
     # A list of lists cannot be checked by its items' identities: an inner
     # list changed in place would be missed, so such a list is never reused.

@@ -26,6 +26,13 @@ from tests.session_harness import TIMEOUT_S, ask, asked, close, session_request,
 KINDS_BY_FORMAT = {
     1: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},
     2: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # "s" segments of words (separator None)
+    3: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # "k" records of Counters, OrderedDicts, defaultdicts
+}
+# The types a container record ("k") names, each format.
+CONTAINERS_BY_FORMAT = {
+    1: {"l", "d"},
+    2: {"l", "d"},
+    3: {"l", "d", "c", "o", "f:", "f:int", "f:float", "f:str", "f:bool", "f:list", "f:dict", "f:set", "f:tuple"},
 }
 _LENGTH = struct.Struct("<Q")
 
@@ -34,6 +41,8 @@ def test_a_new_kind_of_reference_needs_a_new_format():
     assert set(rlm_references.BY_REFERENCE) == KINDS_BY_FORMAT[SNAPSHOT_FORMAT], (
         "the guest writes another set of reference kinds: raise rlm_references.FORMAT "
         "(older workers cannot read them) and list its kinds here")
+    assert set(rlm_references.CONTAINER_NAMES) == CONTAINERS_BY_FORMAT[SNAPSHOT_FORMAT], (
+        "the guest names other container types: raise rlm_references.FORMAT and list them here")
 
 
 def with_format(raw: bytes, written: object) -> bytes:

@@ -22,6 +22,8 @@ A snapshot is guest code's output, restored into another guest: `rebuild`
 checks every reference before it makes the value.
 """
 
+from collections import Counter, OrderedDict, defaultdict
+
 if __package__:  # the host imports this file as part of sandbox_wasm (tests)
     from . import rlm_items
 else:  # the guest imports its modules by their own names
@@ -33,8 +35,9 @@ else:  # the guest imports its modules by their own names
 # number refuses it, to be retried on a newer worker, where it would have
 # found a kind it does not know and started the REPL empty, the state lost.
 # Snapshots written before the number existed are format 0. 1: the kinds
-# below; 2: a split's words (a segment whose separator is None).
-FORMAT = 2
+# below; 2: a split's words (a segment whose separator is None); 3: the
+# dicts of `collections` as container records (CONTAINER_NAMES).
+FORMAT = 3
 
 # Pids whose second item names a record the host holds: a value's bytes ("r"),
 # or the reference to the many documents it joins ("j").
@@ -44,6 +47,61 @@ OF_CONTEXT = ("c", "x", "m", "j")
 # Pids of the values a snapshot pickles by reference: records, containers,
 # splits, items of a split and their joins, and the above.
 BY_REFERENCE = ("r", "k", "s", "i", "q") + OF_CONTEXT
+
+
+# The types a container record ("k") holds, by the name its pid gives them:
+# a list, a dict, and (format 3) a Counter, an OrderedDict or a defaultdict
+# whose factory is one of these builtins (or None).
+_FACTORIES = {factory.__name__: factory for factory in (int, float, str, bool, list, dict, set, tuple)}
+CONTAINER_NAMES = ("l", "d", "c", "o", "f:") + tuple("f:" + name for name in _FACTORIES)
+CONTAINER_TYPES = frozenset((list, dict, Counter, OrderedDict, defaultdict))
+
+
+def container_name(obj):
+    """The name a "k" pid gives the type of `obj` (one of CONTAINER_TYPES),
+    or None when its pickle must say more (attributes of its own, another
+    factory): it is then pickled inline."""
+    kind = type(obj)
+    if kind is list:
+        return "l"
+    if kind is dict:
+        return "d"
+    if getattr(obj, "__dict__", None):
+        return None
+    if kind is Counter:
+        return "c"
+    if kind is OrderedDict:
+        return "o"
+    factory = obj.default_factory
+    if factory is None:
+        return "f:"
+    name = getattr(factory, "__name__", None)
+    return "f:" + name if _FACTORIES.get(name) is factory else None
+
+
+def make_container(name, shape):
+    """The container a "k" record's shape (its items; a dict's keys and
+    values) makes as type `name`: ValueError when it makes none."""
+    if name == "l":
+        if type(shape) is not tuple:
+            raise ValueError("not a saved list")
+        return list(shape)
+    if not (type(shape) is tuple and len(shape) == 2 and type(shape[0]) is tuple and type(shape[1]) is tuple
+            and len(shape[0]) == len(shape[1])):
+        raise ValueError("not a saved dict")
+    pairs = zip(*shape)
+    if name == "d":
+        return dict(pairs)
+    if name == "o":
+        return OrderedDict(pairs)
+    if name == "c":
+        value = Counter()
+    elif name in CONTAINER_NAMES and name.startswith("f:"):
+        value = defaultdict(_FACTORIES.get(name[2:]))
+    else:
+        raise ValueError("unknown kind of container %r" % (name,))
+    dict.update(value, pairs)  # as saved: Counter.update would add to the counts
+    return value
 
 
 def records_needed(pid):

@@ -51,7 +51,7 @@ def _load_large(refs, pid, records, loaded):
     if pid[0] in ("i", "q"):
         return _load_items(refs, pid, records, loaded)
     if pid[0] == "k":
-        if len(pid) != 4 or pid[2] not in ("l", "d") or type(pid[3]) is not int:
+        if len(pid) != 4 or pid[2] not in rlm_references.CONTAINER_NAMES or type(pid[3]) is not int:
             raise _pickle.UnpicklingError("malformed container reference %r" % (pid,))
         refs.stored.next_container = max(refs.stored.next_container, pid[3] + 1)
         data = _record(pid[1], records)
@@ -62,12 +62,10 @@ def _load_large(refs, pid, records, loaded):
             nested_seen = refs.seen
         finally:
             refs.seen = outer_seen
-        if pid[2] == "l" and type(shape) is tuple:
-            value = list(shape)
-        elif pid[2] == "d" and type(shape) is tuple and len(shape) == 2 and len(shape[0]) == len(shape[1]):
-            value = dict(zip(*shape))
-        else:
-            raise _pickle.UnpicklingError("record %s is not a saved %s" % (pid[1], pid[2]))
+        try:
+            value = rlm_references.make_container(pid[2], shape)
+        except (ValueError, TypeError) as exc:
+            raise _pickle.UnpicklingError("record %s is not a saved %s: %s" % (pid[1], pid[2], exc)) from None
         nested_used = {name for _, p, *_ in nested_seen.values() for name in rlm_references.records_needed(p)}
         return (value, pid, shape, nested_used, nested_seen)
     return (_load_value(refs, pid, records), pid)

@@ -14,9 +14,11 @@ Objects stored by reference (pickle persistent ids), not by value:
   as ("j", name) when that reference is large, its pickle a record), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed;
-- every list or dict of at least CONTAINER_MIN items that holds only
-  immutable atoms (str, bytes, int, float, bool, None): as a record of its
-  own ("k", name, "l" or "d", number), the pickle of its items (large ones by
+- every list or dict (or Counter, OrderedDict, defaultdict of a builtin
+  factory: rlm_references.container_name) of at least CONTAINER_MIN items
+  that holds only immutable atoms (str, bytes, int, float, bool, None): as a
+  record of its own ("k", name, its type's name, number), the pickle of its
+  items (large ones by
   reference as above). The pickler calls `persistent_id` in Python for every
   object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
   whether they changed or not. A container unchanged since the last snapshot
@@ -112,7 +114,7 @@ class References:
         kind = type(obj)
         if (kind is str or kind is bytes) and len(obj) >= RECORD_MIN:
             return self._large(obj, kind)
-        if (kind is list or kind is dict) and len(obj) >= CONTAINER_MIN:
+        if kind in rlm_references.CONTAINER_TYPES and len(obj) >= CONTAINER_MIN:
             return self._container(obj, kind)
         return None
 
@@ -159,11 +161,15 @@ class References:
         Its entry: (obj, pid, shape, the digests and the table entries of
         the large items it names), so that naming it again without pickling
         it keeps what it refers to."""
+        name = rlm_references.container_name(obj)
+        if name is None:
+            return None
         entry = self.pending.get(id(obj))
         if entry is None or entry[0] is not obj:
             entry = self.stored.by_id.get(id(obj))
-            if entry is None or entry[0] is not obj or len(entry) != 5 or not self._same(obj, kind, entry[2]):
-                entry = self._new_container(obj, kind)
+            if (entry is None or entry[0] is not obj or len(entry) != 5 or not self._same(obj, kind, entry[2])
+                    or entry[1][0] == "k" and entry[1][2] != name):  # a defaultdict's factory changed, say
+                entry = self._new_container(obj, kind, name)
                 if entry is None:
                     return None
             self.pending[id(obj)] = entry
@@ -176,7 +182,7 @@ class References:
         self.seen[id(obj)] = entry
         return pid
 
-    def _new_container(self, obj, kind):
+    def _new_container(self, obj, kind, name):
         types = set(map(type, obj)) if kind is list else set(map(type, obj)) | set(map(type, obj.values()))
         if not types <= _ATOMS:
             return None
@@ -204,7 +210,7 @@ class References:
         number = self._container_number()
         # "k", not "r": code before containers refuses it (it would restore
         # the list as the bytes of its record).
-        return (obj, ("k", digest, "l" if kind is list else "d", number), shape, nested_used, nested_seen)
+        return (obj, ("k", digest, name, number), shape, nested_used, nested_seen)
 
     def _same(self, obj, kind, shape):
         return self.same_items.same(obj, shape) if kind is list else _same_dict(obj, shape)
