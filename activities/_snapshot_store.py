@@ -86,7 +86,9 @@ class SnapshotStore:
         run's own). `held` locates the records the session already had.
         Returns the locations of every record the snapshot refers to."""
         locations: dict[str, RecordLocation] = {}
-        fresh = [(d, snap.new_records[d]) for d in snap.refs if d in snap.new_records]
+        # A record the session holds already (the guest made the same
+        # content anew: a dict rebuilt each cell) is named, not written again.
+        fresh = [(d, snap.new_records[d]) for d in snap.refs if d in snap.new_records and d not in held]
         if fresh:
             pack = f"{key.removesuffix('.bin')}-{uuid.uuid4().hex[:12]}.pack"
             offset = 0

@@ -35,6 +35,11 @@ def test_new_records_go_to_one_pack_and_old_ones_are_referenced(object_store: Ob
     snapshots.save(f"{prefix}/c3.bin", third, held)
     assert object_store.count(prefix) == 5
     assert snapshots.load(f"{prefix}/c3.bin").records == {c: b"C" * 10}
+    # Nor does one whose "new" records the session holds already (the same content made anew).
+    fourth = Snapshot(data=b"state-4", saved=[], unsaved=[], refs=[b, c], new_records={b: b"B" * 7000})
+    assert snapshots.save(f"{prefix}/c4.bin", fourth, held) == {b: held[b], c: held[c]}
+    assert object_store.count(prefix) == 6
+    assert snapshots.load(f"{prefix}/c4.bin").records == {b: b"B" * 7000, c: b"C" * 10}
 
 
 class FailingPacks:
