@@ -18,16 +18,15 @@ Objects stored by reference (pickle persistent ids), not by value:
   factory: rlm_references.container_name) of at least CONTAINER_MIN items
   that holds only immutable atoms (str, bytes, int, float, bool, None): as a
   record of its own ("k", name, its type's name, number), the pickle of its
-  items (large ones by
-  reference as above). The pickler calls `persistent_id` in Python for every
+  items (large ones by reference as above). The pickler calls `persistent_id` in Python for every
   object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
   whether they changed or not. A container unchanged since the last snapshot
   (the same object, its items the same objects, exact because atoms cannot
   change: for a long list the host compares its item array with the kept
   tuple's, rlm_same_items) is named again without being pickled again.
   A list of str that splitting the context makes (its lines, a document's
-  paragraphs, its words) is named as ("s", segments, number) instead, with no record
-  (rlm_splits); a list of items of such a list (its lines filtered) by their
+  paragraphs, its words) is named as ("s", segments, number) instead, with
+  no record (rlm_splits); a list of items of such a list (its lines filtered) by their
   indices ("i"), and a str joining consecutive ones as where they are ("q"):
   rlm_items.
 
