@@ -27,12 +27,15 @@ KINDS_BY_FORMAT = {
     1: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},
     2: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # "s" segments of words (separator None)
     3: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # "k" records of Counters, OrderedDicts, defaultdicts
+    4: {"r", "k", "s", "i", "q", "c", "x", "m", "j"},  # and of sets
 }
 # The types a container record ("k") names, each format.
 CONTAINERS_BY_FORMAT = {
     1: {"l", "d"},
     2: {"l", "d"},
     3: {"l", "d", "c", "o", "f:", "f:int", "f:float", "f:str", "f:bool", "f:list", "f:dict", "f:set", "f:tuple"},
+    4: {"l", "d", "c", "o", "f:", "f:int", "f:float", "f:str", "f:bool", "f:list", "f:dict", "f:set", "f:tuple",
+        "set", "frozenset"},
 }
 _LENGTH = struct.Struct("<Q")
 

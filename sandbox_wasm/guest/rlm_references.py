@@ -36,8 +36,9 @@ else:  # the guest imports its modules by their own names
 # found a kind it does not know and started the REPL empty, the state lost.
 # Snapshots written before the number existed are format 0. 1: the kinds
 # below; 2: a split's words (a segment whose separator is None); 3: the
-# dicts of `collections` as container records (CONTAINER_NAMES).
-FORMAT = 3
+# dicts of `collections` as container records (CONTAINER_NAMES); 4: sets
+# and frozensets too.
+FORMAT = 4
 
 # Pids whose second item names a record the host holds: a value's bytes ("r"),
 # or the reference to the many documents it joins ("j").
@@ -50,11 +51,12 @@ BY_REFERENCE = ("r", "k", "s", "i", "q") + OF_CONTEXT
 
 
 # The types a container record ("k") holds, by the name its pid gives them:
-# a list, a dict, and (format 3) a Counter, an OrderedDict or a defaultdict
-# whose factory is one of these builtins (or None).
+# a list, a dict, (format 3) a Counter, an OrderedDict or a defaultdict
+# whose factory is one of these builtins (or None), (format 4) a set or a
+# frozenset.
 _FACTORIES = {factory.__name__: factory for factory in (int, float, str, bool, list, dict, set, tuple)}
-CONTAINER_NAMES = ("l", "d", "c", "o", "f:") + tuple("f:" + name for name in _FACTORIES)
-CONTAINER_TYPES = frozenset((list, dict, Counter, OrderedDict, defaultdict))
+CONTAINER_NAMES = ("l", "d", "c", "o", "f:", "set", "frozenset") + tuple("f:" + name for name in _FACTORIES)
+CONTAINER_TYPES = frozenset((list, dict, Counter, OrderedDict, defaultdict, set, frozenset))
 
 
 def container_name(obj):
@@ -66,6 +68,8 @@ def container_name(obj):
         return "l"
     if kind is dict:
         return "d"
+    if kind is set or kind is frozenset:
+        return kind.__name__
     if getattr(obj, "__dict__", None):
         return None
     if kind is Counter:
@@ -82,10 +86,10 @@ def container_name(obj):
 def make_container(name, shape):
     """The container a "k" record's shape (its items; a dict's keys and
     values) makes as type `name`: ValueError when it makes none."""
-    if name == "l":
+    if name in ("l", "set", "frozenset"):
         if type(shape) is not tuple:
-            raise ValueError("not a saved list")
-        return list(shape)
+            raise ValueError("not a saved list or set")
+        return list(shape) if name == "l" else set(shape) if name == "set" else frozenset(shape)
     if not (type(shape) is tuple and len(shape) == 2 and type(shape[0]) is tuple and type(shape[1]) is tuple
             and len(shape[0]) == len(shape[1])):
         raise ValueError("not a saved dict")

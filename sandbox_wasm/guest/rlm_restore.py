@@ -66,6 +66,8 @@ def _load_large(refs, pid, records, loaded):
             value = rlm_references.make_container(pid[2], shape)
         except (ValueError, TypeError) as exc:
             raise _pickle.UnpicklingError("record %s is not a saved %s: %s" % (pid[1], pid[2], exc)) from None
+        if pid[2] in ("set", "frozenset"):
+            shape = tuple(value)  # the order the next snapshot finds it in
         nested_used = {name for _, p, *_ in nested_seen.values() for name in rlm_references.records_needed(p)}
         return (value, pid, shape, nested_used, nested_seen)
     return (_load_value(refs, pid, records), pid)

@@ -14,9 +14,10 @@ Objects stored by reference (pickle persistent ids), not by value:
   as ("j", name) when that reference is large, its pickle a record), else as a
   record ("r", name, kind) whose bytes go to the host once (`record_name`). The state
   pickle itself stays small, so a snapshot costs what changed;
-- every list or dict (or Counter, OrderedDict, defaultdict of a builtin
+- every list, set or dict (or Counter, OrderedDict, defaultdict of a builtin
   factory: rlm_references.container_name) of at least CONTAINER_MIN items
-  that holds only immutable atoms (str, bytes, int, float, bool, None): as a
+  that holds only immutable atoms (str, bytes, int, float, bool, None, and
+  tuples of those): as a
   record of its own ("k", name, its type's name, number), the pickle of its
   items (large ones by reference as above). The pickler calls `persistent_id` in Python for every
   object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
@@ -38,6 +39,8 @@ The picklers themselves are in rlm_pickling.
 """
 
 import _pickle  # the C pickler alone: `pickle` itself is not needed
+from collections import Counter, OrderedDict, defaultdict
+from itertools import chain
 from _operator import is_not as _is_not
 
 import rlm_items
@@ -58,6 +61,7 @@ _JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
 _STR = {str}
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
+_DICTS = frozenset((dict, Counter, OrderedDict, defaultdict))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
 _PER_NAME_BYTES = 16
 
@@ -182,7 +186,13 @@ class References:
         return pid
 
     def _new_container(self, obj, kind, name):
-        types = set(map(type, obj)) if kind is list else set(map(type, obj)) | set(map(type, obj.values()))
+        types = set(map(type, obj))
+        if kind in _DICTS:
+            types |= set(map(type, obj.values()))
+        if tuple in types:  # pairs, rows: a tuple of atoms cannot change either (one level)
+            types.discard(tuple)
+            for values in (obj, obj.values()) if kind in _DICTS else (obj,):
+                types.update(map(type, chain.from_iterable([v for v in values if type(v) is tuple])))
         if not types <= _ATOMS:
             return None
         if kind is list and types == _STR and self.slices is not None:
@@ -212,7 +222,11 @@ class References:
         return (obj, ("k", digest, name, number), shape, nested_used, nested_seen)
 
     def _same(self, obj, kind, shape):
-        return self.same_items.same(obj, shape) if kind is list else _same_dict(obj, shape)
+        if kind is list:
+            return self.same_items.same(obj, shape)
+        if kind in _DICTS:
+            return _same_dict(obj, shape)
+        return len(obj) == len(shape) and not any(map(_is_not, obj, shape))  # a set, in its order
 
     def _container_number(self):
         number = self.stored.next_container
@@ -253,8 +267,9 @@ class References:
 
 
 def _shape(obj, kind):
-    """What says a container of atoms is unchanged: its items, in order."""
-    return tuple(obj) if kind is list else (tuple(obj), tuple(obj.values()))
+    """What says a container of atoms is unchanged: its items, in order
+    (a dict's keys and values)."""
+    return (tuple(obj), tuple(obj.values())) if kind in _DICTS else tuple(obj)
 
 
 def _same_dict(obj, shape):
