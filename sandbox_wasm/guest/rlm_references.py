@@ -56,7 +56,8 @@ BY_REFERENCE = ("r", "k", "s", "i", "q") + OF_CONTEXT
 # frozenset.
 _FACTORIES = {factory.__name__: factory for factory in (int, float, str, bool, list, dict, set, tuple)}
 CONTAINER_NAMES = ("l", "d", "c", "o", "f:", "set", "frozenset") + tuple("f:" + name for name in _FACTORIES)
-CONTAINER_TYPES = frozenset((list, dict, Counter, OrderedDict, defaultdict, set, frozenset))
+DICT_TYPES = frozenset((dict, Counter, OrderedDict, defaultdict))
+CONTAINER_TYPES = DICT_TYPES | {list, set, frozenset}
 
 
 def container_name(obj):

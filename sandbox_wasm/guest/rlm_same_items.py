@@ -19,7 +19,9 @@ HOST_MIN = 4096
 
 
 class SameItems:
-    """`same(items, shape)`: True if list `items` holds the objects of tuple `shape`, in order."""
+    """`same(items, shape)`: True if `items` (a list, a set, a dict's keys or
+    values) holds the objects of tuple `shape`, in that order. The host
+    answers for a long list; anything else is walked."""
 
     def __init__(self, channel=None):
         self._channel = channel
@@ -28,7 +30,7 @@ class SameItems:
     def same(self, items, shape):
         if len(items) != len(shape):
             return False
-        if len(items) >= HOST_MIN and self.by_host():
+        if type(items) is list and len(items) >= HOST_MIN and self.by_host():
             try:
                 return self._ask(items, shape)
             except (OSError, ValueError):

@@ -17,19 +17,19 @@ Objects stored by reference (pickle persistent ids), not by value:
 - every list, set or dict (or Counter, OrderedDict, defaultdict of a builtin
   factory: rlm_references.container_name) of at least CONTAINER_MIN items
   that holds only immutable atoms (str, bytes, int, float, bool, None, and
-  tuples of those): as a
-  record of its own ("k", name, its type's name, number), the pickle of its
-  items (large ones by reference as above). The pickler calls `persistent_id` in Python for every
-  object, ~10 us each in this guest: 10,000 prompts cost 200 ms per snapshot
-  whether they changed or not. A container unchanged since the last snapshot
+  tuples of those): as a record of its own ("k", name, its type's name,
+  number), the pickle of its items (large ones by reference as above). The
+  pickler calls `persistent_id` in Python for every object, ~10 us each in
+  this guest: 10,000 prompts cost 200 ms per snapshot whether they changed
+  or not. A container unchanged since the last snapshot
   (the same object, its items the same objects, exact because atoms cannot
   change: for a long list the host compares its item array with the kept
   tuple's, rlm_same_items) is named again without being pickled again.
   A list of str that splitting the context makes (its lines, a document's
   paragraphs, its words) is named as ("s", segments, number) instead, with
-  no record (rlm_splits); a list of items of such a list (its lines filtered) by their
-  indices ("i"), and a str joining consecutive ones as where they are ("q"):
-  rlm_items.
+  no record (rlm_splits); a list of items of such a list (its lines
+  filtered) by their indices ("i"), and a str joining consecutive ones as
+  where they are ("q"): rlm_items.
 
 `Stored` (rlm_stored) remembers which large values were already sent or
 restored, by identity, so an unchanged value costs one dict lookup per
@@ -39,9 +39,7 @@ The picklers themselves are in rlm_pickling.
 """
 
 import _pickle  # the C pickler alone: `pickle` itself is not needed
-from collections import Counter, OrderedDict, defaultdict
 from itertools import chain
-from _operator import is_not as _is_not
 
 import rlm_items
 import rlm_pickling
@@ -61,7 +59,6 @@ _JOINED_INLINE = 64
 CONTAINER_MIN = 1000  # below, inline costs under ~10 ms; a record its own S3 write when it changes
 _STR = {str}
 _ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
-_DICTS = frozenset((dict, Counter, OrderedDict, defaultdict))
 # What a name adds to the state pickle beside its value (key, opcodes, memo).
 _PER_NAME_BYTES = 16
 
@@ -187,11 +184,11 @@ class References:
 
     def _new_container(self, obj, kind, name):
         types = set(map(type, obj))
-        if kind in _DICTS:
+        if kind in rlm_references.DICT_TYPES:
             types |= set(map(type, obj.values()))
         if tuple in types:  # pairs, rows: a tuple of atoms cannot change either (one level)
             types.discard(tuple)
-            for values in (obj, obj.values()) if kind in _DICTS else (obj,):
+            for values in (obj, obj.values()) if kind in rlm_references.DICT_TYPES else (obj,):
                 types.update(map(type, chain.from_iterable([v for v in values if type(v) is tuple])))
         if not types <= _ATOMS:
             return None
@@ -222,11 +219,10 @@ class References:
         return (obj, ("k", digest, name, number), shape, nested_used, nested_seen)
 
     def _same(self, obj, kind, shape):
-        if kind is list:
-            return self.same_items.same(obj, shape)
-        if kind in _DICTS:
-            return _same_dict(obj, shape)
-        return len(obj) == len(shape) and not any(map(_is_not, obj, shape))  # a set, in its order
+        if kind in rlm_references.DICT_TYPES:
+            keys, values = shape
+            return self.same_items.same(obj, keys) and self.same_items.same(obj.values(), values)
+        return self.same_items.same(obj, shape)  # a set in the order it iterates
 
     def _container_number(self):
         number = self.stored.next_container
@@ -269,13 +265,7 @@ class References:
 def _shape(obj, kind):
     """What says a container of atoms is unchanged: its items, in order
     (a dict's keys and values)."""
-    return (tuple(obj), tuple(obj.values())) if kind in _DICTS else tuple(obj)
-
-
-def _same_dict(obj, shape):
-    keys, values = shape
-    return (len(obj) == len(keys) and not any(map(_is_not, obj, keys))
-            and not any(map(_is_not, obj.values(), values)))
+    return (tuple(obj), tuple(obj.values())) if kind in rlm_references.DICT_TYPES else tuple(obj)
 
 
 def take(refs, names):

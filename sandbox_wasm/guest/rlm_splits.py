@@ -187,13 +187,8 @@ def _run(items, at, text, start, sep):
         if text.startswith(joined, begin):
             count, pos, step = count + len(block), begin + len(joined), min(2 * step, _BLOCK)
             continue
-        lo, hi = 0, len(block) - 1  # block[:lo] matches, block[:hi + 1] does not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if text.startswith(sep.join(block[:mid]), begin):
-                lo = mid
-            else:
-                hi = mid - 1
+        # block[:0] matches, the whole block does not
+        lo = _longest_match(len(block) - 1, lambda n: text.startswith(sep.join(block[:n]), begin))
         if lo:
             count, pos = count + lo, begin + len(sep.join(block[:lo]))
         break
@@ -230,19 +225,26 @@ def _run_words(items, at, text, start):
             end = _end_of_word(text, pos)
             span = min(2 * span, _WORDS_SPAN)
             continue
-        lo, hi = 0, min(len(block), len(words))  # block[:lo] matches; past hi nothing can
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if block[:mid] == words[:mid]:
-                lo = mid
-            else:
-                hi = mid - 1
+        lo = _longest_match(min(len(block), len(words)), lambda n: block[:n] == words[:n])
         if lo:
             rest = piece.split(None, lo)
             end = _end_of_word(text, pos + (len(piece) - len(rest[lo]) if len(rest) > lo else len(piece)))
             count += lo
         break
     return count, end
+
+
+def _longest_match(most, matches):
+    """The largest n <= `most` for which matches(n) holds, by halving:
+    matches(0) holds, and past the first n that fails none does (a prefix)."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if matches(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _end_of_word(text, pos):
