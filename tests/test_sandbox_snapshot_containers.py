@@ -123,39 +123,33 @@ def test_a_restored_container_is_reused_then_saved_again_when_changed(context_fi
         assert check.value_repr == "(3001, [3000, 3000, 3000, 3000, 3000, 3000], 6, False, True, 3000)"
 
 
-def test_collections_dicts_are_records_too_and_restore_as_their_type(context_files):
+@pytest.mark.parametrize("make, records_made, state_under, check, expected", [
     # A Counter or a defaultdict was pickled through its __reduce__ at every
     # snapshot: a new dict each time, stored again (20,000 words counted:
-    # 0.27 s and 772 KB a snapshot, whatever changed).
-    with fresh(context_files) as session:
-        assert session.run_cell(COLLECTIONS).error is None
-        first = session.snapshot()
-        records = dict(first.new_records)
-        assert first.unsaved == [] and len(first.data) < 5_000 and len(records) == 3  # `nothing` holds what `counts` does
-        session.run_cell("note = 1")
-        second = session.snapshot()
-        assert second.new_records == {} and set(second.refs) == set(first.refs)
-    with restored(context_files, second, records) as other:
-        assert other.run_cell(COLLECTIONS_CHECK).value_repr == (
-            "('Counter', 6, 6, 1.0, 0.0, 'defaultdict', ['z1100', 'z1099'], 'OrderedDict', None, 1500)")
-
-
-def test_sets_and_lists_of_tuples_are_records_too(context_files):
+    # 0.27 s and 772 KB a snapshot, whatever changed). `nothing` holds what
+    # `counts` does: one record for both.
+    (COLLECTIONS, 3, 5_000, COLLECTIONS_CHECK,
+     "('Counter', 6, 6, 1.0, 0.0, 'defaultdict', ['z1100', 'z1099'], 'OrderedDict', None, 1500)"),
     # A set, and a list of tuples of atoms, went inline into every snapshot's
-    # state (20,000 words in a set: 644 KB and 0.13 s a snapshot).
+    # state (20,000 words in a set: 644 KB and 0.13 s a snapshot). `nested`
+    # is inline still (~8.5 KB of state).
+    (SETS_AND_ROWS, 4, 10_000, SETS_AND_ROWS_CHECK,
+     "('set', 1500, True, 'frozenset', 1999000, ('k7', 7, 0.5, None), 5, ((5,),))"),
+])
+def test_collections_dicts_sets_and_rows_are_records_and_restore_as_their_type(
+        context_files, make, records_made, state_under, check, expected):
     with fresh(context_files) as session:
-        assert session.run_cell(SETS_AND_ROWS).error is None
+        assert session.run_cell(make).error is None
         first = session.snapshot()
         records = dict(first.new_records)
-        assert len(records) == 4 and first.unsaved == []  # `nested` is inline
+        assert first.unsaved == [] and len(first.data) < state_under and len(records) == records_made
         session.run_cell("note = 1")
         second = session.snapshot()
         assert second.new_records == {} and set(second.refs) == set(first.refs)
     with restored(context_files, second, records) as other:
-        assert other.run_cell(SETS_AND_ROWS_CHECK).value_repr == (
-            "('set', 1500, True, 'frozenset', 1999000, ('k7', 7, 0.5, None), 5, ((5,),))")
         again = other.snapshot()  # restored, unchanged: named again (a set in the order it iterates)
         assert again.new_records == {} and set(again.refs) == set(second.refs)
+        assert other.run_cell(check).value_repr == expected
 
 
 def test_containers_holding_mutable_values_are_pickled_inline(context_files):
